@@ -1,0 +1,223 @@
+"""The one field convention of SEAMLeSS, and small helpers every module shares.
+
+Field convention (used by every module, never redefined elsewhere)
+------------------------------------------------------------------
+A displacement field is a float tensor ``[N, 2, H, W]``:
+
+* values are in **pixels of the field's own resolution** (a field at mip 2 is
+  measured in mip-2 pixels);
+* channel 0 is the x (column) displacement, channel 1 the y (row) displacement;
+* pixel ``(row i, col j)`` has its centre at ``p = (x=j, y=i)``;
+* warping *pulls*: ``warp(image, field)(p) = image(p + field(p))``. A field that
+  aligns a source onto a target therefore points, at each target pixel, to where
+  that tissue sits in the source.
+
+Sampling uses ``grid_sample`` with ``align_corners=False``: the image is a grid of
+pixel *areas*, so a 2x2 average-pooled image is the same picture at half the
+resolution, and coarse pixel ``i`` covers fine pixels ``2i, 2i+1``. Fields are
+resampled between resolutions only with ``upsample_field`` / ``downsample_field``,
+which also rescale the vectors.
+
+This module imports nothing of ours; everything else imports it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ALIGN_CORNERS = False
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a flag, a path, a file): reported in one line."""
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a script's ``main``; a ``UserError`` becomes one line on stderr and exit 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# --------------------------------------------------------------------------- fields
+def identity_field(n: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The identity displacement: zeros ``[N, 2, H, W]`` (pixels)."""
+    return torch.zeros(n, 2, h, w, device=device, dtype=dtype)
+
+
+def pixel_grid(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Absolute pixel-centre coordinates ``[1, 2, H, W]``: channel 0 = x = column, 1 = y = row."""
+    y, x = torch.meshgrid(torch.arange(h, device=device, dtype=dtype),
+                          torch.arange(w, device=device, dtype=dtype), indexing="ij")
+    return torch.stack([x, y])[None]
+
+
+def _normalised_grid(field: torch.Tensor) -> torch.Tensor:
+    """Sampling positions ``p + field(p)`` as the ``[N, H, W, 2]`` normalised grid of grid_sample."""
+    _, _, h, w = field.shape
+    pos = pixel_grid(h, w, field.device, field.dtype) + field
+    size = torch.tensor([w, h], device=field.device, dtype=field.dtype).view(1, 2, 1, 1)
+    return ((2 * pos + 1) / size - 1).permute(0, 2, 3, 1)
+
+
+def warp(image: torch.Tensor, field: torch.Tensor, mode: str = "bilinear",
+         padding_mode: str = "zeros") -> torch.Tensor:
+    """Pull ``image`` through ``field``: ``out(p) = image(p + field(p))``.
+
+    image: ``[N, C, H, W]``; field: ``[N, 2, H, W]`` in pixels (N may be 1 for
+    either, to broadcast). Outside the image reads ``0`` (missing data) with the
+    default ``padding_mode="zeros"``; use ``"border"`` to warp fields.
+    """
+    if image.shape[-2:] != field.shape[-2:]:
+        raise ValueError(f"image {tuple(image.shape)} and field {tuple(field.shape)} differ in size")
+    if field.shape[0] != image.shape[0]:
+        n = max(field.shape[0], image.shape[0])
+        image, field = image.expand(n, *image.shape[1:]), field.expand(n, *field.shape[1:])
+    grid = _normalised_grid(field.to(image.dtype))
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode,
+                         align_corners=ALIGN_CORNERS)
+
+
+def compose(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The field of ``f`` applied first, then ``g``: ``warp(warp(x, f), g) == warp(x, compose(f, g))``.
+
+    ``compose(f, g)(p) = g(p) + f(p + g(p))``; both ``[N, 2, H, W]`` pixels.
+    """
+    return g + warp(f, g, padding_mode="border")
+
+
+def invert_field(field: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """The field ``h`` with ``compose(field, h) == 0``, i.e. ``warp(warp(x, field), h) == x``.
+
+    Fixed-point iteration ``h <- -field(p + h(p))``; converges for fields whose
+    spatial gradient is below 1 (smooth misalignments). ``[N, 2, H, W]`` pixels.
+    """
+    inverse = -field
+    for _ in range(iterations):
+        inverse = -warp(field, inverse, padding_mode="border")
+    return inverse
+
+
+def upsample_field(field: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """Field at ``factor``x the resolution; vectors are scaled by ``factor`` (pixels change size)."""
+    if factor == 1:
+        return field
+    return factor * F.interpolate(field, scale_factor=factor, mode="bilinear",
+                                  align_corners=ALIGN_CORNERS)
+
+
+def downsample_field(field: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """Field at 1/``factor`` the resolution (area average); vectors divided by ``factor``."""
+    if factor == 1:
+        return field
+    return F.avg_pool2d(field, factor) / factor
+
+
+def affine_field(matrix: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Field of the affine map ``p -> A (p - c) + c + t`` about the image centre ``c``.
+
+    matrix: ``[N, 2, 3]`` with ``A = matrix[:, :, :2]`` and ``t = matrix[:, :, 2]``
+    in pixels (x, y). Returns ``[N, 2, H, W]``: ``field(p) = A (p - c) + c + t - p``.
+    """
+    grid = pixel_grid(h, w, matrix.device, matrix.dtype)
+    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=matrix.device,
+                          dtype=matrix.dtype).view(1, 2, 1, 1)
+    rel = grid - centre
+    mapped = torch.einsum("nij,njhw->nihw", matrix[:, :, :2], rel.expand(len(matrix), -1, -1, -1))
+    return mapped + matrix[:, :, 2, None, None] - rel
+
+
+def rigid_matrix(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor,
+                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``[N, 2, 3]`` matrix of a rotation by ``angle`` (radians), ``scale`` and shift ``(tx, ty)`` px."""
+    angle = torch.as_tensor(angle, dtype=torch.float32).reshape(-1)
+    scale = torch.as_tensor(scale, dtype=torch.float32).expand_as(angle)
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    tx = torch.as_tensor(tx, dtype=torch.float32).expand_as(angle)
+    ty = torch.as_tensor(ty, dtype=torch.float32).expand_as(angle)
+    return torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
+
+
+def jacobian_determinant(field: torch.Tensor) -> torch.Tensor:
+    """Determinant ``[N, H-1, W-1]`` of the Jacobian of ``p -> p + field(p)`` (forward differences).
+
+    ``<= 0`` where the map folds over itself.
+    """
+    dx = field[:, :, :-1, 1:] - field[:, :, :-1, :-1]  # d/dx of (u, v)
+    dy = field[:, :, 1:, :-1] - field[:, :, :-1, :-1]  # d/dy of (u, v)
+    return (1 + dx[:, 0]) * (1 + dy[:, 1]) - dx[:, 1] * dy[:, 0]
+
+
+# ----------------------------------------------------------------- type conversion
+def to_numpy(x) -> np.ndarray:
+    """A tensor (any device, with or without grad) or array as a NumPy array."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def to_tensor(x, device=None, dtype=torch.float32) -> torch.Tensor:
+    """An array or tensor as a *copy* of dtype ``dtype`` (never shares memory with NumPy)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=dtype, copy=True)
+    return torch.tensor(np.asarray(x), device=device, dtype=dtype)
+
+
+def to_uint8(image) -> np.ndarray:
+    """Stretch a float image (any shape) to ``uint8`` by its min and max; ``uint8`` passes through."""
+    a = to_numpy(image)
+    if a.dtype == np.uint8:
+        return a
+    a = a.astype(np.float32)
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    return np.clip((a - lo) / max(hi - lo, 1e-8) * 255, 0, 255).astype(np.uint8)
+
+
+def save_chunk(chunk, path: str | Path, frame_ms: int = 400) -> Path:
+    """Save a picture, whatever its type (tensor or array, float or uint8).
+
+    ``[H, W]`` (or ``[1, H, W]`` / ``[1, 1, H, W]``) grey, or ``[H, W, 3]`` RGB, as a
+    PNG; ``[T, H, W]`` as an animated GIF of T frames (a flicker). The extension
+    is set from what is saved.
+    """
+    from PIL import Image
+
+    a = to_numpy(chunk)
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if a.ndim == 3 and a.shape[-1] != 3:
+        frames = [Image.fromarray(f) for f in to_uint8(a)]
+        path = path.with_suffix(".gif")
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    else:
+        path = path.with_suffix(".png")
+        Image.fromarray(to_uint8(a)).save(path)
+    return path
+
+
+def field_to_rgb(field) -> np.ndarray:
+    """Colour picture ``[H, W, 3]`` uint8 of one field ``[2, H, W]``: hue = direction, brightness = length.
+
+    Saturated at the field's 99th-percentile length, so the picture shows shape, not scale.
+    """
+    import matplotlib.colors as mcolors
+
+    u, v = to_numpy(field).astype(np.float32)[-2:]
+    length = np.hypot(u, v)
+    scale = max(float(np.percentile(length, 99)), 1e-6)
+    hue = (np.arctan2(-v, -u) / np.pi + 1) / 2
+    hsv = np.stack([hue, np.clip(length / scale, 0, 1), np.ones_like(hue)], -1)
+    return (mcolors.hsv_to_rgb(hsv) * 255).astype(np.uint8)
+

@@ -1,0 +1,125 @@
+"""The field convention: warps of known fields, composition, inversion, resampling."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import helpers as h
+
+
+def smooth_image(n=1, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 1, 5, 5, generator=g)  # features ~size/5 px: bilinear-exact enough
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def test_warp_translation_pulls_from_p_plus_field():
+    img = torch.rand(2, 3, 16, 20)
+    field = torch.zeros(2, 2, 16, 20)
+    field[:, 0], field[:, 1] = 3, -2  # read 3 px to the right, 2 px up
+    out = h.warp(img, field)
+    assert torch.allclose(out[..., 2:, :-3], img[..., :-2, 3:], atol=1e-5)
+    assert torch.all(out[..., :, -3:] == 0)  # outside the image is missing data
+
+
+def test_identity_field_is_identity():
+    img = torch.rand(1, 1, 9, 7)
+    assert torch.allclose(h.warp(img, h.identity_field(1, 9, 7)), img, atol=1e-6)
+
+
+def test_warp_rotation_matches_analytic_rotation():
+    size, angle = 65, math.radians(10)
+    field = h.affine_field(h.rigid_matrix(torch.tensor([angle]), 0.0, 0.0), size, size)
+    grid = h.pixel_grid(size, size)
+    c = (size - 1) / 2
+    image = torch.cos((grid[:, :1] - c) / 5) + torch.sin((grid[:, 1:] - c) / 7)
+    out = h.warp(image, field)
+    x, y = grid[0, 0] - c, grid[0, 1] - c
+    xs = math.cos(angle) * x - math.sin(angle) * y
+    ys = math.sin(angle) * x + math.cos(angle) * y
+    expected = torch.cos(xs / 5) + torch.sin(ys / 7)
+    inner = (x ** 2 + y ** 2) < (c - 2) ** 2
+    assert (out[0, 0] - expected)[inner].abs().max() < 0.02
+
+
+def test_compose_equals_sequential_warps():
+    img = smooth_image()
+    f = h.affine_field(h.rigid_matrix(torch.tensor([0.03]), 1.5, -2.0), 64, 64)
+    g = h.affine_field(h.rigid_matrix(torch.tensor([-0.02]), -0.5, 1.0, 1.02), 64, 64)
+    twice = h.warp(h.warp(img, f), g)
+    once = h.warp(img, h.compose(f, g))
+    assert (twice - once)[..., 8:-8, 8:-8].abs().max() < 0.01  # two interpolations vs one
+
+
+def test_compose_of_affine_fields_is_the_affine_field_of_the_composed_map():
+    # compose(f, g)(p) = g(p) + f(p + g(p)): the map p -> p + g(p) followed by q -> q + f(q)
+    a = h.rigid_matrix(torch.tensor([0.03]), 1.5, -2.0)
+    b = h.rigid_matrix(torch.tensor([-0.02]), -0.5, 1.0, 1.02)
+    composed = torch.zeros(1, 2, 3)
+    composed[:, :, :2] = a[:, :, :2] @ b[:, :, :2]
+    composed[:, :, 2] = (a[:, :, :2] @ b[:, :, 2:])[..., 0] + a[:, :, 2]
+    expected = h.affine_field(composed, 64, 64)
+    got = h.compose(h.affine_field(a, 64, 64), h.affine_field(b, 64, 64))
+    assert (got - expected)[..., 4:-4, 4:-4].abs().max() < 1e-3
+
+
+def test_invert_field_undoes_the_warp():
+    img = smooth_image()
+    f = h.affine_field(h.rigid_matrix(torch.tensor([0.05]), 2.5, -1.0), 64, 64)
+    inv = h.invert_field(f)
+    assert h.compose(f, inv)[..., 4:-4, 4:-4].abs().max() < 1e-3
+    back = h.warp(h.warp(img, f), inv)
+    assert (back - img)[..., 8:-8, 8:-8].abs().max() < 0.01  # two interpolations
+
+
+def test_upsample_of_affine_field_is_affine_field_at_double_resolution():
+    m = h.rigid_matrix(torch.tensor([0.04]), 1.5, -0.75, 1.01)
+    coarse = h.affine_field(m, 32, 32)
+    m_fine = m.clone()
+    m_fine[:, :, 2] *= 2
+    fine = h.affine_field(m_fine, 64, 64)
+    up = h.upsample_field(coarse)
+    assert up.shape == fine.shape
+    assert (up - fine)[..., 2:-2, 2:-2].abs().max() < 1e-4
+    assert (h.downsample_field(fine) - coarse).abs().max() < 1e-4
+
+
+def test_downsampled_field_warps_downsampled_image_consistently():
+    img = smooth_image(size=128)
+    f = h.affine_field(h.rigid_matrix(torch.tensor([0.02]), 4.0, -6.0), 128, 128)
+    fine_then_down = torch.nn.functional.avg_pool2d(h.warp(img, f), 2)
+    down_then_warp = h.warp(torch.nn.functional.avg_pool2d(img, 2), h.downsample_field(f))
+    assert (fine_then_down - down_then_warp)[..., 8:-8, 8:-8].abs().max() < 0.01
+
+
+def test_jacobian_determinant_detects_foldover():
+    field = torch.zeros(1, 2, 5, 5)
+    assert torch.allclose(h.jacobian_determinant(field), torch.ones(1, 4, 4))
+    field[0, 0, :, 3:] = -2.0  # columns 3.. read from 2 px to their left: x-map goes backwards
+    det = h.jacobian_determinant(field)
+    assert det[0, :, 2].max() < 0 and det[0, :, 0].min() == 1
+
+
+def test_type_conversions_do_not_share_memory():
+    a = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    t = h.to_tensor(a)
+    a[0, 0] = 99
+    assert t.dtype == torch.float32 and t[0, 0] == 0
+    assert np.array_equal(h.to_numpy(torch.ones(2, requires_grad=True)), np.ones(2))
+
+
+def test_save_chunk_png_and_gif(tmp_path):
+    from PIL import Image
+
+    png = h.save_chunk(torch.rand(1, 1, 8, 10), tmp_path / "a")
+    gif = h.save_chunk(np.random.rand(3, 8, 10), tmp_path / "b")
+    assert png.suffix == ".png" and Image.open(png).size == (10, 8)
+    assert gif.suffix == ".gif" and Image.open(gif).n_frames == 3
+    rgb = h.field_to_rgb(torch.randn(2, 8, 10))
+    assert rgb.shape == (8, 10, 3) and rgb.dtype == np.uint8
+
+
+def test_warp_rejects_mismatched_sizes():
+    with pytest.raises(ValueError):
+        h.warp(torch.rand(1, 1, 8, 8), torch.zeros(1, 2, 4, 4))
