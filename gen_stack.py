@@ -1,0 +1,251 @@
+"""Sample random stacks of consecutive sections from a CloudVolume into an HDF5 training file.
+
+    python gen_stack.py --count 100 --source basil_v0/raw_image basil_v0
+    python gen_stack.py --count 8 --source demo demo          # the embedded demo volume
+    python gen_stack.py --count 8 --source demo --test demo   # its held-out sections
+
+Writes ``OUT_DIR/NAME_{train,test}_mip{M}.h5`` (see ``write_stacks`` for the layout).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+import volume
+from helpers import UserError, run_main
+
+SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("name", help="dataset name: the output is OUT_DIR/NAME_{train|test}_mipM.h5")
+    p.add_argument("--count", type=int, help="number of stacks to sample (not with --coords)")
+    p.add_argument("--source", required=True,
+                   help="image volume: a CloudVolume path (gs://, s3://, file://, precomputed://), a local "
+                        "directory, a bare path resolved against --bucket, or 'demo'")
+    p.add_argument("--mask_source", help="defect volume (0 none, 1 crack, 2 fold) sampled at the same places "
+                                         "(the demo's defects by default with --source demo)")
+    p.add_argument("--field_source", help="ground-truth field volume (2 channels; each mip in its own pixels) sampled at "
+                                          "the same places (the demo's by default with --source demo)")
+    p.add_argument("--bucket", help=f"prefix for bare paths (default $SEAMLESS_BUCKET or {volume.DEFAULT_BUCKET})")
+    p.add_argument("--stack_height", type=int, help=f"sections per stack (default {SEED_DEFAULTS['stack_height']}; "
+                                                    "demo: fitted to the demo volume)")
+    p.add_argument("--dim", type=int, help=f"stack width and height in pixels (default {SEED_DEFAULTS['dim']})")
+    p.add_argument("--mip", type=int, help=f"resolution level to sample at (default {SEED_DEFAULTS['mip']})")
+    p.add_argument("--test", action="store_true", help="sample the test z range instead of the train range")
+    p.add_argument("--train_range", type=int, nargs=2, metavar=("Z0", "Z1"),
+                   help="z range Z0 <= z < Z1 for train stacks (default 1 800)")
+    p.add_argument("--test_range", type=int, nargs=2, metavar=("Z0", "Z1"),
+                   help="z range for --test stacks (default 800 1000)")
+    p.add_argument("--max_missing", type=float, default=0.25,
+                   help="redraw a stack whose fraction of missing (zero) pixels exceeds this")
+    p.add_argument("--coords", help="replay the stack corners of an earlier gen_stack HDF5, or of a text file "
+                                    "with one 'x y z' line per stack (voxels at --mip)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the sample positions")
+    p.add_argument("--workers", type=int, default=4, help="parallel reader threads")
+    p.add_argument("--out_dir", default=None, help="output directory (default $SEAMLESS_DATA or ./data)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return p.parse_args(argv)
+
+
+def fill_defaults(args: argparse.Namespace) -> list[str]:
+    """Fill unset flags: the seed's defaults, or for ``--source demo`` the ones that fit the demo volume.
+
+    Returns the flags that were filled in from the demo, to tell the user.
+    """
+    defaults, filled = dict(SEED_DEFAULTS), []
+    if args.source == "demo":
+        import demo
+        defaults.update(demo.GEN_STACK_DEFAULTS)
+        layers = demo.ensure_demo()
+        args.mask_source = args.mask_source or layers["defects"]
+        args.field_source = args.field_source or layers["field"]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            if args.source == "demo":
+                filled.append(f"--{key} {' '.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return filled
+
+
+def check_args(args, bounds) -> tuple[int, int]:
+    """Validate flags against the volume; return the z range to sample."""
+    (x0, y0, z0), (x1, y1, z1) = bounds
+    if args.coords is None and (args.count is None or args.count <= 0):
+        raise UserError(f"--count must be a positive number of stacks (got {args.count})")
+    if args.dim <= 0 or args.stack_height < 2:
+        raise UserError("--dim must be positive and --stack_height at least 2")
+    if args.dim > min(x1 - x0, y1 - y0):
+        raise UserError(f"--dim {args.dim} is larger than the volume at mip {args.mip} "
+                        f"({x1 - x0} x {y1 - y0} px)")
+    lo, hi = args.test_range if args.test else args.train_range
+    which = "--test_range" if args.test else "--train_range"
+    if lo < z0 or hi > z1 or lo >= hi:
+        raise UserError(f"{which} {lo} {hi} is outside the volume's sections {z0}..{z1 - 1}")
+    if hi - lo < args.stack_height:
+        raise UserError(f"--stack_height {args.stack_height} does not fit in {which} {lo} {hi}")
+    return lo, hi
+
+
+def read_coords(path: str) -> np.ndarray:
+    """Stack corners ``[N, 3]`` (x, y, z) from a gen_stack HDF5 or a text file of 'x y z' lines."""
+    if not Path(path).is_file():
+        raise UserError(f"--coords file {path} does not exist")
+    try:
+        if h5py.is_hdf5(path):
+            with h5py.File(path, "r") as f:
+                coords = f["coords"][:]
+        else:
+            coords = np.loadtxt(path, dtype=np.int64, ndmin=2)
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"cannot read stack positions from {path}: {err}") from None
+    if coords.ndim != 2 or coords.shape[1] != 3:
+        raise UserError(f"{path}: expected one 'x y z' row per stack, got shape {coords.shape}")
+    return coords.astype(np.int64)
+
+
+def sample_stacks(vols: dict, args, bounds, z_range, coords=None):
+    """Yield ``(corner, {layer: array})`` for each accepted stack, reading in parallel.
+
+    Random corners are drawn with ``args.seed``; a stack whose image has more than
+    ``args.max_missing`` zero pixels is rejected and redrawn (given ``coords``, none is).
+    Arrays are ``[S, C, D, D]``.
+    """
+    rng = np.random.default_rng(args.seed)
+    (x0, y0, _), (x1, y1, _) = bounds
+    size = (args.dim, args.dim, args.stack_height)
+
+    def draw():
+        return np.array([rng.integers(x0, x1 - args.dim + 1), rng.integers(y0, y1 - args.dim + 1),
+                         rng.integers(z_range[0], z_range[1] - args.stack_height + 1)])
+
+    def read(corner):
+        return corner, {name: volume.read(vol, corner, size) for name, vol in vols.items()}
+
+    wanted = len(coords) if coords is not None else args.count
+    pending = list(coords) if coords is not None else [draw() for _ in range(wanted)]
+    accepted, tries = 0, 0
+    with ThreadPoolExecutor(max(1, args.workers)) as pool:
+        while accepted < wanted:
+            if not pending:
+                if tries > 20 * wanted:
+                    raise UserError(f"found only {accepted} of {wanted} stacks with at most "
+                                    f"{args.max_missing:.0%} missing data after {tries} draws "
+                                    "(raise --max_missing or choose another region)")
+                pending = [draw() for _ in range(wanted - accepted)]
+            for corner, arrays in pool.map(read, pending):
+                tries += 1
+                missing = float(np.mean(arrays["images"] == 0))
+                if coords is None and (missing > args.max_missing or accepted == wanted):
+                    continue
+                accepted += 1
+                yield corner, arrays
+            pending = []
+
+
+def slice_std(images: np.ndarray) -> np.ndarray:
+    """Std of each section's non-missing pixels, ``[S]`` float32 (0 for an empty section)."""
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    valid = flat > 0
+    n = valid.sum(1)
+    mean = (flat * valid).sum(1) / np.maximum(n, 1)
+    var = (((flat - mean[:, None]) * valid) ** 2).sum(1) / np.maximum(n, 1)
+    return np.sqrt(var).astype(np.float32)
+
+
+def write_stacks(path: Path, stacks, count: int, args) -> float:
+    """Write the sampled stacks to ``path`` atomically; return the bytes written.
+
+    Layout: ``images`` uint8 (N, S, D, D); ``masks`` uint8 (N, S, D, D) defect maps
+    when a mask source is given; ``fields`` float32 (N, S, 2, D, D) ground-truth
+    fields in pixels of the dataset's mip when a field source is given; ``coords``
+    int64 (N, 3) stack corners (x, y, z) at the mip; ``slice_std`` float32 (N, S).
+    Chunks hold one section, compressed with lzf (fast to read). Attributes record
+    the sources, mip, z range, seed and command line.
+    """
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shape = (count, args.stack_height, args.dim, args.dim)
+    slice_chunk = (1, 1, args.dim, args.dim)
+    try:
+        with h5py.File(tmp, "w") as f:
+            images = f.create_dataset("images", shape, np.uint8, chunks=slice_chunk, compression="lzf")
+            masks = (f.create_dataset("masks", shape, np.uint8, chunks=slice_chunk, compression="lzf")
+                     if args.mask_source else None)
+            fields = (f.create_dataset("fields", (count, args.stack_height, 2, args.dim, args.dim),
+                                       np.float32, chunks=(1, 1, 2, args.dim, args.dim), compression="lzf")
+                      if args.field_source else None)
+            coords = f.create_dataset("coords", (count, 3), np.int64)
+            stds = f.create_dataset("slice_std", (count, args.stack_height), np.float32)
+            for i, (corner, arrays) in enumerate(tqdm(stacks, total=count, desc="stacks", unit="stack")):
+                images[i] = arrays["images"][:, 0]
+                stds[i] = slice_std(arrays["images"][:, 0])
+                coords[i] = corner
+                if masks is not None:
+                    masks[i] = arrays["masks"][:, 0]
+                if fields is not None:
+                    fields[i] = arrays["fields"]
+            f.attrs.update(dict(
+                source=args.source, mask_source=args.mask_source or "", field_source=args.field_source or "",
+                mip=args.mip, dim=args.dim, stack_height=args.stack_height,
+                split="test" if args.test else "train",
+                z_range=args.test_range if args.test else args.train_range, seed=args.seed,
+                max_missing=args.max_missing, command=" ".join(map(shlex.quote, sys.argv)),
+                created=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    filled = fill_defaults(args)
+    if filled:
+        print("demo volume: using " + " ".join(filled))
+    out_dir = Path(args.out_dir) if args.out_dir else volume.data_dir()
+    split = "test" if args.test else "train"
+    path = out_dir / f"{args.name}_{split}_mip{args.mip}.h5"
+    if path.exists() and not args.overwrite:
+        raise UserError(f"{path} exists (pass --overwrite to replace it, or choose another NAME)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to {out_dir}: {err.strerror}") from None
+
+    vols = {"images": volume.open_volume(args.source, args.mip, args.bucket)}
+    if args.mask_source:
+        vols["masks"] = volume.open_volume(args.mask_source, args.mip, args.bucket)
+    if args.field_source:
+        vols["fields"] = volume.open_volume(args.field_source, args.mip, args.bucket)
+    bounds = volume.bounds(vols["images"])
+    for name, vol in vols.items():
+        if not np.array_equal(volume.bounds(vol)[1], bounds[1]):
+            raise UserError(f"the {name} volume {vol.cloudpath} has other bounds than the image volume")
+    z_range = check_args(args, bounds)
+    coords = read_coords(args.coords) if args.coords else None
+    count = len(coords) if coords is not None else args.count
+
+    start = time.time()
+    size = write_stacks(path, sample_stacks(vols, args, bounds, z_range, coords), count, args)
+    seconds = time.time() - start
+    print(f"wrote {path}: {count} stacks of {args.stack_height} x {args.dim} x {args.dim} at mip {args.mip}, "
+          f"{size / 1e6:.1f} MB in {seconds:.1f} s ({count / seconds:.2f} stacks/s)")
+    return path
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,41 @@
+"""Shared fixtures: small volumes built in a temp dir (never the network, never ../shared)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import volume
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*argv, cwd=ROOT, env=None):
+    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture
+def tiny_volume(tmp_path):
+    """A 64 x 64 x 12 image volume with 2 mips, a defect layer and a field layer, as file:// paths.
+
+    Returns ``(paths, arrays)``; arrays are mip-0 ``[Z, C, Y, X]``.
+    """
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, size=(12, 1, 64, 64), dtype=np.uint8)
+    image[:, :, :, 48:] = 0  # the right quarter is missing data
+    defects = np.zeros_like(image)
+    defects[3, 0, 10:12, :] = 1
+    field = rng.normal(size=(12, 2, 64, 64)).astype(np.float32)
+    paths, arrays = {}, {"image": image, "defects": defects, "field": field}
+    for name, array, kind in (("image", image, "image"), ("defects", defects, "labels"),
+                              ("field", field, "field")):
+        path = "file://" + str(tmp_path / "vol" / name)
+        vol = volume.create_volume(path, (64, 64, 12), str(array.dtype), num_channels=array.shape[1],
+                                   mips=2, chunk=(32, 32, 1), provenance={"description": "test"})
+        volume.write_pyramid(vol, array, (0, 0, 0), kind)
+        paths[name] = path
+    return paths, arrays

@@ -1,0 +1,100 @@
+"""gen_stack.py: a file:// CloudVolume into HDF5, and its refusals."""
+import h5py
+import numpy as np
+import pytest
+
+import gen_stack
+from conftest import run_script
+from helpers import UserError
+
+
+def make(tmp_path, paths, *extra):
+    argv = ["--count", "3", "--source", paths["image"], "--mip", "1", "--dim", "16", "--stack_height", "4",
+            "--train_range", "0", "8", "--out_dir", str(tmp_path / "out"), *extra, "toy"]
+    return gen_stack.main(argv)
+
+
+def test_round_trip_matches_the_volume(tmp_path, tiny_volume):
+    paths, arrays = tiny_volume
+    path = make(tmp_path, paths, "--mask_source", paths["defects"], "--field_source", paths["field"])
+    assert path.name == "toy_train_mip1.h5"
+    image1 = arrays["image"].reshape(12, 1, 32, 2, 32, 2).astype(float).mean((3, 5)).round()
+    field1 = arrays["field"].reshape(12, 2, 32, 2, 32, 2).mean((3, 5)) / 2
+    with h5py.File(path) as f:
+        assert f["images"].shape == (3, 4, 16, 16) and f["images"].dtype == np.uint8
+        assert f["masks"].shape == (3, 4, 16, 16) and f["fields"].shape == (3, 4, 2, 16, 16)
+        assert f.attrs["mip"] == 1 and list(f.attrs["z_range"]) == [0, 8]
+        for n, (x, y, z) in enumerate(f["coords"][:]):
+            assert 0 <= z <= 4 and x + 16 <= 32 and y + 16 <= 32
+            assert np.array_equal(f["images"][n], image1[z:z + 4, 0, y:y + 16, x:x + 16])
+            assert np.allclose(f["fields"][n], field1[z:z + 4, :, y:y + 16, x:x + 16], atol=1e-5)
+            # the right quarter is missing: at most 25 % zeros accepted by default
+            assert np.mean(f["images"][n] == 0) <= 0.25
+        assert np.all(f["slice_std"][:] > 0)
+
+
+def test_coords_replay_reproduces_the_file(tmp_path, tiny_volume):
+    paths, _ = tiny_volume
+    first = make(tmp_path, paths, "--seed", "3")
+    again = gen_stack.main(["--coords", str(first), "--source", paths["image"], "--mip", "1", "--dim", "16",
+                            "--stack_height", "4", "--train_range", "0", "8", "--out_dir", str(tmp_path / "o2"),
+                            "toy"])
+    with h5py.File(first) as a, h5py.File(again) as b:
+        assert np.array_equal(a["images"][:], b["images"][:])
+
+
+def test_existing_output_is_not_replaced(tmp_path, tiny_volume):
+    paths, _ = tiny_volume
+    path = make(tmp_path, paths)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="exists"):
+        make(tmp_path, paths, "--seed", "9")
+    assert path.read_bytes() == before
+    make(tmp_path, paths, "--seed", "9", "--overwrite")
+    assert path.read_bytes() != before
+
+
+def test_interrupted_run_leaves_no_file(tmp_path, tiny_volume, monkeypatch):
+    paths, _ = tiny_volume
+    calls = []
+
+    def failing_read(vol, start, size):
+        calls.append(start)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return np.ones((size[2], 1, size[1], size[0]), np.uint8)
+
+    monkeypatch.setattr(gen_stack.volume, "read", failing_read)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, paths, "--workers", "1")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--count", "0"], "--count"),
+    (["--mip", "3"], "no mip 3"),
+    (["--dim", "64"], "larger than the volume"),
+    (["--train_range", "0", "40"], "outside the volume"),
+    (["--stack_height", "20"], "does not fit"),
+    (["--dim", "32", "--max_missing", "0.1"], "missing data"),  # every stack is 25 % missing
+])
+def test_bad_flags_are_one_line_errors(tmp_path, tiny_volume, extra, message):
+    paths, _ = tiny_volume
+    argv = ["gen_stack.py", "--count", "2", "--source", paths["image"], "--mip", "1", "--dim", "16",
+            "--stack_height", "4", "--train_range", "0", "8", "--out_dir", str(tmp_path / "out"), *extra, "toy"]
+    result = run_script(*argv)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]  # a progress bar may stand above it
+    assert last.startswith("error:") and message in last and "Traceback" not in result.stderr
+    assert not any((tmp_path / "out").glob("*.h5"))
+
+
+def test_missing_source_and_unwritable_output(tmp_path, tiny_volume):
+    result = run_script("gen_stack.py", "--count", "1", "--source", str(tmp_path / "none"), "--out_dir",
+                        str(tmp_path), "toy")
+    assert result.returncode == 2 and "no volume" in result.stderr and "Traceback" not in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_script("gen_stack.py", "--count", "1", "--source", tiny_volume[0]["image"], "--out_dir",
+                        str(blocker / "x"), "toy")
+    assert result.returncode == 2 and "cannot write" in result.stderr

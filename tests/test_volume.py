@@ -1,0 +1,51 @@
+"""CloudVolume round trips through volume.py."""
+import numpy as np
+import pytest
+
+import volume
+from helpers import UserError
+
+
+def test_write_pyramid_round_trip(tiny_volume):
+    paths, arrays = tiny_volume
+    vol = volume.open_volume(paths["image"], mip=0)
+    assert np.array_equal(volume.read(vol, (0, 0, 0), (64, 64, 12)), arrays["image"])
+    vol1 = volume.open_volume(paths["image"], mip=1)
+    assert tuple(volume.bounds(vol1)[1]) == (32, 32, 12)
+    expected = arrays["image"][:, :, :2, :2].astype(float).mean((2, 3)).round()
+    assert np.array_equal(volume.read(vol1, (0, 0, 0), (1, 1, 12))[:, :, 0, 0], expected)
+
+
+def test_field_layer_is_in_pixels_of_each_mip(tiny_volume):
+    paths, arrays = tiny_volume
+    vol1 = volume.open_volume(paths["field"], mip=1)
+    got = volume.read(vol1, (0, 0, 0), (32, 32, 12))
+    expected = arrays["field"].reshape(12, 2, 32, 2, 32, 2).mean((3, 5)) / 2
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_labels_downsample_keeps_any_defect(tiny_volume):
+    paths, _ = tiny_volume
+    vol1 = volume.open_volume(paths["defects"], mip=1)
+    got = volume.read(vol1, (0, 0, 3), (32, 32, 1))[0, 0]
+    assert got[5].min() == 1 and got[4].max() == 0 and got[6].max() == 0
+
+
+def test_missing_volume_and_mip_are_user_errors(tmp_path, tiny_volume):
+    paths, _ = tiny_volume
+    with pytest.raises(UserError, match="no volume"):
+        volume.open_volume("file://" + str(tmp_path / "nothing"))
+    with pytest.raises(UserError, match="no mip 4"):
+        volume.open_volume(paths["image"], mip=4)
+
+
+def test_create_refuses_existing_layer(tiny_volume):
+    paths, _ = tiny_volume
+    with pytest.raises(UserError, match="already exists"):
+        volume.create_volume(paths["image"], (64, 64, 12), "uint8")
+
+
+def test_resolve_path():
+    assert volume.resolve_path("gs://b/x") == "gs://b/x"
+    assert volume.resolve_path("basil_v0/raw_image", bucket="s3://lab") == "s3://lab/basil_v0/raw_image"
+    assert volume.resolve_path("/tmp").startswith("file:///")
