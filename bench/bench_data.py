@@ -1,0 +1,64 @@
+"""Data throughput: demo volume build, gen_stack stacks/s, DataLoader samples/s.
+
+    .venv/bin/python bench/bench_data.py [--count 16] [--dim 256] [--stack_height 10]
+
+Prints one line per measurement. Uses a temporary output directory; the demo
+volume is built once into the data directory (timed when it had to be built).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import demo  # noqa: E402
+import gen_stack  # noqa: E402
+from data import Augmenter, StackDataset  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--count", type=int, default=16)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--stack_height", type=int, default=10)
+    p.add_argument("--batches", type=int, default=20)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    start = time.time()
+    built = not demo.is_built()
+    demo.ensure_demo()
+    if built:
+        print(f"demo volume built in {time.time() - start:.1f} s ({demo.describe()})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.time()
+        path = gen_stack.main(["--count", str(args.count), "--source", "demo", "--dim", str(args.dim),
+                               "--stack_height", str(args.stack_height), "--out_dir", tmp, "bench"])
+        seconds = time.time() - start
+        print(f"gen_stack: {args.count / seconds:.2f} stacks/s "
+              f"({args.count} x {args.stack_height} x {args.dim}^2, images+defects+fields)")
+        for augment in (None, Augmenter()):
+            for workers in (0, 2):
+                dataset = StackDataset(path, mask_radius=20, augment=augment)
+                loader = DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers)
+                n, start = 0, time.time()
+                while n < args.batches:
+                    for _ in loader:
+                        n += 1
+                        if n == args.batches:
+                            break
+                seconds = time.time() - start
+                print(f"DataLoader: {n * 8 / seconds:7.1f} samples/s  (batch 8, {args.dim}^2 pairs, "
+                      f"workers {workers}, augment {'on' if augment else 'off'})")
+
+
+if __name__ == "__main__":
+    main()

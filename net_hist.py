@@ -1,0 +1,64 @@
+"""Print the training history of a network archive, root ancestor first.
+
+    python net_hist.py pt/EXPERIMENT.pt [--plot curves.png]
+    python net_hist.py                  # list the archives in pt/
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from helpers import UserError, run_main
+from models.archive import read_archive
+
+SHOWN = ("lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
+         "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "dataset")
+
+
+def lineage(archive: dict) -> list[dict]:
+    """Summaries of every run that made this network, root first, this run last."""
+    return list(archive.get("lineage", [])) + [archive["summary"]]
+
+
+def format_entry(depth: int, entry: dict) -> str:
+    """A few lines describing one run of a lineage."""
+    params = entry.get("params", {})
+    shown = " ".join(f"{k}={params[k]}" for k in SHOWN if params.get(k) is not None)
+    final = " ".join(f"{k}={v:.4g}" for k, v in entry.get("final", {}).items())
+    return (f"{'  ' * depth}{'└─ ' if depth else ''}{entry['name']}  ({entry.get('date', '?')}, "
+            f"{entry.get('iterations', 0)} iterations)\n"
+            f"{'  ' * depth}   {shown}\n{'  ' * depth}   final: {final or '-'}")
+
+
+def list_archives(folder: Path) -> str:
+    rows = []
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            entry = read_archive(path)["summary"]
+            rows.append(f"{path.name:32s} {entry.get('date', '?'):17s} {entry.get('iterations', 0):7d} it")
+        except (UserError, KeyError):
+            rows.append(f"{path.name:32s} (not a readable SEAMLeSS archive)")
+    return "\n".join(rows) or f"no archives in {folder}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("archive", nargs="?", help="network archive (.pt); without it, list pt/")
+    p.add_argument("--plot", help="also draw the loss curves of the whole lineage to this PNG")
+    args = p.parse_args(argv)
+    if args.archive is None:
+        print(list_archives(Path("pt")))
+        return
+    archive = read_archive(args.archive)
+    if "summary" not in archive:
+        raise UserError(f"{args.archive} holds weights but no training history")
+    entries = lineage(archive)
+    print("\n".join(format_entry(depth, entry) for depth, entry in enumerate(entries)))
+    if args.plot:
+        from vis import plot_loss_curves
+        path = plot_loss_curves([(e["name"], e.get("history", {})) for e in entries], args.plot)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_main(main)

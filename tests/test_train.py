@@ -1,0 +1,103 @@
+"""train.py end to end on a tiny HDF5: outputs, resume, refusals, lineage; net_hist.py on the result."""
+import h5py
+import pytest
+import torch
+
+import net_hist
+import train
+from conftest import run_script
+from helpers import warp
+from models.archive import load_archive
+
+
+def write_toy(path, n=2, s=4, d=32, shift=(1.5, -1.0)):
+    """Sections of one smooth texture, section k moved by k * shift; ``fields`` re-align each one."""
+    g = torch.Generator().manual_seed(0)
+    texture = torch.nn.functional.interpolate(torch.rand(1, 1, d // 4, d // 4, generator=g), size=(d, d),
+                                              mode="bicubic", align_corners=False)
+    k = (torch.arange(n * s) % s).float().view(-1, 1, 1, 1)
+    fields = torch.tensor(shift).view(1, 2, 1, 1) * k * torch.ones(1, 2, d, d)
+    images = warp(texture.expand(n * s, -1, -1, -1), -fields, padding_mode="border")
+    images = (images - images.min()) / (images.max() - images.min()) * 200 + 30
+    with h5py.File(path, "w") as f:
+        f["images"] = images.round().to(torch.uint8).view(n, s, d, d).numpy()
+        f["fields"] = fields.view(n, s, 2, d, d).numpy()
+    return path
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return write_toy(tmp_path / "toy.h5")
+
+
+def run(toy, name, *extra):
+    return train.main(["--dataset", str(toy), "--val_dataset", str(toy), "--size", "2", "--batch_size", "2",
+                       "--fall_time", "1", "--vis_interval", "2", "--no_augment", *extra, name])
+
+
+def test_training_writes_archive_logs_and_pictures(toy, tmp_path):
+    path = run(toy, "exp", "--epochs", "3")
+    model, archive = load_archive(path)
+    assert archive["epoch"] == 3 and archive["finished"]
+    assert len(archive["history"]["similarity"]) == 3 and "val_epe" in archive["history"]
+    assert archive["args"]["size"] == 2 and model.config["size"] == 2
+    assert list((tmp_path / "runs" / "exp").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "out" / "exp").glob("*_flicker.gif")) and list((tmp_path / "out" / "exp").glob("*_field.png"))
+
+
+def test_resume_gives_the_same_network_as_an_uninterrupted_run(toy):
+    straight, _ = load_archive(run(toy, "straight", "--epochs", "3"))
+    run(toy, "interrupted", "--epochs", "2")
+    resumed, archive = load_archive(train.main(["--resume", "--epochs", "3", "interrupted"]))
+    assert archive["epoch"] == 3
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_reusing_a_name_is_refused_and_loses_nothing(toy):
+    path = run(toy, "exp", "--epochs", "1")
+    before = path.read_bytes()
+    result = run_script(train.__file__, "--dataset", toy, "--size", "2", "--epochs", "1", "exp", cwd=toy.parent)
+    assert result.returncode == 2 and "exists" in result.stderr.strip().splitlines()[-1]
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--size", "2", "--trunc", "2"], "--trunc"),
+    (["--lambda1", "-1"], "--lambda1"),
+    (["--fine_tuning"], "--state_archive"),
+    (["--state_archive", "missing.pt"], "missing.pt"),
+])
+def test_bad_flags_are_one_line_errors(toy, flags, message):
+    result = run_script(train.__file__, "--dataset", toy, *flags, "bad", cwd=toy.parent)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith("error:") and message in last
+    assert "Traceback" not in result.stderr and not (toy.parent / "pt" / "bad.pt").exists()
+
+
+def test_corrupt_dataset_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5 at all")
+    result = run_script(train.__file__, "--dataset", bad, "x", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "bad.h5" in result.stderr
+
+
+def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
+    parent = run(toy, "parent", "--epochs", "2")
+    child = train.main(["--dataset", str(toy), "--state_archive", str(parent), "--size", "3", "--fine_tuning",
+                        "--epochs", "1", "--batch_size", "2", "--no_augment", "--vis_interval", "0", "child"])
+    model, archive = load_archive(child)
+    assert model.config["size"] == 3
+    assert [e["name"] for e in net_hist.lineage(archive)] == ["parent", "child"]
+    net_hist.main([str(child)])
+    printed = capsys.readouterr().out
+    assert printed.index("parent") < printed.index("child") and "lambda1=" in printed
+
+
+def test_staged_schedule():
+    stages = [train.stage_for_epoch(e, size=3, trunc=0, skip=0, fall_time=2, fine_tuning=False) for e in range(8)]
+    assert [s.level for s in stages] == [2, 2, 1, 1, 0, 0, 0, 0]
+    assert stages[0].train_levels == (2,) and stages[-1].train_levels == (0, 1, 2)
+    tuned = train.stage_for_epoch(0, size=3, trunc=1, skip=0, fall_time=2, fine_tuning=True)
+    assert tuned.level == 1 and tuned.train_levels == (1, 2)

@@ -1,0 +1,435 @@
+"""Train (or fine-tune) a SEAMLeSS pyramid on pairs of consecutive sections.
+
+    python train.py [--lambda1 2 --lr 0.0003 ...] EXPERIMENT_NAME
+    python train.py --resume EXPERIMENT_NAME          # continue an interrupted run
+
+One step: ``data.py`` gives a batch of (source, target) pairs with masks ->
+``models/`` predicts the field that pulls the source onto the target -> ``loss.py``
+scores it with weights from ``masks.py``. Outputs: ``pt/EXPERIMENT.pt`` (written
+atomically after every epoch), TensorBoard logs in ``runs/EXPERIMENT`` and
+pictures in ``out/EXPERIMENT``.
+
+Staged training (from scratch): the coarsest level trains first; every
+``--fall_time`` epochs training moves one level finer (that level's aligner and
+the shared encoder train, the coarser aligners are frozen); after the finest
+level all levels train together. ``--fine_tuning`` trains all levels at once
+from ``--state_archive`` at a reduced learning rate.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler
+
+import loss
+import masks
+from data import Augmenter, StackDataset
+from helpers import UserError, run_main, to_numpy, warp
+from models import Pyramid
+from models.archive import load_archive, load_weights, save_archive
+
+ROOT = Path(__file__).resolve().parent
+KEY_PARAMS = ("lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
+              "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "skip", "k", "corr",
+              "similarity", "smoothness", "dataset")
+# flags a resumed run may change; everything else comes from the archive
+RESUMABLE = ("epochs", "num_workers", "device", "vis_interval")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("name", help="experiment name: pt/NAME.pt, runs/NAME, out/NAME")
+    g = p.add_argument_group("loss")
+    g.add_argument("--lambda1", type=float, default=0.1, help="weight of the smoothness penalty against similarity")
+    g.add_argument("--lambda2", type=float, default=0.04, help="relative smoothness weight near defects")
+    g.add_argument("--lambda3", type=float, default=0.0, help="relative smoothness weight inside defects")
+    g.add_argument("--lambda4", type=float, default=5.0, help="relative similarity weight near defects")
+    g.add_argument("--lambda5", type=float, default=0.0, help="relative similarity weight inside defects")
+    g.add_argument("--lambda6", type=float, default=0.0,
+                   help="weight of the consensus penalty (the pair rotated by 180 degrees must agree)")
+    g.add_argument("--lambda_gt", type=float, default=0.0,
+                   help="weight of the supervised end-point error against a known field (0 = self-supervised)")
+    g.add_argument("--mask_neighborhood_radius", type=float, default=20,
+                   help="radius in pixels (at the dataset's mip) of the 'near a defect' region")
+    g.add_argument("--mask_smooth_radius", type=float, default=10,
+                   help="radius in pixels of the box filter that smooths the smoothness weights")
+    g.add_argument("--similarity", default="mse", choices=sorted(loss.SIMILARITY),
+                   help="similarity penalty")
+    g.add_argument("--smoothness", default="jacob", choices=sorted(loss.SMOOTHNESS),
+                   help="smoothness penalty")
+    g.add_argument("--padding", type=int, default=0,
+                   help="border in pixels excluded from the loss (content there comes from outside)")
+    g = p.add_argument_group("network")
+    g.add_argument("--size", type=int, default=5, help="number of pyramid levels")
+    g.add_argument("--trunc", type=int, default=0, help="output level: the finest level that is trained")
+    g.add_argument("--skip", type=int, default=0, help="number of finest levels that run no aligner")
+    g.add_argument("--k", type=int, default=3, help="aligner kernel size")
+    g.add_argument("--corr", type=int, default=3, help="local correlation radius of each aligner's input (0 = off)")
+    g.add_argument("--state_archive", help="archive to start from (a smaller net grows into --size levels)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=0.0003, help="learning rate (Adam)")
+    g.add_argument("--fine_tuning", action="store_true",
+                   help="train all levels at once from --state_archive at lr x --fine_tuning_lr_factor")
+    g.add_argument("--fine_tuning_lr_factor", type=float, default=0.2, help="lr factor when fine-tuning")
+    g.add_argument("--epochs", type=int, default=20, help="epochs in all")
+    g.add_argument("--fall_time", type=int, default=2, help="epochs per level in staged training")
+    g.add_argument("--epoch_size", type=int, default=0,
+                   help="pairs per epoch (0 = one pass over the dataset)")
+    g.add_argument("--batch_size", type=int, default=8, help="pairs per step")
+    g.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, augmentation)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="HDF5 from gen_stack.py, or a dataset NAME (data/NAME_train_mipM.h5); "
+                                     "default: the demo dataset, built on first use")
+    g.add_argument("--hm", action="store_true", help="with a dataset NAME: use its highest-mip file")
+    g.add_argument("--val_dataset", help="held-out HDF5 with ground-truth fields, scored every epoch "
+                                         "(default: the demo test set when training on the demo)")
+    g.add_argument("--val_pairs", type=int, default=32, help="held-out pairs scored per epoch")
+    g.add_argument("--crop", type=int, default=0, help="train on random crops of this size (0 = whole stacks)")
+    g.add_argument("--no_augment", action="store_true", help="turn data augmentation off")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--vis_interval", type=int, default=100, help="write pictures every N steps (0 = never)")
+    g.add_argument("--collapse_after", type=int, default=300,
+                   help="steps before the zero-field collapse check starts (the top level may sit at zero "
+                        "for a while)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run pt/NAME.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing pt/NAME.pt")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """One-line errors for impossible flag combinations."""
+    for i in range(1, 7):
+        if getattr(args, f"lambda{i}") < 0:
+            raise UserError(f"--lambda{i} must be >= 0 (got {getattr(args, f'lambda{i}')})")
+    if args.lambda_gt < 0:
+        raise UserError("--lambda_gt must be >= 0")
+    if args.size < 1:
+        raise UserError("--size must be at least 1")
+    if not 0 <= args.trunc < args.size:
+        raise UserError(f"--trunc {args.trunc} must be below --size {args.size}")
+    if not 0 <= args.skip < args.size:
+        raise UserError(f"--skip {args.skip} must be below --size {args.size}")
+    if args.fine_tuning and not args.state_archive:
+        raise UserError("--fine_tuning needs --state_archive")
+    if args.k < 1 or args.k % 2 == 0:
+        raise UserError(f"--k must be odd (got {args.k})")
+    if min(args.epochs, args.fall_time, args.batch_size) < 1 or args.lr <= 0:
+        raise UserError("--epochs, --fall_time, --batch_size and --lr must be positive")
+    if args.crop and args.crop % 2 ** (args.size - 1):
+        raise UserError(f"--crop {args.crop} is not divisible by 2^(size-1) = {2 ** (args.size - 1)}")
+
+
+def resolve_dataset(spec: str | None, hm: bool = False, split: str = "train") -> Path:
+    """The HDF5 file for ``--dataset``: a path, a NAME in the data directory, or the demo (built if needed)."""
+    import volume
+
+    if spec and Path(spec).suffix in (".h5", ".hdf5"):
+        if not Path(spec).is_file():
+            raise UserError(f"dataset {spec} does not exist")
+        return Path(spec)
+    name = spec or "demo"
+    found = sorted(volume.data_dir().glob(f"{name}_{split}_mip*.h5"),
+                   key=lambda p: int(p.stem.rsplit("mip", 1)[1]))
+    if not found and name == "demo":
+        import gen_stack
+        import demo
+        argv = ["--count", str(demo.DATASET_COUNT[split]), "--source", "demo", "demo"]
+        return gen_stack.main(argv + (["--test"] if split == "test" else []))
+    if not found:
+        raise UserError(f"no dataset '{name}': no file {volume.data_dir()}/{name}_{split}_mip*.h5 "
+                        "(make one with gen_stack.py, or give an .h5 path)")
+    return found[-1] if hm else found[0]
+
+
+# ------------------------------------------------------------------ the schedule
+@dataclass(frozen=True)
+class Stage:
+    """What one epoch trains: the loss is computed at ``level``; ``train_levels`` aligners are trained."""
+    level: int
+    train_levels: tuple[int, ...]
+
+
+def stage_for_epoch(epoch: int, size: int, trunc: int, skip: int, fall_time: int, fine_tuning: bool) -> Stage:
+    """Staged schedule: coarsest level first, one level finer every ``fall_time`` epochs, then all together."""
+    aligned = tuple(range(max(trunc, skip), size))  # levels that have an aligner and are trained
+    out = min(aligned, default=trunc)
+    if fine_tuning:
+        return Stage(out, aligned)
+    staged = sorted(aligned, reverse=True)
+    stage = epoch // fall_time
+    if stage < len(staged):
+        return Stage(staged[stage], (staged[stage],))
+    return Stage(out, aligned)
+
+
+def set_trainable(model: Pyramid, stage: Stage) -> list[torch.nn.Parameter]:
+    """Freeze every aligner outside ``stage.train_levels``; the shared encoder always trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.encoder.parameters())
+    for level in stage.train_levels:
+        params += list(model.level_parameters(level))
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+# ------------------------------------------------------------------ one step
+def pool(x: torch.Tensor, level: int, kind: str = "mean") -> torch.Tensor:
+    """``[N, C, H, W]`` at pyramid level ``level`` (2^level smaller): mean for images, max for masks."""
+    if level == 0:
+        return x
+    return (F.avg_pool2d if kind == "mean" else F.max_pool2d)(x, 2 ** level)
+
+
+def border_weights(h: int, w: int, padding: int, device) -> torch.Tensor:
+    """``[1, 1, H, W]``: 0 in a border band of ``padding`` px, 1 inside."""
+    out = torch.zeros(1, 1, h, w, device=device)
+    out[..., padding:h - padding, padding:w - padding] = 1
+    return out
+
+
+def pair_terms(model: Pyramid, batch: dict, args, level: int) -> tuple[dict, dict]:
+    """Loss terms of one batch at pyramid ``level``; returns ``(terms, pictures)``.
+
+    terms: scalar tensors ``similarity``, ``smoothness``, ``consensus``, ``epe``,
+    ``total`` (with the lambdas applied), and detached diagnostics ``identity``
+    (similarity of the unaligned pair) and ``field_px`` (mean |field| in full-
+    resolution pixels). pictures: tensors of the first pair for visualisation, and
+    ``residuals`` (level -> residual field) for logging.
+    """
+    src, tgt = batch["src"], batch["tgt"]
+    out = model(src, tgt, trunc=level)
+    field, scale = out.field, 2 ** level
+    src_l, tgt_l = pool(src, level), pool(tgt, level)
+    src_valid = 1 - pool(batch["src_missing"].float(), level, "max")
+    tgt_missing = pool(batch["tgt_missing"].float(), level, "max") > 0
+    warped = warp(src_l, field)
+    missing = tgt_missing | (warp(src_valid, field) < 0.5)
+    region = torch.maximum(warp(pool(batch["src_mask"].float(), level, "max"), field, mode="nearest"),
+                           pool(batch["tgt_mask"].float(), level, "max")).round().to(torch.uint8)
+    border = border_weights(*field.shape[-2:], math.ceil(args.padding / scale), field.device)
+    sim_w = masks.similarity_weights(region, missing, args.lambda4, args.lambda5) * border
+    smooth_w = masks.smoothness_weights(region, args.lambda2, args.lambda3,
+                                        round(args.mask_smooth_radius / scale)) * border
+    terms = {"similarity": loss.SIMILARITY[args.similarity](warped, tgt_l, sim_w),
+             "smoothness": loss.SMOOTHNESS[args.smoothness](field, smooth_w)}
+    total = terms["similarity"] + args.lambda1 * terms["smoothness"]
+    if args.lambda6 > 0:
+        rotated = model(src.flip(-1, -2), tgt.flip(-1, -2), trunc=level).field
+        terms["consensus"] = loss.consensus(field, rotated)
+        total = total + args.lambda6 * terms["consensus"]
+    if args.lambda_gt > 0 and bool(batch["has_field"].any()):
+        known = batch["has_field"].view(-1, 1, 1, 1).float() * (~missing).float()
+        true = F.avg_pool2d(batch["field"], scale) / scale if level else batch["field"]
+        terms["epe"] = loss.epe(field, true, known)
+        total = total + args.lambda_gt * terms["epe"]
+    terms["total"] = total
+    with torch.no_grad():
+        identity_w = masks.similarity_weights(region, tgt_missing | (src_valid < 0.5), args.lambda4,
+                                              args.lambda5) * border
+        terms["identity"] = loss.SIMILARITY[args.similarity](src_l, tgt_l, identity_w)
+        terms["field_px"] = field.norm(dim=1).mean() * scale
+    pictures = dict(source=src_l[0, 0], target=tgt_l[0, 0], warped=warped[0, 0].detach(),
+                    field=field[0].detach(), weights=sim_w[0, 0],
+                    residuals={level: r.detach() for level, r in out.residuals.items()})
+    return terms, pictures
+
+
+def collapsed(field_px: float, similarity: float, identity: float) -> bool:
+    """The seed's pathological minimum: a near-zero field while similarity stays at the unaligned level."""
+    return field_px < 0.05 and similarity > 0.95 * identity
+
+
+# ------------------------------------------------------------------ evaluation on held-out pairs
+@torch.no_grad()
+def validate(model: Pyramid, loader, trunc: int, device) -> dict:
+    """Mean end-point error (px) of the predicted and of the zero field against the true pair fields."""
+    from helpers import upsample_field
+
+    errors, zero = [], []
+    model.eval()
+    for batch in loader:
+        batch = to_device(batch, device)
+        keep = batch["has_field"] & ~batch["tgt_missing"].flatten(1).all(1)
+        if not keep.any():
+            continue
+        field = upsample_field(model(batch["src"], batch["tgt"], trunc=trunc).field, 2 ** trunc)
+        valid = ~(batch["src_missing"] | batch["tgt_missing"])[:, 0] & keep.view(-1, 1, 1)
+        errors.append((field - batch["field"]).norm(dim=1)[valid])
+        zero.append(batch["field"].norm(dim=1)[valid])
+    model.train()
+    if not errors:
+        return {}
+    return {"epe": float(torch.cat(errors).mean()), "epe_zero_field": float(torch.cat(zero).mean())}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------ the run
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def summary(args, history: dict, iterations: int) -> dict:
+    """The entry of this run in an archive's lineage (what net_hist.py prints)."""
+    return {"name": args.name, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "params": {k: getattr(args, k, None) for k in KEY_PARAMS}, "iterations": iterations,
+            "final": {k: v[-1] for k, v in history.items() if v}, "history": history}
+
+
+def prepare(args) -> tuple:
+    """Model, optimizer state, history, start epoch and lineage for a new, grown, or resumed run."""
+    archive_path = Path("pt") / f"{args.name}.pt"
+    if args.resume:
+        if not archive_path.is_file():
+            raise UserError(f"nothing to resume: {archive_path} does not exist")
+        model, archive = load_archive(archive_path, args.device)
+        stored = dict(archive["args"])
+        explicit = {k: getattr(args, k) for k in RESUMABLE}
+        args.__dict__.update(stored)
+        args.__dict__.update(explicit, resume=True)
+        if archive.get("epoch", 0) >= args.epochs:
+            raise UserError(f"{archive_path} already finished {archive['epoch']} epochs "
+                            f"(pass a larger --epochs to train on)")
+        return model, archive, archive_path
+    if archive_path.exists() and not args.overwrite:
+        raise UserError(f"{archive_path} exists: pass --resume to continue it, --overwrite to replace it, "
+                        "or choose another experiment name")
+    seed_everything(args.seed)
+    model = Pyramid(size=args.size, k=args.k, corr_radius=args.corr, skip=args.skip)
+    archive = {"epoch": 0, "iteration": 0, "history": {}, "lineage": [], "optimizer": None}
+    if args.state_archive:
+        parent_model, parent = load_archive(args.state_archive, "cpu")
+        copied = load_weights(model, parent)
+        print(f"started from {args.state_archive} (levels {copied} copied)")
+        archive["lineage"] = list(parent.get("lineage", [])) + [parent["summary"]] if "summary" in parent \
+            else list(parent.get("lineage", []))
+    return model.to(args.device), archive, archive_path
+
+
+def train(args) -> Path:
+    """Run (or resume) the experiment ``args.name``; returns the archive path."""
+    from torch.utils.tensorboard import SummaryWriter
+    from vis import save_pair_pictures
+
+    check_args(args)
+    model, archive, archive_path = prepare(args)
+    dataset_path = resolve_dataset(args.dataset, args.hm)
+    args.dataset = str(dataset_path)
+    check_args(args)
+    augment = None if args.no_augment else Augmenter()
+    dataset = StackDataset(dataset_path, mask_radius=args.mask_neighborhood_radius, augment=augment,
+                           crop=args.crop or None)
+    val_path = args.val_dataset or (resolve_dataset("demo", split="test") if "demo_train" in dataset_path.name
+                                    else None)
+    val_loader = None
+    if val_path:
+        val_set = StackDataset(val_path, mask_radius=args.mask_neighborhood_radius)
+        pick = torch.linspace(0, len(val_set) - 1, min(args.val_pairs, len(val_set))).long().tolist()
+        val_loader = DataLoader(torch.utils.data.Subset(val_set, pick), batch_size=args.batch_size)
+    args.val_dataset = str(val_path) if val_path else None
+
+    out_dir, writer = Path("out") / args.name, SummaryWriter(str(Path("runs") / args.name))
+    history: dict[str, list[float]] = archive["history"]
+    iteration, start_epoch = archive["iteration"], archive["epoch"]
+    optimizer, stage = None, None
+    print(f"training {args.name}: {len(dataset)} pairs from {dataset_path}, {args.size} levels, "
+          f"epochs {start_epoch}..{args.epochs - 1}, device {args.device}")
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed * 100003 + epoch)  # each epoch reproducible on its own: exact resume
+        new_stage = stage_for_epoch(epoch, args.size, args.trunc, args.skip, args.fall_time, args.fine_tuning)
+        if new_stage != stage:
+            stage = new_stage
+            params = set_trainable(model, stage)
+            lr = args.lr * (args.fine_tuning_lr_factor if args.fine_tuning else 1)
+            optimizer = torch.optim.Adam(params, lr=lr)
+            if archive.get("optimizer") and archive.get("stage") == stage.__dict__:
+                optimizer.load_state_dict(archive["optimizer"])
+            print(f"epoch {epoch}: level {stage.level}, training aligners {list(stage.train_levels)}")
+        sampler = RandomSampler(dataset, num_samples=args.epoch_size or len(dataset),
+                                generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                            drop_last=len(dataset) >= args.batch_size, persistent_workers=False)
+        sums, count, started = {}, 0, time.time()
+        for batch in loader:
+            batch = to_device(batch, args.device)
+            terms, pictures = pair_terms(model, batch, args, stage.level)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            iteration += 1
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value.item()
+                writer.add_scalar(f"loss/{key}", value.item(), iteration)
+            for level, residual in pictures.pop("residuals").items():
+                writer.add_scalar(f"field/level{level}_residual_px", float(residual.norm(dim=1).mean()), iteration)
+            count += 1
+            if args.vis_interval and iteration % args.vis_interval == 0:
+                save_pair_pictures(out_dir, f"it{iteration:06d}", **pictures)
+                writer.add_image("pair/flicker_target_warped_source",
+                                 torch.stack([pictures[k] for k in ("target", "warped", "source")]).clamp(-3, 3)
+                                 .div(6).add(0.5), iteration, dataformats="CHW")
+        means = {k: v / max(count, 1) for k, v in sums.items()}
+        if val_loader is not None:
+            means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, args.device).items()})
+        for key, value in means.items():
+            history.setdefault(key, []).append(value)
+            writer.add_scalar(f"epoch/{key}", value, epoch)
+        writer.add_scalar("epoch/lr", optimizer.param_groups[0]["lr"], epoch)
+        print(f"epoch {epoch} level {stage.level}: " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+              + f" ({count / max(time.time() - started, 1e-9):.2f} it/s)")
+        early = iteration < args.collapse_after or (stage.level == args.size - 1 and epoch < args.fall_time)
+        if count and not early and collapsed(means["field_px"], means["similarity"],
+                                                          means["identity"]):
+            message = (f"COLLAPSE: epoch {epoch}: mean |field| {means['field_px']:.3f} px while similarity "
+                       f"{means['similarity']:.4g} stays at the unaligned {means['identity']:.4g}; the net outputs "
+                       "the zero field. Stop and re-tune (e.g. lower --lambda1, raise --lr).")
+            print(message, file=sys.stderr)
+            writer.add_text("warnings/collapse", message, epoch)
+        state = dict(args=vars(args).copy(), epoch=epoch + 1, iteration=iteration, history=history,
+                     optimizer=optimizer.state_dict(), stage=stage.__dict__, lineage=archive["lineage"],
+                     code_version=code_version(), finished=epoch + 1 >= args.epochs)
+        state["summary"] = summary(args, history, iteration)
+        save_archive(archive_path, model, **state)
+        archive.update(state)
+    writer.close()
+    print(f"saved {archive_path}")
+    return archive_path
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    args.device = str(args.device)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available here")
+    return train(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
