@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import volume
+from data import slice_std
 from helpers import UserError, run_main
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
@@ -154,16 +155,6 @@ def sample_stacks(vols: dict, args, bounds, z_range, coords=None):
             pending = []
 
 
-def slice_std(images: np.ndarray) -> np.ndarray:
-    """Std of each section's non-missing pixels, ``[S]`` float32 (0 for an empty section)."""
-    flat = images.reshape(len(images), -1).astype(np.float32)
-    valid = flat > 0
-    n = valid.sum(1)
-    mean = (flat * valid).sum(1) / np.maximum(n, 1)
-    var = (((flat - mean[:, None]) * valid) ** 2).sum(1) / np.maximum(n, 1)
-    return np.sqrt(var).astype(np.float32)
-
-
 def write_stacks(path: Path, stacks, count: int, args) -> float:
     """Write the sampled stacks to ``path`` atomically; return the bytes written.
 
@@ -189,7 +180,7 @@ def write_stacks(path: Path, stacks, count: int, args) -> float:
             stds = f.create_dataset("slice_std", (count, args.stack_height), np.float32)
             for i, (corner, arrays) in enumerate(tqdm(stacks, total=count, desc="stacks", unit="stack")):
                 images[i] = arrays["images"][:, 0]
-                stds[i] = slice_std(arrays["images"][:, 0])
+                stds[i] = slice_std(arrays["images"][:, 0]).numpy()
                 coords[i] = corner
                 if masks is not None:
                     masks[i] = arrays["masks"][:, 0]

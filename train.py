@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler
 import loss
 import masks
 from data import Augmenter, StackDataset
-from helpers import UserError, run_main, to_numpy, warp
+from helpers import UserError, downsample_field, run_main, upsample_field, warp
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -202,13 +202,12 @@ def border_weights(h: int, w: int, padding: int, device) -> torch.Tensor:
     return out
 
 
-def pair_terms(model: Pyramid, batch: dict, args, level: int) -> tuple[dict, dict]:
-    """Loss terms of one batch at pyramid ``level``; returns ``(terms, pictures)``.
+def pair_terms(model: Pyramid, batch: dict, args, level: int) -> tuple[torch.Tensor, dict, dict]:
+    """The cost of one batch at pyramid ``level``; returns ``(cost, log, pictures)``.
 
-    terms: scalar tensors ``similarity``, ``smoothness``, ``consensus``, ``epe``,
-    ``total`` (with the lambdas applied), and detached diagnostics ``identity``
-    (similarity of the unaligned pair) and ``field_px`` (mean |field| in full-
-    resolution pixels). pictures: tensors of the first pair for visualisation, and
+    log: floats ``similarity``, ``smoothness``, ``consensus``, ``epe`` (those in
+    use), ``total``, and the diagnostics ``identity`` (similarity of the unaligned
+    pair) and ``field_px`` (mean |field| in full-resolution pixels). pictures: tensors of the first pair for visualisation, and
     ``residuals`` (level -> residual field) for logging.
     """
     src, tgt = batch["src"], batch["tgt"]
@@ -227,26 +226,22 @@ def pair_terms(model: Pyramid, batch: dict, args, level: int) -> tuple[dict, dic
                                         round(args.mask_smooth_radius / scale)) * border
     terms = {"similarity": loss.SIMILARITY[args.similarity](warped, tgt_l, sim_w),
              "smoothness": loss.SMOOTHNESS[args.smoothness](field, smooth_w)}
-    total = terms["similarity"] + args.lambda1 * terms["smoothness"]
     if args.lambda6 > 0:
         rotated = model(src.flip(-1, -2), tgt.flip(-1, -2), trunc=level).field
         terms["consensus"] = loss.consensus(field, rotated)
-        total = total + args.lambda6 * terms["consensus"]
     if args.lambda_gt > 0 and bool(batch["has_field"].any()):
         known = batch["has_field"].view(-1, 1, 1, 1).float() * (~missing).float()
-        true = F.avg_pool2d(batch["field"], scale) / scale if level else batch["field"]
-        terms["epe"] = loss.epe(field, true, known)
-        total = total + args.lambda_gt * terms["epe"]
-    terms["total"] = total
+        terms["epe"] = loss.epe(field, downsample_field(batch["field"], scale), known)
+    total, log = loss.total_cost(terms, vars(args))
     with torch.no_grad():
         identity_w = masks.similarity_weights(region, tgt_missing | (src_valid < 0.5), args.lambda4,
                                               args.lambda5) * border
-        terms["identity"] = loss.SIMILARITY[args.similarity](src_l, tgt_l, identity_w)
-        terms["field_px"] = field.norm(dim=1).mean() * scale
+        log["identity"] = float(loss.SIMILARITY[args.similarity](src_l, tgt_l, identity_w))
+        log["field_px"] = float(field.norm(dim=1).mean()) * scale
     pictures = dict(source=src_l[0, 0], target=tgt_l[0, 0], warped=warped[0, 0].detach(),
                     field=field[0].detach(), weights=sim_w[0, 0],
                     residuals={level: r.detach() for level, r in out.residuals.items()})
-    return terms, pictures
+    return total, log, pictures
 
 
 def collapsed(field_px: float, similarity: float, identity: float) -> bool:
@@ -258,8 +253,6 @@ def collapsed(field_px: float, similarity: float, identity: float) -> bool:
 @torch.no_grad()
 def validate(model: Pyramid, loader, trunc: int, device) -> dict:
     """Mean end-point error (px) of the predicted and of the zero field against the true pair fields."""
-    from helpers import upsample_field
-
     errors, zero = [], []
     model.eval()
     for batch in loader:
@@ -379,14 +372,14 @@ def train(args) -> Path:
         sums, count, started = {}, 0, time.time()
         for batch in loader:
             batch = to_device(batch, args.device)
-            terms, pictures = pair_terms(model, batch, args, stage.level)
+            cost, log, pictures = pair_terms(model, batch, args, stage.level)
             optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
+            cost.backward()
             optimizer.step()
             iteration += 1
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value.item()
-                writer.add_scalar(f"loss/{key}", value.item(), iteration)
+            for key, value in log.items():
+                sums[key] = sums.get(key, 0.0) + value
+                writer.add_scalar(f"loss/{key}", value, iteration)
             for level, residual in pictures.pop("residuals").items():
                 writer.add_scalar(f"field/level{level}_residual_px", float(residual.norm(dim=1).mean()), iteration)
             count += 1

@@ -1,0 +1,436 @@
+"""Training pairs from a ``gen_stack.py`` HDF5 file, their normalisation and their augmentation.
+
+HDF5 layout (written by ``gen_stack.py``):
+
+* ``images`` uint8 ``(N, S, D, D)``: N stacks of S consecutive sections, 0 = missing data;
+* ``masks`` uint8 ``(N, S, D, D)``, optional: defect maps (0 none, 1 crack, 2 fold);
+* ``fields`` float32 ``(N, S, 2, D, D)``, optional: per-section ground-truth fields
+  (pixels at the dataset's mip) with ``warp(images[n, s], fields[n, s])`` = the true section;
+* ``slice_std`` float32 ``(N, S)``, optional: std of each section's tissue pixels.
+
+A *sample* is one pair (source = section s, target = section s + 1) of one stack.
+While it is augmented it is a dict of batch-free tensors in raw intensities:
+
+* ``src``, ``tgt`` float32 ``[1, H, W]``: grey values 1..255 on tissue, 0 where missing;
+* ``src_defects``, ``tgt_defects`` uint8 ``[1, H, W]``: defect maps;
+* ``field`` float32 ``[2, H, W]``: pixels, ``warp(src, field) ~ tgt``;
+* ``has_field`` bool ``[]``: whether ``field`` is known (zeros otherwise).
+
+``StackDataset`` then normalises the images (``normalise``) and adds ``src_missing``,
+``tgt_missing`` (bool ``[1, H, W]``) and ``src_mask``, ``tgt_mask`` (ternary uint8
+``[1, H, W]``, ``masks.ternary_mask``). Augmentations work on raw intensities so the
+network always sees images normalised exactly as at alignment time.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import masks
+import misalign
+from helpers import UserError, affine_field, compose, invert_field, rigid_matrix, to_tensor, warp
+
+Sample = dict[str, torch.Tensor]
+SLICES = ("src", "tgt")
+
+
+# --------------------------------------------------------------------------- normalisation
+def _tissue_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std float64 ``[..., 1, 1]`` of each slice's non-zero (tissue) pixels; 0 for an empty slice."""
+    tissue = images != 0
+    count = tissue.sum((-2, -1), keepdim=True).clamp(min=1)
+    mean = (images * tissue).sum((-2, -1), keepdim=True) / count
+    var = ((images - mean) * tissue).square().sum((-2, -1), keepdim=True) / count
+    return mean, var.sqrt()
+
+
+def normalise(images) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE normalisation of SEAMLeSS (training, alignment and evaluation alike).
+
+    images: ``[..., H, W]`` tensor or array, raw grey values with 0 = missing data
+    (uint8 on disk; float raw intensities from augmentation work too). Each slice
+    gets zero mean and unit variance over its non-missing pixels; missing pixels
+    are 0.0. A constant slice becomes all zeros (never NaN). Returns
+    ``(float32 [..., H, W], missing bool [..., H, W])`` on the input's device.
+    """
+    x = to_tensor(images, dtype=torch.float64)
+    missing = x == 0
+    mean, std = _tissue_stats(x)
+    out = ((x - mean) / std.clamp(min=1e-6)).masked_fill_(missing, 0.0)
+    return out.float(), missing
+
+
+def slice_std(images) -> torch.Tensor:
+    """Std float32 ``[...]`` of each slice's non-missing pixels of ``images`` ``[..., H, W]`` (0 if none)."""
+    return _tissue_stats(to_tensor(images, dtype=torch.float64))[1][..., 0, 0].float()
+
+
+# --------------------------------------------------------------------------- the dataset
+def _open_h5(path: Path) -> h5py.File:
+    """Open ``path`` read-only, or raise ``UserError`` saying in one line why it cannot be."""
+    if not path.is_file():
+        raise UserError(f"dataset {path} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"dataset {path} is not a readable HDF5 file ({err})") from None
+
+
+def _check_layout(f: h5py.File, path: Path) -> None:
+    """Raise ``UserError`` unless ``f`` holds ``images`` (N, S, D, D) uint8 and matching optional datasets."""
+    if "images" not in f:
+        raise UserError(f"dataset {path} has no 'images' (expected a file written by gen_stack.py)")
+    shape = f["images"].shape
+    if len(shape) != 4 or f["images"].dtype != np.uint8:
+        raise UserError(f"dataset {path}: 'images' must be uint8 (N, S, H, W), got {f['images'].dtype} {shape}")
+    expected = {"masks": shape, "fields": (*shape[:2], 2, *shape[2:]), "slice_std": shape[:2]}
+    for name, want in expected.items():
+        if name in f and f[name].shape != want:
+            raise UserError(f"dataset {path}: '{name}' has shape {f[name].shape}, expected {want}")
+
+
+class StackDataset(Dataset):
+    """Consecutive section pairs of every stack of a ``gen_stack.py`` HDF5 file.
+
+    ``dataset[i]`` is a dict of tensors for pair ``pairs[i] = (stack n, section s)``,
+    source = section s, target = section s + 1:
+
+    * ``src``, ``tgt`` float32 ``[1, H, W]``: normalised (``normalise``);
+    * ``src_missing``, ``tgt_missing`` bool ``[1, H, W]``: no data there;
+    * ``src_mask``, ``tgt_mask`` uint8 ``[1, H, W]``: ternary masks (0 normal, 1 within
+      ``mask_radius`` px of a defect, 2 in one); zeros without a ``masks`` dataset;
+    * ``src_defects``, ``tgt_defects`` uint8 ``[1, H, W]``: the defect maps themselves;
+    * ``field`` float32 ``[2, H, W]``: ground truth with ``warp(src, field) ~ tgt``
+      (pixels), ``compose(f_src, invert_field(f_tgt))`` of the per-section fields;
+    * ``has_field`` bool ``[]``: False (and ``field`` zeros) without a ``fields`` dataset.
+
+    Pairs where either section is blank or near-constant (tissue std below
+    ``min_std`` grey levels) are left out. ``crop`` (px) takes a random square of
+    that size from each pair; ``augment`` (e.g. an ``Augmenter``) is called as
+    ``augment(sample, generator)`` on the raw sample (see the module docstring).
+    Random draws come from a generator seeded from torch's global RNG, which
+    DataLoader seeds per worker: seed torch for reproducible epochs.
+
+    The file is opened lazily, once per process, so the dataset works with
+    ``DataLoader(num_workers > 0)``. A missing, corrupt or foreign file raises
+    ``UserError``.
+    """
+
+    def __init__(self, path: str | Path, mask_radius: float = 75, augment=None, min_std: float = 2.0,
+                 crop: int | None = None):
+        self.path, self.mask_radius, self.augment, self.crop = Path(path), mask_radius, augment, crop
+        with _open_h5(self.path) as f:
+            _check_layout(f, self.path)
+            self.shape = tuple(f["images"].shape)
+            self.has_masks, self.has_fields = "masks" in f, "fields" in f
+            stds = (f["slice_std"][:] if "slice_std" in f
+                    else np.stack([slice_std(f["images"][n]).numpy() for n in range(self.shape[0])]))
+        if crop is not None and not 0 < crop <= min(self.shape[2:]):
+            raise UserError(f"crop {crop} must be between 1 and the section size {self.shape[2]}")
+        usable = (stds[:, :-1] >= min_std) & (stds[:, 1:] >= min_std)
+        self.pairs = np.argwhere(usable)  # [P, 2] rows of (stack n, source section s)
+        if len(self.pairs) == 0:
+            raise UserError(f"dataset {self.path} has no pair of sections with tissue std >= {min_std}")
+        self._file, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}  # handles do not cross processes
+
+    def _h5(self) -> h5py.File:
+        """This process's read handle, opened on first use (a forked worker opens its own)."""
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = _open_h5(self.path), os.getpid()
+        return self._file
+
+    def _window(self, generator: torch.Generator) -> tuple[slice, slice]:
+        """Rows and columns to read: all, or a random ``crop`` square."""
+        h, w = self.shape[2:]
+        if self.crop is None:
+            return slice(0, h), slice(0, w)
+        y0, x0 = (int(torch.randint(n - self.crop + 1, (), generator=generator)) for n in (h, w))
+        return slice(y0, y0 + self.crop), slice(x0, x0 + self.crop)
+
+    def raw_sample(self, i: int, generator: torch.Generator) -> Sample:
+        """Pair ``i`` in raw intensities, before augmentation (see the module docstring)."""
+        n, s = (int(v) for v in self.pairs[i])
+        rows, cols = self._window(generator)
+        f = self._h5()
+        images = to_tensor(f["images"][n, s:s + 2, rows, cols])
+        size = images.shape[-2:]
+        defects = (torch.from_numpy(f["masks"][n, s:s + 2, rows, cols]) if self.has_masks
+                   else torch.zeros(2, *size, dtype=torch.uint8))
+        if self.has_fields:
+            fields = to_tensor(f["fields"][n, s:s + 2, :, rows, cols])
+            field = compose(fields[:1], invert_field(fields[1:]))[0]
+        else:
+            field = torch.zeros(2, *size)
+        return {"src": images[:1], "tgt": images[1:], "src_defects": defects[:1], "tgt_defects": defects[1:],
+                "field": field, "has_field": torch.tensor(self.has_fields)}
+
+    def __getitem__(self, i: int) -> Sample:
+        generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+        sample = self.raw_sample(i, generator)
+        if self.augment is not None:
+            sample = self.augment(sample, generator)
+        return finish(sample, self.mask_radius)
+
+
+def finish(sample: Sample, mask_radius: float) -> Sample:
+    """The network's view of a raw sample: normalised images, missing flags and ternary masks."""
+    out = dict(sample)
+    for name in SLICES:
+        out[name], out[f"{name}_missing"] = normalise(sample[name])
+        out[f"{name}_mask"] = masks.ternary_mask(sample[f"{name}_defects"], mask_radius)
+    return out
+
+
+# --------------------------------------------------------------------------- augmentation
+# Each takes a raw sample and a torch.Generator and returns a new sample (inputs untouched).
+def _chance(generator: torch.Generator, p: float) -> bool:
+    """True with probability ``p``."""
+    return float(torch.rand((), generator=generator)) < p
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    """One draw from U(low, high)."""
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def warp_raw(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """Raw image ``[1, H, W]`` pulled through ``field`` ``[2, H, W]`` (bilinear).
+
+    A pixel that reads any missing data (or outside the image) becomes missing (0),
+    so tissue is never blended with the 0 of missing data.
+    """
+    out = warp(image[None], field[None])[0]
+    tissue = warp((image > 0).float()[None], field[None])[0]
+    return out.masked_fill_(tissue < 0.999, 0.0)
+
+
+def warp_slice(sample: Sample, which: str, field: torch.Tensor, inverse: torch.Tensor | None = None) -> Sample:
+    """Pull slice ``which`` (``'src'`` or ``'tgt'``) of ``sample`` through ``field`` ``[2, H, W]`` (pixels).
+
+    The image is warped bilinearly, its defect map with nearest sampling, and the
+    pair field is updated so that ``warp(src, field) ~ tgt`` still holds:
+    ``compose(field, w)`` when the target moves by ``w``, and
+    ``compose(inverse, field)`` when the source does, with ``inverse`` the inverse
+    of ``w`` (``invert_field(w)`` unless given, e.g. exactly for an affine ``w``).
+    """
+    out = dict(sample)
+    out[which] = warp_raw(sample[which], field)
+    defects = sample[f"{which}_defects"]
+    out[f"{which}_defects"] = warp(defects[None].float(), field[None], mode="nearest")[0].to(defects.dtype)
+    pair = sample["field"][None]
+    if which == "tgt":
+        out["field"] = compose(pair, field[None])[0]
+    else:
+        inverse = invert_field(field[None]) if inverse is None else inverse[None]
+        out["field"] = compose(inverse, pair)[0]
+    return out
+
+
+def random_rigid(h: int, w: int, generator: torch.Generator, max_shift: float, max_angle: float,
+                 max_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Field float32 ``[2, H, W]`` (pixels) of a random rotation, scale and shift about the image centre,
+    and the field of its exact inverse.
+
+    Shift uniform in ``±max_shift`` px per axis, angle uniform in ``±max_angle``
+    radians, scale uniform in ``1 ± max_scale``. The map ``p -> A (p - c) + c + t``
+    has the inverse ``q -> A^-1 (q - c) + c - A^-1 t``.
+    """
+    angle, tx, ty, scale = (_uniform(generator, -m, m) for m in (max_angle, max_shift, max_shift, max_scale))
+    matrix = rigid_matrix(torch.tensor([angle]), tx, ty, 1 + scale)
+    a_inv = torch.linalg.inv(matrix[:, :, :2])
+    inverse = torch.cat([a_inv, -a_inv @ matrix[:, :, 2:]], 2)
+    return affine_field(matrix, h, w)[0], affine_field(inverse, h, w)[0]
+
+
+def jitter(sample: Sample, generator: torch.Generator, p: float, max_shift: float = 32.0,
+           max_angle: float = 0.01, max_scale: float = 0.01) -> Sample:
+    """Each slice, with probability ``p``, moved by its own ``random_rigid`` map (``warp_slice``)."""
+    for which in SLICES:
+        if _chance(generator, p):
+            field, inverse = random_rigid(*sample[which].shape[-2:], generator, max_shift, max_angle, max_scale)
+            sample = warp_slice(sample, which, field, inverse)
+    return sample
+
+
+def _map_pair(sample: Sample, image_fn, field_fn) -> Sample:
+    """Apply ``image_fn`` to every image-like tensor of ``sample`` and ``field_fn`` to its field."""
+    out = {name: image_fn(t) for name, t in sample.items() if name not in ("field", "has_field")}
+    return {**out, "field": field_fn(sample["field"]), "has_field": sample["has_field"]}
+
+
+def flip(sample: Sample, generator: torch.Generator, p: float = 0.5) -> Sample:
+    """Mirror both slices left-right with probability ``p``, then up-down with probability ``p``.
+
+    Mirroring x negates the field's x channel (0); mirroring y its y channel (1).
+    """
+    sign_x, sign_y = torch.tensor([-1.0, 1.0]).view(2, 1, 1), torch.tensor([1.0, -1.0]).view(2, 1, 1)
+    for dim, sign in ((-1, sign_x), (-2, sign_y)):
+        if _chance(generator, p):
+            sample = _map_pair(sample, lambda t: t.flip(dim), lambda f: f.flip(dim) * sign)
+    return sample
+
+
+def transpose(sample: Sample, generator: torch.Generator, p: float = 0.5) -> Sample:
+    """Swap rows and columns of both slices with probability ``p``; the field's channels swap too."""
+    if _chance(generator, p):
+        sample = _map_pair(sample, lambda t: t.transpose(-1, -2), lambda f: f.transpose(-1, -2).flip(0))
+    return sample
+
+
+def swap(sample: Sample, generator: torch.Generator, p: float = 0.5) -> Sample:
+    """Exchange source and target with probability ``p`` (the stack read backwards); field inverted."""
+    if not _chance(generator, p):
+        return sample
+    out = {f"{a}{key}": sample[f"{b}{key}"] for a, b in (("src", "tgt"), ("tgt", "src"))
+           for key in ("", "_defects")}
+    return {**out, "field": invert_field(sample["field"][None])[0], "has_field": sample["has_field"]}
+
+
+def _tear_source(add, sample: Sample, generator: torch.Generator, p: float,
+                 params: misalign.MisalignParams) -> Sample:
+    """With probability ``p``, the source damaged by ``misalign.add_cracks`` or ``add_folds``.
+
+    Their triple ``(image, defects, field)`` keeps ``field`` re-aligning the damaged
+    image onto what it was aligned to, which is exactly the pair field of the
+    source: ``compose(e_inv, field)`` with ``e_inv`` the defect's analytic inverse.
+    """
+    if not _chance(generator, p):
+        return sample
+    image, defects, field = add(sample["src"][None] / 255, sample["src_defects"][None], sample["field"][None],
+                                params, generator, which=torch.tensor([True]))
+    return {**sample, "src": image[0] * 255, "src_defects": defects[0], "field": field[0]}
+
+
+def crack(sample: Sample, generator: torch.Generator, p: float,
+          params: misalign.MisalignParams = misalign.MisalignParams()) -> Sample:
+    """With probability ``p``, tear the source along a random seam (``misalign.add_cracks``).
+
+    The gap is marked 1 in ``src_defects`` and the pair field gains the jump that closes it.
+    """
+    return _tear_source(misalign.add_cracks, sample, generator, p, params)
+
+
+def fold(sample: Sample, generator: torch.Generator, p: float,
+         params: misalign.MisalignParams = misalign.MisalignParams()) -> Sample:
+    """With probability ``p``, fold the source along a random seam (``misalign.add_folds``).
+
+    The dark folded band is marked 2 in ``src_defects``; the pair field unfolds it.
+    """
+    return _tear_source(misalign.add_folds, sample, generator, p, params)
+
+
+def brightness_gradient(sample: Sample, generator: torch.Generator, p: float,
+                        max_strength: float = 0.5) -> Sample:
+    """Each slice, with probability ``p``, multiplied by a linear ramp of gain across the image.
+
+    Gain ``1 + a * d / R`` with ``a`` uniform in ``±max_strength``, ``d`` the signed
+    distance from the centre along a random direction and ``R`` half the image
+    diagonal; tissue stays in 1..255 and missing data stays 0.
+    """
+    out = dict(sample)
+    for which in SLICES:
+        if _chance(generator, p):
+            image = sample[which]
+            h, w = image.shape[-2:]
+            angle, strength = _uniform(generator, 0, 2 * math.pi), _uniform(generator, -max_strength, max_strength)
+            y, x = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
+            ramp = (x * math.cos(angle) + y * math.sin(angle)) / (math.hypot(h, w) / 2)
+            out[which] = torch.where(image > 0, (image * (1 + strength * ramp)).clamp(1, 255), image)
+    return out
+
+
+def _random_box(generator: torch.Generator, h: int, w: int, max_fraction: float) -> tuple[slice, slice]:
+    """A random rectangle with sides from 1 px to ``max_fraction`` of the image's, inside the image."""
+    bh, bw = (max(1, round(_uniform(generator, 1, max_fraction * n))) for n in (h, w))
+    y0, x0 = (int(torch.randint(n - b + 1, (), generator=generator)) for n, b in ((h, bh), (w, bw)))
+    return slice(y0, y0 + bh), slice(x0, x0 + bw)
+
+
+def _cutout(sample: Sample, generator: torch.Generator, p: float, max_fraction: float, fill) -> Sample:
+    """Each slice, with probability ``p``, gets one ``_random_box`` replaced by ``fill(patch, generator)``."""
+    out = dict(sample)
+    for which in SLICES:
+        if _chance(generator, p):
+            image = sample[which].clone()
+            rows, cols = _random_box(generator, *image.shape[-2:], max_fraction)
+            image[..., rows, cols] = fill(image[..., rows, cols], generator)
+            out[which] = image
+    return out
+
+
+def noise_patch(sample: Sample, generator: torch.Generator, p: float, max_fraction: float = 0.25) -> Sample:
+    """Cutout of uniform noise (grey 1..255, counted as tissue) in a random box of each slice."""
+    return _cutout(sample, generator, p, max_fraction,
+                   lambda patch, g: 1 + 254 * torch.rand(patch.shape, generator=g))
+
+
+def contrast_patch(sample: Sample, generator: torch.Generator, p: float, max_fraction: float = 0.25,
+                   max_factor: float = 4.0) -> Sample:
+    """Cutout whose contrast about its tissue mean is scaled by a factor in ``[1/max_factor, max_factor]``.
+
+    Tissue stays in 1..255, missing data stays 0.
+    """
+    def fill(patch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        factor = math.exp(_uniform(g, -math.log(max_factor), math.log(max_factor)))
+        tissue = patch > 0
+        mean = (patch * tissue).sum() / tissue.sum().clamp(min=1)
+        return torch.where(tissue, (mean + factor * (patch - mean)).clamp(1, 255), patch)
+    return _cutout(sample, generator, p, max_fraction, fill)
+
+
+def missing_patch(sample: Sample, generator: torch.Generator, p: float, max_fraction: float = 0.25) -> Sample:
+    """Cutout of missing data (0) in a random box of each slice."""
+    return _cutout(sample, generator, p, max_fraction, lambda patch, g: torch.zeros_like(patch))
+
+
+@dataclass
+class Augmenter:
+    """The seed's training augmentation, as probabilities and ranges; ``augmenter(sample, generator)``.
+
+    Order: swap (its ``invert_field`` needs a smooth field, so before any tear),
+    synthetic defects on the source (``crack``, ``fold``, sized by ``defect_params``),
+    per-slice jitter, flips and transpose (the field follows every step), then
+    intensities (brightness ramps, cutouts). Shifts are in pixels of the dataset,
+    angles in radians.
+    """
+    p_swap: float = 0.5
+    p_crack: float = 0.15
+    p_fold: float = 0.1
+    defect_params: misalign.MisalignParams = misalign.MisalignParams()
+    p_jitter: float = 0.5
+    max_shift: float = 32.0
+    max_angle: float = 0.01
+    max_scale: float = 0.01
+    p_flip: float = 0.5
+    p_transpose: float = 0.5
+    p_gradient: float = 0.5
+    max_gradient: float = 0.5
+    p_noise: float = 0.1
+    p_contrast: float = 0.2
+    p_missing: float = 0.1
+    max_patch_fraction: float = 0.25
+
+    def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
+        sample = swap(sample, generator, self.p_swap)
+        sample = crack(sample, generator, self.p_crack, self.defect_params)
+        sample = fold(sample, generator, self.p_fold, self.defect_params)
+        sample = jitter(sample, generator, self.p_jitter, self.max_shift, self.max_angle, self.max_scale)
+        sample = flip(sample, generator, self.p_flip)
+        sample = transpose(sample, generator, self.p_transpose)
+        sample = brightness_gradient(sample, generator, self.p_gradient, self.max_gradient)
+        sample = noise_patch(sample, generator, self.p_noise, self.max_patch_fraction)
+        sample = contrast_patch(sample, generator, self.p_contrast, self.max_patch_fraction)
+        return missing_patch(sample, generator, self.p_missing, self.max_patch_fraction)

@@ -1,0 +1,236 @@
+"""The penalties SEAMLeSS trains with, each a small pure function, chosen by name.
+
+Shapes and units everywhere: images ``[N, 1, H, W]`` float intensities (the same
+scale for both images of a pair); fields ``[N, 2, H, W]`` in pixels (x then y, as
+in helpers.py); weights ``[N, 1, H, W]`` float ``>= 0`` from masks.py (already
+zero on missing data; a batch of 1 applies to every sample). Every weighted
+penalty is a weighted *mean* over pixels (the weighted sum divided by the weight
+sum), so its value does not depend on image size and ``lambda1`` keeps its
+meaning at any crop size; a penalty whose weights are all zero is 0. A
+smoothness term that involves several pixels weighs as little as the least of
+their weights, so the field may tear across a defect of weight 0.
+
+The total cost is ``similarity + lambda1 * smoothness + lambda6 * consensus
+(+ lambda_gt * epe)`` (``total_cost``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from helpers import UserError
+
+_TINY = 1e-12  # guards divisions by a weight sum that may be zero
+_NCC_EPS = 1e-8  # (intensity units)^4: the least variance product ncc divides by
+_AXES = ((1, 0), (0, 1))  # neighbour offsets (dx, dy): along x, along y
+_NEIGHBOURS = _AXES + ((1, 1), (1, -1))  # plus both diagonals: every 8-neighbour pair once
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scalar: ``values [N, C, h, w]`` summed over C, then averaged over pixels with ``weights [N or 1, 1, h, w]``."""
+    weights = weights.expand(len(values), 1, *values.shape[2:])
+    return (weights * values).sum() / weights.sum().clamp_min(_TINY)
+
+
+# ------------------------------------------------------------------------ similarity
+def mse(warped: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of the squared difference ``(warped - target)^2`` (intensity units squared).
+
+    warped, target: ``[N, 1, H, W]``; weights ``[N, 1, H, W]``. 0 for identical images.
+    """
+    return _weighted_mean((warped - target) ** 2, weights)
+
+
+def ncc(warped: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+        window: int = 9) -> torch.Tensor:
+    """``1 -`` the weighted mean of the *local* normalised cross-correlation of two images (unitless, in [0, 2]).
+
+    warped, target: ``[N, 1, H, W]``; weights ``[N, 1, H, W]``. For each pixel, the
+    means, variances and covariance of both images are taken over the
+    ``window x window`` box around it (odd ``window``), each pixel of the box
+    counted with its weight (outside the image weighs 0), and
+    ``ncc = cov / sqrt(max(var_w * var_t, 1e-8))``; the local values are then averaged
+    with ``weights``. Local rather than global because section brightness and
+    contrast drift across a section (staining, charging, uneven beam): a global
+    NCC forgives only one brightness/contrast change for the whole image and is
+    dominated by low frequencies, a local one forgives it window by window and
+    scores the texture that alignment must match. 0 for identical images
+    wherever the windows hold texture (variance product >= 1e-8, e.g. a local
+    standard deviation of 0.01 for intensities in [0, 1]); flat windows count as
+    uncorrelated (loss 1 there): they carry nothing to align.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"ncc window must be odd and positive, got {window}")
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, window, stride=1, padding=window // 2)
+
+    norm = box(weights).clamp_min(_TINY)
+    mean_w, mean_t = box(weights * warped) / norm, box(weights * target) / norm
+    var_w = (box(weights * warped ** 2) / norm - mean_w ** 2).clamp_min(0)
+    var_t = (box(weights * target ** 2) / norm - mean_t ** 2).clamp_min(0)
+    cov = box(weights * warped * target) / norm - mean_w * mean_t
+    return 1 - _weighted_mean(cov / torch.sqrt((var_w * var_t).clamp_min(_NCC_EPS)), weights)
+
+
+# ------------------------------------------------------------------------ smoothness
+def _pair(x: torch.Tensor, dx: int, dy: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x(p), x(p + d))`` for ``d = (dx, dy)``, over the pixels ``p`` where both lie in the image."""
+    h, w = x.shape[-2:]
+    r0, r1, c0, c1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
+    return x[..., r0:r1, c0:c1], x[..., r0 + dy:r1 + dy, c0 + dx:c1 + dx]
+
+
+def _differences(field: torch.Tensor, weights: torch.Tensor,
+                 offsets: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each offset ``d``: ``(field(p + d) - field(p)`` ``[N, 2, h, w]``, ``min(weights(p), weights(p + d))``).
+
+    A difference weighs as little as the lesser of its two pixels, so one that
+    reaches into a defect (weight 0) costs nothing: the field may tear there.
+    """
+    out = []
+    for dx, dy in offsets:
+        f0, f1 = _pair(field, dx, dy)
+        w0, w1 = _pair(weights, dx, dy)
+        out.append((f1 - f0, torch.minimum(w0, w1)))
+    return out
+
+
+def jacob(field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean squared gradient of the field (px^2 per px^2): the default smoothness penalty.
+
+    field ``[N, 2, H, W]`` pixels, weights ``[N, 1, H, W]``. The sum over the x
+    and y directions of the weighted mean of ``|field(p + d) - field(p)|^2``
+    (both vector components), i.e. the squared Frobenius norm of the field's
+    Jacobian: exactly ``||B||_F^2`` for the affine field ``field(p) = B p + t``. The
+    differences are taken between neighbours (centred on the half-pixel between
+    them), not as ``f(p+1) - f(p-1)``, which would not see a field that
+    alternates pixel by pixel. 0 for any translation.
+    """
+    return sum(_weighted_mean(d ** 2, w) for d, w in _differences(field, weights, _AXES))
+
+
+def cjacob(field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``jacob`` of the field's deviation from its mean gradient: only the non-affine part costs (px^2 per px^2).
+
+    For each sample, vector component and direction (x, y), the weighted mean of
+    the neighbour differences ``field(p + d) - field(p)`` over the image (the
+    field's average Jacobian column) is subtracted from every difference before
+    squaring; the result is averaged like ``jacob``. 0 for any affine field
+    (translation, rotation, scaling, shear), positive for any bending.
+    """
+    total = 0
+    for d, w in _differences(field, weights, _AXES):
+        mean = (w * d).sum((2, 3), keepdim=True) / w.sum((2, 3), keepdim=True).clamp_min(_TINY)
+        total = total + _weighted_mean((d - mean) ** 2, w)
+    return total
+
+
+def tv(field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Total variation (px per px): sum over x and y of the weighted mean ``|field(p + d) - field(p)|_1``.
+
+    field ``[N, 2, H, W]`` pixels, weights ``[N, 1, H, W]``; the L1 norm is over
+    both vector components. Forgives sharp steps more than ``jacob`` does.
+    """
+    return sum(_weighted_mean(d.abs(), w) for d, w in _differences(field, weights, _AXES))
+
+
+def lap(field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean squared deviation of the field from the mean of its 4 neighbours (px^2).
+
+    field ``[N, 2, H, W]`` pixels, weights ``[N, 1, H, W]``; over interior pixels,
+    each weighted by the least weight of its 5-pixel stencil. 0 for any affine
+    field (it penalises curvature, not gradient).
+    """
+    def cross(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[..., 1:-1, 1:-1], x[..., 1:-1, :-2], x[..., 1:-1, 2:], x[..., :-2, 1:-1], x[..., 2:, 1:-1]]
+
+    centre, *around = cross(field)
+    w = torch.stack(cross(weights)).amin(0)
+    return _weighted_mean((centre - sum(around) / 4) ** 2, w)
+
+
+def rigidity(field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean stretch of springs between neighbours (px^2): 0 for any rigid motion.
+
+    field ``[N, 2, H, W]`` pixels, weights ``[N, 1, H, W]``. For every pair of
+    4- and diagonal neighbours ``p, p + d``, the spring's length after the warp
+    is ``|d + field(p + d) - field(p)|`` and at rest ``|d|`` (1 or sqrt 2 px); the
+    penalty sums, over the four neighbour directions, the weighted mean of
+    ``(length - rest)^2``. Translations and rotations cost 0; scaling, shear and
+    bending do not.
+    """
+    total = 0
+    for (dx, dy), (d, w) in zip(_NEIGHBOURS, _differences(field, weights, _NEIGHBOURS)):
+        spring = torch.tensor([dx, dy], dtype=field.dtype, device=field.device).view(1, 2, 1, 1)
+        length = torch.linalg.vector_norm(spring + d, dim=1, keepdim=True)
+        total = total + _weighted_mean((length - math.hypot(dx, dy)) ** 2, w)
+    return total
+
+
+# ------------------------------------------------------------------ consensus, supervision
+def rotate180_field(field: torch.Tensor) -> torch.Tensor:
+    """Bring a field computed on 180-degree-rotated images back to the original frame.
+
+    field ``[N, 2, H, W]`` pixels, predicted for the pair ``(s.flip((-2, -1)),
+    t.flip((-2, -1)))``; returns ``-field.flip((-2, -1))``: the picture turned by
+    180 degrees and every vector reversed. It is its own inverse.
+    """
+    return -field.flip((-2, -1))
+
+
+def consensus(field: torch.Tensor, field_on_rotated: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of ``|field - rotate180_field(field_on_rotated)|^2`` (px^2).
+
+    field: ``[N, 2, H, W]`` predicted on a pair; field_on_rotated: predicted on the
+    same pair turned by 180 degrees. 0 when the prediction is 180-degree
+    equivariant (a translation ``t`` predicted as ``t`` and, on the turned pair,
+    ``-t``); penalising it cancels the drift a net adds in a fixed direction.
+    """
+    return ((field - rotate180_field(field_on_rotated)) ** 2).sum(1).mean()
+
+
+def epe(field: torch.Tensor, true_field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean end-point error ``|field - true_field|`` (px).
+
+    field, true_field: ``[N, 2, H, W]`` pixels; weights ``[N, 1, H, W]``.
+    """
+    return _weighted_mean(torch.linalg.vector_norm(field - true_field, dim=1, keepdim=True), weights)
+
+
+# ---------------------------------------------------------------------- choosing, total
+SIMILARITY: dict[str, Callable[..., torch.Tensor]] = {"mse": mse, "ncc": ncc}
+SMOOTHNESS: dict[str, Callable[..., torch.Tensor]] = {
+    "jacob": jacob, "lap": lap, "cjacob": cjacob, "tv": tv, "rigidity": rigidity}
+LAMBDAS = {"similarity": None, "smoothness": "lambda1", "consensus": "lambda6", "epe": "lambda_gt"}
+
+
+def pick(table: Mapping[str, Callable[..., torch.Tensor]], name: str) -> Callable[..., torch.Tensor]:
+    """``table[name]`` (``SIMILARITY`` or ``SMOOTHNESS``), or a ``UserError`` listing the choices."""
+    if name not in table:
+        raise UserError(f"unknown penalty {name!r}: choose one of {', '.join(table)}")
+    return table[name]
+
+
+def total_cost(terms: Mapping[str, torch.Tensor],
+               lambdas: Mapping[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(cost, log)``: ``cost = similarity + lambda1 * smoothness + lambda6 * consensus + lambda_gt * epe``.
+
+    terms: scalar tensors named ``similarity``, ``smoothness``, ``consensus``,
+    ``epe`` (any subset, at least one); lambdas: ``lambda1``, ``lambda6``,
+    ``lambda_gt`` for the terms given (e.g. ``vars(args)``). log: each term and
+    the ``total`` as floats, for logging.
+    """
+    unknown = sorted(set(terms) - set(LAMBDAS))
+    if unknown or not terms:
+        raise ValueError(f"terms must be some of {list(LAMBDAS)}, got {list(terms)}")
+    missing = sorted(LAMBDAS[name] for name in terms if LAMBDAS[name] and LAMBDAS[name] not in lambdas)
+    if missing:
+        raise ValueError(f"no value for {', '.join(missing)}")
+    cost = sum(value * (lambdas[LAMBDAS[name]] if LAMBDAS[name] else 1) for name, value in terms.items())
+    log = {name: float(value.detach()) for name, value in terms.items()}
+    log["total"] = float(cost.detach())
+    return cost, log

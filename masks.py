@@ -1,0 +1,133 @@
+"""Ternary defect masks and the per-pixel weights the losses read from them.
+
+A *defect map* says what is wrong with each pixel (uint8: 0 none, 1 crack,
+2 fold). A *ternary mask* says how the losses should treat it:
+
+* 0 — a normal pixel, far from any defect;
+* 1 — near a defect: within ``mask_neighborhood_radius`` px (Euclidean) of one;
+* 2 — inside a defect.
+
+Masks become *weights* through the ``lambda`` family of the seed's training:
+
+* ``lambda2`` — relative smoothness weight near defects (usually 0.01-0.1: let
+  the field bend there);
+* ``lambda3`` — relative smoothness weight inside defects (almost always 0);
+* ``lambda4`` — relative similarity weight near defects (usually 5-10: focus the
+  network on fixing the defects);
+* ``lambda5`` — relative similarity weight inside defects (almost always 0).
+
+Normal pixels weigh 1 in both. Smoothness weights are then blurred by a box
+filter of radius ``mask_smooth_radius`` so the penalty changes gradually.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _squared_distance(defects: torch.Tensor, max_distance: float) -> torch.Tensor:
+    """Exact squared Euclidean distance (px², float32) to the nearest defect, ``inf`` beyond ``max_distance``.
+
+    defects: ``[..., H, W]``, any dtype, ``> 0`` marks a defect. Two passes: the
+    horizontal distance to the nearest defect in each row (running max/min of
+    defect column indices), then for each row offset ``|dy| <= max_distance`` the
+    minimum of ``d_row(y + dy)² + dy²`` over the whole image at once.
+    """
+    defect = torch.as_tensor(defects) > 0
+    h, w = defect.shape[-2:]
+    col = torch.arange(w, dtype=torch.float32, device=defect.device)
+    inf = torch.tensor(math.inf, device=defect.device)
+    left = torch.where(defect, col, -inf).cummax(-1).values  # nearest defect column at or left of x
+    right = torch.where(defect, col, inf).flip(-1).cummin(-1).values.flip(-1)  # at or right of x
+    d_row = torch.minimum(col - left, right - col)
+    d_row2 = d_row * d_row
+    out = d_row2.clone()
+    for dy in range(1, int(min(max_distance, h - 1)) + 1):
+        above, below = out[..., dy:, :], out[..., :-dy, :]
+        torch.minimum(above, d_row2[..., :-dy, :] + dy * dy, out=above)
+        torch.minimum(below, d_row2[..., dy:, :] + dy * dy, out=below)
+    return out.masked_fill_(out > max_distance ** 2, math.inf)
+
+
+def distance_to_defect(defects: torch.Tensor, max_distance: float) -> torch.Tensor:
+    """Euclidean distance (px) from each pixel to the nearest defect pixel, capped at ``max_distance``.
+
+    defects: ``[N, 1, H, W]`` (any leading dims), any dtype, ``> 0`` marks a defect.
+    Returns float32 of the same shape: 0 on defects, the exact distance where a
+    defect lies within ``max_distance``, and ``max_distance`` where none does.
+    Cost grows with ``max_distance`` (one whole-image step per row offset).
+    """
+    return _squared_distance(defects, max_distance).sqrt_().clamp_(max=max_distance)
+
+
+def ternary_mask(defects: torch.Tensor, radius: float) -> torch.Tensor:
+    """Ternary mask uint8 ``[N, 1, H, W]``: 2 inside a defect, 1 within ``radius`` px of one, 0 elsewhere.
+
+    defects: ``[N, 1, H, W]`` (any leading dims), any dtype, ``> 0`` marks a defect
+    (a crack or a fold alike). ``radius`` is ``mask_neighborhood_radius`` in
+    pixels of the defect map; the distance is Euclidean and the bound inclusive.
+    """
+    defect = torch.as_tensor(defects) > 0
+    near = _squared_distance(defect, radius) <= radius ** 2
+    return near.to(torch.uint8) + defect.to(torch.uint8)
+
+
+def _class_weights(mask: torch.Tensor, normal: float, near: float, inside: float) -> torch.Tensor:
+    """float32 weights of the shape of ``mask``: ``normal`` / ``near`` / ``inside`` for classes 0 / 1 / 2."""
+    mask = torch.as_tensor(mask)
+    table = torch.tensor([normal, near, inside], dtype=torch.float32, device=mask.device)
+    return table[mask.long()]
+
+
+def _box_mean_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Mean of ``x`` over the window ``[i - radius, i + radius]`` along ``dim``, clipped to the array.
+
+    Cumulative sums (float64) make it O(1) per element; near the edges the mean
+    is over the part of the window inside the array.
+    """
+    n = x.shape[dim]
+    csum = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim)], dim)
+    i = torch.arange(n, device=x.device)
+    lo, hi = (i - radius).clamp(min=0), (i + radius + 1).clamp(max=n)
+    count = (hi - lo).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[dim] = n
+    return (csum.index_select(dim, hi) - csum.index_select(dim, lo)) / count.view(shape)
+
+
+def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean of ``x`` ``[..., H, W]`` over a ``(2 radius + 1)²`` square around each pixel, clipped to the image.
+
+    Separable cumulative sums, O(1) per pixel whatever the radius; at the edges
+    each pixel averages the part of its square that lies inside the image.
+    Returns float32 of the shape of ``x``; ``radius = 0`` returns ``x`` as float32.
+    """
+    if radius <= 0:
+        return x.float()
+    x = x.double()
+    return _box_mean_1d(_box_mean_1d(x, radius, -1), radius, -2).float()
+
+
+def smoothness_weights(mask: torch.Tensor, lambda2: float, lambda3: float,
+                       smooth_radius: int = 0) -> torch.Tensor:
+    """Per-pixel weight float32 ``[N, 1, H, W]`` of the field's smoothness penalty.
+
+    mask: ternary uint8 ``[N, 1, H, W]`` (``ternary_mask``). Classes 0 / 1 / 2 weigh
+    1 / ``lambda2`` (near a defect) / ``lambda3`` (inside one), then the weights
+    are box-averaged over radius ``smooth_radius`` px (``mask_smooth_radius``;
+    0 leaves them as they are).
+    """
+    return box_mean(_class_weights(mask, 1.0, lambda2, lambda3), smooth_radius)
+
+
+def similarity_weights(mask: torch.Tensor, missing: torch.Tensor, lambda4: float,
+                       lambda5: float) -> torch.Tensor:
+    """Per-pixel weight float32 ``[N, 1, H, W]`` of the image similarity penalty.
+
+    mask: ternary uint8 ``[N, 1, H, W]``; classes 0 / 1 / 2 weigh 1 / ``lambda4``
+    (near a defect) / ``lambda5`` (inside one). missing: bool ``[N, 1, H, W]``, True
+    where either image has no data; those pixels weigh 0.
+    """
+    weights = _class_weights(mask, 1.0, lambda4, lambda5)
+    return weights.masked_fill_(torch.as_tensor(missing, device=weights.device).bool(), 0.0)

@@ -1,0 +1,144 @@
+"""Network archives: one torch file holding a Pyramid's config, weights and the trainer's state.
+
+An archive is a dict ``{'kind': 'seamless-archive', 'version': 1, 'config':
+model.config, 'state_dict': ..., **state}`` where ``state`` is whatever the
+trainer passes (optimizer state, rng state, args, loss history, lineage, code
+version). ``load_archive`` rebuilds the model from the file alone.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from helpers import UserError
+from models.pyramid import Pyramid
+
+KIND = "seamless-archive"
+VERSION = 1
+_RESERVED = ("kind", "version", "config", "state_dict")
+_GROWABLE = ("size", "skip")  # config keys that may differ when growing a net
+
+
+def _one_line(err: BaseException) -> str:
+    """``'Type: first line of the message'`` of an exception."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def save_archive(path: str | Path, model: Pyramid, **state: Any) -> Path:
+    """Write ``model`` and ``state`` to ``path`` atomically; returns the path.
+
+    The archive is written to a temporary file in the same directory, flushed to
+    disk (fsync) and renamed over ``path``, so a crash never leaves a partial
+    archive and a failed save leaves the old one untouched. Weights are stored on
+    the CPU. ``state`` keys may not be ``kind``, ``version``, ``config`` or ``state_dict``.
+    """
+    clash = sorted(set(state) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"archive state may not use the reserved keys {clash}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    archive = {"kind": KIND, "version": VERSION, "config": dict(model.config),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **state}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(archive, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_archive(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """The archive dict stored at ``path``, tensors on ``device``; a ``UserError`` if it is not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such archive file")
+    try:
+        archive = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # a corrupt file can fail in any of pickle's or zipfile's ways
+        raise UserError(f"{path}: not a readable torch file ({_one_line(err)})") from err
+    if not isinstance(archive, dict) or archive.get("kind") != KIND:
+        raise UserError(f"{path}: a torch file but not a SEAMLeSS archive (no kind '{KIND}')")
+    if archive.get("version") != VERSION:
+        raise UserError(f"{path}: archive version {archive.get('version')!r} is not supported "
+                        f"(this code reads version {VERSION})")
+    if not isinstance(archive.get("config"), dict) or not isinstance(archive.get("state_dict"), dict):
+        raise UserError(f"{path}: archive lacks its config or its state_dict")
+    return archive
+
+
+def _weights_problem(model: Pyramid, weights: dict) -> str | None:
+    """One line saying how ``weights`` fail to fit ``model``, or None if they fit exactly."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        return f"{len(missing)} weights missing (first: {missing[0]})"
+    if unexpected:
+        return f"{len(unexpected)} unexpected weights (first: {unexpected[0]})"
+    for name, value in expected.items():
+        shape = tuple(getattr(weights[name], "shape", ()))
+        if shape != tuple(value.shape):
+            return f"{name} has shape {shape}, the config needs {tuple(value.shape)}"
+    return None
+
+
+def _build(archive: dict, where: str, device: str | torch.device) -> Pyramid:
+    """The Pyramid an archive describes, with its weights; ``where`` names the archive in errors."""
+    try:
+        model = Pyramid(**archive["config"])
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{where}: invalid config {archive['config']} ({_one_line(err)})") from err
+    problem = _weights_problem(model, archive["state_dict"])
+    if problem:
+        raise UserError(f"{where}: weights do not match the config: {problem}")
+    model.load_state_dict(archive["state_dict"])
+    return model.to(device)
+
+
+def load_archive(path: str | Path, device: str | torch.device = "cpu") -> tuple[Pyramid, dict]:
+    """``(model, archive)``: the Pyramid rebuilt from the archive at ``path`` alone, and the archive dict.
+
+    Raises ``UserError`` (one line naming ``path``) for a missing file, a file torch
+    cannot read, a torch file that is not a SEAMLeSS archive, or weights that do not
+    match the archive's config. The model is on ``device`` in train mode.
+    """
+    archive = read_archive(path, device)
+    return _build(archive, str(path), device), archive
+
+
+def load_weights(model: Pyramid, archive: dict | str | Path) -> list[int]:
+    """Copy the levels of an archive's net into ``model``, which may have more levels; returns the levels copied.
+
+    archive: an archive dict (from ``read_archive`` / ``load_archive``) or its path.
+    Level ``l`` of the archived net (its encoder stage and its aligner) goes to
+    level ``l`` of ``model``; ``model``'s extra, coarser levels keep their
+    initialisation (an untrained aligner outputs zero, so the grown net starts by
+    computing what the archived one did). A ``UserError`` if the archive has more
+    levels than ``model`` or differs in any other config entry than size and skip
+    (kernel size, correlation radius, channel widths).
+    """
+    where = str(archive) if isinstance(archive, (str, Path)) else "archive"
+    if isinstance(archive, (str, Path)):
+        archive = read_archive(archive)
+    old = _build(archive, where, "cpu")
+    if old.size > model.size:
+        raise UserError(f"{where}: has {old.size} levels, more than the model's {model.size}")
+    differ = [f"{key} {old.config[key]} vs {model.config[key]}" for key in model.config
+              if key not in _GROWABLE and old.config[key] != model.config[key]]
+    if differ:
+        raise UserError(f"{where}: config differs from the model's (archive vs model): {', '.join(differ)}")
+    levels = list(range(old.size))
+    for level in levels:
+        model.encoder.stages[level].load_state_dict(old.encoder.stages[level].state_dict())
+        model.aligners[level].load_state_dict(old.aligners[level].state_dict())
+    return levels

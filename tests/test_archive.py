@@ -1,0 +1,115 @@
+"""Archives: a saved net comes back identical from the file alone; bad files are one-line user errors."""
+import pytest
+import torch
+
+from helpers import UserError
+from models import Pyramid, load_archive, load_weights, read_archive, save_archive
+
+
+def random_pyramid(size=3, k=3, seed=0, **kwargs):
+    """A small pyramid whose every weight is random (the last convs too), so it outputs non-zero fields."""
+    torch.manual_seed(seed)
+    net = Pyramid(size=size, k=k, corr_radius=1, aligner_widths=(8,), encoder_base=4, encoder_step=2, **kwargs)
+    with torch.no_grad():
+        for aligner in net.aligners:
+            aligner.net[-1].weight.normal_(0, 0.01)
+            aligner.net[-1].bias.normal_(0, 0.1)
+    return net
+
+
+def pair(seed=1, side=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(2, 1, side, side, generator=g), torch.rand(2, 1, side, side, generator=g)
+
+
+def test_save_then_load_gives_identical_outputs_and_keeps_the_state(tmp_path):
+    net = random_pyramid()
+    opt = torch.optim.Adam(net.parameters())
+    path = save_archive(tmp_path / "net.pt", net, optimizer=opt.state_dict(), loss_history=[0.5, 0.25],
+                        args={"lambda1": 0.1})
+    loaded, archive = load_archive(path)
+    src, tgt = pair()
+    assert torch.equal(loaded(src, tgt).field, net(src, tgt).field)
+    assert loaded.config == net.config
+    assert archive["kind"] == "seamless-archive" and archive["version"] == 1
+    assert archive["loss_history"] == [0.5, 0.25] and archive["args"] == {"lambda1": 0.1}
+    opt2 = torch.optim.Adam(loaded.parameters())
+    opt2.load_state_dict(archive["optimizer"])
+
+
+def test_no_temp_file_is_left_and_a_failed_save_keeps_the_old_archive(tmp_path):
+    net = random_pyramid()
+    path = save_archive(tmp_path / "net.pt", net, step=1)
+    save_archive(path, net, step=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["net.pt"]
+    with pytest.raises(Exception):
+        save_archive(path, net, step=3, hook=lambda: None)  # a lambda cannot be pickled
+    assert [p.name for p in tmp_path.iterdir()] == ["net.pt"]
+    assert read_archive(path)["step"] == 2
+    with pytest.raises(ValueError, match="reserved"):
+        save_archive(path, net, config={})
+
+
+def test_missing_corrupt_and_foreign_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="nope.pt: no such archive file"):
+        load_archive(tmp_path / "nope.pt")
+    with pytest.raises(UserError, match="no such archive file"):
+        load_archive(tmp_path)  # a directory
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00not a torch file\xff" * 10)
+    good = save_archive(tmp_path / "good.pt", random_pyramid())
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:300])
+    for bad in (junk, cut):
+        with pytest.raises(UserError, match=f"{bad.name}: not a readable torch file") as err:
+            load_archive(bad)
+        assert "\n" not in str(err.value)
+    for name, foreign in (("dict.pt", {"state_dict": {}}), ("tensor.pt", torch.zeros(3))):
+        torch.save(foreign, tmp_path / name)
+        with pytest.raises(UserError, match=f"{name}: a torch file but not a SEAMLeSS archive"):
+            load_archive(tmp_path / name)
+
+
+def test_weights_that_do_not_match_the_config_are_user_errors(tmp_path):
+    path = save_archive(tmp_path / "net.pt", random_pyramid(size=3))
+    archive = read_archive(path)
+    archive["config"]["size"] = 4
+    torch.save(archive, tmp_path / "bigger.pt")
+    with pytest.raises(UserError, match="bigger.pt: weights do not match the config: .*missing"):
+        load_archive(tmp_path / "bigger.pt")
+    archive["config"].update(size=3, k=5)
+    torch.save(archive, tmp_path / "k5.pt")
+    with pytest.raises(UserError, match=r"k5.pt: weights do not match the config: aligners.0.net.0.weight "
+                                        r"has shape \(8, 17, 3, 3\), the config needs \(8, 17, 5, 5\)"):
+        load_archive(tmp_path / "k5.pt")
+    archive["config"].update(k=3, colour="red")
+    torch.save(archive, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match="odd.pt: invalid config"):
+        load_archive(tmp_path / "odd.pt")
+
+
+def test_a_three_level_archive_grows_into_a_four_level_pyramid(tmp_path):
+    old = random_pyramid(size=3, seed=0)
+    path = save_archive(tmp_path / "old.pt", old)
+    torch.manual_seed(5)
+    grown = Pyramid(**{**old.config, "size": 4})  # level 3 fresh: its aligner outputs zero
+    fresh_stage3 = {k: v.clone() for k, v in grown.encoder.stages[3].state_dict().items()}
+    assert load_weights(grown, path) == [0, 1, 2]
+    for level in range(3):
+        for name, value in old.aligners[level].state_dict().items():
+            assert torch.equal(grown.aligners[level].state_dict()[name], value)
+        for name, value in old.encoder.stages[level].state_dict().items():
+            assert torch.equal(grown.encoder.stages[level].state_dict()[name], value)
+    assert all(torch.equal(v, fresh_stage3[k]) for k, v in grown.encoder.stages[3].state_dict().items())
+    src, tgt = pair()
+    # the grown net computes what the old one did (up to level 2 now warping by a zero field)
+    assert torch.allclose(grown(src, tgt).field, old(src, tgt).field, atol=1e-5)
+    assert load_weights(grown, read_archive(path)) == [0, 1, 2]
+
+
+def test_growing_refuses_other_kernels_and_fewer_levels(tmp_path):
+    path = save_archive(tmp_path / "old.pt", random_pyramid(size=3, k=3))
+    with pytest.raises(UserError, match="old.pt: config differs .*k 3 vs 5"):
+        load_weights(random_pyramid(size=4, k=5), path)
+    with pytest.raises(UserError, match="old.pt: has 3 levels, more than the model's 2"):
+        load_weights(random_pyramid(size=2, k=3), path)

@@ -1,0 +1,120 @@
+"""Ternary masks and weights: exact distances, classes and weights on small hand-built maps."""
+import math
+
+import pytest
+import torch
+
+import masks
+
+
+def one_defect(size=7, at=(3, 3), value=1):
+    d = torch.zeros(1, 1, size, size, dtype=torch.uint8)
+    d[0, 0, at[0], at[1]] = value
+    return d
+
+
+def brute_force_distance(defects, cap):
+    """Distance to the nearest defect by comparing every pixel with every defect pixel."""
+    out = torch.empty(defects.shape)
+    h, w = defects.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    for n in range(defects.shape[0]):
+        pts = (defects[n, 0] > 0).nonzero().float()
+        d2 = (ys[..., None] - pts[:, 0]) ** 2 + (xs[..., None] - pts[:, 1]) ** 2
+        out[n, 0] = d2.min(-1).values.sqrt().clamp(max=cap) if len(pts) else cap
+    return out
+
+
+def test_distance_to_one_defect_pixel_is_euclidean_and_capped():
+    dist = masks.distance_to_defect(one_defect(), max_distance=2.5)
+    assert dist.dtype == torch.float32 and dist.shape == (1, 1, 7, 7)
+    d = dist[0, 0]
+    assert d[3, 3] == 0
+    assert d[3, 4] == 1 and d[2, 3] == 1
+    assert d[4, 4] == pytest.approx(math.sqrt(2))
+    assert d[3, 5] == 2 and d[1, 3] == 2
+    assert d[4, 5] == pytest.approx(math.sqrt(5)) == d[1, 2]
+    assert d[5, 5] == 2.5  # sqrt(8) > 2.5: capped
+    assert d[0, 0] == 2.5
+    assert int((d < 2.5).sum()) == 21  # the 21 pixels with dx^2 + dy^2 <= 6
+
+
+def test_distance_is_exact_on_random_maps_and_batch_items_are_independent():
+    g = torch.Generator().manual_seed(0)
+    defects = (torch.rand(3, 1, 23, 31, generator=g) > 0.97).to(torch.uint8) * 2
+    defects[2] = 0  # no defect at all: everything is at the cap
+    dist = masks.distance_to_defect(defects, 9.5)
+    assert torch.equal(dist, brute_force_distance(defects, 9.5))
+    assert torch.all(dist[2] == 9.5)
+
+
+def test_distance_accepts_any_dtype_and_any_positive_value():
+    a = masks.distance_to_defect(one_defect(value=2), 4)
+    b = masks.distance_to_defect(one_defect().bool(), 4)
+    c = masks.distance_to_defect(one_defect().float() * 0.5, 4)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_ternary_mask_classes_around_one_defect():
+    mask = masks.ternary_mask(one_defect(value=2), radius=2)
+    assert mask.dtype == torch.uint8 and mask.shape == (1, 1, 7, 7)
+    expected = torch.tensor([[0, 0, 0, 0, 0, 0, 0],
+                             [0, 0, 0, 1, 0, 0, 0],
+                             [0, 0, 1, 1, 1, 0, 0],
+                             [0, 1, 1, 2, 1, 1, 0],
+                             [0, 0, 1, 1, 1, 0, 0],
+                             [0, 0, 0, 1, 0, 0, 0],
+                             [0, 0, 0, 0, 0, 0, 0]], dtype=torch.uint8)
+    assert torch.equal(mask[0, 0], expected)
+
+
+def test_ternary_mask_cracks_and_folds_are_both_inside_and_radius_zero_has_no_neighbourhood():
+    defects = torch.zeros(1, 1, 5, 5, dtype=torch.uint8)
+    defects[0, 0, 0, 0], defects[0, 0, 4, 4] = 1, 2
+    mask = masks.ternary_mask(defects, radius=0)
+    assert torch.equal(mask, (defects > 0).to(torch.uint8) * 2)
+    assert torch.equal(masks.ternary_mask(torch.zeros(2, 1, 4, 4), 3), torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+
+
+def test_smoothness_weights_per_class_without_smoothing():
+    mask = torch.tensor([[[[0, 1, 2]]]], dtype=torch.uint8)
+    weights = masks.smoothness_weights(mask, lambda2=0.04, lambda3=0.0, smooth_radius=0)
+    assert weights.dtype == torch.float32
+    assert torch.equal(weights, torch.tensor([[[[1.0, 0.04, 0.0]]]]))
+
+
+def test_smoothness_weights_box_filter_averages_the_part_inside_the_image():
+    mask = torch.zeros(1, 1, 3, 3, dtype=torch.uint8)
+    mask[0, 0, 1, 1] = 2  # weight 0 at the centre, 1 elsewhere
+    weights = masks.smoothness_weights(mask, lambda2=0.5, lambda3=0.0, smooth_radius=1)[0, 0]
+    # a corner averages its 2x2 window, an edge pixel 2x3 (or 3x2), the centre all 3x3
+    expected = torch.tensor([[3 / 4, 5 / 6, 3 / 4],
+                             [5 / 6, 8 / 9, 5 / 6],
+                             [3 / 4, 5 / 6, 3 / 4]])
+    assert torch.allclose(weights, expected, atol=1e-6)
+
+
+def test_box_mean_keeps_constants_and_matches_a_direct_average():
+    assert torch.allclose(masks.box_mean(torch.full((2, 1, 9, 13), 0.3), 4), torch.full((2, 1, 9, 13), 0.3))
+    x = torch.rand(1, 1, 10, 12, generator=torch.Generator().manual_seed(1))
+    r = 3
+    out = masks.box_mean(x, r)
+    for i, j in ((0, 0), (4, 7), (9, 11), (2, 10)):
+        window = x[0, 0, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1]
+        assert out[0, 0, i, j] == pytest.approx(float(window.mean()), abs=1e-6)
+
+
+def test_similarity_weights_per_class_and_zero_where_missing():
+    mask = torch.tensor([[[[0, 1, 2], [0, 1, 2]]]], dtype=torch.uint8)
+    missing = torch.tensor([[[[False, False, False], [True, True, False]]]])
+    weights = masks.similarity_weights(mask, missing, lambda4=5.0, lambda5=0.25)
+    assert weights.dtype == torch.float32
+    assert torch.equal(weights, torch.tensor([[[[1.0, 5.0, 0.25], [0.0, 0.0, 0.25]]]]))
+
+
+def test_distance_at_full_training_size_and_radius():
+    defects = torch.zeros(1, 1, 1152, 1152, dtype=torch.uint8)
+    defects[0, 0, 500:504, :] = 1  # a crack across the section, rows 500..503
+    dist = masks.distance_to_defect(defects, 100)
+    assert dist[0, 0, 450, 7] == 50 and dist[0, 0, 553, 1000] == 50 and dist[0, 0, 502, 3] == 0
+    assert dist[0, 0, 399, 3] == 100 and dist[0, 0, 0, 0] == 100
