@@ -64,11 +64,10 @@ def make_arrays(shape=SHAPE, pad=PAD, seed=SEED) -> dict[str, np.ndarray]:
 
     z, h, w = shape
     aligned = phantom.make_phantom((z, h + 2 * pad, w + 2 * pad), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    image, defects, field = misalign.misalign(torch.from_numpy(aligned)[:, None], misalign.DEMO, generator)
-    crop = (slice(None), slice(None), slice(pad, pad + h), slice(pad, pad + w))
-    return {"image": image[crop].numpy(), "defects": defects[crop].numpy(),
-            "field": field[crop].numpy().astype(np.float32), "aligned": aligned[:, None][crop]}
+    image, defects, field = misalign.misalign(torch.from_numpy(aligned)[:, None], misalign.MisalignParams(),
+                                              torch.Generator().manual_seed(seed), pad=pad)
+    return {"image": image.numpy(), "defects": defects.numpy(), "field": field.numpy().astype(np.float32),
+            "aligned": aligned[:, None, pad:pad + h, pad:pad + w]}
 
 
 def build(shape=SHAPE, seed=SEED) -> None:

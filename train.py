@@ -83,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train all levels at once from --state_archive at lr x --fine_tuning_lr_factor")
     g.add_argument("--fine_tuning_lr_factor", type=float, default=0.2, help="lr factor when fine-tuning")
     g.add_argument("--epochs", type=int, default=20, help="epochs in all")
-    g.add_argument("--fall_time", type=int, default=2, help="epochs per level in staged training")
+    g.add_argument("--fall_time", type=int, default=2,
+                   help="epochs per level in staged training (0 = all levels together from the start)")
     g.add_argument("--epoch_size", type=int, default=0,
                    help="pairs per epoch (0 = one pass over the dataset)")
     g.add_argument("--batch_size", type=int, default=8, help="pairs per step")
@@ -97,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--val_pairs", type=int, default=32, help="held-out pairs scored per epoch")
     g.add_argument("--crop", type=int, default=0, help="train on random crops of this size (0 = whole stacks)")
     g.add_argument("--no_augment", action="store_true", help="turn data augmentation off")
+    g.add_argument("--max_shift", type=float, default=16,
+                   help="largest per-section jitter (px at the dataset's mip) the augmentation adds")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -126,8 +129,8 @@ def check_args(args) -> None:
         raise UserError("--fine_tuning needs --state_archive")
     if args.k < 1 or args.k % 2 == 0:
         raise UserError(f"--k must be odd (got {args.k})")
-    if min(args.epochs, args.fall_time, args.batch_size) < 1 or args.lr <= 0:
-        raise UserError("--epochs, --fall_time, --batch_size and --lr must be positive")
+    if min(args.epochs, args.batch_size) < 1 or args.fall_time < 0 or args.lr <= 0:
+        raise UserError("--epochs, --batch_size and --lr must be positive, --fall_time >= 0")
     if args.crop and args.crop % 2 ** (args.size - 1):
         raise UserError(f"--crop {args.crop} is not divisible by 2^(size-1) = {2 ** (args.size - 1)}")
 
@@ -163,10 +166,13 @@ class Stage:
 
 
 def stage_for_epoch(epoch: int, size: int, trunc: int, skip: int, fall_time: int, fine_tuning: bool) -> Stage:
-    """Staged schedule: coarsest level first, one level finer every ``fall_time`` epochs, then all together."""
+    """Staged schedule: coarsest level first, one level finer every ``fall_time`` epochs, then all together.
+
+    ``fall_time == 0`` (or fine-tuning) trains all levels together from the start.
+    """
     aligned = tuple(range(max(trunc, skip), size))  # levels that have an aligner and are trained
     out = min(aligned, default=trunc)
-    if fine_tuning:
+    if fine_tuning or fall_time == 0:
         return Stage(out, aligned)
     staged = sorted(aligned, reverse=True)
     stage = epoch // fall_time
@@ -336,7 +342,7 @@ def train(args) -> Path:
     dataset_path = resolve_dataset(args.dataset, args.hm)
     args.dataset = str(dataset_path)
     check_args(args)
-    augment = None if args.no_augment else Augmenter()
+    augment = None if args.no_augment else Augmenter(max_shift=args.max_shift)
     dataset = StackDataset(dataset_path, mask_radius=args.mask_neighborhood_radius, augment=augment,
                            crop=args.crop or None)
     val_path = args.val_dataset or (resolve_dataset("demo", split="test") if "demo_train" in dataset_path.name

@@ -1,0 +1,257 @@
+"""Measure an alignment: neighbour correlation (CPC), end-point error, foldovers, drift.
+
+    python evaluate.py --aligned DEST --z_start 70 --z_stop 100 [--raw demo] [--truth demo] [--plots out/eval]
+
+Library functions take arrays (``[Z, H, W]`` stacks, ``[Z, 2, H, W]`` fields in
+pixels, the ``helpers`` convention) and return plain numbers; the command reads
+an aligned stack written by ``align.py`` (``DEST/image``, ``DEST/field``) and
+prints a table.
+
+* CPC: sections cut into ``chunk`` x ``chunk`` squares, Pearson r of each square
+  with the same square of the next section; squares with any missing (zero)
+  pixel or no contrast are dropped (as the SEAMLeSS paper measured).
+* EPE: ``|field - truth|`` per pixel, split into far from defects, near (within
+  ``near`` px) and inside defects; median and 95th percentile.
+* foldovers: fraction of pixels where ``p -> p + field(p)`` folds (Jacobian
+  determinant <= 0).
+* drift: per section, the length of the mean of ``field - truth``; mean and
+  largest over the stack (a random walk of pairwise errors shows here).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import masks
+from helpers import UserError, compose, invert_field, jacobian_determinant, run_main, to_tensor, warp
+
+PERCENTILES = (1, 5, 95, 99)
+
+
+def cpc(stack, chunk: int = 64) -> np.ndarray:
+    """Pearson r of every ``chunk``-square with the same square of the next section, ``[K]``.
+
+    stack: ``[Z, H, W]`` (0 = missing). Squares with a missing pixel or zero variance
+    in either section are dropped. Vectorised over all squares of all pairs.
+    """
+    a = to_tensor(stack, dtype=torch.float64)
+    z, h, w = a.shape
+    a = a[:, :h - h % chunk, :w - w % chunk]
+    tiles = a.reshape(z, h // chunk, chunk, w // chunk, chunk).permute(0, 1, 3, 2, 4).flatten(1, 2).flatten(2)
+    x, y = tiles[:-1], tiles[1:]  # [Z-1, T, chunk^2]
+    xc, yc = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+    sx, sy = xc.norm(dim=-1), yc.norm(dim=-1)
+    keep = (x > 0).all(-1) & (y > 0).all(-1) & (sx > 0) & (sy > 0)
+    r = (xc * yc).sum(-1) / (sx * sy).clamp_min(1e-12)
+    return r[keep].numpy()
+
+
+def summarize(values: np.ndarray) -> dict[str, float]:
+    """Mean, variance and the 1st/5th/95th/99th percentiles of ``values`` (NaN when empty)."""
+    if len(values) == 0:
+        return {"mean": float("nan"), "var": float("nan"), **{f"p{q}": float("nan") for q in PERCENTILES}}
+    return {"mean": float(np.mean(values)), "var": float(np.var(values)),
+            **{f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))}}
+
+
+def relative_truth(true_fields, reference: int = 0) -> torch.Tensor:
+    """The true fields ``[Z, 2, H, W]`` expressed in the frame of section ``reference``.
+
+    A serial alignment keeps the first section fixed, so the best it can do for
+    section z is ``compose(f_z, invert_field(f_ref))``: re-align z, then misalign
+    it as the reference is.
+    """
+    f = to_tensor(true_fields)
+    inverse = invert_field(f[reference:reference + 1])
+    return compose(f, inverse.expand_as(f))
+
+
+def defects_in_output_frame(defects, true_fields) -> torch.Tensor:
+    """Defect maps ``[Z, H, W]`` (image frame) carried into the frame of the fields (nearest sampling)."""
+    d = to_tensor(defects)[:, None]
+    return warp(d, to_tensor(true_fields), mode="nearest")[:, 0].round().to(torch.uint8)
+
+
+def epe(field, truth, defects=None, valid=None, near: float = 20) -> dict[str, float]:
+    """End-point error (px) medians and 95th percentiles far from / near / inside defects.
+
+    field, truth: ``[Z, 2, H, W]``; defects: ``[Z, H, W]`` in the fields' frame (``> 0``
+    defect) or None; valid: bool ``[Z, H, W]``, pixels to count (e.g. tissue), or None.
+    """
+    error = (to_tensor(field) - to_tensor(truth)).norm(dim=1)
+    valid = torch.ones_like(error, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool)
+    if defects is None:
+        regions = {"far": valid}
+    else:
+        distance = masks.distance_to_defect(to_tensor(defects)[:, None], near)[:, 0]
+        inside = distance == 0
+        regions = {"far": valid & (distance >= near), "near": valid & ~inside & (distance < near),
+                   "inside": valid & inside}
+    out = {}
+    for name, region in regions.items():
+        values = error[region].numpy()
+        out[f"{name}_median"] = float(np.median(values)) if len(values) else float("nan")
+        out[f"{name}_p95"] = float(np.percentile(values, 95)) if len(values) else float("nan")
+    return out
+
+
+def foldovers(field) -> float:
+    """Fraction of pixels whose map ``p -> p + field(p)`` has Jacobian determinant <= 0."""
+    return float((jacobian_determinant(to_tensor(field)) <= 0).float().mean())
+
+
+def drift(field, truth, valid=None) -> dict[str, float]:
+    """Length (px) of each section's mean displacement error: mean and max over the stack."""
+    difference = to_tensor(field) - to_tensor(truth)
+    if valid is None:
+        mean = difference.mean((2, 3))
+    else:
+        weight = torch.as_tensor(valid, dtype=torch.float32)[:, None]
+        mean = (difference * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1)
+    length = mean.norm(dim=1)
+    return {"drift_mean": float(length.mean()), "drift_max": float(length.max())}
+
+
+def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk: int = 64) -> dict[str, float]:
+    """Every measure of one aligned stack (those that need a truth only when it is given).
+
+    aligned: ``[Z, H, W]``; field, truth: ``[Z, 2, H, W]`` (truth already in the frame
+    of the alignment, see ``relative_truth``); defects: ``[Z, H, W]`` image frame.
+    """
+    out = {f"cpc_{k}": v for k, v in summarize(cpc(aligned, chunk)).items()}
+    if field is not None:
+        out["foldovers"] = foldovers(field)
+    if field is not None and truth is not None:
+        valid = to_tensor(aligned) > 0
+        frame = defects_in_output_frame(defects, truth) if defects is not None else None
+        out.update(epe(field, truth, frame, valid, near))
+        out.update(drift(field, truth, valid))
+    return out
+
+
+def print_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
+    """A fixed-width table of ``rows`` (name -> measures); returns it as text too."""
+    header = f"{'method':24s}" + "".join(f"{c:>13s}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        lines.append(f"{name:24s}" + "".join(f"{row.get(c, float('nan')):13.4g}" for c in columns))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot_cpc(histograms: dict[str, np.ndarray], path: Path) -> Path:
+    """Overlaid CPC histograms, one per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in histograms.items():
+        ax.hist(values, bins=50, range=(-0.2, 1), histtype="step", density=True, label=name)
+    ax.set_xlabel("Pearson r of neighbouring chunks")
+    ax.set_ylabel("density")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_epe_maps(errors: dict[str, np.ndarray], path: Path, vmax: float = 5) -> Path:
+    """One panel per method: the end-point error map ``[H, W]`` (px) of one section."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(errors), figsize=(3.2 * len(errors), 3.4), squeeze=False)
+    for ax, (name, error) in zip(axes[0], errors.items()):
+        im = ax.imshow(error, vmin=0, vmax=vmax, cmap="magma")
+        ax.set_title(name, fontsize="small")
+        ax.axis("off")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="end-point error (px)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> dict:
+    import volume
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--aligned", required=True, help="destination of align.py (with image/ and field/ layers)")
+    p.add_argument("--raw", help="the unaligned image volume, scored for comparison ('demo' for the demo)")
+    p.add_argument("--truth", help="ground-truth field volume ('demo' for the demo's); needs --defects for "
+                                   "the near/inside split (implied by 'demo')")
+    p.add_argument("--defects", help="defect volume of the raw sections")
+    p.add_argument("--z_start", type=int, required=True)
+    p.add_argument("--z_stop", type=int, required=True)
+    p.add_argument("--near", type=float, default=20, help="px from a defect that count as near it")
+    p.add_argument("--chunk", type=int, default=64, help="CPC chunk size in px")
+    p.add_argument("--plots", help="directory for the CPC histogram and EPE map PNGs")
+    args = p.parse_args(argv)
+    if args.truth == "demo" or args.raw == "demo":
+        import demo
+        layers = demo.ensure_demo()
+        args.raw = layers["image"] if args.raw == "demo" else args.raw
+        args.defects = args.defects or (layers["defects"] if args.truth == "demo" else None)
+        args.truth = layers["field"] if args.truth == "demo" else args.truth
+
+    aligned_vol = volume.open_volume(args.aligned.rstrip("/") + "/image")
+    field_vol = volume.open_volume(args.aligned.rstrip("/") + "/field")
+    start, stop = volume.bounds(aligned_vol)
+    if args.z_start < start[2] or args.z_stop > stop[2] or args.z_start >= args.z_stop:
+        raise UserError(f"z range {args.z_start}..{args.z_stop} is outside the aligned stack "
+                        f"{start[2]}..{stop[2]}")
+    mip = aligned_vol.mip
+    corner, size = (start[0], start[1], args.z_start), (*(stop - start)[:2], args.z_stop - args.z_start)
+    rows, hist = {}, {}
+    truth = defects = None
+    if args.truth:
+        truth_vol = _matching(args.truth, aligned_vol, "truth")
+        truth = relative_truth(volume.read(truth_vol, corner, size))
+    if args.defects:
+        defects = volume.read(_matching(args.defects, aligned_vol, "defects"), corner, size)[:, 0]
+    if args.raw:
+        raw = volume.read(_matching(args.raw, aligned_vol, "raw"), corner, size)[:, 0]
+        rows["raw (no alignment)"] = score(raw, torch.zeros(len(raw), 2, *raw.shape[1:]), truth, defects,
+                                           args.near, args.chunk)
+        hist["raw"] = cpc(raw, args.chunk)
+    aligned = volume.read(aligned_vol, corner, size)[:, 0]
+    field = volume.read(field_vol, corner, size)
+    rows["aligned"] = score(aligned, field, truth, defects, args.near, args.chunk)
+    hist["aligned"] = cpc(aligned, args.chunk)
+    columns = ["cpc_mean", "cpc_p5", "foldovers"]
+    if truth is not None:
+        columns = ["far_median", "far_p95", "near_median", "inside_median", "drift_mean"] + columns
+    print(f"mip {mip}, sections {args.z_start}..{args.z_stop - 1}")
+    print_table(rows, columns)
+    if args.plots:
+        print(f"wrote {plot_cpc(hist, Path(args.plots) / 'cpc.png')}")
+        if truth is not None:
+            z = len(aligned) // 2
+            maps = {name: (to_tensor(f[z]) - truth[z]).norm(dim=0).numpy()
+                    for name, f in (("raw", np.zeros_like(field)), ("aligned", field))}
+            print(f"wrote {plot_epe_maps(maps, Path(args.plots) / 'epe.png')}")
+    return rows
+
+
+def _matching(path: str, like, what: str):
+    """Open ``path`` at the mip whose resolution matches the volume ``like``."""
+    import volume
+
+    base = volume.open_volume(path, 0)
+    resolution = list(like.resolution)
+    for mip in range(len(base.info["scales"])):
+        if list(base.meta.resolution(mip)) == resolution:
+            return volume.open_volume(path, mip)
+    raise UserError(f"the {what} volume {path} has no mip at resolution {resolution}")
+
+
+if __name__ == "__main__":
+    run_main(main)
