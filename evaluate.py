@@ -134,10 +134,11 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
 
 def print_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
     """A fixed-width table of ``rows`` (name -> measures); returns it as text too."""
-    header = f"{'method':24s}" + "".join(f"{c:>13s}" for c in columns)
+    widths = [max(10, len(c) + 2) for c in columns]
+    header = f"{'method':28s}" + "".join(f"{c:>{w}s}" for c, w in zip(columns, widths))
     lines = [header, "-" * len(header)]
     for name, row in rows.items():
-        lines.append(f"{name:24s}" + "".join(f"{row.get(c, float('nan')):13.4g}" for c in columns))
+        lines.append(f"{name:28s}" + "".join(f"{row.get(c, float('nan')):{w}.4g}" for c, w in zip(columns, widths)))
     text = "\n".join(lines)
     print(text)
     return text

@@ -96,10 +96,11 @@ def read(vol, start, size) -> np.ndarray:
 def create_volume(path: str, size, dtype: str, num_channels: int = 1,
                   resolution=(8, 8, 40), mips: int = 1, chunk=(256, 256, 1),
                   layer_type: str = "image", provenance: dict | None = None,
-                  overwrite: bool = False):
+                  overwrite: bool = False, offset=(0, 0, 0)):
     """Create a new precomputed layer with ``mips`` scales (2x2 in x, y each) and return it at mip 0.
 
-    size: ``(X, Y, Z)`` voxels at mip 0; resolution in nm ``(x, y, z)``. Refuses an
+    size: ``(X, Y, Z)`` voxels at mip 0 from voxel corner ``offset``; resolution in
+    nm ``(x, y, z)``. Refuses an
     existing layer unless ``overwrite``. ``provenance`` is recorded in the layer's
     provenance file (what made it, with which arguments).
     """
@@ -110,7 +111,7 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
         raise UserError(f"a volume already exists at {cloudpath} (pass --overwrite to replace it)")
     info = CloudVolume.create_new_info(
         num_channels=num_channels, layer_type=layer_type, data_type=dtype, encoding="raw",
-        resolution=list(resolution), voxel_offset=[0, 0, 0], volume_size=list(size),
+        resolution=list(resolution), voxel_offset=list(offset), volume_size=list(size),
         chunk_size=list(chunk), max_mip=mips - 1, factor=(2, 2, 1))
     vol = CloudVolume(cloudpath, info=info, progress=False, non_aligned_writes=True,
                       fill_missing=True)

@@ -1,0 +1,135 @@
+"""Alignment quality, side by side, on held-out sections with known ground-truth fields.
+
+    .venv/bin/python bench/align_quality.py --archive pt/demo.pt                 # the demo test stack
+    .venv/bin/python bench/align_quality.py --archive pt/demo.pt --sections 10 --size 256   # quicker
+
+Methods: no alignment, the oracle (ground truth), our network (serial, as
+``align.py``), and the classical aligners of ``bench/baselines.py`` (elastix,
+SOFIMA; install with ``pip install -r bench/requirements.txt``, SOFIMA from a
+source checkout named by ``$SOFIMA_PATH``), each at its best of a few settings
+(best = lowest median EPE far from defects). Every method aligns serially to the
+first section; its fields are scored against the truth in that section's frame
+(``evaluate.relative_truth``). EPE is the primary figure: a CPC above the
+oracle's means the method warps tissue to look like its neighbour.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import evaluate  # noqa: E402
+from alignment import align_serial, apply_field  # noqa: E402
+from helpers import run_main  # noqa: E402
+
+COLUMNS = ["far_median", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean", "oracle_cpc",
+           "foldovers", "mpx_per_s"]
+
+
+def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
+    """Held-out demo sections: ``raw`` [Z,H,W] uint8, ``truth`` [Z,2,H,W] (own frames), ``defects`` [Z,H,W]."""
+    import demo
+    import volume
+
+    layers = demo.ensure_demo()
+    read = {name: volume.read(volume.open_volume(layers[name]), (0, 0, z_start), (size, size, count))
+            for name in ("image", "field", "defects")}
+    return {"raw": read["image"][:, 0], "truth": read["field"], "defects": read["defects"][:, 0]}
+
+
+def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(aligned [Z,H,W], fields [Z,2,H,W], seconds)`` of one method's serial alignment."""
+    start = time.time()
+    fields = np.asarray(fields_fn(raw), dtype=np.float32)
+    seconds = time.time() - start
+    aligned = np.stack([apply_field(s, torch.from_numpy(f)) for s, f in zip(raw, fields)])
+    return aligned, fields, seconds
+
+
+def network_fields(archive: str, chunk: int, overlap: int):
+    from models.archive import load_archive
+
+    model, _ = load_archive(archive)
+    model.eval()
+    return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, chunk=chunk, overlap=overlap)])
+
+
+def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
+    row = evaluate.score(aligned, fields, stack["truth_rel"], stack["defects"])
+    row["oracle_cpc"] = oracle_cpc
+    # the first section is the reference and is not aligned by anyone
+    row["mpx_per_s"] = (len(aligned) - 1) * aligned[0].size / 1e6 / seconds if seconds else float("nan")
+    return row
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archive", help="our network (omit to score only the baselines)")
+    p.add_argument("--z_start", type=int, default=70, help="first held-out demo section")
+    p.add_argument("--sections", type=int, default=30, help="sections in the stack")
+    p.add_argument("--size", type=int, default=512, help="section size in px (a top-left crop)")
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--overlap", type=int, default=128)
+    p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
+    p.add_argument("--settings", type=int, default=0, help="try at most N settings per classical method")
+    p.add_argument("--out", help="write the table (markdown) and plots to this folder")
+    args = p.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    stack = demo_stack(args.z_start, args.sections, args.size)
+    stack["truth_rel"] = evaluate.relative_truth(stack["truth"]).numpy()
+    raw = stack["raw"]
+    print(f"demo sections {args.z_start}..{args.z_start + args.sections - 1}, {args.size} x {args.size} px; "
+          f"{torch.get_num_threads()} threads")
+
+    rows, hist = {}, {}
+    zero = np.zeros_like(stack["truth_rel"])
+    oracle_aligned = np.stack([apply_field(s, torch.from_numpy(f)) for s, f in zip(raw, stack["truth_rel"])])
+    oracle_cpc = float(np.mean(evaluate.cpc(oracle_aligned)))
+    rows["no alignment"] = score_row(stack, raw, zero, 0, oracle_cpc)
+    rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle_cpc)
+    hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
+    if args.archive:
+        aligned, fields, seconds = run_method(network_fields(args.archive, args.chunk, args.overlap), raw)
+        rows[f"ours ({Path(args.archive).stem})"] = score_row(stack, aligned, fields, seconds, oracle_cpc)
+        hist["ours"] = evaluate.cpc(aligned)
+
+    import baselines
+    for method, reason in baselines.available().items():
+        if args.methods and method not in args.methods:
+            continue
+        if reason:
+            print(f"skipped {method}: {reason}")
+            continue
+        best = None
+        for setting in baselines.BASELINES[method][:args.settings or None]:
+            aligned, fields, seconds = run_method(lambda r: baselines.align_stack(method, r, setting), raw)
+            row = score_row(stack, aligned, fields, seconds, oracle_cpc)
+            print(f"  {method} {setting}: far median {row['far_median']:.3g} px, {row['mpx_per_s']:.3g} Mpx/s")
+            if best is None or row["far_median"] < best[1]["far_median"]:
+                best = (setting, row, aligned)
+        rows[f"{method} ({best[0]})"] = best[1]
+        hist[method] = evaluate.cpc(best[2])
+
+    print()
+    table = evaluate.print_table(rows, COLUMNS)
+    for name, row in rows.items():
+        if row["cpc_mean"] > oracle_cpc + 1e-3 and not name.startswith("oracle"):
+            print(f"warning: {name} has a CPC above the oracle's: it warps tissue to match its neighbour")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "align_quality.txt").write_text(table + "\n")
+        evaluate.plot_cpc(hist, out / "cpc.png")
+        print(f"wrote {out}/align_quality.txt and cpc.png")
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,67 @@
+"""evaluate.py on hand-built cases with known answers."""
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from helpers import affine_field, rigid_matrix
+
+
+def test_cpc_of_identical_and_inverted_sections():
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, 255, size=(64, 64)).astype(np.uint8)
+    stack = np.stack([a, a, 255 - a])
+    r = evaluate.cpc(stack, chunk=16)
+    assert len(r) == 2 * 16
+    assert np.allclose(np.sort(r)[:16], -1) and np.allclose(np.sort(r)[16:], 1)
+
+
+def test_cpc_drops_chunks_with_missing_data():
+    rng = np.random.default_rng(1)
+    stack = rng.integers(1, 255, size=(2, 32, 32)).astype(np.uint8)
+    stack[1, 0, 0] = 0  # one missing pixel removes the top-left chunk pair
+    assert len(evaluate.cpc(stack, chunk=16)) == 3
+
+
+def test_summarize():
+    s = evaluate.summarize(np.arange(101, dtype=float))
+    assert s["mean"] == 50 and s["p5"] == 5 and s["p99"] == 99 and s["var"] == pytest.approx(850)
+
+
+def test_epe_split_far_near_inside():
+    truth = torch.zeros(1, 2, 40, 40)
+    defects = torch.zeros(1, 40, 40)
+    defects[0, :, 20] = 1  # a vertical defect in column 20
+    field = torch.zeros(1, 2, 40, 40)
+    field[0, 0] = 1.0                    # 1 px off everywhere ...
+    field[0, 0, :, 10:31] = 3.0          # ... 3 px within 10 px of the defect ...
+    field[0, 0, :, 20] = 5.0             # ... 5 px on it
+    out = evaluate.epe(field, truth, defects, near=10.5)
+    assert out["far_median"] == 1 and out["near_median"] == 3 and out["inside_median"] == 5
+
+
+def test_foldovers_and_drift():
+    field = torch.zeros(1, 2, 10, 10)
+    assert evaluate.foldovers(field) == 0
+    field[0, 0, :, 5:] = -3.0  # columns 5.. read from 3 px to their left: the map goes backwards once
+    assert evaluate.foldovers(field) == pytest.approx(9 / 81)
+    offset = torch.zeros(2, 2, 10, 10)
+    offset[:, 0], offset[1, 1] = 3.0, 4.0
+    d = evaluate.drift(offset, torch.zeros_like(offset))
+    assert d["drift_mean"] == pytest.approx((3 + 5) / 2) and d["drift_max"] == pytest.approx(5)
+
+
+def test_relative_truth_is_in_the_reference_frame():
+    shifts = torch.tensor([[1.0, 2.0], [4.0, -1.0], [-2.0, 0.5]])
+    truth = shifts.view(3, 2, 1, 1) * torch.ones(3, 2, 16, 16)
+    rel = evaluate.relative_truth(truth, reference=0)
+    assert rel[0].abs().max() < 1e-5
+    expected = (shifts - shifts[0]).view(3, 2, 1, 1)
+    assert (rel - expected)[..., 4:-4, 4:-4].abs().max() < 1e-4
+
+
+def test_relative_truth_of_rotations():
+    m = rigid_matrix(torch.tensor([0.02, -0.01]), torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0]))
+    truth = affine_field(m, 32, 32)
+    rel = evaluate.relative_truth(truth, reference=1)
+    assert rel[1].abs().max() < 1e-3 and rel[0].abs().max() > 0.5
