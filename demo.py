@@ -45,8 +45,8 @@ def is_built() -> bool:
     return all((demo_dir() / layer / "info").is_file() for layer in LAYERS)
 
 
-def describe() -> str:
-    z, h, w = SHAPE
+def describe(shape=SHAPE) -> str:
+    z, h, w = shape
     return f"{z} sections of {w} x {h} px at {RESOLUTION[0]} nm, mips 0-{MIPS - 1}"
 
 
@@ -73,7 +73,7 @@ def make_arrays(shape=SHAPE, pad=PAD, seed=SEED) -> dict[str, np.ndarray]:
 def build(shape=SHAPE, seed=SEED) -> None:
     """Write the demo layers to ``demo_dir()`` (atomically: a temporary sibling directory, then a rename)."""
     start, path = time.time(), demo_dir()
-    print(f"building the demo volume in {path} ({describe()}); this happens once")
+    print(f"building the demo volume in {path} ({describe(shape)}); this happens once")
     arrays = make_arrays(shape, PAD, seed)
     tmp = path.with_name(f".{path.name}.building-{time.time_ns()}")
     kinds = {"image": "image", "defects": "labels", "field": "field", "aligned": "image"}
