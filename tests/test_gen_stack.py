@@ -3,7 +3,10 @@ import h5py
 import numpy as np
 import pytest
 
+import torch
+
 import gen_stack
+from data import StackDataset, normalise
 from conftest import run_script
 from helpers import UserError
 
@@ -31,6 +34,12 @@ def test_round_trip_matches_the_volume(tmp_path, tiny_volume):
             # the right quarter is missing: at most 25 % zeros accepted by default
             assert np.mean(f["images"][n] == 0) <= 0.25
         assert np.all(f["slice_std"][:] > 0)
+        first = f["images"][0, :2]
+    # ... and back through data.py: the pair (0, 0) is the first two sections, normalised
+    sample = StackDataset(path, mask_radius=2)[0]
+    expected, missing = normalise(first)
+    assert torch.allclose(sample["src"][0], expected[0]) and torch.allclose(sample["tgt"][0], expected[1])
+    assert torch.equal(sample["src_missing"][0], missing[0])
 
 
 def test_coords_replay_reproduces_the_file(tmp_path, tiny_volume):
