@@ -50,6 +50,7 @@ def save_archive(path: str | Path, model: Pyramid, **state: Any) -> Path:
             torch.save(archive, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an archive is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
