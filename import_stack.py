@@ -1,0 +1,323 @@
+"""Import a folder of section images (one PNG or TIFF per section) into a precomputed image layer.
+
+    python import_stack.py --dest data/isbi --resolution 4 4 50 FOLDER
+    python import_stack.py --dest file:///abs/path/snemi --resolution 6 6 30 --mips 3 FOLDER
+
+Sections are ordered by the number in their file names (the last run of digits:
+``2.png`` before ``10.png``; ``train-input_0007.tif`` is section 7) and become
+z = 0, 1, 2, ... A gap in the numbering is an error; with ``--allow_gaps`` z is
+the file number and the missing sections are written as zeros (missing data).
+Sections must be grey (an RGB file with three equal channels counts as grey),
+all one size and one dtype. ``uint8`` is written as is; ``uint16`` / float need
+``--rescale``, which maps the stack's non-zero range onto 1..255 and keeps 0
+(missing data) at 0.
+
+DEST (``--dest``) is the layer itself (it holds ``info``): a local folder, or any
+CloudVolume path. Headers are checked before anything is written. A local
+(``file://``) layer is written into a temporary sibling folder that is renamed
+to DEST at the end, so a failure leaves nothing behind. ``gs://`` / ``s3://``
+layers are written in place (object stores cannot rename a folder): a file
+that fails to decode halfway leaves the sections before it written.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tifffile
+from PIL import Image
+from tqdm import tqdm
+
+import volume
+from helpers import UserError, run_main
+
+SUFFIXES = (".png", ".tif", ".tiff")
+CHUNK = (256, 256, 1)
+MIN_SIDE, MAX_MIPS = 64, 6  # default mips: as many as keep the smaller side >= MIN_SIDE px
+Image.MAX_IMAGE_PIXELS = None  # EM sections are often larger than Pillow's decompression-bomb limit
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", help="folder of section images (.png, .tif, .tiff), numbered in their names")
+    p.add_argument("--dest", help="the image layer to write: a local folder or a cloudpath (file://, gs://, "
+                                  "s3://); default: DATA/<folder name> ($SEAMLESS_DATA or ./data)")
+    p.add_argument("--resolution", type=float, nargs=3, required=True, metavar=("X", "Y", "Z"),
+                   help="voxel size in nm")
+    p.add_argument("--mips", type=int, help=f"resolution levels (default: as many as keep the smaller side "
+                                            f">= {MIN_SIDE} px, at most {MAX_MIPS})")
+    p.add_argument("--rescale", action="store_true",
+                   help="stretch uint16 / float sections min-max onto 1..255 (0 stays 0 = missing data)")
+    p.add_argument("--allow_gaps", action="store_true",
+                   help="write missing section numbers as zeros (missing data); z is then the file number")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing layer at DEST")
+    return p.parse_args(argv)
+
+
+def _one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def _listing(numbers: list[int], most: int = 20) -> str:
+    """``1, 5, 9`` (the first ``most`` numbers, then how many more)."""
+    more = f" and {len(numbers) - most} more" if len(numbers) > most else ""
+    return ", ".join(map(str, numbers[:most])) + more
+
+
+# ----------------------------------------------------------------------- the files
+def list_sections(folder: Path) -> list[tuple[int, Path]]:
+    """``(section number, path)`` of every image in ``folder``, in section order.
+
+    Images are the files ending in ``.png``, ``.tif`` or ``.tiff`` (any case),
+    hidden files excepted; the number is the last run of digits in the name.
+    Raises ``UserError`` for a missing folder, no images, a name without a number
+    or two files with the same number.
+    """
+    if not folder.is_dir():
+        raise UserError(f"no folder {folder}")
+    try:
+        files = [p for p in folder.iterdir()
+                 if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.is_file()]
+    except OSError as err:
+        raise UserError(f"cannot list {folder}: {_one_line(err)}") from None
+    if not files:
+        raise UserError(f"no images ({', '.join(SUFFIXES)}) in {folder}")
+    sections = []
+    for path in files:
+        digits = re.findall(r"\d+", path.stem)
+        if not digits:
+            raise UserError(f"{path} has no section number in its name (expected e.g. 0007.png)")
+        sections.append((int(digits[-1]), path))
+    sections.sort()
+    for (number, first), (other, second) in zip(sections, sections[1:]):
+        if number == other:
+            raise UserError(f"{first.name} and {second.name} in {folder} are both section {number}")
+    return sections
+
+
+def arrange(sections: list[tuple[int, Path]], allow_gaps: bool) -> tuple[int, list[Path | None]]:
+    """The volume's sections: ``(first z, [path per z, None where a section is missing])``.
+
+    Without ``allow_gaps`` z is the position in ``sections`` (from 0) and a gap
+    in the numbering raises ``UserError`` naming the missing numbers; with it, z
+    is the file number.
+    """
+    numbers = [number for number, _ in sections]
+    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    if missing and not allow_gaps:
+        raise UserError(f"section {_listing(missing)} missing from the numbering {numbers[0]}..{numbers[-1]} "
+                        "(pass --allow_gaps to write missing sections as zeros)")
+    if not allow_gaps:
+        return 0, [path for _, path in sections]
+    by_number = dict(sections)
+    return numbers[0], [by_number.get(n) for n in range(numbers[0], numbers[-1] + 1)]
+
+
+def probe(path: Path) -> tuple[tuple[int, ...], str]:
+    """``(shape, dtype name)`` of one image file from its header, without decoding the pixels.
+
+    shape is ``(H, W)`` for grey, ``(H, W, C)`` for C channels (a palette PNG
+    counts as RGB), or whatever a TIFF holds (``(pages, H, W)`` for a stack).
+    """
+    try:
+        if path.suffix.lower() == ".png":
+            with Image.open(path) as im:
+                template = np.asarray(Image.new("RGB" if im.mode == "P" else im.mode, (1, 1)))
+                return (im.height, im.width) + template.shape[2:], template.dtype.name
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return tuple(series.shape), series.dtype.name
+    except Exception as err:  # every decoder error (corrupt, truncated, unreadable) is the user's file
+        raise UserError(f"cannot read {path}: {_one_line(err)}") from None
+
+
+def check_stack(paths: list[Path], rescale: bool) -> tuple[int, int, str]:
+    """``(height, width, dtype name)`` shared by every file in ``paths`` (headers only).
+
+    Raises ``UserError`` for a file that is not one section (``[H, W]``, or
+    ``[H, W, 3]`` RGB), mixed sizes, mixed dtypes, or a dtype other than uint8
+    without ``rescale`` (a non-numeric one even with it).
+    """
+    first = None
+    for path in tqdm(paths, desc="checking", unit="file", leave=False):
+        shape, dtype = probe(path)
+        if len(shape) not in (2, 3) or len(shape) == 3 and shape[2] != 3:
+            raise UserError(f"{path} has shape {shape}: expected one grey section, [H, W] "
+                            "(or RGB [H, W, 3] with equal channels)")
+        if first is None:
+            first = (shape[:2], dtype, path)
+        elif shape[:2] != first[0]:
+            raise UserError(f"{path.name} is {shape[1]} x {shape[0]} px but {first[2].name} is "
+                            f"{first[0][1]} x {first[0][0]} px: all sections must be one size")
+        elif dtype != first[1]:
+            raise UserError(f"{path.name} is {dtype} but {first[2].name} is {first[1]}: "
+                            "all sections must have one dtype")
+    (height, width), dtype, _ = first
+    kind = np.dtype(dtype)
+    if not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)):
+        raise UserError(f"the sections are {dtype}: only integer or float images can be imported")
+    if dtype != "uint8" and not rescale:
+        raise UserError(f"the sections are {dtype}, not uint8: pass --rescale to stretch them onto 1..255")
+    return height, width, dtype
+
+
+def read_section(path: Path) -> np.ndarray:
+    """One section ``[H, W]`` in the file's dtype; an RGB file with three equal channels becomes grey.
+
+    Raises ``UserError`` for a file that cannot be decoded or a colour image.
+    """
+    try:
+        if path.suffix.lower() == ".png":
+            with Image.open(path) as im:
+                section = np.array(im.convert("RGB") if im.mode == "P" else im)
+        else:
+            section = tifffile.imread(path)
+    except Exception as err:  # every decoder error (corrupt, truncated, unreadable) is the user's file
+        raise UserError(f"cannot read {path}: {_one_line(err)}") from None
+    if section.ndim == 3:
+        if not (section == section[..., :1]).all():
+            raise UserError(f"{path} is a colour image (its channels differ): sections must be grey")
+        section = section[..., 0]
+    return section
+
+
+# ----------------------------------------------------------------------- intensities
+def value_range(paths: list[Path]) -> tuple[float, float]:
+    """``(lo, hi)``: the smallest and largest values of the stack, ignoring 0 and NaN (missing data).
+
+    Reads one section at a time; ``(0, 0)`` if nothing but missing data.
+    """
+    lo, hi = np.inf, -np.inf
+    for path in tqdm(paths, desc="value range", unit="section", leave=False):
+        section = read_section(path)
+        values = section[(section != 0) & np.isfinite(section)]
+        if values.size:
+            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)
+
+
+def rescale(section: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``[H, W]`` uint8: ``lo..hi`` mapped linearly onto 1..255 (rounded); 0 and NaN stay 0 (missing data).
+
+    section: ``[H, W]`` of any integer or float dtype. A flat stack (``hi == lo``) maps to 1.
+    """
+    values = section.astype(np.float32)
+    tissue = (values != 0) & np.isfinite(values)
+    scale = 254 / (hi - lo) if hi > lo else 0.0
+    stretched = np.clip(1 + np.round((np.where(tissue, values, lo) - lo) * scale), 1, 255)
+    return np.where(tissue, stretched, 0).astype(np.uint8)
+
+
+def default_mips(height: int, width: int) -> int:
+    """How many 2x levels keep the smaller side ``>= MIN_SIDE`` px (at least 1, at most ``MAX_MIPS``)."""
+    side, mips = min(height, width), 1
+    while mips < MAX_MIPS and side >> mips >= MIN_SIDE:
+        mips += 1
+    return mips
+
+
+# ----------------------------------------------------------------------- destination
+def dest_cloudpath(dest: str) -> str:
+    """The CloudVolume path of ``--dest``: a path without a scheme is a local folder (relative to the cwd)."""
+    return volume.resolve_path(dest if dest.startswith(volume.SCHEMES) else str(Path(dest).expanduser().resolve()))
+
+
+def local_folder(cloudpath: str) -> Path | None:
+    """The folder of a ``file://`` (or ``precomputed://file://``) path; None for remote storage."""
+    path = cloudpath.removeprefix("precomputed://")
+    return Path(path.removeprefix("file://")) if path.startswith("file://") else None
+
+
+def check_dest(folder: Path, overwrite: bool) -> None:
+    """Refuse an existing local DEST without ``overwrite``, and anything there but a precomputed layer with it."""
+    if not folder.exists():
+        return
+    if not overwrite:
+        raise UserError(f"{folder} already exists (pass --overwrite to replace it)")
+    if not (folder / "info").is_file():
+        raise UserError(f"{folder} exists and is not a precomputed layer (no 'info' file): not replacing it")
+
+
+@contextmanager
+def staged(folder: Path) -> Iterator[str]:
+    """A ``file://`` path beside ``folder`` to write into; on success it replaces ``folder``, else it is deleted."""
+    stamp = time.time_ns()
+    tmp, old = folder.with_name(f".{folder.name}.importing-{stamp}"), folder.with_name(f".{folder.name}.old-{stamp}")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {folder.parent}: {_one_line(err)}") from None
+    try:
+        yield "file://" + str(tmp)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def in_place(cloudpath: str) -> Iterator[str]:
+    """Remote storage cannot rename a folder: write straight to ``cloudpath``."""
+    yield cloudpath
+
+
+# ----------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.time()
+    if min(args.resolution) <= 0:
+        raise UserError(f"--resolution must be positive nm, got {args.resolution}")
+    folder = Path(args.folder).expanduser()
+    cloudpath = dest_cloudpath(args.dest or str(volume.data_dir() / folder.resolve().name))
+    local = local_folder(cloudpath)
+    if local is not None:
+        check_dest(local, args.overwrite)
+
+    sections = list_sections(folder)
+    z0, slots = arrange(sections, args.allow_gaps)
+    paths = [path for path in slots if path is not None]
+    missing = [z0 + i for i, path in enumerate(slots) if path is None]
+    height, width, dtype = check_stack(paths, args.rescale)
+    mips = default_mips(height, width) if args.mips is None else args.mips
+    if mips < 1 or min(height, width) >> (mips - 1) < 1:
+        raise UserError(f"--mips {mips} does not fit {width} x {height} px sections "
+                        f"(1 to {min(height, width).bit_length()})")
+    stretch = value_range(paths) if dtype != "uint8" else None
+
+    resolution = [int(r) if r.is_integer() else r for r in args.resolution]
+    provenance = {"description": f"sections imported from {folder.resolve()} by import_stack.py", "method": {
+        "source": str(folder.resolve()), "files": [p.name if p else None for p in slots], "first_z": z0,
+        "missing": missing, "resolution": resolution, "dtype": dtype,
+        "value_range": list(stretch) if stretch else None,
+        "command": shlex.join(["import_stack.py", *(sys.argv[1:] if argv is None else argv)])}}
+    with (in_place(cloudpath) if local is None else staged(local)) as write_path:
+        vol = volume.create_volume(write_path, (width, height, len(slots)), "uint8", 1, resolution, mips, CHUNK,
+                                   provenance=provenance, overwrite=args.overwrite, offset=(0, 0, z0))
+        for z, path in enumerate(tqdm(slots, desc="sections", unit="section"), start=z0):
+            if path is None:
+                section = np.zeros((height, width), np.uint8)
+            else:
+                section = read_section(path)
+                section = section if stretch is None else rescale(section, *stretch)
+            volume.write_pyramid(vol, section[None, None], (0, 0, z), "image")
+    seconds = time.time() - start
+    gaps = f" ({len(missing)} missing, written as zeros: {_listing(missing)})" if missing else ""
+    print(f"imported {len(paths)} sections{gaps} of {width} x {height} px ({dtype}), z {z0}..{z0 + len(slots) - 1}, "
+          f"{mips} mips, into {cloudpath} in {seconds:.1f} s")
+    return {"path": cloudpath, "sections": len(paths), "missing": missing, "size": (width, height, len(slots)),
+            "mips": mips, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,187 @@
+"""import_stack.py: a folder of PNG / TIFF sections becomes a precomputed image layer, or nothing at all."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+import import_stack
+import volume
+from conftest import run_script
+from helpers import UserError
+
+H, W = 64, 96  # tiny sections, not square, so x / y mix-ups show
+
+
+def sections(count: int, seed: int = 0) -> np.ndarray:
+    """``[count, H, W]`` uint8 tissue (1..255) with a missing-data corner (0)."""
+    stack = np.random.default_rng(seed).integers(1, 256, size=(count, H, W), dtype=np.uint8)
+    stack[:, :8, :8] = 0
+    return stack
+
+
+def save_png(folder: Path, names, stack) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, section in zip(names, stack):
+        Image.fromarray(section).save(folder / name)
+    return folder
+
+
+def read_all(path: str, mip: int = 0) -> np.ndarray:
+    """The whole layer at ``mip`` as ``[Z, Y, X]``."""
+    vol = volume.open_volume(path, mip)
+    start, stop = volume.bounds(vol)
+    return volume.read(vol, start, stop - start)[:, 0]
+
+
+def left_behind(dest: Path) -> list[str]:
+    """What an import left at DEST or beside it (temporary siblings)."""
+    return sorted(p.name for p in dest.parent.iterdir() if dest.name in p.name)
+
+
+def test_png_folder_becomes_layer_with_mips(tmp_path):
+    stack = sections(5)
+    folder = save_png(tmp_path / "in", [f"{z}.png" for z in range(5)], stack)
+    dest = tmp_path / "out" / "vol"
+    out = import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "50", "--mips", "2"])
+    assert out["size"] == (W, H, 5) and out["mips"] == 2 and out["missing"] == []
+    np.testing.assert_array_equal(read_all(str(dest)), stack)
+    mip1 = stack.reshape(5, H // 2, 2, W // 2, 2).astype(np.float32).mean((2, 4))
+    np.testing.assert_array_equal(read_all(str(dest), 1), np.round(mip1).astype(np.uint8))
+    vol = volume.open_volume(str(dest))
+    assert list(vol.resolution) == [4, 4, 50] and str(vol.dtype) == "uint8" and vol.num_channels == 1
+    method = vol.provenance.processing[-1]["method"]
+    assert method["files"] == [f"{z}.png" for z in range(5)] and method["source"] == str(folder.resolve())
+    assert method["resolution"] == [4, 4, 50] and "--mips 2" in method["command"]
+    assert left_behind(dest) == ["vol"]
+
+
+def test_natural_order_by_last_number(tmp_path):
+    names = ["img_10.png", "img_2.png", "img_1.png", "img_0.png"]
+    save_png(tmp_path / "in", names, sections(4))
+    listed = import_stack.list_sections(tmp_path / "in")
+    assert [(n, p.name) for n, p in listed] == [(0, "img_0.png"), (1, "img_1.png"), (2, "img_2.png"),
+                                                (10, "img_10.png")]
+
+
+def test_tiff_sections_any_case_and_rgb_grey(tmp_path):
+    stack = sections(3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "train-input_0000.tif", stack[0])
+    tifffile.imwrite(folder / "train-input_0001.TIFF", np.repeat(stack[1][..., None], 3, -1))  # grey as RGB
+    tifffile.imwrite(folder / "train-input_0002.Tif", stack[2])
+    dest = tmp_path / "vol"
+    import_stack.main([str(folder), "--dest", "file://" + str(dest), "--resolution", "6", "6", "30"])
+    np.testing.assert_array_equal(read_all(str(dest)), stack)
+    assert len(volume.open_volume(str(dest)).info["scales"]) == 1  # 64 px: one mip keeps >= 64
+
+
+def test_uint16_rescaled_onto_1_255_keeping_missing_zero(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    first = np.full((H, W), 100, np.uint16)
+    first[0, :3] = [0, 200, 300]
+    tifffile.imwrite(folder / "0.tif", first)
+    tifffile.imwrite(folder / "1.tif", np.full((H, W), 300, np.uint16))
+    dest = tmp_path / "vol"
+    import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "40", "--rescale"])
+    out = read_all(str(dest))
+    assert out[0, 0, :4].tolist() == [0, 128, 255, 1]  # 0 missing; 200 is halfway: 1 + 127
+    assert (out[0, 1:] == 1).all() and (out[1] == 255).all()
+    assert volume.open_volume(str(dest)).provenance.processing[-1]["method"]["value_range"] == [100, 300]
+
+
+def test_allow_gaps_writes_zeros_at_file_numbers(tmp_path):
+    stack = sections(3)
+    folder = save_png(tmp_path / "in", ["3.png", "4.png", "6.png"], stack)
+    dest = tmp_path / "vol"
+    out = import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "50", "--allow_gaps"])
+    assert out["missing"] == [5] and out["sections"] == 3
+    vol = volume.open_volume(str(dest))
+    assert [tuple(b) for b in volume.bounds(vol)] == [(0, 0, 3), (W, H, 7)]
+    got = read_all(str(dest))
+    np.testing.assert_array_equal(got[[0, 1, 3]], stack)
+    assert not got[2].any()
+    method = vol.provenance.processing[-1]["method"]
+    assert method["missing"] == [5] and method["files"] == ["3.png", "4.png", None, "6.png"]
+
+
+def test_overwrite_replaces_layer(tmp_path):
+    dest = tmp_path / "vol"
+    for seed in (0, 1):
+        stack = sections(2, seed)
+        folder = save_png(tmp_path / f"in{seed}", ["0.png", "1.png"], stack)
+        import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "50", "--overwrite"])
+    np.testing.assert_array_equal(read_all(str(dest)), stack)
+    assert left_behind(dest) == ["vol"]
+
+
+def test_default_mips():
+    assert [import_stack.default_mips(h, w) for h, w in ((512, 512), (1024, 700), (63, 500), (128, 127),
+                                                         (65536, 65536))] == [4, 4, 1, 1, 6]
+
+
+def bad_folder(case: str, root: Path) -> Path:
+    """A folder with one kind of bad input (see ``test_bad_input``)."""
+    folder = root / "in"
+    stack = sections(3)
+    if case == "missing folder":
+        return folder
+    save_png(folder, ["0.png", "1.png", "2.png"], stack)
+    if case == "no images":
+        for path in folder.iterdir():
+            path.rename(path.with_suffix(".jpg"))
+    elif case == "corrupt header":
+        (folder / "1.png").write_bytes(b"not an image at all")
+    elif case == "truncated pixels":  # the header reads, so it fails while writing: nothing may remain
+        data = (folder / "2.png").read_bytes()
+        (folder / "2.png").write_bytes(data[:len(data) // 2])
+    elif case == "mixed sizes":
+        Image.fromarray(stack[1][:, :W // 2]).save(folder / "1.png")
+    elif case == "mixed dtypes":
+        Image.fromarray(stack[1].astype(np.uint16)).save(folder / "1.png")
+    elif case == "colour":  # also only seen while writing
+        Image.fromarray(np.stack([stack[2], stack[2], 255 - stack[2]], -1)).save(folder / "2.png")
+    elif case == "gap":
+        (folder / "1.png").rename(folder / "3.png")
+    elif case == "uint16 without --rescale":
+        for z in range(3):
+            Image.fromarray(stack[z].astype(np.uint16)).save(folder / f"{z}.png")
+    return folder
+
+
+BAD = {"missing folder": "no folder", "no images": "no images", "corrupt header": "cannot read",
+       "truncated pixels": "cannot read", "mixed sizes": "one size", "mixed dtypes": "one dtype",
+       "colour": "colour image", "gap": "section 1 missing", "uint16 without --rescale": "--rescale"}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_writes_nothing(tmp_path, case):
+    folder, dest = bad_folder(case, tmp_path), tmp_path / "out" / "vol"
+    with pytest.raises(UserError, match=BAD[case]) as err:
+        import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "50"])
+    assert "\n" not in str(err.value)
+    assert not dest.parent.exists() or left_behind(dest) == []
+
+
+def test_script_gap_exits_2_in_one_line(tmp_path):
+    folder, dest = bad_folder("gap", tmp_path), tmp_path / "vol"
+    proc = run_script("import_stack.py", "--dest", dest, "--resolution", 4, 4, 50, folder)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: section 1 missing from the numbering 0..3 (pass "
+                                                "--allow_gaps to write missing sections as zeros)"]
+    assert left_behind(dest) == []
+
+
+def test_script_existing_dest_exits_2_and_keeps_it(tmp_path):
+    folder, dest = save_png(tmp_path / "in", ["0.png"], sections(1)), tmp_path / "vol"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    proc = run_script("import_stack.py", "--dest", dest, "--resolution", 4, 4, 50, folder)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {dest} already exists (pass --overwrite to replace it)"]
+    with pytest.raises(UserError, match="not a precomputed layer"):  # --overwrite never deletes a non-volume
+        import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "50", "--overwrite"])
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"] and left_behind(dest) == ["vol"]
