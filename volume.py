@@ -142,19 +142,20 @@ def write(vol, array: np.ndarray, start, mip: int = 0) -> None:
 
 
 def downsample(array: np.ndarray, kind: str) -> np.ndarray:
-    """Half-resolution ``[Z, C, Y/2, X/2]`` of ``[Z, C, Y, X]``.
+    """Half-resolution ``[Z, C, ceil(Y/2), ceil(X/2)]`` of ``[Z, C, Y, X]`` (as CloudVolume sizes mips).
 
+    An odd last row or column is averaged (or maxed) over the pixels it has.
     kind: ``image`` (2x2 mean, rounded for integer types), ``labels`` (2x2 max: a
     defect anywhere in the 2x2 block marks it) or ``field`` (mean, vectors halved
     as ``helpers.downsample_field``: pixels double in size).
     """
     t = torch.from_numpy(np.ascontiguousarray(array)).float()
     if kind == "labels":
-        out = F.max_pool2d(t, 2)
+        out = F.max_pool2d(t, 2, ceil_mode=True)
     elif kind == "image":
-        out = F.avg_pool2d(t, 2).round()
+        out = F.avg_pool2d(t, 2, ceil_mode=True).round()
     elif kind == "field":
-        out = F.avg_pool2d(t, 2) / 2
+        out = F.avg_pool2d(t, 2, ceil_mode=True) / 2
     else:
         raise ValueError(f"unknown downsample kind {kind!r}")
     return out.numpy().astype(array.dtype)

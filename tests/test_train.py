@@ -101,3 +101,22 @@ def test_staged_schedule():
     assert stages[0].train_levels == (2,) and stages[-1].train_levels == (0, 1, 2)
     tuned = train.stage_for_epoch(0, size=3, trunc=1, skip=0, fall_time=2, fine_tuning=True)
     assert tuned.level == 1 and tuned.train_levels == (1, 2)
+
+
+@pytest.mark.slow
+def test_the_seeds_fine_tuning_command_runs(tmp_path, monkeypatch):
+    """The seed README's fine-tuning line, as written, with pt/demo.pt for pt/matriarch_na3.pt.
+
+    Only ``--epochs 1 --epoch_size 8`` are appended to keep it short; it needs the demo
+    dataset (built on first use).
+    """
+    from pathlib import Path
+    archive = Path(train.__file__).resolve().parent / "pt" / "demo.pt"
+    monkeypatch.chdir(tmp_path)
+    seed_line = (f"--state_archive {archive} --size 8 --lambda1 2 --lambda2 0.04 --lambda3 0 --lambda4 5 "
+                 "--lambda5 0 --mask_smooth_radius 75 --mask_neighborhood_radius 75 --lr 0.0003 --trunc 0 "
+                 "--fine_tuning --hm --padding 0 --vis_interval 5 --lambda6 1 fine_tune_example").split()
+    path = train.main(seed_line[:-1] + ["--epochs", "1", "--epoch_size", "8", seed_line[-1]])
+    model, archive_dict = load_archive(path)
+    assert model.config["size"] == 8 and archive_dict["args"]["lambda6"] == 1
+    assert [e["name"] for e in net_hist.lineage(archive_dict)][-1] == "fine_tune_example"

@@ -49,3 +49,12 @@ def test_resolve_path():
     assert volume.resolve_path("gs://b/x") == "gs://b/x"
     assert volume.resolve_path("basil_v0/raw_image", bucket="s3://lab") == "s3://lab/basil_v0/raw_image"
     assert volume.resolve_path("/tmp").startswith("file:///")
+
+
+def test_odd_sizes_fill_every_mip(tmp_path):
+    image = np.full((2, 1, 65, 67), 7, np.uint8)
+    vol = volume.create_volume("file://" + str(tmp_path / "odd"), (67, 65, 2), "uint8", mips=2)
+    volume.write_pyramid(vol, image, (0, 0, 0), "image")
+    mip1 = volume.open_volume("file://" + str(tmp_path / "odd"), mip=1)
+    assert tuple(volume.bounds(mip1)[1]) == (34, 33, 2)
+    assert np.all(volume.read(mip1, (0, 0, 0), (34, 33, 2)) == 7)  # the last row and column too
