@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler
 import loss
 import masks
 from data import Augmenter, StackDataset
-from helpers import UserError, downsample_field, run_main, upsample_field, warp
+from helpers import UserError, downsample_field, field_to_rgb, run_main, upsample_field, warp
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -345,6 +345,10 @@ def train(args) -> Path:
     augment = None if args.no_augment else Augmenter(max_shift=args.max_shift)
     dataset = StackDataset(dataset_path, mask_radius=args.mask_neighborhood_radius, augment=augment,
                            crop=args.crop or None)
+    side = args.crop or min(dataset.shape[2:])
+    if side % 2 ** (args.size - 1):
+        raise UserError(f"sections of {side} px do not divide by 2^(size-1) = {2 ** (args.size - 1)}: "
+                        "choose a --crop that does, or a smaller --size")
     val_path = args.val_dataset or (resolve_dataset("demo", split="test") if "demo_train" in dataset_path.name
                                     else None)
     val_loader = None
@@ -391,6 +395,7 @@ def train(args) -> Path:
             count += 1
             if args.vis_interval and iteration % args.vis_interval == 0:
                 save_pair_pictures(out_dir, f"it{iteration:06d}", **pictures)
+                writer.add_image("pair/field", field_to_rgb(pictures["field"]), iteration, dataformats="HWC")
                 writer.add_image("pair/flicker_target_warped_source",
                                  torch.stack([pictures[k] for k in ("target", "warped", "source")]).clamp(-3, 3)
                                  .div(6).add(0.5), iteration, dataformats="CHW")

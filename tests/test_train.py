@@ -68,6 +68,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--lambda1", "-1"], "--lambda1"),
     (["--fine_tuning"], "--state_archive"),
     (["--state_archive", "missing.pt"], "missing.pt"),
+    (["--size", "7"], "2^(size-1)"),  # 32 px sections
 ])
 def test_bad_flags_are_one_line_errors(toy, flags, message):
     result = run_script(train.__file__, "--dataset", toy, *flags, "bad", cwd=toy.parent)
