@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--fine_tuning", action="store_true",
                    help="train all levels at once from --state_archive at lr x --fine_tuning_lr_factor")
     g.add_argument("--fine_tuning_lr_factor", type=float, default=0.2, help="lr factor when fine-tuning")
+    g.add_argument("--clip", type=float, default=1.0,
+                   help="clip the gradient norm to this (0 = off); guards against the field blowing up")
     g.add_argument("--epochs", type=int, default=20, help="epochs in all")
     g.add_argument("--fall_time", type=int, default=2,
                    help="epochs per level in staged training (0 = all levels together from the start)")
@@ -385,6 +387,8 @@ def train(args) -> Path:
             cost, log, pictures = pair_terms(model, batch, args, stage.level)
             optimizer.zero_grad(set_to_none=True)
             cost.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(params, args.clip)
             optimizer.step()
             iteration += 1
             for key, value in log.items():
@@ -400,6 +404,9 @@ def train(args) -> Path:
                                  torch.stack([pictures[k] for k in ("target", "warped", "source")]).clamp(-3, 3)
                                  .div(6).add(0.5), iteration, dataformats="CHW")
         means = {k: v / max(count, 1) for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in means.values()):
+            raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {archive_path} keeps the last "
+                            "finite epoch: resume with a lower --lr or --clip")
         if val_loader is not None:
             means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, args.device).items()})
         for key, value in means.items():
