@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
-    p.add_argument("--settings", type=int, default=0, help="try at most N settings per classical method")
+    p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
@@ -108,14 +108,15 @@ def main(argv=None) -> dict:
             print(f"skipped {method}: {reason}")
             continue
         best = None
-        for setting in baselines.BASELINES[method][:args.settings or None]:
+        for setting in [s for s in baselines.BASELINES[method] if not args.settings or s in args.settings]:
             aligned, fields, seconds = run_method(lambda r: baselines.align_stack(method, r, setting), raw)
             row = score_row(stack, aligned, fields, seconds, oracle_cpc)
             print(f"  {method} {setting}: far median {row['far_median']:.3g} px, {row['mpx_per_s']:.3g} Mpx/s")
             if best is None or row["far_median"] < best[1]["far_median"]:
                 best = (setting, row, aligned)
-        rows[f"{method} ({best[0]})"] = best[1]
-        hist[method] = evaluate.cpc(best[2])
+        if best:
+            rows[f"{method} ({best[0]})"] = best[1]
+            hist[method] = evaluate.cpc(best[2])
 
     print()
     table = evaluate.print_table(rows, COLUMNS)
