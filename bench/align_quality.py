@@ -53,12 +53,13 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     return aligned, fields, seconds
 
 
-def network_fields(archive: str, chunk: int, overlap: int):
+def network_fields(archive: str, chunk: int, overlap: int, raw_neighbour: bool):
     from models.archive import load_archive
 
     model, _ = load_archive(archive)
     model.eval()
-    return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, chunk=chunk, overlap=overlap)])
+    return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, to_raw_neighbour=raw_neighbour,
+                                                                   chunk=chunk, overlap=overlap)])
 
 
 def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
@@ -77,6 +78,8 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=512, help="section size in px (a top-left crop)")
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
+    p.add_argument("--raw_neighbour", action="store_true",
+                   help="our network aligns each section to its raw neighbour and chains the fields")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
@@ -96,8 +99,10 @@ def main(argv=None) -> dict:
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle_cpc)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
     if args.archive:
-        aligned, fields, seconds = run_method(network_fields(args.archive, args.chunk, args.overlap), raw)
-        rows[f"ours ({Path(args.archive).stem})"] = score_row(stack, aligned, fields, seconds, oracle_cpc)
+        fields_fn = network_fields(args.archive, args.chunk, args.overlap, args.raw_neighbour)
+        aligned, fields, seconds = run_method(fields_fn, raw)
+        mode = ", raw neighbours" if args.raw_neighbour else ""
+        rows[f"ours ({Path(args.archive).stem}{mode})"] = score_row(stack, aligned, fields, seconds, oracle_cpc)
         hist["ours"] = evaluate.cpc(aligned)
 
     import baselines
