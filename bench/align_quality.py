@@ -3,6 +3,9 @@
     .venv/bin/python bench/align_quality.py --archive pt/demo.pt                 # the demo test stack
     .venv/bin/python bench/align_quality.py --archive pt/demo.pt --sections 10 --size 256   # quicker
 
+``--real DIR`` does the same on a folder of registered real sections, misaligned
+with known fields, cracks and folds exactly as the demo is (``misalign.py``).
+
 Methods: no alignment, the oracle (ground truth), our network (serial, as
 ``align.py``), and the classical aligners of ``bench/baselines.py`` (elastix,
 SOFIMA; install with ``pip install -r bench/requirements.txt``, SOFIMA from a
@@ -44,6 +47,29 @@ def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
     return {"raw": read["image"][:, 0], "truth": read["field"], "defects": read["defects"][:, 0]}
 
 
+def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Registered real sections from an image folder, misaligned exactly as the demo (``misalign.py``).
+
+    Sections ``z_start .. z_start + count - 1`` (natural file order), the central
+    ``size + 2 * 48`` px of each as the canvas, cropped to ``size`` after misalignment.
+    """
+    import misalign
+    from import_stack import list_sections, read_section
+
+    paths = [p for _, p in list_sections(Path(folder))][z_start:z_start + count]
+    if len(paths) < 2:
+        raise SystemExit(f"{folder}: fewer than 2 sections from {z_start}")
+    sections = np.stack([read_section(p) for p in paths])
+    pad = 48
+    h, w = sections.shape[1:]
+    side = min(size + 2 * pad, h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    canvas = torch.from_numpy(np.maximum(sections[:, y0:y0 + side, x0:x0 + side], 1))[:, None]
+    image, defects, field = misalign.misalign(canvas, misalign.MisalignParams(), torch.Generator().manual_seed(seed),
+                                              pad=pad)
+    return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy()}
+
+
 def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """``(aligned [Z,H,W], fields [Z,2,H,W], seconds)`` of one method's serial alignment."""
     start = time.time()
@@ -73,6 +99,8 @@ def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archive", help="our network (omit to score only the baselines)")
+    p.add_argument("--real", help="a folder of registered real sections (PNG/TIFF), misaligned as the demo is, "
+                                  "instead of the demo volume; --z_start counts files from 0")
     p.add_argument("--z_start", type=int, default=70, help="first held-out demo section")
     p.add_argument("--sections", type=int, default=30, help="sections in the stack")
     p.add_argument("--size", type=int, default=512, help="section size in px (a top-left crop)")
@@ -84,12 +112,15 @@ def main(argv=None) -> dict:
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
-    stack = demo_stack(args.z_start, args.sections, args.size)
+    if args.real and not Path(args.real).is_dir():
+        print(f"skipped: {args.real} is not a folder")
+        return {}
+    stack = (real_stack(args.real, args.z_start, args.sections, args.size) if args.real
+             else demo_stack(args.z_start, args.sections, args.size))
     stack["truth_rel"] = evaluate.relative_truth(stack["truth"]).numpy()
     raw = stack["raw"]
-    print(f"demo sections {args.z_start}..{args.z_start + args.sections - 1}, {args.size} x {args.size} px; "
-          f"{torch.get_num_threads()} threads")
+    print(f"{args.real or 'demo'} sections {args.z_start}..{args.z_start + len(raw) - 1}, "
+          f"{raw.shape[2]} x {raw.shape[1]} px; {torch.get_num_threads()} threads")
 
     rows, hist = {}, {}
     zero = np.zeros_like(stack["truth_rel"])
