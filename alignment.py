@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data import normalise
-from helpers import compose, to_tensor, warp
+from helpers import compose, to_tensor, warp_tissue
 from models import Pyramid
 
 
@@ -62,8 +62,8 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
 
 
 def apply_field(section, field: torch.Tensor) -> np.ndarray:
-    """``warp(section, field)`` of a uint8 ``[H, W]`` section, as uint8 (outside reads 0: missing)."""
-    out = warp(to_tensor(section)[None, None], field[None])[0, 0]
+    """``helpers.warp_tissue`` of a uint8 ``[H, W]`` section, as uint8 (0 where it reads missing data)."""
+    out = warp_tissue(to_tensor(section)[None, None], field[None])[0, 0]
     return out.round().clamp(0, 255).to(torch.uint8).numpy()
 
 

@@ -35,7 +35,8 @@ from torch.utils.data import Dataset
 
 import masks
 import misalign
-from helpers import UserError, affine_field, compose, invert_field, rigid_matrix, to_tensor, warp
+from helpers import (UserError, affine_field, compose, invert_field, rigid_matrix, to_tensor, warp_labels,
+                     warp_tissue)
 
 Sample = dict[str, torch.Tensor]
 SLICES = ("src", "tgt")
@@ -206,17 +207,6 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
-def warp_raw(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-    """Raw image ``[1, H, W]`` pulled through ``field`` ``[2, H, W]`` (bilinear).
-
-    A pixel that reads any missing data (or outside the image) becomes missing (0),
-    so tissue is never blended with the 0 of missing data.
-    """
-    out = warp(image[None], field[None])[0]
-    tissue = warp((image > 0).float()[None], field[None])[0]
-    return out.masked_fill_(tissue < 0.999, 0.0)
-
-
 def warp_slice(sample: Sample, which: str, field: torch.Tensor, inverse: torch.Tensor | None = None) -> Sample:
     """Pull slice ``which`` (``'src'`` or ``'tgt'``) of ``sample`` through ``field`` ``[2, H, W]`` (pixels).
 
@@ -227,9 +217,9 @@ def warp_slice(sample: Sample, which: str, field: torch.Tensor, inverse: torch.T
     of ``w`` (``invert_field(w)`` unless given, e.g. exactly for an affine ``w``).
     """
     out = dict(sample)
-    out[which] = warp_raw(sample[which], field)
+    out[which] = warp_tissue(sample[which][None], field[None])[0]
     defects = sample[f"{which}_defects"]
-    out[f"{which}_defects"] = warp(defects[None].float(), field[None], mode="nearest")[0].to(defects.dtype)
+    out[f"{which}_defects"] = warp_labels(defects[None], field[None])[0]
     pair = sample["field"][None]
     if which == "tgt":
         out["field"] = compose(pair, field[None])[0]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import masks
-from helpers import UserError, compose, invert_field, jacobian_determinant, run_main, to_tensor, warp
+from helpers import UserError, compose, invert_field, jacobian_determinant, run_main, to_tensor, warp_labels
 
 PERCENTILES = (1, 5, 95, 99)
 
@@ -71,8 +71,7 @@ def relative_truth(true_fields, reference: int = 0) -> torch.Tensor:
 
 def defects_in_output_frame(defects, true_fields) -> torch.Tensor:
     """Defect maps ``[Z, H, W]`` (image frame) carried into the frame of the fields (nearest sampling)."""
-    d = to_tensor(defects)[:, None]
-    return warp(d, to_tensor(true_fields), mode="nearest")[:, 0].round().to(torch.uint8)
+    return warp_labels(torch.as_tensor(np.asarray(defects), dtype=torch.uint8)[:, None], to_tensor(true_fields))[:, 0]
 
 
 def epe(field, truth, defects=None, valid=None, near: float = 20) -> dict[str, float]:

@@ -88,6 +88,22 @@ def warp(image: torch.Tensor, field: torch.Tensor, mode: str = "bilinear",
                          align_corners=ALIGN_CORNERS)
 
 
+def warp_tissue(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """``warp`` of raw intensities ``[N, C, H, W]`` (0 = missing data) that keeps missing data missing.
+
+    A pixel interpolated from any missing pixel (or from outside the image) is 0,
+    so tissue is never blended with the 0 of missing data.
+    """
+    out = warp(image, field)
+    tissue = warp((image > 0).to(out.dtype), field)
+    return out.masked_fill(tissue < 0.999, 0.0)
+
+
+def warp_labels(labels: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """A label map ``[N, C, H, W]`` (e.g. uint8 defects) pulled through ``field`` by nearest sampling, same dtype."""
+    return warp(labels.float(), field, mode="nearest").round().to(labels.dtype)
+
+
 def compose(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The field of ``f`` applied first, then ``g``: ``warp(warp(x, f), g) == warp(x, compose(f, g))``.
 

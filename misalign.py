@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import (affine_field, compose, downsample_field, invert_field, pixel_grid,
-                     rigid_matrix, upsample_field, warp)
+                     rigid_matrix, upsample_field, warp, warp_labels)
 
 CRACK, FOLD = 1, 2  # defect-map values
 SEAM_MODES = 3      # sinusoids in a seam's curve
@@ -152,7 +152,7 @@ def add_misalignment(image: torch.Tensor, defects: torch.Tensor, field: torch.Te
                             params.elastic_amplitude, params.elastic_wavelength, gen)
     g = g.to(image.device)
     x, dtype = _to_float(image)
-    return (_from_float(warp(x, g), dtype), _warp_defects(defects, g),
+    return (_from_float(warp(x, g), dtype), warp_labels(defects, g),
             compose(_invert_smooth(g), field))
 
 
@@ -298,7 +298,7 @@ def _tear(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor, index
     e = shift[:, None] * normal
     x = warp(x, e)
     x = torch.where(band[:, None], paint(x), x)
-    d = _warp_defects(defects[index], e).masked_fill(band[:, None], mark)
+    d = warp_labels(defects[index], e).masked_fill(band[:, None], mark)
     f = field[index] + inverse(*seam.coordinates(grid + field[index]))[:, None] * normal
     image, defects, field = image.clone(), defects.clone(), field.clone()
     image[index], defects[index], field[index] = _from_float(x, dtype), d, f
@@ -348,8 +348,3 @@ def _invert_smooth(field: torch.Tensor, factor: int = 4) -> torch.Tensor:
     while factor > 1 and (field.shape[-1] % factor or field.shape[-2] % factor):
         factor //= 2
     return upsample_field(invert_field(downsample_field(field, factor)), factor)
-
-
-def _warp_defects(defects: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-    """Pull a uint8 defect map ``[N, 1, H, W]`` through ``field`` (nearest; outside reads 0)."""
-    return warp(defects.float(), field, mode="nearest").round().to(torch.uint8)

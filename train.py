@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler
 import loss
 import masks
 from data import Augmenter, StackDataset
-from helpers import UserError, downsample_field, field_to_rgb, run_main, upsample_field, warp
+from helpers import UserError, downsample_field, field_to_rgb, run_main, upsample_field, warp, warp_labels
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -226,8 +226,8 @@ def pair_terms(model: Pyramid, batch: dict, args, level: int) -> tuple[torch.Ten
     tgt_missing = pool(batch["tgt_missing"].float(), level, "max") > 0
     warped = warp(src_l, field)
     missing = tgt_missing | (warp(src_valid, field) < 0.5)
-    region = torch.maximum(warp(pool(batch["src_mask"].float(), level, "max"), field, mode="nearest"),
-                           pool(batch["tgt_mask"].float(), level, "max")).round().to(torch.uint8)
+    region = torch.maximum(warp_labels(pool(batch["src_mask"].float(), level, "max"), field),
+                           pool(batch["tgt_mask"].float(), level, "max")).to(torch.uint8)
     border = border_weights(*field.shape[-2:], math.ceil(args.padding / scale), field.device)
     sim_w = masks.similarity_weights(region, missing, args.lambda4, args.lambda5) * border
     smooth_w = masks.smoothness_weights(region, args.lambda2, args.lambda3,

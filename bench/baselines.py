@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import UserError, warp
+from helpers import UserError, warp_tissue
 
 if TYPE_CHECKING:
     import itk
@@ -192,14 +192,9 @@ def _chain(sections: np.ndarray) -> Iterator[tuple[int | None, int]]:
 
 
 def _warp_section(section: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The aligned section ``[H, W]`` float32 and where it has tissue ``[H, W]`` bool.
-
-    section: ``[H, W]`` uint8; field: ``[2, H, W]`` px. A pixel has tissue when all the pixels it
-    is interpolated from do.
-    """
-    stacked = torch.from_numpy(np.stack([section, section > 0])).float()[None]
-    out = warp(stacked, torch.from_numpy(field)[None])[0].numpy()
-    return out[0], out[1] > 0.999
+    """The aligned section ``[H, W]`` float32 (``helpers.warp_tissue``) and where it has tissue ``[H, W]`` bool."""
+    out = warp_tissue(torch.from_numpy(section).float()[None, None], torch.from_numpy(field)[None])[0, 0].numpy()
+    return out, out > 0
 
 
 # ------------------------------------------------------------------------------ elastix

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
-from helpers import UserError, warp
+from helpers import UserError, warp, warp_tissue
 
 SIZE = 64
 SHIFTS = [[(0, 0), (3, -2), (-1, 4), (2, 2)], [(1, 1), (0, -3), (0, 0), (-2, 0)]]  # (tx, ty) per section
@@ -133,12 +133,12 @@ def test_pair_field_of_rotated_sections_aligns_source_onto_target(tmp_path):
     g = torch.Generator().manual_seed(0)
     truth = texture(SIZE, seed=5)[None]
     rigid = [data.random_rigid(SIZE, SIZE, g, 4.0, 0.25, 0.03) for _ in range(2)]  # (field, inverse) per section
-    images = torch.stack([data.warp_raw(truth, inverse) for _, inverse in rigid]).round()
+    images = torch.stack([warp_tissue(truth[None], inverse[None])[0] for _, inverse in rigid]).round()
     with h5py.File(tmp_path / "rotated.h5", "w") as f:
         f.create_dataset("images", data=images[None, :, 0].numpy().astype(np.uint8))
         f.create_dataset("fields", data=torch.stack([field for field, _ in rigid])[None].numpy())
     sample = data.StackDataset(tmp_path / "rotated.h5").raw_sample(0, g)
-    assert interior_error(data.warp_raw(sample["src"], sample["field"]), sample["tgt"], border=10) < 0.8
+    assert interior_error(warp_tissue(sample["src"][None], sample["field"][None])[0], sample["tgt"], border=10) < 0.8
     assert interior_error(sample["src"], sample["tgt"], border=10) > 10  # the sections were misaligned
 
 
@@ -221,7 +221,7 @@ def always(fn, **kw):
 
 def consistent(sample, tol):
     """warp(src, field) matches tgt away from the borders and from the source's defects."""
-    aligned = data.warp_raw(sample["src"], sample["field"])  # missing where it reads missing data
+    aligned = warp_tissue(sample["src"][None], sample["field"][None])[0]  # missing where it reads missing data
     in_defect = warp((sample["src_defects"] > 0).float()[None], sample["field"][None])[0] > 0
     return interior_error(aligned.masked_fill(in_defect, 0), sample["tgt"], border=10) < tol
 

@@ -123,3 +123,22 @@ def test_save_chunk_png_and_gif(tmp_path):
 def test_warp_rejects_mismatched_sizes():
     with pytest.raises(ValueError):
         h.warp(torch.rand(1, 1, 8, 8), torch.zeros(1, 2, 4, 4))
+
+
+def test_warp_tissue_never_blends_with_missing_data():
+    image = torch.full((1, 1, 8, 8), 100.0)
+    image[..., :, 4:] = 0  # right half missing
+    field = torch.zeros(1, 2, 8, 8)
+    field[:, 0] = 0.5  # half a pixel to the right: column 3 would read 50 with plain warp
+    out = h.warp_tissue(image, field)
+    assert torch.all(out[..., :, :3] == 100) and torch.all(out[..., :, 3:] == 0)
+    assert h.warp(image, field)[0, 0, 0, 3] == 50
+
+
+def test_warp_labels_keeps_values_and_dtype():
+    labels = torch.zeros(1, 1, 6, 6, dtype=torch.uint8)
+    labels[..., 2, 2] = 2
+    field = torch.zeros(1, 2, 6, 6)
+    field[:, 0] = 1.0
+    out = h.warp_labels(labels, field)
+    assert out.dtype == torch.uint8 and out[0, 0, 2, 1] == 2 and out.sum() == 2
