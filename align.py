@@ -4,7 +4,12 @@
 
 Sections are aligned serially: section z+1 is pulled onto the already aligned
 section z; the first section of the range is the fixed reference
-(``--raw_neighbour`` aligns each to its raw neighbour and chains the fields).
+(``--raw_neighbour`` aligns each to its raw neighbour and chains the fields;
+``--vote K`` aligns each to the K aligned sections before it and combines the K
+fields by vector voting). ``--solve`` instead pairs every section with its
+``--neighbours`` nearest raw sections on both sides and solves for all fields at
+once (``solve.py``: errors stay bounded instead of adding up down the stack),
+still in the frame of the first section. Blank sections are skipped and listed.
 Large sections go through the network in overlapping chunks whose margins are
 cropped (``alignment.py``). Writes ``DEST/image`` (uint8) and ``DEST/field``
 (float32, 2 channels: x, y in pixels of the mip; ``warp(raw, field) == aligned``)
@@ -23,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import volume
-from alignment import align_serial
+from alignment import align_serial, align_solved
 from helpers import UserError, run_main
 from models.archive import load_archive
 
@@ -43,6 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap", type=int, default=128, help="context in px around each chunk, cropped away")
     p.add_argument("--raw_neighbour", action="store_true",
                    help="align each section to its raw neighbour and chain the fields")
+    p.add_argument("--vote", type=int, default=1,
+                   help="align each section to the K aligned sections before it and vote (1 = plain serial)")
+    p.add_argument("--solve", action="store_true",
+                   help="stack-wide solve over raw neighbour pairs instead of serial alignment")
+    p.add_argument("--neighbours", type=int, default=2, help="--solve: neighbours on each side of a section")
+    p.add_argument("--pull", type=float, default=1.0,
+                   help="--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)")
+    p.add_argument("--robust", type=float, default=4.0,
+                   help="--solve: px scale of the robust re-weighting of disagreeing pairs (0 = plain least squares)")
     p.add_argument("--overwrite", action="store_true", help="redo sections already aligned in the range")
     p.add_argument("--bucket", help="prefix for bare source paths")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +97,10 @@ def progress_files(dest: str):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.robust < 0:
+        raise UserError("--vote and --neighbours must be >= 1, --pull > 0, --robust >= 0")
+    if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:
+        raise UserError("choose one of --raw_neighbour, --vote K, --solve")
     model, _ = load_archive(args.archive, args.device)
     model.eval()
     source = volume.open_volume(args.source, args.mip, args.bucket)
@@ -110,20 +128,32 @@ def main(argv=None) -> dict:
 
     width, height = x1 - x0, y1 - y0
     read = lambda vol, z: volume.read(vol, (x0, y0, z), (width, height, 1))[0]  # noqa: E731
-    before = None
-    if first > args.z_start:  # resume: the section before `first` is already aligned
-        before = (read(source, first - 1)[0], read(layers["image"], first - 1)[0],
-                  torch.from_numpy(read(layers["field"], first - 1)))
-        print(f"resuming at section {first}")
-    sections = (read(source, z)[0] for z in range(first, args.z_stop))
     start = time.time()
-    bar = tqdm(zip(range(first, args.z_stop), align_serial(model, sections, before, args.raw_neighbour,
-                                                          args.chunk, args.overlap)),
-               total=args.z_stop - first, desc="sections", unit="section")
+    if args.solve:
+        first = args.z_start  # one joint step over the whole range
+        raw = np.stack([read(source, z)[0] for z in range(first, args.z_stop)])
+        aligned, fields, _ = align_solved(
+            model, raw, args.neighbours, args.pull, args.robust or None, args.chunk, args.overlap,
+            progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
+        results = zip(aligned, fields)
+    else:
+        done = range(max(args.z_start, first - args.vote), first)  # resume: the sections already aligned
+        before = [(read(source, z)[0], read(layers["image"], z)[0], torch.from_numpy(read(layers["field"], z)))
+                  for z in done]
+        if before:
+            print(f"resuming at section {first}")
+        sections = (read(source, z)[0] for z in range(first, args.z_stop))
+        results = align_serial(model, sections, before, args.raw_neighbour, args.vote, args.chunk, args.overlap)
+    bar = tqdm(zip(range(first, args.z_stop), results), total=args.z_stop - first, desc="sections", unit="section")
+    skipped = []
     for z, (aligned, field) in bar:
+        if not aligned.any():
+            skipped.append(z)
         volume.write(layers["image"], aligned[None, None], (x0, y0, z))
         volume.write(layers["field"], field.numpy()[None].astype(np.float32), (x0, y0, z))
         progress.put(str(z), b"done")
+    if skipped:
+        print(f"skipped blank sections: {' '.join(map(str, skipped))}")
     seconds = time.time() - start
     count = args.z_stop - first
     mpx = count * width * height / 1e6

@@ -1,4 +1,5 @@
-"""Aligning sections with a trained pyramid: one pair in overlapping chunks, and whole stacks serially.
+"""Aligning sections with a trained pyramid: one pair in overlapping chunks, and whole stacks (serially,
+with vector voting, or by the stack-wide solve of ``solve.py``).
 
 ``chunk_field`` is the one per-chunk function every aligner calls (in-process or
 as a queued task). A section is cut into ``chunk`` x ``chunk`` squares, each read
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import normalise
-from helpers import compose, to_tensor, warp_tissue
+from data import normalise, slice_std
+from helpers import compose, in_frame_of, to_tensor, warp_tissue
 from models import Pyramid
+from solve import neighbour_pairs, solve_stack, vector_vote
 
 
 @torch.no_grad()
@@ -67,25 +69,73 @@ def apply_field(section, field: torch.Tensor) -> np.ndarray:
     return out.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def align_serial(model: Pyramid, sections, before: tuple | None = None, to_raw_neighbour: bool = False,
-                 chunk: int = 1024, overlap: int = 128) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def is_blank(section, min_std: float = 2.0) -> bool:
+    """Whether a uint8 ``[H, W]`` section has too little tissue contrast to align (std below ``min_std`` grey levels)."""
+    return float(slice_std(to_tensor(section))) < min_std
+
+
+def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
+                 vote: int = 1, chunk: int = 1024, overlap: int = 128,
+                 softness: float = 1.0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
-    reference (field zero) unless ``before = (raw, aligned, field)`` describes the
-    section before the first (when resuming). Each section is pulled onto the
-    aligned section before it; with ``to_raw_neighbour`` it is aligned to the raw
-    section before it instead and the fields are chained with ``helpers.compose``.
+    reference (field zero) unless ``before``, a list of ``(raw, aligned, field)``
+    of the sections before the first (oldest first), says where the stack stands
+    (when resuming). Each section is pulled onto the aligned section before it;
+    with ``vote`` K > 1 onto each of the K aligned sections before it, the K
+    fields combined by ``solve.vector_vote``; with ``to_raw_neighbour`` it is
+    aligned to the raw section before it and the fields are chained with
+    ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
+    zero field and are not aligned to.
     """
-    previous_raw, previous_aligned, previous_field = before or (None, None, None)
+    history = list(before or [])[-vote:]  # (raw, aligned, field) of the last usable sections
     for section in sections:
-        if previous_aligned is None:
-            field = torch.zeros(2, *section.shape[-2:])
+        shape = section.shape[-2:]
+        if is_blank(section):
+            yield np.zeros(shape, np.uint8), torch.zeros(2, *shape)
+            continue
+        if not history:
+            field = torch.zeros(2, *shape)
         elif to_raw_neighbour:
+            previous_raw, _, previous_field = history[-1]
             pair = pair_field(model, section, previous_raw, chunk, overlap)
             field = compose(pair[None], previous_field[None])[0]
         else:
-            field = pair_field(model, section, previous_aligned, chunk, overlap)
+            targets = [aligned for _, aligned, _ in history[-vote:]]
+            candidates = torch.stack([pair_field(model, section, t, chunk, overlap) for t in targets])
+            valid = torch.from_numpy(np.stack(targets) > 0)
+            field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
         aligned = apply_field(section, field)
         yield aligned, field
-        previous_raw, previous_aligned, previous_field = section, aligned, field
+        history = (history + [(section, aligned, field)])[-max(vote, 1):]
+
+
+def align_solved(model: Pyramid, sections, neighbours: int = 2, pull: float = 1.0, robust: float | None = 4.0,
+                 chunk: int = 1024, overlap: int = 128,
+                 progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+    """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
+
+    sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
+    ``neighbours`` nearest usable sections on each side (raw to raw, both
+    directions), the pair fields are solved jointly for one field per section,
+    and the result is expressed in the frame of the first usable section (as a
+    serial alignment keeps it). Returns ``(aligned uint8 [Z, H, W], fields
+    [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections (left blank, zero
+    field). ``progress(pairs)`` may wrap the iteration over pairs (e.g. tqdm).
+    """
+    sections = np.asarray(sections)
+    count, shape = len(sections), sections.shape[-2:]
+    skipped = [z for z in range(count) if is_blank(sections[z])]
+    usable = [z for z in range(count) if z not in skipped]
+    fields = torch.zeros(count, 2, *shape)
+    if len(usable) > 1:
+        pairs = neighbour_pairs(count, neighbours, set(skipped))
+        pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap)
+                                   for s, t in (progress or iter)(pairs)])
+        weights = torch.from_numpy(sections[[t for _, t in pairs]] > 0).float()  # the target saw tissue
+        solved = solve_stack(count, pairs, pair_fields, weights, pull, robust)
+        fields[usable] = in_frame_of(solved[usable], reference=0)
+    aligned = np.stack([apply_field(s, f) if z in usable else np.zeros(shape, np.uint8)
+                        for z, (s, f) in enumerate(zip(sections, fields))])
+    return aligned, fields, skipped

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import masks
-from helpers import UserError, compose, invert_field, jacobian_determinant, run_main, to_tensor, warp_labels
+from helpers import UserError, in_frame_of, jacobian_determinant, run_main, to_tensor, warp_labels
 
 PERCENTILES = (1, 5, 95, 99)
 
@@ -55,18 +55,6 @@ def summarize(values: np.ndarray) -> dict[str, float]:
         return {"mean": float("nan"), "var": float("nan"), **{f"p{q}": float("nan") for q in PERCENTILES}}
     return {"mean": float(np.mean(values)), "var": float(np.var(values)),
             **{f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))}}
-
-
-def relative_truth(true_fields, reference: int = 0) -> torch.Tensor:
-    """The true fields ``[Z, 2, H, W]`` expressed in the frame of section ``reference``.
-
-    A serial alignment keeps the first section fixed, so the best it can do for
-    section z is ``compose(f_z, invert_field(f_ref))``: re-align z, then misalign
-    it as the reference is.
-    """
-    f = to_tensor(true_fields)
-    inverse = invert_field(f[reference:reference + 1])
-    return compose(f, inverse.expand_as(f))
 
 
 def defects_in_output_frame(defects, true_fields) -> torch.Tensor:
@@ -118,7 +106,7 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
     """Every measure of one aligned stack (those that need a truth only when it is given).
 
     aligned: ``[Z, H, W]``; field, truth: ``[Z, 2, H, W]`` (truth already in the frame
-    of the alignment, see ``relative_truth``); defects: ``[Z, H, W]`` image frame.
+    of the alignment, see ``helpers.in_frame_of``); defects: ``[Z, H, W]`` image frame.
     """
     out = {f"cpc_{k}": v for k, v in summarize(cpc(aligned, chunk)).items()}
     if field is not None:
@@ -214,7 +202,7 @@ def main(argv=None) -> dict:
     truth = defects = None
     if args.truth:
         truth_vol = _matching(args.truth, aligned_vol, "truth")
-        truth = relative_truth(volume.read(truth_vol, corner, size))
+        truth = in_frame_of(to_tensor(volume.read(truth_vol, corner, size)))
     if args.defects:
         defects = volume.read(_matching(args.defects, aligned_vol, "defects"), corner, size)[:, 0]
     if args.raw:

@@ -124,6 +124,17 @@ def invert_field(field: torch.Tensor, iterations: int = 30) -> torch.Tensor:
     return inverse
 
 
+def in_frame_of(fields: torch.Tensor, reference: int = 0) -> torch.Tensor:
+    """Fields ``[Z, 2, H, W]`` that pull sections into one frame, re-expressed in the frame of section ``reference``.
+
+    ``compose(F_z, invert_field(F_ref))``: re-align section z, then misalign it as
+    the reference is. The reference gets the zero field; this is what an aligner
+    that keeps its first section fixed can at best produce, given true fields.
+    """
+    inverse = invert_field(fields[reference:reference + 1])
+    return compose(fields, inverse.expand_as(fields))
+
+
 def upsample_field(field: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """Field at ``factor``x the resolution; vectors are scaled by ``factor`` (pixels change size)."""
     if factor == 1:

@@ -12,12 +12,13 @@ SOFIMA; install with ``pip install -r bench/requirements.txt``, SOFIMA from a
 source checkout named by ``$SOFIMA_PATH``), each at its best of a few settings
 (best = lowest median EPE far from defects). Every method aligns serially to the
 first section; its fields are scored against the truth in that section's frame
-(``evaluate.relative_truth``). EPE is the primary figure: a CPC above the
+(``helpers.in_frame_of``). EPE is the primary figure: a CPC above the
 oracle's means the method warps tissue to look like its neighbour.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 from alignment import align_serial, apply_field  # noqa: E402
-from helpers import run_main  # noqa: E402
+from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
 COLUMNS = ["far_median", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean", "oracle_cpc",
            "foldovers", "mpx_per_s"]
@@ -79,13 +80,19 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     return aligned, fields, seconds
 
 
-def network_fields(archive: str, chunk: int, overlap: int, raw_neighbour: bool):
+def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: float, robust: float):
+    """``raw [Z,H,W] -> fields [Z,2,H,W]`` of our network in one of ``VARIANTS`` (e.g. ``vote3``, ``solve2``)."""
+    from alignment import align_solved
     from models.archive import load_archive
 
     model, _ = load_archive(archive)
     model.eval()
-    return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, to_raw_neighbour=raw_neighbour,
-                                                                   chunk=chunk, overlap=overlap)])
+    kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
+    if kind == "solve":
+        return lambda raw: align_solved(model, raw, int(number or 2), pull, robust or None, chunk, overlap)[1].numpy()
+    options = dict(to_raw_neighbour=kind == "raw", vote=int(number or 1) if kind == "vote" else 1)
+    return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, chunk=chunk, overlap=overlap,
+                                                                   **options)])
 
 
 def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
@@ -106,8 +113,12 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=512, help="section size in px (a top-left crop)")
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
-    p.add_argument("--raw_neighbour", action="store_true",
-                   help="our network aligns each section to its raw neighbour and chains the fields")
+    p.add_argument("--ours", nargs="+", default=["serial"],
+                   help="how our network aligns the stack: serial (onto the aligned section before), raw (onto the "
+                        "raw section before, fields chained), voteK (onto the K aligned sections before, vector "
+                        "voting), solveK (stack-wide solve over K raw neighbours on each side); several to compare")
+    p.add_argument("--pull", type=float, default=1.0, help="solveK: weight of the pull toward zero displacement")
+    p.add_argument("--robust", type=float, default=4.0, help="solveK: robust re-weighting scale in px (0 = off)")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
@@ -117,7 +128,7 @@ def main(argv=None) -> dict:
         return {}
     stack = (real_stack(args.real, args.z_start, args.sections, args.size) if args.real
              else demo_stack(args.z_start, args.sections, args.size))
-    stack["truth_rel"] = evaluate.relative_truth(stack["truth"]).numpy()
+    stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]
     print(f"{args.real or 'demo'} sections {args.z_start}..{args.z_start + len(raw) - 1}, "
           f"{raw.shape[2]} x {raw.shape[1]} px; {torch.get_num_threads()} threads")
@@ -129,12 +140,15 @@ def main(argv=None) -> dict:
     rows["no alignment"] = score_row(stack, raw, zero, 0, oracle_cpc)
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle_cpc)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
-    if args.archive:
-        fields_fn = network_fields(args.archive, args.chunk, args.overlap, args.raw_neighbour)
+    for variant in (args.ours if args.archive else []):
+        if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
+            raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
+        fields_fn = network_fields(args.archive, variant, args.chunk, args.overlap, args.pull, args.robust)
         aligned, fields, seconds = run_method(fields_fn, raw)
-        mode = ", raw neighbours" if args.raw_neighbour else ""
-        rows[f"ours ({Path(args.archive).stem}{mode})"] = score_row(stack, aligned, fields, seconds, oracle_cpc)
-        hist["ours"] = evaluate.cpc(aligned)
+        name = f"ours ({Path(args.archive).stem}, {variant})"
+        rows[name] = score_row(stack, aligned, fields, seconds, oracle_cpc)
+        hist[name] = evaluate.cpc(aligned)
+        print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")
 
     import baselines
     for method, reason in baselines.available().items():

@@ -100,3 +100,62 @@ def test_archive_volume_and_destination_mismatches(setup):
                         "--z_start", "0", "--z_stop", "2", "--mip", "1")
     assert result.returncode == 2 and "another shape" in result.stderr
     assert volume.open_volume(str(tmp / "d" / "image"))  # what was aligned is still there
+
+
+def test_vote_outvotes_one_bad_target(monkeypatch):
+    """Section 3's pair field onto aligned section 1 is 20 px off; voting over 3 targets ignores it."""
+    stack = sections(4, 16)
+    good = torch.tensor([1.0, -2.0]).view(2, 1, 1) * torch.ones(2, 16, 16)
+
+    def pair(model, source, target, *args):
+        bad = source is stack[3] and np.array_equal(target, alignment.apply_field(stack[1], good))
+        return good + 20 if bad else good.clone()
+
+    monkeypatch.setattr(alignment, "pair_field", pair)
+    voted = [f for _, f in alignment.align_serial(None, list(stack), vote=3, softness=0.5)]
+    assert torch.allclose(voted[3], good, atol=1e-3)
+    serial = [f for _, f in alignment.align_serial(None, [stack[1], stack[3]])]
+    assert (serial[1] - good).abs().max() == 0  # the monkeypatch is only bad for the voted pair (1 -> 3)
+
+
+def labelled_sections(count, size=32):
+    """Textured sections whose top-left pixel is 10 + 10 z, so a fake pair_field can tell them apart."""
+    out = sections(count, size)
+    out[:, 0, 0] = 10 + 10 * np.arange(count)
+    return out
+
+
+def test_solved_alignment_recovers_known_shifts_and_skips_blank_sections(monkeypatch):
+    truth = torch.tensor([[0.0, 0.0], [3.0, -1.0], [0.0, 0.0], [-2.0, 4.0], [1.0, 1.0]]).view(5, 2, 1, 1)
+    stack = labelled_sections(5)
+    stack[2] = 0  # blank
+    pairs = []
+
+    def pair(model, source, target, *args):
+        s, t = (int(x[0, 0]) // 10 - 1 for x in (source, target))
+        pairs.append((s, t))
+        return (truth[s] - truth[t]).expand(2, 32, 32).clone()
+
+    monkeypatch.setattr(alignment, "pair_field", pair)
+    aligned, fields, skipped = alignment.align_solved(None, stack, neighbours=2, pull=1e-3)
+    assert skipped == [2] and not aligned[2].any() and 2 not in {z for p in pairs for z in p}
+    expected = (truth - truth[0]).expand(5, 2, 32, 32)
+    usable = [0, 1, 3, 4]
+    assert torch.allclose(fields[usable], expected[usable], atol=0.05)
+
+
+def test_align_vote_and_solve_run_and_resume(setup):
+    tmp, paths, archive = setup
+    common = ["--archive", str(archive), "--source", paths["image"], "--chunk", "32", "--overlap", "32"]
+    align.main(common + ["--dest", str(tmp / "vote"), "--z_start", "2", "--z_stop", "8", "--vote", "3"])
+    align.main(common + ["--dest", str(tmp / "vote2"), "--z_start", "2", "--z_stop", "6", "--vote", "3"])
+    assert align.main(common + ["--dest", str(tmp / "vote2"), "--z_start", "2", "--z_stop", "8",
+                                "--vote", "3"])["sections"] == 2
+    (i1, f1), (i2, f2) = aligned_arrays(tmp / "vote"), aligned_arrays(tmp / "vote2")
+    assert np.array_equal(i1, i2) and np.allclose(f1, f2, atol=1e-5)
+    out = align.main(common + ["--dest", str(tmp / "solve"), "--z_start", "2", "--z_stop", "8", "--solve",
+                               "--neighbours", "2"])
+    image, field = aligned_arrays(tmp / "solve")
+    assert out["sections"] == 6 and np.abs(field[2]).max() < 1e-4 and np.abs(field[3:8]).max() > 0
+    with pytest.raises(align.UserError, match="choose one"):
+        align.main(common + ["--dest", str(tmp / "x"), "--z_start", "2", "--z_stop", "8", "--solve", "--vote", "3"])

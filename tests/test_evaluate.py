@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import evaluate
-from helpers import affine_field, rigid_matrix
 
 
 def test_cpc_of_identical_and_inverted_sections():
@@ -49,19 +48,3 @@ def test_foldovers_and_drift():
     offset[:, 0], offset[1, 1] = 3.0, 4.0
     d = evaluate.drift(offset, torch.zeros_like(offset))
     assert d["drift_mean"] == pytest.approx((3 + 5) / 2) and d["drift_max"] == pytest.approx(5)
-
-
-def test_relative_truth_is_in_the_reference_frame():
-    shifts = torch.tensor([[1.0, 2.0], [4.0, -1.0], [-2.0, 0.5]])
-    truth = shifts.view(3, 2, 1, 1) * torch.ones(3, 2, 16, 16)
-    rel = evaluate.relative_truth(truth, reference=0)
-    assert rel[0].abs().max() < 1e-5
-    expected = (shifts - shifts[0]).view(3, 2, 1, 1)
-    assert (rel - expected)[..., 4:-4, 4:-4].abs().max() < 1e-4
-
-
-def test_relative_truth_of_rotations():
-    m = rigid_matrix(torch.tensor([0.02, -0.01]), torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0]))
-    truth = affine_field(m, 32, 32)
-    rel = evaluate.relative_truth(truth, reference=1)
-    assert rel[1].abs().max() < 1e-3 and rel[0].abs().max() > 0.5

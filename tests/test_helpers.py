@@ -142,3 +142,19 @@ def test_warp_labels_keeps_values_and_dtype():
     field[:, 0] = 1.0
     out = h.warp_labels(labels, field)
     assert out.dtype == torch.uint8 and out[0, 0, 2, 1] == 2 and out.sum() == 2
+
+
+def test_in_frame_of_is_in_the_reference_frame():
+    shifts = torch.tensor([[1.0, 2.0], [4.0, -1.0], [-2.0, 0.5]])
+    truth = shifts.view(3, 2, 1, 1) * torch.ones(3, 2, 16, 16)
+    rel = h.in_frame_of(truth, reference=0)
+    assert rel[0].abs().max() < 1e-5
+    expected = (shifts - shifts[0]).view(3, 2, 1, 1)
+    assert (rel - expected)[..., 4:-4, 4:-4].abs().max() < 1e-4
+
+
+def test_in_frame_of_of_rotations():
+    m = h.rigid_matrix(torch.tensor([0.02, -0.01]), torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0]))
+    truth = h.affine_field(m, 32, 32)
+    rel = h.in_frame_of(truth, reference=1)
+    assert rel[1].abs().max() < 1e-3 and rel[0].abs().max() > 0.5

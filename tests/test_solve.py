@@ -1,0 +1,99 @@
+"""solve.py: vector voting and the stack-wide solve on fields with known answers."""
+import pytest
+import torch
+
+from helpers import affine_field, compose, in_frame_of, invert_field, rigid_matrix
+from solve import neighbour_pairs, solve_stack, vector_vote
+
+
+def constant(vectors) -> torch.Tensor:
+    """``[K, 2, 8, 8]`` fields, each a constant vector."""
+    return torch.tensor(vectors, dtype=torch.float32).view(-1, 2, 1, 1).expand(-1, 2, 8, 8).clone()
+
+
+def test_vote_follows_the_agreeing_candidates():
+    out = vector_vote(constant([[1.0, 0.0], [1.2, 0.0], [15.0, -9.0]]), softness=0.5)
+    assert torch.allclose(out, torch.tensor([1.1, 0.0]).view(2, 1, 1).expand(2, 8, 8), atol=1e-3)
+
+
+def test_vote_of_two_is_their_mean_and_invalid_candidates_are_ignored():
+    assert torch.allclose(vector_vote(constant([[2.0, 0.0], [0.0, 4.0]])), constant([[1.0, 2.0]])[0])
+    valid = torch.ones(3, 8, 8, dtype=torch.bool)
+    valid[2] = False
+    out = vector_vote(constant([[2.0, 0.0], [0.0, 4.0], [50.0, 50.0]]), valid)
+    assert torch.allclose(out, constant([[1.0, 2.0]])[0])
+
+
+def test_vote_is_per_pixel():
+    candidates = constant([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    candidates[0, :, :4] = 30.0  # the first candidate is wrong in the top half only
+    out = vector_vote(candidates, softness=0.5)
+    assert torch.allclose(out, constant([[1.0, 0.0]])[0], atol=1e-4)
+
+
+def test_neighbour_pairs_bridge_skipped_sections():
+    assert neighbour_pairs(3, 1) == [(0, 1), (1, 0), (1, 2), (2, 1)]
+    assert neighbour_pairs(4, 1, skip={1}) == [(0, 2), (2, 0), (2, 3), (3, 2)]
+    assert len(neighbour_pairs(10, 3)) == 2 * (3 * 10 - 6)
+
+
+def exact_pairs(truth: torch.Tensor, pairs) -> torch.Tensor:
+    """The pair fields that truth fields ``[Z, 2, H, W]`` imply: ``r = compose(F_s, invert_field(F_t))``."""
+    return torch.cat([compose(truth[s:s + 1], invert_field(truth[t:t + 1])) for s, t in pairs])
+
+
+def test_solve_recovers_shifts_up_to_the_common_frame():
+    truth = constant([[3.0, -1.0], [-4.0, 2.0], [0.5, 5.0], [2.0, 2.0], [-6.0, 0.0]])
+    pairs = neighbour_pairs(5, 2)
+    fields = exact_pairs(truth, pairs)
+    assert torch.allclose(in_frame_of(solve_stack(5, pairs, fields, pull=1e-4, robust=None)), in_frame_of(truth),
+                          atol=1e-3)
+    # the pull pins the common frame at zero mean displacement (and shrinks the fields by ~pull / degree)
+    assert torch.allclose(solve_stack(5, pairs, fields, pull=1e-2, robust=None), truth - truth.mean(0), atol=0.03)
+
+
+def test_solve_recovers_rotations_by_relinearising():
+    m = rigid_matrix(torch.tensor([0.1, -0.08, 0.05, 0.0]), torch.tensor([2.0, -3.0, 1.0, 0.0]),
+                     torch.tensor([0.0, 4.0, -2.0, 1.0]))
+    truth = affine_field(m, 48, 48)
+    pairs = neighbour_pairs(4, 2)
+    fields = exact_pairs(truth, pairs)
+    core = (..., slice(8, -8), slice(8, -8))
+    error = (in_frame_of(solve_stack(4, pairs, fields, pull=1e-3, robust=None)) - in_frame_of(truth))[core]
+    once = (in_frame_of(solve_stack(4, pairs, fields, pull=1e-3, robust=None, rounds=1)) - in_frame_of(truth))[core]
+    assert error.norm(dim=1).max() < 0.05 < once.norm(dim=1).max()
+
+
+def test_solve_beats_chaining_on_noisy_pairs():
+    gen = torch.Generator().manual_seed(0)
+    z = 20
+    truth = constant((torch.rand(z, 2, generator=gen) * 16 - 8).tolist())
+    pairs = neighbour_pairs(z, 2)
+    noisy = exact_pairs(truth, pairs) + constant((torch.randn(len(pairs), 2, generator=gen)).tolist())
+    solved_error = (in_frame_of(solve_stack(z, pairs, noisy, pull=0.01)) - in_frame_of(truth))[:, :, 0, 0]
+    # chaining the (z, z - 1) pairs: F_z = r(z, z-1) + F_{z-1}
+    step = {(s, t): noisy[i, :, 0, 0] for i, (s, t) in enumerate(pairs)}
+    chained = torch.stack([sum((step[(k, k - 1)] for k in range(1, i + 1)), torch.zeros(2)) for i in range(z)])
+    chained_error = chained - (truth[:, :, 0, 0] - truth[0, :, 0, 0])
+    assert solved_error.norm(dim=1).mean() < 0.6 * chained_error.norm(dim=1).mean()
+
+
+def test_solve_is_robust_to_one_wrong_pair_and_trusts_weights():
+    truth = constant([[3.0, -1.0], [-4.0, 2.0], [0.5, 5.0], [2.0, 2.0], [-6.0, 0.0]])
+    pairs = neighbour_pairs(5, 2)
+    fields = exact_pairs(truth, pairs)
+    fields[pairs.index((2, 3))] += 25.0
+
+    def error(solved):
+        return (in_frame_of(solved) - in_frame_of(truth)).norm(dim=1).max()
+
+    assert error(solve_stack(5, pairs, fields, pull=1e-2, robust=2.0)) < 0.1
+    assert error(solve_stack(5, pairs, fields, pull=1e-2, robust=None)) > 5
+    weights = torch.ones(len(pairs), 8, 8)
+    weights[pairs.index((2, 3))] = 0
+    assert error(solve_stack(5, pairs, fields, weights, pull=1e-4, robust=None)) < 1e-3
+
+
+def test_solve_needs_a_pull():
+    with pytest.raises(ValueError):
+        solve_stack(2, [(0, 1)], torch.zeros(1, 2, 4, 4), pull=0)
