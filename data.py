@@ -6,7 +6,9 @@ HDF5 layout (written by ``gen_stack.py``):
 * ``masks`` uint8 ``(N, S, D, D)``, optional: defect maps (0 none, 1 crack, 2 fold);
 * ``fields`` float32 ``(N, S, 2, D, D)``, optional: per-section ground-truth fields
   (pixels at the dataset's mip) with ``warp(images[n, s], fields[n, s])`` = the true section;
-* ``slice_std`` float32 ``(N, S)``, optional: std of each section's tissue pixels.
+* ``slice_std`` float32 ``(N, S)``, optional: std of each section's tissue pixels;
+* attribute ``registered`` (``gen_stack.py --registered``): the source was registered, so
+  the true fields are zero and known even without a ``fields`` dataset.
 
 A *sample* is one pair (source = section s, target = section s + 1) of one stack.
 While it is augmented it is a dict of batch-free tensors in raw intensities:
@@ -110,14 +112,17 @@ class StackDataset(Dataset):
     * ``src_defects``, ``tgt_defects`` uint8 ``[1, H, W]``: the defect maps themselves;
     * ``field`` float32 ``[2, H, W]``: ground truth with ``warp(src, field) ~ tgt``
       (pixels), ``compose(f_src, invert_field(f_tgt))`` of the per-section fields;
-    * ``has_field`` bool ``[]``: False (and ``field`` zeros) without a ``fields`` dataset.
+    * ``has_field`` bool ``[]``: False (and ``field`` zeros) without a ``fields`` dataset,
+      unless the file is ``registered`` (true fields zero and known).
 
     Pairs where either section is blank or near-constant (tissue std below
     ``min_std`` grey levels) are left out. ``crop`` (px) takes a random square of
     that size from each pair; ``augment`` (e.g. an ``Augmenter``) is called as
     ``augment(sample, generator)`` on the raw sample (see the module docstring).
     Random draws come from a generator seeded from torch's global RNG, which
-    DataLoader seeds per worker: seed torch for reproducible epochs.
+    DataLoader seeds per worker: seed torch for reproducible epochs; with ``seed``
+    the generator of pair ``i`` is seeded from ``(seed, i)`` instead, so every
+    read of a pair is the same (held-out pairs).
 
     The file is opened lazily, once per process, so the dataset works with
     ``DataLoader(num_workers > 0)``. A missing, corrupt or foreign file raises
@@ -125,12 +130,14 @@ class StackDataset(Dataset):
     """
 
     def __init__(self, path: str | Path, mask_radius: float = 75, augment=None, min_std: float = 2.0,
-                 crop: int | None = None):
+                 crop: int | None = None, seed: int | None = None):
         self.path, self.mask_radius, self.augment, self.crop = Path(path), mask_radius, augment, crop
+        self.seed = seed
         with _open_h5(self.path) as f:
             _check_layout(f, self.path)
             self.shape = tuple(f["images"].shape)
-            self.has_masks, self.has_fields = "masks" in f, "fields" in f
+            self.has_masks, self.has_field_data = "masks" in f, "fields" in f
+            self.has_fields = self.has_field_data or bool(f.attrs.get("registered", False))
             stds = (f["slice_std"][:] if "slice_std" in f
                     else np.stack([slice_std(f["images"][n]).numpy() for n in range(self.shape[0])]))
         if crop is not None and not 0 < crop <= min(self.shape[2:]):
@@ -170,7 +177,7 @@ class StackDataset(Dataset):
         size = images.shape[-2:]
         defects = (torch.from_numpy(f["masks"][n, s:s + 2, rows, cols]) if self.has_masks
                    else torch.zeros(2, *size, dtype=torch.uint8))
-        if self.has_fields:
+        if self.has_field_data:
             fields = to_tensor(f["fields"][n, s:s + 2, :, rows, cols])
             field = compose(fields[:1], invert_field(fields[1:]))[0]
         else:
@@ -179,7 +186,8 @@ class StackDataset(Dataset):
                 "field": field, "has_field": torch.tensor(self.has_fields)}
 
     def __getitem__(self, i: int) -> Sample:
-        generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+        seed = int(torch.randint(2 ** 62, ())) if self.seed is None else self.seed * 1_000_003 + i
+        generator = torch.Generator().manual_seed(seed)
         sample = self.raw_sample(i, generator)
         if self.augment is not None:
             sample = self.augment(sample, generator)
@@ -246,11 +254,18 @@ def random_rigid(h: int, w: int, generator: torch.Generator, max_shift: float, m
 
 
 def jitter(sample: Sample, generator: torch.Generator, p: float, max_shift: float = 32.0,
-           max_angle: float = 0.01, max_scale: float = 0.01) -> Sample:
-    """Each slice, with probability ``p``, moved by its own ``random_rigid`` map (``warp_slice``)."""
+           max_angle: float = 0.01, max_scale: float = 0.01, elastic_amplitude: float = 0.0,
+           elastic_wavelength: float = 200.0) -> Sample:
+    """Each slice, with probability ``p``, moved by its own ``random_rigid`` map (``warp_slice``),
+    plus, when ``elastic_amplitude`` > 0, a ``misalign.smooth_field`` of that RMS length (px) and
+    feature size (px): the demo's misalignment model, for registered data with zero true fields."""
     for which in SLICES:
         if _chance(generator, p):
-            field, inverse = random_rigid(*sample[which].shape[-2:], generator, max_shift, max_angle, max_scale)
+            h, w = sample[which].shape[-2:]
+            field, inverse = random_rigid(h, w, generator, max_shift, max_angle, max_scale)
+            if elastic_amplitude > 0:
+                field = field + misalign.smooth_field(1, h, w, elastic_amplitude, elastic_wavelength, generator)[0]
+                inverse = None  # no longer exact: warp_slice inverts numerically
             sample = warp_slice(sample, which, field, inverse)
     return sample
 
@@ -404,6 +419,8 @@ class Augmenter:
     max_shift: float = 32.0
     max_angle: float = 0.01
     max_scale: float = 0.01
+    elastic_amplitude: float = 0.0
+    elastic_wavelength: float = 200.0
     p_flip: float = 0.5
     p_transpose: float = 0.5
     p_gradient: float = 0.5
@@ -417,10 +434,21 @@ class Augmenter:
         sample = swap(sample, generator, self.p_swap)
         sample = crack(sample, generator, self.p_crack, self.defect_params)
         sample = fold(sample, generator, self.p_fold, self.defect_params)
-        sample = jitter(sample, generator, self.p_jitter, self.max_shift, self.max_angle, self.max_scale)
+        sample = jitter(sample, generator, self.p_jitter, self.max_shift, self.max_angle, self.max_scale,
+                        self.elastic_amplitude, self.elastic_wavelength)
         sample = flip(sample, generator, self.p_flip)
         sample = transpose(sample, generator, self.p_transpose)
         sample = brightness_gradient(sample, generator, self.p_gradient, self.max_gradient)
         sample = noise_patch(sample, generator, self.p_noise, self.max_patch_fraction)
         sample = contrast_patch(sample, generator, self.p_contrast, self.max_patch_fraction)
         return missing_patch(sample, generator, self.p_missing, self.max_patch_fraction)
+
+
+def held_out_misalignment(params: misalign.MisalignParams = misalign.MisalignParams()) -> Augmenter:
+    """The augmentation that turns registered held-out pairs into a benchmark: each slice misaligned as
+    ``misalign.py`` misaligns the demo (shift, rotation, elastic field), the source cracked or folded with the
+    demo's probabilities, and nothing else (use with ``StackDataset(seed=...)`` for fixed pairs)."""
+    return Augmenter(p_swap=0, p_crack=params.crack_prob, p_fold=params.fold_prob, defect_params=params,
+                     p_jitter=1, max_shift=params.max_shift, max_angle=params.max_rotation, max_scale=0,
+                     elastic_amplitude=params.elastic_amplitude, elastic_wavelength=params.elastic_wavelength,
+                     p_flip=0, p_transpose=0, p_gradient=0, p_noise=0, p_contrast=0, p_missing=0)

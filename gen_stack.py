@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          "(the demo's defects by default with --source demo)")
     p.add_argument("--field_source", help="ground-truth field volume (2 channels; each mip in its own pixels) sampled at "
                                           "the same places (the demo's by default with --source demo)")
+    p.add_argument("--registered", action="store_true",
+                   help="the source is already registered (e.g. a published alignment): its true fields are zero, "
+                        "so training can add known misalignment and use the supervised term (--lambda_gt)")
     p.add_argument("--bucket", help=f"prefix for bare paths (default $SEAMLESS_BUCKET or {volume.DEFAULT_BUCKET})")
     p.add_argument("--stack_height", type=int, help=f"sections per stack (default {SEED_DEFAULTS['stack_height']}; "
                                                     "demo: fitted to the demo volume)")
@@ -161,7 +164,8 @@ def write_stacks(path: Path, stacks, count: int, args) -> float:
     Layout: ``images`` uint8 (N, S, D, D); ``masks`` uint8 (N, S, D, D) defect maps
     when a mask source is given; ``fields`` float32 (N, S, 2, D, D) ground-truth
     fields in pixels of the dataset's mip when a field source is given; ``coords``
-    int64 (N, 3) stack corners (x, y, z) at the mip; ``slice_std`` float32 (N, S).
+    int64 (N, 3) stack corners (x, y, z) at the mip; ``slice_std`` float32 (N, S); attribute
+    ``registered`` when the source is registered (true fields zero, see ``data.py``).
     Chunks hold one section, compressed with lzf (fast to read). Attributes record
     the sources, mip, z range, seed and command line.
     """
@@ -187,7 +191,8 @@ def write_stacks(path: Path, stacks, count: int, args) -> float:
                 if fields is not None:
                     fields[i] = arrays["fields"]
             f.attrs.update(dict(
-                source=args.source, mask_source=args.mask_source or "", field_source=args.field_source or "",
+                source=args.source, registered=bool(args.registered), mask_source=args.mask_source or "",
+                field_source=args.field_source or "",
                 mip=args.mip, dim=args.dim, stack_height=args.stack_height,
                 split="test" if args.test else "train",
                 z_range=args.test_range if args.test else args.train_range, seed=args.seed,
@@ -217,6 +222,8 @@ def main(argv=None) -> Path:
     except OSError as err:
         raise UserError(f"cannot write to {out_dir}: {err.strerror}") from None
 
+    if args.registered and args.field_source:
+        raise UserError("--registered says the true fields are zero: do not also give --field_source")
     vols = {"images": volume.open_volume(args.source, args.mip, args.bucket)}
     if args.mask_source:
         vols["masks"] = volume.open_volume(args.mask_source, args.mip, args.bucket)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 import loss
 import masks
-from data import Augmenter, StackDataset
+from data import Augmenter, StackDataset, held_out_misalignment
 from helpers import UserError, downsample_field, field_to_rgb, run_main, upsample_field, warp, warp_labels
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
@@ -102,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no_augment", action="store_true", help="turn data augmentation off")
     g.add_argument("--max_shift", type=float, default=16,
                    help="largest per-section jitter (px at the dataset's mip) the augmentation adds")
+    g.add_argument("--max_angle", type=float, default=0.01, help="largest per-section jitter rotation (radians)")
+    g.add_argument("--elastic", type=float, default=0.0,
+                   help="RMS length (px) of a smooth elastic field (feature size 200 px) added to each jitter, "
+                        "as misalign.py misaligns the demo; for --registered datasets")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -344,7 +348,8 @@ def train(args) -> Path:
     dataset_path = resolve_dataset(args.dataset, args.hm)
     args.dataset = str(dataset_path)
     check_args(args)
-    augment = None if args.no_augment else Augmenter(max_shift=args.max_shift)
+    augment = None if args.no_augment else Augmenter(max_shift=args.max_shift, max_angle=args.max_angle,
+                                                          elastic_amplitude=args.elastic)
     dataset = StackDataset(dataset_path, mask_radius=args.mask_neighborhood_radius, augment=augment,
                            crop=args.crop or None)
     side = args.crop or min(dataset.shape[2:])
@@ -355,7 +360,9 @@ def train(args) -> Path:
                                     else None)
     val_loader = None
     if val_path:
-        val_set = StackDataset(val_path, mask_radius=args.mask_neighborhood_radius)
+        val_set = StackDataset(val_path, mask_radius=args.mask_neighborhood_radius, seed=0)
+        if not val_set.has_field_data and val_set.has_fields:  # registered: misalign it as the demo is
+            val_set.augment = held_out_misalignment()
         pick = torch.linspace(0, len(val_set) - 1, min(args.val_pairs, len(val_set))).long().tolist()
         val_loader = DataLoader(torch.utils.data.Subset(val_set, pick), batch_size=args.batch_size)
     args.val_dataset = str(val_path) if val_path else None

@@ -247,7 +247,9 @@ def test_transpose_swaps_the_field_channels():
 
 
 @pytest.mark.parametrize("augment", [always(data.flip), always(data.transpose), always(data.swap),
-                                     always(data.jitter, max_shift=6.0, max_angle=0.05, max_scale=0.05)])
+                                     always(data.jitter, max_shift=6.0, max_angle=0.05, max_scale=0.05),
+                                     always(data.jitter, max_shift=3.0, elastic_amplitude=2.0,
+                                            elastic_wavelength=32.0)])
 def test_geometric_augmentations_keep_the_pair_field_consistent(augment):
     for seed in range(3):
         sample = raw_pair(shift=(2, -1), seed=seed)
@@ -346,3 +348,20 @@ def test_augmenter_in_the_dataset_keeps_shapes_and_the_field_consistent(h5):
         assert consistent(out, 2.0)
     sample = ds[0]
     assert {k: (v.shape, v.dtype) for k, v in sample.items()} == {k: (v.shape, v.dtype) for k, v in plain.items()}
+
+
+def test_a_registered_file_has_known_zero_fields_and_held_out_pairs_are_fixed_misalignments(tmp_path):
+    path = write_stacks(tmp_path / "registered.h5", with_fields=False)
+    with h5py.File(path, "a") as f:
+        f.attrs["registered"] = True
+    plain = data.StackDataset(path)
+    sample = plain[0]
+    assert bool(sample["has_field"]) and torch.all(sample["field"] == 0)
+    held_out = data.StackDataset(path, augment=data.held_out_misalignment(), seed=3)
+    first, again = held_out[0], held_out[0]
+    assert torch.equal(first["field"], again["field"]) and torch.equal(first["src"], again["src"])
+    assert first["field"].norm(dim=0).mean() > 1 and not torch.equal(first["field"], held_out[1]["field"])
+    raw = held_out.raw_sample(0, torch.Generator())
+    raw["tgt"] = raw["src"].clone()  # one section against itself: the known field must re-align it
+    out = held_out.augment(raw, torch.Generator().manual_seed(0))
+    assert consistent(out, 2.0)

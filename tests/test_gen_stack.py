@@ -107,3 +107,14 @@ def test_missing_source_and_unwritable_output(tmp_path, tiny_volume):
     result = run_script("gen_stack.py", "--count", "1", "--source", tiny_volume[0]["image"], "--out_dir",
                         str(blocker / "x"), "toy")
     assert result.returncode == 2 and "cannot write" in result.stderr
+
+
+def test_a_registered_source_gives_known_zero_fields(tmp_path, tiny_volume):
+    paths, _ = tiny_volume
+    path = make(tmp_path, paths, "--registered")
+    with h5py.File(path) as f:
+        assert bool(f.attrs["registered"]) and "fields" not in f
+    sample = StackDataset(path)[0]
+    assert bool(sample["has_field"]) and torch.all(sample["field"] == 0)
+    with pytest.raises(UserError, match="--registered"):
+        make(tmp_path, paths, "--registered", "--field_source", paths["field"], "--overwrite")
