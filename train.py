@@ -2,6 +2,7 @@
 
     python train.py [--lambda1 2 --lr 0.0003 ...] EXPERIMENT_NAME
     python train.py --resume EXPERIMENT_NAME          # continue an interrupted run
+    torchrun --standalone --nproc_per_node N train.py ...   # N processes (GPUs), one model
 
 One step: ``data.py`` gives a batch of (source, target) pairs with masks ->
 ``models/`` predicts the field that pulls the source onto the target -> ``loss.py``
@@ -14,6 +15,11 @@ Staged training (from scratch): the coarsest level trains first; every
 the shared encoder train, the coarser aligners are frozen); after the finest
 level all levels train together. ``--fine_tuning`` trains all levels at once
 from ``--state_archive`` at a reduced learning rate.
+
+Under ``torchrun`` (``distributed.py``) N processes train one model with
+``DistributedDataParallel``: ``--batch_size`` is the global batch, each process
+takes ``batch_size / N`` pairs of it, and rank 0 alone decides (name check,
+resume, data), validates, prints and writes outputs.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
+import distributed
 import loss
 import masks
 from data import Augmenter, StackDataset, held_out_misalignment
@@ -139,6 +146,9 @@ def check_args(args) -> None:
         raise UserError("--epochs, --batch_size and --lr must be positive, --fall_time >= 0")
     if args.crop and args.crop % 2 ** (args.size - 1):
         raise UserError(f"--crop {args.crop} is not divisible by 2^(size-1) = {2 ** (args.size - 1)}")
+    if args.batch_size % distributed.world_size():
+        raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide over "
+                        f"{distributed.world_size()} processes")
 
 
 def resolve_dataset(spec: str | None, hm: bool = False, split: str = "train") -> Path:
@@ -197,6 +207,22 @@ def set_trainable(model: Pyramid, stage: Stage) -> list[torch.nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def epoch_pairs(n: int, epoch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """The indices of the pairs that process ``rank`` of ``world`` trains on in one epoch, in order.
+
+    One process draws ``epoch_size`` (0: ``n``) of the ``n`` pairs in the order of
+    a ``RandomSampler`` seeded with ``seed``. ``world`` processes cut that order to a
+    multiple of ``world`` and rank ``r`` takes every ``world``-th pair from the
+    ``r``-th, so in step ``k`` the ranks' batches of ``B / world`` pairs together
+    hold exactly the one-process batch ``k`` of ``B``, and every rank takes the same
+    number of steps. (torch's ``DistributedSampler`` has no ``epoch_size`` and
+    shuffles differently, so N processes would not train on one process's pairs.)
+    """
+    order = list(RandomSampler(range(n), num_samples=epoch_size or n,
+                               generator=torch.Generator().manual_seed(seed)))
+    return order[rank:len(order) - len(order) % world:world]
 
 
 # ------------------------------------------------------------------ one step
@@ -309,12 +335,12 @@ def summary(args, history: dict, iterations: int) -> dict:
 
 
 def prepare(args) -> tuple:
-    """Model, optimizer state, history, start epoch and lineage for a new, grown, or resumed run."""
+    """Model (on the CPU), optimizer state, history, start epoch and lineage for a new, grown, or resumed run."""
     archive_path = Path("pt") / f"{args.name}.pt"
     if args.resume:
         if not archive_path.is_file():
             raise UserError(f"nothing to resume: {archive_path} does not exist")
-        model, archive = load_archive(archive_path, args.device)
+        model, archive = load_archive(archive_path, "cpu")
         stored = dict(archive["args"])
         explicit = {k: getattr(args, k) for k in RESUMABLE}
         args.__dict__.update(stored)
@@ -335,14 +361,18 @@ def prepare(args) -> tuple:
         print(f"started from {args.state_archive} (levels {copied} copied)")
         archive["lineage"] = list(parent.get("lineage", [])) + [parent["summary"]] if "summary" in parent \
             else list(parent.get("lineage", []))
-    return model.to(args.device), archive, archive_path
+    return model, archive, archive_path
 
 
-def train(args) -> Path:
-    """Run (or resume) the experiment ``args.name``; returns the archive path."""
-    from torch.utils.tensorboard import SummaryWriter
-    from vis import save_pair_pictures
+def setup(args) -> tuple:
+    """Everything decided and checked before training (on rank 0 alone under ``torchrun``).
 
+    Returns ``(args, model, archive, archive_path, dataset, val_pairs)``: ``args``
+    as a resume updates it, with ``dataset`` and ``val_dataset`` resolved to paths
+    (the demo's built if needed); ``prepare``'s model (CPU), archive and path; the
+    training ``StackDataset``; and ``--val_pairs`` fixed held-out pairs spread
+    evenly over ``val_dataset`` (a ``Subset``), or None without one.
+    """
     check_args(args)
     model, archive, archive_path = prepare(args)
     dataset_path = resolve_dataset(args.dataset, args.hm)
@@ -358,95 +388,132 @@ def train(args) -> Path:
                         "choose a --crop that does, or a smaller --size")
     val_path = args.val_dataset or (resolve_dataset("demo", split="test") if "demo_train" in dataset_path.name
                                     else None)
-    val_loader = None
+    args.val_dataset = str(val_path) if val_path else None
+    val_pairs = None
     if val_path:
         val_set = StackDataset(val_path, mask_radius=args.mask_neighborhood_radius, seed=0)
         if not val_set.has_field_data and val_set.has_fields:  # registered: misalign it as the demo is
             val_set.augment = held_out_misalignment()
         pick = torch.linspace(0, len(val_set) - 1, min(args.val_pairs, len(val_set))).long().tolist()
-        val_loader = DataLoader(torch.utils.data.Subset(val_set, pick), batch_size=args.batch_size)
-    args.val_dataset = str(val_path) if val_path else None
+        val_pairs = torch.utils.data.Subset(val_set, pick)
+    return args, model, archive, archive_path, dataset, val_pairs
 
-    out_dir, writer = Path("out") / args.name, SummaryWriter(str(Path("runs") / args.name))
+
+def log_step(writer, out_dir: Path, iteration: int, scalars: dict[str, float], pictures: dict,
+             vis_interval: int) -> None:
+    """TensorBoard ``scalars`` of one step; every ``vis_interval`` steps the pictures of its first pair too."""
+    from vis import save_pair_pictures
+
+    for key, value in scalars.items():
+        writer.add_scalar(key, value, iteration)
+    if vis_interval and iteration % vis_interval == 0:
+        save_pair_pictures(out_dir, f"it{iteration:06d}", **pictures)
+        writer.add_image("pair/field", field_to_rgb(pictures["field"]), iteration, dataformats="HWC")
+        writer.add_image("pair/flicker_target_warped_source",
+                         torch.stack([pictures[k] for k in ("target", "warped", "source")]).clamp(-3, 3)
+                         .div(6).add(0.5), iteration, dataformats="CHW")
+
+
+def train(args, device: str | None = None) -> Path:
+    """Run (or resume) the experiment ``args.name`` on ``device`` (default ``args.device``); returns the archive path.
+
+    Under ``torchrun`` every rank calls it with its own device; see the module docstring.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    device = device or args.device
+    rank0, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    args, model, archive, archive_path, dataset, val_pairs = distributed.from_main(lambda: setup(args))
+    model = model.to(device)
+    val_loader = DataLoader(val_pairs, batch_size=args.batch_size) if rank0 and val_pairs is not None else None
+    out_dir = Path("out") / args.name
+    writer = SummaryWriter(str(Path("runs") / args.name)) if rank0 else None
     history: dict[str, list[float]] = archive["history"]
     iteration, start_epoch = archive["iteration"], archive["epoch"]
     optimizer, stage = None, None
-    print(f"training {args.name}: {len(dataset)} pairs from {dataset_path}, {args.size} levels, "
-          f"epochs {start_epoch}..{args.epochs - 1}, device {args.device}")
+    if rank0:
+        print(f"training {args.name}: {len(dataset)} pairs from {args.dataset}, {args.size} levels, "
+              f"epochs {start_epoch}..{args.epochs - 1}, device {device}"
+              + (f", {world} processes of {args.batch_size // world} pairs a step" if world > 1 else ""))
     for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed * 100003 + epoch)  # each epoch reproducible on its own: exact resume
+        # each epoch reproducible on its own (exact resume); each rank draws its own augmentations
+        seed_everything((args.seed * 100003 + epoch) * world + rank)
         new_stage = stage_for_epoch(epoch, args.size, args.trunc, args.skip, args.fall_time, args.fine_tuning)
         if new_stage != stage:
             stage = new_stage
             params = set_trainable(model, stage)
+            # DDP syncs the parameters trainable when it wraps, so wrap per stage; each of them reaches the loss
+            # (every encoder level runs; a stage's aligners are at or above its level): no unused parameters
+            stepper = distributed.wrap(model, device)
             lr = args.lr * (args.fine_tuning_lr_factor if args.fine_tuning else 1)
             optimizer = torch.optim.Adam(params, lr=lr)
             if archive.get("optimizer") and archive.get("stage") == stage.__dict__:
                 optimizer.load_state_dict(archive["optimizer"])
-            print(f"epoch {epoch}: level {stage.level}, training aligners {list(stage.train_levels)}")
-        sampler = RandomSampler(dataset, num_samples=args.epoch_size or len(dataset),
-                                generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                            drop_last=len(dataset) >= args.batch_size, persistent_workers=False)
+            if rank0:
+                print(f"epoch {epoch}: level {stage.level}, training aligners {list(stage.train_levels)}")
+        pairs = epoch_pairs(len(dataset), args.epoch_size, args.seed * 7919 + epoch, rank, world)
+        loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=pairs,
+                            num_workers=args.num_workers, drop_last=len(dataset) >= args.batch_size,
+                            persistent_workers=False)
         sums, count, started = {}, 0, time.time()
         for batch in loader:
-            batch = to_device(batch, args.device)
-            cost, log, pictures = pair_terms(model, batch, args, stage.level)
+            batch = to_device(batch, device)
+            cost, log, pictures = pair_terms(stepper, batch, args, stage.level)
             optimizer.zero_grad(set_to_none=True)
-            cost.backward()
+            cost.backward()  # under DDP: gradients averaged over the ranks
             if args.clip:
                 torch.nn.utils.clip_grad_norm_(params, args.clip)
             optimizer.step()
             iteration += 1
+            count += 1
+            log = distributed.mean_over_ranks(log)  # the whole batch's (each rank's share counts equally)
             for key, value in log.items():
                 sums[key] = sums.get(key, 0.0) + value
-                writer.add_scalar(f"loss/{key}", value, iteration)
-            for level, residual in pictures.pop("residuals").items():
-                writer.add_scalar(f"field/level{level}_residual_px", float(residual.norm(dim=1).mean()), iteration)
-            count += 1
-            if args.vis_interval and iteration % args.vis_interval == 0:
-                save_pair_pictures(out_dir, f"it{iteration:06d}", **pictures)
-                writer.add_image("pair/field", field_to_rgb(pictures["field"]), iteration, dataformats="HWC")
-                writer.add_image("pair/flicker_target_warped_source",
-                                 torch.stack([pictures[k] for k in ("target", "warped", "source")]).clamp(-3, 3)
-                                 .div(6).add(0.5), iteration, dataformats="CHW")
+            residuals = {f"field/level{level}_residual_px": float(residual.norm(dim=1).mean())
+                         for level, residual in pictures.pop("residuals").items()}
+            scalars = {**{f"loss/{k}": v for k, v in log.items()}, **distributed.mean_over_ranks(residuals)}
+            if rank0:
+                log_step(writer, out_dir, iteration, scalars, pictures, args.vis_interval)
         means = {k: v / max(count, 1) for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in means.values()):
+        if not all(math.isfinite(v) for v in means.values()):  # the same on every rank: all stop
             raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {archive_path} keeps the last "
                             "finite epoch: resume with a lower --lr or --clip")
-        if val_loader is not None:
-            means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, args.device).items()})
-        for key, value in means.items():
-            history.setdefault(key, []).append(value)
-            writer.add_scalar(f"epoch/{key}", value, epoch)
-        writer.add_scalar("epoch/lr", optimizer.param_groups[0]["lr"], epoch)
-        print(f"epoch {epoch} level {stage.level}: " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
-              + f" ({count / max(time.time() - started, 1e-9):.2f} it/s)")
-        early = iteration < args.collapse_after or (stage.level == args.size - 1 and epoch < args.fall_time)
-        if count and not early and collapsed(means["field_px"], means["similarity"],
-                                                          means["identity"]):
-            message = (f"COLLAPSE: epoch {epoch}: mean |field| {means['field_px']:.3f} px while similarity "
-                       f"{means['similarity']:.4g} stays at the unaligned {means['identity']:.4g}; the net outputs "
-                       "the zero field. Stop and re-tune (e.g. lower --lambda1, raise --lr).")
-            print(message, file=sys.stderr)
-            writer.add_text("warnings/collapse", message, epoch)
-        state = dict(args=vars(args).copy(), epoch=epoch + 1, iteration=iteration, history=history,
-                     optimizer=optimizer.state_dict(), stage=stage.__dict__, lineage=archive["lineage"],
-                     code_version=code_version(), finished=epoch + 1 >= args.epochs)
-        state["summary"] = summary(args, history, iteration)
-        save_archive(archive_path, model, **state)
-        archive.update(state)
-    writer.close()
-    print(f"saved {archive_path}")
+        if rank0:
+            if val_loader is not None:
+                means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, device).items()})
+            for key, value in means.items():
+                history.setdefault(key, []).append(value)
+                writer.add_scalar(f"epoch/{key}", value, epoch)
+            writer.add_scalar("epoch/lr", optimizer.param_groups[0]["lr"], epoch)
+            print(f"epoch {epoch} level {stage.level}: " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+                  + f" ({count / max(time.time() - started, 1e-9):.2f} it/s)")
+            early = iteration < args.collapse_after or (stage.level == args.size - 1 and epoch < args.fall_time)
+            if count and not early and collapsed(means["field_px"], means["similarity"], means["identity"]):
+                message = (f"COLLAPSE: epoch {epoch}: mean |field| {means['field_px']:.3f} px while similarity "
+                           f"{means['similarity']:.4g} stays at the unaligned {means['identity']:.4g}; the net "
+                           "outputs the zero field. Stop and re-tune (e.g. lower --lambda1, raise --lr).")
+                print(message, file=sys.stderr)
+                writer.add_text("warnings/collapse", message, epoch)
+            state = dict(args=vars(args).copy(), epoch=epoch + 1, iteration=iteration, history=history,
+                         optimizer=optimizer.state_dict(), stage=stage.__dict__, lineage=archive["lineage"],
+                         code_version=code_version(), finished=epoch + 1 >= args.epochs)
+            state["summary"] = summary(args, history, iteration)
+            save_archive(archive_path, model, **state)
+            archive.update(state)
+        distributed.barrier()  # the other ranks wait while rank 0 validates and saves
+    if rank0:
+        writer.close()
+        print(f"saved {archive_path}")
     return archive_path
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
     args.device = str(args.device)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but CUDA is not available here")
-    return train(args)
+    with distributed.process_group(args.device) as device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but CUDA is not available here")
+        return train(args, device)
 
 
 if __name__ == "__main__":
