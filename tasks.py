@@ -1,0 +1,379 @@
+"""Aligning a large volume as tasks on a queue (python-task-queue): blocks, a stitch, renders.
+
+    python align.py ... --block 10 --queue fq:///shared/queue   # the driver: enqueues each phase, waits for it
+    python align.py worker --queue fq:///shared/queue           # any number of workers that see the queue and DEST
+
+The z range ``[z_start, z_stop)`` is cut into blocks of ``block`` sections that share their boundary
+section: block b holds sections ``s_b..e_b``, with ``s_0 = z_start`` and ``s_{b+1} = e_b``.
+
+Frames. A field pulls a raw section into a frame (``helpers``: ``warp(raw_z, field)`` lies in it). The
+*reference* ``r_b`` of block b is its first non-blank section (usually ``s_b``); ``r_0`` is the fixed
+section of the whole range, as in a serial alignment. ``G_z`` pulls raw z into the raw frame of its
+block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of ``r_0``, and
+``F_z = compose(G_z, C_b)`` pulls raw z into the frame of ``r_0``: the output.
+
+1. **Block tasks**, one per block, in parallel. ``alignment.align_serial`` (with ``vote`` or
+   ``raw_neighbour``) aligns the block's raw sections one after another, keeping ``r_b`` fixed, and
+   writes each ``G_z`` (z > s_b, z != r_b) to ``DEST/block_field``; the network runs on overlapping xy
+   chunks whose overlap is cropped (``alignment.pair_field``). A block whose last section is blank
+   carries on to the next non-blank one, so the next block's reference is always aligned by a block.
+2. **Stitch tasks**, one per xy chunk, each a short sequential chain over the block boundaries:
+   ``C_0 = 0``, ``C_b = compose(G^{b-1}_{r_b}, C_{b-1})`` where ``G^{b-1}_{r_b}`` is the field block b-1
+   found for ``r_b`` (zero when ``r_b = r_{b-1}``, i.e. block b-1 had only blank sections), written to
+   ``DEST/block_frame`` at z = ``s_b``.
+3. **Render tasks**, one per section and xy chunk, in parallel: ``F_z = compose(G_z, C_b)`` for the block b
+   that owns z (block 0 owns ``s_0..e_0``, block b > 0 owns ``s_b+1..e_b``); the raw chunk, read with a
+   margin of the largest ``|F_z|`` in the chunk plus 1 px, is warped by ``F_z`` into ``DEST/image``, and
+   ``F_z`` goes to ``DEST/field``. Blank sections come out blank with the zero field.
+
+No seam shows at block boundaries. The boundary section ``s_b`` is aligned once, by block b-1, and
+block b aligns its sections onto that same raw section, so ``F`` chains the two fields by composition,
+which is exact up to interpolation: there is no correction to fade in over a few sections. (A fade
+is what a per-block *solve* would need, whose blocks each end up in their own frame and disagree at
+the shared section.) What differs from one serial run: section ``s_b+1`` is aligned onto raw ``s_b``
+rather than onto ``s_b`` resampled into the first frame, and with ``vote`` K the first sections of a
+block vote over fewer than K targets. With one block (``block`` = the whole range) the result is the
+serial alignment: ``C_0 = 0`` and ``compose(G, 0)`` is skipped, so ``F = G`` exactly.
+
+Progress markers under ``DEST/progress/`` (tasks are idempotent: they write their output chunks and
+these markers, nothing else, so a task run twice does no harm):
+
+* ``block/S/Z``: section Z of the block that starts at S is aligned (``done`` or ``blank``); an
+  interrupted block task resumes after the last marked section;
+* ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
+* ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it).
+
+Running. ``run_in_process`` runs the phases' tasks one after another in this process, in order;
+``run_queued`` inserts a phase into a queue (``fq://FOLDER``: files in a folder every worker sees;
+``sqs://NAME``: Amazon SQS), waits until the queue is empty, then inserts the next. ``work`` leases a
+task for ``lease_seconds`` and runs it; a task that fails (its traceback is printed) or whose worker
+dies stays on the queue and is leased again once its lease runs out, and a finished one is deleted.
+Choose the lease longer than the longest task (a block), or a second worker starts the same task
+meanwhile (harmless but wasted). One queue per run: the driver waits for the queue to empty.
+
+``SEAMLESS_TASK_SLEEP`` (seconds; for tests): a worker sleeps that long after leasing each task and
+before running it, so a test can kill it in the middle of a task.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from cloudfiles import CloudFiles
+from taskqueue import TaskQueue, queueable
+from tqdm import tqdm
+
+import volume
+from alignment import align_serial, apply_field, is_blank
+from helpers import UserError, compose
+from models.archive import load_archive
+
+LAYER_CHUNK = 256  # xy storage chunk of the layers align.py creates; task chunks are multiples of it
+POLL_SECONDS = 1.0  # how often the driver looks at the queue
+SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in voxels (x1, y1 exclusive)
+Phase = tuple[str, list[Callable[[], None]]]  # a name and its tasks
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a task needs, as plain JSON values (each task's payload carries it)."""
+
+    archive: str  # network archive (absolute path)
+    source: str  # raw image volume (cloudpath)
+    dest: str  # destination folder (cloudpath): image, field, block_field, block_frame, progress
+    mip: int  # the source's mip to align at
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 of the region (voxels of mip)
+    z_start: int
+    z_stop: int  # one past the last section
+    block: int  # sections per block, >= 2 (consecutive blocks share one)
+    chunk: int  # alignment.pair_field's chunk and overlap (px)
+    overlap: int
+    vote: int  # alignment.align_serial's vote and to_raw_neighbour
+    raw_neighbour: bool
+    xy_chunk: int  # xy size of stitch and render tasks (px, a multiple of LAYER_CHUNK)
+    device: str | None = None  # None: cuda where the task runs if it has one, else cpu
+
+    def __post_init__(self):  # a payload read back from JSON holds a list
+        object.__setattr__(self, "bbox", tuple(self.bbox))
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """``(s_b, e_b)`` of every block (inclusive); a range of one section is one block of one section."""
+        last = self.z_stop - 1
+        return [(s, min(s + self.block - 1, last)) for s in range(self.z_start, max(last, self.z_start + 1),
+                                                                  self.block - 1)]
+
+    def owner(self, z: int) -> int:
+        """Index of the block that owns section z (block 0 owns ``s_0..e_0``, block b > 0 ``s_b+1..e_b``)."""
+        return max(z - self.z_start - 1, 0) // (self.block - 1)
+
+    def chunk_corners(self) -> list[tuple[int, int]]:
+        """Corners ``(x, y)`` of the ``xy_chunk``-sized chunks that tile ``bbox``."""
+        x0, y0, x1, y1 = self.bbox
+        return [(x, y) for y in range(y0, y1, self.xy_chunk) for x in range(x0, x1, self.xy_chunk)]
+
+    def chunk_box(self, x: int, y: int) -> Box:
+        """The chunk at corner ``(x, y)``, clipped to ``bbox`` (the last row and column may be smaller)."""
+        return x, y, min(x + self.xy_chunk, self.bbox[2]), min(y + self.xy_chunk, self.bbox[3])
+
+
+# ------------------------------------------------------------------------------ reading and writing
+@functools.lru_cache(maxsize=32)
+def _layer(cloudpath: str, mip: int = 0):
+    return volume.open_volume(cloudpath, mip)
+
+
+def _dest(job: Job, name: str):
+    """``DEST/name``, a layer of one mip (the source's ``job.mip``)."""
+    return _layer(f"{job.dest}/{name}")
+
+
+def _progress(job: Job) -> CloudFiles:
+    return CloudFiles(f"{job.dest}/progress")
+
+
+def _read(vol, z: int, box: Box) -> np.ndarray:
+    """``[C, Y, X]`` of section z over ``box``."""
+    x0, y0, x1, y1 = box
+    return volume.read(vol, (x0, y0, z), (x1 - x0, y1 - y0, 1))[0]
+
+
+def _read_field(vol, z: int, box: Box) -> torch.Tensor:
+    return torch.from_numpy(_read(vol, z, box))
+
+
+def _write(vol, array: np.ndarray, z: int, box: Box) -> None:
+    """Write ``[C, Y, X]`` as section z at the corner of ``box``."""
+    volume.write(vol, np.ascontiguousarray(array)[None], (box[0], box[1], z))
+
+
+# ----------------------------------------------------------------------------- fields on chunks
+def _shape(box: Box) -> tuple[int, int]:
+    """``(rows, columns)`` of a box."""
+    return box[3] - box[1], box[2] - box[0]
+
+
+def _margin(field: torch.Tensor) -> int:
+    """The largest ``|displacement|`` of a field ``[2, h, w]`` (px) rounded up, plus 1 px."""
+    return math.ceil(float(field.abs().max())) + 1
+
+
+def _grown(box: Box, margin: int, bbox: Box) -> Box:
+    """``box`` grown by ``margin`` px on every side, clipped to ``bbox``."""
+    return (max(box[0] - margin, bbox[0]), max(box[1] - margin, bbox[1]),
+            min(box[2] + margin, bbox[2]), min(box[3] + margin, bbox[3]))
+
+
+def _embed(field: torch.Tensor, box: Box, window: Box) -> torch.Tensor:
+    """A field ``[2, h, w]`` over ``box`` placed in zeros ``[2, H, W]`` over ``window`` (which contains box)."""
+    out = torch.zeros(2, *_shape(window))
+    out[:, box[1] - window[1]:box[3] - window[1], box[0] - window[0]:box[2] - window[0]] = field
+    return out
+
+
+def _crop(array, box: Box, window: Box):
+    """The part over ``box`` of an array or tensor ``[..., H, W]`` over ``window``."""
+    return array[..., box[1] - window[1]:box[3] - window[1], box[0] - window[0]:box[2] - window[0]]
+
+
+def compose_chunk(first_layer, z: int, then: torch.Tensor, box: Box, bbox: Box) -> torch.Tensor:
+    """``helpers.compose(f, then)`` over ``box``, ``f`` the field ``[2, ...]`` of ``first_layer`` at section z.
+
+    then: ``[2, h, w]`` px over ``box``. ``f`` is read over ``box`` grown by the
+    largest ``|then|`` plus 1 px (clipped to ``bbox``, where ``compose`` reads
+    the border as it does on a whole section). ``then == 0`` returns ``f`` as read.
+    """
+    if not then.any():
+        return _read_field(first_layer, z, box)
+    window = _grown(box, _margin(then), bbox)
+    first = _read_field(first_layer, z, window)
+    return _crop(compose(first[None], _embed(then, box, window)[None])[0], box, window)
+
+
+def warp_chunk(source, z: int, field: torch.Tensor, box: Box, bbox: Box) -> np.ndarray:
+    """Section z of ``source`` over ``box`` pulled through ``field`` ``[2, h, w]`` (px): uint8 ``[h, w]``.
+
+    The raw section is read over ``box`` grown by the largest ``|field|`` plus 1 px
+    (clipped to ``bbox``; beyond it is missing data, as for a whole section).
+    """
+    window = _grown(box, _margin(field), bbox)
+    raw = _read(source, z, window)[0]
+    return _crop(apply_field(raw, _embed(field, box, window)), box, window)
+
+
+# ------------------------------------------------------------------------------------- the tasks
+@functools.lru_cache(maxsize=2)
+def _load(archive: str, modified_ns: int, device: str):
+    model, _ = load_archive(archive, device)
+    return model.eval()
+
+
+def model_of(job: Job):
+    """The job's network on its device (loaded once per process, again if the archive file changes)."""
+    device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    archive = Path(job.archive)
+    return _load(job.archive, archive.stat().st_mtime_ns if archive.is_file() else 0, device)
+
+
+def _summary(job: Job, first: int) -> dict:
+    """The finished-block marker of the block starting at ``first``; ``RuntimeError`` if it is not finished."""
+    last = dict(job.blocks())[first]
+    summary = _progress(job).get_json(f"block/{first}-{last}")
+    if summary is None:
+        raise RuntimeError(f"block {first}..{last} of {job.dest} is not aligned yet")
+    return summary
+
+
+@queueable
+def block_task(job: dict, first: int) -> None:
+    """Phase 1: align the block starting at section ``first`` into ``DEST/block_field`` (module docstring).
+
+    Skipped if the block is marked finished; resumes after its last marked section.
+    """
+    job = Job(**job)
+    last = dict(job.blocks())[first]
+    marks = _progress(job)
+    if marks.exists(f"block/{first}-{last}"):
+        return
+    found = {int(m["path"].rsplit("/", 1)[1]): m["content"] == b"blank"
+             for m in marks.get(list(marks.list(prefix=f"block/{first}/")))}
+    start = next(z for z in itertools.count(first) if z not in found)
+    blank = {z: found[z] for z in range(first, start)}  # z -> blank, of the sections aligned or read so far
+    reference = min((z for z in blank if not blank[z]), default=None)
+    source, fields = _layer(job.source, job.mip), _dest(job, "block_field")
+
+    def aligned_before(z: int) -> tuple:  # (raw, aligned, G_z) of a section this block aligned before
+        raw = _read(source, z, job.bbox)[0]
+        g = torch.zeros(2, *raw.shape) if z == reference else _read_field(fields, z, job.bbox)
+        return raw, apply_field(raw, g), g
+
+    before = [aligned_before(z) for z in [z for z in blank if not blank[z]][-job.vote:]]
+
+    def sections():  # raw sections from ``start``; past ``last`` only while the one before is blank
+        z = start
+        while z < job.z_stop and (z <= last or blank[z - 1]):
+            raw = _read(source, z, job.bbox)[0]
+            blank[z] = is_blank(raw)  # as align_serial decides
+            yield raw
+            z += 1
+
+    results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.chunk,
+                           job.overlap)
+    for z, (_, g) in enumerate(results, start):
+        if reference is None and not blank[z]:
+            reference = z
+        if z > first and z != reference:
+            _write(fields, g.numpy().astype(np.float32), z, job.bbox)
+        marks.put(f"block/{first}/{z}", b"blank" if blank[z] else b"done")
+    marks.put_json(f"block/{first}-{last}", {"reference": reference, "blank": [z for z in blank if blank[z]]})
+
+
+@queueable
+def stitch_task(job: dict, x: int, y: int) -> None:
+    """Phase 2: every block's ``C_b`` over the xy chunk at corner ``(x, y)``, into ``DEST/block_frame``."""
+    job = Job(**job)
+    box = job.chunk_box(x, y)
+    fields, frames = _dest(job, "block_field"), _dest(job, "block_frame")
+    frame, previous = torch.zeros(2, *_shape(box)), None
+    for first, _ in job.blocks():
+        reference = _summary(job, first)["reference"]
+        if reference is None:  # only blank sections from here on
+            break
+        if previous is not None and reference != previous:
+            frame = compose_chunk(fields, reference, frame, box, job.bbox)
+        _write(frames, frame.numpy(), first, box)
+        previous = reference
+
+
+@queueable
+def render_task(job: dict, z: int, x: int, y: int) -> None:
+    """Phase 3: section z over the xy chunk at corner ``(x, y)`` into ``DEST/image`` and ``DEST/field``."""
+    job = Job(**job)
+    box = job.chunk_box(x, y)
+    first = job.blocks()[job.owner(z)][0]
+    summary = _summary(job, first)
+    if z in summary["blank"]:
+        image, field = np.zeros(_shape(box), np.uint8), torch.zeros(2, *_shape(box))
+    else:
+        frame, fields = _read_field(_dest(job, "block_frame"), first, box), _dest(job, "block_field")
+        field = frame if z == summary["reference"] else compose_chunk(fields, z, frame, box, job.bbox)
+        image = warp_chunk(_layer(job.source, job.mip), z, field, box, job.bbox)
+    _write(_dest(job, "image"), image[None], z, box)
+    _write(_dest(job, "field"), field.numpy().astype(np.float32), z, box)
+
+
+# ------------------------------------------------------------------------------------ the driver
+def phases(job: Job, sections: list[int]) -> list[Phase]:
+    """The three phases' tasks (each a call with no arguments) that align ``job`` and render ``sections``."""
+    payload, corners = asdict(job), job.chunk_corners()
+    return [("blocks", [functools.partial(block_task, payload, first) for first, _ in job.blocks()]),
+            ("stitch", [functools.partial(stitch_task, payload, x, y) for x, y in corners]),
+            ("render", [functools.partial(render_task, payload, z, x, y) for z in sections for x, y in corners])]
+
+
+def blank_sections(job: Job) -> list[int]:
+    """The blank sections of the range (left blank, zero field), once every block is finished."""
+    return sorted({z for first, _ in job.blocks() for z in _summary(job, first)["blank"]})
+
+
+def run_in_process(all_phases: list[Phase]) -> None:
+    """Run every task here, phase after phase, in order."""
+    for name, calls in all_phases:
+        for call in tqdm(calls, desc=name, unit="task"):
+            call()
+
+
+def run_queued(queue: TaskQueue, all_phases: list[Phase]) -> None:
+    """Insert each phase into ``queue`` (``open_queue``) and wait until the workers have emptied it."""
+    for name, calls in all_phases:
+        queue.insert(calls)
+        total = queue.enqueued  # this phase's tasks and any left by an interrupted run before
+        with tqdm(total=total, desc=f"{name} (queued)", unit="task") as bar:
+            empty_polls = 0
+            while empty_polls < 2:  # twice in a row: a cloud queue's counts lag a little
+                left = queue.enqueued
+                empty_polls = empty_polls + 1 if left == 0 else 0
+                bar.update(max(total - left - bar.n, 0))
+                if empty_polls < 2:
+                    time.sleep(POLL_SECONDS)
+
+
+def open_queue(spec: str, create: bool) -> TaskQueue:
+    """The task queue ``fq://FOLDER`` or ``sqs://NAME``; an ``fq://`` folder must exist unless ``create``."""
+    if not spec.startswith(("fq://", "sqs://")):
+        raise UserError(f"--queue {spec}: use fq://FOLDER (a folder every worker sees) or sqs://NAME (Amazon SQS)")
+    if spec.startswith("fq://") and not create and not Path(spec[len("fq://"):]).expanduser().is_dir():
+        raise UserError(f"no queue at {spec} (align.py --queue {spec} creates it)")
+    try:
+        return TaskQueue(spec, progress=False)
+    except Exception as err:  # credentials, network, a path that cannot be created: one line
+        raise UserError(f"cannot open queue {spec}: {type(err).__name__}: {err}") from None
+
+
+def work(spec: str, lease_seconds: int) -> None:
+    """A worker: lease tasks from the queue ``spec`` and run them until interrupted (Ctrl-C)."""
+    queue = open_queue(spec, create=False)
+    pause = float(os.environ.get(SLEEP_VARIABLE, 0))
+
+    def announce(task) -> None:
+        print(f"running {task.key[1]}{tuple(task.args[1:])}", flush=True)
+        time.sleep(pause)
+
+    print(f"worker {os.getpid()} polling {spec}", flush=True)
+    while True:
+        try:
+            queue.poll(lease_seconds=lease_seconds, before_fn=announce, tally=True)
+            return  # interrupted
+        except Exception:  # the task stays on the queue: leased again when its lease runs out
+            traceback.print_exc()
+            print(f"task failed; it is retried in {lease_seconds} s", flush=True)

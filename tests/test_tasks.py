@@ -1,0 +1,210 @@
+"""tasks.py and align.py --block / --queue / worker: the block layout, chunked composition, a blocked run equal
+to the serial one, and a queued run (a worker and the driver killed on the way) equal to the in-process one."""
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import align
+import alignment
+import tasks
+import volume
+from conftest import ROOT, run_script
+from helpers import UserError, compose
+from models.archive import save_archive
+from test_alignment import random_net
+
+SHIFTS = [(0, 0), (2, -1), (3, 1), (1, 4), (-2, 3), (0, 0), (4, -2), (5, 1), (3, 3), (-1, 2)]  # px (x, y) of z
+BLANK = [2, 4, 5, 6]  # --block 3 on 0..9: blocks 0-2, 2-4, 4-6, 6-8, 8-9; block 2-4 starts blank and carries on
+USABLE = [0, 1, 3, 7, 8, 9]  # to 7 (its end is blank too), block 4-6 is all blank, block 6-8's reference is 7
+
+
+def job(**changes) -> tasks.Job:
+    values = dict(archive="a.pt", source="file:///s", dest="file:///d", mip=0, bbox=(0, 0, 64, 64), z_start=2,
+                  z_stop=8, block=3, chunk=32, overlap=32, vote=1, raw_neighbour=False, xy_chunk=256)
+    return tasks.Job(**{**values, **changes})
+
+
+def test_block_layout_shares_boundary_sections_and_each_section_has_one_owner():
+    assert job().blocks() == [(2, 4), (4, 6), (6, 7)]
+    assert [job().owner(z) for z in range(2, 8)] == [0, 0, 0, 1, 1, 2]
+    assert job(block=6).blocks() == [(2, 7)] and job(block=2).blocks() == [(2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]
+    assert job(z_start=5, z_stop=6, block=2).blocks() == [(5, 5)]
+    assert job(bbox=(0, 100, 600, 300)).chunk_corners() == [(0, 100), (256, 100), (512, 100)]
+    assert job(bbox=(0, 100, 600, 300)).chunk_box(512, 100) == (512, 100, 600, 300)
+
+
+def smooth(shape, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(shape[0], 1, 6, 6, generator=g) * 2 - 1
+    return scale * torch.nn.functional.interpolate(coarse, size=shape[1:], mode="bicubic", align_corners=False)[:, 0]
+
+
+def layer(path, array):
+    """A file:// layer holding ``array [Z, C, Y, X]`` with 32 px chunks."""
+    vol = volume.create_volume("file://" + str(path), array.shape[:1:-1] + array.shape[:1], str(array.dtype),
+                               array.shape[1], chunk=(32, 32, 1))
+    volume.write(vol, array, (0, 0, 0))
+    return vol
+
+
+def test_chunked_compose_and_warp_equal_whole_section(tmp_path):
+    """Chunks read with a margin of the largest displacement + 1 px give the whole-section result."""
+    f, g = smooth((2, 96, 96), 0, 12.0)[None], smooth((2, 96, 96), 1, 9.0)[None]
+    raw = (smooth((1, 96, 96), 2, 100.0) + 128).round().clamp(1, 255).to(torch.uint8)
+    raw[:, :, 80:] = 0  # missing data
+    f_layer, raw_layer = layer(tmp_path / "f", f.numpy()), layer(tmp_path / "raw", raw[None].numpy())
+    whole_field = compose(f, g)[0]
+    whole_image = alignment.apply_field(raw[0].numpy(), whole_field)
+    bbox = (0, 0, 96, 96)
+    for x in (0, 32, 64):
+        for y in (0, 32, 64):
+            box = (x, y, x + 32, y + 32)
+            part = tasks.compose_chunk(f_layer, 0, g[0, :, y:y + 32, x:x + 32], box, bbox)
+            assert (part - whole_field[:, y:y + 32, x:x + 32]).abs().max() < 1e-3
+            image = tasks.warp_chunk(raw_layer, 0, whole_field[:, y:y + 32, x:x + 32], box, bbox)
+            assert np.abs(image.astype(int) - whole_image[y:y + 32, x:x + 32]).max() <= 1
+    zero = torch.zeros(2, 32, 32)
+    assert torch.equal(tasks.compose_chunk(f_layer, 0, zero, (32, 0, 64, 32), bbox), f[0, :, :32, 32:64])
+
+
+def shifted_stack():
+    """Raw sections 64 x 64: one random texture moved by SHIFTS (periodically), BLANK sections all 0."""
+    base = np.random.default_rng(0).integers(1, 256, (64, 64), dtype=np.uint8)
+    stack = np.stack([np.roll(base, (dy, dx), axis=(0, 1)) for dx, dy in SHIFTS])
+    stack[BLANK] = 0
+    return stack
+
+
+def phase_correlation(model, source, target, *args):
+    """A stand-in aligner: the integer shift that pulls ``source`` onto ``target`` (exact for these stacks)."""
+    s = torch.from_numpy(source).double()
+    t = torch.from_numpy(target).double()
+    s, t = s - s.mean(), (t - t[t > 0].mean()) * (t > 0)
+    score = torch.fft.irfft2(torch.fft.rfft2(s) * torch.fft.rfft2(t).conj(), s=s.shape)
+    dy, dx = np.unravel_index(int(score.argmax()), score.shape)
+    size = source.shape[0]
+    shift = torch.tensor([(dx + size // 2) % size - size // 2, (dy + size // 2) % size - size // 2])
+    return shift.float().view(2, 1, 1).expand(2, *source.shape).clone()
+
+
+@pytest.fixture
+def shifted(tmp_path, monkeypatch):
+    monkeypatch.setattr(alignment, "pair_field", phase_correlation)
+    layer(tmp_path / "raw", shifted_stack()[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "10"]
+    return lambda dest, *extra: align.main(common + ["--dest", str(tmp_path / dest), *extra])
+
+
+def read_dest(dest, z_stop=10):
+    """``(image, field)`` of the 64 x 64 sections ``0..z_stop-1`` of an align.py destination."""
+    return [volume.read(volume.open_volume(str(dest / name)), (0, 0, 0), (64, 64, z_stop))
+            for name in ("image", "field")]
+
+
+def test_blocked_run_equals_serial_run_with_exact_shifts(shifted, tmp_path, monkeypatch):
+    shifted("serial")
+    shifted("blocked", "--block", "3")
+    (serial_image, serial_field), (image, field) = read_dest(tmp_path / "serial"), read_dest(tmp_path / "blocked")
+    truth = torch.tensor(SHIFTS, dtype=torch.float32) - torch.tensor(SHIFTS[0], dtype=torch.float32)
+    truth[BLANK] = 0
+    assert np.allclose(serial_field, truth.view(10, 2, 1, 1).expand(10, 2, 64, 64).numpy(), atol=1e-4)
+    assert np.allclose(field, serial_field, atol=1e-4) and np.array_equal(image, serial_image)
+    assert not image[BLANK].any() and image[USABLE].reshape(len(USABLE), -1).any(axis=1).all()
+    marks = align.progress_files(str(tmp_path / "blocked"))
+    assert marks.get_json("block/2-4") == {"reference": 3, "blank": [2, 4, 5, 6]}
+    assert marks.get_json("block/4-6") == {"reference": 7, "blank": [4, 5, 6]}
+
+    calls = []  # interrupt block 2-4 at section 7, after its blank 4, 5, 6; the re-run resumes it there
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return phase_correlation(*args)
+
+    monkeypatch.setattr(alignment, "pair_field", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shifted("resumed", "--block", "3")
+    monkeypatch.setattr(alignment, "pair_field", phase_correlation)
+    assert shifted("resumed", "--block", "3")["sections"] == 10
+    resumed_image, resumed_field = read_dest(tmp_path / "resumed")
+    assert np.array_equal(resumed_image, image) and np.array_equal(resumed_field, field)
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def wait_for_line(proc, prefix, timeout):
+    """Read ``proc``'s stdout (in a thread) until a line starts with ``prefix``, within ``timeout`` s."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.time() + timeout
+    while not lines.get(timeout=max(deadline - time.time(), 0.01)).startswith(prefix):
+        pass
+
+
+def start(*argv, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "align.py", *map(str, argv)], cwd=ROOT, text=True,
+                            env={**os.environ, **(env or {})}, **kwargs)
+
+
+def test_queued_run_survives_a_killed_worker_and_a_killed_driver(tmp_path, tiny_volume):
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    spec = "fq://" + str(tmp_path / "queue")
+    common = ["--archive", archive, "--source", tiny_volume[0]["image"], "--chunk", "32", "--overlap", "32",
+              "--z_start", "2", "--z_stop", "8", "--block", "3"]
+    driver_argv = [*common, "--dest", tmp_path / "queued", "--queue", spec]
+    worker_argv = ["worker", "--queue", spec, "--lease_seconds", "2"]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = []
+    try:
+        started.append(start(*driver_argv, **quiet))
+        align.main([str(a) for a in common] + ["--dest", str(tmp_path / "here")])  # meanwhile, in-process
+        wait_for(lambda: any((tmp_path / "queue" / "queue").glob("*.json")), 60, "the driver to enqueue")
+        # worker A sleeps inside its first task and is killed there, and so is the driver
+        doomed = start(*worker_argv, env={tasks.SLEEP_VARIABLE: "600"}, stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL)
+        started.append(doomed)
+        wait_for_line(doomed, "running block_task", 60)
+        for proc in started:
+            proc.send_signal(signal.SIGKILL)
+        # a new driver (enqueues again; what is done is skipped) and worker B, which also runs A's task
+        # once its lease has run out
+        driver = start(*driver_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        started += [driver, start(*worker_argv, **quiet)]
+        out, _ = driver.communicate(timeout=180)
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert driver.returncode == 0 and "aligned 6 sections" in out, out
+    (here_image, here_field), (image, field) = read_dest(tmp_path / "here", 12), read_dest(tmp_path / "queued", 12)
+    assert np.array_equal(image, here_image) and np.array_equal(field, here_field)  # bit for bit
+    assert np.abs(field[3:8]).max() > 0.05  # the random net moves things
+
+
+def test_bad_queue_input_is_a_one_line_error(tmp_path, tiny_volume):
+    result = run_script("align.py", "worker", "--queue", "fq://" + str(tmp_path / "none"))
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: no queue at")
+    assert "\n" not in result.stderr.strip()
+    common = ["--archive", str(tmp_path / "a.pt"), "--source", tiny_volume[0]["image"], "--dest", str(tmp_path / "d"),
+              "--z_start", "0", "--z_stop", "4"]
+    for extra, message in ((["--queue", "redis://q"], "fq://FOLDER"), (["--queue", str(tmp_path)], "fq://FOLDER"),
+                           (["--solve", "--queue", "fq://" + str(tmp_path / "q")], "--solve"),
+                           (["--block", "1"], "--block"), (["--task_chunk", "300"], "--task_chunk")):
+        with pytest.raises(UserError, match=message):
+            align.main(common + extra)
