@@ -64,11 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="align each section to the K aligned sections before it and vote (1 = plain serial)")
     p.add_argument("--solve", action="store_true",
                    help="stack-wide solve over raw neighbour pairs instead of serial alignment")
-    p.add_argument("--neighbours", type=int, default=2, help="--solve: neighbours on each side of a section")
-    p.add_argument("--pull", type=float, default=1.0,
+    p.add_argument("--neighbours", type=int, default=1, help="--solve: neighbours on each side of a section")
+    p.add_argument("--pull", type=float, default=0.1,
                    help="--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)")
     p.add_argument("--robust", type=float, default=4.0,
                    help="--solve: px scale of the robust re-weighting of disagreeing pairs (0 = plain least squares)")
+    p.add_argument("--smooth", type=int, default=0,
+                   help="low-pass every pair field with a box of this radius in px, twice (0 = off)")
     p.add_argument("--block", type=int,
                    help="sections per block aligned independently, consecutive blocks sharing one (>= 2); "
                         "None: the whole range, one block")
@@ -138,8 +140,8 @@ def worker(argv) -> None:
 
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
-    if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.robust < 0:
-        raise UserError("--vote and --neighbours must be >= 1, --pull > 0, --robust >= 0")
+    if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.robust < 0 or args.smooth < 0:
+        raise UserError("--vote and --neighbours must be >= 1, --pull > 0, --robust and --smooth >= 0")
     if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:
         raise UserError("choose one of --raw_neighbour, --vote K, --solve")
     if args.solve and (args.queue or args.block):
@@ -182,7 +184,7 @@ def main(argv=None) -> dict:
                     dest=volume.resolve_path(args.dest.rstrip("/")), mip=args.mip, bbox=(x0, y0, x1, y1),
                     z_start=args.z_start, z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2),
                     chunk=args.chunk, overlap=args.overlap, vote=args.vote, raw_neighbour=args.raw_neighbour,
-                    xy_chunk=args.task_chunk, device=args.device)
+                    smooth=args.smooth, xy_chunk=args.task_chunk, device=args.device)
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
     layers = open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)),
                        ("image", "field") + (() if args.solve else SERIAL_LAYERS))
@@ -204,7 +206,7 @@ def main(argv=None) -> dict:
         todo = list(range(args.z_start, args.z_stop))  # one joint step over the whole range
         raw = np.stack([volume.read(source, (x0, y0, z), (width, height, 1))[0, 0] for z in todo])
         aligned, fields, skipped = align_solved(
-            model, raw, args.neighbours, args.pull, args.robust or None, args.chunk, args.overlap,
+            model, raw, args.neighbours, args.pull, args.robust or None, args.chunk, args.overlap, args.smooth,
             progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
         for z, image, field in zip(todo, aligned, fields):
             volume.write(layers["image"], image[None, None], (x0, y0, z))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from data import normalise, slice_std
+from masks import box_mean
 from helpers import compose, in_frame_of, to_tensor, warp_tissue
 from models import Pyramid
 from solve import neighbour_pairs, solve_stack, vector_vote
@@ -38,13 +39,16 @@ def _padded(section: torch.Tensor, pad: int, multiple: int) -> torch.Tensor:
     return F.pad(section, (pad, pad + right, pad, pad + bottom))
 
 
-def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128) -> torch.Tensor:
+def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128, smooth: int = 0) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
     once as a whole (``data.normalise``), then processed in chunks (module
     docstring). ``chunk`` and ``overlap`` are rounded up to multiples of
-    ``2^(size-1)``; the model's device is used.
+    ``2^(size-1)``; the model's device is used. ``smooth`` > 0 low-passes the
+    field with a box of that radius (px) applied twice (a triangle of half-width
+    2 ``smooth``): misalignment is smooth, and between real neighbours the
+    network's fine detail is mostly tissue change (measured in the README).
     """
     device = next(model.parameters()).device
     unit = 2 ** (model.config["size"] - 1)
@@ -60,7 +64,8 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
             window = (..., slice(y, y + size), slice(x, x + size))
             part = chunk_field(model, src[window], tgt[window])
             field[..., y:y + chunk, x:x + chunk] = part[..., overlap:overlap + chunk, overlap:overlap + chunk]
-    return field[0, :, :h, :w].cpu()
+    field = field[0, :, :h, :w].cpu()
+    return box_mean(box_mean(field, smooth), smooth) if smooth else field
 
 
 def apply_field(section, field: torch.Tensor) -> np.ndarray:
@@ -75,8 +80,8 @@ def is_blank(section, min_std: float = 2.0) -> bool:
 
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
-                 vote: int = 1, chunk: int = 1024, overlap: int = 128,
-                 softness: float = 1.0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 vote: int = 1, chunk: int = 1024, overlap: int = 128, softness: float = 1.0,
+                 smooth: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
@@ -87,7 +92,7 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     fields combined by ``solve.vector_vote``; with ``to_raw_neighbour`` it is
     aligned to the raw section before it and the fields are chained with
     ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
-    zero field and are not aligned to.
+    zero field and are not aligned to. ``chunk``, ``overlap``, ``smooth``: ``pair_field``'s.
     """
     history = list(before or [])[-vote:]  # (raw, aligned, field) of the last usable sections
     for section in sections:
@@ -99,11 +104,11 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
             field = torch.zeros(2, *shape)
         elif to_raw_neighbour:
             previous_raw, _, previous_field = history[-1]
-            pair = pair_field(model, section, previous_raw, chunk, overlap)
+            pair = pair_field(model, section, previous_raw, chunk, overlap, smooth)
             field = compose(pair[None], previous_field[None])[0]
         else:
             targets = [aligned for _, aligned, _ in history[-vote:]]
-            candidates = torch.stack([pair_field(model, section, t, chunk, overlap) for t in targets])
+            candidates = torch.stack([pair_field(model, section, t, chunk, overlap, smooth) for t in targets])
             valid = torch.from_numpy(np.stack(targets) > 0)
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
         aligned = apply_field(section, field)
@@ -111,8 +116,8 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
         history = (history + [(section, aligned, field)])[-max(vote, 1):]
 
 
-def align_solved(model: Pyramid, sections, neighbours: int = 2, pull: float = 1.0, robust: float | None = 4.0,
-                 chunk: int = 1024, overlap: int = 128,
+def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.1, robust: float | None = 4.0,
+                 chunk: int = 1024, overlap: int = 128, smooth: int = 0,
                  progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
@@ -122,7 +127,8 @@ def align_solved(model: Pyramid, sections, neighbours: int = 2, pull: float = 1.
     and the result is expressed in the frame of the first usable section (as a
     serial alignment keeps it). Returns ``(aligned uint8 [Z, H, W], fields
     [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections (left blank, zero
-    field). ``progress(pairs)`` may wrap the iteration over pairs (e.g. tqdm).
+    field). ``chunk``, ``overlap``, ``smooth``: ``pair_field``'s; ``progress(pairs)``
+    may wrap the iteration over pairs (e.g. tqdm).
     """
     sections = np.asarray(sections)
     count, shape = len(sections), sections.shape[-2:]
@@ -131,7 +137,7 @@ def align_solved(model: Pyramid, sections, neighbours: int = 2, pull: float = 1.
     fields = torch.zeros(count, 2, *shape)
     if len(usable) > 1:
         pairs = neighbour_pairs(count, neighbours, set(skipped))
-        pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap)
+        pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap, smooth)
                                    for s, t in (progress or iter)(pairs)])
         weights = torch.from_numpy(sections[[t for _, t in pairs]] > 0).float()  # the target saw tissue
         solved = solve_stack(count, pairs, pair_fields, weights, pull, robust)

@@ -18,6 +18,7 @@ oracle's means the method warps tissue to look like its neighbour.
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 import time
@@ -80,7 +81,7 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     return aligned, fields, seconds
 
 
-def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: float, robust: float):
+def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: float, robust: float, smooth: int):
     """``raw [Z,H,W] -> fields [Z,2,H,W]`` of our network in one of ``VARIANTS`` (e.g. ``vote3``, ``solve2``)."""
     from alignment import align_solved
     from models.archive import load_archive
@@ -89,8 +90,9 @@ def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: f
     model.eval()
     kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
     if kind == "solve":
-        return lambda raw: align_solved(model, raw, int(number or 2), pull, robust or None, chunk, overlap)[1].numpy()
-    options = dict(to_raw_neighbour=kind == "raw", vote=int(number or 1) if kind == "vote" else 1)
+        return lambda raw: align_solved(model, raw, int(number or 1), pull, robust or None, chunk, overlap,
+                                        smooth)[1].numpy()
+    options = dict(to_raw_neighbour=kind == "raw", vote=int(number or 1) if kind == "vote" else 1, smooth=smooth)
     return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, chunk=chunk, overlap=overlap,
                                                                    **options)])
 
@@ -117,8 +119,10 @@ def main(argv=None) -> dict:
                    help="how our network aligns the stack: serial (onto the aligned section before), raw (onto the "
                         "raw section before, fields chained), voteK (onto the K aligned sections before, vector "
                         "voting), solveK (stack-wide solve over K raw neighbours on each side); several to compare")
-    p.add_argument("--pull", type=float, default=1.0, help="solveK: weight of the pull toward zero displacement")
+    p.add_argument("--pull", type=float, default=0.1, help="solveK: weight of the pull toward zero displacement")
     p.add_argument("--robust", type=float, default=4.0, help="solveK: robust re-weighting scale in px (0 = off)")
+    p.add_argument("--smooth", type=int, nargs="+", default=[0],
+                   help="low-pass radii (px) of our pair fields (alignment.pair_field); each is a row")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
@@ -140,12 +144,12 @@ def main(argv=None) -> dict:
     rows["no alignment"] = score_row(stack, raw, zero, 0, oracle_cpc)
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle_cpc)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
-    for variant in (args.ours if args.archive else []):
+    for variant, smooth in itertools.product(args.ours if args.archive else [], args.smooth):
         if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
-        fields_fn = network_fields(args.archive, variant, args.chunk, args.overlap, args.pull, args.robust)
+        fields_fn = network_fields(args.archive, variant, args.chunk, args.overlap, args.pull, args.robust, smooth)
         aligned, fields, seconds = run_method(fields_fn, raw)
-        name = f"ours ({Path(args.archive).stem}, {variant})"
+        name = f"ours ({Path(args.archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''})"
         rows[name] = score_row(stack, aligned, fields, seconds, oracle_cpc)
         hist[name] = evaluate.cpc(aligned)
         print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")

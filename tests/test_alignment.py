@@ -159,3 +159,19 @@ def test_align_vote_and_solve_run_and_resume(setup):
     assert out["sections"] == 6 and np.abs(field[2]).max() < 1e-4 and np.abs(field[3:8]).max() > 0
     with pytest.raises(align.UserError, match="choose one"):
         align.main(common + ["--dest", str(tmp / "x"), "--z_start", "2", "--z_stop", "8", "--solve", "--vote", "3"])
+
+
+def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
+    shift = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
+    checker = 3.0 * (-1.0) ** torch.arange(64).view(1, 1, 64, 1)  # +-3 px, alternating by row
+
+    def network(model, source, target):
+        return shift.expand_as(checker.expand(1, 2, 64, 64)) + checker
+
+    monkeypatch.setattr(alignment, "chunk_field", network)
+    model = random_net()
+    a, b = sections(2, 64)
+    raw = alignment.pair_field(model, a, b, chunk=64, overlap=0)
+    smoothed = alignment.pair_field(model, a, b, chunk=64, overlap=0, smooth=3)
+    assert (raw - shift[0]).abs().max() == pytest.approx(3.0)
+    assert (smoothed - shift[0])[:, 8:-8].abs().max() < 0.1  # the box is clipped at the edges
