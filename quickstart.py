@@ -2,7 +2,8 @@
 
 1. build the demo volume and its train / test datasets (once; cached in data/);
 2. a short training run from scratch (a new pt/quickstart_<time>.pt, a few minutes);
-3. align the held-out demo sections with the shipped network ``pt/demo.pt``;
+3. align the held-out demo sections with the shipped network ``pt/demo.pt`` (the stack-wide solve
+   over raw neighbour pairs, low-passed: ``align.py --solve --smooth 96``, the demo's best setting);
 4. print the before / after neighbour correlation (CPC) and end-point error (EPE).
 
     .venv/bin/python quickstart.py [--train_epochs 3] [--archive pt/demo.pt]
@@ -40,11 +41,11 @@ def main(argv=None) -> dict:
                     "--lambda_gt", "1", "--lr", "0.001", "--vis_interval", "20", "--val_pairs", "16", name])
 
     z_start, z_stop = demo.TEST_RANGE
-    dest = volume.data_dir() / f"demo_aligned_{Path(args.archive).stem}"
+    dest = volume.data_dir() / f"demo_aligned_{Path(args.archive).stem}_solve_smooth96"
     print(f"\n== 3. align the held-out sections {z_start}..{z_stop - 1} with {args.archive} into {dest}")
     import align
     align.main(["--archive", args.archive, "--source", "demo", "--dest", str(dest), "--z_start", str(z_start),
-                "--z_stop", str(z_stop)])
+                "--z_stop", str(z_stop), "--solve", "--smooth", "96"])
 
     print("\n== 4. before / after (EPE in px against the ground truth, in the first section's frame)")
     return evaluate.main(["--aligned", str(dest), "--raw", "demo", "--truth", "demo", "--z_start", str(z_start),
