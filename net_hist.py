@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from helpers import UserError, run_main
-from models.archive import read_archive
+from models.archive import load_archive, read_archive, save_archive
 
 SHOWN = ("lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
          "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "dataset")
@@ -45,6 +45,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("archive", nargs="?", help="network archive (.pt); without it, list pt/")
     p.add_argument("--plot", help="also draw the loss curves of the whole lineage to this PNG")
+    p.add_argument("--export", help="write a copy without the optimizer state to this path (to ship: a third "
+                                    "of the size; it aligns and fine-tunes as the original does, and a --resume "
+                                    "from it starts the optimizer afresh)")
     args = p.parse_args(argv)
     if args.archive is None:
         print(list_archives(Path("pt")))
@@ -54,6 +57,10 @@ def main(argv=None) -> None:
         raise UserError(f"{args.archive} holds weights but no training history")
     entries = lineage(archive)
     print("\n".join(format_entry(depth, entry) for depth, entry in enumerate(entries)))
+    if args.export:
+        model, _ = load_archive(args.archive)
+        keep = {k: v for k, v in archive.items() if k not in ("kind", "version", "config", "state_dict")}
+        print(f"wrote {save_archive(args.export, model, **{**keep, 'optimizer': None})}")
     if args.plot:
         from vis import plot_loss_curves
         path = plot_loss_curves([(e["name"], e.get("history", {})) for e in entries], args.plot)

@@ -94,6 +94,13 @@ def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
     net_hist.main([str(child)])
     printed = capsys.readouterr().out
     assert printed.index("parent") < printed.index("child") and "lambda1=" in printed
+    # --export: the same network and lineage, no optimizer state, smaller
+    lean = child.parent / "lean.pt"
+    net_hist.main([str(child), "--export", str(lean)])
+    exported_model, exported = load_archive(lean)
+    assert exported["optimizer"] is None and lean.stat().st_size < child.stat().st_size
+    assert [e["name"] for e in net_hist.lineage(exported)] == ["parent", "child"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), exported_model.state_dict().values()))
 
 
 def test_staged_schedule():
