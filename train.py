@@ -110,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_shift", type=float, default=16,
                    help="largest per-section jitter (px at the dataset's mip) the augmentation adds")
     g.add_argument("--max_angle", type=float, default=0.01, help="largest per-section jitter rotation (radians)")
+    g.add_argument("--p_jitter", type=float, default=0.5,
+                   help="probability that each section of a pair is jittered (1: no pair keeps its true field)")
     g.add_argument("--elastic", type=float, default=0.0,
                    help="RMS length (px) of a smooth elastic field (feature size 200 px) added to each jitter, "
                         "as misalign.py misaligns the demo; for --registered datasets")
@@ -378,8 +380,8 @@ def setup(args) -> tuple:
     dataset_path = resolve_dataset(args.dataset, args.hm)
     args.dataset = str(dataset_path)
     check_args(args)
-    augment = None if args.no_augment else Augmenter(max_shift=args.max_shift, max_angle=args.max_angle,
-                                                          elastic_amplitude=args.elastic)
+    augment = None if args.no_augment else Augmenter(p_jitter=args.p_jitter, max_shift=args.max_shift,
+                                                     max_angle=args.max_angle, elastic_amplitude=args.elastic)
     dataset = StackDataset(dataset_path, mask_radius=args.mask_neighborhood_radius, augment=augment,
                            crop=args.crop or None)
     side = args.crop or min(dataset.shape[2:])
