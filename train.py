@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent
 KEY_PARAMS = ("lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
               "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "skip", "k", "corr",
               "similarity", "smoothness", "dataset")
-# flags a resumed run may change; everything else comes from the archive
+# flags a resumed run may change when typed again (the device is always this machine's); the rest comes from the archive
 RESUMABLE = ("epochs", "num_workers", "device", "vis_interval")
 
 
@@ -124,7 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "for a while)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run pt/NAME.pt")
     g.add_argument("--overwrite", action="store_true", help="replace an existing pt/NAME.pt")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    words = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args.typed = [k for k in RESUMABLE if any(w.split("=")[0] == f"--{k}" for w in words)]  # what --resume keeps
+    return args
 
 
 def check_args(args) -> None:
@@ -344,7 +347,7 @@ def prepare(args) -> tuple:
             raise UserError(f"nothing to resume: {archive_path} does not exist")
         model, archive = load_archive(archive_path, "cpu")
         stored = dict(archive["args"])
-        explicit = {k: getattr(args, k) for k in RESUMABLE}
+        explicit = {k: getattr(args, k) for k in {*args.typed, "device"}}  # typed again, or this machine
         args.__dict__.update(stored)
         args.__dict__.update(explicit, resume=True)
         if archive.get("epoch", 0) >= args.epochs:

@@ -64,7 +64,7 @@ def test_rank_0_alone_writes_one_archive_that_loads(runs):
     assert model.config["size"] == 2 and archive["args"]["batch_size"] == 2
     assert len(list((ddp / "runs" / "exp").glob("events.out.tfevents.*"))) == 2  # one per launch, rank 0's
     assert sorted(p.name for p in (ddp / "out" / "exp").glob("*_field.png")) == [
-        f"it{i:06d}_field.png" for i in (4, 8)]  # the resumed run has --vis_interval's default, 100
+        f"it{i:06d}_field.png" for i in (4, 8, 12)]  # the resumed run keeps --vis_interval 4
 
 
 def test_two_processes_train_the_network_one_process_trains(runs):
