@@ -10,8 +10,9 @@ meaning at any crop size; a penalty whose weights are all zero is 0. A
 smoothness term that involves several pixels weighs as little as the least of
 their weights, so the field may tear across a defect of weight 0.
 
-The total cost is ``similarity + lambda1 * smoothness + lambda6 * consensus
-(+ lambda_gt * epe)`` (``total_cost``).
+The total cost is ``lambda0 * similarity + lambda1 * smoothness + lambda6 *
+consensus (+ lambda_gt * epe)`` (``total_cost``); ``lambda0`` is 1 but for
+purely supervised training (0).
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ def epe(field: torch.Tensor, true_field: torch.Tensor, weights: torch.Tensor) ->
 SIMILARITY: dict[str, Callable[..., torch.Tensor]] = {"mse": mse, "ncc": ncc}
 SMOOTHNESS: dict[str, Callable[..., torch.Tensor]] = {
     "jacob": jacob, "lap": lap, "cjacob": cjacob, "tv": tv, "rigidity": rigidity}
-LAMBDAS = {"similarity": None, "smoothness": "lambda1", "consensus": "lambda6", "epe": "lambda_gt"}
+LAMBDAS = {"similarity": "lambda0", "smoothness": "lambda1", "consensus": "lambda6", "epe": "lambda_gt"}
 
 
 def pick(table: Mapping[str, Callable[..., torch.Tensor]], name: str) -> Callable[..., torch.Tensor]:
@@ -217,20 +218,20 @@ def pick(table: Mapping[str, Callable[..., torch.Tensor]], name: str) -> Callabl
 
 def total_cost(terms: Mapping[str, torch.Tensor],
                lambdas: Mapping[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    """``(cost, log)``: ``cost = similarity + lambda1 * smoothness + lambda6 * consensus + lambda_gt * epe``.
+    """``(cost, log)``: ``cost = lambda0 * similarity + lambda1 * smoothness + lambda6 * consensus + lambda_gt * epe``.
 
     terms: scalar tensors named ``similarity``, ``smoothness``, ``consensus``,
-    ``epe`` (any subset, at least one); lambdas: ``lambda1``, ``lambda6``,
-    ``lambda_gt`` for the terms given (e.g. ``vars(args)``). log: each term and
+    ``epe`` (any subset, at least one); lambdas: ``lambda0``, ``lambda1``,
+    ``lambda6``, ``lambda_gt`` for the terms given (e.g. ``vars(args)``). log: each term and
     the ``total`` as floats, for logging.
     """
     unknown = sorted(set(terms) - set(LAMBDAS))
     if unknown or not terms:
         raise ValueError(f"terms must be some of {list(LAMBDAS)}, got {list(terms)}")
-    missing = sorted(LAMBDAS[name] for name in terms if LAMBDAS[name] and LAMBDAS[name] not in lambdas)
+    missing = sorted(LAMBDAS[name] for name in terms if LAMBDAS[name] not in lambdas)
     if missing:
         raise ValueError(f"no value for {', '.join(missing)}")
-    cost = sum(value * (lambdas[LAMBDAS[name]] if LAMBDAS[name] else 1) for name, value in terms.items())
+    cost = sum(value * lambdas[LAMBDAS[name]] for name, value in terms.items())
     log = {name: float(value.detach()) for name, value in terms.items()}
     log["total"] = float(cost.detach())
     return cost, log

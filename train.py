@@ -46,7 +46,7 @@ from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
 ROOT = Path(__file__).resolve().parent
-KEY_PARAMS = ("lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
+KEY_PARAMS = ("lambda0", "lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
               "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "skip", "k", "corr",
               "similarity", "smoothness", "dataset")
 # flags a resumed run may change when typed again (the device is always this machine's); the rest comes from the archive
@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("name", help="experiment name: pt/NAME.pt, runs/NAME, out/NAME")
     g = p.add_argument_group("loss")
+    g.add_argument("--lambda0", type=float, default=1.0,
+                   help="weight of the similarity penalty (0 = supervised only, with --lambda_gt)")
     g.add_argument("--lambda1", type=float, default=0.1, help="weight of the smoothness penalty against similarity")
     g.add_argument("--lambda2", type=float, default=0.04, help="relative smoothness weight near defects")
     g.add_argument("--lambda3", type=float, default=0.0, help="relative smoothness weight inside defects")
@@ -135,8 +137,10 @@ def check_args(args) -> None:
     for i in range(1, 7):
         if getattr(args, f"lambda{i}") < 0:
             raise UserError(f"--lambda{i} must be >= 0 (got {getattr(args, f'lambda{i}')})")
-    if args.lambda_gt < 0:
-        raise UserError("--lambda_gt must be >= 0")
+    if args.lambda_gt < 0 or args.lambda0 < 0:
+        raise UserError("--lambda0 and --lambda_gt must be >= 0")
+    if args.lambda0 == 0 and args.lambda_gt == 0:
+        raise UserError("--lambda0 0 (no similarity penalty) needs --lambda_gt > 0: nothing else teaches the net")
     if args.size < 1:
         raise UserError("--size must be at least 1")
     if not 0 <= args.trunc < args.size:

@@ -159,13 +159,16 @@ def test_penalties_are_chosen_by_name():
 def test_total_cost_weighs_each_term():
     terms = {name: torch.tensor(v, requires_grad=True) for name, v in
              (("similarity", 1.0), ("smoothness", 2.0), ("consensus", 3.0), ("epe", 4.0))}
-    lambdas = {"lambda1": 0.5, "lambda6": 0.25, "lambda_gt": 2.0, "lr": 3e-4}
+    lambdas = {"lambda0": 1.0, "lambda1": 0.5, "lambda6": 0.25, "lambda_gt": 2.0, "lr": 3e-4}
     cost, log = loss.total_cost(terms, lambdas)
     assert cost == 1 + 0.5 * 2 + 0.25 * 3 + 2 * 4
     assert log == {"similarity": 1.0, "smoothness": 2.0, "consensus": 3.0, "epe": 4.0, "total": 10.75}
     cost.backward()
     assert terms["smoothness"].grad == 0.5
-    assert loss.total_cost({"similarity": terms["similarity"]}, {})[0] == 1
+    supervised, log = loss.total_cost(terms, {**lambdas, "lambda0": 0.0})  # similarity logged, not weighed
+    assert supervised == 0.5 * 2 + 0.25 * 3 + 2 * 4 and log["similarity"] == 1.0
+    with pytest.raises(ValueError, match="lambda0"):
+        loss.total_cost({"similarity": terms["similarity"]}, {})
     with pytest.raises(ValueError, match="lambda6"):
         loss.total_cost({"consensus": terms["consensus"]}, {"lambda1": 1})
     with pytest.raises(ValueError, match="terms must be"):

@@ -66,6 +66,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
 @pytest.mark.parametrize("flags, message", [
     (["--size", "2", "--trunc", "2"], "--trunc"),
     (["--lambda1", "-1"], "--lambda1"),
+    (["--lambda0", "0"], "--lambda_gt"),  # supervised only, with no supervision
     (["--fine_tuning"], "--state_archive"),
     (["--state_archive", "missing.pt"], "missing.pt"),
     (["--size", "7"], "2^(size-1)"),  # 32 px sections
