@@ -122,10 +122,11 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
 def print_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
     """A fixed-width table of ``rows`` (name -> measures); returns it as text too."""
     widths = [max(10, len(c) + 2) for c in columns]
-    header = f"{'method':28s}" + "".join(f"{c:>{w}s}" for c, w in zip(columns, widths))
+    first = max([28, *map(len, rows)]) + 1
+    header = f"{'method':{first}s}" + "".join(f"{c:>{w}s}" for c, w in zip(columns, widths))
     lines = [header, "-" * len(header)]
     for name, row in rows.items():
-        lines.append(f"{name:28s}" + "".join(f"{row.get(c, float('nan')):{w}.4g}" for c, w in zip(columns, widths)))
+        lines.append(f"{name:{first}s}" + "".join(f"{row.get(c, float('nan')):{w}.4g}" for c, w in zip(columns, widths)))
     text = "\n".join(lines)
     print(text)
     return text

@@ -107,7 +107,8 @@ def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--archive", help="our network (omit to score only the baselines)")
+    p.add_argument("--archive", nargs="*", default=[],
+                   help="our network(s) (several to compare; omit to score only the baselines)")
     p.add_argument("--real", help="a folder of registered real sections (PNG/TIFF), misaligned as the demo is, "
                                   "instead of the demo volume; --z_start counts files from 0")
     p.add_argument("--z_start", type=int, default=70, help="first held-out demo section")
@@ -144,12 +145,12 @@ def main(argv=None) -> dict:
     rows["no alignment"] = score_row(stack, raw, zero, 0, oracle_cpc)
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle_cpc)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
-    for variant, smooth in itertools.product(args.ours if args.archive else [], args.smooth):
+    for archive, variant, smooth in itertools.product(args.archive, args.ours, args.smooth):
         if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
-        fields_fn = network_fields(args.archive, variant, args.chunk, args.overlap, args.pull, args.robust, smooth)
+        fields_fn = network_fields(archive, variant, args.chunk, args.overlap, args.pull, args.robust, smooth)
         aligned, fields, seconds = run_method(fields_fn, raw)
-        name = f"ours ({Path(args.archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''})"
+        name = f"ours ({Path(archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''})"
         rows[name] = score_row(stack, aligned, fields, seconds, oracle_cpc)
         hist[name] = evaluate.cpc(aligned)
         print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")
