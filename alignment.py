@@ -64,8 +64,13 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
             window = (..., slice(y, y + size), slice(x, x + size))
             part = chunk_field(model, src[window], tgt[window])
             field[..., y:y + chunk, x:x + chunk] = part[..., overlap:overlap + chunk, overlap:overlap + chunk]
-    field = field[0, :, :h, :w].cpu()
-    return box_mean(box_mean(field, smooth), smooth) if smooth else field
+    return low_pass(field[0, :, :h, :w].cpu(), smooth)
+
+
+def low_pass(field: torch.Tensor, radius: int) -> torch.Tensor:
+    """``field`` ``[..., 2, H, W]`` (px) averaged over a box of ``radius`` px twice (a triangle of half-width
+    2 ``radius``); ``radius`` 0 returns it as it is."""
+    return box_mean(box_mean(field, radius), radius) if radius else field
 
 
 def apply_field(section, field: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,85 @@
+"""The stack-wide solve's settings, swept: the network's pair fields are computed once, then solved many ways.
+
+    .venv/bin/python bench/solve_sweep.py --archive pt/real_tissue.pt --real ../shared/data/snemi3d-train \\
+        --z_start 60 --sections 40 --neighbours 1 2 --pull 0.03 0.1 0.3 --smooth 0 64 96 128 --robust 0 4
+
+The same held-out stack as ``bench/align_quality.py`` (the demo's test
+sections, or ``--real DIR`` misaligned with known fields). Each raw section is
+paired with its ``max(--neighbours)`` nearest sections on each side (both
+directions, ``alignment.pair_field`` without smoothing); every combination of
+the settings then low-passes those fields (``alignment.low_pass``), solves
+(``solve.solve_stack``) and is scored as align_quality scores ``--ours
+solveK``, sorted by the median EPE far from defects. Only the network's time
+is shared, so this is how to choose ``align.py --solve``'s flags for a new
+kind of data without running the network once per setting.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import evaluate  # noqa: E402
+from align_quality import COLUMNS, demo_stack, real_stack  # noqa: E402
+from alignment import apply_field, low_pass, pair_field  # noqa: E402
+from helpers import UserError, in_frame_of, run_main  # noqa: E402
+from models.archive import load_archive  # noqa: E402
+from solve import neighbour_pairs, solve_stack  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archive", required=True, help="our network")
+    p.add_argument("--real", help="a folder of registered real sections (as in align_quality.py)")
+    p.add_argument("--z_start", type=int, default=70)
+    p.add_argument("--sections", type=int, default=30)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--neighbours", type=int, nargs="+", default=[1], help="raw neighbours on each side")
+    p.add_argument("--pull", type=float, nargs="+", default=[0.1], help="weight of the pull toward zero")
+    p.add_argument("--smooth", type=int, nargs="+", default=[0, 96], help="low-pass radii (px) of the pair fields")
+    p.add_argument("--robust", type=float, nargs="+", default=[4.0], help="robust scale in px (0 = off)")
+    p.add_argument("--best", type=int, default=15, help="rows to print")
+    args = p.parse_args(argv)
+    if args.real and not Path(args.real).is_dir():
+        raise UserError(f"{args.real} is not a folder")
+    if min(args.neighbours) < 1:
+        raise UserError("--neighbours must be at least 1")
+    stack = (real_stack(args.real, args.z_start, args.sections, args.size) if args.real
+             else demo_stack(args.z_start, args.sections, args.size))
+    raw, count = stack["raw"], len(stack["raw"])
+    truth = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
+    model, _ = load_archive(args.archive)
+    model.eval()
+
+    start = time.time()
+    pairs = neighbour_pairs(count, max(args.neighbours))
+    fields = torch.stack([pair_field(model, raw[s], raw[t]) for s, t in tqdm(pairs, desc="pairs", unit="pair")])
+    weights = torch.from_numpy(raw[[t for _, t in pairs]] > 0).float()
+    print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
+
+    rows = {}
+    for n, smooth, pull, robust in tqdm(list(itertools.product(args.neighbours, args.smooth, args.pull, args.robust)),
+                                        desc="settings"):
+        keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]
+        solved = solve_stack(count, [pairs[i] for i in keep], low_pass(fields[keep], smooth), weights[keep], pull,
+                             robust or None)
+        solved = in_frame_of(solved, reference=0)
+        aligned = np.stack([apply_field(s, f) for s, f in zip(raw, solved)])
+        rows[f"solve{n} smooth {smooth} pull {pull:g} robust {robust:g}"] = evaluate.score(
+            aligned, solved.numpy(), truth, stack["defects"])
+    rows = dict(sorted(rows.items(), key=lambda item: item[1]["far_median"])[:args.best])
+    evaluate.print_table(rows, [c for c in COLUMNS if c not in ("oracle_cpc", "mpx_per_s")])
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)
