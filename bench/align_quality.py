@@ -128,6 +128,8 @@ def main(argv=None) -> dict:
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
     args = p.parse_args(argv)
+    if len({Path(a).stem for a in args.archive}) < len(args.archive):
+        raise UserError("--archive: two networks with the same file name would share a row name")
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")
         return {}
