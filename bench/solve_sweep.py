@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
     p.add_argument("--smooth", type=int, nargs="+", default=[0, 96], help="low-pass radii (px) of the pair fields")
     p.add_argument("--robust", type=float, nargs="+", default=[4.0], help="robust scale in px (0 = off)")
     p.add_argument("--best", type=int, default=15, help="rows to print")
+    p.add_argument("--cache", help="keep the pair fields in this file and reuse them when the stack and network match")
     args = p.parse_args(argv)
     if args.real and not Path(args.real).is_dir():
         raise UserError(f"{args.real} is not a folder")
@@ -60,11 +61,18 @@ def main(argv=None) -> dict:
     model, _ = load_archive(args.archive)
     model.eval()
 
-    start = time.time()
     pairs = neighbour_pairs(count, max(args.neighbours))
-    fields = torch.stack([pair_field(model, raw[s], raw[t]) for s, t in tqdm(pairs, desc="pairs", unit="pair")])
+    key = [str(Path(args.archive).resolve()), args.real, args.z_start, args.sections, args.size, pairs]
+    cached = torch.load(args.cache) if args.cache and Path(args.cache).is_file() else {}
+    if cached.get("key") == key:
+        fields = cached["fields"]
+    else:
+        start = time.time()
+        fields = torch.stack([pair_field(model, raw[s], raw[t]) for s, t in tqdm(pairs, desc="pairs", unit="pair")])
+        print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
+        if args.cache:
+            torch.save({"key": key, "fields": fields}, args.cache)
     weights = torch.from_numpy(raw[[t for _, t in pairs]] > 0).float()
-    print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
 
     rows = {}
     for n, smooth, pull, robust in tqdm(list(itertools.product(args.neighbours, args.smooth, args.pull, args.robust)),
