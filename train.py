@@ -134,11 +134,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """One-line errors for impossible flag combinations."""
-    for i in range(1, 7):
+    for i in range(7):
         if getattr(args, f"lambda{i}") < 0:
             raise UserError(f"--lambda{i} must be >= 0 (got {getattr(args, f'lambda{i}')})")
-    if args.lambda_gt < 0 or args.lambda0 < 0:
-        raise UserError("--lambda0 and --lambda_gt must be >= 0")
+    if args.lambda_gt < 0:
+        raise UserError("--lambda_gt must be >= 0")
     if args.lambda0 == 0 and args.lambda_gt == 0:
         raise UserError("--lambda0 0 (no similarity penalty) needs --lambda_gt > 0: nothing else teaches the net")
     if args.size < 1:

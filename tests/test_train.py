@@ -67,6 +67,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--size", "2", "--trunc", "2"], "--trunc"),
     (["--lambda1", "-1"], "--lambda1"),
     (["--lambda0", "0"], "--lambda_gt"),  # supervised only, with no supervision
+    (["--lambda0", "-1"], "--lambda0"),
     (["--fine_tuning"], "--state_archive"),
     (["--state_archive", "missing.pt"], "missing.pt"),
     (["--size", "7"], "2^(size-1)"),  # 32 px sections
