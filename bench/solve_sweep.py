@@ -51,7 +51,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cache", help="keep the pair fields in this file and reuse them when the stack and network match")
     args = p.parse_args(argv)
     if args.real and not Path(args.real).is_dir():
-        raise UserError(f"{args.real} is not a folder")
+        print(f"skipped: {args.real} is not a folder")
+        return {}
     if min(args.neighbours) < 1:
         raise UserError("--neighbours must be at least 1")
     stack = (real_stack(args.real, args.z_start, args.sections, args.size) if args.real
