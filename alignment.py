@@ -136,17 +136,33 @@ def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.
     may wrap the iteration over pairs (e.g. tqdm).
     """
     sections = np.asarray(sections)
-    count, shape = len(sections), sections.shape[-2:]
+    count = len(sections)
     skipped = [z for z in range(count) if is_blank(sections[z])]
+    pairs = neighbour_pairs(count, neighbours, set(skipped)) if count - len(skipped) > 1 else []
+    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap, smooth)
+                               for s, t in (progress or iter)(pairs)]) if pairs else None
+    aligned, fields = solve_pairs(sections, pairs, pair_fields, pull, robust, skipped)
+    return aligned, fields, skipped
+
+
+def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, pull: float = 0.1,
+                robust: float | None = 4.0, skipped=()) -> tuple[np.ndarray, torch.Tensor]:
+    """The second half of ``align_solved``: from pair fields to the aligned stack.
+
+    sections: uint8 ``[Z, H, W]``; ``pair_fields`` ``[E, 2, H, W]`` (px): field e
+    pulls section ``pairs[e][0]`` onto ``pairs[e][1]`` (None when there are no
+    pairs); ``skipped``: blank sections.
+    Each pair weighs where its target shows tissue. Returns ``(aligned uint8
+    [Z, H, W], fields [Z, 2, H, W] px)`` in the frame of the first usable section;
+    skipped sections stay blank with the zero field.
+    """
+    count, shape = len(sections), sections.shape[-2:]
     usable = [z for z in range(count) if z not in skipped]
     fields = torch.zeros(count, 2, *shape)
-    if len(usable) > 1:
-        pairs = neighbour_pairs(count, neighbours, set(skipped))
-        pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap, smooth)
-                                   for s, t in (progress or iter)(pairs)])
+    if pairs:
         weights = torch.from_numpy(sections[[t for _, t in pairs]] > 0).float()  # the target saw tissue
         solved = solve_stack(count, pairs, pair_fields, weights, pull, robust)
         fields[usable] = in_frame_of(solved[usable], reference=0)
     aligned = np.stack([apply_field(s, f) if z in usable else np.zeros(shape, np.uint8)
                         for z, (s, f) in enumerate(zip(sections, fields))])
-    return aligned, fields, skipped
+    return aligned, fields

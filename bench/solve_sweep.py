@@ -8,7 +8,7 @@ sections, or ``--real DIR`` misaligned with known fields). Each raw section is
 paired with its ``max(--neighbours)`` nearest sections on each side (both
 directions, ``alignment.pair_field`` without smoothing); every combination of
 the settings then low-passes those fields (``alignment.low_pass``), solves
-(``solve.solve_stack``) and is scored as align_quality scores ``--ours
+(``alignment.solve_pairs``) and is scored as align_quality scores ``--ours
 solveK``, sorted by the median EPE far from defects. Only the network's time
 is shared, so this is how to choose ``align.py --solve``'s flags for a new
 kind of data without running the network once per setting.
@@ -24,16 +24,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
 from align_quality import COLUMNS, demo_stack, real_stack  # noqa: E402
-from alignment import apply_field, low_pass, pair_field  # noqa: E402
+from alignment import low_pass, pair_field, solve_pairs  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
 from models.archive import load_archive  # noqa: E402
-from solve import neighbour_pairs, solve_stack  # noqa: E402
+from solve import neighbour_pairs  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -57,12 +56,12 @@ def main(argv=None) -> dict:
         raise UserError("--neighbours must be at least 1")
     stack = (real_stack(args.real, args.z_start, args.sections, args.size) if args.real
              else demo_stack(args.z_start, args.sections, args.size))
-    raw, count = stack["raw"], len(stack["raw"])
+    raw = stack["raw"]
     truth = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     model, _ = load_archive(args.archive)
     model.eval()
 
-    pairs = neighbour_pairs(count, max(args.neighbours))
+    pairs = neighbour_pairs(len(raw), max(args.neighbours))
     key = [str(Path(args.archive).resolve()), args.real, args.z_start, args.sections, args.size, pairs]
     cached = torch.load(args.cache) if args.cache and Path(args.cache).is_file() else {}
     if cached.get("key") == key:
@@ -73,16 +72,13 @@ def main(argv=None) -> dict:
         print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
         if args.cache:
             torch.save({"key": key, "fields": fields}, args.cache)
-    weights = torch.from_numpy(raw[[t for _, t in pairs]] > 0).float()
 
     rows = {}
     for n, smooth, pull, robust in tqdm(list(itertools.product(args.neighbours, args.smooth, args.pull, args.robust)),
                                         desc="settings"):
         keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]
-        solved = solve_stack(count, [pairs[i] for i in keep], low_pass(fields[keep], smooth), weights[keep], pull,
-                             robust or None)
-        solved = in_frame_of(solved, reference=0)
-        aligned = np.stack([apply_field(s, f) for s, f in zip(raw, solved)])
+        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], low_pass(fields[keep], smooth), pull,
+                                      robust or None)
         rows[f"solve{n} smooth {smooth} pull {pull:g} robust {robust:g}"] = evaluate.score(
             aligned, solved.numpy(), truth, stack["defects"])
     rows = dict(sorted(rows.items(), key=lambda item: item[1]["far_median"])[:args.best])

@@ -7,9 +7,8 @@ Every variant fine-tunes the same starting network (``--start``, by default the
 demo network, which knows the phantom but has never seen real tissue) with
 train.py for the same number of steps, on the same data, seed and augmentation
 (registered sections misaligned with known fields, as ``--registered`` datasets
-are), and differs from the mixed
-baseline (similarity + ``--lambda1`` smoothness + ``--lambda_gt`` supervised
-end-point error) only in its loss:
+are), and differs from the mixed baseline (similarity + ``--lambda1``
+smoothness + ``--lambda_gt`` supervised end-point error) only in its loss:
 
 - ``supervised``: end-point error against the known field only (``--lambda0 0``);
 - ``self-supervised, SIM, SMOOTH``: similarity + smoothness, no known field
@@ -112,8 +111,8 @@ def main(argv=None) -> dict:
                                      "--archive", *map(str, archives.values())])
         for name in ("no alignment", "oracle (ground truth)"):
             rows[name] = scored.get(name, {})
-        for variant, row in zip(archives, [r for n, r in scored.items() if n.startswith("ours")]):
-            rows[variant].update(row)
+        for variant in archives:
+            rows[variant].update(scored.get(f"ours ({slug(variant)}, solve1, smooth 96)", {}))
     print(f"\n{args.steps} steps each from {Path(args.start).name}, {args.crop} px crops; val_epe = mean px on held-out "
           f"pairs; alignment: --solve --smooth 96 on {args.real or '(no --real)'}")
     evaluate.print_table(rows, ["val_epe", "val_epe_zero_field", "field_px", "far_median", "near_median",
