@@ -34,8 +34,8 @@ import evaluate  # noqa: E402
 from alignment import align_serial, apply_field  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
-COLUMNS = ["far_median", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean", "oracle_cpc",
-           "foldovers", "mpx_per_s"]
+COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
+           "oracle_cpc", "foldovers", "mpx_per_s"]
 
 
 def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:

@@ -48,3 +48,25 @@ def test_foldovers_and_drift():
     offset[:, 0], offset[1, 1] = 3.0, 4.0
     d = evaluate.drift(offset, torch.zeros_like(offset))
     assert d["drift_mean"] == pytest.approx((3 + 5) / 2) and d["drift_max"] == pytest.approx(5)
+
+
+def test_common_frame_removes_an_error_shared_by_every_section():
+    truth = torch.randn(3, 2, 8, 8)
+    shared = torch.zeros(1, 2, 8, 8)
+    shared[0, 0] = 2.0                                   # every section 2 px off in x: equally well aligned
+    own = torch.zeros(3, 2, 8, 8)
+    own[0, 1], own[1, 1], own[2, 1] = 1.0, -1.0, 0.0     # each section's own error (mean zero)
+    field = truth + shared + own
+    fixed = evaluate.common_frame(field, truth)
+    assert torch.allclose(fixed - truth, own, atol=1e-6)
+    scored = evaluate.score(np.full((3, 8, 8), 128, np.uint8), field, truth)
+    assert scored["far_median"] == pytest.approx(5 ** 0.5) and scored["far_common"] == pytest.approx(1)
+
+
+def test_common_frame_counts_only_valid_sections():
+    truth = torch.zeros(2, 2, 4, 4)
+    field = torch.zeros(2, 2, 4, 4)
+    field[1, 0] = 6.0                                    # section 1 is off, but counts nowhere
+    valid = torch.zeros(2, 4, 4, dtype=torch.bool)
+    valid[0] = True
+    assert torch.equal(evaluate.common_frame(field, truth, valid), field)
