@@ -12,6 +12,12 @@ the settings then low-passes those fields (``alignment.low_pass``), solves
 solveK``, sorted by the median EPE far from defects. Only the network's time
 is shared, so this is how to choose ``align.py --solve``'s flags for a new
 kind of data without running the network once per setting.
+
+It first says how good the network's part is: for the pairs of neighbours,
+the median end-point error of the pair fields against the true relative
+fields (and of the zero field), and the least-squares slope of the pair fields
+on the true ones (1: the network recovers all of the motion; below 1: it
+hedges toward zero), per smoothing radius.
 """
 from __future__ import annotations
 
@@ -24,15 +30,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
 from align_quality import COLUMNS, demo_stack, real_stack  # noqa: E402
 from alignment import low_pass, pair_field, solve_pairs  # noqa: E402
-from helpers import UserError, in_frame_of, run_main  # noqa: E402
+from helpers import UserError, compose, in_frame_of, invert_field, run_main  # noqa: E402
 from models.archive import load_archive  # noqa: E402
 from solve import neighbour_pairs  # noqa: E402
+
+
+def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:
+    """How well pair fields ``[E, 2, H, W]`` (px) match the truth, over the pairs of neighbours.
+
+    raw: uint8 ``[Z, H, W]``; truth ``[Z, 2, H, W]``: the fields that pull each raw
+    section into the registered frame, so pair ``(s, t)`` truly is
+    ``compose(truth_s, invert(truth_t))``. Medians over the pairs of each pair's
+    median EPE (where both sections show tissue), of the zero field's, and of the
+    least-squares slope of the pair field on the true one.
+    """
+    epe, zero, slope = [], [], []
+    for (s, t), field in zip(pairs, fields):
+        if abs(s - t) != 1:
+            continue
+        true = compose(truth[s:s + 1], invert_field(truth[t:t + 1]))[0]
+        valid = torch.from_numpy((raw[s] > 0) & (raw[t] > 0))
+        epe.append(float((field - true).norm(dim=0)[valid].median()))
+        zero.append(float(true.norm(dim=0)[valid].median()))
+        slope.append(float((field * true).sum(0)[valid].sum() / (true * true).sum(0)[valid].sum()))
+    return {"pair_epe": float(np.median(epe)), "pair_epe_zero_field": float(np.median(zero)),
+            "slope": float(np.median(slope))}
 
 
 def main(argv=None) -> dict:
@@ -72,6 +101,12 @@ def main(argv=None) -> dict:
         print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
         if args.cache:
             torch.save({"key": key, "fields": fields}, args.cache)
+
+    truth_own = torch.from_numpy(stack["truth"])
+    for smooth in args.smooth:
+        accuracy = pair_accuracy(raw, truth_own, pairs, low_pass(fields, smooth))
+        print(f"pair fields, smooth {smooth}: median EPE {accuracy['pair_epe']:.2f} px "
+              f"(zero field {accuracy['pair_epe_zero_field']:.2f}), slope on the truth {accuracy['slope']:.2f}")
 
     rows = {}
     for n, smooth, pull, robust in tqdm(list(itertools.product(args.neighbours, args.smooth, args.pull, args.robust)),
