@@ -1,0 +1,34 @@
+"""bench/solve_sweep.py's score of the network's part: pair fields against the true relative fields."""
+import numpy as np
+import pytest
+import torch
+
+from bench import solve_sweep
+
+
+def stack_with_shifts():
+    """Three sections pulled into the registered frame by known shifts (x px): 0, 2, 5."""
+    truth = torch.zeros(3, 2, 16, 16)
+    truth[1, 0], truth[2, 0] = 2.0, 5.0
+    return np.full((3, 16, 16), 100, np.uint8), truth
+
+
+def test_true_pair_fields_score_zero_error_and_slope_one():
+    raw, truth = stack_with_shifts()
+    pairs = [(0, 1), (1, 0), (1, 2), (2, 1), (0, 2)]           # (0, 2) is not a neighbour pair: ignored
+    fields = torch.zeros(len(pairs), 2, 16, 16)
+    for e, (s, t) in enumerate(pairs):
+        fields[e, 0] = truth[s, 0, 0, 0] - truth[t, 0, 0, 0]  # shifts compose by adding
+    fields[4] = 100.0
+    out = solve_sweep.pair_accuracy(raw, truth, pairs, fields)
+    assert out["pair_epe"] == pytest.approx(0, abs=1e-4) and out["slope"] == pytest.approx(1)
+    assert out["pair_epe_zero_field"] == pytest.approx(2.5)  # median of 2, 2, 3, 3
+
+
+def test_half_the_motion_scores_slope_one_half():
+    raw, truth = stack_with_shifts()
+    pairs = [(0, 1), (1, 2)]
+    fields = torch.zeros(2, 2, 16, 16)
+    fields[0, 0], fields[1, 0] = -1.0, -1.5
+    out = solve_sweep.pair_accuracy(raw, truth, pairs, fields)
+    assert out["slope"] == pytest.approx(0.5) and out["pair_epe"] == pytest.approx(1.25)
