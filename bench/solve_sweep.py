@@ -48,7 +48,7 @@ def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:
     """How well pair fields ``[E, 2, H, W]`` (px) match the truth, over the pairs of neighbours.
 
     raw: uint8 ``[Z, H, W]``; truth ``[Z, 2, H, W]``: the fields that pull each raw
-    section into the registered frame, so pair ``(s, t)`` truly is
+    section into one common frame (any: it cancels), so pair ``(s, t)`` truly is
     ``compose(truth_s, invert(truth_t))``. Medians over the pairs of each pair's
     median EPE (where both sections show tissue), of the zero field's, and of the
     least-squares slope of the pair field on the true one.
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     stack = (real_stack(args.real, args.z_start, args.sections, args.size) if args.real
              else demo_stack(args.z_start, args.sections, args.size))
     raw = stack["raw"]
-    truth = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
+    truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
     model, _ = load_archive(args.archive)
     model.eval()
 
@@ -104,11 +104,10 @@ def main(argv=None) -> dict:
         if args.cache:
             torch.save({"key": key, "fields": fields}, args.cache)
 
-    truth_own = torch.from_numpy(stack["truth"])
     defects = evaluate.defects_in_output_frame(stack["defects"], truth)
     for smooth in args.smooth:
-        accuracy = pair_accuracy(raw, truth_own, pairs, low_pass(fields, smooth))
-        floor = evaluate.epe(low_pass(torch.from_numpy(truth), smooth), truth, defects, raw > 0)["far_median"]
+        accuracy = pair_accuracy(raw, truth, pairs, low_pass(fields, smooth))
+        floor = evaluate.epe(low_pass(truth, smooth), truth, defects, raw > 0)["far_median"]
         print(f"pair fields, smooth {smooth}: median EPE {accuracy['pair_epe']:.2f} px "
               f"(zero field {accuracy['pair_epe_zero_field']:.2f}), slope on the truth {accuracy['slope']:.2f}; "
               f"the low-pass alone costs {floor:.2f} px far on the true fields")
