@@ -69,7 +69,30 @@ def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0) 
     canvas = torch.from_numpy(np.maximum(sections[:, y0:y0 + side, x0:x0 + side], 1))[:, None]
     image, defects, field = misalign.misalign(canvas, misalign.MisalignParams(), torch.Generator().manual_seed(seed),
                                               pad=pad)
-    return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy()}
+    return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy(),
+            "content_offsets": evaluate.content_offsets(canvas[:, 0].numpy())}
+
+
+def registration_check(offsets: np.ndarray, tolerance: float = 2.0) -> str:
+    """One line on how far the registered sections' content moves between neighbours (``evaluate.content_offsets``).
+
+    The misalignment is added to the registration, so the truth is only as good
+    as the registration. Tissue changes between sections, but it does not move
+    as a whole: where neighbours' content is displaced by more than ``tolerance``
+    px, the registration is off there. The line also says where an aligner that
+    followed the content exactly (the offsets added up along the stack) would end
+    relative to the registration, in the first section's frame.
+    """
+    length = np.hypot(*offsets.T)
+    walk = np.hypot(*np.cumsum(offsets, 0).T)
+    line = (f"registration check: the registered sections' content moves from neighbour to neighbour by a median "
+            f"{np.median(length):.1f} px (largest {length.max():.1f} px; {int((length > tolerance).sum())} of "
+            f"{len(length)} pairs above {tolerance:g} px); followed exactly, it ends a median {np.median(walk):.1f} px "
+            f"(largest {walk.max():.1f} px) from the registration")
+    if np.median(length) > tolerance:
+        line += ("; warning: the registration is off by that much, and EPE against it charges an aligner for "
+                 "following the sections' content")
+    return line
 
 
 def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -139,6 +162,8 @@ def main(argv=None) -> dict:
     raw = stack["raw"]
     print(f"{args.real or 'demo'} sections {args.z_start}..{args.z_start + len(raw) - 1}, "
           f"{raw.shape[2]} x {raw.shape[1]} px; {torch.get_num_threads()} threads")
+    if args.real:
+        print(registration_check(stack["content_offsets"]))
 
     rows, hist = {}, {}
     zero = np.zeros_like(stack["truth_rel"])

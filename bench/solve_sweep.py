@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
-from align_quality import COLUMNS, demo_stack, real_stack  # noqa: E402
+from align_quality import COLUMNS, demo_stack, real_stack, registration_check  # noqa: E402
 from alignment import low_pass, pair_field, solve_pairs  # noqa: E402
 from helpers import UserError, compose, in_frame_of, invert_field, run_main  # noqa: E402
 from models.archive import load_archive  # noqa: E402
@@ -88,6 +88,8 @@ def main(argv=None) -> dict:
     stack = (real_stack(args.real, args.z_start, args.sections, args.size) if args.real
              else demo_stack(args.z_start, args.sections, args.size))
     raw = stack["raw"]
+    if args.real:
+        print(registration_check(stack["content_offsets"]))
     truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
     model, _ = load_archive(args.archive)
     model.eval()
