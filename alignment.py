@@ -3,10 +3,9 @@ with vector voting, or by the stack-wide solve of ``solve.py``).
 
 ``chunk_field`` is the one per-chunk function every aligner calls (in-process or
 as a queued task). A section is cut into ``chunk`` x ``chunk`` squares, each read
-with ``overlap`` px of context on every side (zeros, i.e. missing data, beyond
-the section), and only each square's centre is kept, so no seam shows where
-chunks meet and the result does not depend on the chunk size once ``overlap``
-exceeds the network's reach.
+with ``overlap`` px of context on every side where the section has it, and only
+each square's centre is kept, so no seam shows where chunks meet and the result
+does not depend on the chunk size once ``overlap`` exceeds the network's reach.
 
 Sections are uint8 ``[H, W]`` (0 = missing); fields follow ``helpers``:
 ``[2, H, W]`` pixels, pulling: ``warp(source, field)`` lands on the target.
@@ -32,11 +31,9 @@ def chunk_field(model: Pyramid, source: torch.Tensor, target: torch.Tensor) -> t
     return model(source, target).full_resolution()
 
 
-def _padded(section: torch.Tensor, pad: int, multiple: int) -> torch.Tensor:
-    """``[1, 1, H, W]`` normalised section with ``pad`` zeros around it and its size rounded up to ``multiple``."""
-    h, w = section.shape[-2:]
-    bottom, right = -h % multiple, -w % multiple
-    return F.pad(section, (pad, pad + right, pad, pad + bottom))
+def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int]:
+    """The span read for the chunk at ``start``: ``overlap`` px of context each side, clipped to ``[0, length)``."""
+    return max(start - overlap, 0), min(start + chunk + overlap, length)
 
 
 def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128, smooth: int = 0) -> torch.Tensor:
@@ -44,8 +41,11 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
     once as a whole (``data.normalise``), then processed in chunks (module
-    docstring). ``chunk`` and ``overlap`` are rounded up to multiples of
-    ``2^(size-1)``; the model's device is used. ``smooth`` > 0 low-passes the
+    docstring): each chunk is read with ``overlap`` px of context on every side
+    that lies within the section, so a section that fits in one chunk is one
+    pass of the network over exactly its own pixels. ``chunk`` and ``overlap``
+    are rounded up to multiples of ``2^(size-1)`` (and the section's size, with
+    zeros); the model's device is used. ``smooth`` > 0 low-passes the
     field with a box of that radius (px) applied twice (a triangle of half-width
     2 ``smooth``): misalignment is smooth, and between real neighbours the
     network's fine detail is mostly tissue change (measured in the README).
@@ -54,16 +54,15 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
     unit = 2 ** (model.config["size"] - 1)
     chunk, overlap = -(-chunk // unit) * unit, -(-overlap // unit) * unit
     h, w = source.shape[-2:]
-    chunk = min(chunk, -(-max(h, w) // unit) * unit)
-    src, tgt = (_padded(normalise(to_tensor(s))[0].view(1, 1, h, w).to(device), overlap, chunk)
+    height, width = -(-h // unit) * unit, -(-w // unit) * unit
+    src, tgt = (F.pad(normalise(to_tensor(s))[0].view(1, 1, h, w).to(device), (0, width - w, 0, height - h))
                 for s in (source, target))
-    field = torch.zeros(1, 2, src.shape[-2] - 2 * overlap, src.shape[-1] - 2 * overlap, device=device)
-    size = chunk + 2 * overlap
-    for y in range(0, field.shape[-2], chunk):
-        for x in range(0, field.shape[-1], chunk):
-            window = (..., slice(y, y + size), slice(x, x + size))
-            part = chunk_field(model, src[window], tgt[window])
-            field[..., y:y + chunk, x:x + chunk] = part[..., overlap:overlap + chunk, overlap:overlap + chunk]
+    field = torch.zeros(1, 2, height, width, device=device)
+    for y in range(0, height, chunk):
+        for x in range(0, width, chunk):
+            (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
+            part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1])
+            field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
     return low_pass(field[0, :, :h, :w].cpu(), smooth)
 
 
