@@ -14,7 +14,7 @@ convention (``[.., 2, H, W]`` pixels, x then y, pulling):
   misalignment does not accumulate physically), so errors stay bounded.
 
 Everything is per pixel and batched over the whole section; the only loops are
-over a handful of solver iterations.
+over sections and pairs.
 """
 from __future__ import annotations
 
@@ -59,38 +59,50 @@ def neighbour_pairs(count: int, neighbours: int, skip: set[int] = frozenset()) -
             if d != 0 and 0 <= i + d < len(usable)]
 
 
-def _graph_apply(fields: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                 pull: float) -> torch.Tensor:
-    """The normal-equation operator ``pull F + sum_e w_e (F_s - F_t)`` at ``s`` and ``-`` it at ``t``."""
-    flow = weights * (fields[sources] - fields[targets])
-    return pull * fields + torch.zeros_like(fields).index_add_(0, sources, flow).index_add_(0, targets, -flow)
+def _normal_matrix(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                   pull: float) -> torch.Tensor:
+    """The lower band ``[Z, B+1, H, W]`` of every pixel's normal matrix ``pull I + sum_e w_e (1_s - 1_t)(1_s - 1_t)^T``.
+
+    ``band[z, k]`` is the matrix entry ``(z, z - k)``; ``B`` is the largest ``|s - t|``
+    over the pairs; weights ``[E, 1, H, W]``.
+    """
+    width = int((sources - targets).abs().max())
+    band = torch.zeros(count, width + 1, *weights.shape[-2:], dtype=weights.dtype, device=weights.device)
+    band[:, 0] = pull
+    for e, (s, t) in enumerate(zip(sources.tolist(), targets.tolist())):
+        band[s, 0] += weights[e, 0]
+        band[t, 0] += weights[e, 0]
+        band[max(s, t), abs(s - t)] -= weights[e, 0]
+    return band
 
 
-def _conjugate_gradient(rhs: torch.Tensor, start: torch.Tensor, apply, diagonal: torch.Tensor,
-                        iterations: int, tolerance: float) -> torch.Tensor:
-    """Jacobi-preconditioned CG on independent per-pixel, per-channel systems (sums over dim 0 only)."""
-    x = start.clone()
-    r = rhs - apply(x)
-    z = r / diagonal
-    p = z.clone()
-    rz = (r * z).sum(0)
-    for _ in range(iterations):
-        if float(r.abs().max()) < tolerance:
-            break
-        ap = apply(p)
-        alpha = rz / (p * ap).sum(0).clamp_min(1e-20)
-        x += alpha * p
-        r -= alpha * ap
-        z = r / diagonal
-        rz_new = (r * z).sum(0)
-        p = z + (rz_new / rz.clamp_min(1e-20)) * p
-        rz = rz_new
+def _banded_cholesky_solve(band: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve every pixel's symmetric positive definite banded system at once.
+
+    band: ``[Z, B+1, H, W]`` lower band (``_normal_matrix``); rhs: ``[Z, C, H, W]``.
+    Cholesky ``A = L L^T`` then two substitutions; the loops run over sections and
+    the band, each step batched over all pixels.
+    """
+    count, width = band.shape[0], band.shape[1] - 1
+    chol = torch.zeros_like(band)  # chol[i, k] = L[i, i - k]
+    for i in range(count):
+        for k in range(min(i, width), 0, -1):  # L[i, j], j = i - k, from the left
+            j = i - k
+            total = band[i, k] - sum(chol[i, k + m] * chol[j, m] for m in range(1, min(j, width - k) + 1))
+            chol[i, k] = total / chol[j, 0]
+        chol[i, 0] = (band[i, 0] - sum(chol[i, k] ** 2 for k in range(1, min(i, width) + 1))).sqrt()
+    y = torch.zeros_like(rhs)
+    for i in range(count):  # L y = rhs
+        y[i] = (rhs[i] - sum(chol[i, k, None] * y[i - k] for k in range(1, min(i, width) + 1))) / chol[i, 0, None]
+    x = torch.zeros_like(rhs)
+    for i in reversed(range(count)):  # L^T x = y
+        x[i] = (y[i] - sum(chol[i + k, k, None] * x[i + k] for k in range(1, min(count - 1 - i, width) + 1))) \
+            / chol[i, 0, None]
     return x
 
 
 def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, weights: torch.Tensor | None = None,
-                pull: float = 1.0, robust: float | None = 4.0, rounds: int = 3, iterations: int = 200,
-                tolerance: float = 1e-3) -> torch.Tensor:
+                pull: float = 1.0, robust: float | None = 4.0, rounds: int = 3) -> torch.Tensor:
     """One field per section ``[Z, 2, H, W]`` (px) from pair fields between raw sections.
 
     pairs: ``E`` directed pairs ``(s, t)``; fields ``[E, 2, H, W]``: pair field
@@ -103,8 +115,8 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
 
         sum_e w_e |F_s - F_t - warp(r_e, F_t)|^2 + pull * sum_z |F_z|^2
 
-    by conjugate gradients; ``pull`` > 0 keeps the frame at zero mean
-    displacement and the errors bounded. With ``robust`` (px), later rounds
+    exactly (per pixel, a banded system over the sections: ``_banded_cholesky_solve``);
+    ``pull`` > 0 keeps the frame at zero mean displacement and the errors bounded. With ``robust`` (px), later rounds
     re-weight each pair pixel by ``robust^2 / (robust^2 + residual^2)`` (Cauchy),
     so a pair that disagrees with the rest (a fold, a blank neighbour) stops
     pulling. Sections in no pair get the zero field.
@@ -124,8 +136,5 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
         rhs = torch.zeros_like(solution).index_add_(0, sources, current * observed)
         rhs.index_add_(0, targets, -current * observed)
-        degree = torch.zeros(count, 1, h, w, device=fields.device)
-        degree.index_add_(0, sources, current).index_add_(0, targets, current)
-        solution = _conjugate_gradient(rhs, solution, lambda f: _graph_apply(f, sources, targets, current, pull),
-                                       pull + degree, iterations, tolerance)
+        solution = _banded_cholesky_solve(_normal_matrix(count, sources, targets, current, pull), rhs)
     return solution

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import affine_field, compose, in_frame_of, invert_field, rigid_matrix
-from solve import neighbour_pairs, solve_stack, vector_vote
+from solve import _banded_cholesky_solve, _normal_matrix, neighbour_pairs, solve_stack, vector_vote
 
 
 def constant(vectors) -> torch.Tensor:
@@ -97,3 +97,18 @@ def test_solve_is_robust_to_one_wrong_pair_and_trusts_weights():
 def test_solve_needs_a_pull():
     with pytest.raises(ValueError):
         solve_stack(2, [(0, 1)], torch.zeros(1, 2, 4, 4), pull=0)
+
+
+def test_banded_solve_equals_a_dense_solve_per_pixel():
+    pairs = [(0, 1), (1, 0), (1, 3), (3, 1), (2, 3), (4, 2), (4, 3)]  # bandwidth 2, sections 5
+    sources, targets = (torch.tensor(side) for side in zip(*pairs))
+    weights = torch.rand(len(pairs), 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    rhs = torch.randn(5, 2, 3, 4, generator=torch.Generator().manual_seed(1))
+    solved = _banded_cholesky_solve(_normal_matrix(5, sources, targets, weights, 0.1), rhs)
+    for y, x in [(0, 0), (2, 3), (1, 2)]:
+        dense = 0.1 * torch.eye(5)
+        for (s, t), w in zip(pairs, weights[:, 0, y, x]):
+            d = torch.zeros(5)
+            d[s], d[t] = 1, -1
+            dense += w * torch.outer(d, d)
+        assert torch.allclose(solved[:, :, y, x], torch.linalg.solve(dense, rhs[:, :, y, x]), atol=1e-5)
