@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 from alignment import align_serial, apply_field  # noqa: E402
-from helpers import UserError, in_frame_of, run_main  # noqa: E402
+from helpers import UserError, in_frame_of, run_main, warp_tissue  # noqa: E402
 
 COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
            "oracle_cpc", "foldovers", "mpx_per_s"]
@@ -49,11 +49,31 @@ def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
     return {"raw": read["image"][:, 0], "truth": read["field"], "defects": read["defects"][:, 0]}
 
 
-def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def register_rigidly(sections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sections ``[Z, H, W]`` uint8 shifted by whole pixels so that neighbours' content matches.
+
+    Section z is moved by the sum of the ``evaluate.content_offsets`` of the
+    pairs before it (into the first section's frame), then all by their mean
+    shift (the stack stays centred); what moves in from outside is missing (0).
+    Returns the sections and the shifts ``[Z, 2]`` (px, x then y, the constant
+    fields that pulled each section). For a registered volume that fails
+    ``registration_check``: a translation per section, nothing learned.
+    """
+    offsets = evaluate.content_offsets(sections)
+    shifts = -np.concatenate([np.zeros((1, 2)), np.cumsum(offsets, 0)])
+    shifts = np.round(shifts - shifts.mean(0)).astype(np.float32)
+    fields = torch.from_numpy(shifts)[:, :, None, None].expand(-1, -1, *sections.shape[1:])
+    moved = warp_tissue(torch.from_numpy(sections).float()[:, None], fields)[:, 0]
+    return moved.round().to(torch.uint8).numpy(), shifts
+
+
+def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
+               reregister: bool = False) -> dict[str, np.ndarray]:
     """Registered real sections from an image folder, misaligned exactly as the demo (``misalign.py``).
 
     Sections ``z_start .. z_start + count - 1`` (natural file order), the central
-    ``size + 2 * 48`` px of each as the canvas, cropped to ``size`` after misalignment.
+    ``size + 2 * 48`` px of each as the canvas, cropped to ``size`` after misalignment;
+    with ``reregister``, first ``register_rigidly``.
     """
     import misalign
     from import_stack import list_sections, read_section
@@ -61,16 +81,20 @@ def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0) 
     paths = [p for _, p in list_sections(Path(folder))][z_start:z_start + count]
     if len(paths) < 2:
         raise SystemExit(f"{folder}: fewer than 2 sections from {z_start}")
-    sections = np.stack([read_section(p) for p in paths])
+    sections = np.maximum(np.stack([read_section(p) for p in paths]), 1)  # 0 means missing data
+    margin = 0  # of missing data that re-registering moves in
+    if reregister:
+        sections, shifts = register_rigidly(sections)
+        margin = int(np.abs(shifts).max())
     pad = 48
     h, w = sections.shape[1:]
     side = min(size + 2 * pad, h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
-    canvas = torch.from_numpy(np.maximum(sections[:, y0:y0 + side, x0:x0 + side], 1))[:, None]
+    canvas = torch.from_numpy(sections[:, y0:y0 + side, x0:x0 + side])[:, None]
     image, defects, field = misalign.misalign(canvas, misalign.MisalignParams(), torch.Generator().manual_seed(seed),
                                               pad=pad)
     return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy(),
-            "content_offsets": evaluate.content_offsets(canvas[:, 0].numpy())}
+            "content_offsets": evaluate.content_offsets(canvas[:, 0, margin:side - margin, margin:side - margin].numpy())}
 
 
 def registration_check(offsets: np.ndarray, tolerance: float = 2.0) -> str:
@@ -134,6 +158,9 @@ def main(argv=None) -> dict:
                    help="our network(s) (several to compare; omit to score only the baselines)")
     p.add_argument("--real", help="a folder of registered real sections (PNG/TIFF), misaligned as the demo is, "
                                   "instead of the demo volume; --z_start counts files from 0")
+    p.add_argument("--reregister", action="store_true",
+                   help="--real: shift the sections by whole pixels until neighbours' content matches before "
+                        "misaligning them (for a volume whose registration fails the check printed first)")
     p.add_argument("--z_start", type=int, default=70, help="first held-out demo section")
     p.add_argument("--sections", type=int, default=30, help="sections in the stack")
     p.add_argument("--size", type=int, default=512, help="section size in px (a top-left crop)")
@@ -156,7 +183,7 @@ def main(argv=None) -> dict:
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")
         return {}
-    stack = (real_stack(args.real, args.z_start, args.sections, args.size) if args.real
+    stack = (real_stack(args.real, args.z_start, args.sections, args.size, reregister=args.reregister) if args.real
              else demo_stack(args.z_start, args.sections, args.size))
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]
