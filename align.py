@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--solve", action="store_true",
                    help="stack-wide solve over raw neighbour pairs instead of serial alignment")
     p.add_argument("--neighbours", type=int, default=1, help="--solve: neighbours on each side of a section")
-    p.add_argument("--pull", type=float, default=0.1,
+    p.add_argument("--pull", type=float, default=0.03,
                    help="--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)")
     p.add_argument("--robust", type=float, default=4.0,
                    help="--solve: px scale of the robust re-weighting of disagreeing pairs (0 = plain least squares)")

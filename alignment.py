@@ -120,7 +120,7 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
         history = (history + [(section, aligned, field)])[-max(vote, 1):]
 
 
-def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.1, robust: float | None = 4.0,
+def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.03, robust: float | None = 4.0,
                  chunk: int = 1024, overlap: int = 128, smooth: int = 0,
                  progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
@@ -144,7 +144,7 @@ def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.
     return aligned, fields, skipped
 
 
-def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, pull: float = 0.1,
+def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, pull: float = 0.03,
                 robust: float | None = 4.0, skipped=()) -> tuple[np.ndarray, torch.Tensor]:
     """The second half of ``align_solved``: from pair fields to the aligned stack.
 

@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
                    help="how our network aligns the stack: serial (onto the aligned section before), raw (onto the "
                         "raw section before, fields chained), voteK (onto the K aligned sections before, vector "
                         "voting), solveK (stack-wide solve over K raw neighbours on each side); several to compare")
-    p.add_argument("--pull", type=float, default=0.1, help="solveK: weight of the pull toward zero displacement")
+    p.add_argument("--pull", type=float, default=0.03, help="solveK: weight of the pull toward zero displacement")
     p.add_argument("--robust", type=float, default=4.0, help="solveK: robust re-weighting scale in px (0 = off)")
     p.add_argument("--smooth", type=int, nargs="+", default=[0],
                    help="low-pass radii (px) of our pair fields (alignment.pair_field); each is a row")

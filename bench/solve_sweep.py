@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sections", type=int, default=30)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--neighbours", type=int, nargs="+", default=[1], help="raw neighbours on each side")
-    p.add_argument("--pull", type=float, nargs="+", default=[0.1], help="weight of the pull toward zero")
+    p.add_argument("--pull", type=float, nargs="+", default=[0.03], help="weight of the pull toward zero")
     p.add_argument("--smooth", type=int, nargs="+", default=[0, 96], help="low-pass radii (px) of the pair fields")
     p.add_argument("--robust", type=float, nargs="+", default=[4.0], help="robust scale in px (0 = off)")
     p.add_argument("--best", type=int, default=15, help="rows to print")
