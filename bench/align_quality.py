@@ -158,6 +158,7 @@ def main(argv=None) -> dict:
                    help="our network(s) (several to compare; omit to score only the baselines)")
     p.add_argument("--real", help="a folder of registered real sections (PNG/TIFF), misaligned as the demo is, "
                                   "instead of the demo volume; --z_start counts files from 0")
+    p.add_argument("--seed", type=int, default=0, help="--real: the seed of the known misalignment, cracks and folds (one stack per seed)")
     p.add_argument("--reregister", action="store_true",
                    help="--real: shift the sections by whole pixels until neighbours' content matches before "
                         "misaligning them (for a volume whose registration fails the check printed first)")
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")
         return {}
-    stack = (real_stack(args.real, args.z_start, args.sections, args.size, reregister=args.reregister) if args.real
+    stack = (real_stack(args.real, args.z_start, args.sections, args.size, args.seed, args.reregister) if args.real
              else demo_stack(args.z_start, args.sections, args.size))
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]

@@ -70,6 +70,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archive", required=True, help="our network")
     p.add_argument("--real", help="a folder of registered real sections (as in align_quality.py)")
+    p.add_argument("--seed", type=int, default=0, help="as in align_quality.py")
     p.add_argument("--reregister", action="store_true", help="as in align_quality.py")
     p.add_argument("--z_start", type=int, default=70)
     p.add_argument("--sections", type=int, default=30)
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
         return {}
     if min(args.neighbours) < 1:
         raise UserError("--neighbours must be at least 1")
-    stack = (real_stack(args.real, args.z_start, args.sections, args.size, reregister=args.reregister) if args.real
+    stack = (real_stack(args.real, args.z_start, args.sections, args.size, args.seed, args.reregister) if args.real
              else demo_stack(args.z_start, args.sections, args.size))
     raw = stack["raw"]
     if args.real:
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
     model.eval()
 
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
-    key = [str(Path(args.archive).resolve()), args.real, args.reregister, args.z_start, args.sections, args.size, pairs]
+    key = [str(Path(args.archive).resolve()), args.real, args.seed, args.reregister, args.z_start, args.sections, args.size, pairs]
     cached = torch.load(args.cache) if args.cache and Path(args.cache).is_file() else {}
     if cached.get("key") == key:
         fields = cached["fields"]
