@@ -159,7 +159,7 @@ def content_offsets(stack, reach: int = 32, factor: int = 2) -> np.ndarray:
     a = to_tensor(stack, dtype=torch.float64)[:, None]
     a = torch.nn.functional.avg_pool2d(a, factor)[:, 0] if factor > 1 else a[:, 0]
     r = -(-reach // factor)
-    z, h, w = a.shape
+    h, w = a.shape[1:]
     if min(h, w) <= 4 * r:
         raise UserError(f"sections of {h}x{w} px (after averaging {factor}x) are too small for reach {reach} px")
     a = (a - a.mean((1, 2), keepdim=True)) / a.std((1, 2), keepdim=True).clamp_min(1e-12)
@@ -169,9 +169,8 @@ def content_offsets(stack, reach: int = 32, factor: int = 2) -> np.ndarray:
     # numerator sum_p source(p + s) target(p) for every shift: cross-correlation by FFT (no wrap for s in 0..2r)
     spectrum = torch.fft.rfft2(source) * torch.fft.rfft2(target, s=(h, w)).conj()
     numerator = torch.fft.irfft2(spectrum, s=(h, w))[:, :2 * r + 1, :2 * r + 1]
-    window = (kh, kw)
-    pool = torch.nn.functional.avg_pool2d  # window means of the source at every shift
-    mean, square = pool(source[:, None], window, 1)[:, 0], pool(source[:, None] ** 2, window, 1)[:, 0]
+    # window means of the source at every shift, for the Pearson r's denominator
+    mean, square = (torch.nn.functional.avg_pool2d(x[:, None], (kh, kw), 1)[:, 0] for x in (source, source ** 2))
     spread = ((square - mean ** 2).clamp_min(0) * kh * kw).sqrt() * target.flatten(1).norm(dim=1).view(-1, 1, 1)
     r_map = numerator / spread.clamp_min(1e-12)  # [Z-1, 2r+1, 2r+1]: Pearson r per shift
     best = r_map.flatten(1).argmax(1)
@@ -186,7 +185,10 @@ def content_offsets(stack, reach: int = 32, factor: int = 2) -> np.ndarray:
 
 
 def _parabola_vertex(before, at, after, inner) -> torch.Tensor:
-    """Where the parabola through three equally spaced samples peaks, relative to the middle one (0 where not ``inner``)."""
+    """Where the parabola through three equally spaced samples peaks, relative to the middle one.
+
+    0 where not ``inner`` (the peak at the edge of the searched shifts) or where the samples do not bend down.
+    """
     curvature = before - 2 * at + after
     inner = inner & (curvature < 0)
     return torch.where(inner, 0.5 * (before - after) / curvature.where(inner, -torch.ones_like(curvature)), 0.0)

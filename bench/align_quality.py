@@ -94,7 +94,7 @@ def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
     image, defects, field = misalign.misalign(canvas, misalign.MisalignParams(), torch.Generator().manual_seed(seed),
                                               pad=pad)
     return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy(),
-            "content_offsets": evaluate.content_offsets(canvas[:, 0, margin:side - margin, margin:side - margin].numpy())}
+            "content_offsets": evaluate.content_offsets(canvas[:, 0, margin:side - margin, margin:side - margin])}
 
 
 def registration_check(offsets: np.ndarray, tolerance: float = 2.0) -> str:
@@ -158,7 +158,8 @@ def main(argv=None) -> dict:
                    help="our network(s) (several to compare; omit to score only the baselines)")
     p.add_argument("--real", help="a folder of registered real sections (PNG/TIFF), misaligned as the demo is, "
                                   "instead of the demo volume; --z_start counts files from 0")
-    p.add_argument("--seed", type=int, default=0, help="--real: the seed of the known misalignment, cracks and folds (one stack per seed)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--real: the seed of the known misalignment, cracks and folds (one stack per seed)")
     p.add_argument("--reregister", action="store_true",
                    help="--real: shift the sections by whole pixels until neighbours' content matches before "
                         "misaligning them (for a volume whose registration fails the check printed first)")

@@ -97,7 +97,8 @@ def main(argv=None) -> dict:
     model.eval()
 
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
-    key = [str(Path(args.archive).resolve()), args.real, args.seed, args.reregister, args.z_start, args.sections, args.size, pairs]
+    key = [str(Path(args.archive).resolve()), args.real, args.seed, args.reregister, args.z_start, args.sections,
+           args.size, pairs]
     cached = torch.load(args.cache) if args.cache and Path(args.cache).is_file() else {}
     if cached.get("key") == key:
         fields = cached["fields"]

@@ -74,7 +74,7 @@ def test_common_frame_counts_only_valid_sections():
 
 
 def _texture_window(texture: np.ndarray, shift=(0, 0), size: int = 96, corner: int = 40) -> np.ndarray:
-    """A ``size`` square of ``texture`` whose content, moved by ``shift`` (x, y) px, lands on the window at ``corner``."""
+    """A ``size`` square of ``texture``; its content, moved by ``shift`` (x, y) px, is the window at ``corner``."""
     x, y = corner - shift[0], corner - shift[1]
     return texture[y:y + size, x:x + size]
 
