@@ -10,7 +10,9 @@ the file number and the missing sections are written as zeros (missing data).
 Sections must be grey (an RGB file with three equal channels counts as grey),
 all one size and one dtype. ``uint8`` is written as is; ``uint16`` / float need
 ``--rescale``, which maps the stack's non-zero range onto 1..255 and keeps 0
-(missing data) at 0.
+(missing data) at 0. ``--reregister`` shifts each section by whole pixels until
+neighbours' content matches (``content_shifts``), for a "registered" folder
+whose registration is off; the shifts are recorded in the provenance.
 
 DEST (``--dest``) is the layer itself (it holds ``info``): a local folder, or any
 CloudVolume path. Headers are checked before anything is written. A local
@@ -29,7 +31,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import tifffile
@@ -57,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             f">= {MIN_SIDE} px, at most {MAX_MIPS})")
     p.add_argument("--rescale", action="store_true",
                    help="stretch uint16 / float sections min-max onto 1..255 (0 stays 0 = missing data)")
+    p.add_argument("--reregister", action="store_true",
+                   help="shift each section by whole pixels until neighbours' content matches (for a folder "
+                        "whose registration is off; the shifts go into the provenance)")
     p.add_argument("--allow_gaps", action="store_true",
                    help="write missing section numbers as zeros (missing data); z is then the file number")
     p.add_argument("--overwrite", action="store_true", help="replace an existing layer at DEST")
@@ -190,6 +195,51 @@ def read_section(path: Path) -> np.ndarray:
     return section
 
 
+def read_scaled(path: Path, stretch: tuple[float, float] | None) -> np.ndarray:
+    """``read_section``, mapped onto uint8 by ``rescale`` when ``stretch`` (the stack's value range) is given."""
+    section = read_section(path)
+    return section if stretch is None else rescale(section, *stretch)
+
+
+# ----------------------------------------------------------------------- re-registration
+def content_shifts(sections: Iterable[np.ndarray]) -> np.ndarray:
+    """Whole-pixel shifts ``[Z, 2]`` (px, x then y) that make neighbouring sections' content match.
+
+    sections: ``[H, W]`` arrays, read one after another (two in memory at a time).
+    The ``evaluate.content_offsets`` of each neighbour pair, added up along the
+    stack (into the first section's frame), less their mean (the stack stays
+    centred), rounded: section z pulled by ``shifts[z]`` (``shift_section``). A
+    translation per section, nothing learned: for a registered folder whose
+    registration fails ``bench/align_quality.py``'s check.
+    """
+    from evaluate import content_offsets
+
+    offsets, previous = [np.zeros(2)], None
+    for section in sections:
+        if previous is not None:
+            offsets.append(offsets[-1] - content_offsets(np.stack([previous, section]))[0])
+        previous = section
+    shifts = np.stack(offsets)
+    return np.round(shifts - shifts.mean(0)).astype(np.int64)
+
+
+def shift_section(section: np.ndarray, shift) -> np.ndarray:
+    """``section`` ``[H, W]`` pulled by the constant whole-pixel field ``shift`` (x, y): ``out(p) = section(p + shift)``,
+    0 (missing data) where that falls outside."""
+    dx, dy = (int(s) for s in shift)
+    h, w = section.shape
+    out = np.zeros_like(section)
+    out[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = \
+        section[max(dy, 0):h - max(-dy, 0), max(dx, 0):w - max(-dx, 0)]
+    return out
+
+
+def register_rigidly(sections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sections`` ``[Z, H, W]`` moved by their ``content_shifts``; returns them and the shifts ``[Z, 2]`` (px)."""
+    shifts = content_shifts(sections)
+    return np.stack([shift_section(s, d) for s, d in zip(sections, shifts)]), shifts
+
+
 # ----------------------------------------------------------------------- intensities
 def value_range(paths: list[Path]) -> tuple[float, float]:
     """``(lo, hi)``: the smallest and largest values of the stack, ignoring 0 and NaN (missing data).
@@ -294,23 +344,25 @@ def main(argv=None) -> dict:
         raise UserError(f"--mips {mips} does not fit {width} x {height} px sections "
                         f"(1 to {min(height, width).bit_length()})")
     stretch = value_range(paths) if dtype != "uint8" else None
+    shifts = np.zeros((len(slots), 2), np.int64)
+    if args.reregister:
+        if missing:
+            raise UserError(f"--reregister needs a stack without gaps ({len(missing)} missing: {_listing(missing)})")
+        shifts = content_shifts(read_scaled(path, stretch) for path in tqdm(paths, desc="matching", unit="section"))
 
     resolution = [int(r) if r.is_integer() else r for r in args.resolution]
     provenance = {"description": f"sections imported from {folder.resolve()} by import_stack.py", "method": {
         "source": str(folder.resolve()), "files": [p.name if p else None for p in slots], "first_z": z0,
         "missing": missing, "resolution": resolution, "dtype": dtype,
         "value_range": list(stretch) if stretch else None,
+        "shifts": shifts.tolist() if args.reregister else None,
         "command": shlex.join(["import_stack.py", *(sys.argv[1:] if argv is None else argv)])}}
     with (in_place(cloudpath) if local is None else staged(local)) as write_path:
         vol = volume.create_volume(write_path, (width, height, len(slots)), "uint8", 1, resolution, mips, CHUNK,
                                    provenance=provenance, overwrite=args.overwrite, offset=(0, 0, z0))
-        for z, path in enumerate(tqdm(slots, desc="sections", unit="section"), start=z0):
-            if path is None:
-                section = np.zeros((height, width), np.uint8)
-            else:
-                section = read_section(path)
-                section = section if stretch is None else rescale(section, *stretch)
-            volume.write_pyramid(vol, section[None, None], (0, 0, z), "image")
+        for i, path in enumerate(tqdm(slots, desc="sections", unit="section")):
+            section = np.zeros((height, width), np.uint8) if path is None else read_scaled(path, stretch)
+            volume.write_pyramid(vol, shift_section(section, shifts[i])[None, None], (0, 0, z0 + i), "image")
     seconds = time.time() - start
     gaps = f" ({len(missing)} missing, written as zeros: {_listing(missing)})" if missing else ""
     print(f"imported {len(paths)} sections{gaps} of {width} x {height} px ({dtype}), z {z0}..{z0 + len(slots) - 1}, "

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 from alignment import align_serial, apply_field  # noqa: E402
-from helpers import UserError, in_frame_of, run_main, warp_tissue  # noqa: E402
+from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
 COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
            "oracle_cpc", "foldovers", "mpx_per_s"]
@@ -49,34 +49,16 @@ def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
     return {"raw": read["image"][:, 0], "truth": read["field"], "defects": read["defects"][:, 0]}
 
 
-def register_rigidly(sections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sections ``[Z, H, W]`` uint8 shifted by whole pixels so that neighbours' content matches.
-
-    Section z is moved by the sum of the ``evaluate.content_offsets`` of the
-    pairs before it (into the first section's frame), then all by their mean
-    shift (the stack stays centred); what moves in from outside is missing (0).
-    Returns the sections and the shifts ``[Z, 2]`` (px, x then y, the constant
-    fields that pulled each section). For a registered volume that fails
-    ``registration_check``: a translation per section, nothing learned.
-    """
-    offsets = evaluate.content_offsets(sections)
-    shifts = -np.concatenate([np.zeros((1, 2)), np.cumsum(offsets, 0)])
-    shifts = np.round(shifts - shifts.mean(0)).astype(np.float32)
-    fields = torch.from_numpy(shifts)[:, :, None, None].expand(-1, -1, *sections.shape[1:])
-    moved = warp_tissue(torch.from_numpy(sections).float()[:, None], fields)[:, 0]
-    return moved.round().to(torch.uint8).numpy(), shifts
-
-
 def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
                reregister: bool = False) -> dict[str, np.ndarray]:
     """Registered real sections from an image folder, misaligned exactly as the demo (``misalign.py``).
 
     Sections ``z_start .. z_start + count - 1`` (natural file order), the central
     ``size + 2 * 48`` px of each as the canvas, cropped to ``size`` after misalignment;
-    with ``reregister``, first ``register_rigidly``.
+    with ``reregister``, first ``import_stack.register_rigidly`` (as ``import_stack.py --reregister``).
     """
     import misalign
-    from import_stack import list_sections, read_section
+    from import_stack import list_sections, read_section, register_rigidly
 
     paths = [p for _, p in list_sections(Path(folder))][z_start:z_start + count]
     if len(paths) < 2:
@@ -162,7 +144,8 @@ def main(argv=None) -> dict:
                    help="--real: the seed of the known misalignment, cracks and folds (one stack per seed)")
     p.add_argument("--reregister", action="store_true",
                    help="--real: shift the sections by whole pixels until neighbours' content matches before "
-                        "misaligning them (for a volume whose registration fails the check printed first)")
+                        "misaligning them, as import_stack.py --reregister does (for a volume whose registration "
+                        "fails the check printed first)")
     p.add_argument("--z_start", type=int, default=70, help="first held-out demo section")
     p.add_argument("--sections", type=int, default=30, help="sections in the stack")
     p.add_argument("--size", type=int, default=512, help="section size in px (a top-left crop)")
