@@ -101,8 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--batch_size", type=int, default=8, help="pairs per step")
     g.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, augmentation)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="HDF5 from gen_stack.py, or a dataset NAME (data/NAME_train_mipM.h5); "
-                                     "default: the demo dataset, built on first use")
+    g.add_argument("--dataset", action="append",
+                   help="HDF5 from gen_stack.py, or a dataset NAME (data/NAME_train_mipM.h5); default: the demo "
+                        "dataset, built on first use. Repeat the flag to mix several: pairs are drawn from all in "
+                        "proportion to their sizes (give one twice to weigh it double); different section sizes "
+                        "need --crop")
     g.add_argument("--hm", action="store_true", help="with a dataset NAME: use its highest-mip file")
     g.add_argument("--val_dataset", help="held-out HDF5 with ground-truth fields, scored every epoch "
                                          "(default: the demo test set when training on the demo)")
@@ -379,23 +382,29 @@ def setup(args) -> tuple:
     Returns ``(args, model, archive, archive_path, dataset, val_pairs)``: ``args``
     as a resume updates it, with ``dataset`` and ``val_dataset`` resolved to paths
     (the demo's built if needed); ``prepare``'s model (CPU), archive and path; the
-    training ``StackDataset``; and ``--val_pairs`` fixed held-out pairs spread
+    training ``StackDataset`` (a ``ConcatDataset`` of several); and ``--val_pairs`` fixed held-out pairs spread
     evenly over ``val_dataset`` (a ``Subset``), or None without one.
     """
     check_args(args)
     model, archive, archive_path = prepare(args)
-    dataset_path = resolve_dataset(args.dataset, args.hm)
-    args.dataset = str(dataset_path)
+    specs = args.dataset if isinstance(args.dataset, list) else [args.dataset]  # archives before 2026-11-30: one
+    paths = [resolve_dataset(spec, args.hm) for spec in specs]
+    args.dataset = [str(path) for path in paths] if len(paths) > 1 else str(paths[0])
     check_args(args)
     augment = None if args.no_augment else Augmenter(p_jitter=args.p_jitter, max_shift=args.max_shift,
                                                      max_angle=args.max_angle, elastic_amplitude=args.elastic)
-    dataset = StackDataset(dataset_path, mask_radius=args.mask_neighborhood_radius, augment=augment,
-                           crop=args.crop or None)
-    side = args.crop or min(dataset.shape[2:])
+    parts = [StackDataset(path, mask_radius=args.mask_neighborhood_radius, augment=augment, crop=args.crop or None)
+             for path in paths]
+    sizes = sorted({tuple(part.shape[2:]) for part in parts})
+    if len(sizes) > 1 and not args.crop:
+        raise UserError(f"--dataset: sections of different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}) "
+                        "can only be mixed with --crop")
+    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    side = args.crop or min(sizes[0])
     if side % 2 ** (args.size - 1):
         raise UserError(f"sections of {side} px do not divide by 2^(size-1) = {2 ** (args.size - 1)}: "
                         "choose a --crop that does, or a smaller --size")
-    val_path = args.val_dataset or (resolve_dataset("demo", split="test") if "demo_train" in dataset_path.name
+    val_path = args.val_dataset or (resolve_dataset("demo", split="test") if "demo_train" in paths[0].name
                                     else None)
     args.val_dataset = str(val_path) if val_path else None
     val_pairs = None

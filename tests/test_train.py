@@ -6,7 +6,7 @@ import torch
 import net_hist
 import train
 from conftest import run_script
-from helpers import warp
+from helpers import UserError, warp
 from models.archive import load_archive
 
 
@@ -130,3 +130,16 @@ def test_the_seeds_fine_tuning_command_runs(tmp_path, monkeypatch):
     model, archive_dict = load_archive(path)
     assert model.config["size"] == 8 and archive_dict["args"]["lambda6"] == 1
     assert [e["name"] for e in net_hist.lineage(archive_dict)][-1] == "fine_tune_example"
+
+
+def test_several_datasets_are_mixed_and_different_sizes_need_a_crop(toy, tmp_path):
+    large = write_toy(tmp_path / "large.h5", n=1, d=48, shift=(-1.0, 0.5))
+    common = ["--dataset", str(toy), "--dataset", str(large), "--size", "2", "--batch_size", "2", "--epochs", "1",
+              "--vis_interval", "0", "--no_augment"]
+    with pytest.raises(UserError, match="different sizes .*32x32, 48x48.* --crop"):
+        train.main([*common, "mixed"])
+    args, _, _, _, dataset, _ = train.setup(train.parse_args([*common, "--crop", "32", "mixed"]))
+    assert args.dataset == [str(toy), str(large)] and len(dataset) == 2 * 3 + 1 * 3  # pairs of 4-section stacks
+    assert {dataset[i]["src"].shape[-1] for i in range(len(dataset))} == {32}
+    _, archive = load_archive(train.main([*common, "--crop", "32", "mixed"]))
+    assert archive["args"]["dataset"] == [str(toy), str(large)] and archive["epoch"] == 1
