@@ -382,12 +382,12 @@ def setup(args) -> tuple:
     Returns ``(args, model, archive, archive_path, dataset, val_pairs)``: ``args``
     as a resume updates it, with ``dataset`` and ``val_dataset`` resolved to paths
     (the demo's built if needed); ``prepare``'s model (CPU), archive and path; the
-    training ``StackDataset`` (a ``ConcatDataset`` of several); and ``--val_pairs`` fixed held-out pairs spread
-    evenly over ``val_dataset`` (a ``Subset``), or None without one.
+    training ``StackDataset`` (a ``ConcatDataset`` of several); and ``--val_pairs``
+    fixed held-out pairs spread evenly over ``val_dataset`` (a ``Subset``), or None without one.
     """
     check_args(args)
     model, archive, archive_path = prepare(args)
-    specs = args.dataset if isinstance(args.dataset, list) else [args.dataset]  # archives before 2026-11-30: one
+    specs = args.dataset if isinstance(args.dataset, list) else [args.dataset]  # None, or one path (a resumed run)
     paths = [resolve_dataset(spec, args.hm) for spec in specs]
     args.dataset = [str(path) for path in paths] if len(paths) > 1 else str(paths[0])
     check_args(args)
