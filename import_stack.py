@@ -224,14 +224,12 @@ def content_shifts(sections: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def shift_section(section: np.ndarray, shift) -> np.ndarray:
-    """``section`` ``[H, W]`` pulled by the constant whole-pixel field ``shift`` (x, y): ``out(p) = section(p + shift)``,
-    0 (missing data) where that falls outside."""
-    dx, dy = (int(s) for s in shift)
-    h, w = section.shape
-    out = np.zeros_like(section)
-    out[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = \
-        section[max(dy, 0):h - max(-dy, 0), max(dx, 0):w - max(-dx, 0)]
-    return out
+    """uint8 ``section`` ``[H, W]`` pulled by the constant field ``shift`` (x, y px): ``out(p) = section(p + shift)``,
+    0 (missing data) where that falls outside (``alignment.apply_field``)."""
+    import torch
+    from alignment import apply_field
+
+    return apply_field(section, torch.tensor(shift, dtype=torch.float32).view(2, 1, 1).expand(2, *section.shape))
 
 
 def register_rigidly(sections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

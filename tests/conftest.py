@@ -12,6 +12,17 @@ import volume
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def moved_windows(moves, size: int = 160, seed: int = 3) -> np.ndarray:
+    """``[Z, size, size]`` uint8 windows of one smooth random texture, section z's content moved by ``moves[z]``
+    (x, y) px: section z at p shows what section 0 shows at p - moves[z]."""
+    rng = np.random.default_rng(seed)
+    reach = max(max(abs(m) for m in move) for move in moves) + 1
+    texture = rng.random((size + 2 * reach + 1, size + 2 * reach + 1))
+    texture = (texture[:-1, :-1] + texture[1:, :-1] + texture[:-1, 1:] + texture[1:, 1:]) / 4  # a little smooth
+    texture = (texture * 200 + 30).astype(np.uint8)
+    return np.stack([texture[reach - dy:reach - dy + size, reach - dx:reach - dx + size] for dx, dy in moves])
+
+
 def run_script(*argv, cwd=ROOT, env=None):
     """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True,

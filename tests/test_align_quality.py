@@ -1,19 +1,16 @@
 """bench/align_quality.py's real-tissue stack: registered sections misaligned with known fields, and the check of
 their registration."""
 import numpy as np
-import torch
 from PIL import Image
 
 from bench import align_quality
+from conftest import moved_windows
 
 
-def write_sections(folder, shifts):
-    """PNG sections 0.png, 1.png, ... of one texture, section z's content moved by ``shifts[z]`` (x, y) px."""
-    rng = np.random.default_rng(0)
-    texture = torch.nn.functional.avg_pool2d(torch.from_numpy(rng.random((1, 1, 260, 260))), 3, 1, 1)[0, 0].numpy()
-    texture = (texture * 200 + 30).astype(np.uint8)
-    for z, (dx, dy) in enumerate(shifts):
-        Image.fromarray(texture[50 - dy:210 - dy, 50 - dx:210 - dx]).save(folder / f"{z}.png")
+def write_sections(folder, moves):
+    """PNG sections 0.png, 1.png, ... (``conftest.moved_windows``)."""
+    for z, section in enumerate(moved_windows(moves)):
+        Image.fromarray(section).save(folder / f"{z}.png")
 
 
 def test_real_stack_misaligns_registered_sections_and_finds_them_registered(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import evaluate
+from conftest import moved_windows
 from helpers import UserError, warp
 
 
@@ -73,25 +74,15 @@ def test_common_frame_counts_only_valid_sections():
     assert torch.equal(evaluate.common_frame(field, truth, valid), field)
 
 
-def _texture_window(texture: np.ndarray, shift=(0, 0), size: int = 96, corner: int = 40) -> np.ndarray:
-    """A ``size`` square of ``texture``; its content, moved by ``shift`` (x, y) px, is the window at ``corner``."""
-    x, y = corner - shift[0], corner - shift[1]
-    return texture[y:y + size, x:x + size]
-
-
 def test_content_offsets_find_a_shifted_section_and_nothing_in_a_registered_stack():
-    rng = np.random.default_rng(3)
-    texture = torch.nn.functional.avg_pool2d(torch.from_numpy(rng.random((1, 1, 180, 180))), 3, 1, 1)[0, 0].numpy()
-    texture = (texture * 200 + 20).astype(np.float32)
-    reference = _texture_window(texture)
-    stack = np.stack([_texture_window(texture, (6, -4)), reference, reference])
+    stack = moved_windows([(6, -4), (0, 0), (0, 0)], size=96)  # section 0 pulled by (6, -4) shows section 1
     offsets = evaluate.content_offsets(stack, reach=16, factor=1)
     assert offsets.shape == (2, 2)
-    assert np.allclose(offsets[0], [6, -4], atol=0.25) and np.allclose(offsets[1], 0, atol=1e-3)
+    assert np.allclose(offsets[0], [6, -4], atol=0.25) and np.allclose(offsets[1], 0, atol=0.01)
     # the helpers convention: the constant field of the offset pulls the first section onto the second
     field = torch.tensor(offsets[0]).view(1, 2, 1, 1).expand(1, 2, 96, 96)
-    pulled = warp(torch.from_numpy(stack[:1, None]), field)[0, 0, 8:-8, 8:-8]
-    assert torch.allclose(pulled, torch.from_numpy(reference)[8:-8, 8:-8], atol=3)
+    pulled = warp(torch.from_numpy(stack[:1, None]).float(), field)[0, 0, 8:-8, 8:-8]
+    assert torch.allclose(pulled, torch.from_numpy(stack[1, 8:-8, 8:-8]).float(), atol=3)
     assert np.allclose(evaluate.content_offsets(stack, reach=16, factor=2)[0], [6, -4], atol=0.6)
 
 

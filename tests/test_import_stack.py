@@ -8,7 +8,7 @@ from PIL import Image
 
 import import_stack
 import volume
-from conftest import run_script
+from conftest import moved_windows, run_script
 from helpers import UserError
 
 H, W = 64, 96  # tiny sections, not square, so x / y mix-ups show
@@ -187,15 +187,6 @@ def test_script_existing_dest_exits_2_and_keeps_it(tmp_path):
     assert [p.name for p in dest.iterdir()] == ["keep.txt"] and left_behind(dest) == ["vol"]
 
 
-def jumping_sections(moves) -> np.ndarray:
-    """``[Z, 160, 160]`` uint8 windows of one smooth texture, section z's content moved by ``moves[z]`` (x, y) px."""
-    rng = np.random.default_rng(3)
-    texture = rng.random((280, 280))
-    texture = (texture + np.roll(texture, 1, 0) + np.roll(texture, 1, 1) + np.roll(texture, 1, (0, 1))) / 4
-    texture = (texture * 200 + 30).astype(np.uint8)
-    return np.stack([texture[60 - dy:220 - dy, 60 - dx:220 - dx] for dx, dy in moves])
-
-
 def test_shift_section_pulls_by_whole_pixels_and_fills_missing():
     section = np.arange(1, 13, dtype=np.uint8).reshape(3, 4)
     out = import_stack.shift_section(section, (1, -1))  # out(p) = section(p + (1, -1))
@@ -203,7 +194,7 @@ def test_shift_section_pulls_by_whole_pixels_and_fills_missing():
 
 
 def test_register_rigidly_undoes_whole_section_jumps_and_keeps_the_stack_centred():
-    stack = jumping_sections([(0, 0), (8, 0), (16, 0), (16, -8)])
+    stack = moved_windows([(0, 0), (8, 0), (16, 0), (16, -8)])
     moved, shifts = import_stack.register_rigidly(stack)
     # each section pulled by its content's move, (0, 0) (8, 0) (16, 0) (16, -8), less their mean (10, -2)
     np.testing.assert_array_equal(shifts, [[-10, 2], [-2, 2], [6, 2], [6, -6]])
@@ -211,7 +202,7 @@ def test_register_rigidly_undoes_whole_section_jumps_and_keeps_the_stack_centred
 
 
 def test_import_reregister_writes_matching_sections_and_records_the_shifts(tmp_path):
-    stack = jumping_sections([(0, 0), (6, 0), (6, 6)])
+    stack = moved_windows([(0, 0), (6, 0), (6, 6)])
     folder, dest = save_png(tmp_path / "in", [f"{z}.png" for z in range(3)], stack), tmp_path / "vol"
     import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "50", "--mips", "1", "--reregister"])
     written = read_all(str(dest))
