@@ -71,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--solve: px scale of the robust re-weighting of disagreeing pairs (0 = plain least squares)")
     p.add_argument("--smooth", type=int, default=0,
                    help="low-pass every pair field with a box of this radius in px, twice (0 = off)")
+    p.add_argument("--prealign", type=int, default=32,
+                   help="before the network, move each source by the whole-section shift (found by cross-correlation, "
+                        "up to this many px) that best matches its target (0 = off)")
+    p.add_argument("--detail_pull", type=float, default=10.0,
+                   help="--solve --smooth R: pull on the detail the low-pass removes, solved apart from the coarse "
+                        "part (inf = drop the detail)")
     p.add_argument("--block", type=int,
                    help="sections per block aligned independently, consecutive blocks sharing one (>= 2); "
                         "None: the whole range, one block")
@@ -140,8 +146,10 @@ def worker(argv) -> None:
 
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
-    if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.robust < 0 or args.smooth < 0:
-        raise UserError("--vote and --neighbours must be >= 1, --pull > 0, --robust and --smooth >= 0")
+    if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.detail_pull <= 0 or args.robust < 0 \
+            or args.smooth < 0 or args.prealign < 0:
+        raise UserError("--vote and --neighbours must be >= 1, --pull and --detail_pull > 0, --robust, --smooth and "
+                        "--prealign >= 0")
     if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:
         raise UserError("choose one of --raw_neighbour, --vote K, --solve")
     if args.solve and (args.queue or args.block):
@@ -184,7 +192,7 @@ def main(argv=None) -> dict:
                     dest=volume.resolve_path(args.dest.rstrip("/")), mip=args.mip, bbox=(x0, y0, x1, y1),
                     z_start=args.z_start, z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2),
                     chunk=args.chunk, overlap=args.overlap, vote=args.vote, raw_neighbour=args.raw_neighbour,
-                    smooth=args.smooth, xy_chunk=args.task_chunk, device=args.device)
+                    smooth=args.smooth, prealign=args.prealign, xy_chunk=args.task_chunk, device=args.device)
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
     layers = open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)),
                        ("image", "field") + (() if args.solve else SERIAL_LAYERS))
@@ -207,7 +215,7 @@ def main(argv=None) -> dict:
         raw = np.stack([volume.read(source, (x0, y0, z), (width, height, 1))[0, 0] for z in todo])
         aligned, fields, skipped = align_solved(
             model, raw, args.neighbours, args.pull, args.robust or None, args.chunk, args.overlap, args.smooth,
-            progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
+            args.detail_pull, args.prealign, progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
         for z, image, field in zip(todo, aligned, fields):
             volume.write(layers["image"], image[None, None], (x0, y0, z))
             volume.write(layers["field"], field.numpy()[None].astype(np.float32), (x0, y0, z))

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from data import normalise, slice_std
-from masks import box_mean
-from helpers import compose, in_frame_of, to_tensor, warp_tissue
+from helpers import compose, in_frame_of, to_tensor, warp, warp_tissue
 from models import Pyramid
-from solve import neighbour_pairs, solve_stack, vector_vote
+from shifts import best_shifts
+from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
 
 
 @torch.no_grad()
@@ -36,40 +36,51 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
     return max(start - overlap, 0), min(start + chunk + overlap, length)
 
 
-def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128, smooth: int = 0) -> torch.Tensor:
+def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128, smooth: int = 0,
+               prealign: int = 32) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
-    once as a whole (``data.normalise``), then processed in chunks (module
-    docstring): each chunk is read with ``overlap`` px of context on every side
-    that lies within the section, so a section that fits in one chunk is one
-    pass of the network over exactly its own pixels. ``chunk`` and ``overlap``
-    are rounded up to multiples of ``2^(size-1)`` (and the section's size, with
-    zeros); the model's device is used. ``smooth`` > 0 low-passes the
-    field with a box of that radius (px) applied twice (a triangle of half-width
-    2 ``smooth``): misalignment is smooth, and between real neighbours the
-    network's fine detail is mostly tissue change (measured in the README).
+    once as a whole (``data.normalise``). With ``prealign`` > 0 the source is first
+    moved by the whole-pixel shift that best matches it onto the target
+    (``shifts.best_shifts``, up to ``prealign`` px each way, less on small sections):
+    the network recovers ~15 px between real neighbours, and sections can lie
+    further apart; the shift is added back to the field. Then the pair is
+    processed in chunks (module docstring): each chunk is read with ``overlap``
+    px of context on every side that lies within the section, so a section that
+    fits in one chunk is one pass of the network over exactly its own pixels.
+    ``chunk`` and ``overlap`` are rounded up to multiples of ``2^(size-1)`` (and
+    the section's size, with zeros); the model's device is used. ``smooth`` > 0
+    low-passes the field (``solve.low_pass``): misalignment is smooth, and
+    between real neighbours the network's fine detail is mostly tissue change
+    (measured in the README).
     """
     device = next(model.parameters()).device
     unit = 2 ** (model.config["size"] - 1)
     chunk, overlap = -(-chunk // unit) * unit, -(-overlap // unit) * unit
     h, w = source.shape[-2:]
     height, width = -(-h // unit) * unit, -(-w // unit) * unit
-    src, tgt = (F.pad(normalise(to_tensor(s))[0].view(1, 1, h, w).to(device), (0, width - w, 0, height - h))
-                for s in (source, target))
+    src, tgt = (normalise(to_tensor(s))[0].view(1, 1, h, w).to(device) for s in (source, target))
+    shift = _whole_shift(src[0, 0], tgt[0, 0], prealign)
+    src = warp(src, shift.expand(1, 2, h, w))
+    src, tgt = (F.pad(x, (0, width - w, 0, height - h)) for x in (src, tgt))
     field = torch.zeros(1, 2, height, width, device=device)
     for y in range(0, height, chunk):
         for x in range(0, width, chunk):
             (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
             part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1])
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
-    return low_pass(field[0, :, :h, :w].cpu(), smooth)
+    return low_pass((field[..., :h, :w] + shift)[0].cpu(), smooth)
 
 
-def low_pass(field: torch.Tensor, radius: int) -> torch.Tensor:
-    """``field`` ``[..., 2, H, W]`` (px) averaged over a box of ``radius`` px twice (a triangle of half-width
-    2 ``radius``); ``radius`` 0 returns it as it is."""
-    return box_mean(box_mean(field, radius), radius) if radius else field
+def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
+    """``[1, 2, 1, 1]`` (px): the whole-pixel ``shifts.best_shifts`` of normalised ``[H, W]`` source onto target,
+    ``reach`` clipped to what the sections' size allows; zero when that is under 2 px."""
+    reach = min(reach, (min(source.shape) // 2 - 1) // 4 * 2)
+    if reach < 2:
+        return torch.zeros(1, 2, 1, 1, device=source.device)
+    shift = best_shifts(source[None].cpu(), target[None].cpu(), reach)[0].round()
+    return torch.from_numpy(shift).view(1, 2, 1, 1).to(source.device)
 
 
 def apply_field(section, field: torch.Tensor) -> np.ndarray:
@@ -85,7 +96,7 @@ def is_blank(section, min_std: float = 2.0) -> bool:
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
                  vote: int = 1, chunk: int = 1024, overlap: int = 128, softness: float = 1.0,
-                 smooth: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 smooth: int = 0, prealign: int = 32) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
@@ -96,7 +107,7 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     fields combined by ``solve.vector_vote``; with ``to_raw_neighbour`` it is
     aligned to the raw section before it and the fields are chained with
     ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
-    zero field and are not aligned to. ``chunk``, ``overlap``, ``smooth``: ``pair_field``'s.
+    zero field and are not aligned to. ``chunk``, ``overlap``, ``smooth``, ``prealign``: ``pair_field``'s.
     """
     history = list(before or [])[-vote:]  # (raw, aligned, field) of the last usable sections
     for section in sections:
@@ -108,11 +119,11 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
             field = torch.zeros(2, *shape)
         elif to_raw_neighbour:
             previous_raw, _, previous_field = history[-1]
-            pair = pair_field(model, section, previous_raw, chunk, overlap, smooth)
+            pair = pair_field(model, section, previous_raw, chunk, overlap, smooth, prealign)
             field = compose(pair[None], previous_field[None])[0]
         else:
             targets = [aligned for _, aligned, _ in history[-vote:]]
-            candidates = torch.stack([pair_field(model, section, t, chunk, overlap, smooth) for t in targets])
+            candidates = torch.stack([pair_field(model, section, t, chunk, overlap, smooth, prealign) for t in targets])
             valid = torch.from_numpy(np.stack(targets) > 0)
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
         aligned = apply_field(section, field)
@@ -121,8 +132,8 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
 
 
 def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.03, robust: float | None = 4.0,
-                 chunk: int = 1024, overlap: int = 128, smooth: int = 0,
-                 progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+                 chunk: int = 1024, overlap: int = 128, smooth: int = 0, detail_pull: float = 10.0,
+                 prealign: int = 32, progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
@@ -131,26 +142,28 @@ def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.
     and the result is expressed in the frame of the first usable section (as a
     serial alignment keeps it). Returns ``(aligned uint8 [Z, H, W], fields
     [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections (left blank, zero
-    field). ``chunk``, ``overlap``, ``smooth``: ``pair_field``'s; ``progress(pairs)``
-    may wrap the iteration over pairs (e.g. tqdm).
+    field). ``chunk``, ``overlap``, ``prealign``: ``pair_field``'s; ``smooth``, ``detail_pull``:
+    ``solve.solve_stack``'s; ``progress(pairs)`` may wrap the iteration over pairs (e.g. tqdm).
     """
     sections = np.asarray(sections)
     count = len(sections)
     skipped = [z for z in range(count) if is_blank(sections[z])]
     pairs = neighbour_pairs(count, neighbours, set(skipped)) if count - len(skipped) > 1 else []
-    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap, smooth)
+    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap, 0, prealign)
                                for s, t in (progress or iter)(pairs)]) if pairs else None
-    aligned, fields = solve_pairs(sections, pairs, pair_fields, pull, robust, skipped)
+    aligned, fields = solve_pairs(sections, pairs, pair_fields, pull, robust, skipped, smooth, detail_pull)
     return aligned, fields, skipped
 
 
 def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, pull: float = 0.03,
-                robust: float | None = 4.0, skipped=()) -> tuple[np.ndarray, torch.Tensor]:
+                robust: float | None = 4.0, skipped=(), smooth: int = 0,
+                detail_pull: float = 10.0) -> tuple[np.ndarray, torch.Tensor]:
     """The second half of ``align_solved``: from pair fields to the aligned stack.
 
     sections: uint8 ``[Z, H, W]``; ``pair_fields`` ``[E, 2, H, W]`` (px): field e
     pulls section ``pairs[e][0]`` onto ``pairs[e][1]`` (None when there are no
-    pairs); ``skipped``: blank sections.
+    pairs); ``skipped``: blank sections; ``pull``, ``robust``, ``smooth``,
+    ``detail_pull``: ``solve.solve_stack``'s.
     Each pair weighs where its target shows tissue. Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px)`` in the frame of the first usable section;
     skipped sections stay blank with the zero field.
@@ -160,7 +173,7 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     fields = torch.zeros(count, 2, *shape)
     if pairs:
         weights = torch.from_numpy(sections[[t for _, t in pairs]] > 0).float()  # the target saw tissue
-        solved = solve_stack(count, pairs, pair_fields, weights, pull, robust)
+        solved = solve_stack(count, pairs, pair_fields, weights, pull, robust, smooth=smooth, detail_pull=detail_pull)
         fields[usable] = in_frame_of(solved[usable], reference=0)
     aligned = np.stack([apply_field(s, f) if z in usable else np.zeros(shape, np.uint8)
                         for z, (s, f) in enumerate(zip(sections, fields))])

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import masks
+from shifts import best_shifts
 from helpers import UserError, in_frame_of, jacobian_determinant, run_main, to_tensor, warp_labels
 
 PERCENTILES = (1, 5, 95, 99)
@@ -145,53 +146,15 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
 def content_offsets(stack, reach: int = 32, factor: int = 2) -> np.ndarray:
     """The shift ``[Z-1, 2]`` (px, x then y) that best matches each section's content onto the next one's.
 
-    stack: ``[Z, H, W]`` whole sections (no missing data). For each neighbour pair
-    ``(z, z+1)`` the shift ``s`` maximises the Pearson r of ``stack[z](p + s)`` with
-    ``stack[z+1](p)`` over the next section's centre (``reach`` px in from every
-    border), ``|s_x|, |s_y| <= reach``, on sections averaged over ``factor`` x
-    ``factor`` pixels and refined to a fraction of a pixel (parabola through the
-    peak): the constant field that pulls section z onto z+1 (``helpers``
-    convention). On a registered stack it checks the registration: real tissue
-    changes from section to section, but not by one shift of the whole section,
-    so offsets well above a pixel or two mean the registration is off there, and
-    an end-point error measured against it cannot be trusted below that.
+    stack: ``[Z, H, W]`` whole sections (no missing data); ``shifts.best_shifts`` of
+    each neighbour pair ``(z, z+1)``: the constant field that pulls section z onto
+    z+1 (``helpers`` convention). On a registered stack it checks the
+    registration: real tissue changes from section to section, but not by one
+    shift of the whole section, so offsets well above a pixel or two mean the
+    registration is off there, and an end-point error measured against it cannot
+    be trusted below that.
     """
-    a = to_tensor(stack, dtype=torch.float64)[:, None]
-    a = torch.nn.functional.avg_pool2d(a, factor)[:, 0] if factor > 1 else a[:, 0]
-    r = -(-reach // factor)
-    h, w = a.shape[1:]
-    if min(h, w) <= 4 * r:
-        raise UserError(f"sections of {h}x{w} px (after averaging {factor}x) are too small for reach {reach} px")
-    a = (a - a.mean((1, 2), keepdim=True)) / a.std((1, 2), keepdim=True).clamp_min(1e-12)
-    source, target = a[:-1], a[1:, r:h - r, r:w - r]
-    target = target - target.mean((1, 2), keepdim=True)
-    kh, kw = target.shape[1:]
-    # numerator sum_p source(p + s) target(p) for every shift: cross-correlation by FFT (no wrap for s in 0..2r)
-    spectrum = torch.fft.rfft2(source) * torch.fft.rfft2(target, s=(h, w)).conj()
-    numerator = torch.fft.irfft2(spectrum, s=(h, w))[:, :2 * r + 1, :2 * r + 1]
-    # window means of the source at every shift, for the Pearson r's denominator
-    mean, square = (torch.nn.functional.avg_pool2d(x[:, None], (kh, kw), 1)[:, 0] for x in (source, source ** 2))
-    spread = ((square - mean ** 2).clamp_min(0) * kh * kw).sqrt() * target.flatten(1).norm(dim=1).view(-1, 1, 1)
-    r_map = numerator / spread.clamp_min(1e-12)  # [Z-1, 2r+1, 2r+1]: Pearson r per shift
-    best = r_map.flatten(1).argmax(1)
-    dy, dx = best // (2 * r + 1), best % (2 * r + 1)
-    n, last = torch.arange(len(r_map)), 2 * r
-    peak = r_map[n, dy, dx]
-    x = dx + _parabola_vertex(r_map[n, dy, (dx - 1).clamp(min=0)], peak, r_map[n, dy, (dx + 1).clamp(max=last)],
-                              (dx > 0) & (dx < last))
-    y = dy + _parabola_vertex(r_map[n, (dy - 1).clamp(min=0), dx], peak, r_map[n, (dy + 1).clamp(max=last), dx],
-                              (dy > 0) & (dy < last))
-    return ((torch.stack([x, y], 1) - r) * factor).float().numpy()
-
-
-def _parabola_vertex(before, at, after, inner) -> torch.Tensor:
-    """Where the parabola through three equally spaced samples peaks, relative to the middle one.
-
-    0 where not ``inner`` (the peak at the edge of the searched shifts) or where the samples do not bend down.
-    """
-    curvature = before - 2 * at + after
-    inner = inner & (curvature < 0)
-    return torch.where(inner, 0.5 * (before - after) / curvature.where(inner, -torch.ones_like(curvature)), 0.0)
+    return best_shifts(stack[:-1], stack[1:], reach, factor)
 
 
 def print_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:

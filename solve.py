@@ -13,14 +13,35 @@ convention (``[.., 2, H, W]`` pixels, x then y, pulling):
   section graph, with a pull toward zero displacement, since imaging
   misalignment does not accumulate physically), so errors stay bounded.
 
+Why a pull, and why one per band of spatial detail: a pair field between
+neighbours sees the misalignment of both sections (independent from section to
+section: white along z) plus the tissue's own change between them, which the
+network partly follows and which adds up along z (a random walk). Per pixel
+and z-frequency the least-squares solve with pull ``p`` keeps
+``D / (D + p)`` of the signal (``D`` the section graph's Laplacian eigenvalue),
+which is the Wiener filter for exactly that mixture with ``p`` = (tissue
+change per section / misalignment) in power. Misalignment is smooth and tissue
+change fine-grained, so that ratio is small for the coarse part of the fields
+and large for the fine detail: ``solve_stack`` low-passes the pair fields
+(``low_pass``) and solves the coarse part and the detail with a pull each.
+
 Everything is per pixel and batched over the whole section; the only loops are
 over sections and pairs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from helpers import warp
+from masks import box_mean
+
+
+def low_pass(field: torch.Tensor, radius: int) -> torch.Tensor:
+    """``field`` ``[..., 2, H, W]`` (px) averaged over a box of ``radius`` px twice (a triangle of half-width
+    2 ``radius``); ``radius`` 0 returns it as it is."""
+    return box_mean(box_mean(field, radius), radius) if radius else field
 
 
 def vector_vote(candidates: torch.Tensor, valid: torch.Tensor | None = None, softness: float = 1.0) -> torch.Tensor:
@@ -102,7 +123,8 @@ def _banded_cholesky_solve(band: torch.Tensor, rhs: torch.Tensor) -> torch.Tenso
 
 
 def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, weights: torch.Tensor | None = None,
-                pull: float = 1.0, robust: float | None = 4.0, rounds: int = 3) -> torch.Tensor:
+                pull: float = 1.0, robust: float | None = 4.0, rounds: int = 3, smooth: int = 0,
+                detail_pull: float = math.inf) -> torch.Tensor:
     """One field per section ``[Z, 2, H, W]`` (px) from pair fields between raw sections.
 
     pairs: ``E`` directed pairs ``(s, t)``; fields ``[E, 2, H, W]``: pair field
@@ -120,21 +142,36 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     re-weight each pair pixel by ``robust^2 / (robust^2 + residual^2)`` (Cauchy),
     so a pair that disagrees with the rest (a fold, a blank neighbour) stops
     pulling. Sections in no pair get the zero field.
+
+    With ``smooth`` > 0 (px) the pair fields are split into their coarse part
+    ``low_pass(r, smooth)`` and the detail ``r - low_pass(r, smooth)``; the coarse
+    part is solved with ``pull``, the detail with ``detail_pull`` (module
+    docstring), and the two added. ``detail_pull`` inf drops the detail (the
+    pair fields are simply low-passed).
     """
-    if pull <= 0:
-        raise ValueError("pull must be > 0 (without it the common frame is undetermined)")
+    if pull <= 0 or detail_pull <= 0:
+        raise ValueError("pull and detail_pull must be > 0 (without a pull the common frame is undetermined)")
     edges, (h, w) = len(pairs), fields.shape[-2:]
     sources = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=fields.device)
     targets = torch.tensor([t for _, t in pairs], dtype=torch.long, device=fields.device)
+    coarse = low_pass(fields, smooth)
+    bands = [(coarse, pull)] + ([(fields - coarse, detail_pull)] if smooth and math.isfinite(detail_pull) else [])
     base = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
     solution = torch.zeros(count, 2, h, w, device=fields.device)
     current = base
     for round_ in range(rounds):
-        observed = warp(fields, solution[targets], padding_mode="border")  # r_e(p + F_t(p))
+        observed = [warp(band, solution[targets], padding_mode="border") for band, _ in bands]  # r_e(p + F_t(p))
         if round_ > 0 and robust:
-            residual = (solution[sources] - solution[targets] - observed).norm(dim=1, keepdim=True)
+            residual = (solution[sources] - solution[targets] - sum(observed)).norm(dim=1, keepdim=True)
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
-        rhs = torch.zeros_like(solution).index_add_(0, sources, current * observed)
-        rhs.index_add_(0, targets, -current * observed)
-        solution = _banded_cholesky_solve(_normal_matrix(count, sources, targets, current, pull), rhs)
+        solution = sum(_solve_band(count, sources, targets, current, part, band_pull)
+                       for part, (_, band_pull) in zip(observed, bands))
     return solution
+
+
+def _solve_band(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                observed: torch.Tensor, pull: float) -> torch.Tensor:
+    """Per pixel, the ``F`` ``[Z, 2, H, W]`` minimising ``sum_e w_e |F_s - F_t - observed_e|^2 + pull sum_z |F_z|^2``."""
+    rhs = torch.zeros(count, *observed.shape[1:], dtype=observed.dtype, device=observed.device)
+    rhs.index_add_(0, sources, weights * observed).index_add_(0, targets, -weights * observed)
+    return _banded_cholesky_solve(_normal_matrix(count, sources, targets, weights, pull), rhs)

@@ -110,7 +110,8 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     return aligned, fields, seconds
 
 
-def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: float, robust: float, smooth: int):
+def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: float, robust: float, smooth: int,
+                   detail_pull: float, prealign: int):
     """``raw [Z,H,W] -> fields [Z,2,H,W]`` of our network in one of ``VARIANTS`` (e.g. ``vote3``, ``solve2``)."""
     from alignment import align_solved
     from models.archive import load_archive
@@ -120,8 +121,9 @@ def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: f
     kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
     if kind == "solve":
         return lambda raw: align_solved(model, raw, int(number or 1), pull, robust or None, chunk, overlap,
-                                        smooth)[1].numpy()
-    options = dict(to_raw_neighbour=kind == "raw", vote=int(number or 1) if kind == "vote" else 1, smooth=smooth)
+                                        smooth, detail_pull, prealign)[1].numpy()
+    options = dict(to_raw_neighbour=kind == "raw", vote=int(number or 1) if kind == "vote" else 1, smooth=smooth,
+                   prealign=prealign)
     return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, chunk=chunk, overlap=overlap,
                                                                    **options)])
 
@@ -159,6 +161,9 @@ def main(argv=None) -> dict:
     p.add_argument("--robust", type=float, default=4.0, help="solveK: robust re-weighting scale in px (0 = off)")
     p.add_argument("--smooth", type=int, nargs="+", default=[0],
                    help="low-pass radii (px) of our pair fields (alignment.pair_field); each is a row")
+    p.add_argument("--prealign", type=int, default=32, help="px reach of our pre-alignment shift (align.py's)")
+    p.add_argument("--detail_pull", type=float, default=10.0,
+                   help="solveK with --smooth: pull on the detail the low-pass removes (inf = drop it)")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
@@ -187,7 +192,8 @@ def main(argv=None) -> dict:
     for archive, variant, smooth in itertools.product(args.archive, args.ours, args.smooth):
         if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
-        fields_fn = network_fields(archive, variant, args.chunk, args.overlap, args.pull, args.robust, smooth)
+        fields_fn = network_fields(archive, variant, args.chunk, args.overlap, args.pull, args.robust, smooth,
+                                   args.detail_pull, args.prealign)
         aligned, fields, seconds = run_method(fields_fn, raw)
         name = f"ours ({Path(archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''})"
         rows[name] = score_row(stack, aligned, fields, seconds, oracle_cpc)

@@ -1,15 +1,14 @@
 """The stack-wide solve's settings, swept: the network's pair fields are computed once, then solved many ways.
 
     .venv/bin/python bench/solve_sweep.py --archive pt/real_tissue.pt --real ../shared/data/snemi3d-train \\
-        --z_start 60 --sections 40 --neighbours 1 2 --pull 0.03 0.1 0.3 --smooth 0 64 96 128 --robust 0 4
+        --z_start 60 --sections 40 --neighbours 1 2 --pull 0.03 0.1 0.3 --smooth 0 96 192 --detail_pull 1 3 inf
 
 The same held-out stack as ``bench/align_quality.py`` (the demo's test
 sections, or ``--real DIR`` misaligned with known fields). Each raw section is
 paired with its ``max(--neighbours)`` nearest sections on each side (both
 directions, ``alignment.pair_field`` without smoothing); every combination of
-the settings then low-passes those fields (``alignment.low_pass``), solves
-(``alignment.solve_pairs``) and is scored as align_quality scores ``--ours
-solveK``, sorted by the median EPE far from defects. Only the network's time
+the settings then solves them (``alignment.solve_pairs``) and is scored as
+align_quality scores ``--ours solveK``, sorted by the median EPE far from defects. Only the network's time
 is shared, so this is how to choose ``align.py --solve``'s flags for a new
 kind of data without running the network once per setting.
 
@@ -38,10 +37,10 @@ from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
 from align_quality import COLUMNS, demo_stack, real_stack, registration_check  # noqa: E402
-from alignment import low_pass, pair_field, solve_pairs  # noqa: E402
+from alignment import pair_field, solve_pairs  # noqa: E402
 from helpers import UserError, compose, in_frame_of, invert_field, run_main  # noqa: E402
 from models.archive import load_archive  # noqa: E402
-from solve import neighbour_pairs  # noqa: E402
+from solve import low_pass, neighbour_pairs  # noqa: E402
 
 
 def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:
@@ -78,6 +77,9 @@ def main(argv=None) -> dict:
     p.add_argument("--neighbours", type=int, nargs="+", default=[1], help="raw neighbours on each side")
     p.add_argument("--pull", type=float, nargs="+", default=[0.03], help="weight of the pull toward zero")
     p.add_argument("--smooth", type=int, nargs="+", default=[0, 96], help="low-pass radii (px) of the pair fields")
+    p.add_argument("--detail_pull", type=float, nargs="+", default=[10.0],
+                   help="pulls on the detail the low-pass removes (inf = drop it)")
+    p.add_argument("--prealign", type=int, default=32, help="px reach of the pre-alignment shift (align.py's)")
     p.add_argument("--robust", type=float, nargs="+", default=[4.0], help="robust scale in px (0 = off)")
     p.add_argument("--best", type=int, default=15, help="rows to print")
     p.add_argument("--cache", help="keep the pair fields in this file and reuse them when the stack and network match")
@@ -98,13 +100,14 @@ def main(argv=None) -> dict:
 
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
     key = [str(Path(args.archive).resolve()), args.real, args.seed, args.reregister, args.z_start, args.sections,
-           args.size, pairs]
+           args.size, args.prealign, pairs]
     cached = torch.load(args.cache) if args.cache and Path(args.cache).is_file() else {}
     if cached.get("key") == key:
         fields = cached["fields"]
     else:
         start = time.time()
-        fields = torch.stack([pair_field(model, raw[s], raw[t]) for s, t in tqdm(pairs, desc="pairs", unit="pair")])
+        fields = torch.stack([pair_field(model, raw[s], raw[t], prealign=args.prealign)
+                              for s, t in tqdm(pairs, desc="pairs", unit="pair")])
         print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
         if args.cache:
             torch.save({"key": key, "fields": fields}, args.cache)
@@ -118,13 +121,14 @@ def main(argv=None) -> dict:
               f"the low-pass alone costs {floor:.2f} px far on the true fields")
 
     rows = {}
-    for n, smooth, pull, robust in tqdm(list(itertools.product(args.neighbours, args.smooth, args.pull, args.robust)),
-                                        desc="settings"):
+    settings = [(n, smooth, pull, detail, robust) for n, smooth, pull, detail, robust in itertools.product(
+        args.neighbours, args.smooth, args.pull, args.detail_pull, args.robust) if smooth or detail == args.detail_pull[0]]
+    for n, smooth, pull, detail, robust in tqdm(settings, desc="settings"):
         keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]
-        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], low_pass(fields[keep], smooth), pull,
-                                      robust or None)
-        rows[f"solve{n} smooth {smooth} pull {pull:g} robust {robust:g}"] = evaluate.score(
-            aligned, solved.numpy(), truth, stack["defects"])
+        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], fields[keep], pull, robust or None, (),
+                                      smooth, detail)
+        name = f"solve{n} smooth {smooth}{f' detail {detail:g}' if smooth else ''} pull {pull:g} robust {robust:g}"
+        rows[name] = evaluate.score(aligned, solved.numpy(), truth, stack["defects"])
     rows = dict(sorted(rows.items(), key=lambda item: item[1]["far_median"])[:args.best])
     evaluate.print_table(rows, [c for c in COLUMNS if c not in ("oracle_cpc", "mpx_per_s")])
     return rows

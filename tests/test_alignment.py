@@ -6,7 +6,7 @@ import torch
 import align
 import alignment
 import volume
-from conftest import run_script
+from conftest import moved_windows, run_script
 from models import Pyramid
 from models.archive import save_archive
 
@@ -161,6 +161,23 @@ def test_align_vote_and_solve_run_and_resume(setup):
         align.main(common + ["--dest", str(tmp / "x"), "--z_start", "2", "--z_stop", "8", "--solve", "--vote", "3"])
 
 
+def test_prealign_shift_is_found_and_added_to_the_networks_field(monkeypatch):
+    """Section 1's content is moved by (13, -9) px, beyond what the network is asked to find (here: nothing)."""
+    seen = []
+
+    def network(model, source, target):  # the pair the network sees: already matched, so it adds nothing
+        seen.append((source, target))
+        return torch.zeros(1, 2, *source.shape[-2:])
+
+    monkeypatch.setattr(alignment, "chunk_field", network)
+    moved, still = moved_windows([(13, -9), (0, 0)])
+    field = alignment.pair_field(random_net(), moved, still, chunk=1024, overlap=0)
+    assert torch.equal(field, torch.tensor([13.0, -9.0]).view(2, 1, 1).expand(2, 160, 160))
+    source, target = seen[-1]
+    assert torch.allclose(source[0, 0, 20:-20, 20:-20], target[0, 0, 20:-20, 20:-20], atol=0.05)
+    assert torch.equal(alignment.pair_field(random_net(), moved, still, prealign=0), torch.zeros(2, 160, 160))
+
+
 def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
     shift = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
     checker = 3.0 * (-1.0) ** torch.arange(64).view(1, 1, 64, 1)  # +-3 px, alternating by row
@@ -171,7 +188,7 @@ def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
     monkeypatch.setattr(alignment, "chunk_field", network)
     model = random_net()
     a, b = sections(2, 64)
-    raw = alignment.pair_field(model, a, b, chunk=64, overlap=0)
-    smoothed = alignment.pair_field(model, a, b, chunk=64, overlap=0, smooth=3)
+    raw = alignment.pair_field(model, a, b, chunk=64, overlap=0, prealign=0)
+    smoothed = alignment.pair_field(model, a, b, chunk=64, overlap=0, smooth=3, prealign=0)
     assert (raw - shift[0]).abs().max() == pytest.approx(3.0)
     assert (smoothed - shift[0])[:, 8:-8].abs().max() < 0.1  # the box is clipped at the edges

@@ -1,9 +1,11 @@
 """solve.py: vector voting and the stack-wide solve on fields with known answers."""
+import math
+
 import pytest
 import torch
 
 from helpers import affine_field, compose, in_frame_of, invert_field, rigid_matrix
-from solve import _banded_cholesky_solve, _normal_matrix, neighbour_pairs, solve_stack, vector_vote
+from solve import _banded_cholesky_solve, _normal_matrix, low_pass, neighbour_pairs, solve_stack, vector_vote
 
 
 def constant(vectors) -> torch.Tensor:
@@ -112,3 +114,35 @@ def test_banded_solve_equals_a_dense_solve_per_pixel():
             d[s], d[t] = 1, -1
             dense += w * torch.outer(d, d)
         assert torch.allclose(solved[:, :, y, x], torch.linalg.solve(dense, rhs[:, :, y, x]), atol=1e-5)
+
+
+def test_detail_band_split_loses_nothing_and_inf_drops_the_detail():
+    gen = torch.Generator().manual_seed(1)
+    truth = torch.randn(6, 2, 24, 24, generator=gen)
+    pairs = neighbour_pairs(6, 2)
+    fields = exact_pairs(truth, pairs)
+    whole = solve_stack(6, pairs, fields, pull=0.1)
+    assert torch.allclose(solve_stack(6, pairs, fields, pull=0.1, smooth=3, detail_pull=0.1), whole, atol=1e-4)
+    assert torch.allclose(solve_stack(6, pairs, fields, pull=0.1, smooth=3),
+                          solve_stack(6, pairs, low_pass(fields, 3), pull=0.1), atol=1e-5)
+    with pytest.raises(ValueError):
+        solve_stack(6, pairs, fields, pull=0.1, smooth=3, detail_pull=0)
+
+
+def test_detail_pull_keeps_fine_misalignment_and_stops_fine_drift():
+    """Pairs see coarse and fine misalignment (both white in z) and fine tissue change that adds up along z (a
+    random walk): a detail pull in between beats dropping the detail and beats the coarse part's weak pull."""
+    gen = torch.Generator().manual_seed(2)
+    z, size = 24, 48
+    wave = torch.cos(torch.arange(size) * 2 * math.pi / 12)  # a 12 px period: gone after low_pass(., 6)
+    fine = wave[None, None, :, None] * wave
+    truth = torch.randn(z, 2, 1, 1, generator=gen) * 0.5 + torch.randn(z, 2, 1, 1, generator=gen) * fine
+    drift = torch.randn(z, 2, 1, 1, generator=gen).mul(0.3).cumsum(0) * fine
+    pairs = neighbour_pairs(z, 1)
+    fields = torch.stack([(truth[s] + drift[s]) - (truth[t] + drift[t]) for s, t in pairs])
+
+    def error(detail_pull):  # in the common frame (the stack's mean removed)
+        solved = solve_stack(z, pairs, fields, pull=0.01, robust=None, smooth=6, detail_pull=detail_pull)
+        return float((solved - solved.mean(0) - truth + truth.mean(0))[..., 12:-12, 12:-12].norm(dim=1).mean())
+
+    assert error(0.3) < 0.85 * min(error(float("inf")), error(0.01))
