@@ -84,8 +84,3 @@ def test_content_offsets_find_a_shifted_section_and_nothing_in_a_registered_stac
     pulled = warp(torch.from_numpy(stack[:1, None]).float(), field)[0, 0, 8:-8, 8:-8]
     assert torch.allclose(pulled, torch.from_numpy(stack[1, 8:-8, 8:-8]).float(), atol=3)
     assert np.allclose(evaluate.content_offsets(stack, reach=16, factor=2)[0], [6, -4], atol=0.6)
-
-
-def test_content_offsets_reject_sections_too_small_for_the_reach():
-    with pytest.raises(UserError, match="too small"):
-        evaluate.content_offsets(np.ones((2, 40, 40), np.uint8), reach=16, factor=2)
