@@ -160,7 +160,8 @@ def main(argv=None) -> dict:
     p.add_argument("--pull", type=float, default=0.03, help="solveK: weight of the pull toward zero displacement")
     p.add_argument("--robust", type=float, default=4.0, help="solveK: robust re-weighting scale in px (0 = off)")
     p.add_argument("--smooth", type=int, nargs="+", default=[0],
-                   help="low-pass radii (px) of our pair fields (alignment.pair_field); each is a row")
+                   help="low-pass radii (px) of our pair fields (serial: alignment.pair_field's; solveK: "
+                        "solve.solve_stack's, with --detail_pull); each is a row")
     p.add_argument("--prealign", type=int, default=32, help="px reach of our pre-alignment shift (align.py's)")
     p.add_argument("--detail_pull", type=float, default=10.0,
                    help="solveK with --smooth: pull on the detail the low-pass removes (inf = drop it)")

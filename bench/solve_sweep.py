@@ -8,9 +8,10 @@ sections, or ``--real DIR`` misaligned with known fields). Each raw section is
 paired with its ``max(--neighbours)`` nearest sections on each side (both
 directions, ``alignment.pair_field`` without smoothing); every combination of
 the settings then solves them (``alignment.solve_pairs``) and is scored as
-align_quality scores ``--ours solveK``, sorted by the median EPE far from defects. Only the network's time
-is shared, so this is how to choose ``align.py --solve``'s flags for a new
-kind of data without running the network once per setting.
+align_quality scores ``--ours solveK``, sorted by the median EPE far from
+defects. Only the network's time is shared, so this is how to choose
+``align.py --solve``'s flags for a new kind of data without running the
+network once per setting.
 
 It first says how good the network's part is: for the pairs of neighbours,
 the median end-point error of the pair fields against the true relative
