@@ -128,6 +128,11 @@ def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: f
                                                                    **options)])
 
 
+def oracle_stack(raw: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Sections ``raw`` uint8 ``[Z, H, W]`` pulled by their true fields ``[Z, 2, H, W]`` (px): the oracle's stack."""
+    return np.stack([apply_field(s, torch.from_numpy(f)) for s, f in zip(raw, truth)])
+
+
 def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
     row = evaluate.score(aligned, fields, stack["truth_rel"], stack["defects"])
     row["oracle_cpc"] = oracle_cpc
@@ -185,10 +190,10 @@ def main(argv=None) -> dict:
 
     rows, hist = {}, {}
     zero = np.zeros_like(stack["truth_rel"])
-    oracle_aligned = np.stack([apply_field(s, torch.from_numpy(f)) for s, f in zip(raw, stack["truth_rel"])])
-    oracle_cpc = float(np.mean(evaluate.cpc(oracle_aligned)))
-    rows["no alignment"] = score_row(stack, raw, zero, 0, oracle_cpc)
-    rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle_cpc)
+    oracle_aligned = oracle_stack(raw, stack["truth_rel"])
+    oracle = float(np.mean(evaluate.cpc(oracle_aligned)))
+    rows["no alignment"] = score_row(stack, raw, zero, 0, oracle)
+    rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
     for archive, variant, smooth in itertools.product(args.archive, args.ours, args.smooth):
         if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
@@ -197,7 +202,7 @@ def main(argv=None) -> dict:
                                    args.detail_pull, args.prealign)
         aligned, fields, seconds = run_method(fields_fn, raw)
         name = f"ours ({Path(archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''})"
-        rows[name] = score_row(stack, aligned, fields, seconds, oracle_cpc)
+        rows[name] = score_row(stack, aligned, fields, seconds, oracle)
         hist[name] = evaluate.cpc(aligned)
         print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")
 
@@ -211,7 +216,7 @@ def main(argv=None) -> dict:
         best = None
         for setting in [s for s in baselines.BASELINES[method] if not args.settings or s in args.settings]:
             aligned, fields, seconds = run_method(lambda r: baselines.align_stack(method, r, setting), raw)
-            row = score_row(stack, aligned, fields, seconds, oracle_cpc)
+            row = score_row(stack, aligned, fields, seconds, oracle)
             print(f"  {method} {setting}: far median {row['far_median']:.3g} px, {row['mpx_per_s']:.3g} Mpx/s")
             if best is None or row["far_median"] < best[1]["far_median"]:
                 best = (setting, row, aligned)
@@ -222,7 +227,7 @@ def main(argv=None) -> dict:
     print()
     table = evaluate.print_table(rows, COLUMNS)
     for name, row in rows.items():
-        if row["cpc_mean"] > oracle_cpc + 1e-3 and not name.startswith("oracle"):
+        if row["cpc_mean"] > oracle + 1e-3 and not name.startswith("oracle"):
             print(f"warning: {name} has a CPC above the oracle's: it warps tissue to match its neighbour")
     if args.out:
         out = Path(args.out)

@@ -32,3 +32,15 @@ def test_half_the_motion_scores_slope_one_half():
     fields[0, 0], fields[1, 0] = -1.0, -1.5
     out = solve_sweep.pair_accuracy(raw, truth, pairs, fields)
     assert out["slope"] == pytest.approx(0.5) and out["pair_epe"] == pytest.approx(1.25)
+
+
+def test_summarise_averages_draws_and_scores_each_against_its_own_identity():
+    draws = [{"no alignment": {"far_median": 10.0, "far_common": 8.0},
+              "solve": {"far_median": 4.0, "far_common": 2.0}},
+             {"no alignment": {"far_median": 20.0, "far_common": 4.0},
+              "solve": {"far_median": 12.0, "far_common": 2.0}}]
+    out = solve_sweep.summarise(draws)
+    assert out["solve"]["far_median"] == pytest.approx(8.0) and out["solve"]["far_common"] == pytest.approx(2.0)
+    assert out["solve"]["far_ratio"] == pytest.approx(0.5) and out["solve"]["far_ratio_max"] == pytest.approx(0.6)
+    assert out["solve"]["common_ratio"] == pytest.approx(0.375) and out["solve"]["common_ratio_max"] == pytest.approx(0.5)
+    assert out["no alignment"]["far_ratio"] == pytest.approx(1.0)
