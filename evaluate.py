@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 import masks
-from shifts import best_shifts
 from helpers import UserError, in_frame_of, jacobian_determinant, run_main, to_tensor, warp_labels
+from shifts import best_shifts
 
 PERCENTILES = (1, 5, 95, 99)
 
