@@ -75,10 +75,11 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
 
 def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
     """``[1, 2, 1, 1]`` (px): the whole-pixel ``shifts.best_shifts`` of normalised ``[H, W]`` source onto target,
-    ``reach`` clipped to what the sections' size allows (zero when that is under 2 px), on sections averaged
-    down to about 1024 px (2x at least)."""
+    ``reach`` clipped to what the sections' size allows, on sections averaged down to about 1024 px (2x at
+    least). Zero when that reach is under 2 px or either section shows tissue (non-zero) on under a quarter
+    of its area: too little to trust one shift for the whole section."""
     reach = min(reach, (min(source.shape) // 2 - 1) // 4 * 2)
-    if reach < 2:
+    if reach < 2 or min(float((x != 0).float().mean()) for x in (source, target)) < 0.25:
         return torch.zeros(1, 2, 1, 1, device=source.device)
     factor = max(2, min(source.shape) // 1024)
     shift = best_shifts(source[None].cpu(), target[None].cpu(), reach, factor)[0].round()

@@ -176,6 +176,9 @@ def test_prealign_shift_is_found_and_added_to_the_networks_field(monkeypatch):
     source, target = seen[-1]
     assert torch.allclose(source[0, 0, 20:-20, 20:-20], target[0, 0, 20:-20, 20:-20], atol=0.05)
     assert torch.equal(alignment.pair_field(random_net(), moved, still, prealign=0), torch.zeros(2, 160, 160))
+    mostly_missing = moved.copy()
+    mostly_missing[:130] = 0  # tissue on under a quarter of the section: no whole-section shift is trusted
+    assert torch.equal(alignment.pair_field(random_net(), mostly_missing, still), torch.zeros(2, 160, 160))
 
 
 def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
