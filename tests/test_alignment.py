@@ -78,6 +78,8 @@ def test_align_writes_layers_and_resumes_to_the_same_result(setup):
     (["--z_start", "5", "--z_stop", "40"], "outside the volume"),
     (["--z_start", "0", "--z_stop", "2", "--mip", "5"], "no mip 5"),
     (["--z_start", "0", "--z_stop", "2", "--bbox", "0", "0", "99", "10"], "outside the volume"),
+    (["--z_start", "0", "--z_stop", "2", "--prealign", "-1"], "--prealign >= 0"),
+    (["--z_start", "0", "--z_stop", "2", "--solve", "--detail_pull", "0"], "--detail_pull > 0"),
 ])
 def test_bad_input_is_a_one_line_error(setup, extra, message):
     tmp, paths, archive = setup
