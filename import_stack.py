@@ -206,18 +206,18 @@ def content_shifts(sections: Iterable[np.ndarray]) -> np.ndarray:
     """Whole-pixel shifts ``[Z, 2]`` (px, x then y) that make neighbouring sections' content match.
 
     sections: ``[H, W]`` arrays, read one after another (two in memory at a time).
-    The ``evaluate.content_offsets`` of each neighbour pair, added up along the
+    The ``shifts.best_shifts`` of each neighbour pair, added up along the
     stack (into the first section's frame), less their mean (the stack stays
     centred), rounded: section z pulled by ``shifts[z]`` (``shift_section``). A
     translation per section, nothing learned: for a registered folder whose
     registration fails ``bench/align_quality.py``'s check.
     """
-    from evaluate import content_offsets
+    from shifts import best_shifts
 
     offsets, previous = [np.zeros(2)], None
     for section in sections:
         if previous is not None:
-            offsets.append(offsets[-1] - content_offsets(np.stack([previous, section]))[0])
+            offsets.append(offsets[-1] - best_shifts(previous[None], section[None])[0])
         previous = section
     shifts = np.stack(offsets)
     return np.round(shifts - shifts.mean(0)).astype(np.int64)
