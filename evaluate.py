@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import masks
-from helpers import UserError, in_frame_of, jacobian_determinant, run_main, to_tensor, warp_labels
+from helpers import UserError, in_frame_of, jacobian_determinant, run_main, to_tensor, vector_length, warp_labels
 from shifts import best_shifts
 
 PERCENTILES = (1, 5, 95, 99)
@@ -78,7 +78,7 @@ def epe(field, truth, defects=None, valid=None, near: float = 20) -> dict[str, f
     field, truth: ``[Z, 2, H, W]``; defects: ``[Z, H, W]`` in the fields' frame (``> 0``
     defect) or None; valid: bool ``[Z, H, W]``, pixels to count (e.g. tissue), or None.
     """
-    error = (to_tensor(field) - to_tensor(truth)).norm(dim=1)
+    error = vector_length(to_tensor(field) - to_tensor(truth))
     valid = torch.ones_like(error, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool)
     if defects is None:
         regions = {"far": valid}
@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
         print(f"wrote {plot_cpc(hist, Path(args.plots) / 'cpc.png')}")
         if truth is not None:
             z = len(aligned) // 2
-            maps = {name: (to_tensor(f[z]) - truth[z]).norm(dim=0).numpy()
+            maps = {name: vector_length(to_tensor(f[z]) - truth[z]).numpy()
                     for name, f in (("raw", np.zeros_like(field)), ("aligned", field))}
             print(f"wrote {plot_epe_maps(maps, Path(args.plots) / 'epe.png')}")
     return rows

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from helpers import UserError
+from helpers import UserError, vector_length
 
 _TINY = 1e-12  # guards divisions by a weight sum that may be zero
 _NCC_EPS = 1e-8  # (intensity units)^4: the least variance product ncc divides by
@@ -167,7 +167,7 @@ def rigidity(field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     total = 0
     for (dx, dy), (d, w) in zip(_NEIGHBOURS, _differences(field, weights, _NEIGHBOURS)):
         spring = torch.tensor([dx, dy], dtype=field.dtype, device=field.device).view(1, 2, 1, 1)
-        length = torch.linalg.vector_norm(spring + d, dim=1, keepdim=True)
+        length = vector_length(spring + d)[:, None]
         total = total + _weighted_mean((length - math.hypot(dx, dy)) ** 2, w)
     return total
 
@@ -199,7 +199,7 @@ def epe(field: torch.Tensor, true_field: torch.Tensor, weights: torch.Tensor) ->
 
     field, true_field: ``[N, 2, H, W]`` pixels; weights ``[N, 1, H, W]``.
     """
-    return _weighted_mean(torch.linalg.vector_norm(field - true_field, dim=1, keepdim=True), weights)
+    return _weighted_mean(vector_length(field - true_field)[:, None], weights)
 
 
 # ---------------------------------------------------------------------- choosing, total

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from helpers import warp
+from helpers import vector_length, warp
 from masks import box_mean
 
 
@@ -58,7 +58,7 @@ def vector_vote(candidates: torch.Tensor, valid: torch.Tensor | None = None, sof
     k = candidates.shape[0]
     if valid is None:
         valid = torch.ones(k, *candidates.shape[-2:], dtype=torch.bool, device=candidates.device)
-    distance = (candidates[:, None] - candidates[None]).norm(dim=2)  # [K, K, H, W]
+    distance = vector_length(candidates[:, None] - candidates[None])  # [K, K, H, W]
     usable = valid[None] & ~torch.eye(k, dtype=torch.bool, device=candidates.device)[:, :, None, None]
     nearest = distance.masked_fill(~usable, float("inf")).sort(dim=1).values[:, :max(1, k // 2)]
     finite = nearest.isfinite()
@@ -162,7 +162,7 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     for round_ in range(rounds):
         observed = [warp(band, solution[targets], padding_mode="border") for band, _ in bands]  # r_e(p + F_t(p))
         if round_ > 0 and robust:
-            residual = (solution[sources] - solution[targets] - sum(observed)).norm(dim=1, keepdim=True)
+            residual = vector_length(solution[sources] - solution[targets] - sum(observed))[:, None]
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
         solution = sum(_solve_band(count, sources, targets, current, part, band_pull)
                        for part, (_, band_pull) in zip(observed, bands))

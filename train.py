@@ -41,7 +41,8 @@ import distributed
 import loss
 import masks
 from data import Augmenter, StackDataset, held_out_misalignment
-from helpers import UserError, downsample_field, field_to_rgb, run_main, upsample_field, warp, warp_labels
+from helpers import (UserError, downsample_field, field_to_rgb, run_main, upsample_field, vector_length, warp,
+                     warp_labels)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -287,7 +288,7 @@ def pair_terms(model: Pyramid, batch: dict, args, level: int) -> tuple[torch.Ten
         identity_w = masks.similarity_weights(region, tgt_missing | (src_valid < 0.5), args.lambda4,
                                               args.lambda5) * border
         log["identity"] = float(loss.SIMILARITY[args.similarity](src_l, tgt_l, identity_w))
-        log["field_px"] = float(field.norm(dim=1).mean()) * scale
+        log["field_px"] = float(vector_length(field).mean()) * scale
     pictures = dict(source=src_l[0, 0], target=tgt_l[0, 0], warped=warped[0, 0].detach(),
                     field=field[0].detach(), weights=sim_w[0, 0],
                     residuals={level: r.detach() for level, r in out.residuals.items()})
@@ -312,8 +313,8 @@ def validate(model: Pyramid, loader, trunc: int, device) -> dict:
             continue
         field = upsample_field(model(batch["src"], batch["tgt"], trunc=trunc).field, 2 ** trunc)
         valid = ~(batch["src_missing"] | batch["tgt_missing"])[:, 0] & keep.view(-1, 1, 1)
-        errors.append((field - batch["field"]).norm(dim=1)[valid])
-        zero.append(batch["field"].norm(dim=1)[valid])
+        errors.append(vector_length(field - batch["field"])[valid])
+        zero.append(vector_length(batch["field"])[valid])
     model.train()
     if not errors:
         return {}
@@ -487,7 +488,7 @@ def train(args, device: str | None = None) -> Path:
             log = distributed.mean_over_ranks(log)  # the whole batch's (each rank's share counts equally)
             for key, value in log.items():
                 sums[key] = sums.get(key, 0.0) + value
-            residuals = {f"field/level{level}_residual_px": float(residual.norm(dim=1).mean())
+            residuals = {f"field/level{level}_residual_px": float(vector_length(residual).mean())
                          for level, residual in pictures.pop("residuals").items()}
             scalars = {**{f"loss/{k}": v for k, v in log.items()}, **distributed.mean_over_ranks(residuals)}
             if rank0:

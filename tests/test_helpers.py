@@ -101,6 +101,16 @@ def test_jacobian_determinant_detects_foldover():
     assert det[0, :, 2].max() < 0 and det[0, :, 0].min() == 1
 
 
+def test_vector_length_is_the_euclidean_length_with_a_zero_gradient_at_zero():
+    field = torch.tensor([[3.0, 0.0, -1.5], [4.0, 0.0, 2.0]]).view(1, 2, 1, 3).requires_grad_()
+    length = h.vector_length(field)
+    assert length.shape == (1, 1, 3) and torch.equal(length.detach(), torch.tensor([[[5.0, 0.0, 2.5]]]))
+    length.sum().backward()
+    assert torch.allclose(field.grad.view(2, 3), torch.tensor([[0.6, 0.0, -0.6], [0.8, 0.0, 0.8]]))
+    stack = torch.randn(4, 3, 2, 8, 8)  # any leading axes: vectors on the third axis from the end
+    assert torch.allclose(h.vector_length(stack), torch.linalg.vector_norm(stack, dim=-3))
+
+
 def test_type_conversions_do_not_share_memory():
     a = np.arange(6, dtype=np.uint8).reshape(2, 3)
     t = h.to_tensor(a)
