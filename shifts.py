@@ -42,7 +42,7 @@ def best_shifts(sources, targets, reach: int = 32, factor: int = 2) -> np.ndarra
     spectrum = torch.fft.rfft2(source) * torch.fft.rfft2(target, s=(h, w)).conj()
     numerator = torch.fft.irfft2(spectrum, s=(h, w))[:, :2 * r + 1, :2 * r + 1]
     # window means of the source at every shift, for the Pearson r's denominator
-    mean, square = (F.avg_pool2d(x[:, None], (kh, kw), 1)[:, 0] for x in (source, source ** 2))
+    mean, square = (_window_means(x, kh, kw, 2 * r + 1) for x in (source, source ** 2))
     spread = ((square - mean ** 2).clamp_min(0) * kh * kw).sqrt() * target.flatten(1).norm(dim=1).view(-1, 1, 1)
     r_map = numerator / spread.clamp_min(1e-12)  # [N, 2r+1, 2r+1]: Pearson r per shift
     best = r_map.flatten(1).argmax(1)
@@ -54,6 +54,15 @@ def best_shifts(sources, targets, reach: int = 32, factor: int = 2) -> np.ndarra
     y = dy + _parabola_vertex(r_map[n, (dy - 1).clamp(min=0), dx], peak, r_map[n, (dy + 1).clamp(max=last), dx],
                               (dy > 0) & (dy < last))
     return ((torch.stack([x, y], 1) - r) * factor).float().numpy()
+
+
+def _window_means(x: torch.Tensor, kh: int, kw: int, shifts: int) -> torch.Tensor:
+    """Means ``[N, shifts, shifts]`` of ``x`` ``[N, H, W]`` over the ``kh`` x ``kw`` windows at the first ``shifts``
+    offsets along each axis, from the summed-area table (O(1) per window whatever its size)."""
+    table = F.pad(x.cumsum(1).cumsum(2), (1, 0, 1, 0))
+    top, bottom, left, right = slice(0, shifts), slice(kh, kh + shifts), slice(0, shifts), slice(kw, kw + shifts)
+    total = table[:, bottom, right] - table[:, top, right] - table[:, bottom, left] + table[:, top, left]
+    return total / (kh * kw)
 
 
 def _parabola_vertex(before, at, after, inner) -> torch.Tensor:
