@@ -83,17 +83,22 @@ def _class_weights(mask: torch.Tensor, normal: float, near: float, inside: float
 def _box_mean_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
     """Mean of ``x`` over the window ``[i - radius, i + radius]`` along ``dim``, clipped to the array.
 
-    Cumulative sums (float64) make it O(1) per element; near the edges the mean
-    is over the part of the window inside the array.
+    Cumulative sums (float64) make it O(1) per element: with ``C[j]`` the sum of
+    the first ``j`` elements (0 for ``j <= 0``, the total for ``j >= n``), the
+    window sums are ``C[i + radius + 1] - C[i - radius]``, two shifted slices of
+    ``C`` padded by ``radius`` on each side. Near the edges the mean is over the
+    part of the window inside the array.
     """
     n = x.shape[dim]
-    csum = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim)], dim)
+    csum = x.cumsum(dim)
+    before = [radius + 1 if d == dim % x.dim() else size for d, size in enumerate(x.shape)]
+    after = [radius if d == dim % x.dim() else -1 for d in range(x.dim())]
+    padded = torch.cat([x.new_zeros(before), csum, csum.narrow(dim, n - 1, 1).expand(after)], dim)  # C[k - radius]
     i = torch.arange(n, device=x.device)
-    lo, hi = (i - radius).clamp(min=0), (i + radius + 1).clamp(max=n)
-    count = (hi - lo).to(x.dtype)
+    count = ((i + radius + 1).clamp(max=n) - (i - radius).clamp(min=0)).to(x.dtype)
     shape = [1] * x.dim()
     shape[dim] = n
-    return (csum.index_select(dim, hi) - csum.index_select(dim, lo)) / count.view(shape)
+    return (padded.narrow(dim, 2 * radius + 1, n) - padded.narrow(dim, 0, n)) / count.view(shape)
 
 
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
