@@ -42,6 +42,7 @@ import volume
 from alignment import align_solved
 from helpers import UserError, run_main
 
+TRUNC = 2  # align.py's default --trunc: measured in the README (Aligning and evaluating)
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
 
 
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prealign", type=int, default=32,
                    help="before the network, move each source by the whole-section shift (found by cross-correlation, "
                         "up to this many px) that best matches its target (0 = off)")
+    p.add_argument("--trunc", type=int, default=TRUNC,
+                   help="stop the network this many levels short of full resolution and upsample its field "
+                        "(fewer levels run: faster)")
     p.add_argument("--detail_pull", type=float, default=10.0,
                    help="--solve --smooth R: pull on the detail the low-pass removes, solved apart from the coarse "
                         "part (inf = drop the detail)")
@@ -147,9 +151,9 @@ def worker(argv) -> None:
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
     if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.detail_pull <= 0 or args.robust < 0 \
-            or args.smooth < 0 or args.prealign < 0:
-        raise UserError("--vote and --neighbours must be >= 1, --pull and --detail_pull > 0, --robust, --smooth and "
-                        "--prealign >= 0")
+            or args.smooth < 0 or args.prealign < 0 or args.trunc < 0:
+        raise UserError("--vote and --neighbours must be >= 1, --pull and --detail_pull > 0, --robust, --smooth, "
+                        "--prealign and --trunc >= 0")
     if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:
         raise UserError("choose one of --raw_neighbour, --vote K, --solve")
     if args.solve and (args.queue or args.block):
@@ -192,8 +196,11 @@ def main(argv=None) -> dict:
                     dest=volume.resolve_path(args.dest.rstrip("/")), mip=args.mip, bbox=(x0, y0, x1, y1),
                     z_start=args.z_start, z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2),
                     chunk=args.chunk, overlap=args.overlap, vote=args.vote, raw_neighbour=args.raw_neighbour,
-                    smooth=args.smooth, prealign=args.prealign, xy_chunk=args.task_chunk, device=args.device)
+                    smooth=args.smooth, prealign=args.prealign, trunc=args.trunc, xy_chunk=args.task_chunk,
+                    device=args.device)
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
+    if args.trunc >= model.size:
+        raise UserError(f"--trunc {args.trunc} must be below the {model.size} levels of {args.archive}")
     layers = open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)),
                        ("image", "field") + (() if args.solve else SERIAL_LAYERS))
     progress = progress_files(args.dest)
@@ -215,7 +222,8 @@ def main(argv=None) -> dict:
         raw = np.stack([volume.read(source, (x0, y0, z), (width, height, 1))[0, 0] for z in todo])
         aligned, fields, skipped = align_solved(
             model, raw, args.neighbours, args.pull, args.robust or None, args.chunk, args.overlap, args.smooth,
-            args.detail_pull, args.prealign, progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
+            args.detail_pull, args.prealign, args.trunc,
+            progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
         for z, image, field in zip(todo, aligned, fields):
             volume.write(layers["image"], image[None, None], (x0, y0, z))
             volume.write(layers["field"], field.numpy()[None].astype(np.float32), (x0, y0, z))

@@ -26,9 +26,12 @@ from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
 
 
 @torch.no_grad()
-def chunk_field(model: Pyramid, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Field ``[N, 2, h, w]`` (full-resolution px) pulling ``source`` onto ``target``, both normalised ``[N, 1, h, w]``."""
-    return model(source, target).full_resolution()
+def chunk_field(model: Pyramid, source: torch.Tensor, target: torch.Tensor, trunc: int = 0) -> torch.Tensor:
+    """Field ``[N, 2, h, w]`` (full-resolution px) pulling ``source`` onto ``target``, both normalised ``[N, 1, h, w]``.
+
+    trunc: the pyramid stops at this level (``Pyramid.forward``) and its field is upsampled.
+    """
+    return model(source, target, trunc).full_resolution()
 
 
 def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int]:
@@ -37,7 +40,7 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
 
 
 def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128, smooth: int = 0,
-               prealign: int = 32) -> torch.Tensor:
+               prealign: int = 32, trunc: int = 0) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
@@ -53,7 +56,10 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
     the section's size, with zeros); the model's device is used. ``smooth`` > 0
     low-passes the field (``solve.low_pass``): misalignment is smooth, and
     between real neighbours the network's fine detail is mostly tissue change
-    (measured in the README).
+    (measured in the README). ``trunc`` > 0 stops the network ``trunc`` levels
+    short of full resolution (``chunk_field``): the finest levels cost most of
+    its time and, between real neighbours, add detail that is mostly tissue
+    change (measured in the README).
     """
     device = next(model.parameters()).device
     unit = 2 ** (model.config["size"] - 1)
@@ -68,7 +74,7 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
     for y in range(0, height, chunk):
         for x in range(0, width, chunk):
             (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
-            part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1])
+            part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], trunc)
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
     return low_pass((field[..., :h, :w] + shift)[0].cpu(), smooth)
 
@@ -99,7 +105,7 @@ def is_blank(section, min_std: float = 2.0) -> bool:
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
                  vote: int = 1, chunk: int = 1024, overlap: int = 128, softness: float = 1.0,
-                 smooth: int = 0, prealign: int = 32) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 smooth: int = 0, prealign: int = 32, trunc: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
@@ -110,7 +116,8 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     fields combined by ``solve.vector_vote``; with ``to_raw_neighbour`` it is
     aligned to the raw section before it and the fields are chained with
     ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
-    zero field and are not aligned to. ``chunk``, ``overlap``, ``smooth``, ``prealign``: ``pair_field``'s.
+    zero field and are not aligned to. ``chunk``, ``overlap``, ``smooth``, ``prealign``, ``trunc``:
+    ``pair_field``'s.
     """
     history = list(before or [])[-vote:]  # (raw, aligned, field) of the last usable sections
     for section in sections:
@@ -122,11 +129,12 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
             field = torch.zeros(2, *shape)
         elif to_raw_neighbour:
             previous_raw, _, previous_field = history[-1]
-            pair = pair_field(model, section, previous_raw, chunk, overlap, smooth, prealign)
+            pair = pair_field(model, section, previous_raw, chunk, overlap, smooth, prealign, trunc)
             field = compose(pair[None], previous_field[None])[0]
         else:
             targets = [aligned for _, aligned, _ in history[-vote:]]
-            candidates = torch.stack([pair_field(model, section, t, chunk, overlap, smooth, prealign) for t in targets])
+            candidates = torch.stack([pair_field(model, section, t, chunk, overlap, smooth, prealign, trunc)
+                                      for t in targets])
             valid = torch.from_numpy(np.stack(targets) > 0)
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
         aligned = apply_field(section, field)
@@ -136,7 +144,7 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
 
 def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.03, robust: float | None = 4.0,
                  chunk: int = 1024, overlap: int = 128, smooth: int = 0, detail_pull: float = 10.0,
-                 prealign: int = 32, progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+                 prealign: int = 32, trunc: int = 0, progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
@@ -145,14 +153,14 @@ def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.
     and the result is expressed in the frame of the first usable section (as a
     serial alignment keeps it). Returns ``(aligned uint8 [Z, H, W], fields
     [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections (left blank, zero
-    field). ``chunk``, ``overlap``, ``prealign``: ``pair_field``'s; ``smooth``, ``detail_pull``:
+    field). ``chunk``, ``overlap``, ``prealign``, ``trunc``: ``pair_field``'s; ``smooth``, ``detail_pull``:
     ``solve.solve_stack``'s; ``progress(pairs)`` may wrap the iteration over pairs (e.g. tqdm).
     """
     sections = np.asarray(sections)
     count = len(sections)
     skipped = [z for z in range(count) if is_blank(sections[z])]
     pairs = neighbour_pairs(count, neighbours, set(skipped)) if count - len(skipped) > 1 else []
-    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap, 0, prealign)
+    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap, 0, prealign, trunc)
                                for s, t in (progress or iter)(pairs)]) if pairs else None
     aligned, fields = solve_pairs(sections, pairs, pair_fields, pull, robust, skipped, smooth, detail_pull)
     return aligned, fields, skipped

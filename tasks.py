@@ -103,6 +103,7 @@ class Job:
     raw_neighbour: bool
     smooth: int  # alignment.pair_field's low-pass radius (px, 0 = off)
     prealign: int  # alignment.pair_field's whole-section shift search (px, 0 = off)
+    trunc: int  # alignment.pair_field's finest pyramid level run (0 = full resolution)
     xy_chunk: int  # xy size of stitch and render tasks (px, a multiple of LAYER_CHUNK)
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu
 
@@ -270,7 +271,7 @@ def block_task(job: dict, first: int) -> None:
             z += 1
 
     results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.chunk,
-                           job.overlap, smooth=job.smooth, prealign=job.prealign)
+                           job.overlap, smooth=job.smooth, prealign=job.prealign, trunc=job.trunc)
     for z, (_, g) in enumerate(results, start):
         if reference is None and not blank[z]:
             reference = z

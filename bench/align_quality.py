@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import align  # noqa: E402
 import evaluate  # noqa: E402
 from alignment import align_serial, apply_field  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
@@ -111,7 +112,7 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
 
 
 def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: float, robust: float, smooth: int,
-                   detail_pull: float, prealign: int):
+                   detail_pull: float, prealign: int, trunc: int):
     """``raw [Z,H,W] -> fields [Z,2,H,W]`` of our network in one of ``VARIANTS`` (e.g. ``vote3``, ``solve2``)."""
     from alignment import align_solved
     from models.archive import load_archive
@@ -121,9 +122,9 @@ def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: f
     kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
     if kind == "solve":
         return lambda raw: align_solved(model, raw, int(number or 1), pull, robust or None, chunk, overlap,
-                                        smooth, detail_pull, prealign)[1].numpy()
+                                        smooth, detail_pull, prealign, trunc)[1].numpy()
     options = dict(to_raw_neighbour=kind == "raw", vote=int(number or 1) if kind == "vote" else 1, smooth=smooth,
-                   prealign=prealign)
+                   prealign=prealign, trunc=trunc)
     return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, chunk=chunk, overlap=overlap,
                                                                    **options)])
 
@@ -168,6 +169,7 @@ def main(argv=None) -> dict:
                    help="low-pass radii (px) of our pair fields (serial: alignment.pair_field's; solveK: "
                         "solve.solve_stack's, with --detail_pull); each is a row")
     p.add_argument("--prealign", type=int, default=32, help="px reach of our pre-alignment shift (align.py's)")
+    p.add_argument("--trunc", type=int, default=align.TRUNC, help="finest pyramid level our network runs (align.py's)")
     p.add_argument("--detail_pull", type=float, default=10.0,
                    help="solveK with --smooth: pull on the detail the low-pass removes (inf = drop it)")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
@@ -199,7 +201,7 @@ def main(argv=None) -> dict:
         if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
         fields_fn = network_fields(archive, variant, args.chunk, args.overlap, args.pull, args.robust, smooth,
-                                   args.detail_pull, args.prealign)
+                                   args.detail_pull, args.prealign, args.trunc)
         aligned, fields, seconds = run_method(fields_fn, raw)
         name = f"ours ({Path(archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''})"
         rows[name] = score_row(stack, aligned, fields, seconds, oracle)

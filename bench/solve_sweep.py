@@ -39,10 +39,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import align  # noqa: E402
 import evaluate  # noqa: E402
 from align_quality import demo_stack, oracle_stack, real_stack, registration_check  # noqa: E402
 from alignment import pair_field, solve_pairs  # noqa: E402
-from helpers import UserError, compose, in_frame_of, invert_field, run_main  # noqa: E402
+from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length  # noqa: E402
 from models.archive import load_archive  # noqa: E402
 from solve import low_pass, neighbour_pairs  # noqa: E402
 
@@ -62,8 +63,8 @@ def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:
             continue
         true = compose(truth[s:s + 1], invert_field(truth[t:t + 1]))[0]
         valid = torch.from_numpy((raw[s] > 0) & (raw[t] > 0))
-        epe.append(float((field - true).norm(dim=0)[valid].median()))
-        zero.append(float(true.norm(dim=0)[valid].median()))
+        epe.append(float(vector_length(field - true)[valid].median()))
+        zero.append(float(vector_length(true)[valid].median()))
         slope.append(float((field * true).sum(0)[valid].sum() / (true * true).sum(0)[valid].sum()))
     return {"pair_epe": float(np.median(epe)), "pair_epe_zero_field": float(np.median(zero)),
             "slope": float(np.median(slope))}
@@ -100,7 +101,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
     key = [str(Path(args.archive).resolve()), args.real, seed, args.reregister, args.z_start, args.sections,
-           args.size, args.prealign, pairs]
+           args.size, args.prealign, args.trunc, pairs]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
     cached = torch.load(cache) if cache and cache.is_file() else {}
@@ -108,7 +109,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
         fields = cached["fields"]
     else:
         start = time.time()
-        fields = torch.stack([pair_field(model, raw[s], raw[t], prealign=args.prealign)
+        fields = torch.stack([pair_field(model, raw[s], raw[t], prealign=args.prealign, trunc=args.trunc)
                               for s, t in tqdm(pairs, desc="pairs", unit="pair")])
         print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
         if cache:
@@ -151,6 +152,7 @@ def main(argv=None) -> dict:
     p.add_argument("--detail_pull", type=float, nargs="+", default=[10.0],
                    help="pulls on the detail the low-pass removes (inf = drop it)")
     p.add_argument("--prealign", type=int, default=32, help="px reach of the pre-alignment shift (align.py's)")
+    p.add_argument("--trunc", type=int, default=align.TRUNC, help="finest pyramid level the network runs (align.py's)")
     p.add_argument("--robust", type=float, nargs="+", default=[4.0], help="robust scale in px (0 = off)")
     p.add_argument("--best", type=int, default=15, help="rows to print")
     p.add_argument("--cache", help="keep the pair fields in this file (one per draw: FILE.seedS.pt when several) "

@@ -5,6 +5,8 @@ import torch
 
 import align
 import alignment
+import data
+import helpers
 import volume
 from conftest import moved_windows, run_script
 from models import Pyramid
@@ -27,13 +29,24 @@ def sections(n=3, size=128, seed=0):
     return (x.clamp(0, 1) * 200 + 30).round().to(torch.uint8)[:, 0].numpy()
 
 
-def test_chunked_equals_unchunked():
+@pytest.mark.parametrize("trunc", [0, 1])
+def test_chunked_equals_unchunked(trunc):
     net = random_net()
     a, b = sections(2)
-    whole = alignment.pair_field(net, a, b, chunk=1024, overlap=64)
-    chunked = alignment.pair_field(net, a, b, chunk=64, overlap=64)
+    whole = alignment.pair_field(net, a, b, chunk=1024, overlap=64, trunc=trunc)
+    chunked = alignment.pair_field(net, a, b, chunk=64, overlap=64, trunc=trunc)
     assert whole.shape == (2, 128, 128) and whole.abs().max() > 0.05
     assert (whole - chunked).abs().max() < 1e-4
+
+
+def test_trunc_stops_the_network_short_and_upsamples_its_field():
+    net = random_net()
+    a, b = sections(2)
+    coarse = alignment.pair_field(net, a, b, prealign=0, trunc=1)
+    src, tgt = (data.normalise(torch.from_numpy(x))[0].view(1, 1, 128, 128) for x in (a, b))
+    expected = helpers.upsample_field(net(src, tgt, trunc=1).field, 2)[0]
+    assert torch.allclose(coarse, expected, atol=1e-5)
+    assert (coarse - alignment.pair_field(net, a, b, prealign=0)).abs().max() > 0.05  # level 0 adds detail
 
 
 def test_serial_chaining(monkeypatch):
@@ -78,8 +91,10 @@ def test_align_writes_layers_and_resumes_to_the_same_result(setup):
     (["--z_start", "5", "--z_stop", "40"], "outside the volume"),
     (["--z_start", "0", "--z_stop", "2", "--mip", "5"], "no mip 5"),
     (["--z_start", "0", "--z_stop", "2", "--bbox", "0", "0", "99", "10"], "outside the volume"),
-    (["--z_start", "0", "--z_stop", "2", "--prealign", "-1"], "--prealign >= 0"),
+    (["--z_start", "0", "--z_stop", "2", "--prealign", "-1"], "--prealign and --trunc >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--solve", "--detail_pull", "0"], "--detail_pull > 0"),
+    (["--z_start", "0", "--z_stop", "2", "--trunc", "-1"], "--trunc >= 0"),
+    (["--z_start", "0", "--z_stop", "2", "--trunc", "3"], "below the 3 levels"),
 ])
 def test_bad_input_is_a_one_line_error(setup, extra, message):
     tmp, paths, archive = setup
@@ -167,7 +182,7 @@ def test_prealign_shift_is_found_and_added_to_the_networks_field(monkeypatch):
     """Section 1's content is moved by (13, -9) px, beyond what the network is asked to find (here: nothing)."""
     seen = []
 
-    def network(model, source, target):  # the pair the network sees: already matched, so it adds nothing
+    def network(model, source, target, trunc):  # the pair the network sees: already matched, so it adds nothing
         seen.append((source, target))
         return torch.zeros(1, 2, *source.shape[-2:])
 
@@ -187,7 +202,7 @@ def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
     shift = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
     checker = 3.0 * (-1.0) ** torch.arange(64).view(1, 1, 64, 1)  # +-3 px, alternating by row
 
-    def network(model, source, target):
+    def network(model, source, target, trunc):
         return shift.expand_as(checker.expand(1, 2, 64, 64)) + checker
 
     monkeypatch.setattr(alignment, "chunk_field", network)

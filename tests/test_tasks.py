@@ -29,7 +29,7 @@ USABLE = [0, 1, 3, 7, 8, 9]  # to 7 (its end is blank too), block 4-6 is all bla
 def job(**changes) -> tasks.Job:
     values = dict(archive="a.pt", source="file:///s", dest="file:///d", mip=0, bbox=(0, 0, 64, 64), z_start=2,
                   z_stop=8, block=3, chunk=32, overlap=32, vote=1, raw_neighbour=False, smooth=0, prealign=32,
-                  xy_chunk=256)
+                  trunc=0, xy_chunk=256)
     return tasks.Job(**{**values, **changes})
 
 
