@@ -4,7 +4,11 @@
     .venv/bin/python bench/align_quality.py --archive pt/demo.pt --sections 10 --size 256   # quicker
 
 ``--real DIR`` does the same on a folder of registered real sections, misaligned
-with known fields, cracks and folds exactly as the demo is (``misalign.py``).
+with known fields, cracks and folds exactly as the demo is (``misalign.py``);
+``--phantom KIND`` on a fresh phantom stack misaligned the same way, whose tissue
+changes from section to section as the demo's does (``default``), without the
+phantom's smooth bending of space (``unbent``), or not at all (``static``: one
+section repeated): what is left of the error on ``static`` is the aligner's own.
 
 Methods: no alignment, the oracle (ground truth), our network (serial, as
 ``align.py``), and the classical aligners of ``bench/baselines.py`` (elastix,
@@ -48,6 +52,41 @@ def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
     read = {name: volume.read(volume.open_volume(layers[name]), (0, 0, z_start), (size, size, count))
             for name in ("image", "field", "defects")}
     return {"raw": read["image"][:, 0], "truth": read["field"], "defects": read["defects"][:, 0]}
+
+
+PHANTOMS = ("default", "unbent", "static")
+
+
+def phantom_stack(kind: str, count: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A fresh phantom stack of ``kind`` (``PHANTOMS``, module docstring), misaligned as the demo is.
+
+    ``count`` sections of ``size`` px; the phantom's seed is ``1000 + seed`` (the
+    demo volume's is 0, so the tissue is held out), the misalignment's ``seed``.
+    """
+    import misalign
+    import phantom
+
+    pad = 48
+    params = phantom.PhantomParams(bend=0.0, wobble=0.0) if kind == "unbent" else phantom.PhantomParams()
+    sections = phantom.make_phantom((1 if kind == "static" else count, size + 2 * pad, size + 2 * pad),
+                                    seed=1000 + seed, params=params)
+    canvas = torch.from_numpy(np.repeat(sections, count // len(sections), 0))[:, None]
+    image, defects, field = misalign.misalign(canvas, misalign.MisalignParams(), torch.Generator().manual_seed(seed),
+                                              pad=pad)
+    return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy()}
+
+
+def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
+    """The stack ``args`` ask for (``--real``, ``--phantom``, else the demo's test sections), draw ``seed``."""
+    if args.real:
+        return real_stack(args.real, args.z_start, args.sections, args.size, seed, args.reregister)
+    if args.phantom:
+        return phantom_stack(args.phantom, args.sections, args.size, seed)
+    return demo_stack(args.z_start, args.sections, args.size)  # the demo has one draw
+
+
+def stack_name(args) -> str:
+    return args.real or (f"phantom {args.phantom}" if args.phantom else "demo")
 
 
 def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
@@ -148,8 +187,10 @@ def main(argv=None) -> dict:
                    help="our network(s) (several to compare; omit to score only the baselines)")
     p.add_argument("--real", help="a folder of registered real sections (PNG/TIFF), misaligned as the demo is, "
                                   "instead of the demo volume; --z_start counts files from 0")
+    p.add_argument("--phantom", choices=PHANTOMS,
+                   help="a fresh phantom stack instead of the demo volume (module docstring)")
     p.add_argument("--seed", type=int, default=0,
-                   help="--real: the seed of the known misalignment, cracks and folds (one stack per seed)")
+                   help="--real, --phantom: the seed of the known misalignment, cracks and folds (one stack per seed)")
     p.add_argument("--reregister", action="store_true",
                    help="--real: shift the sections by whole pixels until neighbours' content matches before "
                         "misaligning them, as import_stack.py --reregister does (for a volume whose registration "
@@ -181,11 +222,12 @@ def main(argv=None) -> dict:
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")
         return {}
-    stack = (real_stack(args.real, args.z_start, args.sections, args.size, args.seed, args.reregister) if args.real
-             else demo_stack(args.z_start, args.sections, args.size))
+    if args.real and args.phantom:
+        raise UserError("choose --real or --phantom")
+    stack = held_out_stack(args, args.seed)
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]
-    print(f"{args.real or 'demo'} sections {args.z_start}..{args.z_start + len(raw) - 1}, "
+    print(f"{stack_name(args)} sections {args.z_start}..{args.z_start + len(raw) - 1}, "
           f"{raw.shape[2]} x {raw.shape[1]} px; {torch.get_num_threads()} threads")
     if args.real:
         print(registration_check(stack["content_offsets"]))

@@ -4,7 +4,8 @@
         --z_start 60 --sections 40 --seed 0 1 2 --pull 0.01 0.03 0.1 --smooth 192 --detail_pull 3 10 inf
 
 The same held-out stack as ``bench/align_quality.py`` (the demo's test
-sections, or ``--real DIR`` misaligned with known fields, once per ``--seed``).
+sections, or ``--real DIR`` or ``--phantom KIND`` misaligned with known fields,
+once per ``--seed``).
 Each raw section is paired with its ``max(--neighbours)`` nearest sections on
 each side (both directions, ``alignment.pair_field`` without smoothing); every
 combination of the settings then solves them (``alignment.solve_pairs``) and is
@@ -41,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 
 import align  # noqa: E402
 import evaluate  # noqa: E402
-from align_quality import demo_stack, oracle_stack, real_stack, registration_check  # noqa: E402
+from align_quality import PHANTOMS, held_out_stack, oracle_stack, registration_check  # noqa: E402
 from alignment import pair_field, solve_pairs  # noqa: E402
 from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length  # noqa: E402
 from models.archive import load_archive  # noqa: E402
@@ -92,15 +93,14 @@ def summarise(draws: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, f
 
 def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[str, float]]:
     """One misalignment draw: its stack, the pair fields (cached), and the scores of every setting."""
-    stack = (real_stack(args.real, args.z_start, args.sections, args.size, seed, args.reregister) if args.real
-             else demo_stack(args.z_start, args.sections, args.size))  # the demo has one draw
+    stack = held_out_stack(args, seed)
     raw = stack["raw"]
     print(f"== draw {seed}")
     if args.real:
         print(registration_check(stack["content_offsets"]))
     truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
-    key = [str(Path(args.archive).resolve()), args.real, seed, args.reregister, args.z_start, args.sections,
+    key = [str(Path(args.archive).resolve()), args.real, args.phantom, seed, args.reregister, args.z_start, args.sections,
            args.size, args.prealign, args.trunc, pairs]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
@@ -140,6 +140,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archive", required=True, help="our network")
     p.add_argument("--real", help="a folder of registered real sections (as in align_quality.py)")
+    p.add_argument("--phantom", choices=PHANTOMS, help="a fresh phantom stack (as in align_quality.py)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="misalignment draws (as in align_quality.py); several: figures averaged over them")
     p.add_argument("--reregister", action="store_true", help="as in align_quality.py")
@@ -161,6 +162,8 @@ def main(argv=None) -> dict:
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")
         return {}
+    if args.real and args.phantom:
+        raise UserError("choose --real or --phantom")
     if min(args.neighbours) < 1:
         raise UserError("--neighbours must be at least 1")
     model, _ = load_archive(args.archive)

@@ -30,3 +30,14 @@ def test_registration_check_warns_when_content_jumps_between_registered_sections
     assert "median 8.0 px" in line and "3 of 3 pairs" in line and "warning" in line
     assert "ends a median 16.0 px (largest 17.9 px)" in line  # the content walks 8, 16, |(16, -8)| px away
 
+
+
+def test_phantom_stack_static_repeats_one_section_and_default_changes_from_section_to_section():
+    def realigned(kind):
+        stack = align_quality.phantom_stack(kind, 3, 64, seed=1)
+        assert stack["raw"].shape == (3, 64, 64) and stack["truth"].shape == (3, 2, 64, 64)
+        oracle = align_quality.oracle_stack(stack["raw"], stack["truth"]).astype(float)
+        both = (oracle[0] > 0) & (oracle[2] > 0) & (stack["defects"][[0, 2]] == 0).all(0)
+        return np.median(np.abs(oracle[0] - oracle[2])[both])
+
+    assert realigned("static") < 3 < 10 < realigned("default")  # grey levels: interpolation only vs new tissue
