@@ -39,10 +39,9 @@ from tqdm import tqdm
 
 import tasks
 import volume
-from alignment import align_solved
+from alignment import DETAIL_PULL, TRUNC, align_solved
 from helpers import UserError, run_main
 
-TRUNC = 2  # align.py's default --trunc: measured in the README (Aligning and evaluating)
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
 
 
@@ -78,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trunc", type=int, default=TRUNC,
                    help="stop the network this many levels short of full resolution and upsample its field "
                         "(fewer levels run: faster)")
-    p.add_argument("--detail_pull", type=float, default=10.0,
+    p.add_argument("--detail_pull", type=float, default=DETAIL_PULL,
                    help="--solve --smooth R: pull on the detail the low-pass removes, solved apart from the coarse "
                         "part (inf = drop the detail)")
     p.add_argument("--block", type=int,

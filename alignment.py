@@ -24,9 +24,21 @@ from models import Pyramid
 from shifts import best_shifts
 from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
 
+TRUNC = 2  # default pyramid level the network stops at (pair_field); measured in the README
+DETAIL_PULL = 5.0  # default pull on the pair fields' detail (solve.solve_stack); measured in the README
+
+
+def for_inference(model: Pyramid) -> Pyramid:
+    """``model`` in eval mode with channels-last weights (in place), as every aligner loads it.
+
+    Its convolutions then run ~1.6x faster on the CPU (a 512 px pair at ``trunc``
+    2: 0.086 -> 0.052 s); the field is the same to ~1e-5 px.
+    """
+    return model.eval().to(memory_format=torch.channels_last)
+
 
 @torch.no_grad()
-def chunk_field(model: Pyramid, source: torch.Tensor, target: torch.Tensor, trunc: int = 0) -> torch.Tensor:
+def chunk_field(model: Pyramid, source: torch.Tensor, target: torch.Tensor, trunc: int) -> torch.Tensor:
     """Field ``[N, 2, h, w]`` (full-resolution px) pulling ``source`` onto ``target``, both normalised ``[N, 1, h, w]``.
 
     trunc: the pyramid stops at this level (``Pyramid.forward``) and its field is upsampled.
@@ -40,7 +52,7 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
 
 
 def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128, smooth: int = 0,
-               prealign: int = 32, trunc: int = 0) -> torch.Tensor:
+               prealign: int = 32, trunc: int = TRUNC) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
@@ -105,7 +117,7 @@ def is_blank(section, min_std: float = 2.0) -> bool:
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
                  vote: int = 1, chunk: int = 1024, overlap: int = 128, softness: float = 1.0,
-                 smooth: int = 0, prealign: int = 32, trunc: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 smooth: int = 0, prealign: int = 32, trunc: int = TRUNC) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
@@ -143,8 +155,8 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
 
 
 def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.03, robust: float | None = 4.0,
-                 chunk: int = 1024, overlap: int = 128, smooth: int = 0, detail_pull: float = 10.0,
-                 prealign: int = 32, trunc: int = 0, progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+                 chunk: int = 1024, overlap: int = 128, smooth: int = 0, detail_pull: float = DETAIL_PULL,
+                 prealign: int = 32, trunc: int = TRUNC, progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
@@ -168,7 +180,7 @@ def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.
 
 def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, pull: float = 0.03,
                 robust: float | None = 4.0, skipped=(), smooth: int = 0,
-                detail_pull: float = 10.0) -> tuple[np.ndarray, torch.Tensor]:
+                detail_pull: float = DETAIL_PULL) -> tuple[np.ndarray, torch.Tensor]:
     """The second half of ``align_solved``: from pair fields to the aligned stack.
 
     sections: uint8 ``[Z, H, W]``; ``pair_fields`` ``[E, 2, H, W]`` (px): field e

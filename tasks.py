@@ -73,7 +73,7 @@ from taskqueue import TaskQueue, queueable
 from tqdm import tqdm
 
 import volume
-from alignment import align_serial, apply_field, is_blank
+from alignment import align_serial, apply_field, for_inference, is_blank
 from helpers import UserError, compose
 from models.archive import load_archive
 
@@ -218,7 +218,7 @@ def warp_chunk(source, z: int, field: torch.Tensor, box: Box, bbox: Box) -> np.n
 @functools.lru_cache(maxsize=2)
 def _load(archive: str, modified_ns: int, device: str):
     model, _ = load_archive(archive, device)
-    return model.eval()
+    return for_inference(model)
 
 
 def model_of(job: Job):

@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import align  # noqa: E402
 import evaluate  # noqa: E402
-from alignment import align_serial, apply_field  # noqa: E402
+from alignment import DETAIL_PULL, TRUNC, align_serial, apply_field, for_inference  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
 COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
@@ -156,8 +155,7 @@ def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: f
     from alignment import align_solved
     from models.archive import load_archive
 
-    model, _ = load_archive(archive)
-    model.eval()
+    model = for_inference(load_archive(archive)[0])
     kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
     if kind == "solve":
         return lambda raw: align_solved(model, raw, int(number or 1), pull, robust or None, chunk, overlap,
@@ -210,8 +208,8 @@ def main(argv=None) -> dict:
                    help="low-pass radii (px) of our pair fields (serial: alignment.pair_field's; solveK: "
                         "solve.solve_stack's, with --detail_pull); each is a row")
     p.add_argument("--prealign", type=int, default=32, help="px reach of our pre-alignment shift (align.py's)")
-    p.add_argument("--trunc", type=int, default=align.TRUNC, help="finest pyramid level our network runs (align.py's)")
-    p.add_argument("--detail_pull", type=float, default=10.0,
+    p.add_argument("--trunc", type=int, default=TRUNC, help="finest pyramid level our network runs (align.py's)")
+    p.add_argument("--detail_pull", type=float, default=DETAIL_PULL,
                    help="solveK with --smooth: pull on the detail the low-pass removes (inf = drop it)")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")

@@ -1,7 +1,7 @@
 """The stack-wide solve's settings, swept: the network's pair fields are computed once, then solved many ways.
 
     .venv/bin/python bench/solve_sweep.py --archive pt/real_tissue.pt --real ../shared/data/snemi3d-train \\
-        --z_start 60 --sections 40 --seed 0 1 2 --pull 0.01 0.03 0.1 --smooth 192 --detail_pull 3 10 inf
+        --z_start 60 --sections 40 --seed 0 1 2 --pull 0.01 0.03 0.1 --smooth 192 --detail_pull 3 5 10 inf
 
 The same held-out stack as ``bench/align_quality.py`` (the demo's test
 sections, or ``--real DIR`` or ``--phantom KIND`` misaligned with known fields,
@@ -40,10 +40,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import align  # noqa: E402
 import evaluate  # noqa: E402
 from align_quality import PHANTOMS, held_out_stack, oracle_stack, registration_check  # noqa: E402
-from alignment import pair_field, solve_pairs  # noqa: E402
+from alignment import DETAIL_PULL, TRUNC, for_inference, pair_field, solve_pairs  # noqa: E402
 from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length  # noqa: E402
 from models.archive import load_archive  # noqa: E402
 from solve import low_pass, neighbour_pairs  # noqa: E402
@@ -150,10 +149,10 @@ def main(argv=None) -> dict:
     p.add_argument("--neighbours", type=int, nargs="+", default=[1], help="raw neighbours on each side")
     p.add_argument("--pull", type=float, nargs="+", default=[0.03], help="weight of the pull toward zero")
     p.add_argument("--smooth", type=int, nargs="+", default=[0, 96], help="low-pass radii (px) of the pair fields")
-    p.add_argument("--detail_pull", type=float, nargs="+", default=[10.0],
+    p.add_argument("--detail_pull", type=float, nargs="+", default=[DETAIL_PULL],
                    help="pulls on the detail the low-pass removes (inf = drop it)")
     p.add_argument("--prealign", type=int, default=32, help="px reach of the pre-alignment shift (align.py's)")
-    p.add_argument("--trunc", type=int, default=align.TRUNC, help="finest pyramid level the network runs (align.py's)")
+    p.add_argument("--trunc", type=int, default=TRUNC, help="finest pyramid level the network runs (align.py's)")
     p.add_argument("--robust", type=float, nargs="+", default=[4.0], help="robust scale in px (0 = off)")
     p.add_argument("--best", type=int, default=15, help="rows to print")
     p.add_argument("--cache", help="keep the pair fields in this file (one per draw: FILE.seedS.pt when several) "
@@ -166,8 +165,7 @@ def main(argv=None) -> dict:
         raise UserError("choose --real or --phantom")
     if min(args.neighbours) < 1:
         raise UserError("--neighbours must be at least 1")
-    model, _ = load_archive(args.archive)
-    model.eval()
+    model = for_inference(load_archive(args.archive)[0])
     settings = [(n, smooth, pull, detail, robust) for n, smooth, pull, detail, robust in itertools.product(
         args.neighbours, args.smooth, args.pull, args.detail_pull, args.robust) if smooth or detail == args.detail_pull[0]]
     rows = summarise([sweep_draw(args, model, seed, settings) for seed in args.seed])

@@ -39,6 +39,13 @@ def test_chunked_equals_unchunked(trunc):
     assert (whole - chunked).abs().max() < 1e-4
 
 
+def test_for_inference_keeps_the_field():
+    a, b = sections(2)
+    plain = alignment.pair_field(random_net(), a, b)
+    fast = alignment.pair_field(alignment.for_inference(random_net()), a, b)
+    assert plain.abs().max() > 0.05 and torch.allclose(plain, fast, atol=1e-4)
+
+
 def test_trunc_stops_the_network_short_and_upsamples_its_field():
     net = random_net()
     a, b = sections(2)
