@@ -84,8 +84,11 @@ def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
     return demo_stack(args.z_start, args.sections, args.size)  # the demo has one draw
 
 
-def stack_name(args) -> str:
-    return args.real or (f"phantom {args.phantom}" if args.phantom else "demo")
+def stack_name(args, count: int) -> str:
+    """E.g. ``demo sections 70..99`` or ``phantom static (seed 7), 30 sections``."""
+    if args.phantom:
+        return f"phantom {args.phantom} (seed {args.seed}), {count} sections"
+    return f"{args.real or 'demo'} sections {args.z_start}..{args.z_start + count - 1}"
 
 
 def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
@@ -225,8 +228,7 @@ def main(argv=None) -> dict:
     stack = held_out_stack(args, args.seed)
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]
-    print(f"{stack_name(args)} sections {args.z_start}..{args.z_start + len(raw) - 1}, "
-          f"{raw.shape[2]} x {raw.shape[1]} px; {torch.get_num_threads()} threads")
+    print(f"{stack_name(args, len(raw))}, {raw.shape[2]} x {raw.shape[1]} px; {torch.get_num_threads()} threads")
     if args.real:
         print(registration_check(stack["content_offsets"]))
 
