@@ -70,8 +70,7 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
     between real neighbours the network's fine detail is mostly tissue change
     (measured in the README). ``trunc`` > 0 stops the network ``trunc`` levels
     short of full resolution (``chunk_field``): the finest levels cost most of
-    its time and, between real neighbours, add detail that is mostly tissue
-    change (measured in the README).
+    its time and add little the low-pass and the solve keep (README: ``--trunc``).
     """
     device = next(model.parameters()).device
     unit = 2 ** (model.config["size"] - 1)
@@ -117,7 +116,8 @@ def is_blank(section, min_std: float = 2.0) -> bool:
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
                  vote: int = 1, chunk: int = 1024, overlap: int = 128, softness: float = 1.0,
-                 smooth: int = 0, prealign: int = 32, trunc: int = TRUNC) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 smooth: int = 0, prealign: int = 32,
+                 trunc: int = TRUNC) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed

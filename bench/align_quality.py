@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import evaluate  # noqa: E402
-from alignment import DETAIL_PULL, TRUNC, align_serial, apply_field, for_inference  # noqa: E402
+from alignment import DETAIL_PULL, TRUNC, align_serial, align_solved, apply_field, for_inference  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
 COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
@@ -155,7 +155,6 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
 def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: float, robust: float, smooth: int,
                    detail_pull: float, prealign: int, trunc: int):
     """``raw [Z,H,W] -> fields [Z,2,H,W]`` of our network in one of ``VARIANTS`` (e.g. ``vote3``, ``solve2``)."""
-    from alignment import align_solved
     from models.archive import load_archive
 
     model = for_inference(load_archive(archive)[0])

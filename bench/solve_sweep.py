@@ -99,8 +99,8 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
         print(registration_check(stack["content_offsets"]))
     truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
-    key = [str(Path(args.archive).resolve()), args.real, args.phantom, seed, args.reregister, args.z_start, args.sections,
-           args.size, args.prealign, args.trunc, pairs]
+    key = [str(Path(args.archive).resolve()), args.real, args.phantom, seed, args.reregister, args.z_start,
+           args.sections, args.size, args.prealign, args.trunc, pairs]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
     cached = torch.load(cache) if cache and cache.is_file() else {}
