@@ -102,6 +102,7 @@ def test_box_mean_keeps_constants_and_matches_a_direct_average():
     for i, j in ((0, 0), (4, 7), (9, 11), (2, 10)):
         window = x[0, 0, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1]
         assert out[0, 0, i, j] == pytest.approx(float(window.mean()), abs=1e-6)
+    assert torch.allclose(masks.box_mean(x, 20), x.mean().expand_as(x))  # a window past every edge: the whole image
 
 
 def test_similarity_weights_per_class_and_zero_where_missing():
