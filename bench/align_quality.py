@@ -77,6 +77,8 @@ def phantom_stack(kind: str, count: int, size: int, seed: int = 0) -> dict[str, 
 
 def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
     """The stack ``args`` ask for (``--real``, ``--phantom``, else the demo's test sections), draw ``seed``."""
+    if args.real and args.phantom:
+        raise UserError("choose --real or --phantom")
     if args.real:
         return real_stack(args.real, args.z_start, args.sections, args.size, seed, args.reregister)
     if args.phantom:
@@ -222,8 +224,6 @@ def main(argv=None) -> dict:
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")
         return {}
-    if args.real and args.phantom:
-        raise UserError("choose --real or --phantom")
     stack = held_out_stack(args, args.seed)
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]

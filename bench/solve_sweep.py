@@ -161,8 +161,6 @@ def main(argv=None) -> dict:
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")
         return {}
-    if args.real and args.phantom:
-        raise UserError("choose --real or --phantom")
     if min(args.neighbours) < 1:
         raise UserError("--neighbours must be at least 1")
     model = for_inference(load_archive(args.archive)[0])
