@@ -103,10 +103,13 @@ def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torc
     return torch.from_numpy(shift).view(1, 2, 1, 1).to(source.device)
 
 
-def apply_field(section, field: torch.Tensor) -> np.ndarray:
-    """``helpers.warp_tissue`` of a uint8 ``[H, W]`` section, as uint8 (0 where it reads missing data)."""
-    out = warp_tissue(to_tensor(section)[None, None], field[None])[0, 0]
-    return out.round().clamp(0, 255).to(torch.uint8).numpy()
+def apply_field(sections, fields) -> np.ndarray:
+    """``helpers.warp_tissue`` of uint8 sections ``[..., H, W]`` by fields ``[..., 2, H, W]`` (px; the same
+    leading shape: one section, or a stack ``[Z, H, W]`` with ``[Z, 2, H, W]``), as uint8 (0 where a pixel
+    reads missing data)."""
+    s, f = to_tensor(sections), to_tensor(fields)
+    out = warp_tissue(s.reshape(-1, 1, *s.shape[-2:]), f.reshape(-1, 2, *f.shape[-2:]))
+    return out.round().clamp(0, 255).to(torch.uint8).reshape(s.shape).numpy()
 
 
 def is_blank(section, min_std: float = 2.0) -> bool:

@@ -22,6 +22,12 @@ prints a table.
   section; a stack aligned into any common frame is equally well aligned, and
   the mean error is the common frame that fits the truth best (as trajectory
   errors are measured after the best common alignment).
+* the oracle: the raw sections pulled by the true fields. Its CPC is what perfect
+  alignment scores: a CPC above it means the aligner warps tissue to look like
+  its neighbour (a flexible warp can do that while its fields are pixels wrong),
+  and EPE, not CPC, is the primary figure. ``warnings`` flags such rows, and rows
+  no better than no alignment (a network collapsed to the zero field, or one
+  trained on other data, scores so).
 * content offsets: the shift that best matches each section's content onto the
   next one's; on a registered stack, a check of the registration that a
   ground truth is built on (``bench/align_quality.py --real`` prints it).
@@ -35,10 +41,12 @@ import numpy as np
 import torch
 
 import masks
+from alignment import apply_field
 from helpers import UserError, in_frame_of, jacobian_determinant, run_main, to_tensor, vector_length, warp_labels
 from shifts import best_shifts
 
 PERCENTILES = (1, 5, 95, 99)
+RAW = "raw (no alignment)"  # the unaligned stack's row in evaluate.py's table
 
 
 def cpc(stack, chunk: int = 64) -> np.ndarray:
@@ -143,6 +151,36 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
     return out
 
 
+def warnings(rows: dict[str, dict[str, float]], reference: str, oracle_cpc: float | None = None,
+             keep: float = 0.8) -> list[str]:
+    """One line per suspect row of a table of ``score`` results (name -> measures).
+
+    A row is suspect when it is no real improvement on the row ``reference`` (the
+    unaligned stack): with a ground truth, its EPE far from defects is still at
+    least ``keep`` of the reference's (it removed less than a fifth of the
+    misalignment); without one, its mean CPC is not above the reference's. Also
+    when its mean CPC is above ``oracle_cpc`` (by over 1e-3): it warps tissue.
+    The reference itself and rows named "oracle..." are not judged.
+    """
+    base, lines = rows[reference], []
+    for name, row in rows.items():
+        if name == reference or name.startswith("oracle"):
+            continue
+        if "far_median" in row and "far_median" in base:
+            if row["far_median"] >= keep * base["far_median"]:
+                lines.append(f"warning: {name} is hardly better than no alignment (EPE far {row['far_median']:.2f} "
+                             f"vs {base['far_median']:.2f} px): a network collapsed to the zero field, or trained "
+                             "on other data, scores so")
+        elif row["cpc_mean"] <= base["cpc_mean"]:
+            lines.append(f"warning: {name} correlates no better than no alignment (CPC {row['cpc_mean']:.3f} vs "
+                         f"{base['cpc_mean']:.3f}): a network collapsed to the zero field, or trained on other "
+                         "data, scores so")
+        if oracle_cpc is not None and row["cpc_mean"] > oracle_cpc + 1e-3:
+            lines.append(f"warning: {name} has a CPC above the oracle's ({row['cpc_mean']:.3f} vs "
+                         f"{oracle_cpc:.3f}): it warps tissue to match its neighbour")
+    return lines
+
+
 def content_offsets(stack, reach: int = 32, factor: int = 2) -> np.ndarray:
     """The shift ``[Z-1, 2]`` (px, x then y) that best matches each section's content onto the next one's.
 
@@ -244,11 +282,16 @@ def main(argv=None) -> dict:
         truth = in_frame_of(to_tensor(volume.read(truth_vol, corner, size)))
     if args.defects:
         defects = volume.read(_matching(args.defects, aligned_vol, "defects"), corner, size)[:, 0]
+    oracle_cpc = None
     if args.raw:
         raw = volume.read(_matching(args.raw, aligned_vol, "raw"), corner, size)[:, 0]
-        rows["raw (no alignment)"] = score(raw, torch.zeros(len(raw), 2, *raw.shape[1:]), truth, defects,
-                                           args.near, args.chunk)
+        rows[RAW] = score(raw, torch.zeros(len(raw), 2, *raw.shape[1:]), truth, defects, args.near, args.chunk)
         hist["raw"] = cpc(raw, args.chunk)
+        if truth is not None:
+            oracle = apply_field(raw, truth)  # the raw sections pulled by the true fields
+            rows["oracle (ground truth)"] = score(oracle, truth, truth, defects, args.near, args.chunk)
+            hist["oracle"] = cpc(oracle, args.chunk)
+            oracle_cpc = rows["oracle (ground truth)"]["cpc_mean"]
     aligned = volume.read(aligned_vol, corner, size)[:, 0]
     field = volume.read(field_vol, corner, size)
     rows["aligned"] = score(aligned, field, truth, defects, args.near, args.chunk)
@@ -258,6 +301,8 @@ def main(argv=None) -> dict:
         columns = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean"] + columns
     print(f"mip {mip}, sections {args.z_start}..{args.z_stop - 1}")
     print_table(rows, columns)
+    for line in warnings(rows, RAW, oracle_cpc) if args.raw else []:
+        print(line)
     if args.plots:
         print(f"wrote {plot_cpc(hist, Path(args.plots) / 'cpc.png')}")
         if truth is not None:

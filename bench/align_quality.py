@@ -150,7 +150,7 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     start = time.time()
     fields = np.asarray(fields_fn(raw), dtype=np.float32)
     seconds = time.time() - start
-    aligned = np.stack([apply_field(s, torch.from_numpy(f)) for s, f in zip(raw, fields)])
+    aligned = apply_field(raw, fields)
     return aligned, fields, seconds
 
 
@@ -168,11 +168,6 @@ def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: f
                    prealign=prealign, trunc=trunc)
     return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, chunk=chunk, overlap=overlap,
                                                                    **options)])
-
-
-def oracle_stack(raw: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Sections ``raw`` uint8 ``[Z, H, W]`` pulled by their true fields ``[Z, 2, H, W]`` (px): the oracle's stack."""
-    return np.stack([apply_field(s, torch.from_numpy(f)) for s, f in zip(raw, truth)])
 
 
 def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
@@ -233,7 +228,7 @@ def main(argv=None) -> dict:
 
     rows, hist = {}, {}
     zero = np.zeros_like(stack["truth_rel"])
-    oracle_aligned = oracle_stack(raw, stack["truth_rel"])
+    oracle_aligned = apply_field(raw, stack["truth_rel"])
     oracle = float(np.mean(evaluate.cpc(oracle_aligned)))
     rows["no alignment"] = score_row(stack, raw, zero, 0, oracle)
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle)
@@ -269,9 +264,8 @@ def main(argv=None) -> dict:
 
     print()
     table = evaluate.print_table(rows, COLUMNS)
-    for name, row in rows.items():
-        if row["cpc_mean"] > oracle + 1e-3 and not name.startswith("oracle"):
-            print(f"warning: {name} has a CPC above the oracle's: it warps tissue to match its neighbour")
+    for line in evaluate.warnings(rows, "no alignment", oracle):
+        print(line)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
-from align_quality import PHANTOMS, held_out_stack, oracle_stack, registration_check  # noqa: E402
-from alignment import DETAIL_PULL, TRUNC, for_inference, pair_field, solve_pairs  # noqa: E402
+from align_quality import PHANTOMS, held_out_stack, registration_check  # noqa: E402
+from alignment import DETAIL_PULL, TRUNC, apply_field, for_inference, pair_field, solve_pairs  # noqa: E402
 from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length  # noqa: E402
 from models.archive import load_archive  # noqa: E402
 from solve import low_pass, neighbour_pairs  # noqa: E402
@@ -122,7 +122,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
               f"(zero field {accuracy['pair_epe_zero_field']:.2f}), slope on the truth {accuracy['slope']:.2f}; "
               f"the low-pass alone costs {floor:.2f} px far on the true fields")
 
-    oracle = float(np.mean(evaluate.cpc(oracle_stack(raw, truth.numpy()))))  # a CPC above it: warping tissue
+    oracle = float(np.mean(evaluate.cpc(apply_field(raw, truth))))  # a CPC above it: warping tissue
     rows = {"no alignment": evaluate.score(raw, np.zeros(truth.shape, np.float32), truth, stack["defects"])}
     for n, smooth, pull, detail, robust in tqdm(settings, desc="settings"):
         keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]

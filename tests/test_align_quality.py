@@ -3,6 +3,7 @@ their registration."""
 import numpy as np
 from PIL import Image
 
+import alignment
 from bench import align_quality
 from conftest import moved_windows
 
@@ -36,7 +37,7 @@ def test_phantom_stack_static_repeats_one_section_and_default_changes_from_secti
     def realigned(kind):
         stack = align_quality.phantom_stack(kind, 3, 64, seed=1)
         assert stack["raw"].shape == (3, 64, 64) and stack["truth"].shape == (3, 2, 64, 64)
-        oracle = align_quality.oracle_stack(stack["raw"], stack["truth"]).astype(float)
+        oracle = alignment.apply_field(stack["raw"], stack["truth"]).astype(float)
         both = (oracle[0] > 0) & (oracle[2] > 0) & (stack["defects"][[0, 2]] == 0).all(0)
         return np.median(np.abs(oracle[0] - oracle[2])[both])
 

@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+import alignment
 import evaluate
-from conftest import moved_windows
+import volume
+from conftest import moved_windows, run_script
 from helpers import UserError, warp
 
 
@@ -84,3 +86,73 @@ def test_content_offsets_find_a_shifted_section_and_nothing_in_a_registered_stac
     pulled = warp(torch.from_numpy(stack[:1, None]).float(), field)[0, 0, 8:-8, 8:-8]
     assert torch.allclose(pulled, torch.from_numpy(stack[1, 8:-8, 8:-8]).float(), atol=3)
     assert np.allclose(evaluate.content_offsets(stack, reach=16, factor=2)[0], [6, -4], atol=0.6)
+
+
+def test_warnings_flag_an_alignment_that_is_hardly_better_than_none_and_one_above_the_oracle():
+    rows = {"none": {"far_median": 10.0, "cpc_mean": 0.2}, "oracle (ground truth)": {"far_median": 0, "cpc_mean": 0.5},
+            "good": {"far_median": 2.0, "cpc_mean": 0.45}, "collapsed": {"far_median": 8.5, "cpc_mean": 0.25},
+            "warper": {"far_median": 3.0, "cpc_mean": 0.6}}
+    lines = evaluate.warnings(rows, "none", oracle_cpc=0.5)
+    assert len(lines) == 2
+    assert lines[0].startswith("warning: collapsed is hardly better than no alignment (EPE far 8.50 vs 10.00 px)")
+    assert lines[1].startswith("warning: warper has a CPC above the oracle's (0.600 vs 0.500)")
+    # without a ground truth the CPC decides; and 7.9 px of 10 passes (over a fifth removed)
+    lines = evaluate.warnings({"none": {"cpc_mean": 0.3}, "same": {"cpc_mean": 0.3}, "better": {"cpc_mean": 0.4}},
+                              "none")
+    assert len(lines) == 1 and lines[0].startswith("warning: same correlates no better than no alignment")
+    rows = {"none": {"far_median": 10.0, "cpc_mean": 0.2}, "ok": {"far_median": 7.9, "cpc_mean": 0.3}}
+    assert evaluate.warnings(rows, "none") == []
+
+
+MOVES = [(0, 0), (3, 0), (3, 2), (1, -2)]  # section z shows section 0's content moved by MOVES[z] (x, y) px
+
+
+def write_layer(path, array, kind):
+    vol = volume.create_volume("file://" + str(path), (64, 64, len(array)), str(array.dtype),
+                               num_channels=array.shape[1], chunk=(32, 32, 1))
+    volume.write_pyramid(vol, array, (0, 0, 0), kind)
+    return "file://" + str(path)
+
+
+@pytest.fixture
+def misaligned(tmp_path):
+    """Raw sections (``conftest.moved_windows``), their true fields (constant MOVES[z]: pull z onto section 0)."""
+    raw = moved_windows(MOVES, size=64)
+    truth = np.broadcast_to(np.array(MOVES, np.float32)[:, :, None, None], (4, 2, 64, 64)).copy()
+    return (raw, truth, write_layer(tmp_path / "raw", raw[:, None], "image"),
+            write_layer(tmp_path / "truth", truth, "field"))
+
+
+@pytest.mark.parametrize("perfect", [True, False])
+def test_evaluate_command_scores_a_perfect_and_a_collapsed_alignment_against_the_oracle(tmp_path, misaligned, capsys,
+                                                                                        perfect):
+    raw, truth, raw_path, truth_path = misaligned
+    field = truth if perfect else np.zeros_like(truth)  # collapsed: the zero field, the raw sections
+    write_layer(tmp_path / "dest" / "image", alignment.apply_field(raw, field)[:, None], "image")
+    write_layer(tmp_path / "dest" / "field", field, "field")
+    rows = evaluate.main(["--aligned", str(tmp_path / "dest"), "--raw", raw_path, "--truth", truth_path,
+                          "--z_start", "0", "--z_stop", "4", "--chunk", "16"])
+    out = capsys.readouterr().out
+    assert list(rows) == [evaluate.RAW, "oracle (ground truth)", "aligned"]
+    assert rows["oracle (ground truth)"]["far_median"] == 0
+    assert rows[evaluate.RAW]["far_median"] == pytest.approx(np.median([np.hypot(*m) for m in MOVES]))  # all tissue
+    if perfect:
+        assert rows["aligned"]["far_median"] < 1e-4 and rows["aligned"]["drift_mean"] < 1e-4
+        assert rows["aligned"]["cpc_mean"] == pytest.approx(rows["oracle (ground truth)"]["cpc_mean"])
+        assert rows["aligned"]["cpc_mean"] > rows[evaluate.RAW]["cpc_mean"] + 0.3
+        assert "warning" not in out
+    else:
+        assert rows["aligned"]["far_median"] == rows[evaluate.RAW]["far_median"]
+        assert "warning: aligned is hardly better than no alignment" in out
+
+
+def test_evaluate_command_refuses_a_z_range_outside_the_stack_and_a_missing_stack_in_one_line(tmp_path, misaligned):
+    raw, truth, raw_path, _ = misaligned
+    write_layer(tmp_path / "dest" / "image", raw[:, None], "image")
+    write_layer(tmp_path / "dest" / "field", np.zeros_like(truth), "field")
+    for aligned, z_stop, says in ((tmp_path / "dest", "9", "outside the aligned stack"),
+                                  (tmp_path / "nothing", "4", "nothing")):
+        result = run_script("evaluate.py", "--aligned", aligned, "--raw", raw_path, "--z_start", "0",
+                            "--z_stop", z_stop)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
