@@ -146,13 +146,14 @@ def test_evaluate_command_scores_a_perfect_and_a_collapsed_alignment_against_the
         assert "warning: aligned is hardly better than no alignment" in out
 
 
-def test_evaluate_command_refuses_a_z_range_outside_the_stack_and_a_missing_stack_in_one_line(tmp_path, misaligned):
+def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_line(tmp_path, misaligned):
     raw, truth, raw_path, _ = misaligned
     write_layer(tmp_path / "dest" / "image", raw[:, None], "image")
     write_layer(tmp_path / "dest" / "field", np.zeros_like(truth), "field")
-    for aligned, z_stop, says in ((tmp_path / "dest", "9", "outside the aligned stack"),
-                                  (tmp_path / "nothing", "4", "nothing")):
-        result = run_script("evaluate.py", "--aligned", aligned, "--raw", raw_path, "--z_start", "0",
-                            "--z_stop", z_stop)
+    dest, z = ["--aligned", tmp_path / "dest", "--raw", raw_path], ["--z_start", "0", "--z_stop", "4"]
+    for argv, says in ((dest + ["--z_start", "0", "--z_stop", "9"], "outside the aligned stack"),
+                       (["--aligned", tmp_path / "nothing"] + z, "nothing"),
+                       (dest + ["--truth", "file://" + str(tmp_path / "no_truth")] + z, "no_truth")):
+        result = run_script("evaluate.py", *argv)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
