@@ -169,12 +169,12 @@ def warnings(rows: dict[str, dict[str, float]], reference: str, oracle_cpc: floa
         if "far_median" in row and "far_median" in base:
             if row["far_median"] >= keep * base["far_median"]:
                 lines.append(f"warning: {name} is hardly better than no alignment (EPE far {row['far_median']:.2f} "
-                             f"vs {base['far_median']:.2f} px): from a network, the sign of a collapse to the zero "
-                             "field or of training on other data")
+                             f"vs {base['far_median']:.2f} px): it drifts, or its network collapsed to the zero field "
+                             "or was trained on other data")
         elif row["cpc_mean"] <= base["cpc_mean"]:
             lines.append(f"warning: {name} correlates no better than no alignment (CPC {row['cpc_mean']:.3f} vs "
-                         f"{base['cpc_mean']:.3f}): from a network, the sign of a collapse to the zero field or of "
-                         "training on other data")
+                         f"{base['cpc_mean']:.3f}): its network may have collapsed to the zero field or been trained "
+                         "on other data")
         if oracle_cpc is not None and row["cpc_mean"] > oracle_cpc + 1e-3:
             lines.append(f"warning: {name} has a CPC above the oracle's ({row['cpc_mean']:.3f} vs "
                          f"{oracle_cpc:.3f}): it warps tissue to match its neighbour")
