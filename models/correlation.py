@@ -3,12 +3,24 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def correlation_offsets(radius: int) -> list[tuple[int, int]]:
     """The integer offsets ``(dx, dy)`` of ``local_correlation``'s channels, in channel order (dy outer, dx inner)."""
     span = range(-radius, radius + 1)
     return [(dx, dy) for dy in span for dx in span]
+
+
+def unit_vectors(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, C, H, W]`` with every feature vector (over C) divided by its length; a zero vector stays zero.
+
+    ``F.normalize(x, dim=1)``'s rule (length clamped at 1e-12), written out: its
+    norm over the channel axis is ~40x slower on the CPU for this layout. The
+    clamp comes before the square root, so the gradient at a zero vector is
+    ``F.normalize``'s (finite), not 0 x inf.
+    """
+    return x / x.square().sum(1, keepdim=True).clamp_min(1e-24).sqrt()
 
 
 def local_correlation(a: torch.Tensor, b: torch.Tensor, radius: int) -> torch.Tensor:
@@ -20,9 +32,44 @@ def local_correlation(a: torch.Tensor, b: torch.Tensor, radius: int) -> torch.Te
     ``[-1, 1]``; channel ``(dy + r) * (2r + 1) + (dx + r)`` holds offset
     ``d = (dx, dy)`` (x = column, y = row), as listed by ``correlation_offsets``.
     """
-    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    h, w = a.shape[-2:]
-    r = radius
-    padded = F.pad(b, (r, r, r, r))
-    return torch.stack([(a * padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w]).sum(1)
-                        for dx, dy in correlation_offsets(r)], 1)
+    return _Correlation.apply(unit_vectors(a), F.pad(unit_vectors(b), (radius,) * 4), radius)
+
+
+class _Correlation(torch.autograd.Function):
+    """``out[:, k] = sum_c a * padded[window k]`` for the windows of ``correlation_offsets``, with a backward that
+    accumulates in place.
+
+    Autograd's own backward of the same sum allocates a zero-filled padded-size
+    gradient for every offset (49 at radius 3) and adds them up; this one adds each
+    offset's share into one buffer: 2.5x faster forward and backward on a training
+    batch (8 x 12 x 256², radius 3: 0.66 -> 0.27 s).
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, padded: torch.Tensor, radius: int) -> torch.Tensor:
+        ctx.save_for_backward(a, padded)
+        ctx.radius = radius
+        return torch.stack([(a * window).sum(1) for window in _windows(padded, a.shape[-2:], radius)], 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        a, padded = ctx.saved_tensors
+        grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
+        grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[1] else None
+        windows = _windows(padded, a.shape[-2:], ctx.radius)
+        grad_windows = _windows(grad_padded, a.shape[-2:], ctx.radius) if grad_padded is not None else windows
+        for k, (window, grad_window) in enumerate(zip(windows, grad_windows)):
+            share = grad[:, k:k + 1]
+            if grad_a is not None:
+                grad_a.addcmul_(share, window)
+            if grad_padded is not None:
+                grad_window.addcmul_(share, a)
+        return grad_a, grad_padded, None
+
+
+def _windows(padded: torch.Tensor, size, radius: int) -> list[torch.Tensor]:
+    """Views ``[N, C, h, w]`` of ``padded`` (``[N, C, h + 2r, w + 2r]``) at each offset of ``correlation_offsets``."""
+    h, w = size
+    return [padded[:, :, radius + dy:radius + dy + h, radius + dx:radius + dx + w]
+            for dx, dy in correlation_offsets(radius)]

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import helpers as h
 import loss
 from models import Aligner, Encoder, Pyramid, correlation_offsets, local_correlation
+from models.correlation import unit_vectors
 
 
 def smooth_images(n, size, seed, margin=0):
@@ -74,6 +75,31 @@ def test_correlation_finds_a_shifted_map():
 def test_correlation_of_zero_features_is_zero_not_nan():
     corr = local_correlation(torch.zeros(1, 3, 4, 4), torch.randn(1, 3, 4, 4), 1)
     assert torch.all(corr == 0)
+
+
+def test_correlation_gradient_is_the_true_one_for_either_input():
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda x, y: local_correlation(x, y, 1), (a, b))
+    weights = torch.randn(2, 9, 4, 5, generator=g, dtype=torch.float64)
+    (local_correlation(a, b, 1) * weights).sum().backward()
+    b_only = b.detach().clone().requires_grad_()
+    (local_correlation(a.detach(), b_only, 1) * weights).sum().backward()  # the backward skips a's share
+    assert torch.allclose(b_only.grad, b.grad)
+
+
+def test_unit_vectors_follow_normalize_and_keep_zero_vectors_zero():
+    x = torch.randn(2, 5, 3, 4)
+    x[1, :, 2, 3] = 0
+    assert torch.allclose(unit_vectors(x), torch.nn.functional.normalize(x, dim=1), atol=1e-6)
+    assert torch.all(unit_vectors(x)[1, :, 2, 3] == 0)
+    grads = []
+    for fn in (unit_vectors, lambda v: torch.nn.functional.normalize(v, dim=1)):
+        v = x.clone().requires_grad_()
+        (fn(v) * torch.arange(5.0).view(1, 5, 1, 1)).sum().backward()
+        grads.append(v.grad)
+    assert torch.isfinite(grads[0]).all()  # warped features read 0 outside the image: no 0 x inf there
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- aligner
