@@ -26,8 +26,8 @@ prints a table.
   alignment scores: a CPC above it means the aligner warps tissue to look like
   its neighbour (a flexible warp can do that while its fields are pixels wrong),
   and EPE, not CPC, is the primary figure. ``warnings`` flags such rows, and rows
-  no better than no alignment (a network collapsed to the zero field, or one
-  trained on other data, scores so).
+  hardly better than no alignment (an aligner that drifts, a network collapsed
+  to the zero field or trained on other data).
 * content offsets: the shift that best matches each section's content onto the
   next one's; on a registered stack, a check of the registration that a
   ground truth is built on (``bench/align_quality.py --real`` prints it).

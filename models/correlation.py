@@ -41,8 +41,9 @@ class _Correlation(torch.autograd.Function):
 
     Autograd's own backward of the same sum allocates a zero-filled padded-size
     gradient for every offset (49 at radius 3) and adds them up; this one adds each
-    offset's share into one buffer: 2.5x faster forward and backward on a training
-    batch (8 x 12 x 256², radius 3: 0.66 -> 0.27 s).
+    offset's share into one buffer. With ``unit_vectors`` in place of ``F.normalize``,
+    ``local_correlation``'s forward and backward on a training batch (8 x 12 x 256²,
+    radius 3) take 0.27 s instead of 0.66.
     """
 
     @staticmethod
@@ -55,15 +56,15 @@ class _Correlation(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         a, padded = ctx.saved_tensors
-        grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
-        grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[1] else None
-        windows = _windows(padded, a.shape[-2:], ctx.radius)
-        grad_windows = _windows(grad_padded, a.shape[-2:], ctx.radius) if grad_padded is not None else windows
-        for k, (window, grad_window) in enumerate(zip(windows, grad_windows)):
-            share = grad[:, k:k + 1]
-            if grad_a is not None:
+        size, shares = a.shape[-2:], grad.unsqueeze(2)  # [N, K, 1, h, w]: offset k's share of each gradient
+        grad_a = grad_padded = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.zeros_like(a)
+            for share, window in zip(shares.unbind(1), _windows(padded, size, ctx.radius)):
                 grad_a.addcmul_(share, window)
-            if grad_padded is not None:
+        if ctx.needs_input_grad[1]:
+            grad_padded = torch.zeros_like(padded)
+            for share, grad_window in zip(shares.unbind(1), _windows(grad_padded, size, ctx.radius)):
                 grad_window.addcmul_(share, a)
         return grad_a, grad_padded, None
 
