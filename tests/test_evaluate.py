@@ -7,7 +7,7 @@ import alignment
 import evaluate
 import volume
 from conftest import moved_windows, run_script
-from helpers import UserError, warp
+from helpers import warp
 
 
 def test_cpc_of_identical_and_inverted_sections():
