@@ -64,6 +64,7 @@ def process_group(device: str) -> Iterator[str]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if nccl else "gloo")
         yield device
+        dist.barrier()  # tear down together: a rank that destroys its group while another works may abort
     except UserError as err:
         if is_main():
             print(f"error: {err}", file=sys.stderr, flush=True)
