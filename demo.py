@@ -13,9 +13,15 @@ precomputed layers are written under ``DATA/demo/`` (``volume.data_dir()``):
 Sections ``0 <= z < 70`` are for training, ``70 <= z < 100`` are held out. The
 build is deterministic (seed 0) and atomic (a temporary directory renamed at
 the end), so concurrent or interrupted builds never leave a half volume.
+
+The same recipe builds other phantom volumes anywhere, of any shape and seed,
+and of any ``PHANTOMS`` kind (e.g. held-out or training data for a benchmark)::
+
+    python demo.py --phantom static --seed 20000 --shape 8 1536 1536 data/static_train
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 import volume
+from helpers import UserError, run_main
 
 SHAPE = (100, 512, 512)  # sections, rows, columns at mip 0
 PAD = 48  # margin generated around each section so misalignment pulls in tissue, not zeros
@@ -35,14 +42,20 @@ LAYERS = ("image", "defects", "field", "aligned")
 # gen_stack flags that fit the demo volume (the seed's mip 5 x 1152 px needs a real dataset)
 GEN_STACK_DEFAULTS = dict(mip=0, dim=256, stack_height=10, train_range=TRAIN_RANGE, test_range=TEST_RANGE)
 DATASET_COUNT = {"train": 32, "test": 8}
+# how the phantom's tissue changes from section to section: as the demo's (new tissue every section, space
+# bent smoothly), without the bending, or not at all (one section repeated: what is left of an aligner's
+# error there is its own)
+PHANTOMS = ("default", "unbent", "static")
 
 
 def demo_dir() -> Path:
     return volume.data_dir() / "demo"
 
 
-def is_built() -> bool:
-    return all((demo_dir() / layer / "info").is_file() for layer in LAYERS)
+def is_built(path: Path | None = None) -> bool:
+    """Whether every layer of the demo volume (or of a volume ``build`` wrote at ``path``) is there."""
+    path = path or demo_dir()
+    return all((path / layer / "info").is_file() for layer in LAYERS)
 
 
 def describe(shape=SHAPE) -> str:
@@ -57,29 +70,43 @@ def ensure_demo() -> dict[str, str]:
     return {layer: "file://" + str(demo_dir() / layer) for layer in LAYERS}
 
 
-def make_arrays(shape=SHAPE, pad=PAD, seed=SEED) -> dict[str, np.ndarray]:
-    """The demo's layers as arrays ``[Z, C, Y, X]`` at mip 0 (see the module docstring)."""
+def make_arrays(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default",
+                phantom_seed: int | None = None) -> dict[str, np.ndarray]:
+    """The demo's layers as arrays ``[Z, C, Y, X]`` at mip 0 (see the module docstring).
+
+    ``kind``: one of ``PHANTOMS``; ``seed`` draws the misalignment and, unless
+    ``phantom_seed`` is given, the phantom's tissue.
+    """
     import misalign
     import phantom
 
+    if kind not in PHANTOMS:
+        raise UserError(f"unknown phantom kind {kind!r} (one of {', '.join(PHANTOMS)})")
     z, h, w = shape
-    aligned = phantom.make_phantom((z, h + 2 * pad, w + 2 * pad), seed=seed)
+    params = phantom.PhantomParams(bend=0.0, wobble=0.0) if kind == "unbent" else phantom.PhantomParams()
+    sections = phantom.make_phantom((1 if kind == "static" else z, h + 2 * pad, w + 2 * pad),
+                                    seed=seed if phantom_seed is None else phantom_seed, params=params)
+    aligned = np.repeat(sections, z // len(sections), 0)
     image, defects, field = misalign.misalign(torch.from_numpy(aligned)[:, None], misalign.MisalignParams(),
                                               torch.Generator().manual_seed(seed), pad=pad)
     return {"image": image.numpy(), "defects": defects.numpy(), "field": field.numpy().astype(np.float32),
             "aligned": aligned[:, None, pad:pad + h, pad:pad + w]}
 
 
-def build(shape=SHAPE, seed=SEED) -> None:
-    """Write the demo layers to ``demo_dir()`` (atomically: a temporary sibling directory, then a rename)."""
-    start, path = time.time(), demo_dir()
-    print(f"building the demo volume in {path} ({describe(shape)}); this happens once")
-    arrays = make_arrays(shape, PAD, seed)
+def build(shape=SHAPE, seed=SEED, kind: str = "default", path: Path | None = None) -> None:
+    """Write the demo layers (or another phantom's, ``make_arrays``) to ``path`` (default ``demo_dir()``).
+
+    Atomically: a temporary sibling directory, then a rename.
+    """
+    start, path = time.time(), Path(path or demo_dir())
+    what = "the demo volume" if path == demo_dir() else f"a {kind} phantom volume (seed {seed})"
+    print(f"building {what} in {path} ({describe(shape)}); this happens once")
+    arrays = make_arrays(shape, PAD, seed, kind)
     tmp = path.with_name(f".{path.name}.building-{time.time_ns()}")
     kinds = {"image": "image", "defects": "labels", "field": "field", "aligned": "image"}
-    provenance = {"description": "SEAMLeSS demo volume: synthetic neuropil phantom, misaligned, with cracks "
+    provenance = {"description": f"SEAMLeSS {kind} phantom volume: synthetic neuropil, misaligned, with cracks "
                                  "and folds; 'field' re-aligns 'image' onto 'aligned'",
-                  "method": {"generator": "demo.py", "shape": list(shape), "pad": PAD, "seed": seed}}
+                  "method": {"generator": "demo.py", "kind": kind, "shape": list(shape), "pad": PAD, "seed": seed}}
     try:
         for layer, array in arrays.items():
             vol = volume.create_volume("file://" + str(tmp / layer), (shape[2], shape[1], shape[0]),
@@ -87,9 +114,39 @@ def build(shape=SHAPE, seed=SEED) -> None:
                                        mips=MIPS, chunk=(256, 256, 1), provenance=provenance)
             volume.write_pyramid(vol, array, (0, 0, 0), kinds[layer])
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not is_built():  # else a concurrent build finished first: keep it
+        if not is_built(path):  # else a concurrent build finished first: keep it
             shutil.rmtree(path, ignore_errors=True)  # an interrupted build that was not atomic
             tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"demo volume ready in {time.time() - start:.0f} s")
+    print(f"{what} ready in {time.time() - start:.0f} s: layers {', '.join(LAYERS)}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Build a phantom volume as the demo's (layers image, defects, field, "
+                                            "aligned) at DEST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dest", help="a local directory that does not exist yet")
+    p.add_argument("--phantom", default="default", choices=PHANTOMS, help="how the tissue changes between sections")
+    p.add_argument("--seed", type=int, default=SEED, help="draws the tissue and the misalignment")
+    p.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("Z", "H", "W"),
+                   help="sections, rows, columns at mip 0")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    dest = Path(args.dest.removeprefix("file://")).expanduser().resolve()
+    if dest.exists():
+        raise UserError(f"{dest} exists: choose a new directory (a phantom volume is never overwritten)")
+    z, h, w = args.shape
+    step = 2 ** (MIPS - 1)  # each mip halves H and W
+    if z < 1 or min(h, w) < step or h % step or w % step:
+        raise UserError(f"--shape {z} {h} {w}: needs at least one section, H and W multiples of {step} (mips "
+                        f"0-{MIPS - 1})")
+    build(tuple(args.shape), args.seed, args.phantom, dest)
+    return dest
+
+
+if __name__ == "__main__":
+    run_main(main)

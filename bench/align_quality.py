@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 from alignment import DETAIL_PULL, TRUNC, align_serial, align_solved, apply_field, for_inference  # noqa: E402
+from demo import PHANTOMS  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
 COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
@@ -53,26 +54,16 @@ def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
     return {"raw": read["image"][:, 0], "truth": read["field"], "defects": read["defects"][:, 0]}
 
 
-PHANTOMS = ("default", "unbent", "static")
-
-
 def phantom_stack(kind: str, count: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A fresh phantom stack of ``kind`` (``PHANTOMS``, module docstring), misaligned as the demo is.
+    """A fresh phantom stack of ``kind`` (``demo.PHANTOMS``), misaligned as the demo is.
 
     ``count`` sections of ``size`` px; the phantom's seed is ``1000 + seed`` (the
     demo volume's is 0, so the tissue is held out), the misalignment's ``seed``.
     """
-    import misalign
-    import phantom
+    import demo
 
-    pad = 48
-    params = phantom.PhantomParams(bend=0.0, wobble=0.0) if kind == "unbent" else phantom.PhantomParams()
-    sections = phantom.make_phantom((1 if kind == "static" else count, size + 2 * pad, size + 2 * pad),
-                                    seed=1000 + seed, params=params)
-    canvas = torch.from_numpy(np.repeat(sections, count // len(sections), 0))[:, None]
-    image, defects, field = misalign.misalign(canvas, misalign.MisalignParams(), torch.Generator().manual_seed(seed),
-                                              pad=pad)
-    return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy()}
+    arrays = demo.make_arrays((count, size, size), 48, seed, kind, phantom_seed=1000 + seed)
+    return {"raw": arrays["image"][:, 0], "truth": arrays["field"], "defects": arrays["defects"][:, 0]}
 
 
 def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:

@@ -1,10 +1,11 @@
 """The demo volume: built atomically, layers consistent, the ground-truth field re-aligns the image."""
 import numpy as np
+import pytest
 import torch
 
 import demo
 import volume
-from helpers import warp
+from helpers import UserError, warp
 
 
 def test_tiny_demo_volume_round_trip(tmp_path, monkeypatch):
@@ -25,3 +26,28 @@ def test_tiny_demo_volume_round_trip(tmp_path, monkeypatch):
     mip1 = volume.open_volume(layers["field"], mip=1)
     assert np.allclose(volume.read(mip1, (0, 0, 0), (48, 48, 4)),
                        read["field"].reshape(4, 2, 48, 2, 48, 2).mean((3, 5)) / 2, atol=1e-4)
+
+
+def test_demo_py_builds_a_static_phantom_volume_elsewhere_and_never_overwrites_one(tmp_path, capsys):
+    dest = demo.main(["--phantom", "static", "--seed", "3", "--shape", "3", "64", "64", str(tmp_path / "static")])
+    assert demo.is_built(dest) and not demo.is_built(tmp_path / "elsewhere")
+    read = {layer: volume.read(volume.open_volume("file://" + str(dest / layer)), (0, 0, 0), (64, 64, 3))
+            for layer in demo.LAYERS}
+    assert (read["aligned"] == read["aligned"][:1]).all()  # one section repeated
+    assert not (read["image"] == read["image"][:1]).all()  # each misaligned its own way
+    with pytest.raises(UserError, match="exists"):
+        demo.main(["--phantom", "static", str(dest)])
+    for bad in (["--shape", "0", "64", "64"], ["--shape", "2", "66", "64"]):
+        with pytest.raises(UserError, match="--shape"):
+            demo.main([*bad, str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_phantom_kinds_change_the_tissue_as_named():
+    arrays = {kind: demo.make_arrays((3, 48, 48), 8, seed=2, kind=kind) for kind in demo.PHANTOMS}
+    assert (arrays["static"]["aligned"] == arrays["static"]["aligned"][:1]).all()
+    assert not (arrays["default"]["aligned"] == arrays["default"]["aligned"][:1]).all()
+    assert not np.array_equal(arrays["unbent"]["aligned"], arrays["default"]["aligned"])
+    assert np.array_equal(arrays["static"]["field"], arrays["default"]["field"])  # one seed, one misalignment
+    with pytest.raises(UserError, match="unknown phantom kind"):
+        demo.make_arrays((1, 48, 48), kind="moving")
