@@ -7,8 +7,9 @@
 One step: ``data.py`` gives a batch of (source, target) pairs with masks ->
 ``models/`` predicts the field that pulls the source onto the target -> ``loss.py``
 scores it with weights from ``masks.py``. Outputs: ``pt/EXPERIMENT.pt`` (written
-atomically after every epoch), TensorBoard logs in ``runs/EXPERIMENT`` and
-pictures in ``out/EXPERIMENT``.
+atomically after every epoch; with a held-out ``--val_dataset`` also
+``pt/EXPERIMENT.best.pt``, the epoch with the lowest held-out EPE so far),
+TensorBoard logs in ``runs/EXPERIMENT`` and pictures in ``out/EXPERIMENT``.
 
 Staged training (from scratch): the coarsest level trains first; every
 ``--fall_time`` epochs training moves one level finer (that level's aligner and
@@ -347,6 +348,11 @@ def summary(args, history: dict, iterations: int) -> dict:
             "final": {k: v[-1] for k, v in history.items() if v}, "history": history}
 
 
+def best_path(archive_path: Path) -> Path:
+    """Where the epoch with the lowest held-out EPE is kept: ``pt/NAME.best.pt`` beside ``pt/NAME.pt``."""
+    return archive_path.with_suffix(".best.pt")
+
+
 def prepare(args) -> tuple:
     """Model (on the CPU), optimizer state, history, start epoch and lineage for a new, grown, or resumed run."""
     archive_path = Path("pt") / f"{args.name}.pt"
@@ -362,9 +368,10 @@ def prepare(args) -> tuple:
             raise UserError(f"{archive_path} already finished {archive['epoch']} epochs "
                             f"(pass a larger --epochs to train on)")
         return model, archive, archive_path
-    if archive_path.exists() and not args.overwrite:
+    if (archive_path.exists() or best_path(archive_path).exists()) and not args.overwrite:
         raise UserError(f"{archive_path} exists: pass --resume to continue it, --overwrite to replace it, "
                         "or choose another experiment name")
+    best_path(archive_path).unlink(missing_ok=True)  # --overwrite: the old run's best is not this run's
     seed_everything(args.seed)
     model = Pyramid(size=args.size, k=args.k, corr_radius=args.corr, skip=args.skip)
     archive = {"epoch": 0, "iteration": 0, "history": {}, "lineage": [], "optimizer": None}
@@ -519,10 +526,16 @@ def train(args, device: str | None = None) -> Path:
             state["summary"] = summary(args, history, iteration)
             save_archive(archive_path, model, **state)
             archive.update(state)
+            if "val_epe" in means and means["val_epe"] < min(history["val_epe"][:-1], default=math.inf):
+                save_archive(best_path(archive_path), model, **state)
         distributed.barrier()  # the other ranks wait while rank 0 validates and saves
     if rank0:
         writer.close()
         print(f"saved {archive_path}")
+        if history.get("val_epe"):
+            epoch = int(np.argmin(history["val_epe"]))
+            print(f"lowest held-out EPE {history['val_epe'][epoch]:.4g} px at epoch {epoch}: "
+                  f"{best_path(archive_path)}")
     return archive_path
 
 
