@@ -371,7 +371,6 @@ def prepare(args) -> tuple:
     if (archive_path.exists() or best_path(archive_path).exists()) and not args.overwrite:
         raise UserError(f"{archive_path} exists: pass --resume to continue it, --overwrite to replace it, "
                         "or choose another experiment name")
-    best_path(archive_path).unlink(missing_ok=True)  # --overwrite: the old run's best is not this run's
     seed_everything(args.seed)
     model = Pyramid(size=args.size, k=args.k, corr_radius=args.corr, skip=args.skip)
     archive = {"epoch": 0, "iteration": 0, "history": {}, "lineage": [], "optimizer": None}
@@ -528,6 +527,8 @@ def train(args, device: str | None = None) -> Path:
             archive.update(state)
             if "val_epe" in means and means["val_epe"] < min(history["val_epe"][:-1], default=math.inf):
                 save_archive(best_path(archive_path), model, **state)
+            elif "val_epe" not in history:  # --overwrite without held-out data: an old best is not this run's
+                best_path(archive_path).unlink(missing_ok=True)
         distributed.barrier()  # the other ranks wait while rank 0 validates and saves
     if rank0:
         writer.close()
