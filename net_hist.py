@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     if args.archive is None:
         print(list_archives(Path("pt")))
         return
+    if args.export and Path(args.export).exists():
+        raise UserError(f"--export {args.export} exists: choose a new path (an archive is never overwritten)")
     archive = read_archive(args.archive)
     if "summary" not in archive:
         raise UserError(f"{args.archive} holds weights but no training history")

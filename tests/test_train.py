@@ -104,6 +104,10 @@ def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
     assert exported["optimizer"] is None and lean.stat().st_size < child.stat().st_size
     assert [e["name"] for e in net_hist.lineage(exported)] == ["parent", "child"]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), exported_model.state_dict().values()))
+    before = parent.read_bytes()
+    with pytest.raises(UserError, match="exists"):  # an export never replaces a network
+        net_hist.main([str(child), "--export", str(parent)])
+    assert parent.read_bytes() == before
 
 
 def test_staged_schedule():
