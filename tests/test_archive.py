@@ -1,8 +1,10 @@
 """Archives: a saved net comes back identical from the file alone; bad files are one-line user errors."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from helpers import UserError
+from helpers import UserError, vector_length, warp
 from models import Pyramid, load_archive, load_weights, read_archive, save_archive
 
 
@@ -113,3 +115,18 @@ def test_growing_refuses_other_kernels_and_fewer_levels(tmp_path):
         load_weights(random_pyramid(size=4, k=5), path)
     with pytest.raises(UserError, match="old.pt: has 3 levels, more than the model's 2"):
         load_weights(random_pyramid(size=2, k=3), path)
+
+
+@pytest.mark.parametrize("name, within", [("demo.pt", 1.5), ("real_tissue.pt", 1.5), ("static_phantom.pt", 0.5)])
+def test_each_shipped_network_loads_and_recovers_a_known_shift(name, within):
+    """The archives in pt/ work with today's code: a phantom section shifted by (5.5, -3.25) px is found again."""
+    import phantom
+    from alignment import for_inference, pair_field
+
+    model, _ = load_archive(Path(__file__).resolve().parent.parent / "pt" / name)
+    section = torch.from_numpy(phantom.make_phantom((1, 256, 256), seed=3)).float()[None]
+    truth = torch.tensor([5.5, -3.25]).view(1, 2, 1, 1).expand(1, 2, 256, 256)
+    target = warp(section, truth).round().clamp(1, 255)  # warp(source, field) = target: the field is the shift
+    field = pair_field(for_inference(model), section[0, 0].byte().numpy(), target[0, 0].byte().numpy())
+    error = vector_length(field[None] - truth)[0, 32:-32, 32:-32]  # away from the edges the shift pulls in
+    assert float(error.median()) < within < float(vector_length(truth).mean())
