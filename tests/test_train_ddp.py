@@ -58,7 +58,7 @@ def test_rank_0_alone_writes_one_archive_that_loads(runs):
     for result in (runs["first"], runs["resumed"]):
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("saved pt/exp.pt") == 1 and result.stdout.count("training exp") == 1
-    assert sorted(p.name for p in (ddp / "pt").iterdir()) == ["exp.pt"]
+    assert sorted(p.name for p in (ddp / "pt").iterdir()) == ["exp.best.pt", "exp.pt"]  # no rank's temp files
     model, archive = load_archive(ddp / "pt" / "exp.pt")
     assert archive["epoch"] == 3 and archive["finished"] and archive["iteration"] == 12
     assert model.config["size"] == 2 and archive["args"]["batch_size"] == 2
