@@ -17,7 +17,7 @@ the end), so concurrent or interrupted builds never leave a half volume.
 The same recipe builds other phantom volumes anywhere, of any shape and seed,
 and of any ``PHANTOMS`` kind (e.g. held-out or training data for a benchmark)::
 
-    python demo.py --phantom static --seed 20000 --shape 8 1536 1536 data/static_train
+    python demo.py --phantom static --seed 20000 --shape 8 2048 2048 data/static_train
 """
 from __future__ import annotations
 

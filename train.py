@@ -368,8 +368,9 @@ def prepare(args) -> tuple:
             raise UserError(f"{archive_path} already finished {archive['epoch']} epochs "
                             f"(pass a larger --epochs to train on)")
         return model, archive, archive_path
-    if (archive_path.exists() or best_path(archive_path).exists()) and not args.overwrite:
-        raise UserError(f"{archive_path} exists: pass --resume to continue it, --overwrite to replace it, "
+    existing = [path for path in (archive_path, best_path(archive_path)) if path.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} exists: pass --resume to continue it, --overwrite to replace it, "
                         "or choose another experiment name")
     seed_everything(args.seed)
     model = Pyramid(size=args.size, k=args.k, corr_radius=args.corr, skip=args.skip)

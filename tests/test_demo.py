@@ -28,7 +28,7 @@ def test_tiny_demo_volume_round_trip(tmp_path, monkeypatch):
                        read["field"].reshape(4, 2, 48, 2, 48, 2).mean((3, 5)) / 2, atol=1e-4)
 
 
-def test_demo_py_builds_a_static_phantom_volume_elsewhere_and_never_overwrites_one(tmp_path, capsys):
+def test_demo_py_builds_a_static_phantom_volume_elsewhere_and_never_overwrites_one(tmp_path):
     dest = demo.main(["--phantom", "static", "--seed", "3", "--shape", "3", "64", "64", str(tmp_path / "static")])
     assert demo.is_built(dest) and not demo.is_built(tmp_path / "elsewhere")
     read = {layer: volume.read(volume.open_volume("file://" + str(dest / layer)), (0, 0, 0), (64, 64, 3))

@@ -153,11 +153,11 @@ def test_several_datasets_are_mixed_and_different_sizes_need_a_crop(toy, tmp_pat
 def test_the_epoch_with_the_lowest_held_out_epe_is_kept(toy, tmp_path, capsys):
     path = run(toy, "exp", "--epochs", "4", "--lr", "0.003")  # too large a step: the held-out EPE goes down, then up
     _, last = load_archive(path)
-    best, archive = load_archive(tmp_path / "pt" / "exp.best.pt")
+    _, archive = load_archive(tmp_path / "pt" / "exp.best.pt")
     val = last["history"]["val_epe"]
     assert archive["epoch"] == int(np.argmin(val)) + 1 and archive["history"]["val_epe"] == val[:archive["epoch"]]
     assert f"lowest held-out EPE {min(val):.4g} px at epoch {archive['epoch'] - 1}" in capsys.readouterr().out
-    with pytest.raises(UserError, match="exists"):  # the best of a run is as safe as its last epoch
+    with pytest.raises(UserError, match="exp.best.pt exists"):  # the best of a run is as safe as its last epoch
         (tmp_path / "pt" / "exp.pt").unlink()
         run(toy, "exp", "--epochs", "1")
     run(toy, "exp", "--epochs", "1", "--overwrite", "--val_dataset", "")
