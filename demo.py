@@ -145,7 +145,10 @@ def main(argv=None) -> Path:
     if z < 1 or min(h, w) < step or h % step or w % step:
         raise UserError(f"--shape {z} {h} {w}: needs at least one section, H and W multiples of {step} (mips "
                         f"0-{MIPS - 1})")
-    build(tuple(args.shape), args.seed, args.phantom, dest)
+    try:
+        build(tuple(args.shape), args.seed, args.phantom, dest)
+    except OSError as err:
+        raise UserError(f"cannot write {dest}: {err.strerror or err}") from None
     return dest
 
 

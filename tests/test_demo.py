@@ -41,6 +41,9 @@ def test_demo_py_builds_a_static_phantom_volume_elsewhere_and_never_overwrites_o
         with pytest.raises(UserError, match="--shape"):
             demo.main([*bad, str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "a_file").touch()
+    with pytest.raises(UserError, match="cannot write .*a_file/sub: Not a directory"):
+        demo.main(["--shape", "2", "64", "64", str(tmp_path / "a_file" / "sub")])
 
 
 def test_phantom_kinds_change_the_tissue_as_named():
