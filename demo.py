@@ -99,9 +99,9 @@ def build(shape=SHAPE, seed=SEED, kind: str = "default", path: Path | None = Non
     Atomically: a temporary sibling directory, then a rename.
     """
     start, path = time.time(), Path(path or demo_dir())
-    demo = path == demo_dir()
-    what = "the demo volume" if demo else f"a {kind} phantom volume (seed {seed})"
-    print(f"building {what} in {path} ({describe(shape)})" + ("; this happens once" if demo else ""))
+    is_demo = path == demo_dir()
+    what = "the demo volume" if is_demo else f"a {kind} phantom volume (seed {seed})"
+    print(f"building {what} in {path} ({describe(shape)})" + ("; this happens once" if is_demo else ""))
     arrays = make_arrays(shape, PAD, seed, kind)
     tmp = path.with_name(f".{path.name}.building-{time.time_ns()}")
     kinds = {"image": "image", "defects": "labels", "field": "field", "aligned": "image"}
