@@ -41,8 +41,9 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
-from align_quality import PHANTOMS, held_out_stack, registration_check  # noqa: E402
+from align_quality import held_out_stack, registration_check  # noqa: E402
 from alignment import DETAIL_PULL, TRUNC, apply_field, for_inference, pair_field, solve_pairs  # noqa: E402
+from demo import PHANTOMS  # noqa: E402
 from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length  # noqa: E402
 from models.archive import load_archive  # noqa: E402
 from solve import low_pass, neighbour_pairs  # noqa: E402
