@@ -57,8 +57,14 @@ def process_group(device: str) -> Iterator[str]:
     if "WORLD_SIZE" not in os.environ:
         yield device
         return
+    nccl = device.startswith("cuda") and torch.cuda.is_available()
+    per_machine, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count() if nccl else 0
+    if nccl and per_machine > gpus:  # no group yet: every rank finds this alike, and rank 0 says it
+        _say(UserError(f"{per_machine} processes on this machine need one GPU each for nccl, and it has {gpus}: "
+                       "start at most that many (--nproc_per_node) or train with --device cpu"),
+             int(os.environ.get("RANK", "0")) == 0)
+        raise SystemExit(2)
     try:
-        nccl = device.startswith("cuda") and torch.cuda.is_available()
         if nccl:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
@@ -66,13 +72,18 @@ def process_group(device: str) -> Iterator[str]:
         yield device
         dist.barrier()  # tear down together: a rank that destroys its group while another works may abort
     except UserError as err:
-        if is_main():
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        _say(err, is_main())
         dist.barrier()
         raise SystemExit(2) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _say(err: UserError, main: bool) -> None:
+    """The main process prints ``err`` as ``helpers.run_main`` would; the others print nothing."""
+    if main:
+        print(f"error: {err}", file=sys.stderr, flush=True)
 
 
 def from_main(decide: Callable[[], T]) -> T:

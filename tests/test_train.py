@@ -48,9 +48,10 @@ def test_training_writes_archive_logs_and_pictures(toy, tmp_path):
 
 
 def test_resume_gives_the_same_network_as_an_uninterrupted_run(toy):
-    straight, _ = load_archive(run(toy, "straight", "--epochs", "3"))
-    run(toy, "interrupted", "--epochs", "2")
-    resumed, archive = load_archive(train.main(["--resume", "--epochs", "3", "interrupted"]))
+    # on the CPU: CUDA's grid_sample backward adds in a varying order, so on a GPU the two differ by rounding
+    straight, _ = load_archive(run(toy, "straight", "--epochs", "3", "--device", "cpu"))
+    run(toy, "interrupted", "--epochs", "2", "--device", "cpu")
+    resumed, archive = load_archive(train.main(["--resume", "--epochs", "3", "--device", "cpu", "interrupted"]))
     assert archive["epoch"] == 3
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name

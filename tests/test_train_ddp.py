@@ -14,12 +14,14 @@ import sys
 import pytest
 import torch
 
+import distributed
 import train
 from models.archive import load_archive
 from test_train import write_toy
 
 FLAGS = ["--size", "2", "--batch_size", "2", "--epoch_size", "8", "--fall_time", "1", "--vis_interval", "4",
-         "--no_augment", "--lambda6", "0.1"]  # 3 stages (re-wrapped each), 4 steps each, two forwards a step
+         "--no_augment", "--lambda6", "0.1", "--device", "cpu"]  # 3 stages (re-wrapped each), 4 steps each,
+# two forwards a step; on the CPU also where a GPU is, so that 2 processes never need 2 GPUs
 
 
 def torchrun(cwd, *argv) -> subprocess.CompletedProcess:
@@ -45,7 +47,7 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     first = torchrun(root / "ddp", *flags, "--epochs", "2", "exp")
-    resumed = torchrun(root / "ddp", "--resume", "--epochs", "3", "exp")
+    resumed = torchrun(root / "ddp", "--resume", "--epochs", "3", "--device", "cpu", "exp")
     return dict(root=root, toy=toy, one=root / "one" / one, first=first, resumed=resumed)
 
 
@@ -109,3 +111,16 @@ def test_each_step_of_the_ranks_is_one_step_of_one_process(n, epoch_size):
     assert len(ranks[0]) == len(ranks[1]) == len(one) // 2
     for k in range(len(one) // 2):  # global batch 2 = 1 pair from each rank
         assert sorted(r[k] for r in ranks) == sorted(one[2 * k:2 * k + 2])
+
+
+def test_more_processes_than_gpus_is_one_line_before_any_group(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exit_, distributed.process_group("cuda"):
+        pass
+    assert exit_.value.code == 2 and not torch.distributed.is_initialized()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "2 processes" in err[0] and "has 1" in err[0] and err[0].startswith("error:")
