@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The CUDA paths, once, on a machine with a GPU: the test suite, README command (1)'s job
+# (quickstart.py) and the training and alignment speed benchmarks. Logs go to $LOGS (default logs/).
+#
+#     bash bench/cuda_check.sh [PYTHON]      # PYTHON: default .venv/bin/python
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-.venv/bin/python}
+LOGS=${LOGS:-logs}
+mkdir -p "$LOGS"
+step() {  # step NAME COMMAND...: run, log to $LOGS/NAME.log, print its tail and wall time
+    local name=$1; shift
+    local t0=$SECONDS
+    echo "== $name: $*"
+    "$@" >"$LOGS/$name.log" 2>&1
+    echo "   exit $? in $((SECONDS - t0)) s"; tail -n 25 "$LOGS/$name.log"
+}
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+step tests "$PY" -m pytest -q -p no:randomly
+step quickstart "$PY" quickstart.py
+step bench_train "$PY" bench/bench_train.py --device cuda
+step bench_align "$PY" bench/bench_align.py --workers 1
