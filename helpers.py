@@ -51,6 +51,12 @@ def run_main(main: Callable[[], object]) -> None:
         sys.exit(130)
 
 
+def one_line(err: BaseException) -> str:
+    """``'Type: first line of the message'`` of an exception."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
 # --------------------------------------------------------------------------- provenance
 def code_version() -> str:
     """``git describe --always --dirty`` of this checkout (a commit, ``-dirty`` if edited), or ``unknown``."""
