@@ -132,13 +132,15 @@ class Job:
 
 # ------------------------------------------------------------------------------ reading and writing
 @functools.lru_cache(maxsize=32)
-def _layer(cloudpath: str, mip: int = 0):
+def _layer(cloudpath: str, mip: int = 0, shaped_by: tuple = ()):
+    """The volume at ``cloudpath``, opened once per process for each ``shaped_by`` (what its info follows from)."""
     return volume.open_volume(cloudpath, mip)
 
 
 def _dest(job: Job, name: str):
-    """``DEST/name``, a layer of one mip (the source's ``job.mip``)."""
-    return _layer(f"{job.dest}/{name}")
+    """``DEST/name``, a layer of one mip (the source's ``job.mip``), opened anew once ``align.py --overwrite`` has
+    made it again for another source, mip or bbox."""
+    return _layer(f"{job.dest}/{name}", 0, (job.source, job.mip, job.bbox))
 
 
 def _progress(job: Job) -> CloudFiles:
