@@ -100,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"xy size in px of the stitch and render tasks (a multiple of {tasks.LAYER_CHUNK})")
     p.add_argument("--queue", help="enqueue the tasks into fq://FOLDER or sqs://NAME and wait while "
                                    "'align.py worker' processes run them; None: run them here")
+    p.add_argument("--max_failures", type=int, default=tasks.MAX_FAILURES,
+                   help="--queue: a task that fails this many times is dead-lettered (taken off the queue) and "
+                        "this command stops with its error")
     p.add_argument("--overwrite", action="store_true",
                    help="first delete what align.py wrote in DEST (its layers image, field, block_field, "
                         "block_frame and progress/, every section, not only this range), then align the range")
@@ -159,7 +162,7 @@ def run_record(args, job: tasks.Job) -> dict:
     """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
     setting of that mode that changes the result (``--z_start`` is the fixed section; a non-finite float is a
     string). Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes
-    (``--device``, ``--queue``)."""
+    (``--device``, ``--queue``, ``--max_failures``)."""
     settings = ["z_start", "mip", "bbox", "chunk", "overlap", "prealign", "trunc", "smooth"]
     if args.solve:
         settings += ["neighbours", "pull", "robust"] + (["detail_pull"] if args.smooth else [])
@@ -253,6 +256,8 @@ def check_args(args) -> None:
         raise UserError("--block must be >= 2 (consecutive blocks share a section)")
     if args.task_chunk < 1 or args.task_chunk % tasks.LAYER_CHUNK:
         raise UserError(f"--task_chunk must be a positive multiple of {tasks.LAYER_CHUNK} (the layers' chunk)")
+    if args.max_failures < 1:
+        raise UserError("--max_failures must be >= 1")
 
 
 def main(argv=None) -> dict:
@@ -281,7 +286,7 @@ def main(argv=None) -> dict:
                     z_start=args.z_start, z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2),
                     chunk=args.chunk, overlap=args.overlap, vote=args.vote, raw_neighbour=args.raw_neighbour,
                     smooth=args.smooth, prealign=args.prealign, trunc=args.trunc, xy_chunk=args.task_chunk,
-                    device=args.device)
+                    device=args.device, max_failures=args.max_failures)
     if job.source.startswith(job.dest + "/"):
         raise UserError(f"--source {args.source} lies inside --dest {args.dest}: choose another --dest")
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
@@ -322,7 +327,7 @@ def main(argv=None) -> dict:
         if queue is None:
             tasks.run_in_process(all_phases)
         else:
-            tasks.run_queued(queue, all_phases)
+            tasks.run_queued(queue, all_phases, job.dest)
         skipped = [z for z in tasks.blank_sections(job) if z in set(todo)]
     progress.puts([(str(z), b"done") for z in todo])
     if skipped:
