@@ -171,8 +171,12 @@ def run_record(args, job: tasks.Job) -> dict:
     values = {**vars(args), "bbox": [int(v) for v in job.bbox]}
     mode = "solve" if args.solve else "raw_neighbour" if args.raw_neighbour else "vote" if args.vote > 1 else "serial"
     record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
-    return {**record, **{key: str(values[key]) if isinstance(values[key], float) and not math.isfinite(values[key])
-                         else values[key] for key in settings}}
+    return {**record, **{key: _json_value(values[key]) for key in settings}}
+
+
+def _json_value(value):
+    """``value`` as provenance JSON keeps it: a non-finite float as a string (JSON has no inf)."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def provenance_entry(args, run: dict) -> dict:

@@ -166,6 +166,14 @@ def test_a_dest_made_by_another_run_is_refused_untouched_and_overwrite_redoes_it
         align.main(["--archive", str(archive), "--z_start", "2", *common])
 
 
+def test_a_solve_whose_record_holds_inf_resumes(setup):
+    tmp, paths, archive = setup
+    common = ["--archive", str(archive), "--source", paths["image"], "--dest", str(tmp / "d"), "--chunk", "32",
+              "--overlap", "32", "--z_start", "2", "--solve", "--smooth", "2", "--detail_pull", "inf"]
+    align.main(common + ["--z_stop", "4"])
+    assert align.main(common + ["--z_stop", "5"])["sections"] == 3  # the solve redoes its whole range
+
+
 def test_layers_align_py_did_not_write_are_never_reused_nor_deleted(setup):
     tmp, paths, archive = setup
     common = ["--archive", str(archive), "--source", paths["image"], "--z_start", "0", "--z_stop", "2"]
