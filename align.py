@@ -14,10 +14,18 @@ once (``solve.py``: errors stay bounded instead of adding up down the stack),
 still in the frame of the first section. Blank sections are skipped and listed.
 Large sections go through the network in overlapping chunks whose margins are
 cropped (``alignment.py``). Writes ``DEST/image`` (uint8) and ``DEST/field``
-(float32, 2 channels: x, y in pixels of the mip; ``warp(raw, field) == aligned``)
-with the archive and arguments as provenance. Each finished section is marked
-in ``DEST/progress/``, so a re-run resumes where it stopped; ``--overwrite``
-redoes the range.
+(float32, 2 channels: x, y in pixels of the mip; ``warp(raw, field) == aligned``).
+Every run that aligns something appends an entry to the layers' provenance: the
+date, the code version, the arguments and the *run record* (``run_record``: the
+archive's sha256, the source, the mode and every setting that changes the
+result). Each finished section is marked in ``DEST/progress/``, so a re-run
+resumes where it stopped, but only a run whose record matches DEST's: otherwise
+it stops with one line naming the first difference, before writing anything
+(a later run may extend ``--z_stop``; ``--device``, ``--queue`` and the workers,
+which do not change the result, may differ). ``--overwrite`` deletes
+what align.py wrote in DEST (``DEST_LAYERS`` and ``progress/``, every section,
+not only the range) and aligns the range afresh; it never deletes a layer that
+align.py did not write.
 
 Serial alignment runs as the tasks of ``tasks.py``: blocks of ``--block``
 sections aligned independently (default: the whole range, one block, i.e. the
@@ -30,19 +38,24 @@ and DEST) run them; both give the same result, bit for bit. ``--solve`` runs her
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from cloudfiles import CloudFiles
 from tqdm import tqdm
 
 import tasks
 import volume
 from alignment import DETAIL_PULL, TRUNC, align_solved
-from helpers import UserError, run_main
+from helpers import UserError, code_version, file_sha256, run_main
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
+DEST_LAYERS = ("image", "field") + SERIAL_LAYERS  # every layer align.py writes in DEST
+ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's provenance entries
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"xy size in px of the stitch and render tasks (a multiple of {tasks.LAYER_CHUNK})")
     p.add_argument("--queue", help="enqueue the tasks into fq://FOLDER or sqs://NAME and wait while "
                                    "'align.py worker' processes run them; None: run them here")
-    p.add_argument("--overwrite", action="store_true", help="redo sections already aligned in the range")
+    p.add_argument("--max_failures", type=int, default=tasks.MAX_FAILURES,
+                   help="--queue: a task that fails this many times is dead-lettered (taken off the queue) and "
+                        "this command stops with its error")
+    p.add_argument("--overwrite", action="store_true",
+                   help="first delete what align.py wrote in DEST (its layers image, field, block_field, "
+                        "block_frame and progress/, every section, not only this range), then align the range")
     p.add_argument("--bucket", help="prefix for bare source paths")
     p.add_argument("--device", help="cpu or cuda; None: cuda where the alignment runs, if it has one")
     return p.parse_args(argv)
@@ -103,18 +121,17 @@ def parse_worker_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def open_dest(args, source, box, names=("image", "field")) -> dict:
-    """Create (or re-open and check) the layers ``DEST/NAME`` over ``box`` of ``source``'s mip.
+def open_dest(args, source, box, entry: dict, names=("image", "field")) -> dict:
+    """Create (or re-open and check) the layers ``DEST/NAME`` over ``box`` of ``source``'s mip, and record the run.
 
     ``image`` is uint8; every other name is a float32 field of 2 channels.
+    Once every layer has the right shape, ``entry`` (``provenance_entry``) is
+    appended to each layer's provenance and the source's cloudpath to its sources.
     """
     (x0, y0, z0), (x1, y1, z1) = box
     size, offset = (x1 - x0, y1 - y0, z1 - z0), (x0, y0, z0)
     resolution = list(source.resolution)
-    provenance = {"description": "aligned by SEAMLeSS align.py", "method": {
-        "archive": args.archive, "source": args.source, "mip": args.mip, "args": vars(args),
-        "command": " ".join(sys.argv)}}
-    layers = {}
+    layers, created = {}, set()
     for name in names:
         dtype, channels = ("uint8", 1) if name == "image" else ("float32", 2)
         path = args.dest.rstrip("/") + "/" + name
@@ -123,7 +140,8 @@ def open_dest(args, source, box, names=("image", "field")) -> dict:
             vol = volume.open_volume(path)
         except UserError:
             vol = volume.create_volume(cloudpath, size, dtype, channels, resolution, 1,
-                                       (tasks.LAYER_CHUNK, tasks.LAYER_CHUNK, 1), provenance=provenance, offset=offset)
+                                       (tasks.LAYER_CHUNK, tasks.LAYER_CHUNK, 1), provenance=entry, offset=offset)
+            created.add(name)
         got = (tuple(volume.bounds(vol)[0]), tuple(volume.bounds(vol)[1]), vol.num_channels, str(vol.dtype))
         want = ((x0, y0, z0), (x1, y1, z1), channels, dtype)
         if got != want or list(vol.resolution) != resolution:
@@ -131,11 +149,92 @@ def open_dest(args, source, box, names=("image", "field")) -> dict:
                             f"{got[2]} channels, {got[3]}, resolution {list(vol.resolution)}; this run needs "
                             f"{want[0]}..{want[1]}, {channels} channels, {dtype}, {resolution})")
         layers[name] = vol
+    for name, vol in layers.items():
+        if name not in created:
+            vol.provenance.processing.append(entry)
+        if source.cloudpath not in vol.provenance.sources:
+            vol.provenance.sources.append(source.cloudpath)
+        vol.commit_provenance()
     return layers
 
 
+def run_record(args, job: tasks.Job) -> dict:
+    """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
+    setting of that mode that changes the result (``--z_start`` is the fixed section; a non-finite float is a
+    string). Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes
+    (``--device``, ``--queue``, ``--max_failures``)."""
+    settings = ["z_start", "mip", "bbox", "chunk", "overlap", "prealign", "trunc", "smooth"]
+    if args.solve:
+        settings += ["neighbours", "pull", "robust"] + (["detail_pull"] if args.smooth else [])
+    else:
+        settings += (["vote"] if args.vote > 1 else []) + ["block", "task_chunk"]
+    values = {**vars(args), "bbox": [int(v) for v in job.bbox]}
+    mode = "solve" if args.solve else "raw_neighbour" if args.raw_neighbour else "vote" if args.vote > 1 else "serial"
+    record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
+    return {**record, **{key: _json_value(values[key]) for key in settings}}
+
+
+def _json_value(value):
+    """``value`` as provenance JSON keeps it: a non-finite float as a string (JSON has no inf)."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def provenance_entry(args, run: dict) -> dict:
+    """This run's entry in the provenance of DEST's layers: the date, the code version, the arguments and ``run``
+    (``run_record``)."""
+    return {"description": ALIGNED_BY, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "code_version": code_version(), "method": {
+                "archive": args.archive, "source": args.source, "mip": args.mip, "args": vars(args),
+                "command": " ".join(sys.argv), "run": run}}
+
+
+def recorded_runs(dest: str) -> list[dict] | None:
+    """align.py's provenance entries (oldest first) in the first of ``DEST_LAYERS`` that exists in ``dest`` (a
+    cloudpath); None if none exists. ``UserError`` for a layer there that align.py did not write (it is neither
+    reused nor deleted)."""
+    files, runs = CloudFiles(dest), None
+    for name in DEST_LAYERS:
+        if files.exists(f"{name}/info"):
+            entries = [entry for entry in (files.get_json(f"{name}/provenance") or {}).get("processing", [])
+                       if entry.get("description") == ALIGNED_BY]
+            if not entries:
+                raise UserError(f"{dest}/{name} exists and was not written by align.py: choose another --dest")
+            runs = entries if runs is None else runs
+    return runs
+
+
+def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
+    """``UserError`` naming the first difference between ``run`` (``run_record``, of ``archive``) and the record of
+    ``last``, the last run in DEST's provenance: a resume must not mix two runs' sections."""
+    redo = "use --overwrite to redo it (deletes DEST's layers and progress)"
+    recorded = last.get("method", {}).get("run")
+    if recorded is None:
+        raise UserError(f"{dest} was aligned by an older align.py that kept no run record; {redo}")
+    for key in list(run) + [key for key in recorded if key not in run]:
+        old, new = recorded.get(key), run.get(key)
+        if old == new:
+            continue
+        if key == "archive_sha256":
+            difference = (f"archive sha256 {str(old)[:12]}... ({last['method'].get('archive')}), "
+                          f"not {str(new)[:12]}... ({archive})")
+        else:
+            difference = f"{key if key in ('source', 'mode') else '--' + key} {_typed(old)}, not {_typed(new)}"
+        raise UserError(f"{dest} was aligned with {difference}; {redo}")
+
+
+def _typed(value) -> str:
+    """A recorded value as typed on the command line (a list's items separated by spaces)."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def remove_outputs(dest: str) -> None:
+    """Delete what align.py wrote in ``dest`` (a cloudpath): the progress markers, then ``DEST_LAYERS``."""
+    files = CloudFiles(dest)
+    for name in ("progress",) + DEST_LAYERS:
+        files.delete(list(files.list(prefix=name + "/")))
+
+
 def progress_files(dest: str):
-    from cloudfiles import CloudFiles
     return CloudFiles(volume.resolve_path(dest.rstrip("/") + "/progress"))
 
 
@@ -161,13 +260,8 @@ def check_args(args) -> None:
         raise UserError("--block must be >= 2 (consecutive blocks share a section)")
     if args.task_chunk < 1 or args.task_chunk % tasks.LAYER_CHUNK:
         raise UserError(f"--task_chunk must be a positive multiple of {tasks.LAYER_CHUNK} (the layers' chunk)")
-
-
-def clear_progress(progress, z_start: int, z_stop: int) -> None:
-    """Forget the sections and the blocks that start in ``z_start..z_stop-1`` (``--overwrite``)."""
-    blocks = [key for key in progress.list(prefix="block/")
-              if z_start <= int(key.split("/")[1].split("-")[0]) < z_stop]
-    progress.delete([str(z) for z in range(z_start, z_stop)] + blocks)
+    if args.max_failures < 1:
+        raise UserError("--max_failures must be >= 1")
 
 
 def main(argv=None) -> dict:
@@ -196,15 +290,18 @@ def main(argv=None) -> dict:
                     z_start=args.z_start, z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2),
                     chunk=args.chunk, overlap=args.overlap, vote=args.vote, raw_neighbour=args.raw_neighbour,
                     smooth=args.smooth, prealign=args.prealign, trunc=args.trunc, xy_chunk=args.task_chunk,
-                    device=args.device)
+                    device=args.device, max_failures=args.max_failures)
+    if job.source.startswith(job.dest + "/"):
+        raise UserError(f"--source {args.source} lies inside --dest {args.dest}: choose another --dest")
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
     if args.trunc >= model.size:
         raise UserError(f"--trunc {args.trunc} must be below the {model.size} levels of {args.archive}")
-    layers = open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)),
-                       ("image", "field") + (() if args.solve else SERIAL_LAYERS))
+    run, runs = run_record(args, job), recorded_runs(job.dest)
+    if args.overwrite or runs is None:  # None: no layer, so any progress marker left is stale
+        remove_outputs(job.dest)
+    else:
+        check_same_run(args.dest, runs[-1], run, args.archive)
     progress = progress_files(args.dest)
-    if args.overwrite:
-        clear_progress(progress, args.z_start, args.z_stop)
     finished = progress.exists([str(z) for z in range(args.z_start, args.z_stop)])
     todo = [z for z in range(args.z_start, args.z_stop) if not finished[str(z)]]
     if not todo:
@@ -213,6 +310,8 @@ def main(argv=None) -> dict:
         return {"sections": 0}
     if len(todo) < args.z_stop - args.z_start and not args.solve:
         print(f"resuming: {args.z_stop - args.z_start - len(todo)} sections of the range are already aligned")
+    layers = open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)), provenance_entry(args, run),
+                       ("image", "field") + (() if args.solve else SERIAL_LAYERS))
 
     width, height = x1 - x0, y1 - y0
     start = time.time()
@@ -232,7 +331,7 @@ def main(argv=None) -> dict:
         if queue is None:
             tasks.run_in_process(all_phases)
         else:
-            tasks.run_queued(queue, all_phases)
+            tasks.run_queued(queue, all_phases, job.dest)
         skipped = [z for z in tasks.blank_sections(job) if z in set(todo)]
     progress.puts([(str(z), b"done") for z in todo])
     if skipped:

@@ -22,6 +22,8 @@ This module imports nothing of ours; everything else imports it.
 """
 from __future__ import annotations
 
+import hashlib
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -47,6 +49,31 @@ def run_main(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line(err: BaseException) -> str:
+    """``'Type: first line of the message'`` of an exception."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+# --------------------------------------------------------------------------- provenance
+def code_version() -> str:
+    """``git describe --always --dirty`` of this checkout (a commit, ``-dirty`` if edited), or ``unknown``."""
+    try:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- fields

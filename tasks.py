@@ -46,10 +46,14 @@ these markers, nothing else, so a task run twice does no harm):
 Running. ``run_in_process`` runs the phases' tasks one after another in this process, in order;
 ``run_queued`` inserts a phase into a queue (``fq://FOLDER``: files in a folder every worker sees;
 ``sqs://NAME``: Amazon SQS), waits until the queue is empty, then inserts the next. ``work`` leases a
-task for ``lease_seconds`` and runs it; a task that fails (its traceback is printed) or whose worker
-dies stays on the queue and is leased again once its lease runs out, and a finished one is deleted.
-Choose the lease longer than the longest task (a block), or a second worker starts the same task
-meanwhile (harmless but wasted). One queue per run: the driver waits for the queue to empty.
+task for ``lease_seconds`` and runs it; a task whose worker dies stays on the queue and is leased again
+once its lease runs out, and a finished one is deleted. A task that fails (its traceback is printed)
+is counted in ``DEST/progress/failures/NAME`` (JSON: the task, its failures, the last error) and also
+leased again, until it has failed ``job.max_failures`` times: then it is dead-lettered (deleted from
+the queue, its record marked ``dead``) and the driver stops with its error in one line. A new driver
+starts every task's count afresh. Choose the lease longer than the longest task (a block), or a second
+worker starts the same task meanwhile (harmless but wasted). One queue per run: the driver waits for
+the queue to empty.
 
 ``SEAMLESS_TASK_SLEEP`` (seconds; for tests): a worker sleeps that long after leasing each task and
 before running it, so a test can kill it in the middle of a task.
@@ -74,11 +78,12 @@ from tqdm import tqdm
 
 import volume
 from alignment import align_serial, apply_field, for_inference, is_blank
-from helpers import UserError, compose
+from helpers import UserError, compose, one_line
 from models.archive import load_archive
 
 LAYER_CHUNK = 256  # xy storage chunk of the layers align.py creates; task chunks are multiples of it
 POLL_SECONDS = 1.0  # how often the driver looks at the queue
+MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in voxels (x1, y1 exclusive)
@@ -106,6 +111,7 @@ class Job:
     trunc: int  # alignment.pair_field's finest pyramid level run (0 = full resolution)
     xy_chunk: int  # xy size of stitch and render tasks (px, a multiple of LAYER_CHUNK)
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu
+    max_failures: int = MAX_FAILURES  # a queued task that fails this many times is dead-lettered
 
     def __post_init__(self):  # a payload read back from JSON holds a list
         object.__setattr__(self, "bbox", tuple(self.bbox))
@@ -132,13 +138,15 @@ class Job:
 
 # ------------------------------------------------------------------------------ reading and writing
 @functools.lru_cache(maxsize=32)
-def _layer(cloudpath: str, mip: int = 0):
+def _layer(cloudpath: str, mip: int = 0, shaped_by: tuple = ()):
+    """The volume at ``cloudpath``, opened once per process for each ``shaped_by`` (what its info follows from)."""
     return volume.open_volume(cloudpath, mip)
 
 
 def _dest(job: Job, name: str):
-    """``DEST/name``, a layer of one mip (the source's ``job.mip``)."""
-    return _layer(f"{job.dest}/{name}")
+    """``DEST/name``, a layer of one mip (the source's ``job.mip``), opened anew once ``align.py --overwrite`` has
+    made it again for another source, mip or bbox."""
+    return _layer(f"{job.dest}/{name}", 0, (job.source, job.mip, job.bbox))
 
 
 def _progress(job: Job) -> CloudFiles:
@@ -336,14 +344,55 @@ def run_in_process(all_phases: list[Phase]) -> None:
             call()
 
 
-def run_queued(queue: TaskQueue, all_phases: list[Phase]) -> None:
-    """Insert each phase into ``queue`` (``open_queue``) and wait until the workers have emptied it."""
+def _failures(dest: str) -> CloudFiles:
+    """``DEST/progress/failures``: one JSON record per queued task that failed (module docstring)."""
+    return CloudFiles(f"{dest}/progress/failures")
+
+
+def _task_name(task) -> str:
+    """A leased task as ``function(arguments after the job,)``, e.g. ``block_task(2,)``."""
+    return f"{task.key[1]}{tuple(task.args[1:])}"
+
+
+def record_failure(queue: TaskQueue, task, err: BaseException) -> str:
+    """Count a failure of the leased ``task`` (one of ours: its first argument is the job) with error ``err``;
+    dead-letter it (delete it from ``queue``) at the job's ``max_failures``. Returns a line saying which."""
+    job = Job(**task.args[0])
+    name = _task_name(task)
+    key = "-".join(map(str, [task.key[1], *task.args[1:]]))
+    failures = _failures(job.dest)
+    count = (failures.get_json(key) or {}).get("failures", 0) + 1
+    dead = count >= job.max_failures
+    failures.put_json(key, {"task": name, "failures": count, "error": one_line(err), "dead": dead})
+    if dead:
+        queue.delete(task)
+        return f"task {name} failed {count} times: dead-lettered (taken off the queue)"
+    return f"task {name} failed ({count} of {job.max_failures}); it is retried once its lease runs out"
+
+
+def _check_dead_letters(failures: CloudFiles) -> None:
+    """``UserError`` with the error of a dead-lettered task, if any has a record in ``failures``."""
+    for record in failures.get_json(list(failures.list())):
+        if record and record["dead"]:
+            raise UserError(f"task {record['task']} failed {record['failures']} times and was dead-lettered "
+                            f"(last error: {record['error']}); fix the cause and run again")
+
+
+def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
+    """Insert each phase into ``queue`` (``open_queue``) and wait until the workers have emptied it.
+
+    dest: the job's DEST (cloudpath). Its failure records are cleared first; a ``UserError`` once a task is
+    dead-lettered (module docstring).
+    """
+    failures = _failures(dest)
+    failures.delete(list(failures.list()))
     for name, calls in all_phases:
         queue.insert(calls)
         total = queue.enqueued  # this phase's tasks and any left by an interrupted run before
         with tqdm(total=total, desc=f"{name} (queued)", unit="task") as bar:
             empty_polls = 0
             while empty_polls < 2:  # twice in a row: a cloud queue's counts lag a little
+                _check_dead_letters(failures)
                 left = queue.enqueued
                 empty_polls = empty_polls + 1 if left == 0 else 0
                 bar.update(max(total - left - bar.n, 0))
@@ -367,16 +416,20 @@ def work(spec: str, lease_seconds: int) -> None:
     """A worker: lease tasks from the queue ``spec`` and run them until interrupted (Ctrl-C)."""
     queue = open_queue(spec, create=False)
     pause = float(os.environ.get(SLEEP_VARIABLE, 0))
+    running = []  # the task leased and not finished
 
     def announce(task) -> None:
-        print(f"running {task.key[1]}{tuple(task.args[1:])}", flush=True)
+        running[:] = [task]
+        print(f"running {_task_name(task)}", flush=True)
         time.sleep(pause)
 
     print(f"worker {os.getpid()} polling {spec}", flush=True)
     while True:
         try:
-            queue.poll(lease_seconds=lease_seconds, before_fn=announce, tally=True)
+            queue.poll(lease_seconds=lease_seconds, before_fn=announce, after_fn=lambda task: running.clear(),
+                       tally=True)
             return  # interrupted
-        except Exception:  # the task stays on the queue: leased again when its lease runs out
+        except Exception as err:  # a failed task stays on the queue (record_failure), leased again later
             traceback.print_exc()
-            print(f"task failed; it is retried in {lease_seconds} s", flush=True)
+            print(record_failure(queue, running.pop(), err) if running else "polling the queue failed",
+                  flush=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -42,12 +41,11 @@ import distributed
 import loss
 import masks
 from data import Augmenter, StackDataset, held_out_misalignment
-from helpers import (UserError, downsample_field, field_to_rgb, run_main, upsample_field, vector_length, warp,
-                     warp_labels)
+from helpers import (UserError, code_version, downsample_field, field_to_rgb, run_main, upsample_field,
+                     vector_length, warp, warp_labels)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
-ROOT = Path(__file__).resolve().parent
 KEY_PARAMS = ("lambda0", "lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
               "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "skip", "k", "corr",
               "similarity", "smoothness", "dataset")
@@ -327,14 +325,6 @@ def to_device(batch: dict, device) -> dict:
 
 
 # ------------------------------------------------------------------ the run
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)

@@ -115,11 +115,11 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
         chunk_size=list(chunk), max_mip=mips - 1, factor=(2, 2, 1))
     vol = CloudVolume(cloudpath, info=info, progress=False, non_aligned_writes=True,
                       fill_missing=True)
-    vol.commit_info()
-    if provenance:
+    if provenance:  # before the info, which makes the layer exist: an existing layer always has its provenance
         vol.provenance.description = provenance.get("description", "")
         vol.provenance.processing.append(provenance)
         vol.commit_provenance()
+    vol.commit_info()
     return vol
 
 

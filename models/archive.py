@@ -14,19 +14,13 @@ from typing import Any
 
 import torch
 
-from helpers import UserError
+from helpers import UserError, one_line as _one_line
 from models.pyramid import Pyramid
 
 KIND = "seamless-archive"
 VERSION = 1
 _RESERVED = ("kind", "version", "config", "state_dict")
 _GROWABLE = ("size", "skip")  # config keys that may differ when growing a net
-
-
-def _one_line(err: BaseException) -> str:
-    """``'Type: first line of the message'`` of an exception."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def save_archive(path: str | Path, model: Pyramid, **state: Any) -> Path:

@@ -122,8 +122,74 @@ def test_archive_volume_and_destination_mismatches(setup):
                 "--z_stop", "2"])
     result = run_script("align.py", "--archive", archive, "--source", paths["image"], "--dest", tmp / "d",
                         "--z_start", "0", "--z_stop", "2", "--mip", "1")
-    assert result.returncode == 2 and "another shape" in result.stderr
+    assert result.returncode == 2 and "was aligned with --mip 0, not 1" in result.stderr
     assert volume.open_volume(str(tmp / "d" / "image"))  # what was aligned is still there
+
+
+def dest_files(dest):
+    """Every file under ``dest``, with its bytes."""
+    return {path: path.read_bytes() for path in dest.rglob("*") if path.is_file()}
+
+
+def test_a_dest_made_by_another_run_is_refused_untouched_and_overwrite_redoes_it(setup):
+    tmp, paths, archive = setup
+    other = save_archive(tmp / "other.pt", random_net(seed=1), summary={"name": "other"})
+    dest = tmp / "d"
+    common = ["--source", paths["image"], "--dest", str(dest), "--chunk", "32", "--overlap", "32", "--z_stop", "6"]
+    align.main(["--archive", str(archive), "--z_start", "2", *common[:-1], "5"])
+    before = dest_files(dest)
+    result = run_script("align.py", "--archive", other, "--z_start", "2", *common)
+    sha = {path: helpers.file_sha256(path) for path in (archive, other)}
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: {dest} was aligned with archive sha256 {sha[archive][:12]}... ({archive}), not "
+        f"{sha[other][:12]}... ({other}); use --overwrite to redo it (deletes DEST's layers and progress)")
+    for extra, difference in ((["--z_start", "3"], "--z_start 2, not 3"), (["--solve"], "mode serial, not solve"),
+                              (["--vote", "2"], "mode serial, not vote"), (["--block", "3"], "--block None, not 3"),
+                              (["--trunc", "1"], "--trunc 2, not 1")):
+        with pytest.raises(align.UserError, match=f"was aligned with {difference}; use --overwrite"):
+            align.main(["--archive", str(archive), "--z_start", "2", *common, *extra])
+    assert dest_files(dest) == before
+    # flags that do not change the result do not block the resume; each run that aligns is in the provenance
+    assert align.main(["--archive", str(archive), "--z_start", "2", *common, "--pull", "0.5", "--device", "cpu",
+                       "--max_failures", "5"])["sections"] == 1
+    runs = volume.open_volume(str(dest / "field")).provenance.processing
+    assert [run["method"]["run"]["archive_sha256"] for run in runs] == [sha[archive]] * 2
+    assert all(run["date"] and run["code_version"] for run in runs) and runs[1]["method"]["args"]["pull"] == 0.5
+    # --overwrite deletes the first run's sections: the result is the other archive's alone
+    assert align.main(["--archive", str(other), "--z_start", "2", *common, "--overwrite"])["sections"] == 4
+    align.main(["--archive", str(other), "--z_start", "2", *common[:3], str(tmp / "fresh"), *common[4:]])
+    (image, field), (fresh_image, fresh_field) = aligned_arrays(dest), aligned_arrays(tmp / "fresh")
+    assert np.array_equal(image, fresh_image) and np.array_equal(field, fresh_field)
+    runs = volume.open_volume(str(dest / "image")).provenance.processing
+    assert [run["method"]["run"]["archive_sha256"] for run in runs] == [sha[other]]
+    with pytest.raises(align.UserError, match="was aligned with archive sha256"):
+        align.main(["--archive", str(archive), "--z_start", "2", *common])
+
+
+def test_a_solve_whose_record_holds_inf_resumes(setup):
+    tmp, paths, archive = setup
+    common = ["--archive", str(archive), "--source", paths["image"], "--dest", str(tmp / "d"), "--chunk", "32",
+              "--overlap", "32", "--z_start", "2", "--solve", "--smooth", "2", "--detail_pull", "inf"]
+    align.main(common + ["--z_stop", "4"])
+    assert align.main(common + ["--z_stop", "5"])["sections"] == 3  # the solve redoes its whole range
+
+
+def test_layers_align_py_did_not_write_are_never_reused_nor_deleted(setup):
+    tmp, paths, archive = setup
+    common = ["--archive", str(archive), "--source", paths["image"], "--z_start", "0", "--z_stop", "2"]
+    foreign = tmp / "foreign"
+    volume.create_volume(str(foreign / "field"), (64, 64, 12), "float32", 2, provenance={"description": "not ours"})
+    unrecorded = tmp / "unrecorded"  # by an align.py that kept no run record
+    volume.create_volume(str(unrecorded / "image"), (64, 64, 12), "uint8", provenance={"description": align.ALIGNED_BY})
+    before = dest_files(tmp)
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(align.UserError, match="foreign/field exists and was not written by align.py"):
+            align.main(common + ["--dest", str(foreign), *extra])
+    with pytest.raises(align.UserError, match="older align.py that kept no run record; use --overwrite"):
+        align.main(common + ["--dest", str(unrecorded)])
+    with pytest.raises(align.UserError, match="lies inside --dest"):
+        align.main(common + ["--dest", str(tmp / "vol"), "--overwrite"])  # the source's folder
+    assert dest_files(tmp) == before
 
 
 def test_vote_outvotes_one_bad_target(monkeypatch):

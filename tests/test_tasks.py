@@ -206,6 +206,31 @@ def test_bad_queue_input_is_a_one_line_error(tmp_path, tiny_volume):
               "--z_start", "0", "--z_stop", "4"]
     for extra, message in ((["--queue", "redis://q"], "fq://FOLDER"), (["--queue", str(tmp_path)], "fq://FOLDER"),
                            (["--solve", "--queue", "fq://" + str(tmp_path / "q")], "--solve"),
-                           (["--block", "1"], "--block"), (["--task_chunk", "300"], "--task_chunk")):
+                           (["--block", "1"], "--block"), (["--task_chunk", "300"], "--task_chunk"),
+                           (["--max_failures", "0"], "--max_failures")):
         with pytest.raises(UserError, match=message):
             align.main(common + extra)
+
+
+def test_a_queued_task_that_always_fails_is_dead_lettered_and_stops_the_driver(tmp_path, tiny_volume):
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    spec = "fq://" + str(tmp_path / "queue")
+    driver = start("--archive", archive, "--source", tiny_volume[0]["image"], "--dest", tmp_path / "d", "--z_start",
+                   "2", "--z_stop", "4", "--queue", spec, "--max_failures", "2", stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+    started = [driver]
+    try:
+        wait_for(lambda: any((tmp_path / "queue" / "queue").glob("*.json")), 60, "the driver to enqueue")
+        archive.unlink()  # every try of the block task fails
+        started.append(start("worker", "--queue", spec, "--lease_seconds", "1", stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL))
+        _, err = driver.communicate(timeout=60)
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    last = err.strip().splitlines()[-1]
+    assert driver.returncode == 2 and last.startswith("error: task block_task(2,) failed 2 times and was "
+                                                      "dead-lettered (last error: UserError: "), err
+    assert f"{archive}: no such archive file" in last and "Traceback" not in err
+    assert tasks.open_queue(spec, create=False).enqueued == 0  # taken off the queue
