@@ -223,9 +223,9 @@ def main(argv=None) -> dict:
             model, raw, args.neighbours, args.pull, args.robust or None, args.chunk, args.overlap, args.smooth,
             args.detail_pull, args.prealign, args.trunc,
             progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
-        for z, image, field in zip(todo, aligned, fields):
-            volume.write(layers["image"], image[None, None], (x0, y0, z))
-            volume.write(layers["field"], field.numpy()[None].astype(np.float32), (x0, y0, z))
+        # the whole range at once, the fields first: volume.write refuses a non-finite field before any is written
+        volume.write(layers["field"], fields.numpy().astype(np.float32), (x0, y0, args.z_start))
+        volume.write(layers["image"], aligned[:, None], (x0, y0, args.z_start))
         skipped = [todo[i] for i in skipped]
     else:
         all_phases = tasks.phases(job, todo)
