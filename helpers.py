@@ -22,6 +22,8 @@ This module imports nothing of ours; everything else imports it.
 """
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -47,6 +49,22 @@ def run_main(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def number(text: str) -> float:
+    """``argparse`` type: a float, infinities allowed; NaN is refused (argparse: usage, one error line, exit 2)."""
+    value = float(text)  # a ValueError is argparse's "invalid number value"
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """``argparse`` type: a finite float; ``number``'s, infinities refused too."""
+    value = number(text)
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 # --------------------------------------------------------------------------- fields

@@ -153,6 +153,25 @@ def test_a_network_whose_field_is_not_finite_is_one_line_from_the_command(setup,
     assert written(tmp / "d") == []
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--pull", "nan", "'nan' is not a number"), ("--pull", "inf", "'inf' is not a finite number"),
+    ("--robust", "nan", "'nan' is not a number"), ("--robust", "-inf", "'-inf' is not a finite number"),
+    ("--detail_pull", "nan", "'nan' is not a number"),
+])
+def test_a_float_flag_that_is_not_a_number_is_refused_when_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        align.parse_args(["--archive", "a.pt", "--source", "s", "--dest", "d", "--z_start", "0", "--z_stop", "2",
+                          f"{flag}={value}"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument {flag}: {message}")
+
+
+def test_detail_pull_may_be_infinite():
+    args = align.parse_args(["--archive", "a.pt", "--source", "s", "--dest", "d", "--z_start", "0", "--z_stop", "2",
+                             "--detail_pull", "inf"])
+    assert args.detail_pull == float("inf")
+
+
 def test_archive_volume_and_destination_mismatches(setup):
     tmp, paths, archive = setup
     result = run_script("align.py", "--archive", archive, "--source", paths["field"], "--dest", tmp / "d",
