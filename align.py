@@ -51,7 +51,7 @@ from tqdm import tqdm
 import tasks
 import volume
 from alignment import DETAIL_PULL, TRUNC, align_solved
-from helpers import UserError, code_version, file_sha256, run_main
+from helpers import UserError, code_version, file_sha256, finite_float, number, run_main
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
 DEST_LAYERS = ("image", "field") + SERIAL_LAYERS  # every layer align.py writes in DEST
@@ -78,9 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--solve", action="store_true",
                    help="stack-wide solve over raw neighbour pairs instead of serial alignment")
     p.add_argument("--neighbours", type=int, default=1, help="--solve: neighbours on each side of a section")
-    p.add_argument("--pull", type=float, default=0.03,
+    p.add_argument("--pull", type=finite_float, default=0.03,
                    help="--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)")
-    p.add_argument("--robust", type=float, default=4.0,
+    p.add_argument("--robust", type=finite_float, default=4.0,
                    help="--solve: px scale of the robust re-weighting of disagreeing pairs (0 = plain least squares)")
     p.add_argument("--smooth", type=int, default=0,
                    help="low-pass every pair field with a box of this radius in px, twice (0 = off)")
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trunc", type=int, default=TRUNC,
                    help="stop the network this many levels short of full resolution and upsample its field "
                         "(fewer levels run: faster)")
-    p.add_argument("--detail_pull", type=float, default=DETAIL_PULL,
+    p.add_argument("--detail_pull", type=number, default=DETAIL_PULL,
                    help="--solve --smooth R: pull on the detail the low-pass removes, solved apart from the coarse "
                         "part (inf = drop the detail)")
     p.add_argument("--block", type=int,
@@ -322,9 +322,9 @@ def main(argv=None) -> dict:
             model, raw, args.neighbours, args.pull, args.robust or None, args.chunk, args.overlap, args.smooth,
             args.detail_pull, args.prealign, args.trunc,
             progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
-        for z, image, field in zip(todo, aligned, fields):
-            volume.write(layers["image"], image[None, None], (x0, y0, z))
-            volume.write(layers["field"], field.numpy()[None].astype(np.float32), (x0, y0, z))
+        # the whole range at once, the fields first: volume.write refuses a non-finite field before any is written
+        volume.write(layers["field"], fields.numpy().astype(np.float32), (x0, y0, args.z_start))
+        volume.write(layers["image"], aligned[:, None], (x0, y0, args.z_start))
         skipped = [todo[i] for i in skipped]
     else:
         all_phases = tasks.phases(job, todo)

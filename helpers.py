@@ -22,7 +22,9 @@ This module imports nothing of ours; everything else imports it.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +76,23 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- flag types
+def number(text: str) -> float:
+    """``argparse`` type: a float, infinities allowed; NaN is refused (argparse: usage, one error line, exit 2)."""
+    value = float(text)  # a ValueError is argparse's "invalid number value"
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """``argparse`` type: a finite float; ``number``'s, infinities refused too."""
+    value = number(text)
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 # --------------------------------------------------------------------------- fields

@@ -41,8 +41,8 @@ import distributed
 import loss
 import masks
 from data import Augmenter, StackDataset, held_out_misalignment
-from helpers import (UserError, code_version, downsample_field, field_to_rgb, run_main, upsample_field,
-                     vector_length, warp, warp_labels)
+from helpers import (UserError, code_version, downsample_field, field_to_rgb, finite_float, run_main,
+                     upsample_field, vector_length, warp, warp_labels)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -58,20 +58,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("name", help="experiment name: pt/NAME.pt, runs/NAME, out/NAME")
     g = p.add_argument_group("loss")
-    g.add_argument("--lambda0", type=float, default=1.0,
+    g.add_argument("--lambda0", type=finite_float, default=1.0,
                    help="weight of the similarity penalty (0 = supervised only, with --lambda_gt)")
-    g.add_argument("--lambda1", type=float, default=0.1, help="weight of the smoothness penalty against similarity")
-    g.add_argument("--lambda2", type=float, default=0.04, help="relative smoothness weight near defects")
-    g.add_argument("--lambda3", type=float, default=0.0, help="relative smoothness weight inside defects")
-    g.add_argument("--lambda4", type=float, default=5.0, help="relative similarity weight near defects")
-    g.add_argument("--lambda5", type=float, default=0.0, help="relative similarity weight inside defects")
-    g.add_argument("--lambda6", type=float, default=0.0,
+    g.add_argument("--lambda1", type=finite_float, default=0.1,
+                   help="weight of the smoothness penalty against similarity")
+    g.add_argument("--lambda2", type=finite_float, default=0.04, help="relative smoothness weight near defects")
+    g.add_argument("--lambda3", type=finite_float, default=0.0, help="relative smoothness weight inside defects")
+    g.add_argument("--lambda4", type=finite_float, default=5.0, help="relative similarity weight near defects")
+    g.add_argument("--lambda5", type=finite_float, default=0.0, help="relative similarity weight inside defects")
+    g.add_argument("--lambda6", type=finite_float, default=0.0,
                    help="weight of the consensus penalty (the pair rotated by 180 degrees must agree)")
-    g.add_argument("--lambda_gt", type=float, default=0.0,
+    g.add_argument("--lambda_gt", type=finite_float, default=0.0,
                    help="weight of the supervised end-point error against a known field (0 = self-supervised)")
-    g.add_argument("--mask_neighborhood_radius", type=float, default=20,
+    g.add_argument("--mask_neighborhood_radius", type=finite_float, default=20,
                    help="radius in pixels (at the dataset's mip) of the 'near a defect' region")
-    g.add_argument("--mask_smooth_radius", type=float, default=10,
+    g.add_argument("--mask_smooth_radius", type=finite_float, default=10,
                    help="radius in pixels of the box filter that smooths the smoothness weights")
     g.add_argument("--similarity", default="mse", choices=sorted(loss.SIMILARITY),
                    help="similarity penalty")
@@ -87,11 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--corr", type=int, default=3, help="local correlation radius of each aligner's input (0 = off)")
     g.add_argument("--state_archive", help="archive to start from (a smaller net grows into --size levels)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=0.0003, help="learning rate (Adam)")
+    g.add_argument("--lr", type=finite_float, default=0.0003, help="learning rate (Adam)")
     g.add_argument("--fine_tuning", action="store_true",
                    help="train all levels at once from --state_archive at lr x --fine_tuning_lr_factor")
-    g.add_argument("--fine_tuning_lr_factor", type=float, default=0.2, help="lr factor when fine-tuning")
-    g.add_argument("--clip", type=float, default=1.0,
+    g.add_argument("--fine_tuning_lr_factor", type=finite_float, default=0.2, help="lr factor when fine-tuning")
+    g.add_argument("--clip", type=finite_float, default=1.0,
                    help="clip the gradient norm to this (0 = off); guards against the field blowing up")
     g.add_argument("--epochs", type=int, default=20, help="epochs in all")
     g.add_argument("--fall_time", type=int, default=2,
@@ -112,12 +113,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--val_pairs", type=int, default=32, help="held-out pairs scored per epoch")
     g.add_argument("--crop", type=int, default=0, help="train on random crops of this size (0 = whole stacks)")
     g.add_argument("--no_augment", action="store_true", help="turn data augmentation off")
-    g.add_argument("--max_shift", type=float, default=16,
+    g.add_argument("--max_shift", type=finite_float, default=16,
                    help="largest per-section jitter (px at the dataset's mip) the augmentation adds")
-    g.add_argument("--max_angle", type=float, default=0.01, help="largest per-section jitter rotation (radians)")
-    g.add_argument("--p_jitter", type=float, default=0.5,
+    g.add_argument("--max_angle", type=finite_float, default=0.01, help="largest per-section jitter rotation (radians)")
+    g.add_argument("--p_jitter", type=finite_float, default=0.5,
                    help="probability that each section of a pair is jittered (1: no pair keeps its true field)")
-    g.add_argument("--elastic", type=float, default=0.0,
+    g.add_argument("--elastic", type=finite_float, default=0.0,
                    help="RMS length (px) of a smooth elastic field (feature size 200 px) added to each jitter, "
                         "as misalign.py misaligns the demo; for --registered datasets")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")

@@ -133,9 +133,20 @@ def _exists(cloudpath: str) -> bool:
 
 
 def write(vol, array: np.ndarray, start, mip: int = 0) -> None:
-    """Write ``array [Z, C, Y, X]`` at voxel corner ``start = (x, y, z)`` of ``mip``."""
-    previous, vol.mip = vol.mip, mip
+    """Write ``array [Z, C, Y, X]`` at voxel corner ``start = (x, y, z)`` of ``mip``.
+
+    A float array holding NaN or Inf is refused before anything is written
+    (``UserError`` naming its first such section): no layer ever holds one. The
+    aligners write a section's field before anything else of it, so a network
+    (or any stage after it) whose field is not finite stops the run there.
+    """
     x, y, z = start
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
+        if not finite.all():
+            raise UserError(f"section {z + int(np.argmin(finite))}: its field for {vol.cloudpath} is not finite "
+                            "(NaN or Inf): the network or a stage after it failed; nothing of the section is written")
+    previous, vol.mip = vol.mip, mip
     _, _, sy, sx = array.shape
     vol[x:x + sx, y:y + sy, z:z + array.shape[0]] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
     vol.mip = previous

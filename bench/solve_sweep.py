@@ -104,7 +104,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
            args.sections, args.size, args.prealign, args.trunc, pairs]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
-    cached = torch.load(cache) if cache and cache.is_file() else {}
+    cached = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}
     if cached.get("key") == key:
         fields = cached["fields"]
     else:

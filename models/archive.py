@@ -8,19 +8,40 @@ version). ``load_archive`` rebuilds the model from the file alone.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from helpers import UserError, one_line as _one_line
+from helpers import UserError, one_line
 from models.pyramid import Pyramid
 
 KIND = "seamless-archive"
 VERSION = 1
 _RESERVED = ("kind", "version", "config", "state_dict")
 _GROWABLE = ("size", "skip")  # config keys that may differ when growing a net
+_REFUSED = re.compile(r"GLOBAL ([\w.]*\w)")  # how torch's weights-only unpickler names an object it will not build
+_DETAIL = re.compile(r"^\s*((?:trying to load )?unsupported .*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def _load_error(path: Path, err: Exception) -> UserError:
+    """The one-line error for a file ``torch.load(..., weights_only=True)`` failed on.
+
+    The weights-only unpickler refuses any Python object but tensors and plain
+    data (a pickled object can run code as it is built): such a file is named
+    unsafe, with the object it holds; anything else is an unreadable file, with
+    the line of torch's message that says what it met.
+    """
+    text = str(err) if isinstance(err, pickle.UnpicklingError) else ""
+    refused, detail = _REFUSED.search(text), _DETAIL.search(text)
+    if refused:
+        return UserError(f"{path}: not a safe network archive: it holds the Python object {refused[1]}, which "
+                         "loading would run (refused: an archive holds only tensors and plain data)")
+    return UserError(f"{path}: not a readable torch file ({detail[1] if detail else one_line(err)})")
 
 
 def save_archive(path: str | Path, model: Pyramid, **state: Any) -> Path:
@@ -53,14 +74,21 @@ def save_archive(path: str | Path, model: Pyramid, **state: Any) -> Path:
 
 
 def read_archive(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The archive dict stored at ``path``, tensors on ``device``; a ``UserError`` if it is not one of ours."""
+    """The archive dict stored at ``path``, tensors on ``device``; a ``UserError`` if it is not one of ours.
+
+    Loaded with ``weights_only=True``: a file holding any other Python object
+    than tensors and plain data (which could run code as it is unpickled) is
+    refused before anything in it is built. Archives need no other type.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such archive file")
     try:
-        archive = torch.load(path, map_location=device, weights_only=False)
+        with warnings.catch_warnings():  # torch warns of pickle protocols it may not read: the error says it
+            warnings.simplefilter("ignore")
+            archive = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # a corrupt file can fail in any of pickle's or zipfile's ways
-        raise UserError(f"{path}: not a readable torch file ({_one_line(err)})") from err
+        raise _load_error(path, err) from err
     if not isinstance(archive, dict) or archive.get("kind") != KIND:
         raise UserError(f"{path}: a torch file but not a SEAMLeSS archive (no kind '{KIND}')")
     if archive.get("version") != VERSION:
@@ -92,7 +120,7 @@ def _build(archive: dict, where: str, device: str | torch.device) -> Pyramid:
     try:
         model = Pyramid(**archive["config"])
     except (TypeError, ValueError) as err:
-        raise UserError(f"{where}: invalid config {archive['config']} ({_one_line(err)})") from err
+        raise UserError(f"{where}: invalid config {archive['config']} ({one_line(err)})") from err
     problem = _weights_problem(model, archive["state_dict"])
     if problem:
         raise UserError(f"{where}: weights do not match the config: {problem}")
@@ -104,7 +132,8 @@ def load_archive(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     """``(model, archive)``: the Pyramid rebuilt from the archive at ``path`` alone, and the archive dict.
 
     Raises ``UserError`` (one line naming ``path``) for a missing file, a file torch
-    cannot read, a torch file that is not a SEAMLeSS archive, or weights that do not
+    cannot read or would have to run code to read (``read_archive``), a torch file
+    that is not a SEAMLeSS archive, or weights that do not
     match the archive's config. The model is on ``device`` in train mode.
     """
     archive = read_archive(path, device)

@@ -8,6 +8,7 @@ import alignment
 import data
 import helpers
 import volume
+from helpers import UserError
 from conftest import moved_windows, run_script
 from models import Pyramid
 from models.archive import save_archive
@@ -67,6 +68,15 @@ def test_serial_chaining(monkeypatch):
         assert torch.allclose(to_raw[z][:, 6:-6, 6:-6], z * shift[:, 6:-6, 6:-6], atol=1e-4)
 
 
+def nan_net():
+    """``random_net`` whose every field is NaN (its aligners' output biases are)."""
+    net = random_net()
+    with torch.no_grad():
+        for aligner in net.aligners:
+            aligner.net[-1].bias.fill_(float("nan"))
+    return net
+
+
 @pytest.fixture
 def setup(tmp_path, tiny_volume):
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
@@ -108,6 +118,58 @@ def test_bad_input_is_a_one_line_error(setup, extra, message):
     result = run_script("align.py", "--archive", archive, "--source", paths["image"], "--dest", tmp / "d", *extra)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and message in last and "Traceback" not in result.stderr
+
+
+def written(dest) -> list[str]:
+    """The data chunks in an align.py destination's layers (not their info and provenance files)."""
+    return sorted(str(p.relative_to(dest)) for layer in ("image", "field", "block_field", "block_frame")
+                  for p in (dest / layer).rglob("*") if p.is_file() and p.name not in ("info", "provenance"))
+
+
+@pytest.mark.parametrize("mode, section", [
+    ([], 3), (["--vote", "2"], 3), (["--raw_neighbour"], 3), (["--block", "2"], 3),
+    (["--solve"], 2),  # the solve mixes the pairs' NaN into every section, the fixed first one too
+])
+def test_a_network_whose_field_is_not_finite_stops_before_the_section_is_written(setup, mode, section):
+    tmp, paths, _ = setup
+    archive = save_archive(tmp / "nan.pt", nan_net(), summary={"name": "nan"})
+    with pytest.raises(UserError, match=f"^section {section}: its field for .* is not finite") as err:
+        align.main(["--archive", str(archive), "--source", paths["image"], "--dest", str(tmp / "d"),
+                    "--z_start", "2", "--z_stop", "5", *mode])
+    assert "\n" not in str(err.value)
+    assert written(tmp / "d") == []
+    assert set(align.progress_files(str(tmp / "d")).list()) <= {"block/2/2"}  # only the fixed reference, unwritten
+
+
+@pytest.mark.parametrize("mode, section", [([], 3), (["--solve"], 2)])
+def test_a_network_whose_field_is_not_finite_is_one_line_from_the_command(setup, mode, section):
+    tmp, paths, _ = setup
+    archive = save_archive(tmp / "nan.pt", nan_net(), summary={"name": "nan"})
+    result = run_script("align.py", "--archive", archive, "--source", paths["image"], "--dest", tmp / "d",
+                        "--z_start", "2", "--z_stop", "5", *mode)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith(f"error: section {section}: its field for ") and "not finite" in last
+    assert written(tmp / "d") == []
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--pull", "nan", "'nan' is not a number"), ("--pull", "inf", "'inf' is not a finite number"),
+    ("--robust", "nan", "'nan' is not a number"), ("--robust", "-inf", "'-inf' is not a finite number"),
+    ("--detail_pull", "nan", "'nan' is not a number"),
+])
+def test_a_float_flag_that_is_not_a_number_is_refused_when_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        align.parse_args(["--archive", "a.pt", "--source", "s", "--dest", "d", "--z_start", "0", "--z_stop", "2",
+                          f"{flag}={value}"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument {flag}: {message}")
+
+
+def test_detail_pull_may_be_infinite():
+    args = align.parse_args(["--archive", "a.pt", "--source", "s", "--dest", "d", "--z_start", "0", "--z_stop", "2",
+                             "--detail_pull", "inf"])
+    assert args.detail_pull == float("inf")
 
 
 def test_archive_volume_and_destination_mismatches(setup):

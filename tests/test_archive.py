@@ -1,9 +1,12 @@
 """Archives: a saved net comes back identical from the file alone; bad files are one-line user errors."""
+import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_script
 from helpers import UserError, vector_length, warp
 from models import Pyramid, load_archive, load_weights, read_archive, save_archive
 
@@ -70,6 +73,59 @@ def test_missing_corrupt_and_foreign_files_are_user_errors(tmp_path):
         torch.save(foreign, tmp_path / name)
         with pytest.raises(UserError, match=f"{name}: a torch file but not a SEAMLeSS archive"):
             load_archive(tmp_path / name)
+
+
+class RunsCode:
+    """Pickles as a call of ``os.system(command)``: unpickling it (``weights_only=False``) runs the command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def malicious_archive(folder: Path) -> tuple[Path, Path]:
+    """``(archive, sentinel)``: a real archive plus an entry whose unpickling would create ``sentinel``."""
+    sentinel = folder / "SENTINEL"
+    archive = read_archive(save_archive(folder / "good.pt", random_pyramid(), summary={"name": "good"}))
+    torch.save({**archive, "payload": RunsCode(f"touch {sentinel}")}, folder / "evil.pt")
+    return folder / "evil.pt", sentinel
+
+
+def test_an_archive_that_would_run_code_is_refused_and_runs_nothing(tmp_path, recwarn):
+    evil, sentinel = malicious_archive(tmp_path)
+    for load in (read_archive, load_archive):
+        with pytest.raises(UserError, match=r"evil.pt: not a safe network archive: .*\.system") as err:
+            load(evil)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="evil.pt: not a safe network archive"):
+        load_weights(random_pyramid(), evil)
+    plain = tmp_path / "plain.pt"  # a bare pickle (protocol 4), not torch's zip format
+    plain.write_bytes(pickle.dumps(RunsCode(f"touch {sentinel}"), protocol=4))
+    with pytest.raises(UserError, match="plain.pt: not a readable torch file"):
+        read_archive(plain)
+    assert not sentinel.exists() and not recwarn.list  # torch's warning of the protocol is not shown
+
+
+@pytest.mark.parametrize("command", [
+    ["net_hist.py", "{evil}"],
+    ["align.py", "--archive", "{evil}", "--source", "{source}", "--dest", "{tmp}/d", "--z_start", "0",
+     "--z_stop", "2"],
+    ["train.py", "--state_archive", "{evil}", "--dataset", "{tmp}/none.h5", "child"],
+    ["train.py", "--resume", "--epochs", "9", "evil"],  # pt/evil.pt, in the working directory
+])
+def test_every_command_refuses_an_archive_that_would_run_code(tmp_path, tiny_volume, command):
+    evil, sentinel = malicious_archive(tmp_path)
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "evil.pt").write_bytes(evil.read_bytes())
+    root = Path(__file__).resolve().parent.parent
+    argv = [a.format(evil=evil, source=tiny_volume[0]["image"], tmp=tmp_path) for a in command]
+    result = run_script(root / argv[0], *argv[1:], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "evil.pt: not a safe network archive" in lines[0]
+    assert not sentinel.exists() and not (tmp_path / "d").exists()
 
 
 def test_weights_that_do_not_match_the_config_are_user_errors(tmp_path):

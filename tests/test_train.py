@@ -81,6 +81,29 @@ def test_bad_flags_are_one_line_errors(toy, flags, message):
     assert "Traceback" not in result.stderr and not (toy.parent / "pt" / "bad.pt").exists()
 
 
+FLOAT_FLAGS = ("--lambda0", "--lambda1", "--lambda2", "--lambda3", "--lambda4", "--lambda5", "--lambda6",
+               "--lambda_gt", "--mask_neighborhood_radius", "--mask_smooth_radius", "--lr", "--fine_tuning_lr_factor",
+               "--clip", "--max_shift", "--max_angle", "--p_jitter", "--elastic")
+
+
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+def test_a_float_flag_that_is_not_finite_is_refused_when_parsed(flag, capsys):
+    assert getattr(train.parse_args([flag, "0.5", "x"]), flag[2:]) == 0.5
+    for value in ("nan", "inf", "-inf", "NaN"):
+        with pytest.raises(SystemExit) as exit_:
+            train.parse_args([f"{flag}={value}", "x"])  # '--lr -inf' would read '-inf' as a flag
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        kind = "a number" if value.lower() == "nan" else "a finite number"
+        assert exit_.value.code == 2 and last.endswith(f"argument {flag}: '{value}' is not {kind}")
+
+
+def test_a_learning_rate_that_is_not_a_number_is_one_line_and_writes_nothing(toy):
+    result = run_script(train.__file__, "--dataset", toy, "--lr", "nan", "bad", cwd=toy.parent)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "train.py: error: argument --lr: 'nan' is not a number"
+    assert not (toy.parent / "pt").exists() and not (toy.parent / "runs").exists()
+
+
 def test_corrupt_dataset_is_a_one_line_error(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5 at all")

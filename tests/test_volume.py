@@ -58,3 +58,16 @@ def test_odd_sizes_fill_every_mip(tmp_path):
     mip1 = volume.open_volume("file://" + str(tmp_path / "odd"), mip=1)
     assert tuple(volume.bounds(mip1)[1]) == (34, 33, 2)
     assert np.all(volume.read(mip1, (0, 0, 0), (34, 33, 2)) == 7)  # the last row and column too
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_field_that_is_not_finite_is_refused_before_anything_is_written(tmp_path, bad):
+    path = "file://" + str(tmp_path / "field")
+    vol = volume.create_volume(path, (32, 32, 4), "float32", num_channels=2, chunk=(32, 32, 1))
+    field = np.ones((3, 2, 32, 32), np.float32)
+    field[1, 0, 5, 7] = bad
+    with pytest.raises(UserError, match=r"^section 2: its field for .*field is not finite \(NaN or Inf\)"):
+        volume.write(vol, field, (0, 0, 1))
+    assert not [p for p in (tmp_path / "field").rglob("*") if p.is_file() and p.name not in ("info", "provenance")]
+    volume.write(vol, field[:1], (0, 0, 1))  # a finite section is written
+    assert np.array_equal(volume.read(vol, (0, 0, 1), (32, 32, 1)), field[:1])
