@@ -101,8 +101,9 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
 
     size: ``(X, Y, Z)`` voxels at mip 0 from voxel corner ``offset``; resolution in
     nm ``(x, y, z)``. Refuses an
-    existing layer unless ``overwrite``. ``provenance`` is recorded in the layer's
-    provenance file (what made it, with which arguments).
+    existing layer unless ``overwrite``, and a place it cannot write (``UserError``
+    both). ``provenance`` is recorded in the layer's provenance file (what made it,
+    with which arguments).
     """
     from cloudvolume import CloudVolume
 
@@ -113,13 +114,15 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
         num_channels=num_channels, layer_type=layer_type, data_type=dtype, encoding="raw",
         resolution=list(resolution), voxel_offset=list(offset), volume_size=list(size),
         chunk_size=list(chunk), max_mip=mips - 1, factor=(2, 2, 1))
-    vol = CloudVolume(cloudpath, info=info, progress=False, non_aligned_writes=True,
-                      fill_missing=True)
-    vol.commit_info()
-    if provenance:
-        vol.provenance.description = provenance.get("description", "")
-        vol.provenance.processing.append(provenance)
-        vol.commit_provenance()
+    try:
+        vol = CloudVolume(cloudpath, info=info, progress=False, non_aligned_writes=True, fill_missing=True)
+        vol.commit_info()
+        if provenance:
+            vol.provenance.description = provenance.get("description", "")
+            vol.provenance.processing.append(provenance)
+            vol.commit_provenance()
+    except OSError as err:
+        raise UserError(f"cannot write {cloudpath}: {err.strerror or err}") from None
     return vol
 
 
@@ -133,12 +136,17 @@ def _exists(cloudpath: str) -> bool:
 
 
 def write(vol, array: np.ndarray, start, mip: int = 0) -> None:
-    """Write ``array [Z, C, Y, X]`` at voxel corner ``start = (x, y, z)`` of ``mip``."""
+    """Write ``array [Z, C, Y, X]`` at voxel corner ``start = (x, y, z)`` of ``mip``; ``UserError`` if the
+    storage refuses it (a read-only or full disk)."""
     previous, vol.mip = vol.mip, mip
     x, y, z = start
     _, _, sy, sx = array.shape
-    vol[x:x + sx, y:y + sy, z:z + array.shape[0]] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-    vol.mip = previous
+    try:
+        vol[x:x + sx, y:y + sy, z:z + array.shape[0]] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+    except OSError as err:
+        raise UserError(f"cannot write {vol.cloudpath} at {tuple(start)} mip {mip}: {err.strerror or err}") from None
+    finally:
+        vol.mip = previous
 
 
 def downsample(array: np.ndarray, kind: str) -> np.ndarray:
