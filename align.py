@@ -186,9 +186,7 @@ def main(argv=None) -> dict:
         check_writable(volume.resolve_path(args.dest).removeprefix("file://"), "--dest", folder=True)
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     source = volume.open_volume(args.source, args.mip, args.bucket)
-    if source.num_channels != 1 or str(source.dtype) != "uint8":
-        raise UserError(f"{args.source} has {source.num_channels} channels of {source.dtype}; the network "
-                        "aligns 1-channel uint8 images")
+    volume.check_kind(source, "image", "--source")  # what the network aligns
     (sx0, sy0, sz0), (sx1, sy1, sz1) = volume.bounds(source)
     x0, y0, x1, y1 = args.bbox or (sx0, sy0, sx1, sy1)
     if not (sx0 <= x0 < x1 <= sx1 and sy0 <= y0 < y1 <= sy1):
