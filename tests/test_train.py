@@ -8,7 +8,8 @@ import net_hist
 import train
 from conftest import run_script
 from helpers import UserError, warp
-from models.archive import load_archive
+from models import Pyramid
+from models.archive import load_archive, save_archive
 
 
 def write_toy(path, n=2, s=4, d=32, shift=(1.5, -1.0)):
@@ -108,6 +109,18 @@ def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
     with pytest.raises(UserError, match="exists"):  # an export never replaces a network
         net_hist.main([str(child), "--export", str(parent)])
     assert parent.read_bytes() == before
+
+
+def test_net_hist_refuses_an_unwritable_plot_or_export_in_one_line(tmp_path):
+    archive = save_archive(tmp_path / "net.pt", Pyramid(size=2), summary={"name": "net", "history": {"loss": [1.0]}})
+    a_file = tmp_path / "a_file"
+    a_file.touch()
+    for flag, path, reason in (("--plot", a_file / "curves.png", f"{a_file} is not a directory"),
+                               ("--plot", tmp_path, "Is a directory"),
+                               ("--export", a_file / "lean.pt", f"{a_file} is not a directory")):
+        result = run_script(net_hist.__file__, archive, flag, path)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.strip() == f"error: {flag} {path}: cannot write there ({reason})"
 
 
 def test_staged_schedule():
