@@ -5,7 +5,10 @@
 Library functions take arrays (``[Z, H, W]`` stacks, ``[Z, 2, H, W]`` fields in
 pixels, the ``helpers`` convention) and return plain numbers; the command reads
 an aligned stack written by ``align.py`` (``DEST/image``, ``DEST/field``) and
-prints a table.
+prints a table. It scores only what was written: a section of the range missing
+from the aligned stack or ``--truth`` (a chunk never stored; from ``--raw``: all
+of its chunks), or a layer of the wrong kind (an image, a field, a label layer:
+told by channels and dtype), is refused in one line before anything is scored.
 
 * CPC: sections cut into ``chunk`` x ``chunk`` squares, Pearson r of each square
   with the same square of the next section; squares with any missing (zero)
