@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 import tasks
 import volume
-from alignment import DETAIL_PULL, TRUNC, align_solved
-from helpers import UserError, code_version, file_sha256, finite_float, number, run_main
+from alignment import DETAIL_PULL, TRUNC, align_solved, stride
+from helpers import UserError, check_writable, code_version, file_sha256, finite_float, number, run_main
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
 DEST_LAYERS = ("image", "field") + SERIAL_LAYERS  # every layer align.py writes in DEST
@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mip", type=int, default=0, help="resolution level to align at")
     p.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                    help="region in voxels of --mip (default: the whole section)")
-    p.add_argument("--chunk", type=int, default=1024, help="chunk size in px fed to the network")
+    p.add_argument("--chunk", type=int, default=1024,
+                   help="chunk size in px fed to the network (a multiple of its coarsest stride, 2^(levels-1))")
     p.add_argument("--overlap", type=int, default=128, help="context in px around each chunk, cropped away")
     p.add_argument("--raw_neighbour", action="store_true",
                    help="align each section to its raw neighbour and chain the fields")
@@ -252,6 +253,8 @@ def check_args(args) -> None:
             or args.smooth < 0 or args.prealign < 0 or args.trunc < 0:
         raise UserError("--vote and --neighbours must be >= 1, --pull and --detail_pull > 0, --robust, --smooth, "
                         "--prealign and --trunc >= 0")
+    if args.chunk < 1 or args.overlap < 0:
+        raise UserError("--chunk must be >= 1 and --overlap >= 0")
     if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:
         raise UserError("choose one of --raw_neighbour, --vote K, --solve")
     if args.solve and (args.queue or args.block):
@@ -271,13 +274,13 @@ def main(argv=None) -> dict:
         return {}
     args = parse_args(argv)
     check_args(args)
-    queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     if not args.dest.startswith(volume.SCHEMES):  # a folder here, even before it exists
         args.dest = str(Path(args.dest).expanduser().resolve())
+    if volume.resolve_path(args.dest).startswith("file://"):  # a folder here: writable before anything is read
+        check_writable(volume.resolve_path(args.dest).removeprefix("file://"), "--dest", folder=True)
+    queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     source = volume.open_volume(args.source, args.mip, args.bucket)
-    if source.num_channels != 1 or str(source.dtype) != "uint8":
-        raise UserError(f"{args.source} has {source.num_channels} channels of {source.dtype}; the network "
-                        "aligns 1-channel uint8 images")
+    volume.check_kind(source, "image", "--source")  # what the network aligns
     (sx0, sy0, sz0), (sx1, sy1, sz1) = volume.bounds(source)
     x0, y0, x1, y1 = args.bbox or (sx0, sy0, sx1, sy1)
     if not (sx0 <= x0 < x1 <= sx1 and sy0 <= y0 < y1 <= sy1):
@@ -296,6 +299,9 @@ def main(argv=None) -> dict:
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
     if args.trunc >= model.size:
         raise UserError(f"--trunc {args.trunc} must be below the {model.size} levels of {args.archive}")
+    if args.chunk % stride(model):
+        raise UserError(f"--chunk {args.chunk} must be a multiple of {stride(model)} px, the coarsest stride of the "
+                        f"{model.size} levels of {args.archive}")
     run, runs = run_record(args, job), recorded_runs(job.dest)
     if args.overwrite or runs is None:  # None: no layer, so any progress marker left is stale
         remove_outputs(job.dest)

@@ -46,6 +46,11 @@ def chunk_field(model: Pyramid, source: torch.Tensor, target: torch.Tensor, trun
     return model(source, target, trunc).full_resolution()
 
 
+def stride(model: Pyramid) -> int:
+    """The network's coarsest stride ``2^(size-1)`` px: what it reads has sides that are multiples of it."""
+    return 2 ** (model.config["size"] - 1)
+
+
 def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int]:
     """The span read for the chunk at ``start``: ``overlap`` px of context each side, clipped to ``[0, length)``."""
     return max(start - overlap, 0), min(start + chunk + overlap, length)
@@ -64,7 +69,7 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
     processed in chunks (module docstring): each chunk is read with ``overlap``
     px of context on every side that lies within the section, so a section that
     fits in one chunk is one pass of the network over exactly its own pixels.
-    ``chunk`` and ``overlap`` are rounded up to multiples of ``2^(size-1)`` (and
+    ``chunk`` and ``overlap`` are rounded up to multiples of ``stride(model)`` (and
     the section's size, with zeros); the model's device is used. ``smooth`` > 0
     low-passes the field (``solve.low_pass``): misalignment is smooth, and
     between real neighbours the network's fine detail is mostly tissue change
@@ -73,7 +78,7 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
     its time and add little the low-pass and the solve keep (README: ``--trunc``).
     """
     device = next(model.parameters()).device
-    unit = 2 ** (model.config["size"] - 1)
+    unit = stride(model)
     chunk, overlap = -(-chunk // unit) * unit, -(-overlap // unit) * unit
     h, w = source.shape[-2:]
     height, width = -(-h // unit) * unit, -(-w // unit) * unit

@@ -29,6 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -138,8 +139,12 @@ class StackDataset(Dataset):
             self.shape = tuple(f["images"].shape)
             self.has_masks, self.has_field_data = "masks" in f, "fields" in f
             self.has_fields = self.has_field_data or bool(f.attrs.get("registered", False))
-            stds = (f["slice_std"][:] if "slice_std" in f
-                    else np.stack([slice_std(f["images"][n]).numpy() for n in range(self.shape[0])]))
+            name = "slice_std" if "slice_std" in f else "images"
+            try:
+                stds = (f["slice_std"][:] if name == "slice_std"
+                        else np.stack([slice_std(f["images"][n]).numpy() for n in range(self.shape[0])]))
+            except OSError as err:  # a corrupt chunk
+                raise UserError(f"dataset {self.path}: cannot read '{name}' ({err})") from None
         if crop is not None and not 0 < crop <= min(self.shape[2:]):
             raise UserError(f"crop {crop} must be between 1 and the section size {self.shape[2]}")
         usable = (stds[:, :-1] >= min_std) & (stds[:, 1:] >= min_std)
@@ -168,17 +173,25 @@ class StackDataset(Dataset):
         y0, x0 = (int(torch.randint(n - self.crop + 1, (), generator=generator)) for n in (h, w))
         return slice(y0, y0 + self.crop), slice(x0, x0 + self.crop)
 
+    def _read(self, name: str, n: int, s: int, *window: slice) -> np.ndarray:
+        """``name[n, s:s + 2, *window]``: sections s and s + 1 of stack n; a ``UserError`` naming the file, the
+        dataset and the sections where HDF5 cannot read them (a corrupt chunk)."""
+        try:
+            return self._h5()[name][(n, slice(s, s + 2), *window)]
+        except OSError as err:
+            raise UserError(f"dataset {self.path}: cannot read '{name}' of stack {n}, sections {s}..{s + 1} "
+                            f"({err})") from None
+
     def raw_sample(self, i: int, generator: torch.Generator) -> Sample:
         """Pair ``i`` in raw intensities, before augmentation (see the module docstring)."""
         n, s = (int(v) for v in self.pairs[i])
         rows, cols = self._window(generator)
-        f = self._h5()
-        images = to_tensor(f["images"][n, s:s + 2, rows, cols])
+        images = to_tensor(self._read("images", n, s, rows, cols))
         size = images.shape[-2:]
-        defects = (torch.from_numpy(f["masks"][n, s:s + 2, rows, cols]) if self.has_masks
+        defects = (torch.from_numpy(self._read("masks", n, s, rows, cols)) if self.has_masks
                    else torch.zeros(2, *size, dtype=torch.uint8))
         if self.has_field_data:
-            fields = to_tensor(f["fields"][n, s:s + 2, :, rows, cols])
+            fields = to_tensor(self._read("fields", n, s, slice(None), rows, cols))
             field = compose(fields[:1], invert_field(fields[1:]))[0]
         else:
             field = torch.zeros(2, *size)
@@ -192,6 +205,18 @@ class StackDataset(Dataset):
         if self.augment is not None:
             sample = self.augment(sample, generator)
         return finish(sample, self.mask_radius)
+
+
+def batches(loader) -> Iterator:
+    """The batches of a ``DataLoader``; a ``UserError`` raised in one of its worker processes keeps its one line
+    (DataLoader raises it again here with the worker's whole traceback as its message)."""
+    try:
+        yield from loader
+    except UserError as err:
+        lines = str(err).strip().splitlines()
+        if len(lines) == 1:
+            raise
+        raise UserError(lines[-1].partition("UserError: ")[2] or lines[-1]) from None
 
 
 def finish(sample: Sample, mask_radius: float) -> Sample:

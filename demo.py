@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import volume
-from helpers import UserError, run_main
+from helpers import UserError, check_writable, run_main
 
 SHAPE = (100, 512, 512)  # sections, rows, columns at mip 0
 PAD = 48  # margin generated around each section so misalignment pulls in tissue, not zeros
@@ -145,10 +145,7 @@ def main(argv=None) -> Path:
     if z < 1 or min(h, w) < step or h % step or w % step:
         raise UserError(f"--shape {z} {h} {w}: needs at least one section, H and W multiples of {step} (mips "
                         f"0-{MIPS - 1})")
-    try:
-        build(tuple(args.shape), args.seed, args.phantom, dest)
-    except OSError as err:
-        raise UserError(f"cannot write {dest}: {err.strerror or err}") from None
+    build(tuple(args.shape), args.seed, args.phantom, check_writable(dest, "DEST", folder=True))
     return dest
 
 

@@ -5,7 +5,10 @@
 Library functions take arrays (``[Z, H, W]`` stacks, ``[Z, 2, H, W]`` fields in
 pixels, the ``helpers`` convention) and return plain numbers; the command reads
 an aligned stack written by ``align.py`` (``DEST/image``, ``DEST/field``) and
-prints a table.
+prints a table. It scores only what was written: a section of the range missing
+from the aligned stack or ``--truth`` (a chunk never stored; from ``--raw``: all
+of its chunks), or a layer of the wrong kind (an image, a field, a label layer:
+told by channels and dtype), is refused in one line before anything is scored.
 
 * CPC: sections cut into ``chunk`` x ``chunk`` squares, Pearson r of each square
   with the same square of the next section; squares with any missing (zero)
@@ -42,7 +45,8 @@ import torch
 
 import masks
 from alignment import apply_field
-from helpers import UserError, in_frame_of, jacobian_determinant, run_main, to_tensor, vector_length, warp_labels
+from helpers import (UserError, check_writable, in_frame_of, jacobian_determinant, run_main, to_tensor, vector_length,
+                     warp_labels)
 from shifts import best_shifts
 
 PERCENTILES = (1, 5, 95, 99)
@@ -267,24 +271,35 @@ def main(argv=None) -> dict:
         args.defects = args.defects or (layers["defects"] if args.truth == "demo" else None)
         args.truth = layers["field"] if args.truth == "demo" else args.truth
 
+    plots = check_writable(args.plots, "--plots", folder=True) if args.plots else None
     aligned_vol = volume.open_volume(args.aligned.rstrip("/") + "/image")
     field_vol = volume.open_volume(args.aligned.rstrip("/") + "/field")
+    volume.check_kind(aligned_vol, "image", "--aligned")
+    volume.check_kind(field_vol, "field", "--aligned")
     start, stop = volume.bounds(aligned_vol)
     if args.z_start < start[2] or args.z_stop > stop[2] or args.z_start >= args.z_stop:
         raise UserError(f"z range {args.z_start}..{args.z_stop} is outside the aligned stack "
                         f"{start[2]}..{stop[2]}")
     mip = aligned_vol.mip
     corner, size = (start[0], start[1], args.z_start), (*(stop - start)[:2], args.z_stop - args.z_start)
+    for vol in aligned_vol, field_vol:
+        _require_sections(vol, corner, size, "the aligned stack", "align.py never finished them")
+    inputs = {name: _matching(path, aligned_vol, name, kind) for name, path, kind in
+              (("truth", args.truth, "field"), ("defects", args.defects, "labels"), ("raw", args.raw, "image"))
+              if path}
+    if "truth" in inputs:
+        _require_sections(inputs["truth"], corner, size, "--truth")
+    if "raw" in inputs:
+        _require_sections(inputs["raw"], corner, size, "--raw", every_chunk=False)
     rows, hist = {}, {}
     truth = defects = None
     if args.truth:
-        truth_vol = _matching(args.truth, aligned_vol, "truth")
-        truth = in_frame_of(to_tensor(volume.read(truth_vol, corner, size)))
-    if args.defects:
-        defects = volume.read(_matching(args.defects, aligned_vol, "defects"), corner, size)[:, 0]
+        truth = in_frame_of(to_tensor(volume.read(inputs["truth"], corner, size)))
+    if args.defects:  # chunks never written hold no defect
+        defects = volume.read(inputs["defects"], corner, size)[:, 0]
     oracle_cpc = None
     if args.raw:
-        raw = volume.read(_matching(args.raw, aligned_vol, "raw"), corner, size)[:, 0]
+        raw = volume.read(inputs["raw"], corner, size)[:, 0]
         rows[RAW] = score(raw, torch.zeros(len(raw), 2, *raw.shape[1:]), truth, defects, args.near, args.chunk)
         hist["raw"] = cpc(raw, args.chunk)
         if truth is not None:
@@ -303,26 +318,50 @@ def main(argv=None) -> dict:
     print_table(rows, columns)
     for line in warnings(rows, RAW, oracle_cpc) if args.raw else []:
         print(line)
-    if args.plots:
-        print(f"wrote {plot_cpc(hist, Path(args.plots) / 'cpc.png')}")
+    if plots:
+        print(f"wrote {plot_cpc(hist, plots / 'cpc.png')}")
         if truth is not None:
             z = len(aligned) // 2
             maps = {name: vector_length(to_tensor(f[z]) - truth[z]).numpy()
                     for name, f in (("raw", np.zeros_like(field)), ("aligned", field))}
-            print(f"wrote {plot_epe_maps(maps, Path(args.plots) / 'epe.png')}")
+            print(f"wrote {plot_epe_maps(maps, plots / 'epe.png')}")
     return rows
 
 
-def _matching(path: str, like, what: str):
-    """Open ``path`` at the mip whose resolution matches the volume ``like``."""
+def _matching(path: str, like, what: str, kind: str):
+    """Open ``path`` (the ``--what`` volume, of ``volume.KINDS`` ``kind``) at the mip whose resolution matches the
+    volume ``like``."""
     import volume
 
     base = volume.open_volume(path, 0)
+    volume.check_kind(base, kind, f"--{what}")
     resolution = list(like.resolution)
     for mip in range(len(base.info["scales"])):
         if list(base.meta.resolution(mip)) == resolution:
             return volume.open_volume(path, mip)
     raise UserError(f"the {what} volume {path} has no mip at resolution {resolution}")
+
+
+def _require_sections(vol, corner, size, what: str, why: str = "", every_chunk: bool = True) -> None:
+    """``UserError`` naming ``what``, the layer and the sections of the cutout (``volume.read``'s ``corner``, ``size``)
+    that were never written (``volume.missing_sections``); ``why``: a likely cause, for the message."""
+    import volume
+
+    missing = volume.missing_sections(vol, corner, size, every_chunk)
+    if missing:
+        raise UserError(f"{what} {vol.cloudpath} lacks sections {spans(missing)} of "
+                        f"{corner[2]}..{corner[2] + size[2] - 1}" + (f" ({why})" if why else "") + ": nothing to score")
+
+
+def spans(numbers: list[int]) -> str:
+    """Sorted integers as runs, e.g. ``[1, 2, 3, 7]`` -> ``'1..3 7'``."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return " ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@ This module imports nothing of ours; everything else imports it.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import math
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -93,6 +96,32 @@ def finite_float(text: str) -> float:
     if math.isinf(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def check_writable(path: str | Path, flag: str, folder: bool = False) -> Path:
+    """``path`` as a ``Path``, once it is known that it can be written: a ``UserError`` naming ``flag`` if not.
+
+    ``path`` is a file to write, or with ``folder`` a folder to write files into.
+    Nothing is created: the nearest folder on the way that exists must take a new
+    file (a temporary one, gone at once), and ``path`` itself, if it exists, must
+    be a folder (``folder``) or a writable file. Local paths only.
+    """
+    path = Path(path).expanduser()
+    start = path if folder else path.parent
+    nearest = next(p for p in (start, *start.absolute().parents) if p.exists())
+    if path.exists() and path.is_dir() != folder:
+        reason = os.strerror(errno.EISDIR if path.is_dir() else errno.ENOTDIR)
+    elif path.is_file() and not os.access(path, os.W_OK):
+        reason = os.strerror(errno.EACCES)
+    elif not nearest.is_dir():
+        reason = f"{nearest} is not a directory"
+    else:
+        try:
+            tempfile.TemporaryFile(dir=nearest).close()
+            return path
+        except OSError as err:
+            reason = err.strerror or str(err)
+    raise UserError(f"{flag} {path}: cannot write there ({reason})")
 
 
 # --------------------------------------------------------------------------- fields

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from helpers import UserError, run_main
+from helpers import UserError, check_writable, run_main
 from models.archive import load_archive, read_archive, save_archive
 
 SHOWN = ("lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
@@ -54,6 +54,9 @@ def main(argv=None) -> None:
         return
     if args.export and Path(args.export).exists():
         raise UserError(f"--export {args.export} exists: choose a new path (an archive is never overwritten)")
+    for flag, path in (("--export", args.export), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)
     archive = read_archive(args.archive)
     if "summary" not in archive:
         raise UserError(f"{args.archive} holds weights but no training history")

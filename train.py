@@ -9,7 +9,9 @@ One step: ``data.py`` gives a batch of (source, target) pairs with masks ->
 scores it with weights from ``masks.py``. Outputs: ``pt/EXPERIMENT.pt`` (written
 atomically after every epoch; with a held-out ``--val_dataset`` also
 ``pt/EXPERIMENT.best.pt``, the epoch with the lowest held-out EPE so far),
-TensorBoard logs in ``runs/EXPERIMENT`` and pictures in ``out/EXPERIMENT``.
+TensorBoard logs in ``runs/EXPERIMENT`` and pictures in ``out/EXPERIMENT``. A run
+that fails (or is interrupted) before it saves its first epoch removes the
+``runs/`` and ``out/`` folders it made; nothing an earlier run left is touched.
 
 Staged training (from scratch): the coarsest level trains first; every
 ``--fall_time`` epochs training moves one level finer (that level's aligner and
@@ -25,12 +27,15 @@ resume, data), validates, prints and writes outputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,7 +45,7 @@ from torch.utils.data import DataLoader, RandomSampler
 import distributed
 import loss
 import masks
-from data import Augmenter, StackDataset, held_out_misalignment
+from data import Augmenter, StackDataset, batches, held_out_misalignment
 from helpers import (UserError, code_version, downsample_field, field_to_rgb, finite_float, run_main,
                      upsample_field, vector_length, warp, warp_labels)
 from models import Pyramid
@@ -339,6 +344,35 @@ def summary(args, history: dict, iterations: int) -> dict:
             "final": {k: v[-1] for k, v in history.items() if v}, "history": history}
 
 
+def archive_of(name: str) -> Path:
+    """The network archive ``pt/NAME.pt`` of experiment ``name``."""
+    return Path("pt") / f"{name}.pt"
+
+
+def log_dirs(name: str) -> tuple[Path, Path]:
+    """``runs/NAME`` (TensorBoard logs) and ``out/NAME`` (pictures) of experiment ``name``."""
+    return Path("runs") / name, Path("out") / name
+
+
+@contextlib.contextmanager
+def removed_unless_saved(name: str) -> Iterator[None]:
+    """Run the ``with`` body; if it fails before it saves an epoch to ``archive_of(name)``, delete the
+    ``log_dirs(name)`` it created (a failed run leaves no logs of a network that does not exist). Folders that
+    existed before are kept whatever happens."""
+    def saved() -> tuple[int, int] | None:  # the archive's inode and modification time: a save replaces the file
+        return (archive.stat().st_ino, archive.stat().st_mtime_ns) if archive.exists() else None
+
+    archive = archive_of(name)
+    made, before = [folder for folder in log_dirs(name) if not folder.exists()], saved()
+    try:
+        yield
+    except BaseException:
+        if saved() == before:
+            for folder in made:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def best_path(archive_path: Path) -> Path:
     """Where the epoch with the lowest held-out EPE is kept: ``pt/NAME.best.pt`` beside ``pt/NAME.pt``."""
     return archive_path.with_suffix(".best.pt")
@@ -346,7 +380,7 @@ def best_path(archive_path: Path) -> Path:
 
 def prepare(args) -> tuple:
     """Model (on the CPU), optimizer state, history, start epoch and lineage for a new, grown, or resumed run."""
-    archive_path = Path("pt") / f"{args.name}.pt"
+    archive_path = archive_of(args.name)
     if args.resume:
         if not archive_path.is_file():
             raise UserError(f"nothing to resume: {archive_path} does not exist")
@@ -443,8 +477,8 @@ def train(args, device: str | None = None) -> Path:
     args, model, archive, archive_path, dataset, val_pairs = distributed.from_main(lambda: setup(args))
     model = model.to(device)
     val_loader = DataLoader(val_pairs, batch_size=args.batch_size) if rank0 and val_pairs is not None else None
-    out_dir = Path("out") / args.name
-    writer = SummaryWriter(str(Path("runs") / args.name)) if rank0 else None
+    runs_dir, out_dir = log_dirs(args.name)
+    writer = SummaryWriter(str(runs_dir)) if rank0 else None
     history: dict[str, list[float]] = archive["history"]
     iteration, start_epoch = archive["iteration"], archive["epoch"]
     optimizer, stage = None, None
@@ -473,7 +507,7 @@ def train(args, device: str | None = None) -> Path:
                             num_workers=args.num_workers, drop_last=len(dataset) >= args.batch_size,
                             persistent_workers=False)
         sums, count, started = {}, 0, time.time()
-        for batch in loader:
+        for batch in batches(loader):
             batch = to_device(batch, device)
             cost, log, pictures = pair_terms(stepper, batch, args, stage.level)
             optimizer.zero_grad(set_to_none=True)
@@ -538,7 +572,8 @@ def main(argv=None) -> Path:
     with distributed.process_group(args.device) as device:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but CUDA is not available here")
-        return train(args, device)
+        with removed_unless_saved(args.name) if distributed.is_main() else contextlib.nullcontext():
+            return train(args, device)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,43 @@ def bounds(vol, mip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(box.minpt, dtype=np.int64), np.asarray(box.maxpt, dtype=np.int64)
 
 
+KINDS = {"image": "an image (1 channel of uint8)", "field": "a field (2 channels of float: x, y in px)",
+         "labels": "a label layer (1 channel of integers)"}
+
+
+def check_kind(vol, kind: str, what: str) -> None:
+    """``UserError`` naming ``what`` unless ``vol`` holds ``kind`` (a key of ``KINDS``), told by its channels and
+    dtype (every layer of this repo, fields included, has the layer type ``image``)."""
+    channels, dtype = vol.num_channels, np.dtype(vol.dtype)
+    fits = {"image": channels == 1 and dtype == np.uint8, "field": channels == 2 and dtype.kind == "f",
+            "labels": channels == 1 and dtype.kind in "ui"}[kind]
+    if not fits:
+        raise UserError(f"{what} {vol.cloudpath} is not {KINDS[kind]}: it has {channels} channels of {dtype}")
+
+
+def missing_sections(vol, start, size, every_chunk: bool = True) -> list[int]:
+    """The sections z of the cutout ``start``, ``size`` (as ``read``'s) at ``vol.mip`` that were never written.
+
+    ``read`` fills chunks that were never written with zeros and cannot tell; this
+    asks the storage which chunk files exist (``CloudVolume.exists``: any
+    protocol). A section is missing when any of its chunks in the cutout is
+    absent (``every_chunk``: a layer written whole, as align.py writes its own),
+    or when all of them are (a raw volume may leave chunks without tissue out).
+    """
+    (x, y, z), (sx, sy, sz) = start, size
+    try:
+        found = vol.exists(np.s_[x:x + sx, y:y + sy, z:z + sz])
+    except Exception as err:
+        raise UserError(f"cannot list the chunks of {vol.cloudpath}: {type(err).__name__}: {err}") from None
+    written: dict[int, list[bool]] = {k: [] for k in range(z, z + sz)}
+    for name, exists in found.items():  # NAME ends in x0-x1_y0-y1_z0-z1
+        z0, z1 = map(int, name.rsplit("_", 1)[1].split("-"))
+        for k in range(max(z0, z), min(z1, z + sz)):
+            written[k].append(exists)
+    complete = all if every_chunk else any
+    return [k for k, chunks in written.items() if not chunks or not complete(chunks)]
+
+
 def read(vol, start, size) -> np.ndarray:
     """Cutout ``[Z, C, Y, X]`` from corner ``start = (x, y, z)`` of ``size = (X, Y, Z)`` voxels at ``vol.mip``."""
     (x, y, z), (sx, sy, sz) = start, size
@@ -101,8 +138,9 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
 
     size: ``(X, Y, Z)`` voxels at mip 0 from voxel corner ``offset``; resolution in
     nm ``(x, y, z)``. Refuses an
-    existing layer unless ``overwrite``. ``provenance`` is recorded in the layer's
-    provenance file (what made it, with which arguments).
+    existing layer unless ``overwrite``, and a place it cannot write (``UserError``
+    both). ``provenance`` is recorded in the layer's provenance file (what made it,
+    with which arguments).
     """
     from cloudvolume import CloudVolume
 
@@ -113,13 +151,15 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
         num_channels=num_channels, layer_type=layer_type, data_type=dtype, encoding="raw",
         resolution=list(resolution), voxel_offset=list(offset), volume_size=list(size),
         chunk_size=list(chunk), max_mip=mips - 1, factor=(2, 2, 1))
-    vol = CloudVolume(cloudpath, info=info, progress=False, non_aligned_writes=True,
-                      fill_missing=True)
-    if provenance:  # before the info, which makes the layer exist: an existing layer always has its provenance
-        vol.provenance.description = provenance.get("description", "")
-        vol.provenance.processing.append(provenance)
-        vol.commit_provenance()
-    vol.commit_info()
+    try:
+        vol = CloudVolume(cloudpath, info=info, progress=False, non_aligned_writes=True, fill_missing=True)
+        if provenance:  # before the info, which makes the layer exist: an existing layer always has its provenance
+            vol.provenance.description = provenance.get("description", "")
+            vol.provenance.processing.append(provenance)
+            vol.commit_provenance()
+        vol.commit_info()
+    except OSError as err:
+        raise UserError(f"cannot write {cloudpath}: {err.strerror or err}") from None
     return vol
 
 
@@ -138,7 +178,8 @@ def write(vol, array: np.ndarray, start, mip: int = 0) -> None:
     A float array holding NaN or Inf is refused before anything is written
     (``UserError`` naming its first such section): no layer ever holds one. The
     aligners write a section's field before anything else of it, so a network
-    (or any stage after it) whose field is not finite stops the run there.
+    (or any stage after it) whose field is not finite stops the run there. A
+    write the storage refuses (a read-only or full disk) is a ``UserError`` too.
     """
     x, y, z = start
     if np.issubdtype(array.dtype, np.floating):
@@ -148,8 +189,12 @@ def write(vol, array: np.ndarray, start, mip: int = 0) -> None:
                             "(NaN or Inf): the network or a stage after it failed; nothing of the section is written")
     previous, vol.mip = vol.mip, mip
     _, _, sy, sx = array.shape
-    vol[x:x + sx, y:y + sy, z:z + array.shape[0]] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-    vol.mip = previous
+    try:
+        vol[x:x + sx, y:y + sy, z:z + array.shape[0]] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+    except OSError as err:
+        raise UserError(f"cannot write {vol.cloudpath} at {tuple(start)} mip {mip}: {err.strerror or err}") from None
+    finally:
+        vol.mip = previous
 
 
 def downsample(array: np.ndarray, kind: str) -> np.ndarray:

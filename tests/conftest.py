@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -21,6 +22,17 @@ def moved_windows(moves, size: int = 160, seed: int = 3) -> np.ndarray:
     texture = (texture[:-1, :-1] + texture[1:, :-1] + texture[:-1, 1:] + texture[1:, 1:]) / 4  # a little smooth
     texture = (texture * 200 + 30).astype(np.uint8)
     return np.stack([texture[reach - dy:reach - dy + size, reach - dx:reach - dx + size] for dx, dy in moves])
+
+
+def corrupt_chunk(path, name: str, coord: tuple) -> None:
+    """Overwrite the stored bytes of the chunk at ``coord`` of the compressed, chunked dataset ``name`` of an HDF5 file
+    with garbage, so that reading it fails (a disk error in the middle of a file)."""
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info_by_coord(coord)
+    assert info.filter_mask == 0, "the chunk is stored uncompressed: garbage would read as data"
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
 
 
 def run_script(*argv, cwd=ROOT, env=None):

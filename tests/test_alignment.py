@@ -112,6 +112,10 @@ def test_align_writes_layers_and_resumes_to_the_same_result(setup):
     (["--z_start", "0", "--z_stop", "2", "--solve", "--detail_pull", "0"], "--detail_pull > 0"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "-1"], "--trunc >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "3"], "below the 3 levels"),
+    (["--z_start", "0", "--z_stop", "2", "--chunk", "0"], "--chunk must be >= 1"),
+    (["--z_start", "0", "--z_stop", "2", "--overlap", "-4"], "--overlap >= 0"),
+    (["--z_start", "0", "--z_stop", "2", "--chunk", "30"], "--chunk 30 must be a multiple of 4 px, the coarsest "
+                                                           "stride of the 3 levels"),
 ])
 def test_bad_input_is_a_one_line_error(setup, extra, message):
     tmp, paths, archive = setup
@@ -170,6 +174,22 @@ def test_detail_pull_may_be_infinite():
     args = align.parse_args(["--archive", "a.pt", "--source", "s", "--dest", "d", "--z_start", "0", "--z_stop", "2",
                              "--detail_pull", "inf"])
     assert args.detail_pull == float("inf")
+
+
+def test_a_destination_that_cannot_be_written_is_one_line_before_anything_runs(setup):
+    tmp, paths, archive = setup
+    (tmp / "a_file").touch()
+    common = ["--archive", str(archive), "--source", paths["image"], "--z_start", "0", "--z_stop", "2"]
+    result = run_script("align.py", *common, "--dest", tmp / "a_file")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"error: --dest {tmp / 'a_file'}: cannot write there (Not a directory)"
+    for dest in (str(tmp / "a_file" / "sub"), "file://" + str(tmp / "a_file" / "sub")):
+        with pytest.raises(helpers.UserError, match="a_file is not a directory"):
+            align.main(common + ["--dest", dest])
+    (tmp / "d").mkdir()
+    (tmp / "d" / "image").touch()  # the folder is writable, its image layer's place is not
+    with pytest.raises(helpers.UserError, match="cannot write file://.*d/image: "):
+        align.main(common + ["--dest", str(tmp / "d")])
 
 
 def test_archive_volume_and_destination_mismatches(setup):

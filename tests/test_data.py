@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
+from conftest import corrupt_chunk
 from helpers import UserError, warp, warp_tissue
 
 SIZE = 64
@@ -21,9 +22,11 @@ def texture(size, seed=0, margin=0):
     return 20 + 215 * (t - t.min()) / (t.max() - t.min())
 
 
-def write_stacks(path, with_masks=True, with_fields=True, with_std=True):
+def write_stacks(path, with_masks=True, with_fields=True, with_std=True, compression=None):
     """2 stacks x 4 sections x 64 px: section s of stack n is the truth shifted so that
-    ``warp(image, (tx, ty)) == truth`` with ``(tx, ty) = SHIFTS[n][s]``; stack 1 section 2 is blank."""
+    ``warp(image, (tx, ty)) == truth`` with ``(tx, ty) = SHIFTS[n][s]``; stack 1 section 2 is blank.
+
+    compression: of the chunked datasets (None, or e.g. ``"lzf"`` as gen_stack.py writes)."""
     m = 8
     images = np.zeros((2, 4, SIZE, SIZE), np.uint8)
     fields = np.zeros((2, 4, 2, SIZE, SIZE), np.float32)
@@ -38,11 +41,11 @@ def write_stacks(path, with_masks=True, with_fields=True, with_std=True):
     defects[0, 0, 20, :] = 1  # a crack along row 20
     defects[0, 1, 40:43, 30:34] = 2  # a small fold
     with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images, chunks=(1, 1, SIZE, SIZE))
+        f.create_dataset("images", data=images, chunks=(1, 1, SIZE, SIZE), compression=compression)
         if with_masks:
-            f.create_dataset("masks", data=defects, chunks=(1, 1, SIZE, SIZE))
+            f.create_dataset("masks", data=defects, chunks=(1, 1, SIZE, SIZE), compression=compression)
         if with_fields:
-            f.create_dataset("fields", data=fields, chunks=(1, 1, 2, SIZE, SIZE))
+            f.create_dataset("fields", data=fields, chunks=(1, 1, 2, SIZE, SIZE), compression=compression)
         if with_std:
             f.create_dataset("slice_std", data=data.slice_std(images).numpy())
     return path
@@ -198,6 +201,24 @@ def test_unreadable_files_are_user_errors(tmp_path, h5, content):
             f.create_dataset("fields", data=np.zeros((1, 2, 8, 8), np.float32))
     with pytest.raises(UserError) as err:
         data.StackDataset(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["images", "masks", "fields"])
+def test_a_corrupt_chunk_is_a_user_error_naming_the_file_the_dataset_and_the_sections(tmp_path, name):
+    path = write_stacks(tmp_path / "stacks.h5", compression="lzf")
+    corrupt_chunk(path, name, (0, 1, 0, 0, 0) if name == "fields" else (0, 1, 0, 0))  # stack 0, section 1
+    ds = data.StackDataset(path)
+    assert tuple(ds.pairs[0]) == (0, 0) and tuple(ds.pairs[3]) == (1, 0)
+    ds[3]  # stack 1 reads well
+    with pytest.raises(UserError) as err:
+        ds[0]
+    assert str(err.value).startswith(f"dataset {path}: cannot read '{name}' of stack 0, sections 0..1 (")
+    assert "\n" not in str(err.value)
+    loader = DataLoader(ds, batch_size=1, num_workers=1)  # raised again in this process with the worker's traceback
+    with pytest.raises(UserError) as err:
+        list(data.batches(loader))
+    assert str(err.value).startswith(f"dataset {path}: cannot read '{name}' of stack 0, sections 0..1 (")
     assert "\n" not in str(err.value)
 
 

@@ -42,7 +42,7 @@ def test_demo_py_builds_a_static_phantom_volume_elsewhere_and_never_overwrites_o
             demo.main([*bad, str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
     (tmp_path / "a_file").touch()
-    with pytest.raises(UserError, match="cannot write .*a_file/sub: Not a directory"):
+    with pytest.raises(UserError, match=r"DEST .*a_file/sub: cannot write there \(.*a_file is not a directory\)"):
         demo.main(["--shape", "2", "64", "64", str(tmp_path / "a_file" / "sub")])
 
 

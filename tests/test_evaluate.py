@@ -107,10 +107,12 @@ def test_warnings_flag_an_alignment_that_is_hardly_better_than_none_and_one_abov
 MOVES = [(0, 0), (3, 0), (3, 2), (1, -2)]  # section z shows section 0's content moved by MOVES[z] (x, y) px
 
 
-def write_layer(path, array, kind):
+def write_layer(path, array, kind, sections=None):
+    """A layer of ``array [Z, C, 64, 64]`` in 32 px chunks; only ``sections`` (default: all) written."""
     vol = volume.create_volume("file://" + str(path), (64, 64, len(array)), str(array.dtype),
                                num_channels=array.shape[1], chunk=(32, 32, 1))
-    volume.write_pyramid(vol, array, (0, 0, 0), kind)
+    for z in range(len(array)) if sections is None else sections:
+        volume.write_pyramid(vol, array[z:z + 1], (0, 0, z), kind)
     return "file://" + str(path)
 
 
@@ -157,3 +159,59 @@ def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_
         result = run_script("evaluate.py", *argv)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
+
+
+def test_missing_sections_are_told_by_the_chunks_stored(tmp_path):
+    vol = volume.open_volume(write_layer(tmp_path / "layer", np.ones((4, 1, 64, 64), np.uint8), "image", [0, 2, 3]))
+    (tmp_path / "layer" / "8_8_40" / "32-64_0-32_2-3.gz").unlink()  # one chunk of section 2 lost
+    assert volume.missing_sections(vol, (0, 0, 0), (64, 64, 4)) == [1, 2]
+    assert volume.missing_sections(vol, (0, 0, 0), (64, 64, 4), every_chunk=False) == [1]
+    assert volume.missing_sections(vol, (0, 0, 0), (32, 32, 4)) == [1]  # only the cutout's chunks count
+    assert evaluate.spans([0, 1, 2, 5, 7, 8]) == "0..2 5 7..8"
+
+
+@pytest.mark.parametrize("written, z_range, says", [
+    ([0], (0, 4), "lacks sections 1..3 of 0..3"),  # a run that crashed after the reference section
+    ([0, 1], (2, 4), "lacks sections 2..3 of 2..3"),  # a range never aligned
+])
+def test_evaluate_refuses_sections_never_aligned_in_one_line(tmp_path, misaligned, written, z_range, says):
+    raw, truth, raw_path, truth_path = misaligned
+    write_layer(tmp_path / "dest" / "image", raw[:, None], "image", written)
+    write_layer(tmp_path / "dest" / "field", truth, "field", written)
+    result = run_script("evaluate.py", "--aligned", tmp_path / "dest", "--raw", raw_path, "--truth", truth_path,
+                        "--z_start", z_range[0], "--z_stop", z_range[1])
+    assert result.returncode == 2 and result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+    assert says in result.stderr and "dest/image" in result.stderr and "align.py" in result.stderr
+
+
+def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_path, misaligned):
+    raw, truth, raw_path, truth_path = misaligned
+    write_layer(tmp_path / "dest" / "image", raw[:, None], "image")
+    write_layer(tmp_path / "dest" / "field", truth, "field")
+    short_truth = write_layer(tmp_path / "short_truth", truth, "field", [0, 1, 3])
+    empty_raw = write_layer(tmp_path / "empty_raw", raw[:, None], "image", [0, 1, 2])
+    dest = ["--aligned", str(tmp_path / "dest"), "--z_start", "0", "--z_stop", "4"]
+    for argv, says in ((["--raw", truth_path], r"--raw .*/truth is not an image \(1 channel of uint8\): it has 2 "),
+                       (["--truth", raw_path], r"--truth .*/raw is not a field \(2 channels of float"),
+                       (["--defects", truth_path], "--defects .*/truth is not a label layer"),
+                       (["--truth", short_truth], "--truth .*/short_truth lacks sections 2 of 0..3"),
+                       (["--raw", empty_raw], "--raw .*/empty_raw lacks sections 3 of 0..3")):
+        with pytest.raises(evaluate.UserError, match=says) as err:
+            evaluate.main(dest + argv)
+        assert "\n" not in str(err.value)
+    write_layer(tmp_path / "swapped" / "image", truth, "field")  # a field where the aligned image belongs
+    write_layer(tmp_path / "swapped" / "field", truth, "field")
+    with pytest.raises(evaluate.UserError, match="--aligned .*/swapped/image is not an image"):
+        evaluate.main(["--aligned", str(tmp_path / "swapped"), "--z_start", "0", "--z_stop", "4"])
+
+
+def test_evaluate_refuses_a_plots_folder_it_cannot_write_before_scoring(tmp_path, misaligned):
+    raw, truth, raw_path, _ = misaligned
+    write_layer(tmp_path / "dest" / "image", raw[:, None], "image")
+    write_layer(tmp_path / "dest" / "field", truth, "field")
+    (tmp_path / "a_file").touch()
+    result = run_script("evaluate.py", "--aligned", tmp_path / "dest", "--z_start", "0", "--z_stop", "4",
+                        "--plots", tmp_path / "a_file" / "eval")
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: --plots {tmp_path / 'a_file' / 'eval'}: cannot write there " \
+                                    f"({tmp_path / 'a_file'} is not a directory)"

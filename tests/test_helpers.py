@@ -1,5 +1,6 @@
 """The field convention: warps of known fields, composition, inversion, resampling."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -168,3 +169,24 @@ def test_in_frame_of_of_rotations():
     truth = h.affine_field(m, 32, 32)
     rel = h.in_frame_of(truth, reference=1)
     assert rel[1].abs().max() < 1e-3 and rel[0].abs().max() > 0.5
+
+
+def test_check_writable_names_the_flag_and_creates_nothing(tmp_path):
+    (tmp_path / "a_file").touch()
+    assert h.check_writable(tmp_path / "new" / "deeper", "--dest", folder=True) == tmp_path / "new" / "deeper"
+    assert h.check_writable(tmp_path / "a_file", "--plot") == tmp_path / "a_file"  # a file may be replaced
+    for path, folder, reason in ((tmp_path / "a_file", True, "Not a directory"),
+                                 (tmp_path / "a_file" / "sub", True, f"{tmp_path / 'a_file'} is not a directory"),
+                                 (tmp_path / "a_file" / "x.png", False, f"{tmp_path / 'a_file'} is not a directory"),
+                                 (tmp_path, False, "Is a directory")):
+        with pytest.raises(h.UserError) as err:
+            h.check_writable(path, "--flag", folder)
+        assert str(err.value) == f"--flag {path}: cannot write there ({reason})"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_check_writable_refuses_a_read_only_folder(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(h.UserError, match="cannot write there .Permission denied"):
+        h.check_writable(tmp_path / "ro" / "dest", "--dest", folder=True)

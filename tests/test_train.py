@@ -4,15 +4,20 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import net_hist
 import train
-from conftest import run_script
+from conftest import corrupt_chunk, run_script
 from helpers import UserError, warp
-from models.archive import load_archive
+from models import Pyramid
+from models.archive import load_archive, save_archive
 
 
-def write_toy(path, n=2, s=4, d=32, shift=(1.5, -1.0)):
-    """Sections of one smooth texture, section k moved by k * shift; ``fields`` re-align each one."""
+def write_toy(path, n=2, s=4, d=32, shift=(1.5, -1.0), **storage):
+    """Sections of one smooth texture, section k moved by k * shift; ``fields`` re-align each one.
+
+    ``storage``: h5py's ``create_dataset`` options for ``images`` (e.g. chunks and compression, as gen_stack.py's).
+    """
     g = torch.Generator().manual_seed(0)
     texture = torch.nn.functional.interpolate(torch.rand(1, 1, d // 4, d // 4, generator=g), size=(d, d),
                                               mode="bicubic", align_corners=False)
@@ -21,7 +26,7 @@ def write_toy(path, n=2, s=4, d=32, shift=(1.5, -1.0)):
     images = warp(texture.expand(n * s, -1, -1, -1), -fields, padding_mode="border")
     images = (images - images.min()) / (images.max() - images.min()) * 200 + 30
     with h5py.File(path, "w") as f:
-        f["images"] = images.round().to(torch.uint8).view(n, s, d, d).numpy()
+        f.create_dataset("images", data=images.round().to(torch.uint8).view(n, s, d, d).numpy(), **storage)
         f["fields"] = fields.view(n, s, 2, d, d).numpy()
     return path
 
@@ -111,6 +116,41 @@ def test_corrupt_dataset_is_a_one_line_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "bad.h5" in result.stderr
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_chunk_in_the_middle_of_the_dataset_is_one_line_and_leaves_no_run(tmp_path, workers):
+    toy = write_toy(tmp_path / "toy.h5", chunks=(1, 1, 32, 32), compression="lzf")  # as gen_stack.py writes
+    with h5py.File(toy, "a") as f:
+        f["slice_std"] = data.slice_std(f["images"][:]).numpy()
+    corrupt_chunk(toy, "images", (1, 2, 0, 0))  # stack 1, section 2: read by pairs (1, 1) and (1, 2)
+    (tmp_path / "runs" / "earlier").mkdir(parents=True)  # another run's logs: left alone
+    result = run_script(train.__file__, "--dataset", toy, "--size", "2", "--batch_size", "2", "--no_augment",
+                        "--vis_interval", "1", "--num_workers", workers, "exp", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"error: dataset {toy}: cannot read 'images' of stack 1, sections " in result.stderr
+    assert not (tmp_path / "pt" / "exp.pt").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["earlier"]
+    assert not (tmp_path / "out" / "exp").exists()
+
+
+def test_a_failed_run_removes_only_the_folders_it_made_and_only_before_it_saves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "a").mkdir(parents=True)  # an earlier run's pictures
+    with pytest.raises(KeyboardInterrupt), train.removed_unless_saved("a"):
+        (tmp_path / "runs" / "a").mkdir(parents=True)
+        (tmp_path / "out" / "a" / "new.png").touch()
+        raise KeyboardInterrupt
+    assert not (tmp_path / "runs" / "a").exists() and (tmp_path / "out" / "a" / "new.png").exists()
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "b.pt").touch()
+    with pytest.raises(UserError), train.removed_unless_saved("b"):  # fails after an epoch was saved: logs kept
+        (tmp_path / "runs" / "b").mkdir()
+        (tmp_path / "pt" / "b.pt").unlink()
+        (tmp_path / "pt" / "b.pt").touch()  # a save replaces the archive
+        raise UserError("diverged")
+    assert (tmp_path / "runs" / "b").exists()
+
+
 def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
     parent = run(toy, "parent", "--epochs", "2")
     child = train.main(["--dataset", str(toy), "--state_archive", str(parent), "--size", "3", "--fine_tuning",
@@ -132,6 +172,18 @@ def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
     with pytest.raises(UserError, match="exists"):  # an export never replaces a network
         net_hist.main([str(child), "--export", str(parent)])
     assert parent.read_bytes() == before
+
+
+def test_net_hist_refuses_an_unwritable_plot_or_export_in_one_line(tmp_path):
+    archive = save_archive(tmp_path / "net.pt", Pyramid(size=2), summary={"name": "net", "history": {"loss": [1.0]}})
+    a_file = tmp_path / "a_file"
+    a_file.touch()
+    for flag, path, reason in (("--plot", a_file / "curves.png", f"{a_file} is not a directory"),
+                               ("--plot", tmp_path, "Is a directory"),
+                               ("--export", a_file / "lean.pt", f"{a_file} is not a directory")):
+        result = run_script(net_hist.__file__, archive, flag, path)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.strip() == f"error: {flag} {path}: cannot write there ({reason})"
 
 
 def test_staged_schedule():

@@ -45,6 +45,17 @@ def test_create_refuses_existing_layer(tiny_volume):
         volume.create_volume(paths["image"], (64, 64, 12), "uint8")
 
 
+def test_a_layer_that_cannot_be_written_is_a_user_error(tmp_path):
+    (tmp_path / "a_file").touch()
+    with pytest.raises(UserError, match="cannot write file://.*a_file/layer: Not a directory"):
+        volume.create_volume("file://" + str(tmp_path / "a_file" / "layer"), (32, 32, 1), "uint8")
+    vol = volume.create_volume("file://" + str(tmp_path / "layer"), (32, 32, 1), "uint8")
+    (tmp_path / "layer" / "8_8_40").touch()  # where the chunks of mip 0 go: not a folder
+    with pytest.raises(UserError, match=r"cannot write file://.*/layer at \(0, 0, 0\) mip 0: Not a directory"):
+        volume.write(vol, np.ones((1, 1, 32, 32), np.uint8), (0, 0, 0))
+    assert vol.mip == 0
+
+
 def test_resolve_path():
     assert volume.resolve_path("gs://b/x") == "gs://b/x"
     assert volume.resolve_path("basil_v0/raw_image", bucket="s3://lab") == "s3://lab/basil_v0/raw_image"
