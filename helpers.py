@@ -23,7 +23,6 @@ This module imports nothing of ours; everything else imports it.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -212,53 +211,3 @@ def to_tensor(x, device=None, dtype=torch.float32) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device, dtype=dtype, copy=True)
     return torch.tensor(np.asarray(x), device=device, dtype=dtype)
-
-
-def to_uint8(image) -> np.ndarray:
-    """Stretch a float image (any shape) to ``uint8`` by its min and max; ``uint8`` passes through."""
-    a = to_numpy(image)
-    if a.dtype == np.uint8:
-        return a
-    a = a.astype(np.float32)
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-    return np.clip((a - lo) / max(hi - lo, 1e-8) * 255, 0, 255).astype(np.uint8)
-
-
-def save_chunk(chunk, path: str | Path, frame_ms: int = 400) -> Path:
-    """Save a picture, whatever its type (tensor or array, float or uint8).
-
-    ``[H, W]`` (or ``[1, H, W]`` / ``[1, 1, H, W]``) grey, or ``[H, W, 3]`` RGB, as a
-    PNG; ``[T, H, W]`` as an animated GIF of T frames (a flicker). The extension
-    is set from what is saved.
-    """
-    from PIL import Image
-
-    a = to_numpy(chunk)
-    while a.ndim > 2 and a.shape[0] == 1:
-        a = a[0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if a.ndim == 3 and a.shape[-1] != 3:
-        frames = [Image.fromarray(f) for f in to_uint8(a)]
-        path = path.with_suffix(".gif")
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-    else:
-        path = path.with_suffix(".png")
-        Image.fromarray(to_uint8(a)).save(path)
-    return path
-
-
-def field_to_rgb(field) -> np.ndarray:
-    """Colour picture ``[H, W, 3]`` uint8 of one field ``[2, H, W]``: hue = direction, brightness = length.
-
-    Saturated at the field's 99th-percentile length, so the picture shows shape, not scale.
-    """
-    import matplotlib.colors as mcolors
-
-    u, v = to_numpy(field).astype(np.float32)[-2:]
-    length = np.hypot(u, v)
-    scale = max(float(np.percentile(length, 99)), 1e-6)
-    hue = (np.arctan2(-v, -u) / np.pi + 1) / 2
-    hsv = np.stack([hue, np.clip(length / scale, 0, 1), np.ones_like(hue)], -1)
-    return (mcolors.hsv_to_rgb(hsv) * 255).astype(np.uint8)
-

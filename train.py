@@ -42,8 +42,7 @@ import distributed
 import loss
 import masks
 from data import Augmenter, StackDataset, held_out_misalignment
-from helpers import (UserError, downsample_field, field_to_rgb, run_main, upsample_field, vector_length, warp,
-                     warp_labels)
+from helpers import UserError, downsample_field, run_main, upsample_field, vector_length, warp, warp_labels
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -428,13 +427,13 @@ def setup(args) -> tuple:
 def log_step(writer, out_dir: Path, iteration: int, scalars: dict[str, float], pictures: dict,
              vis_interval: int) -> None:
     """TensorBoard ``scalars`` of one step; every ``vis_interval`` steps the pictures of its first pair too."""
-    from vis import save_pair_pictures
+    from vis import field_figure, save_pair_pictures
 
     for key, value in scalars.items():
         writer.add_scalar(key, value, iteration)
     if vis_interval and iteration % vis_interval == 0:
         save_pair_pictures(out_dir, f"it{iteration:06d}", **pictures)
-        writer.add_image("pair/field", field_to_rgb(pictures["field"]), iteration, dataformats="HWC")
+        writer.add_figure("pair/field", field_figure(pictures["field"], f"step {iteration}"), iteration)
         writer.add_image("pair/flicker_target_warped_source",
                          torch.stack([pictures[k] for k in ("target", "warped", "source")]).clamp(-3, 3)
                          .div(6).add(0.5), iteration, dataformats="CHW")
