@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
 
 import distributed
 import loss
@@ -439,6 +441,27 @@ def log_step(writer, out_dir: Path, iteration: int, scalars: dict[str, float], p
                          .div(6).add(0.5), iteration, dataformats="CHW")
 
 
+def log_arguments(writer, args, step: int) -> None:
+    """TensorBoard text at ``step``: the command line that started this process and ``args`` as a markdown table."""
+    rows = "\n".join(f"| {key} | `{value}` |" for key, value in sorted(vars(args).items()))
+    writer.add_text("run/command", f"`python {shlex.join(sys.argv)}`", step)
+    writer.add_text("run/arguments", "| argument | value |\n|---|---|\n" + rows, step)
+
+
+def log_hparams(writer, args, history: dict[str, list[float]], epoch: int) -> None:
+    """TensorBoard's HParams view of this run: the ``KEY_PARAMS`` against the epoch curves' last values.
+
+    Written into the run's own event file, not a sub-run as ``add_hparams`` would;
+    the metrics are the ``epoch/...`` curves already logged.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    params = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+              for k in KEY_PARAMS if (v := getattr(args, k, None)) is not None}
+    for part in hparams(params, {f"epoch/{k}": v[-1] for k, v in history.items() if v}):
+        writer.file_writer.add_summary(part, epoch)
+
+
 def train(args, device: str | None = None) -> Path:
     """Run (or resume) the experiment ``args.name`` on ``device`` (default ``args.device``); returns the archive path.
 
@@ -457,6 +480,7 @@ def train(args, device: str | None = None) -> Path:
     iteration, start_epoch = archive["iteration"], archive["epoch"]
     optimizer, stage = None, None
     if rank0:
+        log_arguments(writer, args, iteration)
         print(f"training {args.name}: {len(dataset)} pairs from {args.dataset}, {args.size} levels, "
               f"epochs {start_epoch}..{args.epochs - 1}, device {device}"
               + (f", {world} processes of {args.batch_size // world} pairs a step" if world > 1 else ""))
@@ -481,7 +505,8 @@ def train(args, device: str | None = None) -> Path:
                             num_workers=args.num_workers, drop_last=len(dataset) >= args.batch_size,
                             persistent_workers=False)
         sums, count, started = {}, 0, time.time()
-        for batch in loader:
+        bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=None if rank0 else True)
+        for batch in bar:
             batch = to_device(batch, device)
             cost, log, pictures = pair_terms(stepper, batch, args, stage.level)
             optimizer.zero_grad(set_to_none=True)
@@ -498,6 +523,7 @@ def train(args, device: str | None = None) -> Path:
                          for level, residual in pictures.pop("residuals").items()}
             scalars = {**{f"loss/{k}": v for k, v in log.items()}, **distributed.mean_over_ranks(residuals)}
             if rank0:
+                bar.set_postfix(total=f"{log['total']:.4g}", refresh=False)
                 log_step(writer, out_dir, iteration, scalars, pictures, args.vis_interval)
         means = {k: v / max(count, 1) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in means.values()):  # the same on every rank: all stop
@@ -531,6 +557,7 @@ def train(args, device: str | None = None) -> Path:
                 best_path(archive_path).unlink(missing_ok=True)
         distributed.barrier()  # the other ranks wait while rank 0 validates and saves
     if rank0:
+        log_hparams(writer, args, history, args.epochs - 1)
         writer.close()
         print(f"saved {archive_path}")
         if history.get("val_epe"):
