@@ -48,6 +48,7 @@ from alignment import apply_field
 from helpers import (UserError, check_writable, in_frame_of, jacobian_determinant, run_main, to_tensor, vector_length,
                      warp_labels)
 from shifts import best_shifts
+from vis import plain_log_ticks, pyplot, save_figure
 
 PERCENTILES = (1, 5, 95, 99)
 RAW = "raw (no alignment)"  # the unaligned stack's row in evaluate.py's table
@@ -214,39 +215,41 @@ def print_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
 
 def plot_cpc(histograms: dict[str, np.ndarray], path: Path) -> Path:
     """Overlaid CPC histograms, one per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for name, values in histograms.items():
         ax.hist(values, bins=50, range=(-0.2, 1), histtype="step", density=True, label=name)
     ax.set_xlabel("Pearson r of neighbouring chunks")
     ax.set_ylabel("density")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_epe_maps(errors: dict[str, np.ndarray], path: Path, vmax: float = 5) -> Path:
-    """One panel per method: the end-point error map ``[H, W]`` (px) of one section."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def epe_figure(errors: dict[str, np.ndarray], decades: float = 2):
+    """One panel per method: the end-point error map ``[H, W]`` (px) of one section, on one colour scale.
 
-    fig, axes = plt.subplots(1, len(errors), figsize=(3.2 * len(errors), 3.4), squeeze=False)
+    The scale is logarithmic, from the 99th percentile of all panels (the raw's,
+    as a rule) down ``decades`` powers of ten, so an aligned panel of tenths of
+    a pixel shows beside a raw one of tens; lower and higher errors take the end
+    colours. Each title states its panel's median; the colour bar is in px.
+    """
+    from matplotlib.colors import LogNorm
+
+    top = max(float(np.percentile(np.concatenate([e.ravel() for e in errors.values()]), 99)), 1e-3)
+    norm = LogNorm(vmin=top / 10 ** decades, vmax=top, clip=False)
+    fig, axes = pyplot().subplots(1, len(errors), figsize=(3.2 * len(errors) + 1, 3.4), squeeze=False)
     for ax, (name, error) in zip(axes[0], errors.items()):
-        im = ax.imshow(error, vmin=0, vmax=vmax, cmap="magma")
-        ax.set_title(name, fontsize="small")
+        image = ax.imshow(np.maximum(error, norm.vmin), norm=norm, cmap="magma")
+        ax.set_title(f"{name}: median {np.median(error):.3g} px", fontsize="small")
         ax.axis("off")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="end-point error (px)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, extend="both", label="end-point error (px)")
+    plain_log_ticks(bar.ax.yaxis)
+    return fig
+
+
+def plot_epe_maps(errors: dict[str, np.ndarray], path: Path) -> Path:
+    """``epe_figure`` of ``errors`` (method -> ``[H, W]`` px) written to ``path``."""
+    return save_figure(epe_figure(errors), path)
 
 
 def main(argv=None) -> dict:

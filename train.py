@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import math
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -41,13 +42,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
 
 import distributed
 import loss
 import masks
 from data import Augmenter, StackDataset, batches, held_out_misalignment
-from helpers import (UserError, code_version, downsample_field, field_to_rgb, finite_float, run_main,
-                     upsample_field, vector_length, warp, warp_labels)
+from helpers import (UserError, code_version, downsample_field, finite_float, run_main, upsample_field, vector_length,
+                     warp, warp_labels)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -453,16 +455,37 @@ def setup(args) -> tuple:
 def log_step(writer, out_dir: Path, iteration: int, scalars: dict[str, float], pictures: dict,
              vis_interval: int) -> None:
     """TensorBoard ``scalars`` of one step; every ``vis_interval`` steps the pictures of its first pair too."""
-    from vis import save_pair_pictures
+    from vis import field_figure, save_pair_pictures
 
     for key, value in scalars.items():
         writer.add_scalar(key, value, iteration)
     if vis_interval and iteration % vis_interval == 0:
         save_pair_pictures(out_dir, f"it{iteration:06d}", **pictures)
-        writer.add_image("pair/field", field_to_rgb(pictures["field"]), iteration, dataformats="HWC")
+        writer.add_figure("pair/field", field_figure(pictures["field"], f"step {iteration}"), iteration)
         writer.add_image("pair/flicker_target_warped_source",
                          torch.stack([pictures[k] for k in ("target", "warped", "source")]).clamp(-3, 3)
                          .div(6).add(0.5), iteration, dataformats="CHW")
+
+
+def log_arguments(writer, args, step: int) -> None:
+    """TensorBoard text at ``step``: the command line that started this process and ``args`` as a markdown table."""
+    rows = "\n".join(f"| {key} | `{value}` |" for key, value in sorted(vars(args).items()))
+    writer.add_text("run/command", f"`python {shlex.join(sys.argv)}`", step)
+    writer.add_text("run/arguments", "| argument | value |\n|---|---|\n" + rows, step)
+
+
+def log_hparams(writer, args, history: dict[str, list[float]], epoch: int) -> None:
+    """TensorBoard's HParams view of this run: the ``KEY_PARAMS`` against the epoch curves' last values.
+
+    Written into the run's own event file, not a sub-run as ``add_hparams`` would;
+    the metrics are the ``epoch/...`` curves already logged.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    params = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+              for k in KEY_PARAMS if (v := getattr(args, k, None)) is not None}
+    for part in hparams(params, {f"epoch/{k}": v[-1] for k, v in history.items() if v}):
+        writer.file_writer.add_summary(part, epoch)
 
 
 def train(args, device: str | None = None) -> Path:
@@ -483,6 +506,7 @@ def train(args, device: str | None = None) -> Path:
     iteration, start_epoch = archive["iteration"], archive["epoch"]
     optimizer, stage = None, None
     if rank0:
+        log_arguments(writer, args, iteration)
         print(f"training {args.name}: {len(dataset)} pairs from {args.dataset}, {args.size} levels, "
               f"epochs {start_epoch}..{args.epochs - 1}, device {device}"
               + (f", {world} processes of {args.batch_size // world} pairs a step" if world > 1 else ""))
@@ -507,7 +531,8 @@ def train(args, device: str | None = None) -> Path:
                             num_workers=args.num_workers, drop_last=len(dataset) >= args.batch_size,
                             persistent_workers=False)
         sums, count, started = {}, 0, time.time()
-        for batch in batches(loader):
+        bar = tqdm(batches(loader), desc=f"epoch {epoch}", unit="step", leave=False, disable=None if rank0 else True)
+        for batch in bar:
             batch = to_device(batch, device)
             cost, log, pictures = pair_terms(stepper, batch, args, stage.level)
             optimizer.zero_grad(set_to_none=True)
@@ -524,6 +549,7 @@ def train(args, device: str | None = None) -> Path:
                          for level, residual in pictures.pop("residuals").items()}
             scalars = {**{f"loss/{k}": v for k, v in log.items()}, **distributed.mean_over_ranks(residuals)}
             if rank0:
+                bar.set_postfix(total=f"{log['total']:.4g}", refresh=False)
                 log_step(writer, out_dir, iteration, scalars, pictures, args.vis_interval)
         means = {k: v / max(count, 1) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in means.values()):  # the same on every rank: all stop
@@ -557,6 +583,7 @@ def train(args, device: str | None = None) -> Path:
                 best_path(archive_path).unlink(missing_ok=True)
         distributed.barrier()  # the other ranks wait while rank 0 validates and saves
     if rank0:
+        log_hparams(writer, args, history, args.epochs - 1)
         writer.close()
         print(f"saved {archive_path}")
         if history.get("val_epe"):

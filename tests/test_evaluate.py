@@ -104,6 +104,21 @@ def test_warnings_flag_an_alignment_that_is_hardly_better_than_none_and_one_abov
     assert evaluate.warnings(rows, "none") == []
 
 
+def test_epe_maps_show_a_raw_panel_of_tens_of_px_beside_an_aligned_one_of_tenths_on_one_scale_in_px():
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    errors = {"raw": 2 + 18 * ramp, "aligned": 0.2 + 0.8 * ramp}  # e.g. a rotation, and what is left of it
+    fig = evaluate.epe_figure(errors)
+    *panels, bar = fig.axes
+    for ax, error in zip(panels, errors.values()):
+        shown = ax.images[0]
+        colours = np.clip(shown.norm(error), 0, 1)  # 0..1 along the colour bar
+        assert colours.max() - colours.min() > 0.2  # each panel spans a fifth of the colours, or more
+        assert shown.norm is panels[0].images[0].norm  # one scale for all panels
+    assert [ax.get_title() for ax in panels] == ["raw: median 11 px", "aligned: median 0.6 px"]
+    assert bar.get_ylabel() == "end-point error (px)"
+    evaluate.pyplot().close(fig)
+
+
 MOVES = [(0, 0), (3, 0), (3, 2), (1, -2)]  # section z shows section 0's content moved by MOVES[z] (x, y) px
 
 
@@ -133,8 +148,9 @@ def test_evaluate_command_scores_a_perfect_and_a_collapsed_alignment_against_the
     write_layer(tmp_path / "dest" / "image", alignment.apply_field(raw, field)[:, None], "image")
     write_layer(tmp_path / "dest" / "field", field, "field")
     rows = evaluate.main(["--aligned", str(tmp_path / "dest"), "--raw", raw_path, "--truth", truth_path,
-                          "--z_start", "0", "--z_stop", "4", "--chunk", "16"])
+                          "--z_start", "0", "--z_stop", "4", "--chunk", "16", "--plots", str(tmp_path / "plots")])
     out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["cpc.png", "epe.png"]
     assert list(rows) == [evaluate.RAW, "oracle (ground truth)", "aligned"]
     assert rows["oracle (ground truth)"]["far_median"] == 0
     assert rows[evaluate.RAW]["far_median"] == pytest.approx(np.median([np.hypot(*m) for m in MOVES]))  # all tissue

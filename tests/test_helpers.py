@@ -120,17 +120,6 @@ def test_type_conversions_do_not_share_memory():
     assert np.array_equal(h.to_numpy(torch.ones(2, requires_grad=True)), np.ones(2))
 
 
-def test_save_chunk_png_and_gif(tmp_path):
-    from PIL import Image
-
-    png = h.save_chunk(torch.rand(1, 1, 8, 10), tmp_path / "a")
-    gif = h.save_chunk(np.random.rand(3, 8, 10), tmp_path / "b")
-    assert png.suffix == ".png" and Image.open(png).size == (10, 8)
-    assert gif.suffix == ".gif" and Image.open(gif).n_frames == 3
-    rgb = h.field_to_rgb(torch.randn(2, 8, 10))
-    assert rgb.shape == (8, 10, 3) and rgb.dtype == np.uint8
-
-
 def test_warp_rejects_mismatched_sizes():
     with pytest.raises(ValueError):
         h.warp(torch.rand(1, 1, 8, 8), torch.zeros(1, 2, 4, 4))

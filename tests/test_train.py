@@ -1,8 +1,12 @@
 """train.py end to end on a tiny HDF5: outputs, resume, refusals, lineage; net_hist.py on the result."""
+import io
+import sys
+
 import h5py
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
 import data
 import net_hist
@@ -50,6 +54,32 @@ def test_training_writes_archive_logs_and_pictures(toy, tmp_path):
     assert archive["args"]["size"] == 2 and model.config["size"] == 2
     assert list((tmp_path / "runs" / "exp").glob("events.out.tfevents.*"))
     assert list((tmp_path / "out" / "exp").glob("*_flicker.gif")) and list((tmp_path / "out" / "exp").glob("*_field.png"))
+    logs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "runs")).Reload()
+    text = {tag: logs.Tensors("exp", tag)[0].tensor_proto.string_val[0].decode()
+            for tag in logs.Runs()["exp"]["tensors"] if tag.startswith("run/")}
+    assert text["run/command/text_summary"].startswith("`python ")
+    assert "| lambda1 | `0.1` |" in text["run/arguments/text_summary"]  # the arguments as a markdown table
+    hparams = logs.PluginRunToTagToContent("hparams")["exp"]  # in the run itself, not a sub-run
+    assert b"epoch/val_epe" in hparams["_hparams_/experiment"] and b"lambda1" in hparams["_hparams_/session_start_info"]
+    assert "pair/field" in logs.PluginRunToTagToContent("images")["exp"]  # the field picture with its key
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_an_epoch_draws_a_progress_bar_on_a_terminal_only_and_clears_it(toy, monkeypatch, capsys):
+    run(toy, "quiet", "--epochs", "1", "--vis_interval", "0")
+    assert capsys.readouterr().err == ""  # not a terminal (a log file, CI): no bar
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run(toy, "shown", "--epochs", "1", "--vis_interval", "0")
+    drawn = terminal.getvalue()
+    assert "epoch 0:" in drawn and "/3 " in drawn  # 6 pairs, 2 a step
+    *_, last, end = drawn.split("\r")
+    assert last.strip() == "" and end == ""  # the bar's line is blanked: the epoch's line prints on a clean line
+    assert capsys.readouterr().out.splitlines()[-3].startswith("epoch 0 level 1: similarity")
 
 
 def test_resume_gives_the_same_network_as_an_uninterrupted_run(toy):

@@ -1,4 +1,4 @@
-"""Pictures: the pair flicker's frames and their order, the field and weight PNGs, the loss-curve figure."""
+"""Pictures: the pair flicker's frames and their order, the field colours and their key, the loss-curve figure."""
 import numpy as np
 import torch
 from PIL import Image, ImageSequence
@@ -15,8 +15,9 @@ def test_pair_pictures_flicker_is_target_warped_source_on_one_grey_scale(tmp_pat
     frames = [np.asarray(f.convert("L")) for f in ImageSequence.Iterator(Image.open(written[0]))]
     assert [f.shape for f in frames] == [(8, 10)] * 3
     assert [int(f.mean().round()) for f in frames] == [0, 127, 255]  # one stretch for all three frames
-    rgb = np.asarray(Image.open(written[1]))
-    assert rgb.shape == (8, 10, 3) and rgb.max() > 0  # a uniform non-zero field is coloured
+    rgb = np.asarray(Image.open(written[1]).convert("RGB"))
+    assert rgb.shape == (420, 700, 3)  # the field_figure: 7 x 4.2 inches at 100 dpi
+    assert (np.abs(rgb.astype(int) - (255, 0, 0)).sum(-1) < 30).sum() > 1000  # +x is red, in the field and the key
     assert np.asarray(Image.open(written[2])).shape == (8, 10)
 
 
@@ -25,6 +26,63 @@ def test_pair_pictures_without_weights_write_two_files(tmp_path):
     written = vis.save_pair_pictures(tmp_path, "t", image, image, image, torch.zeros(2, 6, 6))
     assert sorted(p.name for p in written) == ["t_field.png", "t_flicker.gif"]
     assert all(p.is_file() for p in written)
+
+
+def test_save_chunk_png_and_gif(tmp_path):
+    png = vis.save_chunk(torch.rand(1, 1, 8, 10), tmp_path / "a")
+    gif = vis.save_chunk(np.random.rand(3, 8, 10), tmp_path / "b")
+    assert png.suffix == ".png" and Image.open(png).size == (10, 8)
+    assert gif.suffix == ".gif" and Image.open(gif).n_frames == 3
+
+
+def test_field_colours_are_raft_s_wheel_hue_direction_saturation_length():
+    field = torch.zeros(2, 1, 4)  # four pixels: +x, +y (down), half of +x, zero
+    field[0, 0, 0], field[1, 0, 1], field[0, 0, 2] = 3.0, 3.0, 1.5
+    rgb = vis.field_to_rgb(field, rim=3.0)
+    assert rgb.shape == (1, 4, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0].tolist() == [255, 0, 0]  # +x at the rim: pure red
+    assert rgb[0, 1].tolist() == [255, 229, 0]  # +y at the rim: yellow (RAFT's flow_viz colours)
+    assert rgb[0, 2].tolist() == [255, 127, 127]  # half the rim: half as saturated
+    assert rgb[0, 3].tolist() == [255, 255, 255]  # no displacement: white
+    assert (vis.field_to_rgb(2 * field, rim=3.0)[0, 0] == [191, 0, 0]).all()  # beyond the rim: darkened
+
+
+def test_colour_wheel_is_the_key_of_the_field_colours():
+    wheel = vis.colour_wheel(101, reach=1.0)  # x to the right, y down; the rim at the edge
+    field = torch.zeros(2, 1, 2)
+    field[0, 0, 0], field[1, 0, 1] = 2.0, 2.0  # +x, +y
+    rgb = vis.field_to_rgb(field, rim=2.0)
+    assert wheel[50, 100].tolist() == rgb[0, 0].tolist()  # the right of the wheel: the colour of +x
+    assert wheel[100, 50].tolist() == rgb[0, 1].tolist()  # its bottom: the colour of +y
+    assert wheel[50, 50].tolist() == [255, 255, 255] and wheel[0, 0].tolist() == [255, 255, 255]
+
+
+def test_field_figure_states_the_largest_length_and_carries_the_key():
+    field = torch.full((2, 16, 16), 0.5)
+    field[:, 3, 4] = torch.tensor([3.0, 4.0])  # one vector of length 5 px
+    fig = vis.field_figure(field, "it000100 field")
+    picture, key = fig.axes
+    assert picture.get_title() == "it000100 field: largest length 5 px"
+    assert picture.images[0].get_array().shape == (16, 16, 3)
+    assert key.images[0].get_array().shape == (101, 101, 3) and "rim 0.707 px" in key.get_title()
+    assert key.get_xlabel() == "x (px)" and key.images[0].get_extent()[1] > 0.707  # the wheel's axes in px
+    vis.pyplot().close(fig)
+
+
+def test_loss_curves_draw_val_epe_with_its_zero_field_baseline_and_label_every_panel():
+    curves = [("parent", {"similarity": [1.0, 0.5], "val_epe": [3.0, 2.0], "val_epe_zero_field": [4.0, 4.0]}),
+              ("child", {"similarity": [0.4], "val_epe": [1.5], "val_epe_zero_field": [4.0]})]
+    fig = vis.loss_curves_figure(curves)
+    fig.canvas.draw()
+    assert [ax.get_title(loc="left").split(":")[0] for ax in fig.axes] == ["similarity", "val_epe"]
+    epe = fig.axes[1]
+    assert epe.get_ylabel() == "px"
+    baselines = [line for line in epe.get_lines() if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in baselines] == [[4.0, 4.0], [4.0]]
+    assert list(baselines[1].get_xdata()) == [2]  # the child's epochs follow the parent's
+    for ax in fig.axes:  # tick labels on every panel, both axes
+        assert any(t.get_text() for t in ax.get_xticklabels()) and any(t.get_text() for t in ax.get_yticklabels())
+    vis.pyplot().close(fig)
 
 
 def test_loss_curves_figure_has_a_panel_per_term(tmp_path):
