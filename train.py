@@ -42,8 +42,8 @@ import distributed
 import loss
 import masks
 from data import Augmenter, StackDataset, held_out_misalignment
-from helpers import (UserError, downsample_field, field_to_rgb, run_main, upsample_field, vector_length, warp,
-                     warp_labels)
+from helpers import (UserError, check_name, downsample_field, field_to_rgb, run_main, upsample_field, vector_length,
+                     warp, warp_labels)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -139,6 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """One-line errors for impossible flag combinations."""
+    check_name(args.name, "experiment name")
     for i in range(7):
         if getattr(args, f"lambda{i}") < 0:
             raise UserError(f"--lambda{i} must be >= 0 (got {getattr(args, f'lambda{i}')})")

@@ -29,6 +29,12 @@ def run_script(*argv, cwd=ROOT, env=None):
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
+def ended_pid() -> int:
+    """The process id of a process that has ended (what a run killed with ``kill -9`` leaves in its temp names)."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
 @pytest.fixture
 def tiny_volume(tmp_path):
     """A 64 x 64 x 12 image volume with 2 mips, a defect layer and a field layer, as file:// paths.

@@ -80,6 +80,13 @@ def test_bad_flags_are_one_line_errors(toy, flags, message):
     assert "Traceback" not in result.stderr and not (toy.parent / "pt" / "bad.pt").exists()
 
 
+def test_an_escaping_experiment_name_is_refused(toy):
+    result = run_script(train.__file__, "--dataset", toy, "--epochs", "1", "../escaped", cwd=toy.parent)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: experiment name '../escaped' must be a plain name (no '/', not '..'): it names files inside a folder"]
+    assert not list(toy.parent.glob("escaped*")) and not (toy.parent / "pt").exists()
+
+
 def test_corrupt_dataset_is_a_one_line_error(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5 at all")
