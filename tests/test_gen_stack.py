@@ -149,22 +149,22 @@ def test_left_overs_of_killed_runs_are_removed_but_not_a_live_runs(tmp_path, tin
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped KeyboardInterrupt
-def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_write(tmp_path):
+def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_write(tmp_path, python_sigint):
     """A KeyboardInterrupt raised in a weakref callback is printed and dropped by Python: the run once ended 0."""
 
     class Thing:
         pass
 
     def stacks():
-        for k in range(3):
+        for _ in range(3):
             thing = Thing()
             ref = weakref.ref(thing, lambda _: (signal.raise_signal(signal.SIGINT), sum(range(10))))
             del thing  # Ctrl-C lands in the callback
             assert ref() is None
             yield np.zeros(3), {"images": np.full((4, 1, 16, 16), 7, np.uint8)}
 
-    args = gen_stack.parse_args(["--source", "x", "--mip", "1", "--dim", "16", "--stack_height", "4", "--train_range", "0", "8",
-                                 "toy"])
+    args = gen_stack.parse_args(["--source", "x", "--mip", "1", "--dim", "16", "--stack_height", "4",
+                                 "--train_range", "0", "8", "toy"])
     with pytest.raises(KeyboardInterrupt):
         gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, args)
     assert list(tmp_path.iterdir()) == []

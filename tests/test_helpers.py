@@ -1,6 +1,10 @@
-"""The field convention: warps of known fields, composition, inversion, resampling."""
+"""The field convention: warps of known fields, composition, inversion, resampling; plain names, all-or-nothing
+outputs."""
 import math
 import os
+import signal
+import socket
+import weakref
 
 import numpy as np
 import pytest
@@ -180,7 +184,6 @@ def test_a_name_that_is_not_one_plain_file_name_is_refused(name):
 
 
 def test_left_overs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
-    import socket
     dead_pid, live_pid = ended_pid(), os.getppid()  # a process that has ended; the one that started pytest
     path = tmp_path / "toy.h5"
     stale = [tmp_path / f".toy.h5.partial-{dead_pid}",  # as gen_stack named its temp file before
@@ -193,7 +196,8 @@ def test_left_overs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     (tmp_path / f".toy.h5.importing-{dead_pid}").mkdir()
     (tmp_path / f".toy.h5.importing-{dead_pid}" / "info").write_text("")
     assert sorted(h.remove_stale(path, "partial")) == sorted(stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in kept] + [f".toy.h5.importing-{dead_pid}"])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([p.name for p in kept] + [f".toy.h5.importing-{dead_pid}"])  # another tag: not touched
     assert h.remove_stale(path, "importing") == [tmp_path / f".toy.h5.importing-{dead_pid}"]
 
 
@@ -214,14 +218,13 @@ def test_atomic_output_keeps_the_old_file_on_an_error_and_replaces_it_on_success
     with h.atomic_output(folder, "importing") as tmp:
         tmp.mkdir()
         (tmp / "new").write_text("")
-    assert [p.name for p in folder.iterdir()] == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["layer", "out.txt"]
+    assert [p.name for p in folder.iterdir()] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer", "out.txt"]  # the old layer is gone
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped KeyboardInterrupt
-def test_a_ctrl_c_that_python_drops_in_a_callback_still_stops_an_atomic_output(tmp_path):
+def test_a_ctrl_c_that_python_drops_in_a_callback_still_stops_an_atomic_output(tmp_path, python_sigint):
     """Python prints and drops an exception raised in a weakref callback: a Ctrl-C landing there was lost."""
-    import signal
-    import weakref
 
     class Thing:
         pass
