@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import h5py
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 import volume
 from data import slice_std
-from helpers import UserError, run_main
+from helpers import UserError, atomic_output, check_name, run_main, stop_if_interrupted
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
 
@@ -169,10 +170,9 @@ def write_stacks(path: Path, stacks, count: int, args) -> float:
     Chunks hold one section, compressed with lzf (fast to read). Attributes record
     the sources, mip, z range, seed and command line.
     """
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shape = (count, args.stack_height, args.dim, args.dim)
     slice_chunk = (1, 1, args.dim, args.dim)
-    try:
+    with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             images = f.create_dataset("images", shape, np.uint8, chunks=slice_chunk, compression="lzf")
             masks = (f.create_dataset("masks", shape, np.uint8, chunks=slice_chunk, compression="lzf")
@@ -183,6 +183,7 @@ def write_stacks(path: Path, stacks, count: int, args) -> float:
             coords = f.create_dataset("coords", (count, 3), np.int64)
             stds = f.create_dataset("slice_std", (count, args.stack_height), np.float32)
             for i, (corner, arrays) in enumerate(tqdm(stacks, total=count, desc="stacks", unit="stack")):
+                stop_if_interrupted()  # a Ctrl-C that Python dropped (see helpers.atomic_output)
                 images[i] = arrays["images"][:, 0]
                 stds[i] = slice_std(arrays["images"][:, 0]).numpy()
                 coords[i] = corner
@@ -198,14 +199,12 @@ def write_stacks(path: Path, stacks, count: int, args) -> float:
                 z_range=args.test_range if args.test else args.train_range, seed=args.seed,
                 max_missing=args.max_missing, command=" ".join(map(shlex.quote, sys.argv)),
                 created=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path.stat().st_size
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    check_name(args.name, "dataset name")
     filled = fill_defaults(args)
     if filled:
         print("demo volume: using " + " ".join(filled))
@@ -238,7 +237,8 @@ def main(argv=None) -> Path:
     count = len(coords) if coords is not None else args.count
 
     start = time.time()
-    size = write_stacks(path, sample_stacks(vols, args, bounds, z_range, coords), count, args)
+    with closing(sample_stacks(vols, args, bounds, z_range, coords)) as stacks:  # stopped: no more reads queued
+        size = write_stacks(path, stacks, count, args)
     seconds = time.time() - start
     print(f"wrote {path}: {count} stacks of {args.stack_height} x {args.dim} x {args.dim} at mip {args.mip}, "
           f"{size / 1e6:.1f} MB in {seconds:.1f} s ({count / seconds:.2f} stacks/s)")

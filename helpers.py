@@ -24,14 +24,20 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob
 import hashlib
 import math
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -122,6 +128,126 @@ def check_writable(path: str | Path, flag: str, folder: bool = False) -> Path:
         except OSError as err:
             reason = err.strerror or str(err)
     raise UserError(f"{flag} {path}: cannot write there ({reason})")
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it can stand as one file name inside an output folder, else a ``UserError`` saying ``what`` it is.
+
+    Refused: empty, ``.``, ``..`` and any name holding a path separator (it would write outside the folder).
+    """
+    separators = {"/", os.sep, os.altsep} - {None}
+    if name in ("", ".", "..") or any(sep in name for sep in separators) or "\0" in name:
+        raise UserError(f"{what} {name!r} must be a plain name (no '/', not '..'): it names files inside a folder")
+    return name
+
+
+# --------------------------------------------------------------------------- outputs
+def temp_sibling(path: Path, tag: str) -> Path:
+    """``DIR/.NAME.TAG-PID@HOST``: where this process builds ``DIR/NAME`` before renaming it into place."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}@{socket.gethostname()}")
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale(path: Path, tag: str) -> list[Path]:
+    """Delete the ``temp_sibling(path, tag)`` files or folders that killed runs (``kill -9``) left; returns them.
+
+    A sibling ``.NAME.TAG-PID[@HOST]...`` is stale when it was made on this machine (or names no machine)
+    by a process that no longer runs, or by this process, which calls this before it makes its own. Another
+    live run's, or another machine's, is kept.
+    """
+    prefix, removed = f".{path.name}.{tag}-", []
+    for left in path.parent.glob(glob.escape(prefix) + "*"):
+        pid, _, host = left.name[len(prefix):].partition("@")
+        if host not in ("", socket.gethostname()) or not pid.isdigit() or int(pid) == 0:
+            continue
+        if int(pid) == os.getpid() or not _running(int(pid)):
+            _remove(left)
+            removed.append(left)
+    return removed
+
+
+_SIGINTS: list[int] = []  # the Ctrl-Cs that reached the running atomic_output (see _recording_sigint)
+
+
+@contextmanager
+def _recording_sigint() -> Iterator[None]:
+    """Within it, a Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` as Python's default does, and is also recorded.
+
+    Python prints and drops an exception raised in a weakref callback or a ``__del__``, and C code (an
+    extension module's import) may drop one too: a Ctrl-C that lands there is lost but for the record, which
+    ``stop_if_interrupted`` reads. Outside the main thread, or where SIGINT is handled otherwise (ignored, a
+    custom handler, an enclosing ``atomic_output``), nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def handler(signum, frame):
+        _SIGINTS.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _SIGINTS.clear()
+
+
+def stop_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if a Ctrl-C reached the running ``atomic_output`` but was dropped on its way.
+
+    Call it between the steps of a long write, so that such a Ctrl-C stops it at once, not at its end.
+    """
+    if _SIGINTS:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def atomic_output(path: str | Path, tag: str = "partial") -> Iterator[Path]:
+    """Write ``path`` (a file or a folder) all or nothing: yields the sibling ``temp_sibling(path, tag)`` to write.
+
+    When the body ends, the sibling is renamed to ``path`` (a folder already at ``path`` is moved aside,
+    then deleted). If the body raises, or a Ctrl-C arrived while it ran (even one Python dropped in a
+    callback), the sibling is deleted, ``path`` stays as it was and the error (``KeyboardInterrupt``)
+    goes on. Siblings that killed runs left (``remove_stale``) are deleted first.
+    """
+    path = Path(path)
+    for kind in (tag, "old"):
+        remove_stale(path, kind)
+    tmp = temp_sibling(path, tag)
+    with _recording_sigint():
+        try:
+            yield tmp
+            stop_if_interrupted()
+            if tmp.is_dir() and path.is_dir():
+                old = temp_sibling(path, "old")
+                path.rename(old)
+                tmp.rename(path)
+                _remove(old)
+            else:
+                os.replace(tmp, path)
+        finally:
+            _remove(tmp)
 
 
 # --------------------------------------------------------------------------- fields

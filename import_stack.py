@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import volume
-from helpers import UserError, run_main
+from helpers import UserError, atomic_output, run_main
 
 SUFFIXES = (".png", ".tif", ".tiff")
 CHUNK = (256, 256, 1)
@@ -297,21 +296,14 @@ def check_dest(folder: Path, overwrite: bool) -> None:
 
 @contextmanager
 def staged(folder: Path) -> Iterator[str]:
-    """A ``file://`` path beside ``folder`` to write into; on success it replaces ``folder``, else it is deleted."""
-    stamp = time.time_ns()
-    tmp, old = folder.with_name(f".{folder.name}.importing-{stamp}"), folder.with_name(f".{folder.name}.old-{stamp}")
+    """A ``file://`` path beside ``folder`` to write into; on success it replaces ``folder``, else it is deleted
+    (``helpers.atomic_output``, which also deletes what killed imports left beside it)."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {folder.parent}: {_one_line(err)}") from None
-    try:
+    with atomic_output(folder, "importing") as tmp:
         yield "file://" + str(tmp)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

@@ -21,13 +21,16 @@ def lineage(archive: dict) -> list[dict]:
 
 
 def format_entry(depth: int, entry: dict) -> str:
-    """A few lines describing one run of a lineage."""
+    """A few lines describing one run of a lineage: its settings, the flags each resume changed, its final losses."""
     params = entry.get("params", {})
     shown = " ".join(f"{k}={params[k]}" for k in SHOWN if params.get(k) is not None)
     final = " ".join(f"{k}={v:.4g}" for k, v in entry.get("final", {}).items())
+    resumes = "".join(f"\n{'  ' * depth}   resumed at epoch {r['epoch']} ({r.get('date', '?')}): "
+                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in r["changed"].items())
+                      for r in entry.get("resumes", []))
     return (f"{'  ' * depth}{'└─ ' if depth else ''}{entry['name']}  ({entry.get('date', '?')}, "
             f"{entry.get('iterations', 0)} iterations)\n"
-            f"{'  ' * depth}   {shown}\n{'  ' * depth}   final: {final or '-'}")
+            f"{'  ' * depth}   {shown}{resumes}\n{'  ' * depth}   final: {final or '-'}")
 
 
 def list_archives(folder: Path) -> str:

@@ -1,7 +1,7 @@
 """Train (or fine-tune) a SEAMLeSS pyramid on pairs of consecutive sections.
 
     python train.py [--lambda1 2 --lr 0.0003 ...] EXPERIMENT_NAME
-    python train.py --resume EXPERIMENT_NAME          # continue an interrupted run
+    python train.py --resume [--lr 0.0001 ...] EXPERIMENT_NAME   # continue a run (with new flags)
     torchrun --standalone --nproc_per_node N train.py ...   # N processes (GPUs), one model
 
 One step: ``data.py`` gives a batch of (source, target) pairs with masks ->
@@ -48,16 +48,18 @@ import distributed
 import loss
 import masks
 from data import Augmenter, StackDataset, batches, held_out_misalignment
-from helpers import (UserError, code_version, downsample_field, finite_float, run_main, upsample_field, vector_length,
-                     warp, warp_labels)
+from helpers import (UserError, check_name, code_version, downsample_field, finite_float, run_main, upsample_field,
+                     vector_length, warp, warp_labels)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
 KEY_PARAMS = ("lambda0", "lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
               "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "skip", "k", "corr",
               "similarity", "smoothness", "dataset")
-# flags a resumed run may change when typed again (the device is always this machine's); the rest comes from the archive
-RESUMABLE = ("epochs", "num_workers", "device", "vis_interval")
+# flags a resumed run keeps: the network's shape, the schedule's start, the data it trains and is judged on; every
+# other flag given again with --resume takes its new value (the device is always this machine's)
+FIXED_ON_RESUME = ("size", "trunc", "skip", "k", "corr", "state_archive", "fine_tuning", "dataset", "hm",
+                   "val_dataset", "val_pairs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,11 +137,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--collapse_after", type=int, default=300,
                    help="steps before the zero-field collapse check starts (the top level may sit at zero "
                         "for a while)")
-    g.add_argument("--resume", action="store_true", help="continue the interrupted run pt/NAME.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run pt/NAME.pt; flags given with it (--lr, --epochs, ...) replace "
+                        "the archived ones, except the network's shape and the data (" +
+                        ", ".join(f"--{k}" for k in FIXED_ON_RESUME) + ")")
     g.add_argument("--overwrite", action="store_true", help="replace an existing pt/NAME.pt")
     args = p.parse_args(argv)
-    words = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args.typed = [k for k in RESUMABLE if any(w.split("=")[0] == f"--{k}" for w in words)]  # what --resume keeps
+    for action in p._actions:  # parsed again without defaults: the flags the command line gives (what --resume changes)
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
     return args
 
 
@@ -339,11 +345,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def summary(args, history: dict, iterations: int) -> dict:
-    """The entry of this run in an archive's lineage (what net_hist.py prints)."""
+def summary(args, history: dict, iterations: int, resumes: list[dict]) -> dict:
+    """The entry of this run in an archive's lineage (what net_hist.py prints).
+
+    ``params`` are the run's latest; ``resumes`` lists each resume that changed flags: ``{'epoch', 'iteration',
+    'date', 'changed': {flag: [old, new]}}``, the first epoch and iteration trained with the new values.
+    """
     return {"name": args.name, "date": time.strftime("%Y-%m-%d %H:%M"),
             "params": {k: getattr(args, k, None) for k in KEY_PARAMS}, "iterations": iterations,
-            "final": {k: v[-1] for k, v in history.items() if v}, "history": history}
+            "final": {k: v[-1] for k, v in history.items() if v}, "history": history, "resumes": resumes}
 
 
 def archive_of(name: str) -> Path:
@@ -380,17 +390,44 @@ def best_path(archive_path: Path) -> Path:
     return archive_path.with_suffix(".best.pt")
 
 
+def resume_changes(args, stored: dict) -> dict:
+    """``{flag: new value}``: the flags given again with ``--resume`` whose values differ from the archived ``stored``.
+
+    A ``UserError`` for one that a resumed run keeps (``FIXED_ON_RESUME``); ``--dataset`` is compared as
+    resolved (a NAME or a path, as the archive records it).
+    """
+    changes = {}
+    for key in sorted(set(args.given) - {"name", "resume", "overwrite", "device"}):
+        value = getattr(args, key)
+        if key == "dataset":
+            hm = args.hm if "hm" in args.given else stored.get("hm", False)
+            paths = [str(resolve_dataset(spec, hm)) for spec in value]
+            value = paths if len(paths) > 1 else paths[0]
+        if value == stored.get(key):
+            continue
+        if key in FIXED_ON_RESUME:
+            raise UserError(f"--{key} {value} differs from the run's {stored.get(key)}: a resumed run keeps its "
+                            f"--{key}; to change it, start a new experiment with --state_archive pt/{args.name}.pt")
+        changes[key] = value
+    return changes
+
+
 def prepare(args) -> tuple:
     """Model (on the CPU), optimizer state, history, start epoch and lineage for a new, grown, or resumed run."""
-    archive_path = archive_of(args.name)
+    archive_path = archive_of(check_name(args.name, "experiment name"))  # runs/NAME, out/NAME too
     if args.resume:
         if not archive_path.is_file():
             raise UserError(f"nothing to resume: {archive_path} does not exist")
         model, archive = load_archive(archive_path, "cpu")
-        stored = dict(archive["args"])
-        explicit = {k: getattr(args, k) for k in {*args.typed, "device"}}  # typed again, or this machine
-        args.__dict__.update(stored)
-        args.__dict__.update(explicit, resume=True)
+        stored = {k: v for k, v in archive["args"].items() if k not in ("given", "typed")}
+        changes = resume_changes(args, stored)
+        args.__dict__.update({**stored, **changes, "device": args.device, "resume": True})
+        if changes:
+            archive["resumes"] = archive.get("resumes", []) + [{
+                "epoch": archive["epoch"], "iteration": archive["iteration"], "date": time.strftime("%Y-%m-%d %H:%M"),
+                "changed": {k: [stored.get(k), v] for k, v in changes.items()}}]
+            print(f"resuming {archive_path} at epoch {archive['epoch']} with "
+                  + ", ".join(f"--{k} {stored.get(k)} -> {v}" for k, v in changes.items()))
         if archive.get("epoch", 0) >= args.epochs:
             raise UserError(f"{archive_path} already finished {archive['epoch']} epochs "
                             f"(pass a larger --epochs to train on)")
@@ -420,7 +457,8 @@ def setup(args) -> tuple:
     training ``StackDataset`` (a ``ConcatDataset`` of several); and ``--val_pairs``
     fixed held-out pairs spread evenly over ``val_dataset`` (a ``Subset``), or None without one.
     """
-    check_args(args)
+    if not args.resume:  # a resumed run's flags are checked once the archive's are in
+        check_args(args)
     model, archive, archive_path = prepare(args)
     specs = args.dataset if isinstance(args.dataset, list) else [args.dataset]  # None, or one path (a resumed run)
     paths = [resolve_dataset(spec, args.hm) for spec in specs]
@@ -524,6 +562,8 @@ def train(args, device: str | None = None) -> Path:
             optimizer = torch.optim.Adam(params, lr=lr)
             if archive.get("optimizer") and archive.get("stage") == stage.__dict__:
                 optimizer.load_state_dict(archive["optimizer"])
+                for group in optimizer.param_groups:  # the archived lr, or the new one a resume gives
+                    group["lr"] = lr
             if rank0:
                 print(f"epoch {epoch}: level {stage.level}, training aligners {list(stage.train_levels)}")
         pairs = epoch_pairs(len(dataset), args.epoch_size, args.seed * 7919 + epoch, rank, world)
@@ -573,8 +613,9 @@ def train(args, device: str | None = None) -> Path:
                 writer.add_text("warnings/collapse", message, epoch)
             state = dict(args=vars(args).copy(), epoch=epoch + 1, iteration=iteration, history=history,
                          optimizer=optimizer.state_dict(), stage=stage.__dict__, lineage=archive["lineage"],
-                         code_version=code_version(), finished=epoch + 1 >= args.epochs)
-            state["summary"] = summary(args, history, iteration)
+                         resumes=archive.get("resumes", []), code_version=code_version(),
+                         finished=epoch + 1 >= args.epochs)
+            state["summary"] = summary(args, history, iteration, state["resumes"])
             save_archive(archive_path, model, **state)
             archive.update(state)
             if "val_epe" in means and means["val_epe"] < min(history["val_epe"][:-1], default=math.inf):

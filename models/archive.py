@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from helpers import UserError, one_line
+from helpers import UserError, atomic_output, one_line
 from models.pyramid import Pyramid
 
 KIND = "seamless-archive"
@@ -48,9 +47,9 @@ def save_archive(path: str | Path, model: Pyramid, **state: Any) -> Path:
     """Write ``model`` and ``state`` to ``path`` atomically; returns the path.
 
     The archive is written to a temporary file in the same directory, flushed to
-    disk (fsync) and renamed over ``path``, so a crash never leaves a partial
-    archive and a failed save leaves the old one untouched. Weights are stored on
-    the CPU. ``state`` keys may not be ``kind``, ``version``, ``config`` or ``state_dict``.
+    disk (fsync) and renamed over ``path`` (``helpers.atomic_output``), so a crash
+    never leaves a partial archive and a failed save leaves the old one untouched.
+    Weights are stored on the CPU. ``state`` keys may not be ``kind``, ``version``, ``config`` or ``state_dict``.
     """
     clash = sorted(set(state) & set(_RESERVED))
     if clash:
@@ -59,17 +58,10 @@ def save_archive(path: str | Path, model: Pyramid, **state: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     archive = {"kind": KIND, "version": VERSION, "config": dict(model.config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(archive, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an archive is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(archive, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: small volumes built in a temp dir (never the network, never ../shared)."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,20 @@ def run_script(*argv, cwd=ROOT, env=None):
     """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
+
+
+def ended_pid() -> int:
+    """The process id of a process that has ended (what a run killed with ``kill -9`` leaves in its temp names)."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handling (``KeyboardInterrupt``) during the test, whatever the test runner set."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

@@ -1,4 +1,12 @@
 """gen_stack.py: a file:// CloudVolume into HDF5, and its refusals."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+
 import h5py
 import numpy as np
 import pytest
@@ -7,7 +15,7 @@ import torch
 
 import gen_stack
 from data import StackDataset, normalise
-from conftest import run_script
+from conftest import ROOT, ended_pid, run_script
 from helpers import UserError
 
 
@@ -118,3 +126,69 @@ def test_a_registered_source_gives_known_zero_fields(tmp_path, tiny_volume):
     assert bool(sample["has_field"]) and torch.all(sample["field"] == 0)
     with pytest.raises(UserError, match="--registered"):
         make(tmp_path, paths, "--registered", "--field_source", paths["field"], "--overwrite")
+
+
+def test_an_escaping_name_is_refused(tmp_path, tiny_volume):
+    result = run_script("gen_stack.py", "--count", "1", "--source", tiny_volume[0]["image"], "--mip", "1", "--dim",
+                        "16", "--stack_height", "4", "--train_range", "0", "8", "--out_dir", str(tmp_path / "out"),
+                        "../escaped")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: dataset name '../escaped' must be a plain name (no '/', not '..'): it names files inside a folder"]
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_left_overs_of_killed_runs_are_removed_but_not_a_live_runs(tmp_path, tiny_volume):
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = out / f".toy_train_mip1.h5.partial-{ended_pid()}"  # what kill -9 left
+    live = out / f".toy_train_mip1.h5.partial-{os.getppid()}@{socket.gethostname()}"  # a concurrent run's
+    killed.write_bytes(b"half")
+    live.write_bytes(b"half")
+    make(tmp_path, tiny_volume[0])
+    assert sorted(p.name for p in out.iterdir()) == sorted([live.name, "toy_train_mip1.h5"])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped KeyboardInterrupt
+def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_write(tmp_path, python_sigint):
+    """A KeyboardInterrupt raised in a weakref callback is printed and dropped by Python: the run once ended 0."""
+
+    class Thing:
+        pass
+
+    def stacks():
+        for _ in range(3):
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: (signal.raise_signal(signal.SIGINT), sum(range(10))))
+            del thing  # Ctrl-C lands in the callback
+            assert ref() is None
+            yield np.zeros(3), {"images": np.full((4, 1, 16, 16), 7, np.uint8)}
+
+    args = gen_stack.parse_args(["--source", "x", "--mip", "1", "--dim", "16", "--stack_height", "4",
+                                 "--train_range", "0", "8", "toy"])
+    with pytest.raises(KeyboardInterrupt):
+        gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, args)
+    assert list(tmp_path.iterdir()) == []
+
+
+SLOW_GEN_STACK = """import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the tests ignore SIGINT
+import gen_stack, helpers
+read = gen_stack.volume.read
+gen_stack.volume.read = lambda *a: (time.sleep(0.1), read(*a))[1]
+helpers.run_main(gen_stack.main)
+"""
+
+
+def test_ctrl_c_during_the_write_leaves_nothing_and_fails(tmp_path, tiny_volume):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_GEN_STACK, "--count", "8", "--workers", "1", "--source",
+                             tiny_volume[0]["image"], "--mip", "1", "--dim", "16", "--stack_height", "4",
+                             "--train_range", "0", "8", "--out_dir", str(out), "toy"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(out.glob(".toy_train_mip1.h5.partial-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted"
+    assert list(out.iterdir()) == []

@@ -1,12 +1,17 @@
-"""The field convention: warps of known fields, composition, inversion, resampling."""
+"""The field convention: warps of known fields, composition, inversion, resampling; plain names, all-or-nothing
+outputs."""
 import math
 import os
+import signal
+import socket
+import weakref
 
 import numpy as np
 import pytest
 import torch
 
 import helpers as h
+from conftest import ended_pid
 
 
 def smooth_image(n=1, size=64, seed=0):
@@ -179,3 +184,72 @@ def test_check_writable_refuses_a_read_only_folder(tmp_path):
     (tmp_path / "ro").mkdir(mode=0o555)
     with pytest.raises(h.UserError, match="cannot write there .Permission denied"):
         h.check_writable(tmp_path / "ro" / "dest", "--dest", folder=True)
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "/abs", "..", ".", ""])
+def test_a_name_that_is_not_one_plain_file_name_is_refused(name):
+    with pytest.raises(h.UserError, match="experiment name .* must be a plain name"):
+        h.check_name(name, "experiment name")
+    assert h.check_name("run..2", "experiment name") == "run..2"
+
+
+def test_left_overs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    dead_pid, live_pid = ended_pid(), os.getppid()  # a process that has ended; the one that started pytest
+    path = tmp_path / "toy.h5"
+    stale = [tmp_path / f".toy.h5.partial-{dead_pid}",  # as gen_stack named its temp file before
+             tmp_path / f".toy.h5.partial-{dead_pid}@{socket.gethostname()}", h.temp_sibling(path, "partial")]
+    kept = [tmp_path / f".toy.h5.partial-{live_pid}@{socket.gethostname()}",  # a concurrent live run's
+            tmp_path / f".toy.h5.partial-{dead_pid}@another-machine",  # cannot tell: kept
+            tmp_path / f".toy.h5.old-{dead_pid}", tmp_path / ".toy.h5.partial-notes"]
+    for left in stale + kept:
+        left.write_text("")
+    (tmp_path / f".toy.h5.importing-{dead_pid}").mkdir()
+    (tmp_path / f".toy.h5.importing-{dead_pid}" / "info").write_text("")
+    assert sorted(h.remove_stale(path, "partial")) == sorted(stale)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([p.name for p in kept] + [f".toy.h5.importing-{dead_pid}"])  # another tag: not touched
+    assert h.remove_stale(path, "importing") == [tmp_path / f".toy.h5.importing-{dead_pid}"]
+
+
+def test_atomic_output_keeps_the_old_file_on_an_error_and_replaces_it_on_success(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with pytest.raises(ValueError):
+        with h.atomic_output(path) as tmp:
+            tmp.write_text("half")
+            raise ValueError
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    with h.atomic_output(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    folder = tmp_path / "layer"
+    folder.mkdir()
+    (folder / "old").write_text("")
+    with h.atomic_output(folder, "importing") as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("")
+    assert [p.name for p in folder.iterdir()] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer", "out.txt"]  # the old layer is gone
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped KeyboardInterrupt
+def test_a_ctrl_c_that_python_drops_in_a_callback_still_stops_an_atomic_output(tmp_path, python_sigint):
+    """Python prints and drops an exception raised in a weakref callback: a Ctrl-C landing there was lost."""
+
+    class Thing:
+        pass
+
+    def callback(_):
+        signal.raise_signal(signal.SIGINT)  # the KeyboardInterrupt is raised here, inside the callback
+        sum(range(10))
+
+    path = tmp_path / "out.txt"
+    with pytest.raises(KeyboardInterrupt):
+        with h.atomic_output(path) as tmp:
+            tmp.write_text("all of it")
+            thing = Thing()
+            ref = weakref.ref(thing, callback)
+            del thing  # the callback runs, its KeyboardInterrupt is dropped ("Exception ignored in ...")
+            assert ref() is None
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,4 +1,6 @@
 """import_stack.py: a folder of PNG / TIFF sections becomes a precomputed image layer, or nothing at all."""
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,7 @@ from PIL import Image
 
 import import_stack
 import volume
-from conftest import moved_windows, run_script
+from conftest import ended_pid, moved_windows, run_script
 from helpers import UserError
 
 H, W = 64, 96  # tiny sections, not square, so x / y mix-ups show
@@ -213,3 +215,14 @@ def test_import_reregister_writes_matching_sections_and_records_the_shifts(tmp_p
     with pytest.raises(UserError, match="without gaps"):
         import_stack.main([str(folder), "--dest", str(tmp_path / "v2"), "--resolution", "4", "4", "50",
                            "--reregister", "--allow_gaps"])
+
+
+def test_left_overs_of_killed_imports_are_removed_but_not_a_live_imports(tmp_path):
+    folder, dest = save_png(tmp_path / "in", ["0.png"], sections(1)), tmp_path / "vol"
+    killed = [tmp_path / ".vol.importing-1712345678901234567",  # as a killed import named it before
+              tmp_path / f".vol.importing-{ended_pid()}@{socket.gethostname()}"]
+    live = tmp_path / f".vol.importing-{os.getppid()}@{socket.gethostname()}"  # a concurrent import's
+    for left in killed + [live]:
+        (left / "image").mkdir(parents=True)
+    import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "50", "--mips", "1"])
+    assert left_behind(dest) == sorted([live.name, "vol"])

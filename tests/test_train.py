@@ -92,6 +92,38 @@ def test_resume_gives_the_same_network_as_an_uninterrupted_run(toy):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_resume_applies_the_flags_given_again_and_records_them_in_the_lineage(toy, capsys):
+    _, first = load_archive(run(toy, "exp", "--epochs", "1", "--fall_time", "0"))  # one stage: Adam's state is kept
+    path = train.main(["--resume", "--epochs", "2", "--lr", "0.0001", "--lambda1", "0.2", "--size", "2", "--dataset",
+                       str(toy), "exp"])  # --size and --dataset as archived: accepted
+    assert "resuming pt/exp.pt at epoch 1 with --epochs 1 -> 2, --lambda1 0.1 -> 0.2, --lr 0.0003 -> 0.0001" \
+        in capsys.readouterr().out
+    _, archive = load_archive(path)
+    assert archive["epoch"] == 2 and archive["optimizer"]["state"]  # Adam's moments came through the resume
+    assert [group["lr"] for group in archive["optimizer"]["param_groups"]] == [0.0001]
+    assert archive["args"]["lr"] == 0.0001 and archive["args"]["lambda1"] == 0.2
+    assert archive["args"]["batch_size"] == 2 and archive["args"]["vis_interval"] == 2  # not given: as archived
+    resume, = archive["summary"]["resumes"]
+    assert resume["epoch"] == 1 and resume["iteration"] == first["iteration"]
+    assert resume["changed"] == {"epochs": [1, 2], "lambda1": [0.1, 0.2], "lr": [0.0003, 0.0001]}
+    assert archive["summary"]["params"]["lr"] == 0.0001
+    net_hist.main([str(path)])
+    assert "resumed at epoch 1" in capsys.readouterr().out
+
+
+def test_resume_refuses_to_change_the_network(toy):
+    path = run(toy, "exp", "--epochs", "1")
+    before = path.read_bytes()
+    result = run_script(train.__file__, "--resume", "--epochs", "2", "--size", "3", "exp", cwd=toy.parent)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --size 3 differs from the run's 2: a resumed run keeps its --size; to change it, start a new "
+        "experiment with --state_archive pt/exp.pt"]
+    for flags in (["--k", "5"], ["--trunc", "1"], ["--dataset", str(write_toy(toy.parent / "other.h5"))]):
+        with pytest.raises(UserError, match=f"{flags[0]} .* differs from the run's"):
+            train.main(["--resume", "--epochs", "2", *flags, "exp"])
+    assert path.read_bytes() == before
+
+
 def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     path = run(toy, "exp", "--epochs", "1")
     before = path.read_bytes()
@@ -137,6 +169,13 @@ def test_a_learning_rate_that_is_not_a_number_is_one_line_and_writes_nothing(toy
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "train.py: error: argument --lr: 'nan' is not a number"
     assert not (toy.parent / "pt").exists() and not (toy.parent / "runs").exists()
+
+
+def test_an_escaping_experiment_name_is_refused(toy):
+    result = run_script(train.__file__, "--dataset", toy, "--epochs", "1", "../escaped", cwd=toy.parent)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: experiment name '../escaped' must be a plain name (no '/', not '..'): it names files inside a folder"]
+    assert not list(toy.parent.glob("escaped*")) and not (toy.parent / "pt").exists()
 
 
 def test_corrupt_dataset_is_a_one_line_error(tmp_path):
