@@ -13,16 +13,24 @@ their weights, so the field may tear across a defect of weight 0.
 The total cost is ``lambda0 * similarity + lambda1 * smoothness + lambda6 *
 consensus (+ lambda_gt * epe)`` (``total_cost``); ``lambda0`` is 1 but for
 purely supervised training (0).
+
+Training's objective has one entry point, ``pair_loss(model, batch, objective,
+level)``: the cost of a batch of pairs from data.py at one pyramid level, with
+the weights of masks.py, under the frozen settings ``Objective`` (train.py's
+loss flags, ``Objective.from_args``). ``collapsed`` tells from its logged
+figures when the network has fallen into the zero field.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from helpers import UserError, vector_length
+import masks
+from helpers import UserError, downsample_field, vector_length, warp, warp_labels
 
 _TINY = 1e-12  # guards divisions by a weight sum that may be zero
 _NCC_EPS = 1e-8  # (intensity units)^4: the least variance product ncc divides by
@@ -235,3 +243,136 @@ def total_cost(terms: Mapping[str, torch.Tensor],
     log = {name: float(value.detach()) for name, value in terms.items()}
     log["total"] = float(cost.detach())
     return cost, log
+
+
+# ------------------------------------------------------------------ the training objective
+@dataclass(frozen=True)
+class Objective:
+    """The settings of the training cost: train.py's loss flags, under the same names (their defaults live there).
+
+    similarity, smoothness: penalty names (keys of ``SIMILARITY``, ``SMOOTHNESS``).
+    lambda0, lambda1, lambda6, lambda_gt: the weights of the similarity,
+    smoothness, consensus and supervised terms (``total_cost``); the last two
+    are computed only when their weight is > 0, the first two always.
+    lambda2 .. lambda5: the relative weights near and inside defects (masks.py).
+    mask_smooth_radius: px at full resolution, the box filter of the smoothness
+    weights. padding: px at full resolution, the border band that weighs 0.
+    """
+    similarity: str
+    smoothness: str
+    lambda0: float
+    lambda1: float
+    lambda2: float
+    lambda3: float
+    lambda4: float
+    lambda5: float
+    lambda6: float
+    lambda_gt: float
+    mask_smooth_radius: float
+    padding: int
+
+    def __post_init__(self):
+        pick(SIMILARITY, self.similarity)
+        pick(SMOOTHNESS, self.smoothness)
+
+    @classmethod
+    def from_args(cls, args) -> Objective:
+        """The settings from any object with attributes of these names (train.py's parsed flags)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _pool_image(image: torch.Tensor, level: int) -> torch.Tensor:
+    """An image ``[N, 1, H, W]`` at pyramid ``level``: the mean of each ``2^level x 2^level`` block."""
+    return image if level == 0 else F.avg_pool2d(image, 2 ** level)
+
+
+def _level_masks(batch: Mapping[str, torch.Tensor], field: torch.Tensor,
+                 level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(region, missing, unaligned_missing)`` of a batch at ``level``, in the target's frame.
+
+    field: ``[N, 2, h, w]`` pixels of ``level``, pulling the source onto the target.
+    region: ternary uint8 ``[N, 1, h, w]``, the worse of the warped source mask and
+    the target mask. missing: bool ``[N, 1, h, w]``, no data in the target or in
+    the warped source; unaligned_missing: the same for the unwarped source.
+    """
+    src_valid = 1 - masks.pool_mask(batch["src_missing"].float(), level)
+    tgt_missing = masks.pool_mask(batch["tgt_missing"].float(), level) > 0
+    missing = tgt_missing | (warp(src_valid, field) < 0.5)
+    region = torch.maximum(warp_labels(masks.pool_mask(batch["src_mask"].float(), level), field),
+                           masks.pool_mask(batch["tgt_mask"].float(), level)).to(torch.uint8)
+    return region, missing, tgt_missing | (src_valid < 0.5)
+
+
+def _border(objective: Objective, region: torch.Tensor, level: int) -> torch.Tensor:
+    """float32 ``[1, 1, h, w]`` for ``region`` ``[N, 1, h, w]`` at ``level``: 0 in the ``padding`` band (rounded up)."""
+    return masks.border_weights(*region.shape[-2:], math.ceil(objective.padding / 2 ** level), region.device)
+
+
+def _similarity_weights(objective: Objective, region: torch.Tensor, missing: torch.Tensor,
+                        level: int) -> torch.Tensor:
+    """float32 ``[N, 1, h, w]``: ``masks.similarity_weights`` at ``level``, 0 in the border band."""
+    weights = masks.similarity_weights(region, missing, objective.lambda4, objective.lambda5)
+    return weights * _border(objective, region, level)
+
+
+def _smoothness_weights(objective: Objective, region: torch.Tensor, level: int) -> torch.Tensor:
+    """float32 ``[N, 1, h, w]``: ``masks.smoothness_weights`` at ``level``, 0 in the border band."""
+    weights = masks.smoothness_weights(region, objective.lambda2, objective.lambda3,
+                                       round(objective.mask_smooth_radius / 2 ** level))
+    return weights * _border(objective, region, level)
+
+
+def pair_loss(model: Callable, batch: Mapping[str, torch.Tensor], objective: Objective,
+              level: int) -> tuple[torch.Tensor, dict, dict]:
+    """The training cost of one batch of pairs at pyramid ``level``; returns ``(cost, log, pictures)``.
+
+    model: ``(src, tgt, trunc=level) -> PyramidOutput`` (a ``models.Pyramid`` or its
+    DDP wrapper), run once, and again on the pair turned by 180 degrees when
+    ``lambda6 > 0``. batch: data.py's ``src``, ``tgt`` float ``[N, 1, H, W]``,
+    ``src_missing``, ``tgt_missing`` bool and ``src_mask``, ``tgt_mask`` ternary uint8
+    ``[N, 1, H, W]``, ``field`` ``[N, 2, H, W]`` px and ``has_field`` bool ``[N]``.
+    The images are mean-pooled and the masks max-pooled to ``level``; the
+    similarity compares the warped source with the target, the supervised term
+    (``lambda_gt > 0``) scores the field against ``field`` where ``has_field``.
+    cost: scalar tensor. log: floats ``similarity``, ``smoothness``, ``consensus``,
+    ``epe`` (those in use), ``total``, and the diagnostics ``identity`` (similarity
+    of the unaligned pair) and ``field_px`` (mean |field| in full-resolution
+    pixels). pictures: tensors of the first pair for visualisation, and
+    ``residuals`` (level -> residual field) for logging.
+    """
+    src, tgt = batch["src"], batch["tgt"]
+    out = model(src, tgt, trunc=level)
+    field, scale = out.field, 2 ** level
+    src_l, tgt_l = _pool_image(src, level), _pool_image(tgt, level)
+    warped = warp(src_l, field)
+    region, missing, unaligned_missing = _level_masks(batch, field, level)
+    sim_w = _similarity_weights(objective, region, missing, level)
+    smooth_w = _smoothness_weights(objective, region, level)
+    similarity = pick(SIMILARITY, objective.similarity)
+    terms = {"similarity": similarity(warped, tgt_l, sim_w),
+             "smoothness": pick(SMOOTHNESS, objective.smoothness)(field, smooth_w)}
+    if objective.lambda6 > 0:
+        rotated = model(src.flip(-1, -2), tgt.flip(-1, -2), trunc=level).field
+        terms["consensus"] = consensus(field, rotated)
+    if objective.lambda_gt > 0 and bool(batch["has_field"].any()):
+        known = batch["has_field"].view(-1, 1, 1, 1).float() * (~missing).float()
+        terms["epe"] = epe(field, downsample_field(batch["field"], scale), known)
+    total, log = total_cost(terms, asdict(objective))
+    with torch.no_grad():
+        identity_w = _similarity_weights(objective, region, unaligned_missing, level)
+        log["identity"] = float(similarity(src_l, tgt_l, identity_w))
+        log["field_px"] = float(vector_length(field).mean()) * scale
+    pictures = dict(source=src_l[0, 0], target=tgt_l[0, 0], warped=warped[0, 0].detach(),
+                    field=field[0].detach(), weights=sim_w[0, 0],
+                    residuals={level: r.detach() for level, r in out.residuals.items()})
+    return total, log, pictures
+
+
+def collapsed(field_px: float, similarity: float, identity: float) -> bool:
+    """The seed's pathological minimum: a near-zero field while similarity stays at the unaligned level.
+
+    field_px: mean |field| (px); similarity, identity: the similarity penalty of the
+    aligned and of the unaligned pair (``pair_loss``'s log). True when the field is
+    under 0.05 px and the similarity above 95 % of the unaligned one.
+    """
+    return field_px < 0.05 and similarity > 0.95 * identity

@@ -18,12 +18,17 @@ Masks become *weights* through the ``lambda`` family of the seed's training:
 
 Normal pixels weigh 1 in both. Smoothness weights are then blurred by a box
 filter of radius ``mask_smooth_radius`` so the penalty changes gradually.
+Training (``loss.pair_loss``) also zeroes both in a border band of ``padding``
+px (``border_weights``), and scores a coarser pyramid level with max-pooled
+masks (``pool_mask``): a coarse pixel is as bad as the worst of the
+full-resolution pixels it covers.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def _squared_distance(defects: torch.Tensor, max_distance: float) -> torch.Tensor:
@@ -136,3 +141,20 @@ def similarity_weights(mask: torch.Tensor, missing: torch.Tensor, lambda4: float
     """
     weights = _class_weights(mask, 1.0, lambda4, lambda5)
     return weights.masked_fill_(torch.as_tensor(missing, device=weights.device).bool(), 0.0)
+
+
+def pool_mask(mask: torch.Tensor, level: int) -> torch.Tensor:
+    """A float mask ``[N, 1, H, W]`` at pyramid ``level`` (``2^level`` times smaller): the max of each block.
+
+    mask: float ``[N, 1, H, W]`` (a ternary mask, or 0/1 for missing data), ``H``
+    and ``W`` divisible by ``2^level``. A coarse pixel takes the worst class of
+    the ``2^level x 2^level`` pixels it covers; level 0 returns ``mask`` itself.
+    """
+    return mask if level == 0 else F.max_pool2d(mask, 2 ** level)
+
+
+def border_weights(h: int, w: int, padding: int, device=None) -> torch.Tensor:
+    """float32 ``[1, 1, h, w]``: 0 in a border band ``padding`` px wide, 1 inside."""
+    out = torch.zeros(1, 1, h, w, device=device)
+    out[..., padding:h - padding, padding:w - padding] = 1
+    return out

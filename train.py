@@ -40,16 +40,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 import distributed
 import loss
-import masks
 from data import Augmenter, StackDataset, batches, held_out_misalignment
-from helpers import (UserError, check_name, code_version, downsample_field, finite_float, run_main, upsample_field,
-                     vector_length, warp, warp_labels)
+from helpers import UserError, check_name, code_version, finite_float, run_main, upsample_field, vector_length
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -249,68 +246,6 @@ def epoch_pairs(n: int, epoch_size: int, seed: int, rank: int = 0, world: int = 
     order = list(RandomSampler(range(n), num_samples=epoch_size or n,
                                generator=torch.Generator().manual_seed(seed)))
     return order[rank:len(order) - len(order) % world:world]
-
-
-# ------------------------------------------------------------------ one step
-def pool(x: torch.Tensor, level: int, kind: str = "mean") -> torch.Tensor:
-    """``[N, C, H, W]`` at pyramid level ``level`` (2^level smaller): mean for images, max for masks."""
-    if level == 0:
-        return x
-    return (F.avg_pool2d if kind == "mean" else F.max_pool2d)(x, 2 ** level)
-
-
-def border_weights(h: int, w: int, padding: int, device) -> torch.Tensor:
-    """``[1, 1, H, W]``: 0 in a border band of ``padding`` px, 1 inside."""
-    out = torch.zeros(1, 1, h, w, device=device)
-    out[..., padding:h - padding, padding:w - padding] = 1
-    return out
-
-
-def pair_terms(model: Pyramid, batch: dict, args, level: int) -> tuple[torch.Tensor, dict, dict]:
-    """The cost of one batch at pyramid ``level``; returns ``(cost, log, pictures)``.
-
-    log: floats ``similarity``, ``smoothness``, ``consensus``, ``epe`` (those in
-    use), ``total``, and the diagnostics ``identity`` (similarity of the unaligned
-    pair) and ``field_px`` (mean |field| in full-resolution pixels). pictures: tensors of the first pair for visualisation, and
-    ``residuals`` (level -> residual field) for logging.
-    """
-    src, tgt = batch["src"], batch["tgt"]
-    out = model(src, tgt, trunc=level)
-    field, scale = out.field, 2 ** level
-    src_l, tgt_l = pool(src, level), pool(tgt, level)
-    src_valid = 1 - pool(batch["src_missing"].float(), level, "max")
-    tgt_missing = pool(batch["tgt_missing"].float(), level, "max") > 0
-    warped = warp(src_l, field)
-    missing = tgt_missing | (warp(src_valid, field) < 0.5)
-    region = torch.maximum(warp_labels(pool(batch["src_mask"].float(), level, "max"), field),
-                           pool(batch["tgt_mask"].float(), level, "max")).to(torch.uint8)
-    border = border_weights(*field.shape[-2:], math.ceil(args.padding / scale), field.device)
-    sim_w = masks.similarity_weights(region, missing, args.lambda4, args.lambda5) * border
-    smooth_w = masks.smoothness_weights(region, args.lambda2, args.lambda3,
-                                        round(args.mask_smooth_radius / scale)) * border
-    terms = {"similarity": loss.SIMILARITY[args.similarity](warped, tgt_l, sim_w),
-             "smoothness": loss.SMOOTHNESS[args.smoothness](field, smooth_w)}
-    if args.lambda6 > 0:
-        rotated = model(src.flip(-1, -2), tgt.flip(-1, -2), trunc=level).field
-        terms["consensus"] = loss.consensus(field, rotated)
-    if args.lambda_gt > 0 and bool(batch["has_field"].any()):
-        known = batch["has_field"].view(-1, 1, 1, 1).float() * (~missing).float()
-        terms["epe"] = loss.epe(field, downsample_field(batch["field"], scale), known)
-    total, log = loss.total_cost(terms, vars(args))
-    with torch.no_grad():
-        identity_w = masks.similarity_weights(region, tgt_missing | (src_valid < 0.5), args.lambda4,
-                                              args.lambda5) * border
-        log["identity"] = float(loss.SIMILARITY[args.similarity](src_l, tgt_l, identity_w))
-        log["field_px"] = float(vector_length(field).mean()) * scale
-    pictures = dict(source=src_l[0, 0], target=tgt_l[0, 0], warped=warped[0, 0].detach(),
-                    field=field[0].detach(), weights=sim_w[0, 0],
-                    residuals={level: r.detach() for level, r in out.residuals.items()})
-    return total, log, pictures
-
-
-def collapsed(field_px: float, similarity: float, identity: float) -> bool:
-    """The seed's pathological minimum: a near-zero field while similarity stays at the unaligned level."""
-    return field_px < 0.05 and similarity > 0.95 * identity
 
 
 # ------------------------------------------------------------------ evaluation on held-out pairs
@@ -537,6 +472,7 @@ def train(args, device: str | None = None) -> Path:
     rank0, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
     args, model, archive, archive_path, dataset, val_pairs = distributed.from_main(lambda: setup(args))
     model = model.to(device)
+    objective = loss.Objective.from_args(args)
     val_loader = DataLoader(val_pairs, batch_size=args.batch_size) if rank0 and val_pairs is not None else None
     runs_dir, out_dir = log_dirs(args.name)
     writer = SummaryWriter(str(runs_dir)) if rank0 else None
@@ -574,7 +510,7 @@ def train(args, device: str | None = None) -> Path:
         bar = tqdm(batches(loader), desc=f"epoch {epoch}", unit="step", leave=False, disable=None if rank0 else True)
         for batch in bar:
             batch = to_device(batch, device)
-            cost, log, pictures = pair_terms(stepper, batch, args, stage.level)
+            cost, log, pictures = loss.pair_loss(stepper, batch, objective, stage.level)
             optimizer.zero_grad(set_to_none=True)
             cost.backward()  # under DDP: gradients averaged over the ranks
             if args.clip:
@@ -605,7 +541,7 @@ def train(args, device: str | None = None) -> Path:
             print(f"epoch {epoch} level {stage.level}: " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
                   + f" ({count / max(time.time() - started, 1e-9):.2f} it/s)")
             early = iteration < args.collapse_after or (stage.level == args.size - 1 and epoch < args.fall_time)
-            if count and not early and collapsed(means["field_px"], means["similarity"], means["identity"]):
+            if count and not early and loss.collapsed(means["field_px"], means["similarity"], means["identity"]):
                 message = (f"COLLAPSE: epoch {epoch}: mean |field| {means['field_px']:.3f} px while similarity "
                            f"{means['similarity']:.4g} stays at the unaligned {means['identity']:.4g}; the net "
                            "outputs the zero field. Stop and re-tune (e.g. lower --lambda1, raise --lr).")

@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_train.py [--steps 10] [--device cpu|cuda] [--ddp N]
 
 Each configuration runs in a fresh process (so peak memory is its own): the
-demo dataset (built on first use), batch 8, Adam, the full cost of train.py
-(similarity + smoothness + supervised EPE), all levels trained. ``--ddp N``
+demo dataset (built on first use), batch 8, Adam, the full training cost
+(``loss.pair_loss``: similarity + smoothness + supervised EPE), all levels trained. ``--ddp N``
 also runs each configuration as N ``torchrun`` processes with
 ``DistributedDataParallel`` (gloo on the CPU, nccl on GPUs), each taking 8 / N
 pairs of every batch; on the CPU the cores are split evenly (threads per
@@ -41,11 +41,13 @@ def one(flags: list[str], steps: int, device: str) -> dict:
     from torch.utils.data import DataLoader
 
     import distributed
+    import loss
     import train
     from data import StackDataset
     from models import Pyramid
 
     args = train.parse_args(flags + ["--lambda_gt", "1", "--device", device, "bench"])
+    objective = loss.Objective.from_args(args)
     dataset = StackDataset(train.resolve_dataset(None), mask_radius=args.mask_neighborhood_radius, crop=args.crop)
     loader = DataLoader(dataset, batch_size=args.batch_size // distributed.world_size(), shuffle=True,
                         drop_last=True)
@@ -56,7 +58,7 @@ def one(flags: list[str], steps: int, device: str) -> dict:
     times = []
     for batch in batches:
         start = time.time()
-        cost, _, _ = train.pair_terms(stepper, batch, args, 0)
+        cost, _, _ = loss.pair_loss(stepper, batch, objective, 0)
         optimizer.zero_grad()
         cost.backward()
         optimizer.step()

@@ -1,5 +1,8 @@
-"""Penalties: exact values on hand-built fields and images, weights that exclude pixels, the total cost."""
+"""Penalties: exact values on hand-built fields and images, weights that exclude pixels, the total cost, and
+the training objective (``pair_loss``) on hand-built batches with a stand-in network."""
+import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch.nn.functional as F
 import helpers as h
 import loss
 from helpers import UserError
+from models.pyramid import PyramidOutput
 
 SMOOTHNESS = sorted(loss.SMOOTHNESS)
 
@@ -173,3 +177,142 @@ def test_total_cost_weighs_each_term():
         loss.total_cost({"consensus": terms["consensus"]}, {"lambda1": 1})
     with pytest.raises(ValueError, match="terms must be"):
         loss.total_cost({"sharpness": terms["similarity"]}, lambdas)
+
+
+# ------------------------------------------------------------------ the training objective
+def objective(**changes):
+    settings = dict(similarity="mse", smoothness="jacob", lambda0=1.0, lambda1=0.5, lambda2=0.25, lambda3=0.0,
+                    lambda4=4.0, lambda5=0.0, lambda6=0.0, lambda_gt=0.0, mask_smooth_radius=0, padding=0)
+    return loss.Objective(**{**settings, **changes})
+
+
+class FixedField:
+    """A stand-in for ``models.Pyramid``: the field ``make(level)`` ``[1, 2, h, w]`` whatever the pair; counts calls."""
+
+    def __init__(self, make):
+        self.make, self.calls = make, 0
+
+    def __call__(self, src, tgt, trunc):
+        self.calls += 1
+        field = self.make(trunc).expand(len(src), -1, -1, -1)
+        return PyramidOutput(field, trunc, {trunc: field})
+
+
+def constant(x, y, size=32):
+    """``FixedField`` of the translation ``(x, y)`` px at every level (``size`` px at level 0)."""
+    return FixedField(lambda level: torch.tensor([x, y]).view(1, 2, 1, 1).expand(1, 2, *(2 * [size >> level])))
+
+
+def pair_batch(src, tgt=None):
+    """data.py's batch of the pairs ``(src, tgt)`` ``[N, 1, H, W]``: no defect, no missing data, zero true fields."""
+    tgt = src.clone() if tgt is None else tgt
+    none = torch.zeros_like(src, dtype=torch.bool)
+    return dict(src=src, tgt=tgt, src_missing=none, tgt_missing=none.clone(), src_mask=none.to(torch.uint8),
+                tgt_mask=none.to(torch.uint8), field=torch.zeros(len(src), 2, *src.shape[-2:]),
+                has_field=torch.ones(len(src), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_identical_images_and_the_zero_field_cost_nothing(level):
+    model = constant(0.0, 0.0)
+    cost, log, pictures = loss.pair_loss(model, pair_batch(texture(2)), objective(lambda6=1.0), level)
+    assert cost == 0 and log == {"similarity": 0, "smoothness": 0, "consensus": 0, "total": 0, "identity": 0,
+                                 "field_px": 0}
+    assert model.calls == 2  # the pair, and the pair turned by 180 degrees for the consensus
+    assert pictures["field"].shape == (2, 32 >> level, 32 >> level)
+
+
+def test_a_translation_costs_no_smoothness_and_its_length_is_logged_in_full_resolution_pixels():
+    _, log, _ = loss.pair_loss(constant(1.5, 2.0), pair_batch(texture(1)), objective(), 1)
+    assert log["smoothness"] == 0 and log["similarity"] > 0 and log["identity"] == 0
+    assert log["field_px"] == pytest.approx(2 * 2.5)  # 2.5 px at level 1
+
+
+def test_identity_scores_the_unaligned_pair_where_both_sections_have_data():
+    src = texture(1)
+    batch = pair_batch(src.clone(), src)
+    batch["src"][..., :16] = 0  # no data in the left half of the source
+    batch["src_missing"][..., :16] = True
+    _, log, _ = loss.pair_loss(constant(8.0, 0.0), batch, objective(), 0)  # pulls the gap 8 px to the left
+    assert log["identity"] == 0 and log["similarity"] > 0
+
+
+def test_the_lambdas_weigh_the_terms_as_stated():
+    ramp = FixedField(lambda level: torch.stack([0.1 * torch.arange(32.0).expand(32, 32),
+                                                 torch.full((32, 32), 0.5)])[None])
+    batch = pair_batch(texture(2, seed=0), texture(2, seed=1))
+    batch["field"][:, 1] = 1.0
+    lambdas = dict(lambda0=0.5, lambda1=3.0, lambda6=0.25, lambda_gt=2.0)
+    cost, log, _ = loss.pair_loss(ramp, batch, objective(**lambdas), 0)
+    assert log["smoothness"] == pytest.approx(0.01)  # the x displacement grows 0.1 px per px along x
+    assert log["consensus"] == pytest.approx(3.1 ** 2 + 1.0 ** 2)  # f(p) + f(turned p) = (0.1 * 31, 2 * 0.5)
+    expected = sum(lambdas[loss.LAMBDAS[name]] * log[name] for name in loss.LAMBDAS)
+    assert float(cost) == pytest.approx(expected) == pytest.approx(log["total"])
+    cost, log, _ = loss.pair_loss(ramp, batch, objective(**{**lambdas, "lambda1": 6.0}), 0)
+    assert float(cost) == pytest.approx(expected + 3.0 * 0.01)
+
+
+def test_consensus_and_supervision_are_computed_only_when_weighed():
+    model = constant(0.5, -0.25)
+    _, log, _ = loss.pair_loss(model, pair_batch(texture(1)), objective(), 0)
+    assert model.calls == 1 and "consensus" not in log and "epe" not in log
+    _, log, _ = loss.pair_loss(model, pair_batch(texture(1)), objective(lambda6=1.0, lambda_gt=1.0), 0)
+    assert model.calls == 3
+    assert log["consensus"] == pytest.approx(4 * (0.5 ** 2 + 0.25 ** 2))  # a drift that does not turn with the pair
+    assert log["epe"] == pytest.approx(math.hypot(0.5, 0.25))
+
+
+def test_the_supervised_error_is_taken_at_the_level_where_the_field_is_known():
+    batch = pair_batch(texture(2))
+    batch["field"][0, 0] = 2.0  # 2 px at full resolution: 1 px at level 1
+    batch["field"][1] = 100.0  # a field that is not known ...
+    batch["has_field"][1] = False  # ... weighs nothing
+    batch["tgt_missing"][0, 0, :, :16] = True  # nor do pixels without data
+    batch["field"][0, 0, :, :16] = 50.0
+    _, log, _ = loss.pair_loss(constant(1.0, 0.0), batch, objective(lambda_gt=1.0), 1)
+    assert log["epe"] == pytest.approx(0, abs=1e-6)
+    _, log, _ = loss.pair_loss(constant(0.0, 0.0), batch, objective(lambda_gt=1.0), 1)
+    assert log["epe"] == pytest.approx(1)
+
+
+def test_images_are_mean_pooled_and_masks_max_pooled_to_the_level():
+    batch = pair_batch(texture(1))
+    batch["tgt_mask"][0, 0, 2, 3] = 1  # near a defect: the level-1 pixel (1, 1) weighs lambda4
+    batch["tgt_missing"][0, 0, 5, 0] = True  # the level-1 pixel (2, 0) has no data
+    batch["src_mask"][0, 0, 8, 9] = 2  # inside a defect: (4, 4) weighs lambda5
+    _, _, pictures = loss.pair_loss(constant(0.0, 0.0), batch, objective(lambda4=4.0, lambda5=0.0), 1)
+    expected = torch.ones(16, 16)
+    expected[1, 1], expected[2, 0], expected[4, 4] = 4.0, 0.0, 0.0
+    assert torch.equal(pictures["weights"], expected)
+    assert torch.allclose(pictures["target"], F.avg_pool2d(batch["tgt"], 2)[0, 0])
+
+
+def test_the_border_band_is_padding_pixels_wide_at_full_resolution():
+    src = texture(1)
+    tgt = src.clone()
+    tgt[..., :, :3] = 0  # differs in the 3 px band
+    batch = pair_batch(src, tgt)
+    _, log, pictures = loss.pair_loss(constant(0.0, 0.0), batch, objective(padding=3), 1)
+    assert log["similarity"] == 0 and log["identity"] == 0
+    band = torch.ones(16, 16)
+    band[:2], band[-2:], band[:, :2], band[:, -2:] = 0, 0, 0, 0  # 3 px at level 1: 1.5, rounded up to 2
+    assert torch.equal(pictures["weights"], band)
+    _, log, _ = loss.pair_loss(constant(0.0, 0.0), batch, objective(padding=0), 1)
+    assert log["similarity"] > 0
+
+
+def test_objective_settings_come_from_the_flags_and_name_known_penalties():
+    flags = SimpleNamespace(**objective(similarity="ncc").__dict__, lr=1e-3, size=5)  # train.py's flags and more
+    settings = loss.Objective.from_args(flags)
+    assert settings == objective(similarity="ncc")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lambda1 = 2.0
+    with pytest.raises(UserError, match="unknown penalty 'l1'"):
+        objective(smoothness="l1")
+
+
+def test_collapse_is_a_zero_field_with_the_similarity_of_the_unaligned_pair():
+    assert loss.collapsed(field_px=0.01, similarity=0.99, identity=1.0)
+    assert not loss.collapsed(field_px=0.01, similarity=0.5, identity=1.0)  # the similarity improved
+    assert not loss.collapsed(field_px=1.0, similarity=0.99, identity=1.0)  # the field moves
+    assert not loss.collapsed(field_px=0.01, similarity=0.95, identity=1.0)  # just at the bound

@@ -119,3 +119,26 @@ def test_distance_at_full_training_size_and_radius():
     dist = masks.distance_to_defect(defects, 100)
     assert dist[0, 0, 450, 7] == 50 and dist[0, 0, 553, 1000] == 50 and dist[0, 0, 502, 3] == 0
     assert dist[0, 0, 399, 3] == 100 and dist[0, 0, 0, 0] == 100
+
+
+def test_pool_mask_keeps_the_worst_class_of_each_block():
+    mask = torch.zeros(1, 1, 4, 6)
+    mask[0, 0, 0, 1] = 1  # block (0, 0): near a defect
+    mask[0, 0, 1, 3], mask[0, 0, 0, 2] = 2, 1  # block (0, 1): inside one beats near one
+    mask[0, 0, 3, 5] = 1  # block (1, 2)
+    assert torch.equal(masks.pool_mask(mask, 1), torch.tensor([[[[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]]]))
+    assert torch.equal(masks.pool_mask(mask[..., :4], 2), torch.tensor([[[[2.0]]]]))
+    assert masks.pool_mask(mask, 0) is mask
+
+
+def test_border_weights_are_zero_in_a_band_of_padding_pixels():
+    expected = torch.tensor([[0, 0, 0, 0, 0],
+                             [0, 1, 1, 1, 0],
+                             [0, 1, 1, 1, 0],
+                             [0, 1, 1, 1, 0],
+                             [0, 1, 1, 1, 0],
+                             [0, 0, 0, 0, 0]], dtype=torch.float32)
+    weights = masks.border_weights(6, 5, 1)
+    assert weights.shape == (1, 1, 6, 5) and torch.equal(weights[0, 0], expected)
+    assert torch.equal(masks.border_weights(3, 4, 0), torch.ones(1, 1, 3, 4))
+    assert torch.equal(masks.border_weights(4, 4, 2), torch.zeros(1, 1, 4, 4))
