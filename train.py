@@ -507,7 +507,8 @@ def train(args, device: str | None = None) -> Path:
                             num_workers=args.num_workers, drop_last=len(dataset) >= args.batch_size,
                             persistent_workers=False)
         sums, count, started = {}, 0, time.time()
-        bar = tqdm(batches(loader), desc=f"epoch {epoch}", unit="step", leave=False, disable=None if rank0 else True)
+        bar = tqdm(batches(loader), total=len(loader), desc=f"epoch {epoch}", unit="step", leave=False,
+                   disable=None if rank0 else True)
         for batch in bar:
             batch = to_device(batch, device)
             cost, log, pictures = loss.pair_loss(stepper, batch, objective, stage.level)
