@@ -41,17 +41,16 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from cloudfiles import CloudFiles
-from tqdm import tqdm
 
 import tasks
 import volume
-from alignment import DETAIL_PULL, TRUNC, align_solved, stride
-from helpers import UserError, check_writable, code_version, file_sha256, finite_float, number, run_main
+from alignment import add_flags, settings_from_args, stride
+from helpers import UserError, check_writable, code_version, file_sha256, run_main
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
 DEST_LAYERS = ("image", "field") + SERIAL_LAYERS  # every layer align.py writes in DEST
@@ -69,31 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mip", type=int, default=0, help="resolution level to align at")
     p.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                    help="region in voxels of --mip (default: the whole section)")
-    p.add_argument("--chunk", type=int, default=1024,
-                   help="chunk size in px fed to the network (a multiple of its coarsest stride, 2^(levels-1))")
-    p.add_argument("--overlap", type=int, default=128, help="context in px around each chunk, cropped away")
+    add_flags(p)  # --chunk --overlap --prealign --trunc --smooth --neighbours --pull --robust --detail_pull
     p.add_argument("--raw_neighbour", action="store_true",
                    help="align each section to its raw neighbour and chain the fields")
     p.add_argument("--vote", type=int, default=1,
                    help="align each section to the K aligned sections before it and vote (1 = plain serial)")
     p.add_argument("--solve", action="store_true",
                    help="stack-wide solve over raw neighbour pairs instead of serial alignment")
-    p.add_argument("--neighbours", type=int, default=1, help="--solve: neighbours on each side of a section")
-    p.add_argument("--pull", type=finite_float, default=0.03,
-                   help="--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)")
-    p.add_argument("--robust", type=finite_float, default=4.0,
-                   help="--solve: px scale of the robust re-weighting of disagreeing pairs (0 = plain least squares)")
-    p.add_argument("--smooth", type=int, default=0,
-                   help="low-pass every pair field with a box of this radius in px, twice (0 = off)")
-    p.add_argument("--prealign", type=int, default=32,
-                   help="before the network, move each source by the whole-section shift (found by cross-correlation, "
-                        "up to this many px) that best matches its target (0 = off)")
-    p.add_argument("--trunc", type=int, default=TRUNC,
-                   help="stop the network this many levels short of full resolution and upsample its field "
-                        "(fewer levels run: faster)")
-    p.add_argument("--detail_pull", type=number, default=DETAIL_PULL,
-                   help="--solve --smooth R: pull on the detail the low-pass removes, solved apart from the coarse "
-                        "part (inf = drop the detail)")
     p.add_argument("--block", type=int,
                    help="sections per block aligned independently, consecutive blocks sharing one (>= 2); "
                         "None: the whole range, one block")
@@ -122,7 +103,7 @@ def parse_worker_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def open_dest(args, source, box, entry: dict, names=("image", "field")) -> dict:
+def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     """Create (or re-open and check) the layers ``DEST/NAME`` over ``box`` of ``source``'s mip, and record the run.
 
     ``image`` is uint8; every other name is a float32 field of 2 channels.
@@ -156,23 +137,34 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> dict:
         if source.cloudpath not in vol.provenance.sources:
             vol.provenance.sources.append(source.cloudpath)
         vol.commit_provenance()
-    return layers
+
+
+def job_of(args, source: str, bbox: tasks.Box) -> tasks.Job:
+    """The ``tasks.Job`` the flags ``args`` ask for, of the ``source`` volume (a cloudpath) over ``bbox``."""
+    pair, solve = settings_from_args(args)
+    return tasks.Job(archive=str(Path(args.archive).resolve()), source=source,
+                     dest=volume.resolve_path(args.dest.rstrip("/")), mip=args.mip, bbox=bbox, z_start=args.z_start,
+                     z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2), pair=pair,
+                     vote=args.vote, raw_neighbour=args.raw_neighbour, xy_chunk=args.task_chunk,
+                     solve=solve if args.solve else None, device=args.device, max_failures=args.max_failures)
 
 
 def run_record(args, job: tasks.Job) -> dict:
     """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
-    setting of that mode that changes the result (``--z_start`` is the fixed section; a non-finite float is a
-    string). Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes
-    (``--device``, ``--queue``, ``--max_failures``)."""
-    settings = ["z_start", "mip", "bbox", "chunk", "overlap", "prealign", "trunc", "smooth"]
-    if args.solve:
-        settings += ["neighbours", "pull", "robust"] + (["detail_pull"] if args.smooth else [])
+    setting of that mode that changes the result, keyed by its flag's name: ``--z_start`` (the fixed section),
+    ``--mip``, ``--bbox``, ``job.pair``, then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or the serial
+    tasks' ``--vote`` (when > 1), ``--block`` and ``--task_chunk``; a non-finite float is a string. Not ``--z_stop``
+    (a later run may extend the range), nor what only changes how the run goes (``--device``, ``--queue``,
+    ``--max_failures``)."""
+    settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox], **asdict(job.pair)}
+    if job.solve:
+        settings.update({key: value for key, value in asdict(job.solve).items()
+                         if key != "detail_pull" or job.pair.smooth})
     else:
-        settings += (["vote"] if args.vote > 1 else []) + ["block", "task_chunk"]
-    values = {**vars(args), "bbox": [int(v) for v in job.bbox]}
-    mode = "solve" if args.solve else "raw_neighbour" if args.raw_neighbour else "vote" if args.vote > 1 else "serial"
+        settings.update({"vote": job.vote} if job.vote > 1 else {}, block=args.block, task_chunk=job.xy_chunk)
+    mode = "solve" if job.solve else "raw_neighbour" if job.raw_neighbour else "vote" if job.vote > 1 else "serial"
     record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
-    return {**record, **{key: _json_value(values[key]) for key in settings}}
+    return {**record, **{key: _json_value(value) for key, value in settings.items()}}
 
 
 def _json_value(value):
@@ -288,12 +280,7 @@ def main(argv=None) -> dict:
                         f"{args.mip})")
     if not sz0 <= args.z_start < args.z_stop <= sz1:
         raise UserError(f"z range {args.z_start}..{args.z_stop} is outside the volume's sections {sz0}..{sz1 - 1}")
-    job = tasks.Job(archive=str(Path(args.archive).resolve()), source=source.cloudpath,
-                    dest=volume.resolve_path(args.dest.rstrip("/")), mip=args.mip, bbox=(x0, y0, x1, y1),
-                    z_start=args.z_start, z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2),
-                    chunk=args.chunk, overlap=args.overlap, vote=args.vote, raw_neighbour=args.raw_neighbour,
-                    smooth=args.smooth, prealign=args.prealign, trunc=args.trunc, xy_chunk=args.task_chunk,
-                    device=args.device, max_failures=args.max_failures)
+    job = job_of(args, source.cloudpath, (x0, y0, x1, y1))
     if job.source.startswith(job.dest + "/"):
         raise UserError(f"--source {args.source} lies inside --dest {args.dest}: choose another --dest")
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
@@ -316,22 +303,14 @@ def main(argv=None) -> dict:
         return {"sections": 0}
     if len(todo) < args.z_stop - args.z_start and not args.solve:
         print(f"resuming: {args.z_stop - args.z_start - len(todo)} sections of the range are already aligned")
-    layers = open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)), provenance_entry(args, run),
-                       ("image", "field") + (() if args.solve else SERIAL_LAYERS))
+    open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)), provenance_entry(args, run),
+              ("image", "field") + (() if args.solve else SERIAL_LAYERS))
 
     width, height = x1 - x0, y1 - y0
     start = time.time()
     if args.solve:
         todo = list(range(args.z_start, args.z_stop))  # one joint step over the whole range
-        raw = np.stack([volume.read(source, (x0, y0, z), (width, height, 1))[0, 0] for z in todo])
-        aligned, fields, skipped = align_solved(
-            model, raw, args.neighbours, args.pull, args.robust or None, args.chunk, args.overlap, args.smooth,
-            args.detail_pull, args.prealign, args.trunc,
-            progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
-        # the whole range at once, the fields first: volume.write refuses a non-finite field before any is written
-        volume.write(layers["field"], fields.numpy().astype(np.float32), (x0, y0, args.z_start))
-        volume.write(layers["image"], aligned[:, None], (x0, y0, args.z_start))
-        skipped = [todo[i] for i in skipped]
+        skipped = tasks.solve_range(job)
     else:
         all_phases = tasks.phases(job, todo)
         if queue is None:

@@ -9,9 +9,16 @@ does not depend on the chunk size once ``overlap`` exceeds the network's reach.
 
 Sections are uint8 ``[H, W]`` (0 = missing); fields follow ``helpers``:
 ``[2, H, W]`` pixels, pulling: ``warp(source, field)`` lands on the target.
+
+Every alignment setting and its default is defined once, in ``PairSettings``
+(how one pair field is computed) and ``SolveSettings`` (how the stack-wide
+solve combines pair fields); ``add_flags`` gives a parser their flags
+(``align.py``, the benches) and ``settings_from_args`` reads them back.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from typing import Iterator
 
 import numpy as np
@@ -19,13 +26,67 @@ import torch
 import torch.nn.functional as F
 
 from data import normalise, slice_std
-from helpers import compose, in_frame_of, to_tensor, warp, warp_tissue
+from helpers import compose, finite_float, in_frame_of, number, to_tensor, warp, warp_tissue
 from models import Pyramid
 from shifts import best_shifts
 from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
 
-TRUNC = 2  # default pyramid level the network stops at (pair_field); measured in the README
-DETAIL_PULL = 5.0  # default pull on the pair fields' detail (solve.solve_stack); measured in the README
+
+def _setting(default, kind, text: str):
+    """A settings field: its default, the ``argparse`` type and the help text of its flag (``add_flags``)."""
+    return dataclasses.field(default=default, metadata={"type": kind, "help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSettings:
+    """How ``pair_field`` computes the field between two sections; each is the ``align.py`` flag of its name."""
+
+    chunk: int = _setting(1024, int, "chunk size in px fed to the network (a multiple of its coarsest stride, "
+                                     "2^(levels-1))")
+    overlap: int = _setting(128, int, "context in px around each chunk, cropped away")
+    prealign: int = _setting(32, int, "before the network, move each source by the whole-section shift (found by "
+                                      "cross-correlation, up to this many px) that best matches its target (0 = off)")
+    # measured in the README, as detail_pull's
+    trunc: int = _setting(2, int, "stop the network this many levels short of full resolution and upsample its field "
+                                  "(fewer levels run: faster)")
+    smooth: int = _setting(0, int, "low-pass every pair field with a box of this radius in px, twice (0 = off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveSettings:
+    """How ``align_solved`` / ``solve_pairs`` combine pair fields (``solve.solve_stack``); each is the ``align.py``
+    flag of its name. ``PairSettings.smooth`` is where the solve splits the fields into coarse part and detail."""
+
+    neighbours: int = _setting(1, int, "--solve: neighbours on each side of a section")
+    pull: float = _setting(0.03, finite_float,
+                           "--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)")
+    robust: float = _setting(4.0, finite_float, "--solve: px scale of the robust re-weighting of disagreeing pairs "
+                                                "(0 = plain least squares)")
+    # measured in the README, as trunc's
+    detail_pull: float = _setting(5.0, number, "--solve --smooth R: pull on the detail the low-pass removes, solved "
+                                               "apart from the coarse part (inf = drop the detail)")
+
+
+def add_flags(parser: argparse.ArgumentParser, several=(), without=()) -> None:
+    """Add a flag ``--NAME`` for every field of ``PairSettings`` and ``SolveSettings`` to ``parser``, its default the
+    field's (shown once in the help); ``several``: names whose flag takes one or more values (a list, the default
+    one item), ``without``: names left out. ``settings_from_args`` reads them back."""
+    for setting in dataclasses.fields(PairSettings) + dataclasses.fields(SolveSettings):
+        if setting.name in without:
+            continue
+        many = setting.name in several
+        parser.add_argument(f"--{setting.name}", type=setting.metadata["type"], nargs="+" if many else None,
+                            default=[setting.default] if many else setting.default,
+                            help=setting.metadata["help"] + (" (several: each is tried)" if many else "")
+                            + " (default: %(default)s)")
+
+
+def settings_from_args(args: argparse.Namespace, **values) -> tuple[PairSettings, SolveSettings]:
+    """``(PairSettings, SolveSettings)`` from the flags ``add_flags`` added to ``args``: ``values`` (e.g. one of a
+    flag's several values) before them, the defaults for those left out."""
+    given = {**vars(args), **values}
+    return tuple(kind(**{s.name: given[s.name] for s in dataclasses.fields(kind) if s.name in given})
+                 for kind in (PairSettings, SolveSettings))
 
 
 def for_inference(model: Pyramid) -> Pyramid:
@@ -56,12 +117,11 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
     return max(start - overlap, 0), min(start + chunk + overlap, length)
 
 
-def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128, smooth: int = 0,
-               prealign: int = 32, trunc: int = TRUNC) -> torch.Tensor:
+def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSettings()) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
-    once as a whole (``data.normalise``). With ``prealign`` > 0 the source is first
+    once as a whole (``data.normalise``). With ``settings.prealign`` > 0 the source is first
     moved by the whole-pixel shift that best matches it onto the target
     (``shifts.best_shifts``, up to ``prealign`` px each way, less on small sections):
     the network recovers ~15 px between real neighbours, and sections can lie
@@ -79,20 +139,20 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
     """
     device = next(model.parameters()).device
     unit = stride(model)
-    chunk, overlap = -(-chunk // unit) * unit, -(-overlap // unit) * unit
+    chunk, overlap = -(-settings.chunk // unit) * unit, -(-settings.overlap // unit) * unit
     h, w = source.shape[-2:]
     height, width = -(-h // unit) * unit, -(-w // unit) * unit
     src, tgt = (normalise(to_tensor(s))[0].view(1, 1, h, w).to(device) for s in (source, target))
-    shift = _whole_shift(src[0, 0], tgt[0, 0], prealign)
+    shift = _whole_shift(src[0, 0], tgt[0, 0], settings.prealign)
     src = warp(src, shift.expand(1, 2, h, w))
     src, tgt = (F.pad(x, (0, width - w, 0, height - h)) for x in (src, tgt))
     field = torch.zeros(1, 2, height, width, device=device)
     for y in range(0, height, chunk):
         for x in range(0, width, chunk):
             (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
-            part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], trunc)
+            part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], settings.trunc)
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
-    return low_pass((field[..., :h, :w] + shift)[0].cpu(), smooth)
+    return low_pass((field[..., :h, :w] + shift)[0].cpu(), settings.smooth)
 
 
 def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
@@ -123,9 +183,8 @@ def is_blank(section, min_std: float = 2.0) -> bool:
 
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
-                 vote: int = 1, chunk: int = 1024, overlap: int = 128, softness: float = 1.0,
-                 smooth: int = 0, prealign: int = 32,
-                 trunc: int = TRUNC) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 vote: int = 1, settings: PairSettings = PairSettings(),
+                 softness: float = 1.0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
@@ -136,8 +195,7 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     fields combined by ``solve.vector_vote``; with ``to_raw_neighbour`` it is
     aligned to the raw section before it and the fields are chained with
     ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
-    zero field and are not aligned to. ``chunk``, ``overlap``, ``smooth``, ``prealign``, ``trunc``:
-    ``pair_field``'s.
+    zero field and are not aligned to. ``settings``: ``pair_field``'s.
     """
     history = list(before or [])[-vote:]  # (raw, aligned, field) of the last usable sections
     for section in sections:
@@ -149,12 +207,11 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
             field = torch.zeros(2, *shape)
         elif to_raw_neighbour:
             previous_raw, _, previous_field = history[-1]
-            pair = pair_field(model, section, previous_raw, chunk, overlap, smooth, prealign, trunc)
+            pair = pair_field(model, section, previous_raw, settings)
             field = compose(pair[None], previous_field[None])[0]
         else:
             targets = [aligned for _, aligned, _ in history[-vote:]]
-            candidates = torch.stack([pair_field(model, section, t, chunk, overlap, smooth, prealign, trunc)
-                                      for t in targets])
+            candidates = torch.stack([pair_field(model, section, t, settings) for t in targets])
             valid = torch.from_numpy(np.stack(targets) > 0)
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
         aligned = apply_field(section, field)
@@ -162,39 +219,40 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
         history = (history + [(section, aligned, field)])[-max(vote, 1):]
 
 
-def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.03, robust: float | None = 4.0,
-                 chunk: int = 1024, overlap: int = 128, smooth: int = 0, detail_pull: float = DETAIL_PULL,
-                 prealign: int = 32, trunc: int = TRUNC, progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), solve: SolveSettings = SolveSettings(),
+                 progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
-    ``neighbours`` nearest usable sections on each side (raw to raw, both
-    directions), the pair fields are solved jointly for one field per section,
-    and the result is expressed in the frame of the first usable section (as a
-    serial alignment keeps it). Returns ``(aligned uint8 [Z, H, W], fields
-    [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections (left blank, zero
-    field). ``chunk``, ``overlap``, ``prealign``, ``trunc``: ``pair_field``'s; ``smooth``, ``detail_pull``:
-    ``solve.solve_stack``'s; ``progress(pairs)`` may wrap the iteration over pairs (e.g. tqdm).
+    ``solve.neighbours`` nearest usable sections on each side (raw to raw, both
+    directions), the pair fields (``pair_field`` with ``pair``, not low-passed)
+    are solved jointly for one field per section (``solve_pairs``, split at
+    ``pair.smooth``), and the result is expressed in the frame of the first
+    usable section (as a serial alignment keeps it). Returns ``(aligned uint8
+    [Z, H, W], fields [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections
+    (left blank, zero field). ``progress(pairs)`` may wrap the iteration over
+    pairs (e.g. tqdm).
     """
     sections = np.asarray(sections)
     count = len(sections)
     skipped = [z for z in range(count) if is_blank(sections[z])]
-    pairs = neighbour_pairs(count, neighbours, set(skipped)) if count - len(skipped) > 1 else []
-    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], chunk, overlap, 0, prealign, trunc)
+    pairs = neighbour_pairs(count, solve.neighbours, set(skipped)) if count - len(skipped) > 1 else []
+    unsmoothed = dataclasses.replace(pair, smooth=0)
+    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], unsmoothed)
                                for s, t in (progress or iter)(pairs)]) if pairs else None
-    aligned, fields = solve_pairs(sections, pairs, pair_fields, pull, robust, skipped, smooth, detail_pull)
+    aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped)
     return aligned, fields, skipped
 
 
-def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, pull: float = 0.03,
-                robust: float | None = 4.0, skipped=(), smooth: int = 0,
-                detail_pull: float = DETAIL_PULL) -> tuple[np.ndarray, torch.Tensor]:
+def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, settings: SolveSettings,
+                smooth: int, skipped=()) -> tuple[np.ndarray, torch.Tensor]:
     """The second half of ``align_solved``: from pair fields to the aligned stack.
 
     sections: uint8 ``[Z, H, W]``; ``pair_fields`` ``[E, 2, H, W]`` (px): field e
     pulls section ``pairs[e][0]`` onto ``pairs[e][1]`` (None when there are no
-    pairs); ``skipped``: blank sections; ``pull``, ``robust``, ``smooth``,
-    ``detail_pull``: ``solve.solve_stack``'s.
+    pairs); ``skipped``: blank sections; ``settings.pull``, ``robust`` (0: None),
+    ``detail_pull`` and ``smooth`` (px, ``PairSettings.smooth``): ``solve.solve_stack``'s
+    (``settings.neighbours`` is not read: ``pairs`` are given).
     Each pair weighs where its target shows tissue. Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px)`` in the frame of the first usable section;
     skipped sections stay blank with the zero field.
@@ -204,7 +262,8 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     fields = torch.zeros(count, 2, *shape)
     if pairs:
         weights = torch.from_numpy(sections[[t for _, t in pairs]] > 0).float()  # the target saw tissue
-        solved = solve_stack(count, pairs, pair_fields, weights, pull, robust, smooth=smooth, detail_pull=detail_pull)
+        solved = solve_stack(count, pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
+                             smooth=smooth, detail_pull=settings.detail_pull)
         fields[usable] = in_frame_of(solved[usable], reference=0)
     aligned = np.stack([apply_field(s, f) if z in usable else np.zeros(shape, np.uint8)
                         for z, (s, f) in enumerate(zip(sections, fields))])

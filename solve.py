@@ -123,7 +123,7 @@ def _banded_cholesky_solve(band: torch.Tensor, rhs: torch.Tensor) -> torch.Tenso
 
 
 def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, weights: torch.Tensor | None = None,
-                pull: float = 1.0, robust: float | None = 4.0, rounds: int = 3, smooth: int = 0,
+                *, pull: float, robust: float | None, rounds: int = 3, smooth: int = 0,
                 detail_pull: float = math.inf) -> torch.Tensor:
     """One field per section ``[Z, 2, H, W]`` (px) from pair fields between raw sections.
 
@@ -147,7 +147,8 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     ``low_pass(r, smooth)`` and the detail ``r - low_pass(r, smooth)``; the coarse
     part is solved with ``pull``, the detail with ``detail_pull`` (module
     docstring), and the two added. ``detail_pull`` inf drops the detail (the
-    pair fields are simply low-passed).
+    pair fields are simply low-passed). ``pull`` and ``robust`` (None: off) have
+    no default here: ``alignment.SolveSettings`` holds the tuned ones.
     """
     if pull <= 0 or detail_pull <= 0:
         raise ValueError("pull and detail_pull must be > 0 (without a pull the common frame is undetermined)")

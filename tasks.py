@@ -35,6 +35,9 @@ rather than onto ``s_b`` resampled into the first frame, and with ``vote`` K the
 block vote over fewer than K targets. With one block (``block`` = the whole range) the result is the
 serial alignment: ``C_0 = 0`` and ``compose(G, 0)`` is skipped, so ``F = G`` exactly.
 
+``align.py --solve`` runs no tasks: ``solve_range`` aligns the whole range at once in this process by the
+stack-wide solve (``alignment.align_solved``) and writes ``DEST/field`` and ``DEST/image`` as the render tasks do.
+
 Progress markers under ``DEST/progress/`` (tasks are idempotent: they write their output chunks and
 these markers, nothing else, so a task run twice does no harm):
 
@@ -77,7 +80,7 @@ from taskqueue import TaskQueue, queueable
 from tqdm import tqdm
 
 import volume
-from alignment import align_serial, apply_field, for_inference, is_blank
+from alignment import PairSettings, SolveSettings, align_serial, align_solved, apply_field, for_inference, is_blank
 from helpers import UserError, compose, one_line
 from models.archive import load_archive
 
@@ -92,7 +95,7 @@ Phase = tuple[str, list[Callable[[], None]]]  # a name and its tasks
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a task needs, as plain JSON values (each task's payload carries it)."""
+    """Everything a task needs; its ``dataclasses.asdict`` is plain JSON values (each task's payload carries it)."""
 
     archive: str  # network archive (absolute path)
     source: str  # raw image volume (cloudpath)
@@ -102,19 +105,20 @@ class Job:
     z_start: int
     z_stop: int  # one past the last section
     block: int  # sections per block, >= 2 (consecutive blocks share one)
-    chunk: int  # alignment.pair_field's chunk and overlap (px)
-    overlap: int
+    pair: PairSettings  # how alignment.pair_field computes each pair field
     vote: int  # alignment.align_serial's vote and to_raw_neighbour
     raw_neighbour: bool
-    smooth: int  # alignment.pair_field's low-pass radius (px, 0 = off)
-    prealign: int  # alignment.pair_field's whole-section shift search (px, 0 = off)
-    trunc: int  # alignment.pair_field's finest pyramid level run (0 = full resolution)
     xy_chunk: int  # xy size of stitch and render tasks (px, a multiple of LAYER_CHUNK)
+    solve: SolveSettings | None = None  # the stack-wide solve's (solve_range); None: serial tasks (vote, raw_neighbour)
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu
     max_failures: int = MAX_FAILURES  # a queued task that fails this many times is dead-lettered
 
-    def __post_init__(self):  # a payload read back from JSON holds a list
+    def __post_init__(self):  # a payload read back from JSON holds a list and dicts
         object.__setattr__(self, "bbox", tuple(self.bbox))
+        if isinstance(self.pair, dict):
+            object.__setattr__(self, "pair", PairSettings(**self.pair))
+        if isinstance(self.solve, dict):
+            object.__setattr__(self, "solve", SolveSettings(**self.solve))
 
     def blocks(self) -> list[tuple[int, int]]:
         """``(s_b, e_b)`` of every block (inclusive); a range of one section is one block of one section."""
@@ -164,8 +168,9 @@ def _read_field(vol, z: int, box: Box) -> torch.Tensor:
 
 
 def _write(vol, array: np.ndarray, z: int, box: Box) -> None:
-    """Write ``[C, Y, X]`` as section z at the corner of ``box``."""
-    volume.write(vol, np.ascontiguousarray(array)[None], (box[0], box[1], z))
+    """Write ``[C, Y, X]`` as section z at the corner of ``box`` (or ``[Z, C, Y, X]`` as sections z, z + 1, ...)."""
+    array = np.ascontiguousarray(array)
+    volume.write(vol, array.reshape(-1, *array.shape[-3:]), (box[0], box[1], z))
 
 
 # ----------------------------------------------------------------------------- fields on chunks
@@ -278,8 +283,7 @@ def block_task(job: dict, first: int) -> None:
             yield raw
             z += 1
 
-    results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.chunk,
-                           job.overlap, smooth=job.smooth, prealign=job.prealign, trunc=job.trunc)
+    results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.pair)
     for z, (_, g) in enumerate(results, start):
         if reference is None and not blank[z]:
             reference = z
@@ -321,6 +325,22 @@ def render_task(job: dict, z: int, x: int, y: int) -> None:
         image = warp_chunk(_layer(job.source, job.mip), z, field, box, job.bbox)
     _write(_dest(job, "image"), image[None], z, box)
     _write(_dest(job, "field"), field.numpy().astype(np.float32), z, box)
+
+
+def solve_range(job: Job) -> list[int]:
+    """The stack-wide solve of the whole range at once, here (``alignment.align_solved`` with ``job.pair`` and
+    ``job.solve``), into ``DEST/field`` then ``DEST/image``; returns the blank sections (left blank, zero field).
+
+    Every field is written in one call before any image: ``volume.write`` refuses a non-finite field before any of
+    them is written.
+    """
+    source, sections = _layer(job.source, job.mip), range(job.z_start, job.z_stop)
+    raw = np.stack([_read(source, z, job.bbox)[0] for z in sections])
+    aligned, fields, skipped = align_solved(model_of(job), raw, job.pair, job.solve,
+                                            progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
+    _write(_dest(job, "field"), fields.numpy().astype(np.float32), job.z_start, job.bbox)
+    _write(_dest(job, "image"), aligned[:, None], job.z_start, job.bbox)
+    return [sections[i] for i in skipped]
 
 
 # ------------------------------------------------------------------------------------ the driver

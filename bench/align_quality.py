@@ -22,6 +22,7 @@ oracle's means the method warps tissue to look like its neighbour.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import re
 import sys
@@ -35,7 +36,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import evaluate  # noqa: E402
-from alignment import DETAIL_PULL, TRUNC, align_serial, align_solved, apply_field, for_inference  # noqa: E402
+from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,  # noqa: E402
+                       for_inference, settings_from_args)
 from demo import PHANTOMS  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
@@ -145,20 +147,19 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     return aligned, fields, seconds
 
 
-def network_fields(archive: str, variant: str, chunk: int, overlap: int, pull: float, robust: float, smooth: int,
-                   detail_pull: float, prealign: int, trunc: int):
-    """``raw [Z,H,W] -> fields [Z,2,H,W]`` of our network in one of ``VARIANTS`` (e.g. ``vote3``, ``solve2``)."""
+def network_fields(archive: str, variant: str, pair: PairSettings, solve: SolveSettings):
+    """``raw [Z,H,W] -> fields [Z,2,H,W]`` of our network aligning as ``variant`` says (e.g. ``vote3``, ``solve2``:
+    ``--ours``) with ``pair`` and (``solveK``, K its ``neighbours``) ``solve``."""
     from models.archive import load_archive
 
     model = for_inference(load_archive(archive)[0])
     kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
     if kind == "solve":
-        return lambda raw: align_solved(model, raw, int(number or 1), pull, robust or None, chunk, overlap,
-                                        smooth, detail_pull, prealign, trunc)[1].numpy()
-    options = dict(to_raw_neighbour=kind == "raw", vote=int(number or 1) if kind == "vote" else 1, smooth=smooth,
-                   prealign=prealign, trunc=trunc)
-    return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, chunk=chunk, overlap=overlap,
-                                                                   **options)])
+        solve = dataclasses.replace(solve, neighbours=int(number or 1))
+        return lambda raw: align_solved(model, raw, pair, solve)[1].numpy()
+    vote = int(number or 1) if kind == "vote" else 1
+    return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, to_raw_neighbour=kind == "raw",
+                                                                   vote=vote, settings=pair)])
 
 
 def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
@@ -186,21 +187,11 @@ def main(argv=None) -> dict:
     p.add_argument("--z_start", type=int, default=70, help="first held-out demo section")
     p.add_argument("--sections", type=int, default=30, help="sections in the stack")
     p.add_argument("--size", type=int, default=512, help="section size in px (a top-left crop)")
-    p.add_argument("--chunk", type=int, default=1024)
-    p.add_argument("--overlap", type=int, default=128)
     p.add_argument("--ours", nargs="+", default=["serial"],
                    help="how our network aligns the stack: serial (onto the aligned section before), raw (onto the "
                         "raw section before, fields chained), voteK (onto the K aligned sections before, vector "
                         "voting), solveK (stack-wide solve over K raw neighbours on each side); several to compare")
-    p.add_argument("--pull", type=float, default=0.03, help="solveK: weight of the pull toward zero displacement")
-    p.add_argument("--robust", type=float, default=4.0, help="solveK: robust re-weighting scale in px (0 = off)")
-    p.add_argument("--smooth", type=int, nargs="+", default=[0],
-                   help="low-pass radii (px) of our pair fields (serial: alignment.pair_field's; solveK: "
-                        "solve.solve_stack's, with --detail_pull); each is a row")
-    p.add_argument("--prealign", type=int, default=32, help="px reach of our pre-alignment shift (align.py's)")
-    p.add_argument("--trunc", type=int, default=TRUNC, help="finest pyramid level our network runs (align.py's)")
-    p.add_argument("--detail_pull", type=float, default=DETAIL_PULL,
-                   help="solveK with --smooth: pull on the detail the low-pass removes (inf = drop it)")
+    add_flags(p, several=["smooth"], without=["neighbours"])  # align.py's; --smooth R1 R2 ...: a row each
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
@@ -227,8 +218,7 @@ def main(argv=None) -> dict:
     for archive, variant, smooth in itertools.product(args.archive, args.ours, args.smooth):
         if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
-        fields_fn = network_fields(archive, variant, args.chunk, args.overlap, args.pull, args.robust, smooth,
-                                   args.detail_pull, args.prealign, args.trunc)
+        fields_fn = network_fields(archive, variant, *settings_from_args(args, smooth=smooth))
         aligned, fields, seconds = run_method(fields_fn, raw)
         name = f"ours ({Path(archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''})"
         rows[name] = score_row(stack, aligned, fields, seconds, oracle)

@@ -42,7 +42,8 @@ from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
 from align_quality import held_out_stack, registration_check  # noqa: E402
-from alignment import DETAIL_PULL, TRUNC, apply_field, for_inference, pair_field, solve_pairs  # noqa: E402
+from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,  # noqa: E402
+                       settings_from_args, solve_pairs)
 from demo import PHANTOMS  # noqa: E402
 from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length  # noqa: E402
 from models.archive import load_archive  # noqa: E402
@@ -100,8 +101,9 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
         print(registration_check(stack["content_offsets"]))
     truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
+    pair, _ = settings_from_args(args, smooth=0)  # the pair fields are low-passed by each setting's solve
     key = [str(Path(args.archive).resolve()), args.real, args.phantom, seed, args.reregister, args.z_start,
-           args.sections, args.size, args.prealign, args.trunc, pairs]
+           args.sections, args.size, pair.prealign, pair.trunc, pairs]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
     cached = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}
@@ -109,7 +111,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
         fields = cached["fields"]
     else:
         start = time.time()
-        fields = torch.stack([pair_field(model, raw[s], raw[t], prealign=args.prealign, trunc=args.trunc)
+        fields = torch.stack([pair_field(model, raw[s], raw[t], pair)
                               for s, t in tqdm(pairs, desc="pairs", unit="pair")])
         print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
         if cache:
@@ -127,8 +129,8 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     rows = {"no alignment": evaluate.score(raw, np.zeros(truth.shape, np.float32), truth, stack["defects"])}
     for n, smooth, pull, detail, robust in tqdm(settings, desc="settings"):
         keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]
-        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], fields[keep], pull, robust or None, (),
-                                      smooth, detail)
+        solve = SolveSettings(neighbours=n, pull=pull, robust=robust, detail_pull=detail)
+        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], fields[keep], solve, smooth)
         name = f"solve{n} smooth {smooth}{f' detail {detail:g}' if smooth else ''} pull {pull:g} robust {robust:g}"
         rows[name] = evaluate.score(aligned, solved.numpy(), truth, stack["defects"])
     for row in rows.values():
@@ -147,14 +149,8 @@ def main(argv=None) -> dict:
     p.add_argument("--z_start", type=int, default=70)
     p.add_argument("--sections", type=int, default=30)
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--neighbours", type=int, nargs="+", default=[1], help="raw neighbours on each side")
-    p.add_argument("--pull", type=float, nargs="+", default=[0.03], help="weight of the pull toward zero")
-    p.add_argument("--smooth", type=int, nargs="+", default=[0, 96], help="low-pass radii (px) of the pair fields")
-    p.add_argument("--detail_pull", type=float, nargs="+", default=[DETAIL_PULL],
-                   help="pulls on the detail the low-pass removes (inf = drop it)")
-    p.add_argument("--prealign", type=int, default=32, help="px reach of the pre-alignment shift (align.py's)")
-    p.add_argument("--trunc", type=int, default=TRUNC, help="finest pyramid level the network runs (align.py's)")
-    p.add_argument("--robust", type=float, nargs="+", default=[4.0], help="robust scale in px (0 = off)")
+    add_flags(p, several=["neighbours", "pull", "smooth", "detail_pull", "robust"], without=["chunk", "overlap"])
+    p.set_defaults(smooth=[0, 96])  # the sweep's: without and with the demo's low-pass
     p.add_argument("--best", type=int, default=15, help="rows to print")
     p.add_argument("--cache", help="keep the pair fields in this file (one per draw: FILE.seedS.pt when several) "
                                    "and reuse them when the stack and network match")

@@ -1,4 +1,6 @@
 """alignment.py and align.py: chunking does not change the result, serial chaining, resume, refusals."""
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import alignment
 import data
 import helpers
 import volume
+from alignment import PairSettings, SolveSettings
 from helpers import UserError
 from conftest import moved_windows, run_script
 from models import Pyramid
@@ -34,8 +37,8 @@ def sections(n=3, size=128, seed=0):
 def test_chunked_equals_unchunked(trunc):
     net = random_net()
     a, b = sections(2)
-    whole = alignment.pair_field(net, a, b, chunk=1024, overlap=64, trunc=trunc)
-    chunked = alignment.pair_field(net, a, b, chunk=64, overlap=64, trunc=trunc)
+    whole = alignment.pair_field(net, a, b, PairSettings(chunk=1024, overlap=64, trunc=trunc))
+    chunked = alignment.pair_field(net, a, b, PairSettings(chunk=64, overlap=64, trunc=trunc))
     assert whole.shape == (2, 128, 128) and whole.abs().max() > 0.05
     assert (whole - chunked).abs().max() < 1e-4
 
@@ -50,11 +53,12 @@ def test_for_inference_keeps_the_field():
 def test_trunc_stops_the_network_short_and_upsamples_its_field():
     net = random_net()
     a, b = sections(2)
-    coarse = alignment.pair_field(net, a, b, prealign=0, trunc=1)
+    coarse = alignment.pair_field(net, a, b, PairSettings(prealign=0, trunc=1))
     src, tgt = (data.normalise(torch.from_numpy(x))[0].view(1, 1, 128, 128) for x in (a, b))
     expected = helpers.upsample_field(net(src, tgt, trunc=1).field, 2)[0]
     assert torch.allclose(coarse, expected, atol=1e-5)
-    assert (coarse - alignment.pair_field(net, a, b, prealign=0)).abs().max() > 0.05  # level 0 adds detail
+    finest = alignment.pair_field(net, a, b, PairSettings(prealign=0))
+    assert (coarse - finest).abs().max() > 0.05  # level 0 adds detail
 
 
 def test_serial_chaining(monkeypatch):
@@ -174,6 +178,45 @@ def test_detail_pull_may_be_infinite():
     args = align.parse_args(["--archive", "a.pt", "--source", "s", "--dest", "d", "--z_start", "0", "--z_stop", "2",
                              "--detail_pull", "inf"])
     assert args.detail_pull == float("inf")
+
+
+MINIMAL = ["--archive", "a.pt", "--source", "s", "--dest", "d", "--z_start", "0", "--z_stop", "2"]
+
+
+def test_align_flags_are_the_settings_fields_with_their_defaults():
+    assert alignment.settings_from_args(align.parse_args(MINIMAL)) == (PairSettings(), SolveSettings())
+    args = align.parse_args(MINIMAL + ["--chunk", "64", "--smooth", "3", "--robust", "0", "--detail_pull", "inf"])
+    assert alignment.settings_from_args(args) == (PairSettings(chunk=64, smooth=3),
+                                                  SolveSettings(robust=0.0, detail_pull=float("inf")))
+
+
+@pytest.mark.parametrize("formatter", [argparse.HelpFormatter, argparse.ArgumentDefaultsHelpFormatter])
+def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(formatter):
+    parser = argparse.ArgumentParser(formatter_class=formatter)
+    alignment.add_flags(parser, several=["pull"], without=["chunk"])
+    text = " ".join(parser.format_help().split())
+    assert text.count("(default: ") == 8 and "--chunk" not in text and "(default: [0.03])" in text
+    args = parser.parse_args(["--pull", "0.1", "0.2", "--overlap", "8"])
+    assert args.pull == [0.1, 0.2]
+    assert alignment.settings_from_args(args, pull=0.2) == (PairSettings(overlap=8), SolveSettings(pull=0.2))
+
+
+@pytest.mark.parametrize("mode, name, own", [
+    ([], "serial", {"block": None, "task_chunk": 512}),
+    (["--vote", "2", "--block", "3"], "vote", {"vote": 2, "block": 3, "task_chunk": 512}),
+    (["--solve"], "solve", {"neighbours": 1, "pull": 0.03, "robust": 4.0}),
+    (["--solve", "--smooth", "8", "--detail_pull", "inf"], "solve",
+     {"smooth": 8, "neighbours": 1, "pull": 0.03, "robust": 4.0, "detail_pull": "inf"}),
+])
+def test_the_run_record_holds_the_settings_its_mode_reads_by_their_flags_names(tmp_path, mode, name, own):
+    """The keys and values of the records DESTs already hold (a resume compares them), in their order."""
+    (tmp_path / "a.pt").write_bytes(b"net")
+    args = align.parse_args(MINIMAL[2:] + ["--archive", str(tmp_path / "a.pt"), *mode])
+    record = align.run_record(args, align.job_of(args, "file:///s", (0, 0, 64, 32)))
+    expected = {"archive_sha256": helpers.file_sha256(tmp_path / "a.pt"), "source": "file:///s", "mode": name,
+                "z_start": 0, "mip": 0, "bbox": [0, 0, 64, 32], "chunk": 1024, "overlap": 128, "prealign": 32,
+                "trunc": 2, "smooth": 0, **own}
+    assert record == expected and list(record) == list(expected)
 
 
 def test_a_destination_that_cannot_be_written_is_one_line_before_anything_runs(setup):
@@ -309,7 +352,7 @@ def test_solved_alignment_recovers_known_shifts_and_skips_blank_sections(monkeyp
         return (truth[s] - truth[t]).expand(2, 32, 32).clone()
 
     monkeypatch.setattr(alignment, "pair_field", pair)
-    aligned, fields, skipped = alignment.align_solved(None, stack, neighbours=2, pull=1e-3)
+    aligned, fields, skipped = alignment.align_solved(None, stack, solve=SolveSettings(neighbours=2, pull=1e-3))
     assert skipped == [2] and not aligned[2].any() and 2 not in {z for p in pairs for z in p}
     expected = (truth - truth[0]).expand(5, 2, 32, 32)
     usable = [0, 1, 3, 4]
@@ -343,11 +386,12 @@ def test_prealign_shift_is_found_and_added_to_the_networks_field(monkeypatch):
 
     monkeypatch.setattr(alignment, "chunk_field", network)
     moved, still = moved_windows([(13, -9), (0, 0)])
-    field = alignment.pair_field(random_net(), moved, still, chunk=1024, overlap=0)
+    field = alignment.pair_field(random_net(), moved, still, PairSettings(chunk=1024, overlap=0))
     assert torch.equal(field, torch.tensor([13.0, -9.0]).view(2, 1, 1).expand(2, 160, 160))
     source, target = seen[-1]
     assert torch.allclose(source[0, 0, 20:-20, 20:-20], target[0, 0, 20:-20, 20:-20], atol=0.05)
-    assert torch.equal(alignment.pair_field(random_net(), moved, still, prealign=0), torch.zeros(2, 160, 160))
+    unmoved = alignment.pair_field(random_net(), moved, still, PairSettings(prealign=0))
+    assert torch.equal(unmoved, torch.zeros(2, 160, 160))
     mostly_missing = moved.copy()
     mostly_missing[:130] = 0  # tissue on under a quarter of the section: no whole-section shift is trusted
     assert torch.equal(alignment.pair_field(random_net(), mostly_missing, still), torch.zeros(2, 160, 160))
@@ -363,7 +407,7 @@ def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
     monkeypatch.setattr(alignment, "chunk_field", network)
     model = random_net()
     a, b = sections(2, 64)
-    raw = alignment.pair_field(model, a, b, chunk=64, overlap=0, prealign=0)
-    smoothed = alignment.pair_field(model, a, b, chunk=64, overlap=0, smooth=3, prealign=0)
+    raw = alignment.pair_field(model, a, b, PairSettings(chunk=64, overlap=0, prealign=0))
+    smoothed = alignment.pair_field(model, a, b, PairSettings(chunk=64, overlap=0, smooth=3, prealign=0))
     assert (raw - shift[0]).abs().max() == pytest.approx(3.0)
     assert (smoothed - shift[0])[:, 8:-8].abs().max() < 0.1  # the box is clipped at the edges

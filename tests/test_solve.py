@@ -72,7 +72,7 @@ def test_solve_beats_chaining_on_noisy_pairs():
     truth = constant((torch.rand(z, 2, generator=gen) * 16 - 8).tolist())
     pairs = neighbour_pairs(z, 2)
     noisy = exact_pairs(truth, pairs) + constant((torch.randn(len(pairs), 2, generator=gen)).tolist())
-    solved_error = (in_frame_of(solve_stack(z, pairs, noisy, pull=0.01)) - in_frame_of(truth))[:, :, 0, 0]
+    solved_error = (in_frame_of(solve_stack(z, pairs, noisy, pull=0.01, robust=4.0)) - in_frame_of(truth))[:, :, 0, 0]
     # chaining the (z, z - 1) pairs: F_z = r(z, z-1) + F_{z-1}
     step = {(s, t): noisy[i, :, 0, 0] for i, (s, t) in enumerate(pairs)}
     chained = torch.stack([sum((step[(k, k - 1)] for k in range(1, i + 1)), torch.zeros(2)) for i in range(z)])
@@ -98,7 +98,7 @@ def test_solve_is_robust_to_one_wrong_pair_and_trusts_weights():
 
 def test_solve_needs_a_pull():
     with pytest.raises(ValueError):
-        solve_stack(2, [(0, 1)], torch.zeros(1, 2, 4, 4), pull=0)
+        solve_stack(2, [(0, 1)], torch.zeros(1, 2, 4, 4), pull=0, robust=None)
 
 
 def test_banded_solve_equals_a_dense_solve_per_pixel():
@@ -121,12 +121,13 @@ def test_detail_band_split_loses_nothing_and_inf_drops_the_detail():
     truth = torch.randn(6, 2, 24, 24, generator=gen)
     pairs = neighbour_pairs(6, 2)
     fields = exact_pairs(truth, pairs)
-    whole = solve_stack(6, pairs, fields, pull=0.1)
-    assert torch.allclose(solve_stack(6, pairs, fields, pull=0.1, smooth=3, detail_pull=0.1), whole, atol=1e-4)
-    assert torch.allclose(solve_stack(6, pairs, fields, pull=0.1, smooth=3),
-                          solve_stack(6, pairs, low_pass(fields, 3), pull=0.1), atol=1e-5)
+    whole = solve_stack(6, pairs, fields, pull=0.1, robust=4.0)
+    assert torch.allclose(solve_stack(6, pairs, fields, pull=0.1, robust=4.0, smooth=3, detail_pull=0.1), whole,
+                          atol=1e-4)
+    assert torch.allclose(solve_stack(6, pairs, fields, pull=0.1, robust=4.0, smooth=3),
+                          solve_stack(6, pairs, low_pass(fields, 3), pull=0.1, robust=4.0), atol=1e-5)
     with pytest.raises(ValueError):
-        solve_stack(6, pairs, fields, pull=0.1, smooth=3, detail_pull=0)
+        solve_stack(6, pairs, fields, pull=0.1, robust=4.0, smooth=3, detail_pull=0)
 
 
 def test_detail_pull_keeps_fine_misalignment_and_stops_fine_drift():

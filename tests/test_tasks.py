@@ -11,11 +11,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from taskqueue.lib import jsonify
+from taskqueue.queueablefns import totask
 
 import align
 import alignment
 import tasks
 import volume
+from alignment import PairSettings, SolveSettings
 from conftest import ROOT, run_script
 from helpers import UserError, compose
 from models.archive import save_archive
@@ -28,8 +31,8 @@ USABLE = [0, 1, 3, 7, 8, 9]  # to 7 (its end is blank too), block 4-6 is all bla
 
 def job(**changes) -> tasks.Job:
     values = dict(archive="a.pt", source="file:///s", dest="file:///d", mip=0, bbox=(0, 0, 64, 64), z_start=2,
-                  z_stop=8, block=3, chunk=32, overlap=32, vote=1, raw_neighbour=False, smooth=0, prealign=32,
-                  trunc=0, xy_chunk=256)
+                  z_stop=8, block=3, pair=PairSettings(chunk=32, overlap=32, prealign=32, trunc=0, smooth=0), vote=1,
+                  raw_neighbour=False, xy_chunk=256)
     return tasks.Job(**{**values, **changes})
 
 
@@ -40,6 +43,14 @@ def test_block_layout_shares_boundary_sections_and_each_section_has_one_owner():
     assert job(z_start=5, z_stop=6, block=2).blocks() == [(5, 5)]
     assert job(bbox=(0, 100, 600, 300)).chunk_corners() == [(0, 100), (256, 100), (512, 100)]
     assert job(bbox=(0, 100, 600, 300)).chunk_box(512, 100) == (512, 100, 600, 300)
+
+
+@pytest.mark.parametrize("solve", [None, SolveSettings(neighbours=2, pull=0.5)])
+def test_a_job_comes_back_from_a_queued_payload_as_it_was(solve):
+    original = job(pair=PairSettings(chunk=64, overlap=16, prealign=0, trunc=1, smooth=3), solve=solve)
+    call = tasks.phases(original, [2])[0][1][0]  # the first block task
+    payload = jsonify(totask(call).payload())  # as a queue stores it, and reads it back
+    assert tasks.Job(**totask(payload).args[0]) == original
 
 
 def smooth(shape, seed, scale):
