@@ -46,7 +46,7 @@ class PairSettings:
     overlap: int = _setting(128, int, "context in px around each chunk, cropped away")
     prealign: int = _setting(32, int, "before the network, move each source by the whole-section shift (found by "
                                       "cross-correlation, up to this many px) that best matches its target (0 = off)")
-    # measured in the README, as detail_pull's
+    # measured in bench/RESULTS.md, as detail_pull's
     trunc: int = _setting(2, int, "stop the network this many levels short of full resolution and upsample its field "
                                   "(fewer levels run: faster)")
     smooth: int = _setting(0, int, "low-pass every pair field with a box of this radius in px, twice (0 = off)")
@@ -62,7 +62,7 @@ class SolveSettings:
                            "--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)")
     robust: float = _setting(4.0, finite_float, "--solve: px scale of the robust re-weighting of disagreeing pairs "
                                                 "(0 = plain least squares)")
-    # measured in the README, as trunc's
+    # measured in bench/RESULTS.md, as trunc's
     detail_pull: float = _setting(5.0, number, "--solve --smooth R: pull on the detail the low-pass removes, solved "
                                                "apart from the coarse part (inf = drop the detail)")
 
@@ -133,9 +133,9 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     the section's size, with zeros); the model's device is used. ``smooth`` > 0
     low-passes the field (``solve.low_pass``): misalignment is smooth, and
     between real neighbours the network's fine detail is mostly tissue change
-    (measured in the README). ``trunc`` > 0 stops the network ``trunc`` levels
+    (measured in bench/RESULTS.md). ``trunc`` > 0 stops the network ``trunc`` levels
     short of full resolution (``chunk_field``): the finest levels cost most of
-    its time and add little the low-pass and the solve keep (README: ``--trunc``).
+    its time and add little the low-pass and the solve keep (bench/RESULTS.md: ``--trunc``).
     """
     device = next(model.parameters()).device
     unit = stride(model)

@@ -15,7 +15,7 @@ data without running the network once per setting. The table gives each
 setting's figures averaged over the draws, its EPE far as a fraction of the
 identity's (mean and worst draw, in the first section's frame and in a common
 frame) and the oracle's CPC, sorted by the EPE far in a common frame: one draw
-is not enough to choose by (the README's real-tissue section).
+is not enough to choose by (bench/RESULTS.md, real tissue).
 
 It first says how good the network's part is: for the pairs of neighbours,
 the median end-point error of the pair fields against the true relative
