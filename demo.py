@@ -69,6 +69,12 @@ def ensure_demo() -> dict[str, str]:
     return {layer: "file://" + str(demo_dir() / layer) for layer in LAYERS}
 
 
+def resolve(path: str | None, layer: str = "image") -> str | None:
+    """``path`` as it is, or for the word ``demo`` the ``file://`` path of the demo volume's ``layer`` (one of
+    ``LAYERS``; the volume is built on first use). Scripts call it on every volume flag that accepts ``demo``."""
+    return ensure_demo()[layer] if path == "demo" else path
+
+
 def make_arrays(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default",
                 phantom_seed: int | None = None) -> dict[str, np.ndarray]:
     """The demo's layers as arrays ``[Z, C, Y, X]`` at mip 0 (see the module docstring).

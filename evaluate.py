@@ -253,6 +253,7 @@ def plot_epe_maps(errors: dict[str, np.ndarray], path: Path) -> Path:
 
 
 def main(argv=None) -> dict:
+    import demo
     import volume
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -260,19 +261,17 @@ def main(argv=None) -> dict:
     p.add_argument("--raw", help="the unaligned image volume, scored for comparison ('demo' for the demo)")
     p.add_argument("--truth", help="ground-truth field volume ('demo' for the demo's); needs --defects for "
                                    "the near/inside split (implied by 'demo')")
-    p.add_argument("--defects", help="defect volume of the raw sections")
+    p.add_argument("--defects", help="defect volume of the raw sections ('demo' for the demo's)")
     p.add_argument("--z_start", type=int, required=True)
     p.add_argument("--z_stop", type=int, required=True)
     p.add_argument("--near", type=float, default=20, help="px from a defect that count as near it")
     p.add_argument("--chunk", type=int, default=64, help="CPC chunk size in px")
     p.add_argument("--plots", help="directory for the CPC histogram and EPE map PNGs")
     args = p.parse_args(argv)
-    if args.truth == "demo" or args.raw == "demo":
-        import demo
-        layers = demo.ensure_demo()
-        args.raw = layers["image"] if args.raw == "demo" else args.raw
-        args.defects = args.defects or (layers["defects"] if args.truth == "demo" else None)
-        args.truth = layers["field"] if args.truth == "demo" else args.truth
+    if args.truth == "demo":
+        args.defects = args.defects or "demo"
+    args.raw, args.truth, args.defects = (demo.resolve(path, layer) for path, layer in
+                                          ((args.raw, "image"), (args.truth, "field"), (args.defects, "defects")))
 
     plots = check_writable(args.plots, "--plots", folder=True) if args.plots else None
     aligned_vol = volume.open_volume(args.aligned.rstrip("/") + "/image")

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+import demo
 import volume
 from data import slice_std
 from helpers import UserError, atomic_output, check_name, run_main, stop_if_interrupted
@@ -71,11 +72,9 @@ def fill_defaults(args: argparse.Namespace) -> list[str]:
     """
     defaults, filled = dict(SEED_DEFAULTS), []
     if args.source == "demo":
-        import demo
         defaults.update(demo.GEN_STACK_DEFAULTS)
-        layers = demo.ensure_demo()
-        args.mask_source = args.mask_source or layers["defects"]
-        args.field_source = args.field_source or layers["field"]
+        args.mask_source = demo.resolve(args.mask_source or "demo", "defects")
+        args.field_source = demo.resolve(args.field_source or "demo", "field")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -223,11 +222,11 @@ def main(argv=None) -> Path:
 
     if args.registered and args.field_source:
         raise UserError("--registered says the true fields are zero: do not also give --field_source")
-    vols = {"images": volume.open_volume(args.source, args.mip, args.bucket)}
+    vols = {"images": volume.open_volume(demo.resolve(args.source), args.mip, args.bucket)}
     if args.mask_source:
-        vols["masks"] = volume.open_volume(args.mask_source, args.mip, args.bucket)
+        vols["masks"] = volume.open_volume(demo.resolve(args.mask_source, "defects"), args.mip, args.bucket)
     if args.field_source:
-        vols["fields"] = volume.open_volume(args.field_source, args.mip, args.bucket)
+        vols["fields"] = volume.open_volume(demo.resolve(args.field_source, "field"), args.mip, args.bucket)
     bounds = volume.bounds(vols["images"])
     for name, vol in vols.items():
         if not np.array_equal(volume.bounds(vol)[1], bounds[1]):
