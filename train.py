@@ -186,10 +186,10 @@ def resolve_dataset(spec: str | None, hm: bool = False, split: str = "train") ->
     found = sorted(volume.data_dir().glob(f"{name}_{split}_mip*.h5"),
                    key=lambda p: int(p.stem.rsplit("mip", 1)[1]))
     if not found and name == "demo":
-        import gen_stack
         import demo
-        argv = ["--count", str(demo.DATASET_COUNT[split]), "--source", "demo", "demo"]
-        return gen_stack.main(argv + (["--test"] if split == "test" else []))
+        import gen_stack
+        sampling = gen_stack.Sampling(source="demo", count=demo.DATASET_COUNT[split], test=split == "test")
+        return gen_stack.write_dataset("demo", sampling)
     if not found:
         raise UserError(f"no dataset '{name}': no file {volume.data_dir()}/{name}_{split}_mip*.h5 "
                         "(make one with gen_stack.py, or give an .h5 path)")
