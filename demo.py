@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import volume
-from helpers import UserError, atomic_output, check_writable, run_main
+from helpers import HelpFormatter, UserError, atomic_output, check_writable, run_main
 
 SHAPE = (100, 512, 512)  # sections, rows, columns at mip 0
 PAD = 48  # margin generated around each section so misalignment pulls in tissue, not zeros
@@ -126,7 +126,7 @@ def build(shape=SHAPE, seed=SEED, kind: str = "default", path: Path | None = Non
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Build a phantom volume as the demo's (layers image, defects, field, "
                                             "aligned) at DEST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("dest", help="a local directory that does not exist yet")
     p.add_argument("--phantom", default="default", choices=PHANTOMS, help="how the tissue changes between sections")
     p.add_argument("--seed", type=int, default=SEED, help="draws the tissue and the misalignment")

@@ -45,8 +45,8 @@ import torch
 
 import masks
 from alignment import apply_field
-from helpers import (UserError, check_writable, in_frame_of, jacobian_determinant, run_main, to_tensor, vector_length,
-                     warp_labels)
+from helpers import (HelpFormatter, UserError, check_writable, in_frame_of, jacobian_determinant, run_main, to_tensor,
+                     vector_length, warp_labels)
 from shifts import best_shifts
 from vis import plain_log_ticks, pyplot, save_figure
 
@@ -253,7 +253,7 @@ def plot_epe_maps(errors: dict[str, np.ndarray], path: Path) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--aligned", required=True, help="destination of align.py (with image/ and field/ layers)")
     p.add_argument("--raw", help="the unaligned image volume, scored for comparison ('demo' for the demo)")
     p.add_argument("--truth", help="ground-truth field volume ('demo' for the demo's); needs --defects for "

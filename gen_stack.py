@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import demo
 import volume
-from helpers import UserError, atomic_output, check_name, run_main, slice_std, stop_if_interrupted
+from helpers import HelpFormatter, UserError, atomic_output, check_name, run_main, slice_std, stop_if_interrupted
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
 
@@ -64,8 +64,7 @@ class Sampling:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command's flags; each ``Sampling`` setting is the flag of its name (an old name is accepted too)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("name", help="dataset name: the output is OUT_DIR/NAME_{train|test}_mipM.h5")
     p.add_argument("--count", type=int, help="number of stacks to sample (not with --coords)")
     p.add_argument("--source", required=True,

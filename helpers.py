@@ -88,6 +88,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- flag types
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' ``--help``: a flag's text ends with ``(default: X)``, unless the text states its default itself
+    or there is none (``None``)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def number(text: str) -> float:
     """``argparse`` type: a float, infinities allowed; NaN is refused (argparse: usage, one error line, exit 2)."""
     value = float(text)  # a ValueError is argparse's "invalid number value"

@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import volume
-from helpers import UserError, atomic_output, one_line, run_main
+from helpers import HelpFormatter, UserError, atomic_output, one_line, run_main
 
 SUFFIXES = (".png", ".tif", ".tiff")
 CHUNK = (256, 256, 1)
@@ -48,7 +48,7 @@ Image.MAX_IMAGE_PIXELS = None  # EM sections are often larger than Pillow's deco
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("folder", help="folder of section images (.png, .tif, .tiff), numbered in their names")
     p.add_argument("--dest", help="the image layer to write: a local folder or a cloudpath (file://, gs://, "
                                   "s3://); default: DATA/<folder name> ($SEAMLESS_DATA or ./data)")

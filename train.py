@@ -46,7 +46,8 @@ from tqdm import tqdm
 import distributed
 import loss
 from data import Augmenter, StackDataset, batches, held_out_misalignment
-from helpers import UserError, check_name, code_version, finite_float, run_main, upsample_field, vector_length
+from helpers import (HelpFormatter, UserError, check_name, code_version, finite_float, run_main, upsample_field,
+                     vector_length)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -60,8 +61,7 @@ FIXED_ON_RESUME = ("size", "trunc", "skip", "k", "corr", "state_archive", "fine_
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("name", help="experiment name: pt/NAME.pt, runs/NAME, out/NAME")
     g = p.add_argument_group("loss")
     g.add_argument("--lambda0", type=finite_float, default=1.0,

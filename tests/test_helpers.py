@@ -1,5 +1,6 @@
 """The field convention: warps of known fields, composition, inversion, resampling; plain names, all-or-nothing
 outputs."""
+import argparse
 import math
 import os
 import signal
@@ -308,3 +309,12 @@ def test_uniform_draws_in_its_bounds_one_number_per_value_in_float32_or_as_pytho
     raw = torch.rand(3, generator=torch.Generator().manual_seed(4))
     assert first == [2.0 + 3.0 * float(r) for r in raw]  # Python float arithmetic on the float32 draws
     assert torch.allclose(draws[:3], torch.tensor(first))
+
+
+def test_help_prints_each_default_once():
+    p = argparse.ArgumentParser(formatter_class=h.HelpFormatter)
+    p.add_argument("--size", type=int, default=3, help="pixels")
+    p.add_argument("--dest", help="where (default: beside the source)")
+    p.add_argument("--mip", type=int, help="resolution level")
+    text = " ".join(p.format_help().split())
+    assert "pixels (default: 3)" in text and text.count("default") == 2 and "None" not in text
