@@ -1,4 +1,4 @@
-"""Training pairs from a ``gen_stack.py`` HDF5 file, their normalisation and their augmentation.
+"""Training pairs from a ``gen_stack.py`` HDF5 file and their augmentation.
 
 HDF5 layout (written by ``gen_stack.py``):
 
@@ -18,7 +18,7 @@ While it is augmented it is a dict of batch-free tensors in raw intensities:
 * ``field`` float32 ``[2, H, W]``: pixels, ``warp(src, field) ~ tgt``;
 * ``has_field`` bool ``[]``: whether ``field`` is known (zeros otherwise).
 
-``StackDataset`` then normalises the images (``normalise``) and adds ``src_missing``,
+``StackDataset`` then normalises the images (``helpers.normalise``) and adds ``src_missing``,
 ``tgt_missing`` (bool ``[1, H, W]``) and ``src_mask``, ``tgt_mask`` (ternary uint8
 ``[1, H, W]``, ``masks.ternary_mask``). Augmentations work on raw intensities so the
 network always sees images normalised exactly as at alignment time.
@@ -38,42 +38,11 @@ from torch.utils.data import Dataset
 
 import masks
 import misalign
-from helpers import (UserError, affine_field, compose, invert_field, rigid_matrix, to_tensor, warp_labels,
-                     warp_tissue)
+from helpers import (UserError, affine_field, compose, invert_field, normalise, rigid_matrix, slice_std, to_tensor,
+                     uniform, warp_labels, warp_tissue)
 
 Sample = dict[str, torch.Tensor]
 SLICES = ("src", "tgt")
-
-
-# --------------------------------------------------------------------------- normalisation
-def _tissue_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std float64 ``[..., 1, 1]`` of each slice's non-zero (tissue) pixels; 0 for an empty slice."""
-    tissue = images != 0
-    count = tissue.sum((-2, -1), keepdim=True).clamp(min=1)
-    mean = (images * tissue).sum((-2, -1), keepdim=True) / count
-    var = ((images - mean) * tissue).square().sum((-2, -1), keepdim=True) / count
-    return mean, var.sqrt()
-
-
-def normalise(images) -> tuple[torch.Tensor, torch.Tensor]:
-    """THE normalisation of SEAMLeSS (training, alignment and evaluation alike).
-
-    images: ``[..., H, W]`` tensor or array, raw grey values with 0 = missing data
-    (uint8 on disk; float raw intensities from augmentation work too). Each slice
-    gets zero mean and unit variance over its non-missing pixels; missing pixels
-    are 0.0. A constant slice becomes all zeros (never NaN). Returns
-    ``(float32 [..., H, W], missing bool [..., H, W])`` on the input's device.
-    """
-    x = to_tensor(images, dtype=torch.float64)
-    missing = x == 0
-    mean, std = _tissue_stats(x)
-    out = ((x - mean) / std.clamp(min=1e-6)).masked_fill_(missing, 0.0)
-    return out.float(), missing
-
-
-def slice_std(images) -> torch.Tensor:
-    """Std float32 ``[...]`` of each slice's non-missing pixels of ``images`` ``[..., H, W]`` (0 if none)."""
-    return _tissue_stats(to_tensor(images, dtype=torch.float64))[1][..., 0, 0].float()
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -106,7 +75,7 @@ class StackDataset(Dataset):
     ``dataset[i]`` is a dict of tensors for pair ``pairs[i] = (stack n, section s)``,
     source = section s, target = section s + 1:
 
-    * ``src``, ``tgt`` float32 ``[1, H, W]``: normalised (``normalise``);
+    * ``src``, ``tgt`` float32 ``[1, H, W]``: normalised (``helpers.normalise``);
     * ``src_missing``, ``tgt_missing`` bool ``[1, H, W]``: no data there;
     * ``src_mask``, ``tgt_mask`` uint8 ``[1, H, W]``: ternary masks (0 normal, 1 within
       ``mask_radius`` px of a defect, 2 in one); zeros without a ``masks`` dataset;
@@ -235,9 +204,9 @@ def _chance(generator: torch.Generator, p: float) -> bool:
     return float(torch.rand((), generator=generator)) < p
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    """One draw from U(low, high)."""
-    return low + (high - low) * float(torch.rand((), generator=generator))
+def _draw(generator: torch.Generator, low: float, high: float) -> float:
+    """One draw from U(low, high) (``helpers.uniform``, scaled in float64)."""
+    return float(uniform((low, high), generator, dtype=torch.float64))
 
 
 def warp_slice(sample: Sample, which: str, field: torch.Tensor, inverse: torch.Tensor | None = None) -> Sample:
@@ -271,7 +240,7 @@ def random_rigid(h: int, w: int, generator: torch.Generator, max_shift: float, m
     radians, scale uniform in ``1 ± max_scale``. The map ``p -> A (p - c) + c + t``
     has the inverse ``q -> A^-1 (q - c) + c - A^-1 t``.
     """
-    angle, tx, ty, scale = (_uniform(generator, -m, m) for m in (max_angle, max_shift, max_shift, max_scale))
+    angle, tx, ty, scale = (_draw(generator, -m, m) for m in (max_angle, max_shift, max_shift, max_scale))
     matrix = rigid_matrix(torch.tensor([angle]), tx, ty, 1 + scale)
     a_inv = torch.linalg.inv(matrix[:, :, :2])
     inverse = torch.cat([a_inv, -a_inv @ matrix[:, :, 2:]], 2)
@@ -375,7 +344,7 @@ def brightness_gradient(sample: Sample, generator: torch.Generator, p: float,
         if _chance(generator, p):
             image = sample[which]
             h, w = image.shape[-2:]
-            angle, strength = _uniform(generator, 0, 2 * math.pi), _uniform(generator, -max_strength, max_strength)
+            angle, strength = _draw(generator, 0, 2 * math.pi), _draw(generator, -max_strength, max_strength)
             y, x = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
             ramp = (x * math.cos(angle) + y * math.sin(angle)) / (math.hypot(h, w) / 2)
             out[which] = torch.where(image > 0, (image * (1 + strength * ramp)).clamp(1, 255), image)
@@ -384,7 +353,7 @@ def brightness_gradient(sample: Sample, generator: torch.Generator, p: float,
 
 def _random_box(generator: torch.Generator, h: int, w: int, max_fraction: float) -> tuple[slice, slice]:
     """A random rectangle with sides from 1 px to ``max_fraction`` of the image's, inside the image."""
-    bh, bw = (max(1, round(_uniform(generator, 1, max_fraction * n))) for n in (h, w))
+    bh, bw = (max(1, round(_draw(generator, 1, max_fraction * n))) for n in (h, w))
     y0, x0 = (int(torch.randint(n - b + 1, (), generator=generator)) for n, b in ((h, bh), (w, bw)))
     return slice(y0, y0 + bh), slice(x0, x0 + bw)
 
@@ -414,7 +383,7 @@ def contrast_patch(sample: Sample, generator: torch.Generator, p: float, max_fra
     Tissue stays in 1..255, missing data stays 0.
     """
     def fill(patch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        factor = math.exp(_uniform(g, -math.log(max_factor), math.log(max_factor)))
+        factor = math.exp(_draw(g, -math.log(max_factor), math.log(max_factor)))
         tissue = patch > 0
         mean = (patch * tissue).sum() / tissue.sum().clamp(min=1)
         return torch.where(tissue, (mean + factor * (patch - mean)).clamp(1, 255), patch)

@@ -22,7 +22,6 @@ and of any ``PHANTOMS`` kind (e.g. held-out or training data for a benchmark)::
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 import volume
-from helpers import UserError, check_writable, run_main
+from helpers import HelpFormatter, UserError, atomic_output, check_writable, run_main
 
 SHAPE = (100, 512, 512)  # sections, rows, columns at mip 0
 PAD = 48  # margin generated around each section so misalignment pulls in tissue, not zeros
@@ -70,6 +69,12 @@ def ensure_demo() -> dict[str, str]:
     return {layer: "file://" + str(demo_dir() / layer) for layer in LAYERS}
 
 
+def resolve(path: str | None, layer: str = "image") -> str | None:
+    """``path`` as it is, or for the word ``demo`` the ``file://`` path of the demo volume's ``layer`` (one of
+    ``LAYERS``; the volume is built on first use). Scripts call it on every volume flag that accepts ``demo``."""
+    return ensure_demo()[layer] if path == "demo" else path
+
+
 def make_arrays(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default",
                 phantom_seed: int | None = None) -> dict[str, np.ndarray]:
     """The demo's layers as arrays ``[Z, C, Y, X]`` at mip 0 (see the module docstring).
@@ -96,37 +101,32 @@ def make_arrays(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default",
 def build(shape=SHAPE, seed=SEED, kind: str = "default", path: Path | None = None) -> None:
     """Write the demo layers (or another phantom's, ``make_arrays``) to ``path`` (default ``demo_dir()``).
 
-    Atomically: a temporary sibling directory, then a rename.
+    Atomically (``helpers.atomic_output``): a temporary sibling directory, then a rename; a half volume
+    left at ``path`` by an older build is replaced.
     """
     start, path = time.time(), Path(path or demo_dir())
     is_demo = path == demo_dir()
     what = "the demo volume" if is_demo else f"a {kind} phantom volume (seed {seed})"
     print(f"building {what} in {path} ({describe(shape)})" + ("; this happens once" if is_demo else ""))
     arrays = make_arrays(shape, PAD, seed, kind)
-    tmp = path.with_name(f".{path.name}.building-{time.time_ns()}")
     kinds = {"image": "image", "defects": "labels", "field": "field", "aligned": "image"}
     provenance = {"description": f"SEAMLeSS {kind} phantom volume: synthetic neuropil, misaligned, with cracks "
                                  "and folds; 'field' re-aligns 'image' onto 'aligned'",
                   "method": {"generator": "demo.py", "kind": kind, "shape": list(shape), "pad": PAD, "seed": seed}}
-    try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, "building") as tmp:
         for layer, array in arrays.items():
             vol = volume.create_volume("file://" + str(tmp / layer), (shape[2], shape[1], shape[0]),
                                        str(array.dtype), num_channels=array.shape[1], resolution=RESOLUTION,
                                        mips=MIPS, chunk=(256, 256, 1), provenance=provenance)
             volume.write_pyramid(vol, array, (0, 0, 0), kinds[layer])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not is_built(path):  # else a concurrent build finished first: keep it
-            shutil.rmtree(path, ignore_errors=True)  # an interrupted build that was not atomic
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{what} ready in {time.time() - start:.0f} s: layers {', '.join(LAYERS)}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Build a phantom volume as the demo's (layers image, defects, field, "
                                             "aligned) at DEST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("dest", help="a local directory that does not exist yet")
     p.add_argument("--phantom", default="default", choices=PHANTOMS, help="how the tissue changes between sections")
     p.add_argument("--seed", type=int, default=SEED, help="draws the tissue and the misalignment")

@@ -10,7 +10,7 @@ from the aligned stack or ``--truth`` (a chunk never stored; from ``--raw``: all
 of its chunks), or a layer of the wrong kind (an image, a field, a label layer:
 told by channels and dtype), is refused in one line before anything is scored.
 
-* CPC: sections cut into ``chunk`` x ``chunk`` squares, Pearson r of each square
+* CPC: sections cut into ``chunk`` x ``chunk`` squares (``--cpc_window``), Pearson r of each square
   with the same square of the next section; squares with any missing (zero)
   pixel or no contrast are dropped (as the SEAMLeSS paper measured).
 * EPE: ``|field - truth|`` per pixel, split into far from defects, near (within
@@ -45,8 +45,8 @@ import torch
 
 import masks
 from alignment import apply_field
-from helpers import (UserError, check_writable, in_frame_of, jacobian_determinant, run_main, to_tensor, vector_length,
-                     warp_labels)
+from helpers import (HelpFormatter, UserError, check_writable, in_frame_of, jacobian_determinant, run_main, to_tensor,
+                     vector_length, warp_labels)
 from shifts import best_shifts
 from vis import plain_log_ticks, pyplot, save_figure
 
@@ -252,27 +252,31 @@ def plot_epe_maps(errors: dict[str, np.ndarray], path: Path) -> Path:
     return save_figure(epe_figure(errors), path)
 
 
-def main(argv=None) -> dict:
-    import volume
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--aligned", required=True, help="destination of align.py (with image/ and field/ layers)")
     p.add_argument("--raw", help="the unaligned image volume, scored for comparison ('demo' for the demo)")
     p.add_argument("--truth", help="ground-truth field volume ('demo' for the demo's); needs --defects for "
                                    "the near/inside split (implied by 'demo')")
-    p.add_argument("--defects", help="defect volume of the raw sections")
+    p.add_argument("--defects", help="defect volume of the raw sections ('demo' for the demo's)")
     p.add_argument("--z_start", type=int, required=True)
     p.add_argument("--z_stop", type=int, required=True)
     p.add_argument("--near", type=float, default=20, help="px from a defect that count as near it")
-    p.add_argument("--chunk", type=int, default=64, help="CPC chunk size in px")
+    p.add_argument("--cpc_window", "--chunk", type=int, default=64,
+                   help="side in px of the squares whose correlation with the next section is the CPC")
     p.add_argument("--plots", help="directory for the CPC histogram and EPE map PNGs")
-    args = p.parse_args(argv)
-    if args.truth == "demo" or args.raw == "demo":
-        import demo
-        layers = demo.ensure_demo()
-        args.raw = layers["image"] if args.raw == "demo" else args.raw
-        args.defects = args.defects or (layers["defects"] if args.truth == "demo" else None)
-        args.truth = layers["field"] if args.truth == "demo" else args.truth
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    import demo
+    import volume
+
+    args = parse_args(argv)
+    if args.truth == "demo":
+        args.defects = args.defects or "demo"
+    args.raw, args.truth, args.defects = (demo.resolve(path, layer) for path, layer in
+                                          ((args.raw, "image"), (args.truth, "field"), (args.defects, "defects")))
 
     plots = check_writable(args.plots, "--plots", folder=True) if args.plots else None
     aligned_vol = volume.open_volume(args.aligned.rstrip("/") + "/image")
@@ -303,17 +307,17 @@ def main(argv=None) -> dict:
     oracle_cpc = None
     if args.raw:
         raw = volume.read(inputs["raw"], corner, size)[:, 0]
-        rows[RAW] = score(raw, torch.zeros(len(raw), 2, *raw.shape[1:]), truth, defects, args.near, args.chunk)
-        hist["raw"] = cpc(raw, args.chunk)
+        rows[RAW] = score(raw, torch.zeros(len(raw), 2, *raw.shape[1:]), truth, defects, args.near, args.cpc_window)
+        hist["raw"] = cpc(raw, args.cpc_window)
         if truth is not None:
             oracle = apply_field(raw, truth)  # the raw sections pulled by the true fields
-            rows["oracle (ground truth)"] = score(oracle, truth, truth, defects, args.near, args.chunk)
-            hist["oracle"] = cpc(oracle, args.chunk)
+            rows["oracle (ground truth)"] = score(oracle, truth, truth, defects, args.near, args.cpc_window)
+            hist["oracle"] = cpc(oracle, args.cpc_window)
             oracle_cpc = rows["oracle (ground truth)"]["cpc_mean"]
     aligned = volume.read(aligned_vol, corner, size)[:, 0]
     field = volume.read(field_vol, corner, size)
-    rows["aligned"] = score(aligned, field, truth, defects, args.near, args.chunk)
-    hist["aligned"] = cpc(aligned, args.chunk)
+    rows["aligned"] = score(aligned, field, truth, defects, args.near, args.cpc_window)
+    hist["aligned"] = cpc(aligned, args.cpc_window)
     columns = ["cpc_mean", "cpc_p5", "foldovers"]
     if truth is not None:
         columns = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean"] + columns

@@ -4,11 +4,13 @@
     python gen_stack.py --count 8 --source demo demo          # the embedded demo volume
     python gen_stack.py --count 8 --source demo --test demo   # its held-out sections
 
-Writes ``OUT_DIR/NAME_{train,test}_mip{M}.h5`` (see ``write_stacks`` for the layout).
+Writes ``OUT_DIR/NAME_{train,test}_mip{M}.h5`` (see ``write_stacks`` for the layout). Other modules
+make datasets with ``write_dataset(NAME, Sampling(...))``, what the command runs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -21,25 +23,59 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+import demo
 import volume
-from data import slice_std
-from helpers import UserError, atomic_output, check_name, run_main, stop_if_interrupted
+from helpers import HelpFormatter, UserError, atomic_output, check_name, run_main, slice_std, stop_if_interrupted
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """What ``write_dataset`` samples, under the names of the command's flags (see ``parse_args``).
+
+    ``source``, ``defects``, ``truth``: volume paths, or ``demo`` for the demo volume's layer. ``count``
+    stacks are drawn at random with ``seed``, or the corners in the ``coords`` file are replayed. ``None``
+    for a size or a z range is the seed's default (``SEED_DEFAULTS``), or with ``source='demo'`` the one
+    that fits the demo volume (``fill_defaults``).
+    """
+    source: str
+    count: int | None = None
+    defects: str | None = None
+    truth: str | None = None
+    registered: bool = False
+    bucket: str | None = None
+    stack_height: int | None = None
+    dim: int | None = None
+    mip: int | None = None
+    test: bool = False
+    train_range: tuple[int, int] | None = None
+    test_range: tuple[int, int] | None = None
+    max_missing: float = 0.25
+    coords: str | None = None
+    seed: int = 0
+    read_threads: int = 4
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Sampling:
+        """The settings of parsed flags (``parse_args``)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command's flags; each ``Sampling`` setting is the flag of its name (an old name is accepted too)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("name", help="dataset name: the output is OUT_DIR/NAME_{train|test}_mipM.h5")
     p.add_argument("--count", type=int, help="number of stacks to sample (not with --coords)")
     p.add_argument("--source", required=True,
                    help="image volume: a CloudVolume path (gs://, s3://, file://, precomputed://), a local "
                         "directory, a bare path resolved against --bucket, or 'demo'")
-    p.add_argument("--mask_source", help="defect volume (0 none, 1 crack, 2 fold) sampled at the same places "
-                                         "(the demo's defects by default with --source demo)")
-    p.add_argument("--field_source", help="ground-truth field volume (2 channels; each mip in its own pixels) sampled at "
-                                          "the same places (the demo's by default with --source demo)")
+    p.add_argument("--defects", "--mask_source",
+                   help="defect volume (0 none, 1 crack, 2 fold) sampled at the same places, or 'demo' (the demo's "
+                        "defects by default with --source demo)")
+    p.add_argument("--truth", "--field_source",
+                   help="ground-truth field volume (2 channels; each mip in its own pixels) sampled at the same "
+                        "places, or 'demo' (the demo's by default with --source demo)")
     p.add_argument("--registered", action="store_true",
                    help="the source is already registered (e.g. a published alignment): its true fields are zero, "
                         "so training can add known misalignment and use the supervised term (--lambda_gt)")
@@ -53,53 +89,51 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="z range Z0 <= z < Z1 for train stacks (default 1 800)")
     p.add_argument("--test_range", type=int, nargs=2, metavar=("Z0", "Z1"),
                    help="z range for --test stacks (default 800 1000)")
-    p.add_argument("--max_missing", type=float, default=0.25,
+    p.add_argument("--max_missing", type=float, default=Sampling.max_missing,
                    help="redraw a stack whose fraction of missing (zero) pixels exceeds this")
     p.add_argument("--coords", help="replay the stack corners of an earlier gen_stack HDF5, or of a text file "
                                     "with one 'x y z' line per stack (voxels at --mip)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the sample positions")
-    p.add_argument("--workers", type=int, default=4, help="parallel reader threads")
+    p.add_argument("--seed", type=int, default=Sampling.seed, help="random seed for the sample positions")
+    p.add_argument("--read_threads", "--workers", type=int, default=Sampling.read_threads,
+                   help="parallel reader threads")
     p.add_argument("--out_dir", default=None, help="output directory (default $SEAMLESS_DATA or ./data)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p.parse_args(argv)
 
 
-def fill_defaults(args: argparse.Namespace) -> list[str]:
-    """Fill unset flags: the seed's defaults, or for ``--source demo`` the ones that fit the demo volume.
+def fill_defaults(sampling: Sampling) -> tuple[Sampling, list[str]]:
+    """``sampling`` with its unset sizes and z ranges filled: the seed's defaults, or for ``source='demo'`` the ones
+    that fit the demo volume, whose defects and truth it then samples too (unless given).
 
-    Returns the flags that were filled in from the demo, to tell the user.
+    Also returns the flags that were filled in from the demo, to tell the user.
     """
-    defaults, filled = dict(SEED_DEFAULTS), []
-    if args.source == "demo":
-        import demo
+    defaults, paths = dict(SEED_DEFAULTS), {}
+    if sampling.source == "demo":
         defaults.update(demo.GEN_STACK_DEFAULTS)
-        layers = demo.ensure_demo()
-        args.mask_source = args.mask_source or layers["defects"]
-        args.field_source = args.field_source or layers["field"]
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-            if args.source == "demo":
-                filled.append(f"--{key} {' '.join(map(str, value)) if isinstance(value, tuple) else value}")
-    return filled
+        paths = dict(defects=demo.resolve(sampling.defects or "demo", "defects"),
+                     truth=demo.resolve(sampling.truth or "demo", "field"))
+    unset = {key: value for key, value in defaults.items() if getattr(sampling, key) is None}
+    filled = [f"--{key} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+              for key, value in unset.items()] if sampling.source == "demo" else []
+    return dataclasses.replace(sampling, **unset, **paths), filled
 
 
-def check_args(args, bounds) -> tuple[int, int]:
-    """Validate flags against the volume; return the z range to sample."""
+def check_args(sampling: Sampling, bounds) -> tuple[int, int]:
+    """Validate the settings (``fill_defaults``'s) against the volume; return the z range to sample."""
     (x0, y0, z0), (x1, y1, z1) = bounds
-    if args.coords is None and (args.count is None or args.count <= 0):
-        raise UserError(f"--count must be a positive number of stacks (got {args.count})")
-    if args.dim <= 0 or args.stack_height < 2:
+    if sampling.coords is None and (sampling.count is None or sampling.count <= 0):
+        raise UserError(f"--count must be a positive number of stacks (got {sampling.count})")
+    if sampling.dim <= 0 or sampling.stack_height < 2:
         raise UserError("--dim must be positive and --stack_height at least 2")
-    if args.dim > min(x1 - x0, y1 - y0):
-        raise UserError(f"--dim {args.dim} is larger than the volume at mip {args.mip} "
+    if sampling.dim > min(x1 - x0, y1 - y0):
+        raise UserError(f"--dim {sampling.dim} is larger than the volume at mip {sampling.mip} "
                         f"({x1 - x0} x {y1 - y0} px)")
-    lo, hi = args.test_range if args.test else args.train_range
-    which = "--test_range" if args.test else "--train_range"
+    lo, hi = sampling.test_range if sampling.test else sampling.train_range
+    which = "--test_range" if sampling.test else "--train_range"
     if lo < z0 or hi > z1 or lo >= hi:
         raise UserError(f"{which} {lo} {hi} is outside the volume's sections {z0}..{z1 - 1}")
-    if hi - lo < args.stack_height:
-        raise UserError(f"--stack_height {args.stack_height} does not fit in {which} {lo} {hi}")
+    if hi - lo < sampling.stack_height:
+        raise UserError(f"--stack_height {sampling.stack_height} does not fit in {which} {lo} {hi}")
     return lo, hi
 
 
@@ -120,68 +154,68 @@ def read_coords(path: str) -> np.ndarray:
     return coords.astype(np.int64)
 
 
-def sample_stacks(vols: dict, args, bounds, z_range, coords=None):
+def sample_stacks(vols: dict, sampling: Sampling, bounds, z_range, coords=None):
     """Yield ``(corner, {layer: array})`` for each accepted stack, reading in parallel.
 
-    Random corners are drawn with ``args.seed``; a stack whose image has more than
-    ``args.max_missing`` zero pixels is rejected and redrawn (given ``coords``, none is).
+    Random corners are drawn with ``sampling.seed``; a stack whose image has more than
+    ``sampling.max_missing`` zero pixels is rejected and redrawn (given ``coords``, none is).
     Arrays are ``[S, C, D, D]``.
     """
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(sampling.seed)
     (x0, y0, _), (x1, y1, _) = bounds
-    size = (args.dim, args.dim, args.stack_height)
+    size = (sampling.dim, sampling.dim, sampling.stack_height)
 
     def draw():
-        return np.array([rng.integers(x0, x1 - args.dim + 1), rng.integers(y0, y1 - args.dim + 1),
-                         rng.integers(z_range[0], z_range[1] - args.stack_height + 1)])
+        return np.array([rng.integers(x0, x1 - sampling.dim + 1), rng.integers(y0, y1 - sampling.dim + 1),
+                         rng.integers(z_range[0], z_range[1] - sampling.stack_height + 1)])
 
     def read(corner):
         return corner, {name: volume.read(vol, corner, size) for name, vol in vols.items()}
 
-    wanted = len(coords) if coords is not None else args.count
+    wanted = len(coords) if coords is not None else sampling.count
     pending = list(coords) if coords is not None else [draw() for _ in range(wanted)]
     accepted, tries = 0, 0
-    with ThreadPoolExecutor(max(1, args.workers)) as pool:
+    with ThreadPoolExecutor(max(1, sampling.read_threads)) as pool:
         while accepted < wanted:
             if not pending:
                 if tries > 20 * wanted:
                     raise UserError(f"found only {accepted} of {wanted} stacks with at most "
-                                    f"{args.max_missing:.0%} missing data after {tries} draws "
+                                    f"{sampling.max_missing:.0%} missing data after {tries} draws "
                                     "(raise --max_missing or choose another region)")
                 pending = [draw() for _ in range(wanted - accepted)]
             for corner, arrays in pool.map(read, pending):
                 tries += 1
                 missing = float(np.mean(arrays["images"] == 0))
-                if coords is None and (missing > args.max_missing or accepted == wanted):
+                if coords is None and (missing > sampling.max_missing or accepted == wanted):
                     continue
                 accepted += 1
                 yield corner, arrays
             pending = []
 
 
-def write_stacks(path: Path, stacks, count: int, args) -> float:
+def write_stacks(path: Path, stacks, count: int, sampling: Sampling) -> float:
     """Write the sampled stacks to ``path`` atomically; return the bytes written.
 
     Layout: ``images`` uint8 (N, S, D, D); ``masks`` uint8 (N, S, D, D) defect maps
-    when a mask source is given; ``fields`` float32 (N, S, 2, D, D) ground-truth
-    fields in pixels of the dataset's mip when a field source is given; ``coords``
+    when ``defects`` are given; ``fields`` float32 (N, S, 2, D, D) ground-truth
+    fields in pixels of the dataset's mip when a ``truth`` is given; ``coords``
     int64 (N, 3) stack corners (x, y, z) at the mip; ``slice_std`` float32 (N, S); attribute
     ``registered`` when the source is registered (true fields zero, see ``data.py``).
     Chunks hold one section, compressed with lzf (fast to read). Attributes record
     the sources, mip, z range, seed and command line.
     """
-    shape = (count, args.stack_height, args.dim, args.dim)
-    slice_chunk = (1, 1, args.dim, args.dim)
+    shape = (count, sampling.stack_height, sampling.dim, sampling.dim)
+    slice_chunk = (1, 1, sampling.dim, sampling.dim)
     with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             images = f.create_dataset("images", shape, np.uint8, chunks=slice_chunk, compression="lzf")
             masks = (f.create_dataset("masks", shape, np.uint8, chunks=slice_chunk, compression="lzf")
-                     if args.mask_source else None)
-            fields = (f.create_dataset("fields", (count, args.stack_height, 2, args.dim, args.dim),
-                                       np.float32, chunks=(1, 1, 2, args.dim, args.dim), compression="lzf")
-                      if args.field_source else None)
+                     if sampling.defects else None)
+            fields = (f.create_dataset("fields", (count, sampling.stack_height, 2, sampling.dim, sampling.dim),
+                                       np.float32, chunks=(1, 1, 2, sampling.dim, sampling.dim), compression="lzf")
+                      if sampling.truth else None)
             coords = f.create_dataset("coords", (count, 3), np.int64)
-            stds = f.create_dataset("slice_std", (count, args.stack_height), np.float32)
+            stds = f.create_dataset("slice_std", (count, sampling.stack_height), np.float32)
             for i, (corner, arrays) in enumerate(tqdm(stacks, total=count, desc="stacks", unit="stack")):
                 stop_if_interrupted()  # a Ctrl-C that Python dropped (see helpers.atomic_output)
                 images[i] = arrays["images"][:, 0]
@@ -192,26 +226,30 @@ def write_stacks(path: Path, stacks, count: int, args) -> float:
                 if fields is not None:
                     fields[i] = arrays["fields"]
             f.attrs.update(dict(
-                source=args.source, registered=bool(args.registered), mask_source=args.mask_source or "",
-                field_source=args.field_source or "",
-                mip=args.mip, dim=args.dim, stack_height=args.stack_height,
-                split="test" if args.test else "train",
-                z_range=args.test_range if args.test else args.train_range, seed=args.seed,
-                max_missing=args.max_missing, command=" ".join(map(shlex.quote, sys.argv)),
+                source=sampling.source, registered=bool(sampling.registered), mask_source=sampling.defects or "",
+                field_source=sampling.truth or "",
+                mip=sampling.mip, dim=sampling.dim, stack_height=sampling.stack_height,
+                split="test" if sampling.test else "train",
+                z_range=sampling.test_range if sampling.test else sampling.train_range, seed=sampling.seed,
+                max_missing=sampling.max_missing, command=" ".join(map(shlex.quote, sys.argv)),
                 created=time.strftime("%Y-%m-%dT%H:%M:%S")))
     return path.stat().st_size
 
 
-def main(argv=None) -> Path:
-    args = parse_args(argv)
-    check_name(args.name, "dataset name")
-    filled = fill_defaults(args)
+def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Sample ``sampling``'s stacks into ``OUT_DIR/NAME_{train|test}_mipM.h5`` (``write_stacks``); return its path.
+
+    ``out_dir``: default ``volume.data_dir()``. An existing file is replaced only with ``overwrite``;
+    every refusal (a name, a flag, a volume, a place that cannot be written) is a ``UserError``.
+    """
+    check_name(name, "dataset name")
+    sampling, filled = fill_defaults(sampling)
     if filled:
         print("demo volume: using " + " ".join(filled))
-    out_dir = Path(args.out_dir) if args.out_dir else volume.data_dir()
-    split = "test" if args.test else "train"
-    path = out_dir / f"{args.name}_{split}_mip{args.mip}.h5"
-    if path.exists() and not args.overwrite:
+    out_dir = Path(out_dir) if out_dir else volume.data_dir()
+    split = "test" if sampling.test else "train"
+    path = out_dir / f"{name}_{split}_mip{sampling.mip}.h5"
+    if path.exists() and not overwrite:
         raise UserError(f"{path} exists (pass --overwrite to replace it, or choose another NAME)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,28 +259,33 @@ def main(argv=None) -> Path:
     except OSError as err:
         raise UserError(f"cannot write to {out_dir}: {err.strerror}") from None
 
-    if args.registered and args.field_source:
-        raise UserError("--registered says the true fields are zero: do not also give --field_source")
-    vols = {"images": volume.open_volume(args.source, args.mip, args.bucket)}
-    if args.mask_source:
-        vols["masks"] = volume.open_volume(args.mask_source, args.mip, args.bucket)
-    if args.field_source:
-        vols["fields"] = volume.open_volume(args.field_source, args.mip, args.bucket)
+    if sampling.registered and sampling.truth:
+        raise UserError("--registered says the true fields are zero: do not also give --truth")
+    vols = {"images": volume.open_volume(demo.resolve(sampling.source), sampling.mip, sampling.bucket)}
+    if sampling.defects:
+        vols["masks"] = volume.open_volume(demo.resolve(sampling.defects, "defects"), sampling.mip, sampling.bucket)
+    if sampling.truth:
+        vols["fields"] = volume.open_volume(demo.resolve(sampling.truth, "field"), sampling.mip, sampling.bucket)
     bounds = volume.bounds(vols["images"])
-    for name, vol in vols.items():
+    for layer, vol in vols.items():
         if not np.array_equal(volume.bounds(vol)[1], bounds[1]):
-            raise UserError(f"the {name} volume {vol.cloudpath} has other bounds than the image volume")
-    z_range = check_args(args, bounds)
-    coords = read_coords(args.coords) if args.coords else None
-    count = len(coords) if coords is not None else args.count
+            raise UserError(f"the {layer} volume {vol.cloudpath} has other bounds than the image volume")
+    z_range = check_args(sampling, bounds)
+    coords = read_coords(sampling.coords) if sampling.coords else None
+    count = len(coords) if coords is not None else sampling.count
 
     start = time.time()
-    with closing(sample_stacks(vols, args, bounds, z_range, coords)) as stacks:  # stopped: no more reads queued
-        size = write_stacks(path, stacks, count, args)
+    with closing(sample_stacks(vols, sampling, bounds, z_range, coords)) as stacks:  # stopped: no more reads queued
+        size = write_stacks(path, stacks, count, sampling)
     seconds = time.time() - start
-    print(f"wrote {path}: {count} stacks of {args.stack_height} x {args.dim} x {args.dim} at mip {args.mip}, "
+    print(f"wrote {path}: {count} stacks of {sampling.stack_height} x {sampling.dim} x {sampling.dim} at mip {sampling.mip}, "
           f"{size / 1e6:.1f} MB in {seconds:.1f} s ({count / seconds:.2f} stacks/s)")
     return path
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    return write_dataset(args.name, Sampling.from_args(args), args.out_dir, args.overwrite)
 
 
 if __name__ == "__main__":

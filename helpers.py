@@ -88,6 +88,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- flag types
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' ``--help``: a flag's text ends with ``(default: X)``, unless the text states its default itself
+    or there is none (``None``)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def number(text: str) -> float:
     """``argparse`` type: a float, infinities allowed; NaN is refused (argparse: usage, one error line, exit 2)."""
     value = float(text)  # a ValueError is argparse's "invalid number value"
@@ -398,6 +408,88 @@ def jacobian_determinant(field: torch.Tensor) -> torch.Tensor:
     dx = field[:, :, :-1, 1:] - field[:, :, :-1, :-1]  # d/dx of (u, v)
     dy = field[:, :, 1:, :-1] - field[:, :, :-1, :-1]  # d/dy of (u, v)
     return (1 + dx[:, 0]) * (1 + dy[:, 1]) - dx[:, 1] * dy[:, 0]
+
+
+# --------------------------------------------------------------------------- images
+def _tissue_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std float64 ``[..., 1, 1]`` of each slice's non-zero (tissue) pixels; 0 for an empty slice."""
+    tissue = images != 0
+    count = tissue.sum((-2, -1), keepdim=True).clamp(min=1)
+    mean = (images * tissue).sum((-2, -1), keepdim=True) / count
+    var = ((images - mean) * tissue).square().sum((-2, -1), keepdim=True) / count
+    return mean, var.sqrt()
+
+
+def normalise(images) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE normalisation of SEAMLeSS (training, alignment and evaluation alike).
+
+    images: ``[..., H, W]`` tensor or array, raw grey values with 0 = missing data
+    (uint8 on disk; float raw intensities from augmentation work too). Each slice
+    gets zero mean and unit variance over its non-missing pixels; missing pixels
+    are 0.0. A constant slice becomes all zeros (never NaN). Returns
+    ``(float32 [..., H, W], missing bool [..., H, W])`` on the input's device.
+    """
+    x = to_tensor(images, dtype=torch.float64)
+    missing = x == 0
+    mean, std = _tissue_stats(x)
+    out = ((x - mean) / std.clamp(min=1e-6)).masked_fill_(missing, 0.0)
+    return out.float(), missing
+
+
+def slice_std(images) -> torch.Tensor:
+    """Std float32 ``[...]`` of each slice's non-missing pixels of ``images`` ``[..., H, W]`` (0 if none)."""
+    return _tissue_stats(to_tensor(images, dtype=torch.float64))[1][..., 0, 0].float()
+
+
+def _box_mean_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Mean of ``x`` over the window ``[i - radius, i + radius]`` along ``dim``, clipped to the array.
+
+    Cumulative sums (float64) make it O(1) per element: with ``C[j]`` the sum of
+    the first ``j`` elements (0 for ``j <= 0``, the total for ``j >= n``), the
+    window sums are ``C[i + radius + 1] - C[i - radius]``, two shifted slices of
+    ``C`` padded by ``radius`` on each side. Near the edges the mean is over the
+    part of the window inside the array.
+    """
+    n = x.shape[dim]
+    csum = x.cumsum(dim)
+    before = [radius + 1 if d == dim % x.dim() else size for d, size in enumerate(x.shape)]
+    after = [radius if d == dim % x.dim() else -1 for d in range(x.dim())]
+    padded = torch.cat([x.new_zeros(before), csum, csum.narrow(dim, n - 1, 1).expand(after)], dim)  # C[k - radius]
+    i = torch.arange(n, device=x.device)
+    count = ((i + radius + 1).clamp(max=n) - (i - radius).clamp(min=0)).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[dim] = n
+    return (padded.narrow(dim, 2 * radius + 1, n) - padded.narrow(dim, 0, n)) / count.view(shape)
+
+
+def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean of ``x`` ``[..., H, W]`` over a ``(2 radius + 1)²`` square around each pixel, clipped to the image.
+
+    Separable cumulative sums, O(1) per pixel whatever the radius; at the edges
+    each pixel averages the part of its square that lies inside the image.
+    Returns float32 of the shape of ``x``; ``radius = 0`` returns ``x`` as float32.
+    """
+    if radius <= 0:
+        return x.float()
+    x = x.double()
+    return _box_mean_1d(_box_mean_1d(x, radius, -1), radius, -2).float()
+
+
+def smoothstep(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """0 below ``lo``, 1 above ``hi``, a smooth cubic in between (same shape as ``x``)."""
+    t = ((x - lo) / (hi - lo)).clamp(0, 1)
+    return t * t * (3 - 2 * t)
+
+
+def uniform(bounds: tuple[float, float], generator: torch.Generator, n: int | tuple = (),
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` draws ``[n]`` (one, 0-d, by default) uniform in ``[lo, hi]`` = ``bounds``, scaled in ``dtype``.
+
+    The draw itself is float32 either way (one number of ``generator`` per value);
+    ``torch.float64`` scales it as Python floats do.
+    """
+    lo, hi = bounds
+    return lo + (hi - lo) * torch.rand(n, generator=generator).to(dtype)
 
 
 # ----------------------------------------------------------------- type conversion

@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import volume
-from helpers import UserError, atomic_output, run_main
+from helpers import HelpFormatter, UserError, atomic_output, one_line, run_main
 
 SUFFIXES = (".png", ".tif", ".tiff")
 CHUNK = (256, 256, 1)
@@ -48,7 +48,7 @@ Image.MAX_IMAGE_PIXELS = None  # EM sections are often larger than Pillow's deco
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("folder", help="folder of section images (.png, .tif, .tiff), numbered in their names")
     p.add_argument("--dest", help="the image layer to write: a local folder or a cloudpath (file://, gs://, "
                                   "s3://); default: DATA/<folder name> ($SEAMLESS_DATA or ./data)")
@@ -65,10 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write missing section numbers as zeros (missing data); z is then the file number")
     p.add_argument("--overwrite", action="store_true", help="replace an existing layer at DEST")
     return p.parse_args(argv)
-
-
-def _one_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _listing(numbers: list[int], most: int = 20) -> str:
@@ -92,7 +88,7 @@ def list_sections(folder: Path) -> list[tuple[int, Path]]:
         files = [p for p in folder.iterdir()
                  if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.is_file()]
     except OSError as err:
-        raise UserError(f"cannot list {folder}: {_one_line(err)}") from None
+        raise UserError(f"cannot list {folder}: {one_line(err)}") from None
     if not files:
         raise UserError(f"no images ({', '.join(SUFFIXES)}) in {folder}")
     sections = []
@@ -141,7 +137,7 @@ def probe(path: Path) -> tuple[tuple[int, ...], str]:
             series = tif.series[0]
             return tuple(series.shape), series.dtype.name
     except Exception as err:  # every decoder error (corrupt, truncated, unreadable) is the user's file
-        raise UserError(f"cannot read {path}: {_one_line(err)}") from None
+        raise UserError(f"cannot read {path}: {one_line(err)}") from None
 
 
 def check_stack(paths: list[Path], rescale: bool) -> tuple[int, int, str]:
@@ -186,7 +182,7 @@ def read_section(path: Path) -> np.ndarray:
         else:
             section = tifffile.imread(path)
     except Exception as err:  # every decoder error (corrupt, truncated, unreadable) is the user's file
-        raise UserError(f"cannot read {path}: {_one_line(err)}") from None
+        raise UserError(f"cannot read {path}: {one_line(err)}") from None
     if section.ndim == 3:
         if not (section == section[..., :1]).all():
             raise UserError(f"{path} is a colour image (its channels differ): sections must be grey")
@@ -301,7 +297,7 @@ def staged(folder: Path) -> Iterator[str]:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create {folder.parent}: {_one_line(err)}") from None
+        raise UserError(f"cannot create {folder.parent}: {one_line(err)}") from None
     with atomic_output(folder, "importing") as tmp:
         yield "file://" + str(tmp)
 

@@ -30,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from helpers import box_mean
+
 
 def _squared_distance(defects: torch.Tensor, max_distance: float) -> torch.Tensor:
     """Exact squared Euclidean distance (px², float32) to the nearest defect, ``inf`` beyond ``max_distance``.
@@ -83,40 +85,6 @@ def _class_weights(mask: torch.Tensor, normal: float, near: float, inside: float
     mask = torch.as_tensor(mask)
     table = torch.tensor([normal, near, inside], dtype=torch.float32, device=mask.device)
     return table[mask.long()]
-
-
-def _box_mean_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
-    """Mean of ``x`` over the window ``[i - radius, i + radius]`` along ``dim``, clipped to the array.
-
-    Cumulative sums (float64) make it O(1) per element: with ``C[j]`` the sum of
-    the first ``j`` elements (0 for ``j <= 0``, the total for ``j >= n``), the
-    window sums are ``C[i + radius + 1] - C[i - radius]``, two shifted slices of
-    ``C`` padded by ``radius`` on each side. Near the edges the mean is over the
-    part of the window inside the array.
-    """
-    n = x.shape[dim]
-    csum = x.cumsum(dim)
-    before = [radius + 1 if d == dim % x.dim() else size for d, size in enumerate(x.shape)]
-    after = [radius if d == dim % x.dim() else -1 for d in range(x.dim())]
-    padded = torch.cat([x.new_zeros(before), csum, csum.narrow(dim, n - 1, 1).expand(after)], dim)  # C[k - radius]
-    i = torch.arange(n, device=x.device)
-    count = ((i + radius + 1).clamp(max=n) - (i - radius).clamp(min=0)).to(x.dtype)
-    shape = [1] * x.dim()
-    shape[dim] = n
-    return (padded.narrow(dim, 2 * radius + 1, n) - padded.narrow(dim, 0, n)) / count.view(shape)
-
-
-def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean of ``x`` ``[..., H, W]`` over a ``(2 radius + 1)²`` square around each pixel, clipped to the image.
-
-    Separable cumulative sums, O(1) per pixel whatever the radius; at the edges
-    each pixel averages the part of its square that lies inside the image.
-    Returns float32 of the shape of ``x``; ``radius = 0`` returns ``x`` as float32.
-    """
-    if radius <= 0:
-        return x.float()
-    x = x.double()
-    return _box_mean_1d(_box_mean_1d(x, radius, -1), radius, -2).float()
 
 
 def smoothness_weights(mask: torch.Tensor, lambda2: float, lambda3: float,

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from helpers import (affine_field, compose, downsample_field, invert_field, pixel_grid,
-                     rigid_matrix, upsample_field, warp, warp_labels)
+from helpers import (affine_field, compose, downsample_field, invert_field, pixel_grid, rigid_matrix, smoothstep,
+                     uniform, upsample_field, warp, warp_labels)
 
 CRACK, FOLD = 1, 2  # defect-map values
 SEAM_MODES = 3      # sinusoids in a seam's curve
@@ -166,7 +166,7 @@ def add_cracks(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor,
     """
     gen = _generator(generator)
     index, seam = _pick(image, params.crack_prob, which, params.seam_wander, gen)
-    gap = _uniform(image.shape[0], params.crack_gap, gen)[index].to(image.device)[:, None, None]
+    gap = uniform(params.crack_gap, gen, image.shape[0])[index].to(image.device)[:, None, None]
     fill = params.crack_fill
 
     def forward(s, taper):
@@ -190,8 +190,8 @@ def add_folds(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor,
     gen = _generator(generator)
     n = image.shape[0]
     index, seam = _pick(image, params.fold_prob, which, params.seam_wander, gen)
-    width = _uniform(n, params.fold_width, gen)[index].to(image.device)[:, None, None]
-    ratio = _uniform(n, params.fold_ratio, gen)[index].to(image.device)[:, None, None]
+    width = uniform(params.fold_width, gen, n)[index].to(image.device)[:, None, None]
+    ratio = uniform(params.fold_ratio, gen, n)[index].to(image.device)[:, None, None]
     darkness = params.fold_darkness
 
     def forward(s, taper):
@@ -262,7 +262,7 @@ class _Seam:
         ramp = (self.length / 4)[:, None, None]
         start = (self.centre - self.length / 2)[:, None, None]
         end = (self.centre + self.length / 2)[:, None, None]
-        taper = _smoothstep((u - start) / ramp) * _smoothstep((end - u) / ramp)
+        taper = smoothstep((u - start) / ramp) * smoothstep((end - u) / ramp)
         return v - curve, taper
 
 
@@ -313,18 +313,6 @@ def _generator(generator: torch.Generator | int | None) -> torch.Generator:
     if generator is None:
         return torch.default_generator
     return torch.Generator().manual_seed(int(generator))
-
-
-def _uniform(n: int, bounds: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
-    """``[N]`` values uniform in ``[lo, hi]``."""
-    lo, hi = bounds
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-
-def _smoothstep(x: torch.Tensor) -> torch.Tensor:
-    """0 below 0, 1 above 1, a smooth cubic in between."""
-    x = x.clamp(0, 1)
-    return x * x * (3 - 2 * x)
 
 
 def _to_float(image: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from helpers import smoothstep
+
 CANDIDATES = 3  # neurite seeds kept per coarse pixel: enough near a junction of three
 NEIGHBOURS = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij")).reshape(3, -1).T
 SOMA_SHELL = 25.0  # px of soma cytoplasm around a nucleus
@@ -368,12 +370,6 @@ def _geometry(q: torch.Tensor, cells: _Grid, nuclei: _Grid, params: PhantomParam
 
 
 # ------------------------------------------------------------------------------ appearance
-def _smoothstep(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """0 below ``lo``, 1 above ``hi``, a smooth cubic in between."""
-    t = ((x - lo) / (hi - lo)).clamp(0, 1)
-    return t * t * (3 - 2 * t)
-
-
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[z, H, W]`` (replicated borders)."""
     r = max(1, int(math.ceil(2.5 * sigma)))
@@ -422,8 +418,8 @@ def _nucleus_layers(nucleus: torch.Tensor, sigma: float, mottle: torch.Tensor,
     """
     if bool((nucleus > SOMA_SHELL + 3 * sigma).all()):
         return 0.0, 1.0, 0.0
-    in_nucleus = _smoothstep(-nucleus, -1.0, 1.0)
-    in_neuropil = _smoothstep(nucleus, SOMA_SHELL - 1, SOMA_SHELL + 1)
+    in_nucleus = smoothstep(-nucleus, -1.0, 1.0)
+    in_neuropil = smoothstep(nucleus, SOMA_SHELL - 1, SOMA_SHELL + 1)
     chromatin = 0.35 + 0.12 * mottle + 0.06 * grain + 0.35 * torch.exp(-((nucleus + 8) / 4) ** 2)
     lines = sum(torch.exp(-((nucleus - at) / sigma) ** 2 / 2) for at in (0.0, -4.0, SOMA_SHELL))
     return in_nucleus, in_neuropil, in_nucleus * chromatin + 1.3 * lines
@@ -441,14 +437,14 @@ def _render(geo: dict, cells: _Grid, params: PhantomParams, gen: torch.Generator
 
     cytoplasm = cells.attr["density"][label] * in_neuropil + 0.45 * (1 - in_neuropil)
     cytoplasm = cytoplasm + cells.attr["texture"][label] * (grain + 0.6 * mottle)
-    in_mito = _smoothstep(-geo["mito"], -0.7, 0.7) * outside
+    in_mito = smoothstep(-geo["mito"], -0.7, 0.7) * outside
     cristae = 0.5 + 0.5 * torch.cos(2 * math.pi * geo["cristae"] / 7 + 0.7 * grain)
     mito = in_mito * (0.45 + 0.35 * cristae) + 0.7 * torch.exp(-geo["mito"] ** 2) * outside
     density = outside * cytoplasm + 1.3 * geo["membrane"] * in_neuropil + mito + nucleus
 
-    bouton = cells.attr["bouton"][label] * _smoothstep(wall, 3, 5) * in_neuropil
+    bouton = cells.attr["bouton"][label] * smoothstep(wall, 3, 5) * in_neuropil
     vesicles = 0.04 * bouton * (1 - in_mito) * (0.6 + 0.6 * mottle).clamp(0, 1)
-    specks = 0.003 * outside * (1 - in_mito) * _smoothstep(wall, 1, 2)
+    specks = 0.003 * outside * (1 - in_mito) * smoothstep(wall, 1, 2)
     draw = torch.rand(z_n, height, width, generator=gen)
     ring, dot = _dot_kernels()
     density = density + _stamp(draw < vesicles, ring) + _stamp(draw > 1 - specks, dot)

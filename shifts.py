@@ -24,7 +24,7 @@ def best_shifts(sources, targets, reach: int = 32, factor: int = 2) -> np.ndarra
     over the target's centre (``reach`` px in from every border), ``|s_x|, |s_y| <=
     reach``, on sections averaged over ``factor`` x ``factor`` pixels and refined to
     a fraction of a pixel (parabola through the peak). Pixels of missing data
-    should hold the section's mean (``data.normalise`` gives that: 0).
+    should hold the section's mean (``helpers.normalise`` gives that: 0).
     """
     a, b = (to_tensor(x, dtype=torch.float64)[:, None] for x in (sources, targets))
     if factor > 1:

@@ -34,8 +34,7 @@ import math
 
 import torch
 
-from helpers import vector_length, warp
-from masks import box_mean
+from helpers import box_mean, vector_length, warp
 
 
 def low_pass(field: torch.Tensor, radius: int) -> torch.Tensor:

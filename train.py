@@ -46,7 +46,8 @@ from tqdm import tqdm
 import distributed
 import loss
 from data import Augmenter, StackDataset, batches, held_out_misalignment
-from helpers import UserError, check_name, code_version, finite_float, run_main, upsample_field, vector_length
+from helpers import (HelpFormatter, UserError, check_name, code_version, finite_float, run_main, upsample_field,
+                     vector_length)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -60,8 +61,7 @@ FIXED_ON_RESUME = ("size", "trunc", "skip", "k", "corr", "state_archive", "fine_
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("name", help="experiment name: pt/NAME.pt, runs/NAME, out/NAME")
     g = p.add_argument_group("loss")
     g.add_argument("--lambda0", type=finite_float, default=1.0,
@@ -186,10 +186,10 @@ def resolve_dataset(spec: str | None, hm: bool = False, split: str = "train") ->
     found = sorted(volume.data_dir().glob(f"{name}_{split}_mip*.h5"),
                    key=lambda p: int(p.stem.rsplit("mip", 1)[1]))
     if not found and name == "demo":
-        import gen_stack
         import demo
-        argv = ["--count", str(demo.DATASET_COUNT[split]), "--source", "demo", "demo"]
-        return gen_stack.main(argv + (["--test"] if split == "test" else []))
+        import gen_stack
+        sampling = gen_stack.Sampling(source="demo", count=demo.DATASET_COUNT[split], test=split == "test")
+        return gen_stack.write_dataset("demo", sampling)
     if not found:
         raise UserError(f"no dataset '{name}': no file {volume.data_dir()}/{name}_{split}_mip*.h5 "
                         "(make one with gen_stack.py, or give an .h5 path)")

@@ -4,8 +4,8 @@ Any CloudVolume path works unchanged (``gs://``, ``s3://``, ``file://``,
 ``precomputed://...``); ``file://`` is the offline default. A bare path such as
 ``basil_v0/raw_image`` is a local directory if one exists, else it is resolved
 against the bucket prefix (``--bucket`` / ``$SEAMLESS_BUCKET``, default
-``gs://neuroglancer/``). The word ``demo`` names the embedded demo volume
-(``demo.py``), built on first use.
+``gs://neuroglancer/``). The word ``demo`` (the embedded demo volume) is the
+scripts' to resolve, with ``demo.resolve``, before a path reaches this module.
 
 Arrays cross this module's boundary as ``[Z, C, Y, X]`` (sections, channels,
 rows, columns) at the requested mip; CloudVolume's own order is ``[x, y, z, c]``.
@@ -33,7 +33,7 @@ def data_dir() -> Path:
 
 
 def resolve_path(path: str, bucket: str | None = None) -> str:
-    """A CloudVolume cloudpath for ``path`` (see the module docstring); ``demo`` is not handled here."""
+    """A CloudVolume cloudpath for ``path`` (see the module docstring)."""
     if path.startswith(SCHEMES):
         return path
     if Path(path).exists() or path.startswith(("/", "./", "../", "~")):
@@ -43,7 +43,7 @@ def resolve_path(path: str, bucket: str | None = None) -> str:
 
 
 def open_volume(path: str, mip: int = 0, bucket: str | None = None):
-    """Open an existing volume at ``mip`` (``demo`` builds the demo volume's image layer).
+    """Open an existing volume at ``mip``.
 
     Missing data inside the bounds reads as zeros. Raises ``UserError`` for a path
     that is not a volume or a mip the volume lacks.
@@ -51,9 +51,6 @@ def open_volume(path: str, mip: int = 0, bucket: str | None = None):
     from cloudvolume import CloudVolume
     from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 
-    if path == "demo":
-        import demo
-        path = demo.ensure_demo()["image"]
     cloudpath = resolve_path(path, bucket)
     try:
         vol = CloudVolume(cloudpath, mip=0, fill_missing=True, bounded=True, progress=False)

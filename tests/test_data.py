@@ -63,34 +63,6 @@ def interior_error(a, b, border=8):
     return float((a - b).abs()[both].mean())
 
 
-# --------------------------------------------------------------------------- normalisation
-def test_normalise_zero_mean_unit_std_over_tissue_and_missing_flagged():
-    images = np.array([[[0, 1], [3, 0]], [[5, 5], [5, 5]], [[0, 0], [0, 0]]], np.uint8)  # [3, 2, 2]
-    out, missing = data.normalise(images)
-    assert out.dtype == torch.float32 and missing.dtype == torch.bool and out.shape == (3, 2, 2)
-    assert torch.equal(out[0], torch.tensor([[0.0, -1.0], [1.0, 0.0]]))  # mean 2, std 1; missing -> 0
-    assert torch.equal(missing[0], torch.tensor([[True, False], [False, True]]))
-    assert torch.equal(out[1], torch.zeros(2, 2)) and not missing[1].any()  # constant: zeros, not NaN
-    assert torch.equal(out[2], torch.zeros(2, 2)) and missing[2].all()
-
-
-def test_normalise_per_slice_on_a_tensor_batch():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
-    out, missing = data.normalise(images)
-    tissue = out[~missing].numel()
-    assert tissue == int((images > 0).sum())
-    for slice_, miss in zip(out.reshape(6, 16, 16), missing.reshape(6, 16, 16)):
-        values = slice_[~miss].double()
-        assert float(values.mean()) == pytest.approx(0, abs=1e-6)
-        assert float(values.pow(2).mean()) == pytest.approx(1, abs=1e-5)
-
-
-def test_slice_std_is_the_std_of_tissue_pixels():
-    images = np.array([[[0, 1], [3, 0]], [[0, 0], [0, 0]], [[2, 4], [6, 8]]], np.uint8)
-    assert torch.allclose(data.slice_std(images), torch.tensor([1.0, 0.0, float(np.std([2, 4, 6, 8]))]))
-
-
 # --------------------------------------------------------------------------- the dataset
 def test_pairs_skip_blank_sections_and_samples_have_the_documented_shapes(h5):
     ds = data.StackDataset(h5, mask_radius=3)

@@ -5,14 +5,18 @@ import torch
 
 import demo
 import volume
+from conftest import ended_pid
 from helpers import UserError, warp
 
 
 def test_tiny_demo_volume_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("SEAMLESS_DATA", str(tmp_path))
+    (tmp_path / f".demo.building-{ended_pid()}" / "image").mkdir(parents=True)  # what a killed build left
     demo.build(shape=(4, 96, 96))
     assert demo.is_built() and not list(tmp_path.glob(".demo.building-*"))
     layers = demo.ensure_demo()  # already built: nothing is rebuilt
+    assert [demo.resolve("demo"), demo.resolve("demo", "field")] == [layers["image"], layers["field"]]
+    assert [demo.resolve("gs://b/demo"), demo.resolve(None)] == ["gs://b/demo", None]  # other paths stay as they are
     read = {name: volume.read(volume.open_volume(path), (0, 0, 0), (96, 96, 4)) for name, path in layers.items()}
     assert read["image"].dtype == np.uint8 and read["field"].shape == (4, 2, 96, 96)
     assert set(np.unique(read["defects"])) <= {0, 1, 2}

@@ -148,7 +148,7 @@ def test_evaluate_command_scores_a_perfect_and_a_collapsed_alignment_against_the
     write_layer(tmp_path / "dest" / "image", alignment.apply_field(raw, field)[:, None], "image")
     write_layer(tmp_path / "dest" / "field", field, "field")
     rows = evaluate.main(["--aligned", str(tmp_path / "dest"), "--raw", raw_path, "--truth", truth_path,
-                          "--z_start", "0", "--z_stop", "4", "--chunk", "16", "--plots", str(tmp_path / "plots")])
+                          "--z_start", "0", "--z_stop", "4", "--cpc_window", "16", "--plots", str(tmp_path / "plots")])
     out = capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["cpc.png", "epe.png"]
     assert list(rows) == [evaluate.RAW, "oracle (ground truth)", "aligned"]
@@ -162,6 +162,12 @@ def test_evaluate_command_scores_a_perfect_and_a_collapsed_alignment_against_the
     else:
         assert rows["aligned"]["far_median"] == rows[evaluate.RAW]["far_median"]
         assert "warning: aligned is hardly better than no alignment" in out
+
+
+def test_the_cpc_window_is_also_given_by_its_old_name():
+    required = ["--aligned", "dest", "--z_start", "0", "--z_stop", "4"]
+    assert evaluate.parse_args(required + ["--chunk", "16"]) == evaluate.parse_args(required + ["--cpc_window", "16"])
+    assert evaluate.parse_args(required + ["--chunk", "16"]).cpc_window == 16
 
 
 def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_line(tmp_path, misaligned):

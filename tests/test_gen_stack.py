@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import gen_stack
-from data import StackDataset, normalise
+from data import StackDataset
 from conftest import ROOT, ended_pid, run_script
-from helpers import UserError
+from helpers import UserError, normalise
 
 
 def make(tmp_path, paths, *extra):
@@ -27,7 +27,7 @@ def make(tmp_path, paths, *extra):
 
 def test_round_trip_matches_the_volume(tmp_path, tiny_volume):
     paths, arrays = tiny_volume
-    path = make(tmp_path, paths, "--mask_source", paths["defects"], "--field_source", paths["field"])
+    path = make(tmp_path, paths, "--defects", paths["defects"], "--truth", paths["field"])
     assert path.name == "toy_train_mip1.h5"
     image1 = arrays["image"].reshape(12, 1, 32, 2, 32, 2).astype(float).mean((3, 5)).round()
     field1 = arrays["field"].reshape(12, 2, 32, 2, 32, 2).mean((3, 5)) / 2
@@ -48,6 +48,26 @@ def test_round_trip_matches_the_volume(tmp_path, tiny_volume):
     expected, missing = normalise(first)
     assert torch.allclose(sample["src"][0], expected[0]) and torch.allclose(sample["tgt"][0], expected[1])
     assert torch.equal(sample["src_missing"][0], missing[0])
+
+
+def test_write_dataset_is_what_the_command_runs(tmp_path, tiny_volume):
+    paths, _ = tiny_volume
+    command = make(tmp_path, paths, "--defects", paths["defects"], "--seed", "5")
+    sampling = gen_stack.Sampling(source=paths["image"], count=3, defects=paths["defects"], mip=1, dim=16,
+                                  stack_height=4, train_range=(0, 8), seed=5)
+    library = gen_stack.write_dataset("toy", sampling, tmp_path / "library")
+    assert library == tmp_path / "library" / command.name
+    with h5py.File(command) as a, h5py.File(library) as b:
+        assert set(a) == set(b) == {"images", "masks", "coords", "slice_std"}
+        assert all(np.array_equal(a[name][:], b[name][:]) for name in a)
+
+
+def test_the_old_flag_names_still_set_the_new_settings():
+    common = ["--source", "s", "toy"]
+    old = gen_stack.parse_args(common + ["--mask_source", "d", "--field_source", "f", "--workers", "2"])
+    new = gen_stack.parse_args(common + ["--defects", "d", "--truth", "f", "--read_threads", "2"])
+    assert old == new and gen_stack.Sampling.from_args(new) == gen_stack.Sampling(source="s", defects="d", truth="f",
+                                                                                  read_threads=2)
 
 
 def test_coords_replay_reproduces_the_file(tmp_path, tiny_volume):
@@ -83,7 +103,7 @@ def test_interrupted_run_leaves_no_file(tmp_path, tiny_volume, monkeypatch):
 
     monkeypatch.setattr(gen_stack.volume, "read", failing_read)
     with pytest.raises(KeyboardInterrupt):
-        make(tmp_path, paths, "--workers", "1")
+        make(tmp_path, paths, "--read_threads", "1")
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -125,7 +145,7 @@ def test_a_registered_source_gives_known_zero_fields(tmp_path, tiny_volume):
     sample = StackDataset(path)[0]
     assert bool(sample["has_field"]) and torch.all(sample["field"] == 0)
     with pytest.raises(UserError, match="--registered"):
-        make(tmp_path, paths, "--registered", "--field_source", paths["field"], "--overwrite")
+        make(tmp_path, paths, "--registered", "--truth", paths["field"], "--overwrite")
 
 
 def test_an_escaping_name_is_refused(tmp_path, tiny_volume):
@@ -163,10 +183,9 @@ def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_write(tmp_path, python_s
             assert ref() is None
             yield np.zeros(3), {"images": np.full((4, 1, 16, 16), 7, np.uint8)}
 
-    args = gen_stack.parse_args(["--source", "x", "--mip", "1", "--dim", "16", "--stack_height", "4",
-                                 "--train_range", "0", "8", "toy"])
+    sampling = gen_stack.Sampling(source="x", mip=1, dim=16, stack_height=4, train_range=(0, 8))
     with pytest.raises(KeyboardInterrupt):
-        gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, args)
+        gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, sampling)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -181,7 +200,7 @@ helpers.run_main(gen_stack.main)
 
 def test_ctrl_c_during_the_write_leaves_nothing_and_fails(tmp_path, tiny_volume):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_GEN_STACK, "--count", "8", "--workers", "1", "--source",
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_GEN_STACK, "--count", "8", "--read_threads", "1", "--source",
                              tiny_volume[0]["image"], "--mip", "1", "--dim", "16", "--stack_height", "4",
                              "--train_range", "0", "8", "--out_dir", str(out), "toy"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

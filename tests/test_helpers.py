@@ -1,5 +1,6 @@
 """The field convention: warps of known fields, composition, inversion, resampling; plain names, all-or-nothing
 outputs."""
+import argparse
 import math
 import os
 import signal
@@ -253,3 +254,67 @@ def test_a_ctrl_c_that_python_drops_in_a_callback_still_stops_an_atomic_output(t
             assert ref() is None
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --------------------------------------------------------------------------- images
+def test_normalise_zero_mean_unit_std_over_tissue_and_missing_flagged():
+    images = np.array([[[0, 1], [3, 0]], [[5, 5], [5, 5]], [[0, 0], [0, 0]]], np.uint8)  # [3, 2, 2]
+    out, missing = h.normalise(images)
+    assert out.dtype == torch.float32 and missing.dtype == torch.bool and out.shape == (3, 2, 2)
+    assert torch.equal(out[0], torch.tensor([[0.0, -1.0], [1.0, 0.0]]))  # mean 2, std 1; missing -> 0
+    assert torch.equal(missing[0], torch.tensor([[True, False], [False, True]]))
+    assert torch.equal(out[1], torch.zeros(2, 2)) and not missing[1].any()  # constant: zeros, not NaN
+    assert torch.equal(out[2], torch.zeros(2, 2)) and missing[2].all()
+
+
+def test_normalise_per_slice_on_a_tensor_batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+    out, missing = h.normalise(images)
+    tissue = out[~missing].numel()
+    assert tissue == int((images > 0).sum())
+    for slice_, miss in zip(out.reshape(6, 16, 16), missing.reshape(6, 16, 16)):
+        values = slice_[~miss].double()
+        assert float(values.mean()) == pytest.approx(0, abs=1e-6)
+        assert float(values.pow(2).mean()) == pytest.approx(1, abs=1e-5)
+
+
+def test_slice_std_is_the_std_of_tissue_pixels():
+    images = np.array([[[0, 1], [3, 0]], [[0, 0], [0, 0]], [[2, 4], [6, 8]]], np.uint8)
+    assert torch.allclose(h.slice_std(images), torch.tensor([1.0, 0.0, float(np.std([2, 4, 6, 8]))]))
+
+
+def test_box_mean_keeps_constants_and_matches_a_direct_average():
+    assert torch.allclose(h.box_mean(torch.full((2, 1, 9, 13), 0.3), 4), torch.full((2, 1, 9, 13), 0.3))
+    x = torch.rand(1, 1, 10, 12, generator=torch.Generator().manual_seed(1))
+    r = 3
+    out = h.box_mean(x, r)
+    for i, j in ((0, 0), (4, 7), (9, 11), (2, 10)):
+        window = x[0, 0, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1]
+        assert out[0, 0, i, j] == pytest.approx(float(window.mean()), abs=1e-6)
+    assert torch.allclose(h.box_mean(x, 20), x.mean().expand_as(x))  # a window past every edge: the whole image
+
+
+def test_smoothstep_is_0_below_1_above_and_a_smooth_cubic_between():
+    x = torch.tensor([-1.0, 0.0, 0.25, 0.5, 1.0, 2.0])
+    assert torch.equal(h.smoothstep(x), torch.tensor([0.0, 0.0, 0.15625, 0.5, 1.0, 1.0]))
+    assert torch.equal(h.smoothstep(3 + 2 * x, lo=3.0, hi=5.0), h.smoothstep(x))  # the same ramp from 3 to 5
+
+
+def test_uniform_draws_in_its_bounds_one_number_per_value_in_float32_or_as_python_floats():
+    draws = h.uniform((2.0, 5.0), torch.Generator().manual_seed(4), 1000)
+    assert draws.shape == (1000,) and draws.dtype == torch.float32 and 2 <= draws.min() < draws.max() <= 5
+    g = torch.Generator().manual_seed(4)
+    first = [float(h.uniform((2.0, 5.0), g, dtype=torch.float64)) for _ in range(3)]
+    raw = torch.rand(3, generator=torch.Generator().manual_seed(4))
+    assert first == [2.0 + 3.0 * float(r) for r in raw]  # Python float arithmetic on the float32 draws
+    assert torch.allclose(draws[:3], torch.tensor(first))
+
+
+def test_help_prints_each_default_once():
+    p = argparse.ArgumentParser(formatter_class=h.HelpFormatter)
+    p.add_argument("--size", type=int, default=3, help="pixels")
+    p.add_argument("--dest", help="where (default: beside the source)")
+    p.add_argument("--mip", type=int, help="resolution level")
+    text = " ".join(p.format_help().split())
+    assert "pixels (default: 3)" in text and text.count("default") == 2 and "None" not in text

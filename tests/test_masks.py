@@ -94,17 +94,6 @@ def test_smoothness_weights_box_filter_averages_the_part_inside_the_image():
     assert torch.allclose(weights, expected, atol=1e-6)
 
 
-def test_box_mean_keeps_constants_and_matches_a_direct_average():
-    assert torch.allclose(masks.box_mean(torch.full((2, 1, 9, 13), 0.3), 4), torch.full((2, 1, 9, 13), 0.3))
-    x = torch.rand(1, 1, 10, 12, generator=torch.Generator().manual_seed(1))
-    r = 3
-    out = masks.box_mean(x, r)
-    for i, j in ((0, 0), (4, 7), (9, 11), (2, 10)):
-        window = x[0, 0, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1]
-        assert out[0, 0, i, j] == pytest.approx(float(window.mean()), abs=1e-6)
-    assert torch.allclose(masks.box_mean(x, 20), x.mean().expand_as(x))  # a window past every edge: the whole image
-
-
 def test_similarity_weights_per_class_and_zero_where_missing():
     mask = torch.tensor([[[[0, 1, 2], [0, 1, 2]]]], dtype=torch.uint8)
     missing = torch.tensor([[[[False, False, False], [True, True, False]]]])

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from conftest import moved_windows
-from data import normalise
-from helpers import UserError, warp
+from helpers import UserError, normalise, warp
 from shifts import best_shifts
 
 

@@ -9,6 +9,8 @@ import torch
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
 import data
+import demo
+import gen_stack
 import net_hist
 import train
 from conftest import corrupt_chunk, run_script
@@ -183,6 +185,14 @@ def test_corrupt_dataset_is_a_one_line_error(tmp_path):
     bad.write_bytes(b"not hdf5 at all")
     result = run_script(train.__file__, "--dataset", bad, "x", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "bad.h5" in result.stderr
+
+
+def test_a_missing_demo_dataset_is_made_with_gen_stack_write_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEAMLESS_DATA", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(gen_stack, "write_dataset", lambda *args: calls.append(args) or tmp_path / "made.h5")
+    assert train.resolve_dataset("demo", split="test") == tmp_path / "made.h5"
+    assert calls == [("demo", gen_stack.Sampling(source="demo", count=demo.DATASET_COUNT["test"], test=True))]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
