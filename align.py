@@ -47,10 +47,11 @@ from pathlib import Path
 
 from cloudfiles import CloudFiles
 
+import demo
 import tasks
 import volume
 from alignment import add_flags, settings_from_args, stride
-from helpers import UserError, check_writable, code_version, file_sha256, run_main
+from helpers import HelpFormatter, UserError, check_writable, code_version, file_sha256, run_main
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
 DEST_LAYERS = ("image", "field") + SERIAL_LAYERS  # every layer align.py writes in DEST
@@ -59,7 +60,7 @@ ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's pro
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--archive", required=True, help="network archive (pt/NAME.pt)")
     p.add_argument("--source", required=True, help="image volume (any CloudVolume path, or 'demo')")
     p.add_argument("--dest", required=True, help="destination folder or cloudpath for image/ and field/")
@@ -95,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parse_worker_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="align.py worker", description="Run the alignment tasks of a queue.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--queue", required=True, help="fq://FOLDER or sqs://NAME, as given to align.py --queue")
     p.add_argument("--lease_seconds", type=int, default=600,
                    help="a leased task not finished by then (failed, or its worker died) is run again; "
@@ -271,6 +272,7 @@ def main(argv=None) -> dict:
     if volume.resolve_path(args.dest).startswith("file://"):  # a folder here: writable before anything is read
         check_writable(volume.resolve_path(args.dest).removeprefix("file://"), "--dest", folder=True)
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
+    args.source = demo.resolve(args.source)  # the word 'demo' is the embedded demo volume
     source = volume.open_volume(args.source, args.mip, args.bucket)
     volume.check_kind(source, "image", "--source")  # what the network aligns
     (sx0, sy0, sz0), (sx1, sy1, sz1) = volume.bounds(source)

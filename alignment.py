@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import normalise, slice_std
-from helpers import compose, finite_float, in_frame_of, number, to_tensor, warp, warp_tissue
+from helpers import compose, finite_float, in_frame_of, normalise, number, slice_std, to_tensor, warp, warp_tissue
 from models import Pyramid
 from shifts import best_shifts
 from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
@@ -121,7 +120,7 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
-    once as a whole (``data.normalise``). With ``settings.prealign`` > 0 the source is first
+    once as a whole (``helpers.normalise``). With ``settings.prealign`` > 0 the source is first
     moved by the whole-pixel shift that best matches it onto the target
     (``shifts.best_shifts``, up to ``prealign`` px each way, less on small sections):
     the network recovers ~15 px between real neighbours, and sections can lie

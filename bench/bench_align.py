@@ -1,11 +1,11 @@
 """Alignment speed: Mpx/s of align.py on the demo volume, in-process and as tasks on a file queue.
 
-    .venv/bin/python bench/bench_align.py [--archive pt/demo.pt] [--sections 12] [--block 5] [--workers 1 2] \
+    .venv/bin/python bench/bench_align.py [--archive pt/demo.pt] [--sections 12] [--block 5] [--queue_workers 1 2] \
         [--threads T]
 
 Aligns ``--sections`` held-out demo sections (512 x 512 px) into a fresh temporary
 destination per configuration: in-process as one block (the serial alignment), in-process in
-blocks of ``--block``, and through an ``fq://`` queue with each number of ``--workers``
+blocks of ``--block``, and through an ``fq://`` queue with each number of ``--queue_workers``
 (``align.py worker`` processes started, and polling, before the driver). Torch threads per
 process: ``--threads``, or by default torch's own choice in-process and ``cores / workers`` in
 each worker (on a busy machine one thread per process can be several times faster: a thread
@@ -62,7 +62,8 @@ def main() -> None:
     p.add_argument("--archive", default=str(ROOT / "pt" / "demo.pt"))
     p.add_argument("--sections", type=int, default=12)
     p.add_argument("--block", type=int, default=5)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--queue_workers", "--workers", type=int, nargs="+", default=[1, 2],
+                   help="align.py worker processes on the queue, one run per number")
     p.add_argument("--threads", type=int, help="torch threads of every process (default: see above)")
     args = p.parse_args()
     if args.threads:
@@ -79,7 +80,7 @@ def main() -> None:
     configs = [("in-process, one block (serial)", [], 0),
                (f"in-process, blocks of {args.block}", ["--block", str(args.block)], 0)]
     configs += [(f"queue, {n} worker{'s' * (n > 1)}, blocks of {args.block}", ["--block", str(args.block)], n)
-                for n in args.workers]
+                for n in args.queue_workers]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_align_") as tmp:
         for i, (label, extra, workers) in enumerate(configs):

@@ -40,8 +40,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
-        path = gen_stack.main(["--count", str(args.count), "--source", "demo", "--dim", str(args.dim),
-                               "--stack_height", str(args.stack_height), "--out_dir", tmp, "bench"])
+        path = gen_stack.write_dataset("bench", gen_stack.Sampling(source="demo", count=args.count, dim=args.dim,
+                                                                   stack_height=args.stack_height), tmp)
         seconds = time.time() - start
         print(f"gen_stack: {args.count / seconds:.2f} stacks/s "
               f"({args.count} x {args.stack_height} x {args.dim}^2, images+defects+fields)")

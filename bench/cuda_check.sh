@@ -19,4 +19,4 @@ step() {  # step NAME COMMAND...: run, log to $LOGS/NAME.log, print its tail and
 step tests "$PY" -m pytest -q -p no:randomly
 step quickstart "$PY" quickstart.py
 step bench_train "$PY" bench/bench_train.py --device cuda
-step bench_align "$PY" bench/bench_align.py --workers 1
+step bench_align "$PY" bench/bench_align.py --queue_workers 1
