@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
         return {}
     args = parse_args(argv)
     check_args(args)
-    if not args.dest.startswith(volume.SCHEMES):  # a folder here, even before it exists
+    if not volume.is_cloudpath(args.dest):  # a folder here, even before it exists
         args.dest = str(Path(args.dest).expanduser().resolve())
     if volume.resolve_path(args.dest).startswith("file://"):  # a folder here: writable before anything is read
         check_writable(volume.resolve_path(args.dest).removeprefix("file://"), "--dest", folder=True)

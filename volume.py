@@ -1,7 +1,8 @@
 """Volumes through CloudVolume (Neuroglancer precomputed): open, read, create, write.
 
-Any CloudVolume path works unchanged (``gs://``, ``s3://``, ``file://``,
-``precomputed://...``); ``file://`` is the offline default. A bare path such as
+Any CloudVolume path works unchanged: whatever starts with a scheme ``NAME://``
+(``gs://``, ``s3://``, ``file://``, ``precomputed://gs://...``, ``zarr://``,
+``n5://``, ``graphene://``, ``boss://``, ...); ``file://`` is the offline default. A bare path such as
 ``basil_v0/raw_image`` is a local directory if one exists, else it is resolved
 against the bucket prefix (``--bucket`` / ``$SEAMLESS_BUCKET``, default
 ``gs://neuroglancer/``). The word ``demo`` names the embedded demo volume
@@ -13,18 +14,24 @@ All CloudVolume errors become ``helpers.UserError`` with one line.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import UserError
+from helpers import UserError, atomic_output
 
 DEFAULT_BUCKET = "gs://neuroglancer/"
-SCHEMES = ("gs://", "s3://", "file://", "precomputed://", "http://", "https://", "matrix://",
-           "mem://", "graphene://", "boss://")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a URL scheme (RFC 3986), e.g. middleauth+https://
+
+
+def is_cloudpath(path: str) -> bool:
+    """Whether ``path`` starts with a scheme ``NAME://`` (a cloudpath, passed to CloudVolume unchanged)."""
+    return bool(_SCHEME.match(path))
 
 
 def data_dir() -> Path:
@@ -34,7 +41,7 @@ def data_dir() -> Path:
 
 def resolve_path(path: str, bucket: str | None = None) -> str:
     """A CloudVolume cloudpath for ``path`` (see the module docstring); ``demo`` is not handled here."""
-    if path.startswith(SCHEMES):
+    if is_cloudpath(path):
         return path
     if Path(path).exists() or path.startswith(("/", "./", "../", "~")):
         return "file://" + str(Path(path).expanduser().resolve())

@@ -62,6 +62,21 @@ def test_resolve_path():
     assert volume.resolve_path("/tmp").startswith("file:///")
 
 
+@pytest.mark.parametrize("path", [
+    "zarr://gs://lab/stack", "zarr2://file:///data/stack", "n5://s3://lab/stack.n5", "precomputed://gs://lab/em",
+    "graphene://https://host/segmentation/table/x", "boss://collection/experiment/channel",
+    "middleauth+https://host/em", "gs://lab/em/|zarr2:"])
+def test_every_cloudpath_scheme_passes_through_unchanged(path):
+    assert volume.resolve_path(path, bucket="s3://elsewhere") == path
+
+
+def test_a_zarr_path_is_opened_as_given(tmp_path):
+    path = "zarr://file://" + str(tmp_path / "nothing.zarr")
+    with pytest.raises(UserError) as err:
+        volume.open_volume(path, bucket="s3://elsewhere")
+    assert path in str(err.value) and "elsewhere" not in str(err.value)
+
+
 def test_odd_sizes_fill_every_mip(tmp_path):
     image = np.full((2, 1, 65, 67), 7, np.uint8)
     vol = volume.create_volume("file://" + str(tmp_path / "odd"), (67, 65, 2), "uint8", mips=2)
