@@ -14,7 +14,6 @@ All CloudVolume errors become ``helpers.UserError`` with one line.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -168,6 +167,32 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
     except OSError as err:
         raise UserError(f"cannot write {cloudpath}: {err.strerror or err}") from None
     return vol
+
+
+def include_sections(vol, z_start: int, z_stop: int) -> None:
+    """Grow the z bounds of ``vol`` (at every mip) to include sections ``z_start..z_stop-1``; nothing if they do.
+
+    The info is written once, whole (``file://``: a new file renamed over the old one, so a reader sees the old
+    bounds or the new ones, never a mix; a cloud object is replaced whole). Every chunk already written stays
+    valid: a chunk is one section deep and named by its voxel coordinates, which do not move.
+    """
+    from cloudfiles import paths
+    from cloudvolume.lib import jsonify
+
+    (_, _, z0), (_, _, z1) = bounds(vol, 0)
+    low, high = min(int(z0), z_start), max(int(z1), z_stop)
+    if (low, high) == (z0, z1):
+        return
+    for scale in vol.info["scales"]:
+        if scale["chunk_sizes"][0][2] != 1:
+            raise ValueError(f"{vol.cloudpath}: chunks deeper than one section would move")
+        scale["voxel_offset"][2], scale["size"][2] = low, high - low
+    where = paths.extract(vol.cloudpath)
+    if where.protocol == "file":
+        with atomic_output(Path(where.path) / "info") as tmp:
+            tmp.write_text(jsonify(vol.info))
+    else:
+        vol.commit_info()
 
 
 def _exists(cloudpath: str) -> bool:
