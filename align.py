@@ -67,6 +67,7 @@ ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's pro
 VIEWER = "https://neuroglancer-demo.appspot.com/#!"  # a public Neuroglancer; the state follows the #!
 VIEW_PORT = 1337  # where cloudvolume.server.view serves a local DEST (CloudVolume.viewer's port)
 NEUROGLANCER_STATE = "neuroglancer.json"  # in DEST, beside the layers
+UNRECORDED = {"vote": 1, "mips": 0}  # settings run_record leaves out at these values (older records lack them)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -236,7 +237,7 @@ def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
     if recorded is None:
         raise UserError(f"{dest} was aligned by an older align.py that kept no run record; {redo}")
     for key in list(run) + [key for key in recorded if key not in run]:
-        old, new = recorded.get(key), run.get(key)
+        old, new = (record.get(key, UNRECORDED.get(key)) for record in (recorded, run))
         if old == new:
             continue
         if key == "archive_sha256":

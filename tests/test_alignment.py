@@ -174,7 +174,7 @@ def test_mips_need_tasks_and_a_bbox_corner_that_cover_whole_chunks_of_every_mip(
         with pytest.raises(UserError, match=message):
             align.main(common + extra)
     align.main(common)
-    with pytest.raises(UserError, match="was aligned with --mips None, not 1; use --overwrite"):
+    with pytest.raises(UserError, match="was aligned with --mips 0, not 1; use --overwrite"):
         align.main(common + ["--z_stop", "5", "--mips", "1"])
 
 
