@@ -14,11 +14,16 @@ once (``solve.py``: errors stay bounded instead of adding up down the stack),
 still in the frame of the first section. Blank sections are skipped and listed.
 Large sections go through the network in overlapping chunks whose margins are
 cropped (``alignment.py``). Writes ``DEST/image`` (uint8) and ``DEST/field``
-(float32, 2 channels: x, y in pixels of the mip; ``warp(raw, field) == aligned``).
-Every run that aligns something appends an entry to the layers' provenance: the
-date, the code version, the arguments and the *run record* (``run_record``: the
-archive's sha256, the source, the mode and every setting that changes the
-result). Each finished section is marked in ``DEST/progress/``, so a re-run
+(float32, 2 channels: x, y in pixels of the mip; ``warp(raw, field) == aligned``),
+whose bounds are the aligned sections and bbox (a later run that aligns more
+sections grows them), with ``--mips N`` their mips 1..N (image: 2x2 mean; field:
+2x2 mean with its vectors halved per mip, as pixels double), and
+``DEST/neuroglancer.json``, a Neuroglancer state of both; the run ends by printing
+how to view them. Every run that aligns something appends an entry to the layers'
+provenance: the date, the code version, the arguments, the archive's lineage and
+the *run record* (``run_record``: the archive's sha256, the source, the mode and
+every setting that changes the result); a run that finds its range aligned
+writes nothing. Each finished section is marked in ``DEST/progress/``, so a re-run
 resumes where it stopped, but only a run whose record matches DEST's: otherwise
 it stops with one line naming the first difference, before writing anything
 (a later run may extend ``--z_stop``; ``--device``, ``--queue`` and the workers,
@@ -38,12 +43,14 @@ and DEST) run them; both give the same result, bit for bit. ``--solve`` runs her
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from cloudfiles import CloudFiles
 
@@ -52,10 +59,16 @@ import tasks
 import volume
 from alignment import add_flags, settings_from_args, stride
 from helpers import HelpFormatter, UserError, check_writable, code_version, file_sha256, run_main
+from models.archive import lineage, read_archive
+from vis import neuroglancer_state
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
 DEST_LAYERS = ("image", "field") + SERIAL_LAYERS  # every layer align.py writes in DEST
 ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's provenance entries
+VIEWER = "https://neuroglancer-demo.appspot.com/#!"  # a public Neuroglancer; the state follows the #!
+VIEW_PORT = 1337  # where cloudvolume.server.view serves a local DEST (CloudVolume.viewer's port)
+NEUROGLANCER_STATE = "neuroglancer.json"  # in DEST, beside the layers
+UNRECORDED = {"vote": 1, "mips": 0}  # settings run_record leaves out at these values (older records lack them)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mip", type=int, default=0, help="resolution level to align at")
     p.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                    help="region in voxels of --mip (default: the whole section)")
+    p.add_argument("--mips", type=int, default=0,
+                   help="also write mips 1..N of DEST/image (2x2 mean) and DEST/field (2x2 mean, vectors halved per "
+                        "mip); needs --task_chunk a multiple of 256 * 2^N and the bbox corner at multiples of 2^N")
     add_flags(p)  # --chunk --overlap --prealign --trunc --smooth --neighbours --pull --robust --detail_pull
     p.add_argument("--raw_neighbour", action="store_true",
                    help="align each section to its raw neighbour and chain the fields")
@@ -107,9 +123,14 @@ def parse_worker_args(argv) -> argparse.Namespace:
 def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     """Create (or re-open and check) the layers ``DEST/NAME`` over ``box`` of ``source``'s mip, and record the run.
 
+    box: ``((x0, y0, z_start), (x1, y1, z_stop))``, the bbox and the sections this
+    run aligns: a new layer has these bounds; an existing one must have the same
+    xy bounds and grows in z to include them (``volume.include_sections``).
     ``image`` is uint8; every other name is a float32 field of 2 channels.
-    Once every layer has the right shape, ``entry`` (``provenance_entry``) is
-    appended to each layer's provenance and the source's cloudpath to its sources.
+    ``image`` and ``field`` have ``1 + args.mips`` mips, the others one. Once
+    every layer has the right shape, each grows, ``entry``
+    (``provenance_entry``) is appended to its provenance and the source's
+    cloudpath to its sources.
     """
     (x0, y0, z0), (x1, y1, z1) = box
     size, offset = (x1 - x0, y1 - y0, z1 - z0), (x0, y0, z0)
@@ -117,22 +138,26 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     layers, created = {}, set()
     for name in names:
         dtype, channels = ("uint8", 1) if name == "image" else ("float32", 2)
+        mips = 1 + args.mips if name in ("image", "field") else 1
         path = args.dest.rstrip("/") + "/" + name
         cloudpath = volume.resolve_path(path)
         try:
             vol = volume.open_volume(path)
         except UserError:
-            vol = volume.create_volume(cloudpath, size, dtype, channels, resolution, 1,
+            vol = volume.create_volume(cloudpath, size, dtype, channels, resolution, mips,
                                        (tasks.LAYER_CHUNK, tasks.LAYER_CHUNK, 1), provenance=entry, offset=offset)
             created.add(name)
-        got = (tuple(volume.bounds(vol)[0]), tuple(volume.bounds(vol)[1]), vol.num_channels, str(vol.dtype))
-        want = ((x0, y0, z0), (x1, y1, z1), channels, dtype)
+        (gx0, gy0, _), (gx1, gy1, _) = volume.bounds(vol)
+        got = ((gx0, gy0), (gx1, gy1), vol.num_channels, str(vol.dtype), len(vol.info["scales"]))
+        want = ((x0, y0), (x1, y1), channels, dtype, mips)
         if got != want or list(vol.resolution) != resolution:
-            raise UserError(f"destination {cloudpath} exists with another shape (bounds {got[0]}..{got[1]}, "
-                            f"{got[2]} channels, {got[3]}, resolution {list(vol.resolution)}; this run needs "
-                            f"{want[0]}..{want[1]}, {channels} channels, {dtype}, {resolution})")
+            raise UserError(f"destination {cloudpath} exists with another shape (x, y {got[0]}..{got[1]}, "
+                            f"{got[2]} channels, {got[3]}, {got[4]} mips, resolution {list(vol.resolution)}; this "
+                            f"run needs {want[0]}..{want[1]}, {channels} channels, {dtype}, {mips} mips, "
+                            f"{resolution})")
         layers[name] = vol
     for name, vol in layers.items():
+        volume.include_sections(vol, z0, z1)
         if name not in created:
             vol.provenance.processing.append(entry)
         if source.cloudpath not in vol.provenance.sources:
@@ -147,22 +172,24 @@ def job_of(args, source: str, bbox: tasks.Box) -> tasks.Job:
                      dest=volume.resolve_path(args.dest.rstrip("/")), mip=args.mip, bbox=bbox, z_start=args.z_start,
                      z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2), pair=pair,
                      vote=args.vote, raw_neighbour=args.raw_neighbour, xy_chunk=args.task_chunk,
-                     solve=solve if args.solve else None, device=args.device, max_failures=args.max_failures)
+                     solve=solve if args.solve else None, device=args.device, max_failures=args.max_failures,
+                     mips=args.mips)
 
 
 def run_record(args, job: tasks.Job) -> dict:
     """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
     setting of that mode that changes the result, keyed by its flag's name: ``--z_start`` (the fixed section),
     ``--mip``, ``--bbox``, ``job.pair``, then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or the serial
-    tasks' ``--vote`` (when > 1), ``--block`` and ``--task_chunk``; a non-finite float is a string. Not ``--z_stop``
-    (a later run may extend the range), nor what only changes how the run goes (``--device``, ``--queue``,
-    ``--max_failures``)."""
+    tasks' ``--vote`` (when > 1), ``--block`` and ``--task_chunk``, then ``--mips`` (when > 0); a non-finite float
+    is a string. Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes
+    (``--device``, ``--queue``, ``--max_failures``)."""
     settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox], **asdict(job.pair)}
     if job.solve:
         settings.update({key: value for key, value in asdict(job.solve).items()
                          if key != "detail_pull" or job.pair.smooth})
     else:
         settings.update({"vote": job.vote} if job.vote > 1 else {}, block=args.block, task_chunk=job.xy_chunk)
+    settings.update({"mips": job.mips} if job.mips else {})
     mode = "solve" if job.solve else "raw_neighbour" if job.raw_neighbour else "vote" if job.vote > 1 else "serial"
     record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
     return {**record, **{key: _json_value(value) for key, value in settings.items()}}
@@ -174,12 +201,18 @@ def _json_value(value):
 
 
 def provenance_entry(args, run: dict) -> dict:
-    """This run's entry in the provenance of DEST's layers: the date, the code version, the arguments and ``run``
-    (``run_record``)."""
+    """This run's entry in the provenance of DEST's layers: the date, the code version, the arguments, the archive's
+    lineage (``archive_lineage``) and ``run`` (``run_record``: the archive's sha256, the resolved source, ...)."""
     return {"description": ALIGNED_BY, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "code_version": code_version(), "method": {
-                "archive": args.archive, "source": args.source, "mip": args.mip, "args": vars(args),
-                "command": " ".join(sys.argv), "run": run}}
+                "archive": args.archive, "archive_lineage": archive_lineage(args.archive), "source": args.source,
+                "mip": args.mip, "args": vars(args), "command": " ".join(sys.argv), "run": run}}
+
+
+def archive_lineage(path: str) -> list[dict]:
+    """How the network of the archive at ``path`` was trained, root run first (``models.archive.lineage``): each
+    run's name, date, iterations, settings, final losses and resumes, without its loss curves."""
+    return [{key: value for key, value in entry.items() if key != "history"} for entry in lineage(read_archive(path))]
 
 
 def recorded_runs(dest: str) -> list[dict] | None:
@@ -205,7 +238,7 @@ def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
     if recorded is None:
         raise UserError(f"{dest} was aligned by an older align.py that kept no run record; {redo}")
     for key in list(run) + [key for key in recorded if key not in run]:
-        old, new = recorded.get(key), run.get(key)
+        old, new = (record.get(key, UNRECORDED.get(key)) for record in (recorded, run))
         if old == new:
             continue
         if key == "archive_sha256":
@@ -222,10 +255,28 @@ def _typed(value) -> str:
 
 
 def remove_outputs(dest: str) -> None:
-    """Delete what align.py wrote in ``dest`` (a cloudpath): the progress markers, then ``DEST_LAYERS``."""
+    """Delete what align.py wrote in ``dest`` (a cloudpath): the progress markers, then ``DEST_LAYERS``, then the
+    Neuroglancer state."""
     files = CloudFiles(dest)
     for name in ("progress",) + DEST_LAYERS:
         files.delete(list(files.list(prefix=name + "/")))
+    files.delete(NEUROGLANCER_STATE)
+
+
+def viewer(dest: str) -> tuple[dict, list[str]]:
+    """The Neuroglancer state of ``dest``'s image and field layers (``vis.neuroglancer_state``; ``dest`` a
+    cloudpath) and the lines that say how to open it. Neuroglancer reads ``gs://``, ``s3://`` and ``http(s)://``
+    itself; any other DEST (a folder here) is first served over http by ``cloudvolume.server.view``."""
+    base = dest.removeprefix("precomputed://")
+    serve = not base.startswith(("gs://", "s3://", "http://", "https://"))
+    base = f"http://localhost:{VIEW_PORT}" if serve else base
+    state = neuroglancer_state(f"precomputed://{base}/image", f"precomputed://{base}/field")
+    serving = [f"""  python -c "from cloudvolume.server import view; view('{dest}', port={VIEW_PORT})"  """
+               "# serves DEST; leave it running"] if serve else []
+    return state, [f"view {dest} in Neuroglancer:", *serving,
+                   f"  {VIEWER}{quote(json.dumps(state, separators=(',', ':')))}",
+                   f"  (that state is also {dest}/{NEUROGLANCER_STATE}; the field's hue is its direction, its "
+                   "saturation its length up to the 'rim' slider's px)"]
 
 
 def progress_files(dest: str):
@@ -256,6 +307,11 @@ def check_args(args) -> None:
         raise UserError("--block must be >= 2 (consecutive blocks share a section)")
     if args.task_chunk < 1 or args.task_chunk % tasks.LAYER_CHUNK:
         raise UserError(f"--task_chunk must be a positive multiple of {tasks.LAYER_CHUNK} (the layers' chunk)")
+    if args.mips < 0:
+        raise UserError("--mips must be >= 0")
+    if args.task_chunk % (tasks.LAYER_CHUNK << args.mips):
+        raise UserError(f"--mips {args.mips} needs --task_chunk a multiple of {tasks.LAYER_CHUNK << args.mips} "
+                        f"(each task writes whole {tasks.LAYER_CHUNK} px chunks of every mip)")
     if args.max_failures < 1:
         raise UserError("--max_failures must be >= 1")
 
@@ -267,7 +323,7 @@ def main(argv=None) -> dict:
         return {}
     args = parse_args(argv)
     check_args(args)
-    if not args.dest.startswith(volume.SCHEMES):  # a folder here, even before it exists
+    if not volume.is_cloudpath(args.dest):  # a folder here, even before it exists
         args.dest = str(Path(args.dest).expanduser().resolve())
     if volume.resolve_path(args.dest).startswith("file://"):  # a folder here: writable before anything is read
         check_writable(volume.resolve_path(args.dest).removeprefix("file://"), "--dest", folder=True)
@@ -282,6 +338,9 @@ def main(argv=None) -> dict:
                         f"{args.mip})")
     if not sz0 <= args.z_start < args.z_stop <= sz1:
         raise UserError(f"z range {args.z_start}..{args.z_stop} is outside the volume's sections {sz0}..{sz1 - 1}")
+    if x0 % (1 << args.mips) or y0 % (1 << args.mips):
+        raise UserError(f"--mips {args.mips} needs the bbox corner at multiples of {1 << args.mips} px (a pixel of "
+                        f"mip m covers 2^m px from 0), not {x0} {y0}")
     job = job_of(args, source.cloudpath, (x0, y0, x1, y1))
     if job.source.startswith(job.dest + "/"):
         raise UserError(f"--source {args.source} lies inside --dest {args.dest}: choose another --dest")
@@ -299,13 +358,14 @@ def main(argv=None) -> dict:
     progress = progress_files(args.dest)
     finished = progress.exists([str(z) for z in range(args.z_start, args.z_stop)])
     todo = [z for z in range(args.z_start, args.z_stop) if not finished[str(z)]]
+    state, view = viewer(job.dest)
     if not todo:
         print(f"sections {args.z_start}..{args.z_stop - 1} are already aligned in {args.dest} "
-              "(--overwrite to redo)")
+              "(--overwrite to redo)", *view, sep="\n")
         return {"sections": 0}
     if len(todo) < args.z_stop - args.z_start and not args.solve:
         print(f"resuming: {args.z_stop - args.z_start - len(todo)} sections of the range are already aligned")
-    open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)), provenance_entry(args, run),
+    open_dest(args, source, ((x0, y0, args.z_start), (x1, y1, args.z_stop)), provenance_entry(args, run),
               ("image", "field") + (() if args.solve else SERIAL_LAYERS))
 
     width, height = x1 - x0, y1 - y0
@@ -327,6 +387,8 @@ def main(argv=None) -> dict:
     mpx = len(todo) * width * height / 1e6
     print(f"aligned {len(todo)} sections of {width} x {height} px at mip {args.mip} into {args.dest} in "
           f"{seconds:.1f} s ({mpx / seconds:.2f} Mpx/s)")
+    CloudFiles(job.dest).put_json(NEUROGLANCER_STATE, state)
+    print(*view, sep="\n")
     return {"sections": len(todo), "seconds": seconds, "mpx_per_s": mpx / seconds}
 
 

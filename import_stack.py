@@ -271,7 +271,7 @@ def default_mips(height: int, width: int) -> int:
 # ----------------------------------------------------------------------- destination
 def dest_cloudpath(dest: str) -> str:
     """The CloudVolume path of ``--dest``: a path without a scheme is a local folder (relative to the cwd)."""
-    return volume.resolve_path(dest if dest.startswith(volume.SCHEMES) else str(Path(dest).expanduser().resolve()))
+    return volume.resolve_path(dest if volume.is_cloudpath(dest) else str(Path(dest).expanduser().resolve()))
 
 
 def local_folder(cloudpath: str) -> Path | None:

@@ -9,15 +9,10 @@ import argparse
 from pathlib import Path
 
 from helpers import UserError, check_writable, run_main
-from models.archive import load_archive, read_archive, save_archive
+from models.archive import lineage, load_archive, read_archive, save_archive
 
 SHOWN = ("lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
          "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "dataset")
-
-
-def lineage(archive: dict) -> list[dict]:
-    """Summaries of every run that made this network, root first, this run last."""
-    return list(archive.get("lineage", [])) + [archive["summary"]]
 
 
 def format_entry(depth: int, entry: dict) -> str:

@@ -24,7 +24,8 @@ block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of
 3. **Render tasks**, one per section and xy chunk, in parallel: ``F_z = compose(G_z, C_b)`` for the block b
    that owns z (block 0 owns ``s_0..e_0``, block b > 0 owns ``s_b+1..e_b``); the raw chunk, read with a
    margin of the largest ``|F_z|`` in the chunk plus 1 px, is warped by ``F_z`` into ``DEST/image``, and
-   ``F_z`` goes to ``DEST/field``. Blank sections come out blank with the zero field.
+   ``F_z`` goes to ``DEST/field``, each with its mips 1..``job.mips`` (``_write``). Blank sections come out
+   blank with the zero field.
 
 No seam shows at block boundaries. The boundary section ``s_b`` is aligned once, by block b-1, and
 block b aligns its sections onto that same raw section, so ``F`` chains the two fields by composition,
@@ -112,6 +113,7 @@ class Job:
     solve: SolveSettings | None = None  # the stack-wide solve's (solve_range); None: serial tasks (vote, raw_neighbour)
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu
     max_failures: int = MAX_FAILURES  # a queued task that fails this many times is dead-lettered
+    mips: int = 0  # DEST/image and DEST/field also hold mips 1..mips (each write writes its chunk's, _write)
 
     def __post_init__(self):  # a payload read back from JSON holds a list and dicts
         object.__setattr__(self, "bbox", tuple(self.bbox))
@@ -148,9 +150,10 @@ def _layer(cloudpath: str, mip: int = 0, shaped_by: tuple = ()):
 
 
 def _dest(job: Job, name: str):
-    """``DEST/name``, a layer of one mip (the source's ``job.mip``), opened anew once ``align.py --overwrite`` has
-    made it again for another source, mip or bbox."""
-    return _layer(f"{job.dest}/{name}", 0, (job.source, job.mip, job.bbox))
+    """``DEST/name`` at its mip 0 (the source's ``job.mip``), opened anew for a job whose run may have made it
+    again (``align.py --overwrite``: another source, mip, bbox or mips) or grown its sections (``z_start``,
+    ``z_stop``): the layer is opened knowing bounds that hold every section the job writes."""
+    return _layer(f"{job.dest}/{name}", 0, (job.source, job.mip, job.bbox, job.z_start, job.z_stop, job.mips))
 
 
 def _progress(job: Job) -> CloudFiles:
@@ -168,9 +171,13 @@ def _read_field(vol, z: int, box: Box) -> torch.Tensor:
 
 
 def _write(vol, array: np.ndarray, z: int, box: Box) -> None:
-    """Write ``[C, Y, X]`` as section z at the corner of ``box`` (or ``[Z, C, Y, X]`` as sections z, z + 1, ...)."""
+    """Write ``[C, Y, X]`` as section z at the corner of ``box`` (or ``[Z, C, Y, X]`` as sections z, z + 1, ...),
+    and its downsamplings at every further mip of ``vol`` (``volume.write_pyramid``: a uint8 image by 2x2 mean, a
+    float field with its vectors halved per mip). Each task's box covers whole chunks of every mip (align.py
+    checks ``--task_chunk`` and the bbox corner against ``--mips``), so no two tasks write one chunk."""
     array = np.ascontiguousarray(array)
-    volume.write(vol, array.reshape(-1, *array.shape[-3:]), (box[0], box[1], z))
+    volume.write_pyramid(vol, array.reshape(-1, *array.shape[-3:]), (box[0], box[1], z),
+                         "image" if array.dtype == np.uint8 else "field")
 
 
 # ----------------------------------------------------------------------------- fields on chunks

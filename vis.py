@@ -122,6 +122,38 @@ def field_to_rgb(field, rim: float | None = None) -> np.ndarray:
     return np.floor(255 * rgb).astype(np.uint8)
 
 
+# RAFT's colour wheel in GLSL, for a Neuroglancer image layer of a field (2 channels: x, y in px): as field_to_rgb,
+# the wheel's six ramps (_WHEEL_SEGMENTS) interpolated, white at 0, the pure hue at the rim, darkened beyond it.
+FIELD_SHADER = """#uicontrol float rim slider(min=0.5, max=100, step=0.5, default=10)
+vec3 wheel(float p) {
+  if (p < 15.0) return vec3(1.0, p / 15.0, 0.0);
+  if (p < 21.0) return vec3(1.0 - (p - 15.0) / 6.0, 1.0, 0.0);
+  if (p < 25.0) return vec3(0.0, 1.0, (p - 21.0) / 4.0);
+  if (p < 36.0) return vec3(0.0, 1.0 - (p - 25.0) / 11.0, 1.0);
+  if (p < 49.0) return vec3((p - 36.0) / 13.0, 0.0, 1.0);
+  return vec3(1.0, 0.0, 1.0 - (p - 49.0) / 6.0);
+}
+void main() {
+  float u = getDataValue(0);
+  float v = getDataValue(1);
+  float reach = sqrt(u * u + v * v) / rim;
+  vec3 hue = wheel((atan(-v, -u) / 3.14159265 + 1.0) / 2.0 * 54.0);
+  emitRGB(reach <= 1.0 ? vec3(1.0) - reach * (vec3(1.0) - hue) : hue * %s);
+}
+""" % _BEYOND_RIM
+
+
+def neuroglancer_state(image: str, field: str) -> dict:
+    """A Neuroglancer viewer state (JSON values) of an aligned stack: the layer ``image`` and, half transparent over
+    it, ``field`` coloured as ``field_to_rgb`` colours one (``FIELD_SHADER``; its rim is a slider, 10 px at first).
+
+    image, field: Neuroglancer data sources, e.g. ``precomputed://gs://bucket/dest/image``.
+    """
+    return {"layers": [{"type": "image", "source": image, "name": "image"},
+                       {"type": "image", "source": field, "name": "field", "shader": FIELD_SHADER, "opacity": 0.5}],
+            "layout": "xy", "selectedLayer": {"layer": "field", "visible": True}}
+
+
 def rim_length(field) -> float:
     """The default rim of ``field_to_rgb``: the 99th-percentile length (px) of a field ``[2, H, W]``."""
     u, v = to_numpy(field).astype(np.float32)[-2:]

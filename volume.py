@@ -1,7 +1,8 @@
 """Volumes through CloudVolume (Neuroglancer precomputed): open, read, create, write.
 
-Any CloudVolume path works unchanged (``gs://``, ``s3://``, ``file://``,
-``precomputed://...``); ``file://`` is the offline default. A bare path such as
+Any CloudVolume path works unchanged: whatever starts with a scheme ``NAME://``
+(``gs://``, ``s3://``, ``file://``, ``precomputed://gs://...``, ``zarr://``,
+``n5://``, ``graphene://``, ``boss://``, ...); ``file://`` is the offline default. A bare path such as
 ``basil_v0/raw_image`` is a local directory if one exists, else it is resolved
 against the bucket prefix (``--bucket`` / ``$SEAMLESS_BUCKET``, default
 ``gs://neuroglancer/``). The word ``demo`` (the embedded demo volume) is the
@@ -14,17 +15,22 @@ All CloudVolume errors become ``helpers.UserError`` with one line.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import UserError
+from helpers import UserError, atomic_output
 
 DEFAULT_BUCKET = "gs://neuroglancer/"
-SCHEMES = ("gs://", "s3://", "file://", "precomputed://", "http://", "https://", "matrix://",
-           "mem://", "graphene://", "boss://")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a URL scheme (RFC 3986), e.g. middleauth+https://
+
+
+def is_cloudpath(path: str) -> bool:
+    """Whether ``path`` starts with a scheme ``NAME://`` (a cloudpath, passed to CloudVolume unchanged)."""
+    return bool(_SCHEME.match(path))
 
 
 def data_dir() -> Path:
@@ -33,8 +39,8 @@ def data_dir() -> Path:
 
 
 def resolve_path(path: str, bucket: str | None = None) -> str:
-    """A CloudVolume cloudpath for ``path`` (see the module docstring)."""
-    if path.startswith(SCHEMES):
+    """A CloudVolume cloudpath for ``path`` (see the module docstring); ``demo`` is resolved by ``demo.resolve``."""
+    if is_cloudpath(path):
         return path
     if Path(path).exists() or path.startswith(("/", "./", "../", "~")):
         return "file://" + str(Path(path).expanduser().resolve())
@@ -158,6 +164,32 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
     except OSError as err:
         raise UserError(f"cannot write {cloudpath}: {err.strerror or err}") from None
     return vol
+
+
+def include_sections(vol, z_start: int, z_stop: int) -> None:
+    """Grow the z bounds of ``vol`` (at every mip) to include sections ``z_start..z_stop-1``; nothing if they do.
+
+    The info is written once, whole (``file://``: a new file renamed over the old one, so a reader sees the old
+    bounds or the new ones, never a mix; a cloud object is replaced whole). Every chunk already written stays
+    valid: a chunk is one section deep and named by its voxel coordinates, which do not move.
+    """
+    from cloudfiles import paths
+    from cloudvolume.lib import jsonify
+
+    (_, _, z0), (_, _, z1) = bounds(vol, 0)
+    low, high = min(int(z0), z_start), max(int(z1), z_stop)
+    if (low, high) == (z0, z1):
+        return
+    for scale in vol.info["scales"]:
+        if scale["chunk_sizes"][0][2] != 1:
+            raise ValueError(f"{vol.cloudpath}: chunks deeper than one section would move")
+        scale["voxel_offset"][2], scale["size"][2] = low, high - low
+    where = paths.extract(vol.cloudpath)
+    if where.protocol == "file":
+        with atomic_output(Path(where.path) / "info") as tmp:
+            tmp.write_text(jsonify(vol.info))
+    else:
+        vol.commit_info()
 
 
 def _exists(cloudpath: str) -> bool:

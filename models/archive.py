@@ -132,6 +132,12 @@ def load_archive(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return _build(archive, str(path), device), archive
 
 
+def lineage(archive: dict) -> list[dict]:
+    """Summaries of every training run that made this network (``train.summary``), root first, its own run last;
+    an archive of weights alone (no ``summary``) has none of its own."""
+    return list(archive.get("lineage", [])) + ([archive["summary"]] if "summary" in archive else [])
+
+
 def load_weights(model: Pyramid, archive: dict | str | Path) -> list[int]:
     """Copy the levels of an archive's net into ``model``, which may have more levels; returns the levels copied.
 

@@ -1,5 +1,7 @@
 """alignment.py and align.py: chunking does not change the result, serial chaining, resume, refusals."""
 import argparse
+import json
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -87,10 +89,15 @@ def setup(tmp_path, tiny_volume):
     return tmp_path, tiny_volume[0], archive
 
 
-def aligned_arrays(dest):
-    image = volume.open_volume(str(dest / "image"))
-    field = volume.open_volume(str(dest / "field"))
-    return volume.read(image, (0, 0, 0), (64, 64, 12)), volume.read(field, (0, 0, 0), (64, 64, 12))
+def aligned_arrays(dest, mip=0):
+    """``(image, field)`` of an align.py destination at ``mip``, over the layers' bounds (the bbox, the sections from
+    the first aligned)."""
+    arrays = []
+    for name in ("image", "field"):
+        vol = volume.open_volume(str(dest / name), mip)
+        start, stop = volume.bounds(vol)
+        arrays.append(volume.read(vol, start, stop - start))
+    return arrays
 
 
 def test_align_writes_layers_and_resumes_to_the_same_result(setup):
@@ -102,10 +109,125 @@ def test_align_writes_layers_and_resumes_to_the_same_result(setup):
     assert out["sections"] == 3
     (i1, f1), (i2, f2) = aligned_arrays(tmp / "straight"), aligned_arrays(tmp / "resumed")
     assert np.array_equal(i1, i2) and np.allclose(f1, f2, atol=1e-5)
-    assert np.abs(f1[3:8]).max() > 0 and np.abs(f1[2]).max() == 0  # section 2 is the fixed reference
+    assert np.abs(f1[1:]).max() > 0 and np.abs(f1[0]).max() == 0  # section 2 is the fixed reference
     assert align.main(common + ["--dest", str(tmp / "straight"), "--z_start", "2", "--z_stop", "8"])["sections"] == 0
     assert align.main(common + ["--dest", str(tmp / "straight"), "--z_start", "2", "--z_stop", "8",
                                 "--overwrite"])["sections"] == 6
+
+
+def dest_bounds(dest, name, mip=0):
+    return [list(map(int, corner)) for corner in volume.bounds(volume.open_volume(str(dest / name), mip))]
+
+
+def test_dest_bounds_are_the_aligned_sections_and_bbox_and_a_later_run_grows_them(setup):
+    tmp, paths, archive = setup
+    dest = tmp / "d"
+    common = ["--archive", str(archive), "--source", paths["image"], "--dest", str(dest), "--chunk", "32",
+              "--overlap", "32", "--z_start", "3", "--bbox", "0", "32", "64", "64", "--mips", "1"]
+    align.main(common + ["--z_stop", "6"])
+    before = [aligned_arrays(dest, mip) for mip in (0, 1)]
+    for z_stop in (6, 9):  # the second run grows the bounds
+        for name in align.DEST_LAYERS:
+            assert dest_bounds(dest, name) == [[0, 32, 3], [64, 64, z_stop]], name
+        for name in ("image", "field"):
+            assert dest_bounds(dest, name, 1) == [[0, 16, 3], [32, 32, z_stop]]
+            for mip in (0, 1):  # every chunk within the bounds is written: igneous and CloudVolume read them all
+                vol = volume.open_volume(str(dest / name), mip)
+                start, stop = volume.bounds(vol)
+                assert volume.missing_sections(vol, start, stop - start) == []
+        if z_stop == 6:
+            assert align.main(common + ["--z_stop", "9"])["sections"] == 3
+    for mip, (image, field) in enumerate(before):  # the sections written before stay as they were
+        grown_image, grown_field = aligned_arrays(dest, mip)
+        assert np.array_equal(grown_image[:3], image) and np.array_equal(grown_field[:3], field)
+
+
+def two_by_two_mean(array):
+    """``[Z, C, Y, X]`` averaged over 2 x 2 pixels (Y, X even)."""
+    z, c, y, x = array.shape
+    return array.astype(np.float64).reshape(z, c, y // 2, 2, x // 2, 2).mean((3, 5))
+
+
+@pytest.mark.parametrize("mode", [[], ["--solve"]])
+def test_mips_of_the_image_are_2x2_means_and_of_the_field_halved_vectors(setup, mode):
+    tmp, paths, archive = setup
+    align.main(["--archive", str(archive), "--source", paths["image"], "--dest", str(tmp / "d"), "--chunk", "32",
+                "--overlap", "32", "--z_start", "2", "--z_stop", "5", "--mips", "2", "--task_chunk", "1024", *mode])
+    finer_image, finer_field = aligned_arrays(tmp / "d")
+    for mip in (1, 2):
+        image, field = aligned_arrays(tmp / "d", mip)
+        assert image.shape == (3, 1, 64 >> mip, 64 >> mip) and field.shape == (3, 2, 64 >> mip, 64 >> mip)
+        assert np.array_equal(image, np.round(two_by_two_mean(finer_image)).astype(np.uint8))
+        assert np.allclose(field, two_by_two_mean(finer_field) / 2, atol=1e-5)  # px of the coarser mip
+        assert np.abs(field).max() > 0.01
+        finer_image, finer_field = image, field
+
+
+def test_mips_need_tasks_and_a_bbox_corner_that_cover_whole_chunks_of_every_mip(setup):
+    tmp, paths, archive = setup
+    common = ["--archive", str(archive), "--source", paths["image"], "--dest", str(tmp / "d"), "--chunk", "32",
+              "--overlap", "32", "--z_start", "2", "--z_stop", "4"]
+    for extra, message in ((["--mips", "-1"], "--mips must be >= 0"),
+                           (["--mips", "2"], "--mips 2 needs --task_chunk a multiple of 1024 "),
+                           (["--mips", "1", "--bbox", "1", "0", "64", "64"], "--mips 1 needs the bbox corner at "
+                                                                           "multiples of 2 px .*, not 1 0$")):
+        with pytest.raises(UserError, match=message):
+            align.main(common + extra)
+    align.main(common)
+    with pytest.raises(UserError, match="was aligned with --mips 0, not 1; use --overwrite"):
+        align.main(common + ["--z_stop", "5", "--mips", "1"])
+
+
+def test_provenance_has_one_entry_per_run_that_aligns_with_the_archive_sha256_and_lineage(tmp_path, tiny_volume):
+    parent = {"name": "parent", "date": "2024-01-02 03:04", "iterations": 50, "params": {"lr": 0.001},
+              "final": {"total": 0.5}, "history": {"total": [0.9, 0.5]}, "resumes": []}
+    child = {**parent, "name": "child", "iterations": 20, "history": {"total": [0.4, 0.3]}}
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary=child, lineage=[parent])
+    dest = tmp_path / "d"
+    common = ["--archive", str(archive), "--source", tiny_volume[0]["image"], "--dest", str(dest), "--chunk", "32",
+              "--overlap", "32", "--z_start", "2"]
+    align.main(common + ["--z_stop", "4"])
+    align.main(common + ["--z_stop", "5", "--pull", "0.5"])
+    before = dest_files(dest)
+    assert align.main(common + ["--z_stop", "5"])["sections"] == 0  # nothing to do: nothing is written
+    assert dest_files(dest) == before
+    without_curves = [{key: value for key, value in run.items() if key != "history"} for run in (parent, child)]
+    for name in align.DEST_LAYERS:
+        provenance = volume.open_volume(str(dest / name)).provenance
+        runs = provenance.processing
+        assert [(run["method"]["args"]["z_stop"], run["method"]["args"]["pull"]) for run in runs] == [(4, 0.03),
+                                                                                                       (5, 0.5)]
+        for run in runs:
+            assert run["method"]["run"]["archive_sha256"] == helpers.file_sha256(archive)
+            assert run["method"]["archive_lineage"] == without_curves
+            assert run["method"]["run"]["source"] == tiny_volume[0]["image"] and run["date"] and run["code_version"]
+        assert provenance.sources == [tiny_volume[0]["image"]]
+
+
+def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_field(setup, capsys, monkeypatch):
+    tmp, paths, archive = setup
+    align.main(["--archive", str(archive), "--source", paths["image"], "--dest", str(tmp / "d"), "--chunk", "32",
+                "--overlap", "32", "--z_start", "2", "--z_stop", "4"])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    state = json.loads(unquote(next(line for line in lines if line.startswith(align.VIEWER))[len(align.VIEWER):]))
+    assert state == json.loads((tmp / "d" / align.NEUROGLANCER_STATE).read_text())
+    image, field = state["layers"]
+    assert (image["name"], field["name"]) == ("image", "field") and image["type"] == field["type"] == "image"
+    assert image["source"] == "precomputed://http://localhost:1337/image" and field["source"].endswith("/field")
+    assert "void main()" in field["shader"] and "getDataValue(0)" in field["shader"] and "emitRGB" in field["shader"]
+    # the printed command serves DEST, where Neuroglancer finds both layers
+    served = []
+    monkeypatch.setattr("cloudvolume.server.view", lambda path, port: served.append((path, port)))
+    command = next(line for line in lines if line.startswith("python -c "))
+    exec(command.split('"')[1])
+    assert served == [("file://" + str(tmp / "d"), 1337)]
+    assert all(align.CloudFiles(served[0][0]).exists(f"{name}/info") for name in ("image", "field"))
+    # Neuroglancer reads a cloud DEST itself: no server
+    for dest in ("gs://lab/aligned", "precomputed://gs://lab/aligned"):
+        state, lines = align.viewer(dest)
+        assert [layer["source"] for layer in state["layers"]] == ["precomputed://gs://lab/aligned/image",
+                                                                  "precomputed://gs://lab/aligned/field"]
+        assert not any("cloudvolume.server" in line for line in lines)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -203,6 +325,7 @@ def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(
 
 @pytest.mark.parametrize("mode, name, own", [
     ([], "serial", {"block": None, "task_chunk": 512}),
+    (["--mips", "1"], "serial", {"block": None, "task_chunk": 512, "mips": 1}),
     (["--vote", "2", "--block", "3"], "vote", {"vote": 2, "block": 3, "task_chunk": 512}),
     (["--solve"], "solve", {"neighbours": 1, "pull": 0.03, "robust": 4.0}),
     (["--solve", "--smooth", "8", "--detail_pull", "inf"], "solve",
@@ -371,7 +494,7 @@ def test_align_vote_and_solve_run_and_resume(setup):
     out = align.main(common + ["--dest", str(tmp / "solve"), "--z_start", "2", "--z_stop", "8", "--solve",
                                "--neighbours", "2"])
     image, field = aligned_arrays(tmp / "solve")
-    assert out["sections"] == 6 and np.abs(field[2]).max() < 1e-4 and np.abs(field[3:8]).max() > 0
+    assert out["sections"] == 6 and np.abs(field[0]).max() < 1e-4 and np.abs(field[1:]).max() > 0
     with pytest.raises(align.UserError, match="choose one"):
         align.main(common + ["--dest", str(tmp / "x"), "--z_start", "2", "--z_stop", "8", "--solve", "--vote", "3"])
 

@@ -62,6 +62,21 @@ def test_resolve_path():
     assert volume.resolve_path("/tmp").startswith("file:///")
 
 
+@pytest.mark.parametrize("path", [
+    "zarr://gs://lab/stack", "zarr2://file:///data/stack", "n5://s3://lab/stack.n5", "precomputed://gs://lab/em",
+    "graphene://https://host/segmentation/table/x", "boss://collection/experiment/channel",
+    "middleauth+https://host/em", "gs://lab/em/|zarr2:"])
+def test_every_cloudpath_scheme_passes_through_unchanged(path):
+    assert volume.resolve_path(path, bucket="s3://elsewhere") == path
+
+
+def test_a_zarr_path_is_opened_as_given(tmp_path):
+    path = "zarr://file://" + str(tmp_path / "nothing.zarr")
+    with pytest.raises(UserError) as err:
+        volume.open_volume(path, bucket="s3://elsewhere")
+    assert path in str(err.value) and "elsewhere" not in str(err.value)
+
+
 def test_odd_sizes_fill_every_mip(tmp_path):
     image = np.full((2, 1, 65, 67), 7, np.uint8)
     vol = volume.create_volume("file://" + str(tmp_path / "odd"), (67, 65, 2), "uint8", mips=2)
@@ -69,6 +84,23 @@ def test_odd_sizes_fill_every_mip(tmp_path):
     mip1 = volume.open_volume("file://" + str(tmp_path / "odd"), mip=1)
     assert tuple(volume.bounds(mip1)[1]) == (34, 33, 2)
     assert np.all(volume.read(mip1, (0, 0, 0), (34, 33, 2)) == 7)  # the last row and column too
+
+
+def test_include_sections_grows_the_bounds_at_every_mip_and_keeps_the_chunks_written(tmp_path):
+    path = "file://" + str(tmp_path / "layer")
+    vol = volume.create_volume(path, (64, 64, 2), "uint8", mips=2, chunk=(32, 32, 1), offset=(0, 0, 3))
+    image = np.random.default_rng(0).integers(1, 256, (2, 1, 64, 64), dtype=np.uint8)
+    volume.write_pyramid(vol, image, (0, 0, 3), "image")
+    info = (tmp_path / "layer" / "info").read_bytes()
+    volume.include_sections(vol, 3, 5)  # within the bounds: nothing to do
+    assert (tmp_path / "layer" / "info").read_bytes() == info
+    for z_start, z_stop in ((3, 8), (1, 8)):  # up, then down
+        volume.include_sections(vol, z_start, z_stop)
+        for mip in (0, 1):
+            reopened = volume.open_volume(path, mip)
+            assert [list(corner) for corner in volume.bounds(reopened)] == [[0, 0, z_start], [64 >> mip, 64 >> mip, 8]]
+            expected = image if mip == 0 else volume.downsample(image, "image")
+            assert np.array_equal(volume.read(reopened, (0, 0, 3), (64 >> mip, 64 >> mip, 2)), expected)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
