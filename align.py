@@ -45,6 +45,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from cloudfiles import CloudFiles
 
 import tasks
@@ -53,7 +54,7 @@ from alignment import add_flags, settings_from_args, stride
 from helpers import UserError, check_writable, code_version, file_sha256, run_main
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
-DEST_LAYERS = ("image", "field") + SERIAL_LAYERS  # every layer align.py writes in DEST
+DEST_LAYERS = ("image", "field", "defects") + SERIAL_LAYERS  # every layer align.py writes in DEST
 ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's provenance entries
 
 
@@ -69,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                    help="region in voxels of --mip (default: the whole section)")
     add_flags(p)  # --chunk --overlap --prealign --trunc --smooth --neighbours --pull --robust --detail_pull
+    p.add_argument("--defects", help="defect layer (uint8: 0 none, 1 crack, 2 fold; the source's frame and size, "
+                                     "read at --mip; missing chunks mean no defect): the fields keep their jump at "
+                                     "cracks and folds, come from the tissue around inside them, and DEST/defects "
+                                     "gets the labels in the aligned frame")
     p.add_argument("--raw_neighbour", action="store_true",
                    help="align each section to its raw neighbour and chain the fields")
     p.add_argument("--vote", type=int, default=1,
@@ -106,7 +111,7 @@ def parse_worker_args(argv) -> argparse.Namespace:
 def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     """Create (or re-open and check) the layers ``DEST/NAME`` over ``box`` of ``source``'s mip, and record the run.
 
-    ``image`` is uint8; every other name is a float32 field of 2 channels.
+    ``image`` and ``defects`` are uint8; every other name is a float32 field of 2 channels.
     Once every layer has the right shape, ``entry`` (``provenance_entry``) is
     appended to each layer's provenance and the source's cloudpath to its sources.
     """
@@ -115,7 +120,7 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     resolution = list(source.resolution)
     layers, created = {}, set()
     for name in names:
-        dtype, channels = ("uint8", 1) if name == "image" else ("float32", 2)
+        dtype, channels = ("uint8", 1) if name in ("image", "defects") else ("float32", 2)
         path = args.dest.rstrip("/") + "/" + name
         cloudpath = volume.resolve_path(path)
         try:
@@ -139,24 +144,27 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
         vol.commit_provenance()
 
 
-def job_of(args, source: str, bbox: tasks.Box) -> tasks.Job:
-    """The ``tasks.Job`` the flags ``args`` ask for, of the ``source`` volume (a cloudpath) over ``bbox``."""
+def job_of(args, source: str, bbox: tasks.Box, defects: str | None = None) -> tasks.Job:
+    """The ``tasks.Job`` the flags ``args`` ask for, of the ``source`` volume (a cloudpath) over ``bbox``, with the
+    ``defects`` layer (a cloudpath) or none."""
     pair, solve = settings_from_args(args)
     return tasks.Job(archive=str(Path(args.archive).resolve()), source=source,
                      dest=volume.resolve_path(args.dest.rstrip("/")), mip=args.mip, bbox=bbox, z_start=args.z_start,
                      z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2), pair=pair,
                      vote=args.vote, raw_neighbour=args.raw_neighbour, xy_chunk=args.task_chunk,
-                     solve=solve if args.solve else None, device=args.device, max_failures=args.max_failures)
+                     solve=solve if args.solve else None, device=args.device, max_failures=args.max_failures,
+                     defects=defects)
 
 
 def run_record(args, job: tasks.Job) -> dict:
     """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
     setting of that mode that changes the result, keyed by its flag's name: ``--z_start`` (the fixed section),
-    ``--mip``, ``--bbox``, ``job.pair``, then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or the serial
+    ``--mip``, ``--bbox``, ``--defects`` (the layer's cloudpath, or None), ``job.pair``, then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or the serial
     tasks' ``--vote`` (when > 1), ``--block`` and ``--task_chunk``; a non-finite float is a string. Not ``--z_stop``
     (a later run may extend the range), nor what only changes how the run goes (``--device``, ``--queue``,
     ``--max_failures``)."""
-    settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox], **asdict(job.pair)}
+    settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox], "defects": job.defects,
+                **asdict(job.pair)}
     if job.solve:
         settings.update({key: value for key, value in asdict(job.solve).items()
                          if key != "detail_pull" or job.pair.smooth})
@@ -239,6 +247,16 @@ def worker(argv) -> None:
     tasks.work(args.queue, args.lease_seconds)
 
 
+def check_defects(defects, source) -> None:
+    """``UserError`` unless the ``--defects`` volume is a defect layer (``volume.check_kind``) over the bounds and at
+    the resolution of ``source``, both at the mip aligned at."""
+    volume.check_kind(defects, "defects", "--defects")
+    got, want = [tuple(map(int, np.concatenate(volume.bounds(v)))) + tuple(v.resolution) for v in (defects, source)]
+    if got != want:
+        raise UserError(f"--defects {defects.cloudpath} covers {got[:3]}..{got[3:6]} at resolution {list(got[6:])}, "
+                        f"not the source's {want[:3]}..{want[3:6]} at {list(want[6:])}")
+
+
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
     if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.detail_pull <= 0 or args.robust < 0 \
@@ -280,7 +298,10 @@ def main(argv=None) -> dict:
                         f"{args.mip})")
     if not sz0 <= args.z_start < args.z_stop <= sz1:
         raise UserError(f"z range {args.z_start}..{args.z_stop} is outside the volume's sections {sz0}..{sz1 - 1}")
-    job = job_of(args, source.cloudpath, (x0, y0, x1, y1))
+    defects = volume.open_volume(args.defects, args.mip, args.bucket) if args.defects else None
+    if defects is not None:
+        check_defects(defects, source)
+    job = job_of(args, source.cloudpath, (x0, y0, x1, y1), defects and defects.cloudpath)
     if job.source.startswith(job.dest + "/"):
         raise UserError(f"--source {args.source} lies inside --dest {args.dest}: choose another --dest")
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
@@ -304,7 +325,7 @@ def main(argv=None) -> dict:
     if len(todo) < args.z_stop - args.z_start and not args.solve:
         print(f"resuming: {args.z_stop - args.z_start - len(todo)} sections of the range are already aligned")
     open_dest(args, source, ((x0, y0, sz0), (x1, y1, sz1)), provenance_entry(args, run),
-              ("image", "field") + (() if args.solve else SERIAL_LAYERS))
+              ("image", "field") + (("defects",) if args.defects else ()) + (() if args.solve else SERIAL_LAYERS))
 
     width, height = x1 - x0, y1 - y0
     start = time.time()
