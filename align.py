@@ -15,6 +15,11 @@ still in the frame of the first section. Blank sections are skipped and listed.
 Large sections go through the network in overlapping chunks whose margins are
 cropped (``alignment.py``). Writes ``DEST/image`` (uint8) and ``DEST/field``
 (float32, 2 channels: x, y in pixels of the mip; ``warp(raw, field) == aligned``).
+``--defects LAYER`` (uint8: 0 none, 1 crack, 2 fold, in the source's frame) makes
+every field with the defect masks (``alignment.pair_field``, ``solve.solve_stack``:
+no smoothing across a crack or fold, pairs weigh 0 inside one, a fold's field
+comes from the tissue around it) and writes them in the aligned frame to
+``DEST/defects`` (nearest sampling), for segmentation to mask.
 Every run that aligns something appends an entry to the layers' provenance: the
 date, the code version, the arguments and the *run record* (``run_record``: the
 archive's sha256, the source, the mode and every setting that changes the
@@ -159,12 +164,13 @@ def job_of(args, source: str, bbox: tasks.Box, defects: str | None = None) -> ta
 def run_record(args, job: tasks.Job) -> dict:
     """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
     setting of that mode that changes the result, keyed by its flag's name: ``--z_start`` (the fixed section),
-    ``--mip``, ``--bbox``, ``--defects`` (the layer's cloudpath, or None), ``job.pair``, then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or the serial
-    tasks' ``--vote`` (when > 1), ``--block`` and ``--task_chunk``; a non-finite float is a string. Not ``--z_stop``
+    ``--mip``, ``--bbox``, ``--defects`` (the layer's cloudpath; only when given), ``job.pair``, then ``job.solve``
+    (``--detail_pull`` only with ``--smooth``) or the serial tasks' ``--vote`` (when > 1), ``--block`` and
+    ``--task_chunk``; a non-finite float is a string. Not ``--z_stop``
     (a later run may extend the range), nor what only changes how the run goes (``--device``, ``--queue``,
     ``--max_failures``)."""
-    settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox], "defects": job.defects,
-                **asdict(job.pair)}
+    settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox],
+                **({"defects": job.defects} if job.defects else {}), **asdict(job.pair)}
     if job.solve:
         settings.update({key: value for key, value in asdict(job.solve).items()
                          if key != "detail_pull" or job.pair.smooth})
