@@ -19,11 +19,16 @@ whose bounds are the aligned sections and bbox (a later run that aligns more
 sections grows them), with ``--mips N`` their mips 1..N (image: 2x2 mean; field:
 2x2 mean with its vectors halved per mip, as pixels double), and
 ``DEST/neuroglancer.json``, a Neuroglancer state of both; the run ends by printing
-how to view them. Every run that aligns something appends an entry to the layers'
-provenance: the date, the code version, the arguments, the archive's lineage and
-the *run record* (``run_record``: the archive's sha256, the source, the mode and
-every setting that changes the result); a run that finds its range aligned
-writes nothing. Each finished section is marked in ``DEST/progress/``, so a re-run
+how to view them. ``--defects LAYER`` (uint8: 0 none, 1 crack, 2 fold, in the
+source's frame) makes every field with the defect masks (``alignment.pair_field``,
+``solve.solve_stack``: no smoothing across a crack or fold, pairs weigh 0 inside
+one, a fold's field comes from the tissue around it) and writes them in the aligned
+frame to ``DEST/defects`` (nearest sampling), for segmentation to mask. Every run
+that aligns something appends an entry to the layers' provenance: the date, the
+code version, the arguments, the archive's lineage and the *run record*
+(``run_record``: the archive's sha256, the source, the mode and every setting that
+changes the result); a run that finds its range aligned writes nothing. Each
+finished section is marked in ``DEST/progress/``, so a re-run
 resumes where it stopped, but only a run whose record matches DEST's: otherwise
 it stops with one line naming the first difference, before writing anything
 (a later run may extend ``--z_stop``; ``--device``, ``--queue`` and the workers,
@@ -52,6 +57,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 from cloudfiles import CloudFiles
 
 import demo
@@ -63,7 +69,7 @@ from models.archive import lineage, read_archive
 from vis import neuroglancer_state
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
-DEST_LAYERS = ("image", "field") + SERIAL_LAYERS  # every layer align.py writes in DEST
+DEST_LAYERS = ("image", "field", "defects") + SERIAL_LAYERS  # every layer align.py writes in DEST
 ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's provenance entries
 VIEWER = "https://neuroglancer-demo.appspot.com/#!"  # a public Neuroglancer; the state follows the #!
 VIEW_PORT = 1337  # where cloudvolume.server.view serves a local DEST (CloudVolume.viewer's port)
@@ -86,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write mips 1..N of DEST/image (2x2 mean) and DEST/field (2x2 mean, vectors halved per "
                         "mip); needs --task_chunk a multiple of 256 * 2^N and the bbox corner at multiples of 2^N")
     add_flags(p)  # --chunk --overlap --prealign --trunc --smooth --neighbours --pull --robust --detail_pull
+    p.add_argument("--defects", help="defect layer (uint8: 0 none, 1 crack, 2 fold; the source's frame and size, "
+                                     "read at --mip; missing chunks mean no defect): the fields keep their jump at "
+                                     "cracks and folds, come from the tissue around inside them, and DEST/defects "
+                                     "gets the labels in the aligned frame")
     p.add_argument("--raw_neighbour", action="store_true",
                    help="align each section to its raw neighbour and chain the fields")
     p.add_argument("--vote", type=int, default=1,
@@ -126,7 +136,7 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     box: ``((x0, y0, z_start), (x1, y1, z_stop))``, the bbox and the sections this
     run aligns: a new layer has these bounds; an existing one must have the same
     xy bounds and grows in z to include them (``volume.include_sections``).
-    ``image`` is uint8; every other name is a float32 field of 2 channels.
+    ``image`` and ``defects`` are uint8; every other name is a float32 field of 2 channels.
     ``image`` and ``field`` have ``1 + args.mips`` mips, the others one. Once
     every layer has the right shape, each grows, ``entry``
     (``provenance_entry``) is appended to its provenance and the source's
@@ -137,7 +147,7 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     resolution = list(source.resolution)
     layers, created = {}, set()
     for name in names:
-        dtype, channels = ("uint8", 1) if name == "image" else ("float32", 2)
+        dtype, channels = ("uint8", 1) if name in ("image", "defects") else ("float32", 2)
         mips = 1 + args.mips if name in ("image", "field") else 1
         path = args.dest.rstrip("/") + "/" + name
         cloudpath = volume.resolve_path(path)
@@ -165,25 +175,27 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
         vol.commit_provenance()
 
 
-def job_of(args, source: str, bbox: tasks.Box) -> tasks.Job:
-    """The ``tasks.Job`` the flags ``args`` ask for, of the ``source`` volume (a cloudpath) over ``bbox``."""
+def job_of(args, source: str, bbox: tasks.Box, defects: str | None = None) -> tasks.Job:
+    """The ``tasks.Job`` the flags ``args`` ask for, of the ``source`` volume (a cloudpath) over ``bbox``, with the
+    ``defects`` layer (a cloudpath) or none."""
     pair, solve = settings_from_args(args)
     return tasks.Job(archive=str(Path(args.archive).resolve()), source=source,
                      dest=volume.resolve_path(args.dest.rstrip("/")), mip=args.mip, bbox=bbox, z_start=args.z_start,
                      z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2), pair=pair,
                      vote=args.vote, raw_neighbour=args.raw_neighbour, xy_chunk=args.task_chunk,
                      solve=solve if args.solve else None, device=args.device, max_failures=args.max_failures,
-                     mips=args.mips)
+                     mips=args.mips, defects=defects)
 
 
 def run_record(args, job: tasks.Job) -> dict:
     """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
     setting of that mode that changes the result, keyed by its flag's name: ``--z_start`` (the fixed section),
-    ``--mip``, ``--bbox``, ``job.pair``, then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or the serial
-    tasks' ``--vote`` (when > 1), ``--block`` and ``--task_chunk``, then ``--mips`` (when > 0); a non-finite float
-    is a string. Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes
-    (``--device``, ``--queue``, ``--max_failures``)."""
-    settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox], **asdict(job.pair)}
+    ``--mip``, ``--bbox``, ``--defects`` (the layer's cloudpath; only when given), ``job.pair``, then ``job.solve``
+    (``--detail_pull`` only with ``--smooth``) or the serial tasks' ``--vote`` (when > 1), ``--block`` and
+    ``--task_chunk``, then ``--mips`` (when > 0); a non-finite float is a string. Not ``--z_stop`` (a later run may
+    extend the range), nor what only changes how the run goes (``--device``, ``--queue``, ``--max_failures``)."""
+    settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox],
+                **({"defects": job.defects} if job.defects else {}), **asdict(job.pair)}
     if job.solve:
         settings.update({key: value for key, value in asdict(job.solve).items()
                          if key != "detail_pull" or job.pair.smooth})
@@ -291,6 +303,16 @@ def worker(argv) -> None:
     tasks.work(args.queue, args.lease_seconds)
 
 
+def check_defects(defects, source) -> None:
+    """``UserError`` unless the ``--defects`` volume is a defect layer (``volume.check_kind``) over the bounds and at
+    the resolution of ``source``, both at the mip aligned at."""
+    volume.check_kind(defects, "defects", "--defects")
+    got, want = [tuple(map(int, np.concatenate(volume.bounds(v)))) + tuple(v.resolution) for v in (defects, source)]
+    if got != want:
+        raise UserError(f"--defects {defects.cloudpath} covers {got[:3]}..{got[3:6]} at resolution {list(got[6:])}, "
+                        f"not the source's {want[:3]}..{want[3:6]} at {list(want[6:])}")
+
+
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
     if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.detail_pull <= 0 or args.robust < 0 \
@@ -341,7 +363,10 @@ def main(argv=None) -> dict:
     if x0 % (1 << args.mips) or y0 % (1 << args.mips):
         raise UserError(f"--mips {args.mips} needs the bbox corner at multiples of {1 << args.mips} px (a pixel of "
                         f"mip m covers 2^m px from 0), not {x0} {y0}")
-    job = job_of(args, source.cloudpath, (x0, y0, x1, y1))
+    defects = volume.open_volume(args.defects, args.mip, args.bucket) if args.defects else None
+    if defects is not None:
+        check_defects(defects, source)
+    job = job_of(args, source.cloudpath, (x0, y0, x1, y1), defects and defects.cloudpath)
     if job.source.startswith(job.dest + "/"):
         raise UserError(f"--source {args.source} lies inside --dest {args.dest}: choose another --dest")
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
@@ -366,7 +391,7 @@ def main(argv=None) -> dict:
     if len(todo) < args.z_stop - args.z_start and not args.solve:
         print(f"resuming: {args.z_stop - args.z_start - len(todo)} sections of the range are already aligned")
     open_dest(args, source, ((x0, y0, args.z_start), (x1, y1, args.z_stop)), provenance_entry(args, run),
-              ("image", "field") + (() if args.solve else SERIAL_LAYERS))
+              ("image", "field") + (("defects",) if args.defects else ()) + (() if args.solve else SERIAL_LAYERS))
 
     width, height = x1 - x0, y1 - y0
     start = time.time()

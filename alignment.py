@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import compose, finite_float, in_frame_of, normalise, number, slice_std, to_tensor, warp, warp_tissue
+from helpers import (compose, finite_float, in_frame_of, normalise, number, slice_std, to_tensor, warp, warp_labels,
+                     warp_tissue)
 from models import Pyramid
 from shifts import best_shifts
 from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
@@ -116,7 +118,8 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
     return max(start - overlap, 0), min(start + chunk + overlap, length)
 
 
-def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSettings()) -> torch.Tensor:
+def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSettings(),
+               defects: tuple | None = None) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
@@ -135,6 +138,10 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     (measured in bench/RESULTS.md). ``trunc`` > 0 stops the network ``trunc`` levels
     short of full resolution (``chunk_field``): the finest levels cost most of
     its time and add little the low-pass and the solve keep (bench/RESULTS.md: ``--trunc``).
+    ``defects``: the uint8 ``[H, W]`` defect maps ``(of source, of target)`` (0 none,
+    1 crack, 2 fold; either may be None) or None: the low-pass then runs within the
+    tissue of the pair (``pair_defects``), never across a defect, and the field
+    inside a defect comes from the tissue around it (``solve.low_pass``).
     """
     device = next(model.parameters()).device
     unit = stride(model)
@@ -151,7 +158,24 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
             (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
             part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], settings.trunc)
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
-    return low_pass((field[..., :h, :w] + shift)[0].cpu(), settings.smooth)
+    field = (field[..., :h, :w] + shift)[0].cpu()
+    return low_pass(field, settings.smooth, pair_defects(field, *defects) if defects else None)
+
+
+def pair_defects(field: torch.Tensor, source_defects, target_defects) -> torch.Tensor | None:
+    """The defects of a pair in its field's grid (the target's): uint8 ``[H, W]``, the larger label of the
+    target's and of the source's pulled through ``field`` ``[2, H, W]`` (px; nearest sampling). Either map
+    (uint8 ``[H, W]``) may be None; None when both are."""
+    maps = ([] if target_defects is None else [to_tensor(target_defects, dtype=torch.uint8)]) + \
+        ([] if source_defects is None else
+         [warp_labels(to_tensor(source_defects, dtype=torch.uint8)[None, None], field[None])[0, 0]])
+    return torch.stack(maps).amax(0) if maps else None
+
+
+def aligned_defects(defects, field: torch.Tensor) -> np.ndarray:
+    """A section's defect map uint8 ``[H, W]`` carried into the aligned frame by its ``field`` ``[2, H, W]`` (px),
+    by nearest sampling (``helpers.warp_labels``): what ``DEST/defects`` holds."""
+    return warp_labels(to_tensor(defects, dtype=torch.uint8)[None, None], field[None])[0, 0].numpy()
 
 
 def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
@@ -182,22 +206,27 @@ def is_blank(section, min_std: float = 2.0) -> bool:
 
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
-                 vote: int = 1, settings: PairSettings = PairSettings(),
-                 softness: float = 1.0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 vote: int = 1, settings: PairSettings = PairSettings(), softness: float = 1.0,
+                 defects=None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
-    reference (field zero) unless ``before``, a list of ``(raw, aligned, field)``
-    of the sections before the first (oldest first), says where the stack stands
-    (when resuming). Each section is pulled onto the aligned section before it;
+    reference (field zero) unless ``before``, a list of ``(raw, aligned, field,
+    defects)`` of the sections before the first (oldest first; ``defects``: its
+    raw defect map, or None), says where the stack stands (when resuming). Each
+    section is pulled onto the aligned section before it;
     with ``vote`` K > 1 onto each of the K aligned sections before it, the K
     fields combined by ``solve.vector_vote``; with ``to_raw_neighbour`` it is
     aligned to the raw section before it and the fields are chained with
     ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
     zero field and are not aligned to. ``settings``: ``pair_field``'s.
+    ``defects``: an iterable of the sections' uint8 ``[H, W]`` defect maps (0 none,
+    1 crack, 2 fold), in step with ``sections``, or None: each pair field is then
+    made with the defects of its two sections (``pair_field``), the target's
+    carried into the frame it is aligned in.
     """
-    history = list(before or [])[-vote:]  # (raw, aligned, field) of the last usable sections
-    for section in sections:
+    history = list(before or [])[-vote:]  # (raw, aligned, field, defects) of the last usable sections
+    for section, marks in zip(sections, itertools.repeat(None) if defects is None else defects):
         shape = section.shape[-2:]
         if is_blank(section):
             yield np.zeros(shape, np.uint8), torch.zeros(2, *shape)
@@ -205,21 +234,33 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
         if not history:
             field = torch.zeros(2, *shape)
         elif to_raw_neighbour:
-            previous_raw, _, previous_field = history[-1]
-            pair = pair_field(model, section, previous_raw, settings)
+            previous_raw, _, previous_field, previous_marks = history[-1]
+            pair = pair_field(model, section, previous_raw, settings, _pair_marks(marks, previous_marks))
             field = compose(pair[None], previous_field[None])[0]
         else:
-            targets = [aligned for _, aligned, _ in history[-vote:]]
-            candidates = torch.stack([pair_field(model, section, t, settings) for t in targets])
-            valid = torch.from_numpy(np.stack(targets) > 0)
+            targets = history[-vote:]
+            candidates = torch.stack([pair_field(model, section, target, settings,
+                                                 _pair_marks(marks, _aligned_marks(target_marks, target_field)))
+                                      for _, target, target_field, target_marks in targets])
+            valid = torch.from_numpy(np.stack([aligned for _, aligned, _, _ in targets]) > 0)
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
         aligned = apply_field(section, field)
         yield aligned, field
-        history = (history + [(section, aligned, field)])[-max(vote, 1):]
+        history = (history + [(section, aligned, field, marks)])[-max(vote, 1):]
+
+
+def _pair_marks(source_marks, target_marks) -> tuple | None:
+    """``pair_field``'s ``defects`` from the two sections' maps (either None): None when both are."""
+    return None if source_marks is None and target_marks is None else (source_marks, target_marks)
+
+
+def _aligned_marks(marks, field: torch.Tensor):
+    """``aligned_defects`` of a raw defect map, or None for None."""
+    return None if marks is None else aligned_defects(marks, field)
 
 
 def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), solve: SolveSettings = SolveSettings(),
-                 progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+                 progress=None, defects=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
@@ -230,21 +271,24 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     usable section (as a serial alignment keeps it). Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections
     (left blank, zero field). ``progress(pairs)`` may wrap the iteration over
-    pairs (e.g. tqdm).
+    pairs (e.g. tqdm). ``defects``: the sections' uint8 defect maps ``[Z, H, W]``
+    (0 none, 1 crack, 2 fold) or None: the pair fields and the solve use them
+    (``pair_field``, ``solve_pairs``).
     """
     sections = np.asarray(sections)
     count = len(sections)
     skipped = [z for z in range(count) if is_blank(sections[z])]
     pairs = neighbour_pairs(count, solve.neighbours, set(skipped)) if count - len(skipped) > 1 else []
     unsmoothed = dataclasses.replace(pair, smooth=0)
-    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], unsmoothed)
+    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], unsmoothed,
+                                          None if defects is None else (defects[s], defects[t]))
                                for s, t in (progress or iter)(pairs)]) if pairs else None
-    aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped)
+    aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped, defects)
     return aligned, fields, skipped
 
 
 def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, settings: SolveSettings,
-                smooth: int, skipped=()) -> tuple[np.ndarray, torch.Tensor]:
+                smooth: int, skipped=(), defects=None) -> tuple[np.ndarray, torch.Tensor]:
     """The second half of ``align_solved``: from pair fields to the aligned stack.
 
     sections: uint8 ``[Z, H, W]``; ``pair_fields`` ``[E, 2, H, W]`` (px): field e
@@ -252,7 +296,11 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     pairs); ``skipped``: blank sections; ``settings.pull``, ``robust`` (0: None),
     ``detail_pull`` and ``smooth`` (px, ``PairSettings.smooth``): ``solve.solve_stack``'s
     (``settings.neighbours`` is not read: ``pairs`` are given).
-    Each pair weighs where its target shows tissue. Returns ``(aligned uint8
+    Each pair weighs where its target shows tissue. ``defects``: the sections'
+    uint8 defect maps ``[Z, H, W]`` (0 none, 1 crack, 2 fold) or None: each pair
+    weighs 0 on the defects of either section (``pair_defects``) and no band of
+    the solve averages across one, and a section's field inside its own defects
+    comes from the tissue around (``solve.solve_stack``). Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px)`` in the frame of the first usable section;
     skipped sections stay blank with the zero field.
     """
@@ -261,8 +309,10 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     fields = torch.zeros(count, 2, *shape)
     if pairs:
         weights = torch.from_numpy(sections[[t for _, t in pairs]] > 0).float()  # the target saw tissue
+        marks = None if defects is None else torch.stack(
+            [pair_defects(f, defects[s], defects[t]) for (s, t), f in zip(pairs, pair_fields)])
         solved = solve_stack(count, pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
-                             smooth=smooth, detail_pull=settings.detail_pull)
+                             smooth=smooth, detail_pull=settings.detail_pull, defects=marks)
         fields[usable] = in_frame_of(solved[usable], reference=0)
     aligned = np.stack([apply_field(s, f) if z in usable else np.zeros(shape, np.uint8)
                         for z, (s, f) in enumerate(zip(sections, fields))])

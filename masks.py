@@ -87,6 +87,53 @@ def _class_weights(mask: torch.Tensor, normal: float, near: float, inside: float
     return table[mask.long()]
 
 
+def _tissue_mean_1d(x: torch.Tensor, tissue: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean of ``x`` (float64) over ``[i - radius, i + radius]`` along the last dim, within the run of ``tissue``
+    (bool, broadcast to ``x``) that holds ``i``: the window stops at the array's ends and before any pixel that is
+    not tissue, so no value crosses one. 0 where ``tissue`` is False. Cumulative sums as ``_box_mean_1d``: O(1) per
+    element whatever the radius."""
+    n = x.shape[-1]
+    tissue = tissue.expand_as(x)
+    i = torch.arange(n, device=x.device).expand_as(x)
+    start = torch.where(tissue, -1, i).cummax(-1).values + 1  # first pixel of the run (after the last gap)
+    stop = torch.where(tissue, n, i).flip(-1).cummin(-1).values.flip(-1)  # one past its last pixel
+    low, high = torch.maximum(i - radius, start), torch.minimum(i + radius + 1, stop)
+    csum = torch.cat([x.new_zeros(*x.shape[:-1], 1), x.masked_fill(~tissue, 0).cumsum(-1)], -1)
+    total = csum.gather(-1, high) - csum.gather(-1, low)
+    return torch.where(tissue, total / (high - low).clamp(min=1), 0)
+
+
+def tissue_box_mean(x: torch.Tensor, tissue: torch.Tensor, radius: int) -> torch.Tensor:
+    """``box_mean`` of ``x`` ``[..., H, W]`` within the tissue: a row pass then a column pass, each window stopped
+    before any pixel where ``tissue`` (bool, broadcast to ``x``) is False, so no value crosses a crack or fold
+    (a line of such pixels that spans the window, any 8-connected curve: a row or column crossing it meets one of
+    its pixels). float32; 0 off the tissue. Without a gap in the window, exactly ``box_mean``'s value (up to
+    float rounding)."""
+    if radius <= 0:
+        return x.float().masked_fill(~tissue.expand_as(x), 0)
+    rows = _tissue_mean_1d(x.double(), tissue, radius)
+    return _tissue_mean_1d(rows.transpose(-1, -2), tissue.transpose(-1, -2), radius).transpose(-1, -2).float()
+
+
+def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """``x`` ``[..., H, W]`` with each pixel of ``hole`` (bool, broadcast to ``x``) replaced by the mean of the
+    pixels outside the holes within a box of ``radius`` px around it (normalised convolution: ``box_mean(w x) /
+    box_mean(w)``, ``w`` 0 in holes), the box doubled for the pixels it leaves without any; a pixel with no
+    pixel outside the holes in reach keeps its value. Other pixels are returned as they are."""
+    hole = hole.expand_as(x)
+    if not hole.any():
+        return x
+    weight = (~hole).to(x.dtype)
+    out, todo = x.clone(), hole.clone()
+    while todo.any() and radius < 2 * max(x.shape[-2:]):
+        total, count = box_mean(weight * x, radius), box_mean(weight, radius)
+        found = todo & (count > 0)
+        out[found] = (total / count.clamp(min=1e-12))[found]
+        todo &= ~found
+        radius *= 2
+    return out
+
+
 def smoothness_weights(mask: torch.Tensor, lambda2: float, lambda3: float,
                        smooth_radius: int = 0) -> torch.Tensor:
     """Per-pixel weight float32 ``[N, 1, H, W]`` of the field's smoothness penalty.

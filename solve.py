@@ -34,13 +34,25 @@ import math
 
 import torch
 
-from helpers import box_mean, vector_length, warp
+from helpers import box_mean, vector_length, warp, warp_labels
+from masks import fill_from_around, tissue_box_mean
 
 
-def low_pass(field: torch.Tensor, radius: int) -> torch.Tensor:
+def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = None) -> torch.Tensor:
     """``field`` ``[..., 2, H, W]`` (px) averaged over a box of ``radius`` px twice (a triangle of half-width
-    2 ``radius``); ``radius`` 0 returns it as it is."""
-    return box_mean(box_mean(field, radius), radius) if radius else field
+    2 ``radius``); ``radius`` 0 returns it as it is.
+
+    defects: ``[..., H, W]`` (0 none, 1 crack, 2 fold; in the field's grid) or None. Where it marks a defect, the
+    boxes run within the tissue (``masks.tissue_box_mean``: never across a crack or fold, so the field keeps its
+    jump there) and each defect pixel then takes the field of the tissue around it (``masks.fill_from_around``),
+    ``radius`` 0 included. Without a defect pixel the result is the plain low-pass, bit for bit.
+    """
+    if defects is None or not defects.any():
+        return box_mean(box_mean(field, radius), radius) if radius else field
+    tissue = (defects == 0).unsqueeze(-3)
+    for _ in range(2 if radius else 0):
+        field = tissue_box_mean(field, tissue, radius)
+    return fill_from_around(field, ~tissue)
 
 
 def vector_vote(candidates: torch.Tensor, valid: torch.Tensor | None = None, softness: float = 1.0) -> torch.Tensor:
@@ -123,7 +135,7 @@ def _banded_cholesky_solve(band: torch.Tensor, rhs: torch.Tensor) -> torch.Tenso
 
 def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, weights: torch.Tensor | None = None,
                 *, pull: float, robust: float | None, rounds: int = 3, smooth: int = 0,
-                detail_pull: float = math.inf) -> torch.Tensor:
+                detail_pull: float = math.inf, defects: torch.Tensor | None = None) -> torch.Tensor:
     """One field per section ``[Z, 2, H, W]`` (px) from pair fields between raw sections.
 
     pairs: ``E`` directed pairs ``(s, t)``; fields ``[E, 2, H, W]``: pair field
@@ -148,25 +160,42 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     docstring), and the two added. ``detail_pull`` inf drops the detail (the
     pair fields are simply low-passed). ``pull`` and ``robust`` (None: off) have
     no default here: ``alignment.SolveSettings`` holds the tuned ones.
+
+    defects: uint8 ``[E, H, W]`` (0 none, 1 crack, 2 fold), each pair's defects (of
+    either section) in its field's grid, or None. A pair weighs 0 on them (carried
+    into the common frame with ``F_t`` each round, as the pair field is; ``F_t``
+    where the pair weighed 0 taken from the tissue around), and the
+    split low-passes within the tissue (``low_pass``): no band averages across one.
+    Where every pair of a section weighs 0 for a defect, its field comes from
+    the tissue around (``masks.fill_from_around``).
     """
     if pull <= 0 or detail_pull <= 0:
         raise ValueError("pull and detail_pull must be > 0 (without a pull the common frame is undetermined)")
     edges, (h, w) = len(pairs), fields.shape[-2:]
     sources = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=fields.device)
     targets = torch.tensor([t for _, t in pairs], dtype=torch.long, device=fields.device)
-    coarse = low_pass(fields, smooth)
+    coarse = low_pass(fields, smooth, defects)
     bands = [(coarse, pull)] + ([(fields - coarse, detail_pull)] if smooth and math.isfinite(detail_pull) else [])
-    base = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
+    trusted = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
     solution = torch.zeros(count, 2, h, w, device=fields.device)
-    current = base
+    base = current = trusted
+    holes = None if defects is None else defects[:, None] > 0  # where each pair weighs 0, in the common frame
     for round_ in range(rounds):
         observed = [warp(band, solution[targets], padding_mode="border") for band, _ in bands]  # r_e(p + F_t(p))
+        if defects is not None:  # F_t where the pair weighed 0 is the pull's: there the field of the tissue around
+            holes = warp_labels(defects[:, None], fill_from_around(solution[targets], holes)) > 0
+            base = trusted * ~holes
+            current = base
         if round_ > 0 and robust:
             residual = vector_length(solution[sources] - solution[targets] - sum(observed))[:, None]
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
         solution = sum(_solve_band(count, sources, targets, current, part, band_pull)
                        for part, (_, band_pull) in zip(observed, bands))
-    return solution
+    if defects is None:
+        return solution
+    trusting, kept = (torch.zeros(count, 1, h, w, device=fields.device).index_add_(0, sources, w_).index_add_(
+        0, targets, w_) for w_ in (trusted, base))
+    return fill_from_around(solution, (trusting > 0) & (kept == 0))  # every pair of the section weighed 0 there
 
 
 def _solve_band(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,

@@ -24,7 +24,8 @@ block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of
 3. **Render tasks**, one per section and xy chunk, in parallel: ``F_z = compose(G_z, C_b)`` for the block b
    that owns z (block 0 owns ``s_0..e_0``, block b > 0 owns ``s_b+1..e_b``); the raw chunk, read with a
    margin of the largest ``|F_z|`` in the chunk plus 1 px, is warped by ``F_z`` into ``DEST/image``, and
-   ``F_z`` goes to ``DEST/field``, each with its mips 1..``job.mips`` (``_write``). Blank sections come out
+   ``F_z`` goes to ``DEST/field``, each with its mips 1..``job.mips`` (``_write``); with ``job.defects``, the
+   section's defect labels go through ``F_z`` by nearest sampling into ``DEST/defects``. Blank sections come out
    blank with the zero field.
 
 No seam shows at block boundaries. The boundary section ``s_b`` is aligned once, by block b-1, and
@@ -81,7 +82,8 @@ from taskqueue import TaskQueue, queueable
 from tqdm import tqdm
 
 import volume
-from alignment import PairSettings, SolveSettings, align_serial, align_solved, apply_field, for_inference, is_blank
+from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, align_solved, apply_field,
+                       for_inference, is_blank)
 from helpers import UserError, compose, one_line
 from models.archive import load_archive
 
@@ -114,6 +116,7 @@ class Job:
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu
     max_failures: int = MAX_FAILURES  # a queued task that fails this many times is dead-lettered
     mips: int = 0  # DEST/image and DEST/field also hold mips 1..mips (each write writes its chunk's, _write)
+    defects: str | None = None  # defect layer (cloudpath; uint8 0 none / 1 crack / 2 fold) the fields are made with
 
     def __post_init__(self):  # a payload read back from JSON holds a list and dicts
         object.__setattr__(self, "bbox", tuple(self.bbox))
@@ -223,15 +226,16 @@ def compose_chunk(first_layer, z: int, then: torch.Tensor, box: Box, bbox: Box) 
     return _crop(compose(first[None], _embed(then, box, window)[None])[0], box, window)
 
 
-def warp_chunk(source, z: int, field: torch.Tensor, box: Box, bbox: Box) -> np.ndarray:
+def warp_chunk(source, z: int, field: torch.Tensor, box: Box, bbox: Box, pull=apply_field) -> np.ndarray:
     """Section z of ``source`` over ``box`` pulled through ``field`` ``[2, h, w]`` (px): uint8 ``[h, w]``.
 
     The raw section is read over ``box`` grown by the largest ``|field|`` plus 1 px
     (clipped to ``bbox``; beyond it is missing data, as for a whole section).
+    ``pull(raw [H, W], field [2, H, W])`` warps it (``alignment.aligned_defects`` for a defect layer).
     """
     window = _grown(box, _margin(field), bbox)
     raw = _read(source, z, window)[0]
-    return _crop(apply_field(raw, _embed(field, box, window)), box, window)
+    return _crop(pull(raw, _embed(field, box, window)), box, window)
 
 
 # ------------------------------------------------------------------------------------- the tasks
@@ -275,10 +279,13 @@ def block_task(job: dict, first: int) -> None:
     reference = min((z for z in blank if not blank[z]), default=None)
     source, fields = _layer(job.source, job.mip), _dest(job, "block_field")
 
-    def aligned_before(z: int) -> tuple:  # (raw, aligned, G_z) of a section this block aligned before
+    def defects(z: int):  # section z's defect map, or None without a defect layer
+        return _read(_layer(job.defects, job.mip), z, job.bbox)[0] if job.defects else None
+
+    def aligned_before(z: int) -> tuple:  # (raw, aligned, G_z, defects) of a section this block aligned before
         raw = _read(source, z, job.bbox)[0]
         g = torch.zeros(2, *raw.shape) if z == reference else _read_field(fields, z, job.bbox)
-        return raw, apply_field(raw, g), g
+        return raw, apply_field(raw, g), g, defects(z)
 
     before = [aligned_before(z) for z in [z for z in blank if not blank[z]][-job.vote:]]
 
@@ -290,7 +297,8 @@ def block_task(job: dict, first: int) -> None:
             yield raw
             z += 1
 
-    results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.pair)
+    results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.pair,
+                           defects=map(defects, itertools.count(start)) if job.defects else None)
     for z, (_, g) in enumerate(results, start):
         if reference is None and not blank[z]:
             reference = z
@@ -319,7 +327,8 @@ def stitch_task(job: dict, x: int, y: int) -> None:
 
 @queueable
 def render_task(job: dict, z: int, x: int, y: int) -> None:
-    """Phase 3: section z over the xy chunk at corner ``(x, y)`` into ``DEST/image`` and ``DEST/field``."""
+    """Phase 3: section z over the xy chunk at corner ``(x, y)`` into ``DEST/image`` and ``DEST/field`` (and, with a
+    defect layer, its labels pulled through the field by nearest sampling into ``DEST/defects``)."""
     job = Job(**job)
     box = job.chunk_box(x, y)
     first = job.blocks()[job.owner(z)][0]
@@ -332,21 +341,33 @@ def render_task(job: dict, z: int, x: int, y: int) -> None:
         image = warp_chunk(_layer(job.source, job.mip), z, field, box, job.bbox)
     _write(_dest(job, "image"), image[None], z, box)
     _write(_dest(job, "field"), field.numpy().astype(np.float32), z, box)
+    if job.defects:
+        marks = np.zeros_like(image) if z in summary["blank"] else \
+            warp_chunk(_layer(job.defects, job.mip), z, field, box, job.bbox, aligned_defects)
+        _write(_dest(job, "defects"), marks[None], z, box)
 
 
 def solve_range(job: Job) -> list[int]:
-    """The stack-wide solve of the whole range at once, here (``alignment.align_solved`` with ``job.pair`` and
-    ``job.solve``), into ``DEST/field`` then ``DEST/image``; returns the blank sections (left blank, zero field).
+    """The stack-wide solve of the whole range at once, here (``alignment.align_solved`` with ``job.pair``,
+    ``job.solve`` and the ``job.defects`` layer), into ``DEST/field`` then ``DEST/image`` (and ``DEST/defects``,
+    the defect maps in the aligned frame); returns the blank sections (left blank, zero field).
 
     Every field is written in one call before any image: ``volume.write`` refuses a non-finite field before any of
     them is written.
     """
     source, sections = _layer(job.source, job.mip), range(job.z_start, job.z_stop)
     raw = np.stack([_read(source, z, job.bbox)[0] for z in sections])
+    defects = np.stack([_read(_layer(job.defects, job.mip), z, job.bbox)[0] for z in sections]) \
+        if job.defects else None
     aligned, fields, skipped = align_solved(model_of(job), raw, job.pair, job.solve,
-                                            progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"))
+                                            progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"),
+                                            defects=defects)
     _write(_dest(job, "field"), fields.numpy().astype(np.float32), job.z_start, job.bbox)
     _write(_dest(job, "image"), aligned[:, None], job.z_start, job.bbox)
+    if defects is not None:
+        marks = np.stack([np.zeros_like(d) if i in skipped else aligned_defects(d, f)
+                          for i, (d, f) in enumerate(zip(defects, fields))])
+        _write(_dest(job, "defects"), marks[:, None], job.z_start, job.bbox)
     return [sections[i] for i in skipped]
 
 

@@ -86,7 +86,8 @@ def bounds(vol, mip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
 
 
 KINDS = {"image": "an image (1 channel of uint8)", "field": "a field (2 channels of float: x, y in px)",
-         "labels": "a label layer (1 channel of integers)"}
+         "labels": "a label layer (1 channel of integers)",
+         "defects": "a defect layer (1 channel of uint8: 0 none, 1 crack, 2 fold)"}
 
 
 def check_kind(vol, kind: str, what: str) -> None:
@@ -94,7 +95,7 @@ def check_kind(vol, kind: str, what: str) -> None:
     dtype (every layer of this repo, fields included, has the layer type ``image``)."""
     channels, dtype = vol.num_channels, np.dtype(vol.dtype)
     fits = {"image": channels == 1 and dtype == np.uint8, "field": channels == 2 and dtype.kind == "f",
-            "labels": channels == 1 and dtype.kind in "ui"}[kind]
+            "labels": channels == 1 and dtype.kind in "ui", "defects": channels == 1 and dtype == np.uint8}[kind]
     if not fits:
         raise UserError(f"{what} {vol.cloudpath} is not {KINDS[kind]}: it has {channels} channels of {dtype}")
 

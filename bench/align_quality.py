@@ -41,6 +41,8 @@ from alignment import (PairSettings, SolveSettings, add_flags, align_serial, ali
 from demo import PHANTOMS  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
+DEFECT_MASKS = {"given": lambda stack: stack["defects"],  # the true masks
+                "none": lambda stack: None}  # --defects WHICH: the masks our network aligns with (a detector adds one)
 COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
            "oracle_cpc", "foldovers", "mpx_per_s"]
 
@@ -147,19 +149,20 @@ def run_method(fields_fn, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     return aligned, fields, seconds
 
 
-def network_fields(archive: str, variant: str, pair: PairSettings, solve: SolveSettings):
+def network_fields(archive: str, variant: str, pair: PairSettings, solve: SolveSettings, defects=None):
     """``raw [Z,H,W] -> fields [Z,2,H,W]`` of our network aligning as ``variant`` says (e.g. ``vote3``, ``solve2``:
-    ``--ours``) with ``pair`` and (``solveK``, K its ``neighbours``) ``solve``."""
+    ``--ours``) with ``pair`` and (``solveK``, K its ``neighbours``) ``solve``, and the stack's defect maps
+    ``defects`` (uint8 ``[Z,H,W]``, as ``align.py --defects`` reads them) or None."""
     from models.archive import load_archive
 
     model = for_inference(load_archive(archive)[0])
     kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
     if kind == "solve":
         solve = dataclasses.replace(solve, neighbours=int(number or 1))
-        return lambda raw: align_solved(model, raw, pair, solve)[1].numpy()
+        return lambda raw: align_solved(model, raw, pair, solve, defects=defects)[1].numpy()
     vote = int(number or 1) if kind == "vote" else 1
     return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, to_raw_neighbour=kind == "raw",
-                                                                   vote=vote, settings=pair)])
+                                                                   vote=vote, settings=pair, defects=defects)])
 
 
 def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
@@ -192,6 +195,9 @@ def main(argv=None) -> dict:
                         "raw section before, fields chained), voteK (onto the K aligned sections before, vector "
                         "voting), solveK (stack-wide solve over K raw neighbours on each side); several to compare")
     add_flags(p, several=["smooth"], without=["neighbours"])  # align.py's; --smooth R1 R2 ...: a row each
+    p.add_argument("--defects", nargs="+", choices=list(DEFECT_MASKS), default=["none"],
+                   help="the defect masks our network aligns with (align.py --defects): the stack's true ones "
+                        "(given) or none; several to compare")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
@@ -215,12 +221,14 @@ def main(argv=None) -> dict:
     rows["no alignment"] = score_row(stack, raw, zero, 0, oracle)
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
-    for archive, variant, smooth in itertools.product(args.archive, args.ours, args.smooth):
+    for archive, variant, smooth, masks in itertools.product(args.archive, args.ours, args.smooth, args.defects):
         if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
-        fields_fn = network_fields(archive, variant, *settings_from_args(args, smooth=smooth))
+        fields_fn = network_fields(archive, variant, *settings_from_args(args, smooth=smooth),
+                                   DEFECT_MASKS[masks](stack))
         aligned, fields, seconds = run_method(fields_fn, raw)
-        name = f"ours ({Path(archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''})"
+        name = (f"ours ({Path(archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''}"
+                f"{f', defects {masks}' if masks != 'none' else ''})")
         rows[name] = score_row(stack, aligned, fields, seconds, oracle)
         hist[name] = evaluate.cpc(aligned)
         print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import evaluate  # noqa: E402
-from align_quality import held_out_stack, registration_check  # noqa: E402
+from align_quality import DEFECT_MASKS, held_out_stack, registration_check  # noqa: E402
 from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,  # noqa: E402
                        settings_from_args, solve_pairs)
 from demo import PHANTOMS  # noqa: E402
@@ -102,8 +102,9 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
     pair, _ = settings_from_args(args, smooth=0)  # the pair fields are low-passed by each setting's solve
+    marks = DEFECT_MASKS[args.defects](stack)  # the defect maps the alignment is given, or None
     key = [str(Path(args.archive).resolve()), args.real, args.phantom, seed, args.reregister, args.z_start,
-           args.sections, args.size, pair.prealign, pair.trunc, pairs]
+           args.sections, args.size, pair.prealign, pair.trunc, pairs, args.defects]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
     cached = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}
@@ -111,7 +112,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
         fields = cached["fields"]
     else:
         start = time.time()
-        fields = torch.stack([pair_field(model, raw[s], raw[t], pair)
+        fields = torch.stack([pair_field(model, raw[s], raw[t], pair, None if marks is None else (marks[s], marks[t]))
                               for s, t in tqdm(pairs, desc="pairs", unit="pair")])
         print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
         if cache:
@@ -130,7 +131,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     for n, smooth, pull, detail, robust in tqdm(settings, desc="settings"):
         keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]
         solve = SolveSettings(neighbours=n, pull=pull, robust=robust, detail_pull=detail)
-        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], fields[keep], solve, smooth)
+        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], fields[keep], solve, smooth, defects=marks)
         name = f"solve{n} smooth {smooth}{f' detail {detail:g}' if smooth else ''} pull {pull:g} robust {robust:g}"
         rows[name] = evaluate.score(aligned, solved.numpy(), truth, stack["defects"])
     for row in rows.values():
@@ -151,6 +152,8 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=512)
     add_flags(p, several=["neighbours", "pull", "smooth", "detail_pull", "robust"], without=["chunk", "overlap"])
     p.set_defaults(smooth=[0, 96])  # the sweep's: without and with the demo's low-pass
+    p.add_argument("--defects", choices=list(DEFECT_MASKS), default="none",
+                   help="the defect masks the alignment is given (align.py --defects): the stack's true ones or none")
     p.add_argument("--best", type=int, default=15, help="rows to print")
     p.add_argument("--cache", help="keep the pair fields in this file (one per draw: FILE.seedS.pt when several) "
                                    "and reuse them when the stack and network match")

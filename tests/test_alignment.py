@@ -127,7 +127,7 @@ def test_dest_bounds_are_the_aligned_sections_and_bbox_and_a_later_run_grows_the
     align.main(common + ["--z_stop", "6"])
     before = [aligned_arrays(dest, mip) for mip in (0, 1)]
     for z_stop in (6, 9):  # the second run grows the bounds
-        for name in align.DEST_LAYERS:
+        for name in ("image", "field") + align.SERIAL_LAYERS:  # no --defects: no defects layer
             assert dest_bounds(dest, name) == [[0, 32, 3], [64, 64, z_stop]], name
         for name in ("image", "field"):
             assert dest_bounds(dest, name, 1) == [[0, 16, 3], [32, 32, z_stop]]
@@ -192,7 +192,7 @@ def test_provenance_has_one_entry_per_run_that_aligns_with_the_archive_sha256_an
     assert align.main(common + ["--z_stop", "5"])["sections"] == 0  # nothing to do: nothing is written
     assert dest_files(dest) == before
     without_curves = [{key: value for key, value in run.items() if key != "history"} for run in (parent, child)]
-    for name in align.DEST_LAYERS:
+    for name in ("image", "field") + align.SERIAL_LAYERS:  # no --defects: no defects layer
         provenance = volume.open_volume(str(dest / name)).provenance
         runs = provenance.processing
         assert [(run["method"]["args"]["z_stop"], run["method"]["args"]["pull"]) for run in runs] == [(4, 0.03),

@@ -1,0 +1,122 @@
+"""Defect masks at alignment time: the low-pass within the tissue, zero pair weights, align.py --defects."""
+import numpy as np
+import pytest
+import torch
+
+import align
+import alignment
+import volume
+from alignment import SolveSettings
+from conftest import run_script
+from masks import box_mean, tissue_box_mean
+from solve import low_pass, solve_stack
+from test_alignment import random_net, sections
+from models.archive import save_archive
+
+
+def crack_field(size=48):
+    """A field ``[2, H, W]`` of (2, -1) px left of a diagonal crack and (-3, 4) px right of it, and the defect map
+    ``[H, W]`` (1 on the crack: an 8-connected line, one pixel per row)."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    right = x > y
+    field = torch.where(right, torch.tensor([-3.0, 4.0]).view(2, 1, 1), torch.tensor([2.0, -1.0]).view(2, 1, 1))
+    return field, (x == y).to(torch.uint8)
+
+
+def test_without_defects_the_low_pass_is_the_old_one_bit_for_bit():
+    field = torch.randn(3, 2, 40, 40)
+    old = box_mean(box_mean(field, 5), 5)
+    assert torch.equal(low_pass(field, 5, torch.zeros(3, 40, 40, dtype=torch.uint8)), old)
+    assert torch.equal(low_pass(field, 5, None), old)
+    assert torch.allclose(tissue_box_mean(field, torch.ones(40, 40, dtype=torch.bool), 5), box_mean(field, 5),
+                          atol=1e-6)
+
+
+def test_a_field_constant_on_each_side_of_a_crack_stays_so():
+    field, crack = crack_field()
+    smoothed = low_pass(field, 8, crack)
+    tissue = crack == 0
+    assert torch.allclose(smoothed[:, tissue], field[:, tissue], atol=1e-5)
+    blurred = low_pass(field, 8)  # the old low-pass averages across the crack
+    assert (blurred - field)[:, tissue].abs().max() > 2
+    inside = smoothed[:, crack > 0]  # filled from the tissue around: between the two sides
+    assert (inside[0] <= 2 + 1e-5).all() and (inside[0] >= -3 - 1e-5).all()
+
+
+@pytest.mark.parametrize("radius", [0, 6])
+def test_a_folds_inside_is_filled_from_the_tissue_around(radius):
+    field = torch.tensor([1.5, -2.5]).view(2, 1, 1).repeat(1, 40, 40)
+    fold = torch.zeros(40, 40, dtype=torch.uint8)
+    fold[:, 17:23] = 2  # a band across the section
+    field[:, fold > 0] = 50.0  # what the network made of the folded tissue
+    filled = low_pass(field, radius, fold)
+    assert torch.allclose(filled, torch.tensor([1.5, -2.5]).view(2, 1, 1).expand(2, 40, 40), atol=1e-5)
+
+
+def test_pair_weights_are_zero_in_the_defects_of_either_section():
+    """Section 1 lies 2 px above section 0 and has a fold (raw rows 8..11) where the pair field onto it is garbage;
+    the solve's frame is their mean, where the fold lies in rows 9..12."""
+    truth = torch.tensor([[0.0, 0.0], [0.0, -2.0]]).view(2, 2, 1, 1).expand(2, 2, 24, 24)
+    pairs = [(0, 1), (1, 0)]
+    fields = torch.stack([truth[s] - truth[t] for s, t in pairs]).clone()
+    fields[0, :, 8:12] = 40.0  # pair 0 -> 1, in the grid of section 1
+    fold = torch.zeros(2, 24, 24, dtype=torch.uint8)
+    fold[1, 8:12] = 2
+    marks = torch.stack([fold[1], fold[1].roll(2, 0)])  # each pair's defects in its grid (pair 1 -> 0: 2 px down)
+    mean_frame = truth - truth.mean(0)
+    solved = solve_stack(2, pairs, fields, pull=1e-3, robust=None, defects=marks)
+    assert torch.allclose(solved, mean_frame, atol=0.01)  # the garbage weighs 0; inside: the tissue around
+    assert solve_stack(2, pairs, fields, pull=1e-3, robust=None)[:, :, 9:13].abs().max() > 10
+    stack = np.full((2, 24, 24), 100, np.uint8)
+    _, out = alignment.solve_pairs(stack, pairs, fields, SolveSettings(pull=1e-3, robust=0), 0, defects=fold.numpy())
+    assert torch.allclose(out[1], truth[1], atol=0.01)
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_volume):
+    """tiny_volume (a crack in section 3), a random network's archive, and the common align.py arguments."""
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    paths = tiny_volume[0]
+    return tmp_path, paths, tiny_volume[1], ["--archive", str(archive), "--source", paths["image"], "--chunk", "32",
+                                             "--overlap", "32"]
+
+
+def read(dest, name, z0, z1):
+    return volume.read(volume.open_volume(str(dest / name)), (0, 0, z0), (64, 64, z1 - z0))
+
+
+@pytest.mark.parametrize("mode", [[], ["--vote", "2"], ["--solve"]])
+def test_a_stack_without_defects_aligns_bit_for_bit_as_without_the_layer(setup, mode):
+    tmp, paths, _, common = setup
+    span = ["--z_start", "4", "--z_stop", "8"] + mode  # tiny_volume's only defect is in section 3
+    align.main(common + span + ["--dest", str(tmp / "plain")])
+    align.main(common + span + ["--dest", str(tmp / "masked"), "--defects", paths["defects"]])
+    assert np.array_equal(read(tmp / "plain", "field", 4, 8), read(tmp / "masked", "field", 4, 8))
+    assert not read(tmp / "masked", "defects", 4, 8).any()
+
+
+@pytest.mark.parametrize("mode", [[], ["--solve"]])
+def test_the_defect_layer_is_written_in_the_aligned_frame(setup, mode):
+    tmp, paths, arrays, common = setup
+    align.main(common + ["--z_start", "2", "--z_stop", "6", "--dest", str(tmp / "d"), "--defects",
+                         paths["defects"]] + mode)
+    fields, written = read(tmp / "d", "field", 2, 6), read(tmp / "d", "defects", 2, 6)
+    expected = np.stack([alignment.aligned_defects(arrays["defects"][z, 0], torch.from_numpy(f))
+                         for z, f in zip(range(2, 6), fields)])
+    assert np.array_equal(written[:, 0], expected) and written[1].any() and np.abs(fields[1]).max() > 0.05
+    with pytest.raises(align.UserError, match="--defects file:.*, not None"):  # the layer is part of the run record
+        align.main(common + ["--z_start", "2", "--z_stop", "7", "--dest", str(tmp / "d")] + mode)
+
+
+def test_bad_defect_layers_are_one_line_before_anything_is_written(setup):
+    tmp, paths, _, common = setup
+    small = volume.create_volume("file://" + str(tmp / "small"), (32, 64, 12), "uint8", 1, mips=1,
+                                 chunk=(32, 32, 1), provenance={"description": "test"})
+    for layer, message in ((paths["field"], "is not a defect layer (1 channel of uint8"),
+                           (small.cloudpath, "covers (0, 0, 0)..(32, 64, 12)"),
+                           (str(tmp / "nothing"), "no volume at")):
+        result = run_script("align.py", *common, "--dest", tmp / "out", "--z_start", "0", "--z_stop", "3",
+                            "--defects", layer)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and message in last and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp / "out" / "image").exists()
