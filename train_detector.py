@@ -1,0 +1,131 @@
+"""Train the defect detector of ``detect_defects.py`` on synthetic cracks and folds.
+
+    python train_detector.py --snemi $SNEMI_DIR --isbi $ISBI_DIR [--minutes 18] [--out pt/defects.pt]
+
+Training sections: the demo's truth (its ``aligned`` layer) in its training range 0..69, and the
+registered real sections SNEMI3D 0..59 and ISBI 2012 0..19 (their held-out ranges, 60..99 and
+20..29, and the demo's 70..99 are left for ``bench/detect_quality.py``). Each is damaged and
+misaligned by ``misalign.misalign`` as the demo is, but with a crack and a fold each drawn with
+probability 1/2 (seeds from 1000 on; the benchmark draws seeds 0..2), ``--draws`` times; the
+network learns per-pixel cross-entropy on random ``--crop`` px crops (flipped and turned), Adam,
+until ``--minutes`` of wall time or ``--steps``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import misalign
+from detect_defects import ARCHIVE, DefectNet, load_detector, save_detector
+from helpers import run_main
+
+PAD = 48  # margin generated around each canvas, as the benchmarks' stacks
+TRAIN_PARAMS = misalign.MisalignParams(crack_prob=0.5, fold_prob=0.5)
+RANGES = {"demo": (0, 70), "snemi": (0, 60), "isbi": (0, 20)}
+
+
+def real_sections(folder: str, z_range: tuple[int, int]) -> np.ndarray:
+    """Sections ``[Z, H, W]`` uint8 (natural file order, ``z_range``) of an image folder; 0 raised to 1 (tissue)."""
+    from import_stack import list_sections, read_section
+
+    paths = [p for _, p in list_sections(Path(folder))][slice(*z_range)]
+    return np.maximum(np.stack([read_section(p) for p in paths]), 1)
+
+
+def demo_sections(z_range: tuple[int, int]) -> np.ndarray:
+    """The demo's truth (``aligned``, before misalignment) ``[Z, 512, 512]`` uint8 in ``z_range``."""
+    import demo
+    import volume
+
+    vol = volume.open_volume(demo.ensure_demo()["aligned"])
+    return volume.read(vol, (0, 0, z_range[0]), (512, 512, z_range[1] - z_range[0]))[:, 0]
+
+
+def damaged(sections: np.ndarray, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image, defects)`` ``[Z, 1, size, size]`` uint8: the centre ``size + 2 PAD`` px of ``sections`` (at most the
+    whole section) put through ``misalign.misalign(TRAIN_PARAMS)`` with ``seed``."""
+    h, w = sections.shape[1:]
+    side = min(size + 2 * PAD, h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    canvas = torch.from_numpy(np.ascontiguousarray(sections[:, y0:y0 + side, x0:x0 + side]))[:, None]
+    image, defects, _ = misalign.misalign(canvas, TRAIN_PARAMS, torch.Generator().manual_seed(seed), pad=PAD)
+    return image, defects
+
+
+def pool(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every training ``(image, defects)`` stack: each source ``args.draws`` times, seeds 1000, 1001, ..."""
+    sources = [demo_sections(RANGES["demo"])]
+    sources += [real_sections(folder, RANGES[name]) for name, folder in (("snemi", args.snemi), ("isbi", args.isbi))
+                if folder]
+    seeds = iter(range(1000, 10 ** 6))
+    return [damaged(s, 512, next(seeds)) for s in sources for _ in range(args.draws)]
+
+
+def batch(stacks, crop: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` random crops ``(images [B, 1, crop, crop] float 0..1, classes [B, crop, crop] long)``, each from a
+    random section of a random stack, flipped and turned at random."""
+    images, labels = [], []
+    for _ in range(size):
+        image, defects = stacks[int(torch.randint(len(stacks), (1,), generator=gen))]
+        z = int(torch.randint(len(image), (1,), generator=gen))
+        y, x = (int(torch.randint(n - crop + 1, (1,), generator=gen)) for n in image.shape[-2:])
+        pair = torch.cat([image[z, :, y:y + crop, x:x + crop], defects[z, :, y:y + crop, x:x + crop]])
+        pair = torch.rot90(pair, int(torch.randint(4, (1,), generator=gen)), (1, 2))
+        if torch.rand(1, generator=gen) < 0.5:
+            pair = pair.flip(2)
+        images.append(pair[:1].float() / 255)
+        labels.append(pair[1].long())
+    return torch.stack(images), torch.stack(labels)
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--snemi", help="folder of the registered SNEMI3D sections")
+    p.add_argument("--isbi", help="folder of the registered ISBI 2012 sections")
+    p.add_argument("--draws", type=int, default=2, help="damaged copies of each source")
+    p.add_argument("--crop", type=int, default=160, help="training crop, px")
+    p.add_argument("--batch_size", type=int, default=6)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--minutes", type=float, default=18.0, help="wall-time budget of the training loop")
+    p.add_argument("--steps", type=int, default=100000, help="at most this many steps")
+    p.add_argument("--class_weights", type=float, nargs=3, default=[1.0, 3.0, 6.0], metavar=("NONE", "CRACK", "FOLD"),
+                   help="weights of the classes in the cross-entropy (defects are rare)")
+    p.add_argument("--init", help="start from this detector archive (a run continued); None: from scratch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ARCHIVE))
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    stacks = pool(args)
+    print(f"{sum(len(s[0]) for s in stacks)} damaged sections from {len(stacks)} stacks")
+    net = load_detector(args.init).train() if args.init else DefectNet()
+    weights = torch.tensor(args.class_weights)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    start, step, running = time.time(), 0, None
+    deadline = start + 60 * args.minutes
+    while step < args.steps and time.time() < deadline:
+        for group in optimizer.param_groups:  # cosine decay over the wall-time budget
+            group["lr"] = args.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - start) / (deadline - start))))
+        images, labels = batch(stacks, args.crop, args.batch_size, gen)
+        loss = F.cross_entropy(net(images), labels, weight=weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step}  loss {running:.4f}  {time.time() - start:.0f} s", flush=True)
+    out = save_detector(args.out, net, recipe=" ".join(f"--{k} {v}" for k, v in vars(args).items()), steps=step,
+                        seconds=round(time.time() - start))
+    print(f"{step} steps in {time.time() - start:.0f} s: {out}")
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main)
