@@ -41,8 +41,17 @@ from alignment import (PairSettings, SolveSettings, add_flags, align_serial, ali
 from demo import PHANTOMS  # noqa: E402
 from helpers import UserError, in_frame_of, run_main  # noqa: E402
 
+
+def detected_defects(stack: dict) -> np.ndarray:
+    """The defect maps ``[Z, H, W]`` uint8 that ``detect_defects.py``'s network (``pt/defects.pt``) finds in the raw
+    sections ``stack["raw"]`` ``[Z, H, W]``."""
+    from detect_defects import detect, load_detector
+    return detect(load_detector(), torch.from_numpy(stack["raw"][:, None])).numpy()[:, 0]
+
+
 DEFECT_MASKS = {"given": lambda stack: stack["defects"],  # the true masks
-                "none": lambda stack: None}  # --defects WHICH: the masks our network aligns with (a detector adds one)
+                "detected": detected_defects,  # what a user without a defect layer can have
+                "none": lambda stack: None}  # --defects WHICH: the masks our network aligns with
 COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
            "oracle_cpc", "foldovers", "mpx_per_s"]
 
@@ -197,7 +206,7 @@ def main(argv=None) -> dict:
     add_flags(p, several=["smooth"], without=["neighbours"])  # align.py's; --smooth R1 R2 ...: a row each
     p.add_argument("--defects", nargs="+", choices=list(DEFECT_MASKS), default=["none"],
                    help="the defect masks our network aligns with (align.py --defects): the stack's true ones "
-                        "(given) or none; several to compare")
+                        "(given), detect_defects.py's (detected) or none; several to compare")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
