@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import demo
 import volume
-from helpers import UserError, atomic_output, check_writable, code_version, one_line, run_main
+from helpers import HelpFormatter, UserError, atomic_output, check_writable, code_version, one_line, run_main
 
 KIND = "seamless-defect-detector"
 VERSION = 1
@@ -104,7 +105,7 @@ def detect(net: DefectNet, images: torch.Tensor) -> torch.Tensor:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--source", required=True, help="image volume (any CloudVolume path, or 'demo')")
     p.add_argument("--dest", required=True, help="the defect layer to write (a folder or cloudpath); an existing "
                                                  "one must have the source's bounds, and its sections are replaced")
@@ -192,10 +193,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.chunk < 1:
         raise UserError("--chunk must be >= 1")
-    if not args.dest.startswith(volume.SCHEMES):  # a folder here, even before it exists
+    if not volume.is_cloudpath(args.dest):  # a folder here, even before it exists
         args.dest = str(Path(args.dest).expanduser().resolve())
         check_writable(args.dest, "--dest", folder=True)
-    source = volume.open_volume(args.source, args.mip, args.bucket)
+    source = volume.open_volume(demo.resolve(args.source), args.mip, args.bucket)
     volume.check_kind(source, "image", "--source")
     x0, y0, x1, y1, z0, z1 = region(args, source)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

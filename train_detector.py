@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import misalign
 from detect_defects import ARCHIVE, DefectNet, load_detector, save_detector
-from helpers import run_main
+from helpers import HelpFormatter, run_main
 
 PAD = 48  # margin generated around each canvas, as the benchmarks' stacks
 TRAIN_PARAMS = misalign.MisalignParams(crack_prob=0.5, fold_prob=0.5)
@@ -85,7 +85,7 @@ def batch(stacks, crop: int, size: int, gen: torch.Generator) -> tuple[torch.Ten
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--snemi", help="folder of the registered SNEMI3D sections")
     p.add_argument("--isbi", help="folder of the registered ISBI 2012 sections")
     p.add_argument("--draws", type=int, default=2, help="damaged copies of each source")

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from align_quality import demo_stack, phantom_stack, real_stack  # noqa: E402
 from detect_defects import ARCHIVE, detect, load_detector  # noqa: E402
-from helpers import run_main  # noqa: E402
+from helpers import HelpFormatter, run_main  # noqa: E402
 from masks import distance_to_defect  # noqa: E402
 from misalign import CRACK, FOLD  # noqa: E402
 
@@ -69,7 +69,7 @@ def fmt(value: float) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--snemi", help="folder of the registered SNEMI3D sections (held out: 60..99)")
     p.add_argument("--isbi", help="folder of the registered ISBI 2012 sections (held out: 20..29)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="misalignment draws")
