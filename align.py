@@ -85,9 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--solve: px scale of the robust re-weighting of disagreeing pairs (0 = plain least squares)")
     p.add_argument("--smooth", type=int, default=0,
                    help="low-pass every pair field with a box of this radius in px, twice (0 = off)")
-    p.add_argument("--prealign", type=int, default=32,
-                   help="before the network, move each source by the whole-section shift (found by cross-correlation, "
-                        "up to this many px) that best matches its target (0 = off)")
+    p.add_argument("--prealign", type=int,
+                   help="before the network, move each source by the whole-section shift and rotation (found by "
+                        "cross-correlation: shifts up to this many px, turns up to 0.06 rad) that best match its "
+                        "target; None: shifts up to a quarter of the section; 0 = off")
     p.add_argument("--trunc", type=int, default=TRUNC,
                    help="stop the network this many levels short of full resolution and upsample its field "
                         "(fewer levels run: faster)")
@@ -250,7 +251,7 @@ def worker(argv) -> None:
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
     if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.detail_pull <= 0 or args.robust < 0 \
-            or args.smooth < 0 or args.prealign < 0 or args.trunc < 0:
+            or args.smooth < 0 or (args.prealign or 0) < 0 or args.trunc < 0:
         raise UserError("--vote and --neighbours must be >= 1, --pull and --detail_pull > 0, --robust, --smooth, "
                         "--prealign and --trunc >= 0")
     if args.chunk < 1 or args.overlap < 0:

@@ -12,6 +12,7 @@ Sections are uint8 ``[H, W]`` (0 = missing); fields follow ``helpers``:
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from data import normalise, slice_std
 from helpers import compose, in_frame_of, to_tensor, warp, warp_tissue
 from models import Pyramid
-from shifts import best_shifts
+from shifts import rigid_search
 from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
 
 TRUNC = 2  # default pyramid level the network stops at (pair_field); measured in the README
@@ -57,15 +58,15 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
 
 
 def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int = 128, smooth: int = 0,
-               prealign: int = 32, trunc: int = TRUNC) -> torch.Tensor:
+               prealign: int | None = None, trunc: int = TRUNC) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
-    once as a whole (``data.normalise``). With ``prealign`` > 0 the source is first
-    moved by the whole-pixel shift that best matches it onto the target
-    (``shifts.best_shifts``, up to ``prealign`` px each way, less on small sections):
-    the network recovers ~15 px between real neighbours, and sections can lie
-    further apart; the shift is added back to the field. Then the pair is
+    once as a whole (``data.normalise``). Unless ``prealign`` is 0 the source is
+    first moved by the shift and rotation that best match it onto the target
+    (``_prealignment``: up to ``prealign`` px each way, None: a quarter of the
+    section): the network recovers ~15 px between real neighbours, and sections
+    can lie further apart; the field is composed with it. Then the pair is
     processed in chunks (module docstring): each chunk is read with ``overlap``
     px of context on every side that lies within the section, so a section that
     fits in one chunk is one pass of the network over exactly its own pixels.
@@ -83,8 +84,8 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
     h, w = source.shape[-2:]
     height, width = -(-h // unit) * unit, -(-w // unit) * unit
     src, tgt = (normalise(to_tensor(s))[0].view(1, 1, h, w).to(device) for s in (source, target))
-    shift = _whole_shift(src[0, 0], tgt[0, 0], prealign)
-    src = warp(src, shift.expand(1, 2, h, w))
+    rigid = _prealignment(src[0, 0], tgt[0, 0], prealign)
+    src = warp(src, rigid)
     src, tgt = (F.pad(x, (0, width - w, 0, height - h)) for x in (src, tgt))
     field = torch.zeros(1, 2, height, width, device=device)
     for y in range(0, height, chunk):
@@ -92,20 +93,20 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
             (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
             part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], trunc)
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
-    return low_pass((field[..., :h, :w] + shift)[0].cpu(), smooth)
+    return low_pass(compose(rigid, field[..., :h, :w])[0].cpu(), smooth)
 
 
-def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
-    """``[1, 2, 1, 1]`` (px): the whole-pixel ``shifts.best_shifts`` of normalised ``[H, W]`` source onto target,
-    ``reach`` clipped to what the sections' size allows, on sections averaged down to about 1024 px (2x at
-    least). Zero when that reach is under 2 px or either section shows tissue (non-zero) on under a quarter
-    of its area: too little to trust one shift for the whole section."""
-    reach = min(reach, (min(source.shape) // 2 - 1) // 4 * 2)
-    if reach < 2 or min(float((x != 0).float().mean()) for x in (source, target)) < 0.25:
-        return torch.zeros(1, 2, 1, 1, device=source.device)
-    factor = max(2, min(source.shape) // 1024)
-    shift = best_shifts(source[None].cpu(), target[None].cpu(), reach, factor)[0].round()
-    return torch.from_numpy(shift).view(1, 2, 1, 1).to(source.device)
+def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int | None) -> torch.Tensor:
+    """``[1, 2, H, W]`` (px): the rigid field of ``shifts.rigid_search`` that pulls normalised ``[H, W]`` source onto
+    target, its shift up to ``reach`` px each way (None: a quarter of the section; 0: the zero field). Zero,
+    with its one-line warning on stderr, where the match is poor (``shifts.RigidMatch``): too little tissue,
+    or no match that stands out (a blank or foreign section)."""
+    if reach == 0:
+        return torch.zeros(1, 2, *source.shape, device=source.device)
+    match = rigid_search(source[None].cpu(), target[None].cpu(), reach)
+    if match.poor[0]:
+        print(match.warning(0), file=sys.stderr)
+    return match.field(*source.shape).to(source.device)
 
 
 def apply_field(sections, fields) -> np.ndarray:
@@ -124,7 +125,7 @@ def is_blank(section, min_std: float = 2.0) -> bool:
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
                  vote: int = 1, chunk: int = 1024, overlap: int = 128, softness: float = 1.0,
-                 smooth: int = 0, prealign: int = 32,
+                 smooth: int = 0, prealign: int | None = None,
                  trunc: int = TRUNC) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
@@ -164,7 +165,8 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
 
 def align_solved(model: Pyramid, sections, neighbours: int = 1, pull: float = 0.03, robust: float | None = 4.0,
                  chunk: int = 1024, overlap: int = 128, smooth: int = 0, detail_pull: float = DETAIL_PULL,
-                 prealign: int = 32, trunc: int = TRUNC, progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+                 prealign: int | None = None, trunc: int = TRUNC,
+                 progress=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its

@@ -107,7 +107,7 @@ class Job:
     vote: int  # alignment.align_serial's vote and to_raw_neighbour
     raw_neighbour: bool
     smooth: int  # alignment.pair_field's low-pass radius (px, 0 = off)
-    prealign: int  # alignment.pair_field's whole-section shift search (px, 0 = off)
+    prealign: int | None  # alignment.pair_field's whole-section rigid search (px, None: a quarter, 0 = off)
     trunc: int  # alignment.pair_field's finest pyramid level run (0 = full resolution)
     xy_chunk: int  # xy size of stitch and render tasks (px, a multiple of LAYER_CHUNK)
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu

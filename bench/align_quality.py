@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
     p.add_argument("--smooth", type=int, nargs="+", default=[0],
                    help="low-pass radii (px) of our pair fields (serial: alignment.pair_field's; solveK: "
                         "solve.solve_stack's, with --detail_pull); each is a row")
-    p.add_argument("--prealign", type=int, default=32, help="px reach of our pre-alignment shift (align.py's)")
+    p.add_argument("--prealign", type=int, help="px reach of our pre-alignment search (align.py's)")
     p.add_argument("--trunc", type=int, default=TRUNC, help="finest pyramid level our network runs (align.py's)")
     p.add_argument("--detail_pull", type=float, default=DETAIL_PULL,
                    help="solveK with --smooth: pull on the detail the low-pass removes (inf = drop it)")

@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     p.add_argument("--smooth", type=int, nargs="+", default=[0, 96], help="low-pass radii (px) of the pair fields")
     p.add_argument("--detail_pull", type=float, nargs="+", default=[DETAIL_PULL],
                    help="pulls on the detail the low-pass removes (inf = drop it)")
-    p.add_argument("--prealign", type=int, default=32, help="px reach of the pre-alignment shift (align.py's)")
+    p.add_argument("--prealign", type=int, help="px reach of the pre-alignment search (align.py's)")
     p.add_argument("--trunc", type=int, default=TRUNC, help="finest pyramid level the network runs (align.py's)")
     p.add_argument("--robust", type=float, nargs="+", default=[4.0], help="robust scale in px (0 = off)")
     p.add_argument("--best", type=int, default=15, help="rows to print")
