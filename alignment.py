@@ -98,9 +98,9 @@ def pair_field(model: Pyramid, source, target, chunk: int = 1024, overlap: int =
 
 def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int | None) -> torch.Tensor:
     """``[1, 2, H, W]`` (px): the rigid field of ``shifts.rigid_search`` that pulls normalised ``[H, W]`` source onto
-    target, its shift up to ``reach`` px each way (None: a quarter of the section; 0: the zero field). Zero,
-    with its one-line warning on stderr, where the match is poor (``shifts.RigidMatch``): too little tissue,
-    or no match that stands out (a blank or foreign section)."""
+    target, its shift up to ``reach`` px each way (None: a quarter of the section; 0: the zero field). Where the
+    match is poor (``shifts.RigidMatch``: no match stands out, e.g. a foreign section; or too little tissue, and
+    then the field is zero), its one-line warning goes to stderr."""
     if reach == 0:
         return torch.zeros(1, 2, *source.shape, device=source.device)
     match = rigid_search(source[None].cpu(), target[None].cpu(), reach)

@@ -27,7 +27,7 @@ MAX_ANGLE = 0.06  # rad: rigid_search tries rotations up to this either way,
 SEARCH_SIZE = 256  # px: on sections averaged down to about this size,
 STEP_PX = 2.0  # in steps that move the middle of their edges by this many px,
 PATCHES = 3  # then refines the best from the shifts of PATCHES x PATCHES patches
-MIN_LEAD = 0.1  # a best match whose Pearson r leads the best of other shifts by less is poor (``RigidMatch``),
+MIN_LEAD = 0.05  # a best match whose Pearson r leads the best of other shifts by less is poor (``RigidMatch``),
 MIN_TISSUE = 0.25  # as is one where either section shows tissue (non-zero) on less of its area
 
 
@@ -56,8 +56,8 @@ class RigidMatch:
     Pearson r at the search's coarse resolution; ``lead`` ``[N]``: how much that r
     exceeds the best r at shifts further than a sixteenth of the section away, at
     the same angle (a true match stands out: 0.14-0.45 between neighbours of
-    SNEMI3D, ISBI 2012 or the phantom; 0-0.09 between sections of different
-    tissue, or 5 apart, or noise);
+    SNEMI3D, ISBI 2012 or the phantom, down to 0.03 where both are cracked;
+    0-0.1, median 0.02, between sections of different tissue, or noise);
     ``tissue`` ``[N]``: the smaller of the two sections' fractions of pixels that
     hold tissue.
     """
@@ -74,9 +74,11 @@ class RigidMatch:
         return (self.lead < MIN_LEAD) | (self.tissue < MIN_TISSUE)
 
     def field(self, h: int, w: int) -> torch.Tensor:
-        """``[N, 2, H, W]`` (px): the field of each match on ``H`` x ``W`` sections, zero where it is ``poor``."""
+        """``[N, 2, H, W]`` (px): the field of each match on ``H`` x ``W`` sections; zero where a section shows too
+        little tissue to trust one rigid match (``MIN_TISSUE``). A match that stands out little is kept: between
+        true neighbours it is still the best guess (cracks lower the lead, to 0.03 on the phantom)."""
         matrix = rigid_matrix(self.angle, self.shift[:, 0], self.shift[:, 1])
-        return affine_field(matrix, h, w) * ~self.poor.view(-1, 1, 1, 1)
+        return affine_field(matrix, h, w) * (self.tissue >= MIN_TISSUE).view(-1, 1, 1, 1)
 
     def warning(self, i: int = 0) -> str:
         """One line saying why match ``i`` is ``poor`` (for where it is)."""
@@ -84,9 +86,9 @@ class RigidMatch:
             return (f"warning: no whole-section pre-alignment: a section shows tissue on only "
                     f"{100 * float(self.tissue[i]):.0f} % of its area ({100 * MIN_TISSUE:.0f} % needed to trust one "
                     "rigid match)")
-        return (f"warning: no whole-section pre-alignment: no match stands out (best Pearson r "
-                f"{float(self.score[i]):.2f}, {float(self.lead[i]):.2f} above other shifts, {MIN_LEAD} needed): a "
-                "blank section, or one of other tissue?")
+        return (f"warning: the whole-section pre-alignment is a guess: no match stands out (best Pearson r "
+                f"{float(self.score[i]):.2f}, {float(self.lead[i]):.2f} above other shifts, {MIN_LEAD} expected): "
+                "a section of other tissue, or a damaged one?")
 
 
 def rigid_search(sources, targets, reach: int | None = None, angles=None, size: int = SEARCH_SIZE) -> RigidMatch:
