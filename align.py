@@ -316,7 +316,7 @@ def check_defects(defects, source) -> None:
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
     if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.detail_pull <= 0 or args.robust < 0 \
-            or args.smooth < 0 or (args.prealign or 0) < 0 or args.trunc < 0:
+            or args.smooth < 0 or args.prealign < 0 or args.trunc < 0:
         raise UserError("--vote and --neighbours must be >= 1, --pull and --detail_pull > 0, --robust, --smooth, "
                         "--prealign and --trunc >= 0")
     if args.chunk < 1 or args.overlap < 0:

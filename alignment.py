@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import sys
 from typing import Iterator
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from helpers import (compose, finite_float, in_frame_of, normalise, number, slice_std, to_tensor, warp, warp_labels,
                      warp_tissue)
 from models import Pyramid
-from shifts import rigid_search
+from shifts import best_shifts
 from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
 
 
@@ -46,10 +45,8 @@ class PairSettings:
     chunk: int = _setting(1024, int, "chunk size in px fed to the network (a multiple of its coarsest stride, "
                                      "2^(levels-1))")
     overlap: int = _setting(128, int, "context in px around each chunk, cropped away")
-    prealign: int | None = _setting(None, int, "before the network, move each source by the whole-section shift and "
-                                               "rotation (cross-correlation: shifts up to this many px, turns up to "
-                                               "0.06 rad) that best match its target; None: shifts up to a quarter "
-                                               "of the section; 0 = off")
+    prealign: int = _setting(32, int, "before the network, move each source by the whole-section shift (found by "
+                                      "cross-correlation, up to this many px) that best matches its target (0 = off)")
     # measured in bench/RESULTS.md, as detail_pull's
     trunc: int = _setting(2, int, "stop the network this many levels short of full resolution and upsample its field "
                                   "(fewer levels run: faster)")
@@ -126,11 +123,11 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
-    once as a whole (``helpers.normalise``). Unless ``settings.prealign`` is 0 the
-    source is first moved by the shift and rotation that best match it onto the
-    target (``_prealignment``: up to ``prealign`` px each way, None: a quarter of the
-    section): the network recovers ~15 px between real neighbours, and sections
-    can lie further apart; the field is composed with it. Then the pair is
+    once as a whole (``helpers.normalise``). With ``settings.prealign`` > 0 the source is first
+    moved by the whole-pixel shift that best matches it onto the target
+    (``shifts.best_shifts``, up to ``prealign`` px each way, less on small sections):
+    the network recovers ~15 px between real neighbours, and sections can lie
+    further apart; the shift is added back to the field. Then the pair is
     processed in chunks (module docstring): each chunk is read with ``overlap``
     px of context on every side that lies within the section, so a section that
     fits in one chunk is one pass of the network over exactly its own pixels.
@@ -152,8 +149,8 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     h, w = source.shape[-2:]
     height, width = -(-h // unit) * unit, -(-w // unit) * unit
     src, tgt = (normalise(to_tensor(s))[0].view(1, 1, h, w).to(device) for s in (source, target))
-    rigid = _prealignment(src[0, 0], tgt[0, 0], settings.prealign)
-    src = warp(src, rigid)
+    shift = _whole_shift(src[0, 0], tgt[0, 0], settings.prealign)
+    src = warp(src, shift.expand(1, 2, h, w))
     src, tgt = (F.pad(x, (0, width - w, 0, height - h)) for x in (src, tgt))
     field = torch.zeros(1, 2, height, width, device=device)
     for y in range(0, height, chunk):
@@ -161,7 +158,7 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
             (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
             part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], settings.trunc)
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
-    field = compose(rigid, field[..., :h, :w])[0].cpu()
+    field = (field[..., :h, :w] + shift)[0].cpu()
     return low_pass(field, settings.smooth, pair_defects(field, *defects) if defects else None)
 
 
@@ -181,17 +178,17 @@ def aligned_defects(defects, field: torch.Tensor) -> np.ndarray:
     return warp_labels(to_tensor(defects, dtype=torch.uint8)[None, None], field[None])[0, 0].numpy()
 
 
-def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int | None) -> torch.Tensor:
-    """``[1, 2, H, W]`` (px): the rigid field of ``shifts.rigid_search`` that pulls normalised ``[H, W]`` source onto
-    target, its shift up to ``reach`` px each way (None: a quarter of the section; 0: the zero field). Where the
-    match is poor (``shifts.RigidMatch``: no match stands out, e.g. a foreign section; or too little tissue, and
-    then the field is zero), its one-line warning goes to stderr."""
-    if reach == 0:
-        return torch.zeros(1, 2, *source.shape, device=source.device)
-    match = rigid_search(source[None].cpu(), target[None].cpu(), reach)
-    if match.poor[0]:
-        print(match.warning(0), file=sys.stderr)
-    return match.field(*source.shape).to(source.device)
+def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
+    """``[1, 2, 1, 1]`` (px): the whole-pixel ``shifts.best_shifts`` of normalised ``[H, W]`` source onto target,
+    ``reach`` clipped to what the sections' size allows, on sections averaged down to about 1024 px (2x at
+    least). Zero when that reach is under 2 px or either section shows tissue (non-zero) on under a quarter
+    of its area: too little to trust one shift for the whole section."""
+    reach = min(reach, (min(source.shape) // 2 - 1) // 4 * 2)
+    if reach < 2 or min(float((x != 0).float().mean()) for x in (source, target)) < 0.25:
+        return torch.zeros(1, 2, 1, 1, device=source.device)
+    factor = max(2, min(source.shape) // 1024)
+    shift = best_shifts(source[None].cpu(), target[None].cpu(), reach, factor)[0].round()
+    return torch.from_numpy(shift).view(1, 2, 1, 1).to(source.device)
 
 
 def apply_field(sections, fields) -> np.ndarray:
