@@ -1,7 +1,7 @@
 """Alignment quality, side by side, on held-out sections with known ground-truth fields.
 
-    .venv/bin/python bench/align_quality.py --archive pt/demo.pt                 # the demo test stack
-    .venv/bin/python bench/align_quality.py --archive pt/demo.pt --sections 10 --size 256   # quicker
+    .venv/bin/python -m bench.align_quality --archive pt/demo.pt                 # the demo test stack
+    .venv/bin/python -m bench.align_quality --archive pt/demo.pt --sections 10 --size 256   # quicker
 
 ``--real DIR`` does the same on a folder of registered real sections, misaligned
 with known fields, cracks and folds exactly as the demo is (``misalign.py``);
@@ -25,21 +25,17 @@ import argparse
 import dataclasses
 import itertools
 import re
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import evaluate  # noqa: E402
-from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,  # noqa: E402
+import evaluate
+from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
                        for_inference, settings_from_args)
-from demo import PHANTOMS  # noqa: E402
-from helpers import UserError, in_frame_of, run_main  # noqa: E402
+from demo import PHANTOMS
+from helpers import UserError, in_frame_of, run_main
 
 
 def detected_defects(stack: dict) -> np.ndarray:
@@ -242,7 +238,7 @@ def main(argv=None) -> dict:
         hist[name] = evaluate.cpc(aligned)
         print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")
 
-    import baselines
+    from bench import baselines
     for method, reason in baselines.available().items():
         if args.methods and method not in args.methods:
             continue

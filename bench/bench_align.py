@@ -1,6 +1,6 @@
 """Alignment speed: Mpx/s of align.py on the demo volume, in-process and as tasks on a file queue.
 
-    .venv/bin/python bench/bench_align.py [--archive pt/demo.pt] [--sections 12] [--block 5] [--queue_workers 1 2] \
+    .venv/bin/python -m bench.bench_align [--archive pt/demo.pt] [--sections 12] [--block 5] [--queue_workers 1 2] \
         [--threads T]
 
 Aligns ``--sections`` held-out demo sections (512 x 512 px) into a fresh temporary
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def start_workers(spec: str, count: int, threads: int) -> list[subprocess.Popen]:

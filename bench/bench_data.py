@@ -1,6 +1,6 @@
 """Data throughput: demo volume build, gen_stack stacks/s, DataLoader samples/s.
 
-    .venv/bin/python bench/bench_data.py [--count 16] [--dim 256] [--stack_height 10]
+    .venv/bin/python -m bench.bench_data [--count 16] [--dim 256] [--stack_height 10]
 
 Prints one line per measurement. Uses a temporary output directory; the demo
 volume is built once into the data directory (timed when it had to be built).
@@ -8,19 +8,15 @@ volume is built once into the data directory (timed when it had to be built).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-import demo  # noqa: E402
-import gen_stack  # noqa: E402
-from data import Augmenter, StackDataset  # noqa: E402
+import demo
+import gen_stack
+from data import Augmenter, StackDataset
 
 
 def main() -> None:

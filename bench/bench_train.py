@@ -1,6 +1,6 @@
 """Training speed: iterations/s and peak memory of train.py's step, at a small and the default size.
 
-    .venv/bin/python bench/bench_train.py [--steps 10] [--device cpu|cuda] [--ddp N]
+    .venv/bin/python -m bench.bench_train [--steps 10] [--device cpu|cuda] [--ddp N]
 
 Each configuration runs in a fresh process (so peak memory is its own): the
 demo dataset (built on first use), batch 8, Adam, the full training cost
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 CONFIGS = [  # (label, train.py flags)
     ("small: size 3, k 3, 128 px", ["--size", "3", "--k", "3", "--crop", "128"]),
@@ -75,12 +74,12 @@ def one(flags: list[str], steps: int, device: str) -> dict:
 
 def launch(flags: list[str], steps: int, device: str, processes: int) -> subprocess.CompletedProcess:
     """``one(flags)`` in a fresh process, or in ``processes`` > 1 torchrun processes sharing the cores."""
-    script = [__file__, "--steps", str(steps), "--device", device, "--one", json.dumps(flags)]
+    script = ["-m", "bench.bench_train", "--steps", str(steps), "--device", device, "--one", json.dumps(flags)]
     if processes == 1:
-        return subprocess.run([sys.executable, *script], capture_output=True, text=True)
+        return subprocess.run([sys.executable, *script], capture_output=True, text=True, cwd=ROOT)
     threads = max(1, len(os.sched_getaffinity(0)) // processes)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), *script], capture_output=True, text=True,
+                           str(processes), *script], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 

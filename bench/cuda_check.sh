@@ -18,5 +18,5 @@ step() {  # step NAME COMMAND...: run, log to $LOGS/NAME.log, print its tail and
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 step tests "$PY" -m pytest -q -p no:randomly
 step quickstart "$PY" quickstart.py
-step bench_train "$PY" bench/bench_train.py --device cuda
-step bench_align "$PY" bench/bench_align.py --queue_workers 1
+step bench_train "$PY" -m bench.bench_train --device cuda
+step bench_align "$PY" -m bench.bench_align --queue_workers 1

@@ -1,6 +1,6 @@
 """Precision and recall of the defect detector (``detect_defects.py``) on held-out sections.
 
-    python bench/detect_quality.py --snemi $SNEMI_DIR --isbi $ISBI_DIR
+    python -m bench.detect_quality --snemi $SNEMI_DIR --isbi $ISBI_DIR
 
 Held-out stacks, none seen in training (``train_detector.py``): the demo's test sections 70..99
 (its one draw), and three draws (misalignment seeds 0, 1, 2; training used 1000 on) of a fresh
@@ -14,21 +14,16 @@ counts as right and a true pixel within that distance of a found one as found.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from align_quality import demo_stack, phantom_stack, real_stack  # noqa: E402
-from detect_defects import ARCHIVE, detect, load_detector  # noqa: E402
-from helpers import HelpFormatter, run_main  # noqa: E402
-from masks import distance_to_defect  # noqa: E402
-from misalign import CRACK, FOLD  # noqa: E402
+from bench.align_quality import demo_stack, phantom_stack, real_stack
+from detect_defects import ARCHIVE, detect, load_detector
+from helpers import HelpFormatter, run_main
+from masks import distance_to_defect
+from misalign import CRACK, FOLD
 
 KINDS = {"crack": CRACK, "fold": FOLD}
 

@@ -1,6 +1,6 @@
 """The stack-wide solve's settings, swept: the network's pair fields are computed once, then solved many ways.
 
-    .venv/bin/python bench/solve_sweep.py --archive pt/real_tissue.pt --real ../shared/data/snemi3d-train \\
+    .venv/bin/python -m bench.solve_sweep --archive pt/real_tissue.pt --real ../shared/data/snemi3d-train \\
         --z_start 60 --sections 40 --seed 0 1 2 --pull 0.01 0.03 0.1 --smooth 192 --detail_pull 3 5 10 inf
 
 The same held-out stack as ``bench/align_quality.py`` (the demo's test
@@ -29,25 +29,21 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import evaluate  # noqa: E402
-from align_quality import DEFECT_MASKS, held_out_stack, registration_check  # noqa: E402
-from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,  # noqa: E402
+import evaluate
+from bench.align_quality import DEFECT_MASKS, held_out_stack, registration_check
+from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,
                        settings_from_args, solve_pairs)
-from demo import PHANTOMS  # noqa: E402
-from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length  # noqa: E402
-from models.archive import load_archive  # noqa: E402
-from solve import low_pass, neighbour_pairs  # noqa: E402
+from demo import PHANTOMS
+from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length
+from models.archive import load_archive
+from solve import low_pass, neighbour_pairs
 
 
 def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Which training carries over to real tissue: self-supervised, supervised or mixed; which smoothness and similarity penalty.
 
-    .venv/bin/python bench/train_ablation.py --dataset data/snemi_train_mip0.h5 \\
+    .venv/bin/python -m bench.train_ablation --dataset data/snemi_train_mip0.h5 \\
         --val_dataset data/snemi_test_mip0.h5 --real ../shared/data/snemi3d-train --z_start 60 --sections 30
 
 Every variant fine-tunes the same starting network (``--start``, by default the
@@ -31,13 +31,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import align_quality  # noqa: E402
-import evaluate  # noqa: E402
-from helpers import UserError, run_main  # noqa: E402
-from models.archive import load_archive  # noqa: E402
+from bench import align_quality
+import evaluate
+from helpers import UserError, run_main
+from models.archive import load_archive
 
 VARIANTS = {  # name -> train.py flags on top of the mixed baseline
     "mixed": [],
