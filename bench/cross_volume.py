@@ -47,7 +47,8 @@ def ratios(rows: dict[str, dict]) -> dict[str, dict]:
         out[method] = {"first": first, "common": common, "drift": row["drift_mean"],
                        "drift_none": none["drift_mean"], "cpc": row["cpc_mean"], "oracle_cpc": row["oracle_cpc"],
                        "meets": bool(first <= BAR["first"] and common <= BAR["common"]
-                                     and row["drift_mean"] < none["drift_mean"] and row["cpc_mean"] < row["oracle_cpc"])}
+                                     and row["drift_mean"] < none["drift_mean"]
+                                     and row["cpc_mean"] < row["oracle_cpc"])}
     return out
 
 
