@@ -21,6 +21,9 @@ oracle's means the method warps tissue to look like its neighbour.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file: our modules are not importable from bench/
+    raise SystemExit("run it from the repository root as: python -m bench.align_quality [flags]")
+
 import argparse
 import dataclasses
 import itertools

@@ -15,6 +15,9 @@ The load average is printed beside it: on a shared machine it says how much of i
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file: our modules are not importable from bench/
+    raise SystemExit("run it from the repository root as: python -m bench.bench_align [flags]")
+
 import argparse
 import os
 import subprocess

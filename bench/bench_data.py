@@ -7,6 +7,9 @@ volume is built once into the data directory (timed when it had to be built).
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file: our modules are not importable from bench/
+    raise SystemExit("run it from the repository root as: python -m bench.bench_data [flags]")
+
 import argparse
 import tempfile
 import time

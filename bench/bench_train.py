@@ -12,6 +12,9 @@ process = cores / processes, and the 1-process run gets all of them).
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file: our modules are not importable from bench/
+    raise SystemExit("run it from the repository root as: python -m bench.bench_train [flags]")
+
 import argparse
 import json
 import os

@@ -13,6 +13,9 @@ common, drift below no alignment's, CPC below the oracle's.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file: our modules are not importable from bench/
+    raise SystemExit("run it from the repository root as: python -m bench.cross_volume [flags]")
+
 import argparse
 from pathlib import Path
 

@@ -13,6 +13,9 @@ counts as right and a true pixel within that distance of a found one as found.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file: our modules are not importable from bench/
+    raise SystemExit("run it from the repository root as: python -m bench.detect_quality [flags]")
+
 import argparse
 import time
 

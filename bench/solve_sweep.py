@@ -27,6 +27,9 @@ any setting with that radius).
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file: our modules are not importable from bench/
+    raise SystemExit("run it from the repository root as: python -m bench.solve_sweep [flags]")
+
 import argparse
 import itertools
 import time

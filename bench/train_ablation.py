@@ -25,6 +25,9 @@ finished variant is not trained again.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file: our modules are not importable from bench/
+    raise SystemExit("run it from the repository root as: python -m bench.train_ablation [flags]")
+
 import argparse
 import subprocess
 import sys

@@ -4,7 +4,7 @@ import argparse
 import pytest
 
 from bench import cross_volume
-from conftest import ROOT
+from conftest import ROOT, run_script
 from test_align_quality import write_sections
 
 
@@ -35,3 +35,9 @@ def test_one_draw_end_to_end(tmp_path, capsys):
                                  "--shape=--z_start 0 --sections 4 --size 64"])
     assert len(results) == 1 and results[0]["volume"] == "isbi" and results[0]["method"].startswith("ours (demo")
     assert results[0]["first"] > 0 and "bar met on" in capsys.readouterr().out
+
+
+def test_a_bench_run_as_a_file_says_how_to_run_it_in_one_line():
+    result = run_script("bench/cross_volume.py", "--help")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "run it from the repository root as: python -m bench.cross_volume [flags]"
