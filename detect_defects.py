@@ -176,19 +176,6 @@ def detect_chunk(net: DefectNet, source, z: int, box: tuple[int, int, int, int])
     return found[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
 
 
-def write_mips(dest, labels: np.ndarray, corner: tuple[int, int, int], mip: int) -> int:
-    """Write ``labels [1, 1, Y, X]`` at ``corner`` (x, y, z; voxels of ``mip``) and its 2 x 2 max-pooled versions at
-    each coarser mip of ``dest`` whose grid the corner falls on; returns the coarsest mip written."""
-    x, y, z = corner
-    level = mip
-    volume.write(dest, labels, corner, mip)
-    while level + 1 < len(dest.info["scales"]) and x % 2 ** (level + 1 - mip) == 0 and y % 2 ** (level + 1 - mip) == 0:
-        level += 1
-        labels = volume.downsample(labels, "labels")
-        volume.write(dest, labels, (x >> (level - mip), y >> (level - mip), z), level)
-    return level
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.chunk < 1:
@@ -208,7 +195,7 @@ def main(argv=None) -> dict:
     for z, box in tqdm([(z, box) for z in range(z0, z1) for box in boxes], desc="chunks", unit="chunk"):
         labels = detect_chunk(net, source, z, box)
         counts += np.bincount(labels.ravel(), minlength=3)[:3]
-        coarsest = min(coarsest, write_mips(dest, labels, (box[0], box[1], z), args.mip))
+        coarsest = min(coarsest, volume.write_pyramid(dest, labels, (box[0], box[1], z), "labels", args.mip))
     print(f"detected defects in sections {z0}..{z1 - 1} ({x1 - x0} x {y1 - y0} px at mip {args.mip}): "
           f"{counts[1]} crack px, {counts[2]} fold px; written to {dest.cloudpath} at mips {args.mip}..{coarsest}")
     return {"crack_px": int(counts[1]), "fold_px": int(counts[2]), "coarsest_mip": coarsest}

@@ -247,13 +247,15 @@ def downsample(array: np.ndarray, kind: str) -> np.ndarray:
     return out.numpy().astype(array.dtype)
 
 
-def write_pyramid(vol, array: np.ndarray, start, kind: str) -> None:
-    """Write ``array [Z, C, Y, X]`` at mip 0 and its downsamplings at every further mip of ``vol``.
-
-    ``start`` is the mip-0 corner ``(x, y, z)``; x, y must be divisible by 2^(mips-1).
-    """
+def write_pyramid(vol, array: np.ndarray, start, kind: str, mip: int = 0) -> int:
+    """Write ``array [Z, C, Y, X]`` at ``start`` (``(x, y, z)``, voxels of ``mip``) and its downsamplings
+    (``downsample(..., kind)``) at each coarser mip of ``vol`` whose grid the corner falls on; returns the
+    coarsest mip written. A corner divisible by 2^(mips-1) reaches every mip."""
     x, y, z = start
-    for mip in range(len(vol.info["scales"])):
-        if mip:
-            array = downsample(array, kind)
-        write(vol, array, (x >> mip, y >> mip, z), mip)
+    write(vol, array, start, mip)
+    level = mip
+    while level + 1 < len(vol.info["scales"]) and not (x | y) % 2 ** (level + 1 - mip):
+        level += 1
+        array = downsample(array, kind)
+        write(vol, array, (x >> (level - mip), y >> (level - mip), z), level)
+    return level
