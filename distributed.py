@@ -14,6 +14,7 @@ rank alike (``from_main`` hands rank 0's to the others); rank 0 alone prints it.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, TypeVar
@@ -68,6 +69,8 @@ def process_group(device: str) -> Iterator[str]:
         if nccl:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
+        if not nccl:
+            use_loopback_for_gloo(os.environ)
         dist.init_process_group("nccl" if nccl else "gloo")
         yield device
         dist.barrier()  # tear down together: a rank that destroys its group while another works may abort
@@ -78,6 +81,24 @@ def process_group(device: str) -> Iterator[str]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def use_loopback_for_gloo(environ: dict, interfaces: list[str] | None = None) -> None:
+    """Set ``GLOO_SOCKET_IFNAME`` in ``environ`` to the loopback interface when every rank runs on this machine.
+
+    gloo binds to the address this machine's host name resolves to; in containers and sandboxes that name
+    may resolve to an address the ranks cannot reach, and the group then hangs while joining (seen on a
+    lent GPU machine, bench/RESULTS.md). All ranks on one machine (``LOCAL_WORLD_SIZE`` = ``WORLD_SIZE``)
+    only need the loopback. A ``GLOO_SOCKET_IFNAME`` the user set is kept, as is everything when the ranks
+    span machines or no loopback interface exists. interfaces: the machine's interface names (default:
+    ``socket.if_nameindex()``).
+    """
+    if "GLOO_SOCKET_IFNAME" in environ or environ.get("LOCAL_WORLD_SIZE") != environ.get("WORLD_SIZE"):
+        return
+    names = [name for _, name in socket.if_nameindex()] if interfaces is None else interfaces
+    loopback = next((name for name in ("lo", "lo0") if name in names), None)
+    if loopback:
+        environ["GLOO_SOCKET_IFNAME"] = loopback
 
 
 def _say(err: UserError, main: bool) -> None:

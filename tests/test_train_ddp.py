@@ -124,3 +124,15 @@ def test_more_processes_than_gpus_is_one_line_before_any_group(monkeypatch, caps
     assert exit_.value.code == 2 and not torch.distributed.is_initialized()
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "2 processes" in err[0] and "has 1" in err[0] and err[0].startswith("error:")
+
+
+@pytest.mark.parametrize("environ, interfaces, expected", [
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, ["lo", "eth0"], "lo"),  # one machine: the loopback
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, ["lo0", "en0"], "lo0"),  # macOS names it lo0
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, ["lo", "eth0"], None),  # several machines: gloo decides
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "eth0"}, ["lo"], "eth0"),  # the user's
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, ["eth0"], None),  # no loopback
+])
+def test_gloo_uses_the_loopback_when_every_rank_is_on_this_machine(environ, interfaces, expected):
+    distributed.use_loopback_for_gloo(environ, interfaces)
+    assert environ.get("GLOO_SOCKET_IFNAME") == expected
