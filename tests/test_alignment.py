@@ -328,9 +328,10 @@ def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(
     ([], "serial", {"block": None, "task_chunk": 512}),
     (["--mips", "1"], "serial", {"block": None, "task_chunk": 512, "mips": 1}),
     (["--vote", "2", "--block", "3"], "vote", {"vote": 2, "block": 3, "task_chunk": 512}),
-    (["--solve"], "solve", {"neighbours": 1, "pull": 0.03, "robust": 4.0}),
-    (["--solve", "--smooth", "8", "--detail_pull", "inf"], "solve",
-     {"smooth": 8, "neighbours": 1, "pull": 0.03, "robust": 4.0, "detail_pull": "inf"}),
+    (["--solve"], "solve", {"neighbours": 1, "pull": 0.03, "robust": 4.0, "block": None, "task_chunk": 512}),
+    (["--solve", "--smooth", "8", "--detail_pull", "inf", "--block", "4"], "solve",
+     {"smooth": 8, "neighbours": 1, "pull": 0.03, "robust": 4.0, "detail_pull": "inf", "block": 4,
+      "task_chunk": 512}),
 ])
 def test_the_run_record_holds_the_settings_its_mode_reads_by_their_flags_names(tmp_path, mode, name, own):
     """The keys and values of the records DESTs already hold (a resume compares them), in their order."""
