@@ -274,7 +274,7 @@ def _aligned_marks(marks, field: torch.Tensor):
 
 
 def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), solve: SolveSettings = SolveSettings(),
-                 progress=None, defects=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+                 defects=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
@@ -284,8 +284,7 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     ``pair.smooth``), and the result is expressed in the frame of the first
     usable section (as a serial alignment keeps it). Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections
-    (left blank, zero field). ``progress(pairs)`` may wrap the iteration over
-    pairs (e.g. tqdm). ``defects``: the sections' uint8 defect maps ``[Z, H, W]``
+    (left blank, zero field). ``defects``: the sections' uint8 defect maps ``[Z, H, W]``
     (0 none, 1 crack, 2 fold) or None: the pair fields and the solve use them
     (``pair_field``, ``solve_pairs``).
     """
@@ -296,7 +295,7 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     unsmoothed = dataclasses.replace(pair, smooth=0)
     pair_fields = torch.stack([pair_field(model, sections[s], sections[t], unsmoothed,
                                           None if defects is None else (defects[s], defects[t]))
-                               for s, t in (progress or iter)(pairs)]) if pairs else None
+                               for s, t in pairs]) if pairs else None
     aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped, defects)
     return aligned, fields, skipped
 
