@@ -43,7 +43,11 @@ serial alignment), a stitch that chains the blocks' frames, and renders of
 ``--task_chunk``-sized xy chunks. Without ``--queue`` they run here, in order;
 with ``--queue`` this command enqueues them phase by phase and waits while
 ``python align.py worker`` processes (any number, anywhere that sees the queue
-and DEST) run them; both give the same result, bit for bit. ``--solve`` runs here only.
+and DEST) run them; both give the same result, bit for bit. ``--solve`` runs as
+tasks too (``tasks.py``): a scan, pair fields and renders per section and
+``--task_chunk`` xy chunk, and a solve per ``--block`` z block and xy chunk, each
+with a margin; with one block and a chunk covering the bbox, the stack-wide solve of
+the whole range at once (``alignment.align_solved``), bit for bit.
 """
 from __future__ import annotations
 
@@ -69,7 +73,8 @@ from models.archive import lineage, read_archive
 from vis import neuroglancer_state
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
-DEST_LAYERS = ("image", "field", "defects") + SERIAL_LAYERS  # every layer align.py writes in DEST
+SOLVE_LAYERS = ("pair_field", "solved")  # those of the solve's tasks
+DEST_LAYERS = ("image", "field", "defects") + SERIAL_LAYERS + SOLVE_LAYERS  # every layer align.py writes in DEST
 ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's provenance entries
 VIEWER = "https://neuroglancer-demo.appspot.com/#!"  # a public Neuroglancer; the state follows the #!
 VIEW_PORT = 1337  # where cloudvolume.server.view serves a local DEST (CloudVolume.viewer's port)
@@ -103,10 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--solve", action="store_true",
                    help="stack-wide solve over raw neighbour pairs instead of serial alignment")
     p.add_argument("--block", type=int,
-                   help="sections per block aligned independently, consecutive blocks sharing one (>= 2); "
-                        "None: the whole range, one block")
+                   help="serial: sections per block aligned independently, consecutive blocks sharing one (>= 2); "
+                        "--solve: sections per solve task, each solved with a margin of sections beyond it (its "
+                        "memory grows with both); None: the whole range, one block")
     p.add_argument("--task_chunk", type=int, default=512,
-                   help=f"xy size in px of the stitch and render tasks (a multiple of {tasks.LAYER_CHUNK})")
+                   help=f"xy size in px of the tasks (a multiple of {tasks.LAYER_CHUNK}): serial: of the stitch and "
+                        "render tasks; --solve: of every task (pair fields, solve, render), each read with a margin "
+                        "(its memory grows with it)")
     p.add_argument("--queue", help="enqueue the tasks into fq://FOLDER or sqs://NAME and wait while "
                                    "'align.py worker' processes run them; None: run them here")
     p.add_argument("--max_failures", type=int, default=tasks.MAX_FAILURES,
@@ -147,7 +155,8 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     resolution = list(source.resolution)
     layers, created = {}, set()
     for name in names:
-        dtype, channels = ("uint8", 1) if name in ("image", "defects") else ("float32", 2)
+        dtype, channels = ("uint8", 1) if name in ("image", "defects") else \
+            ("float32", 4 * args.neighbours if name == "pair_field" else 2)
         mips = 1 + args.mips if name in ("image", "field") else 1
         path = args.dest.rstrip("/") + "/" + name
         cloudpath = volume.resolve_path(path)
@@ -191,8 +200,8 @@ def run_record(args, job: tasks.Job) -> dict:
     """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
     setting of that mode that changes the result, keyed by its flag's name: ``--z_start`` (the fixed section),
     ``--mip``, ``--bbox``, ``--defects`` (the layer's cloudpath; only when given), ``job.pair``, then ``job.solve``
-    (``--detail_pull`` only with ``--smooth``) or the serial tasks' ``--vote`` (when > 1), ``--block`` and
-    ``--task_chunk``, then ``--mips`` (when > 0); a non-finite float is a string. Not ``--z_stop`` (a later run may
+    (``--detail_pull`` only with ``--smooth``) or the serial tasks' ``--vote`` (when > 1), then ``--block`` and
+    ``--task_chunk`` (the solve's too: its result depends a little on them), then ``--mips`` (when > 0); a non-finite float is a string. Not ``--z_stop`` (a later run may
     extend the range), nor what only changes how the run goes (``--device``, ``--queue``, ``--max_failures``)."""
     settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox],
                 **({"defects": job.defects} if job.defects else {}), **asdict(job.pair)}
@@ -200,7 +209,8 @@ def run_record(args, job: tasks.Job) -> dict:
         settings.update({key: value for key, value in asdict(job.solve).items()
                          if key != "detail_pull" or job.pair.smooth})
     else:
-        settings.update({"vote": job.vote} if job.vote > 1 else {}, block=args.block, task_chunk=job.xy_chunk)
+        settings.update({"vote": job.vote} if job.vote > 1 else {})
+    settings.update(block=args.block, task_chunk=job.xy_chunk)
     settings.update({"mips": job.mips} if job.mips else {})
     mode = "solve" if job.solve else "raw_neighbour" if job.raw_neighbour else "vote" if job.vote > 1 else "serial"
     record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
@@ -323,8 +333,6 @@ def check_args(args) -> None:
         raise UserError("--chunk must be >= 1 and --overlap >= 0")
     if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:
         raise UserError("choose one of --raw_neighbour, --vote K, --solve")
-    if args.solve and (args.queue or args.block):
-        raise UserError("--solve runs in this process over the whole range: drop --queue and --block")
     if args.block is not None and args.block < 2:
         raise UserError("--block must be >= 2 (consecutive blocks share a section)")
     if args.task_chunk < 1 or args.task_chunk % tasks.LAYER_CHUNK:
@@ -391,20 +399,19 @@ def main(argv=None) -> dict:
     if len(todo) < args.z_stop - args.z_start and not args.solve:
         print(f"resuming: {args.z_stop - args.z_start - len(todo)} sections of the range are already aligned")
     open_dest(args, source, ((x0, y0, args.z_start), (x1, y1, args.z_stop)), provenance_entry(args, run),
-              ("image", "field") + (("defects",) if args.defects else ()) + (() if args.solve else SERIAL_LAYERS))
+              ("image", "field") + (("defects",) if args.defects else ())
+              + (SOLVE_LAYERS if args.solve else SERIAL_LAYERS))
 
     width, height = x1 - x0, y1 - y0
     start = time.time()
     if args.solve:
-        todo = list(range(args.z_start, args.z_stop))  # one joint step over the whole range
-        skipped = tasks.solve_range(job)
+        todo = list(range(args.z_start, args.z_stop))  # one joint solve over the whole range
+    all_phases = tasks.phases(job, todo)
+    if queue is None:
+        tasks.run_in_process(all_phases)
     else:
-        all_phases = tasks.phases(job, todo)
-        if queue is None:
-            tasks.run_in_process(all_phases)
-        else:
-            tasks.run_queued(queue, all_phases, job.dest)
-        skipped = [z for z in tasks.blank_sections(job) if z in set(todo)]
+        tasks.run_queued(queue, all_phases, job.dest)
+    skipped = [z for z in tasks.blank_sections(job) if z in set(todo)]
     progress.puts([(str(z), b"done") for z in todo])
     if skipped:
         print(f"skipped blank sections: {' '.join(map(str, skipped))}")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import (compose, finite_float, in_frame_of, normalise, number, slice_std, to_tensor, warp, warp_labels,
+from helpers import (compose, finite_float, in_frame_of, normalise, number, to_tensor, warp, warp_labels,
                      warp_tissue)
 from models import Pyramid
 from shifts import best_shifts
@@ -200,9 +201,22 @@ def apply_field(sections, fields) -> np.ndarray:
     return out.round().clamp(0, 255).to(torch.uint8).reshape(s.shape).numpy()
 
 
-def is_blank(section, min_std: float = 2.0) -> bool:
-    """Whether a uint8 ``[H, W]`` section has too little tissue contrast to align (std below ``min_std`` grey levels)."""
-    return float(slice_std(to_tensor(section))) < min_std
+def tissue_moments(section) -> np.ndarray:
+    """float64 ``[3]``: the count, sum and sum of squares of the non-zero (tissue) pixels of a uint8 ``[..., H, W]``.
+
+    Sums of whole numbers, exact in float64 (up to 2^53), so the moments of a section's parts add up to the
+    section's, bit for bit, in any order: ``tasks.scan_task`` adds them chunk by chunk."""
+    values = np.asarray(section, np.float64)
+    tissue = values[values != 0]
+    return np.array([tissue.size, tissue.sum(), np.square(tissue).sum()])
+
+
+def is_blank(section=None, min_std: float = 2.0, moments: np.ndarray | None = None) -> bool:
+    """Whether a uint8 ``[H, W]`` section has too little tissue contrast to align: the std of its tissue pixels (as
+    ``helpers.slice_std``) below ``min_std`` grey levels. ``moments``: its ``tissue_moments`` instead of it."""
+    count, total, squares = tissue_moments(section) if moments is None else moments
+    mean = total / max(count, 1)
+    return math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0)) < min_std
 
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
@@ -260,7 +274,7 @@ def _aligned_marks(marks, field: torch.Tensor):
 
 
 def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), solve: SolveSettings = SolveSettings(),
-                 progress=None, defects=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
+                 defects=None) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     """Align a whole stack by the stack-wide solve (``solve.solve_stack``).
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
@@ -270,8 +284,7 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     ``pair.smooth``), and the result is expressed in the frame of the first
     usable section (as a serial alignment keeps it). Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections
-    (left blank, zero field). ``progress(pairs)`` may wrap the iteration over
-    pairs (e.g. tqdm). ``defects``: the sections' uint8 defect maps ``[Z, H, W]``
+    (left blank, zero field). ``defects``: the sections' uint8 defect maps ``[Z, H, W]``
     (0 none, 1 crack, 2 fold) or None: the pair fields and the solve use them
     (``pair_field``, ``solve_pairs``).
     """
@@ -282,7 +295,7 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     unsmoothed = dataclasses.replace(pair, smooth=0)
     pair_fields = torch.stack([pair_field(model, sections[s], sections[t], unsmoothed,
                                           None if defects is None else (defects[s], defects[t]))
-                               for s, t in (progress or iter)(pairs)]) if pairs else None
+                               for s, t in pairs]) if pairs else None
     aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped, defects)
     return aligned, fields, skipped
 
@@ -308,12 +321,21 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     usable = [z for z in range(count) if z not in skipped]
     fields = torch.zeros(count, 2, *shape)
     if pairs:
-        weights = torch.from_numpy(sections[[t for _, t in pairs]] > 0).float()  # the target saw tissue
-        marks = None if defects is None else torch.stack(
-            [pair_defects(f, defects[s], defects[t]) for (s, t), f in zip(pairs, pair_fields)])
-        solved = solve_stack(count, pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
-                             smooth=smooth, detail_pull=settings.detail_pull, defects=marks)
-        fields[usable] = in_frame_of(solved[usable], reference=0)
+        fields[usable] = in_frame_of(solve_fields(sections, pairs, pair_fields, settings, smooth, defects)[usable],
+                                     reference=0)
     aligned = np.stack([apply_field(s, f) if z in usable else np.zeros(shape, np.uint8)
                         for z, (s, f) in enumerate(zip(sections, fields))])
     return aligned, fields
+
+
+def solve_fields(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor, settings: SolveSettings,
+                 smooth: int, defects=None) -> torch.Tensor:
+    """The solve of ``solve_pairs`` (its arguments, ``pairs`` not empty) before the frame is chosen: ``[Z, 2, H, W]``
+    (px), each section's field into the solve's own frame (zero for a section in no pair). Each pair weighs where
+    its target (uint8 ``sections[t]``) shows tissue, and 0 on the defects of either section; ``tasks.solve_task``
+    runs it on a block of sections and an xy chunk, each with a margin."""
+    weights = torch.from_numpy(np.asarray(sections)[[t for _, t in pairs]] > 0).float()  # the target saw tissue
+    marks = None if defects is None else torch.stack(
+        [pair_defects(f, defects[s], defects[t]) for (s, t), f in zip(pairs, pair_fields)])
+    return solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
+                       smooth=smooth, detail_pull=settings.detail_pull, defects=marks)

@@ -204,3 +204,20 @@ def _solve_band(count: int, sources: torch.Tensor, targets: torch.Tensor, weight
     rhs = torch.zeros(count, *observed.shape[1:], dtype=observed.dtype, device=observed.device)
     rhs.index_add_(0, sources, weights * observed).index_add_(0, targets, -weights * observed)
     return _banded_cholesky_solve(_normal_matrix(count, sources, targets, weights, pull), rhs)
+
+
+def chain_decay(pull: float, neighbours: int) -> float:
+    """λ in (0, 1): how much of a change at one section the coarse band of ``solve_stack`` passes on to the next.
+
+    With every pair weighing 1 in both directions (``neighbour_pairs``; a weight below 1 passes on less), the
+    normal matrix is ``pull I + 2 sum_{d=1..K} L_d`` (``L_d`` the Laplacian of the pairs d sections apart, K =
+    ``neighbours``), whose homogeneous solutions ``x_z = λ^z`` have ``pull / 2 + sum_d (2 - λ^d - λ^-d) = 0``;
+    the root in (0, 1) (found by bisection: the sum rises with λ there) is how an edit, e.g. cutting the chain
+    (``tasks.solve_margin``), fades section by section. K = 1: ``λ = 1 + p/4 - sqrt(p/2 + p²/16)``.
+    """
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        rising = pull / 2 + sum(2 - middle ** d - middle ** -d for d in range(1, neighbours + 1))
+        low, high = (low, middle) if rising > 0 else (middle, high)
+    return (low + high) / 2

@@ -37,8 +37,27 @@ rather than onto ``s_b`` resampled into the first frame, and with ``vote`` K the
 block vote over fewer than K targets. With one block (``block`` = the whole range) the result is the
 serial alignment: ``C_0 = 0`` and ``compose(G, 0)`` is skipped, so ``F = G`` exactly.
 
-``align.py --solve`` runs no tasks: ``solve_range`` aligns the whole range at once in this process by the
-stack-wide solve (``alignment.align_solved``) and writes ``DEST/field`` and ``DEST/image`` as the render tasks do.
+``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as four phases of tasks instead, made
+of the functions it calls; the z range is cut into z blocks of ``block`` sections (none shared, ``solve_blocks``):
+
+1. **Scan tasks**, one per section: whether it is blank (``alignment.is_blank``, from its ``tissue_moments``
+   added up over the xy chunks), marked in ``solve/scan/Z``. The usable sections give the pairs
+   (``solve.neighbour_pairs``): each section with its K nearest usable ones on each side.
+2. **Pair tasks**, one per usable section s and xy chunk: the pair fields of s onto its targets
+   (``alignment.pair_field``, unsmoothed; on the chunk grown by ``overlap + prealign`` px, cropped) into
+   ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K.
+3. **Solve tasks**, one per z block and xy chunk: the block grown by ``solve_margin`` usable sections each side
+   (the chain cut there changes the block's fields by at most ``CUT_EFFECT`` of the change at the cut:
+   ``solve.chain_decay``) and the chunk grown by ``2 smooth + overlap`` px are solved as ``align_solved`` does
+   (``alignment.solve_fields``); the block's sections over the chunk go to ``DEST/solved``, each section's
+   field into the solve's own frame.
+4. **Render tasks**, one per section and xy chunk: ``F_z = compose(S_z, invert_field(S_r))`` (``S`` the solved
+   fields, ``r`` the range's first usable section: ``helpers.in_frame_of``), then as the serial render tasks.
+
+With one z block and one xy chunk covering the bbox every task sees what ``align_solved`` sees: the result is
+``align_solved``'s, bit for bit. Smaller chunks and blocks bound each task's memory by the chunk and block sizes
+(plus their margins), whatever the volume's size; the cost is the margins' work done twice and, within them,
+a pair field normalised and pre-shifted on its chunk's window rather than the whole section.
 
 Progress markers under ``DEST/progress/`` (tasks are idempotent: they write their output chunks and
 these markers, nothing else, so a task run twice does no harm):
@@ -46,9 +65,13 @@ these markers, nothing else, so a task run twice does no harm):
 * ``block/S/Z``: section Z of the block that starts at S is aligned (``done`` or ``blank``); an
   interrupted block task resumes after the last marked section;
 * ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
-* ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it).
+* ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it);
+* the solve's: ``solve/scan/Z`` (JSON ``{"blank": ...}``), ``solve/pair/Z/X_Y`` (JSON ``{"targets": [...]}``) and
+  ``solve/block/FIRST/X_Y`` (JSON ``{"window": [w0, w1], "blank": [...]}``): a task whose marker holds its
+  arguments is skipped, so a run that extends the range redoes only what its new sections change.
 
-Running. ``run_in_process`` runs the phases' tasks one after another in this process, in order;
+Running. ``run_in_process`` runs the phases' tasks one after another in this process, in order (a phase whose
+tasks follow from the phases before, as the solve's after the scan, is made when its turn comes);
 ``run_queued`` inserts a phase into a queue (``fq://FOLDER``: files in a folder every worker sees;
 ``sqs://NAME``: Amazon SQS), waits until the queue is empty, then inserts the next. ``work`` leases a
 task for ``lease_seconds`` and runs it; a task whose worker dies stays on the queue and is leased again
@@ -65,6 +88,7 @@ before running it, so a test can kill it in the middle of a task.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -82,18 +106,22 @@ from taskqueue import TaskQueue, queueable
 from tqdm import tqdm
 
 import volume
-from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, align_solved, apply_field,
-                       for_inference, is_blank)
-from helpers import UserError, compose, one_line
+import alignment
+from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
+                       is_blank, solve_fields, tissue_moments)
+from helpers import UserError, compose, invert_field, one_line
 from models.archive import load_archive
+from solve import chain_decay, neighbour_pairs
 
 LAYER_CHUNK = 256  # xy storage chunk of the layers align.py creates; task chunks are multiples of it
 POLL_SECONDS = 1.0  # how often the driver looks at the queue
 MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
+CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in voxels (x1, y1 exclusive)
-Phase = tuple[str, list[Callable[[], None]]]  # a name and its tasks
+Phase = tuple[str, list[Callable[[], None]] | Callable[[], list]]  # a name and its tasks (or what makes them,
+# once the phases before are over)
 
 
 @dataclass(frozen=True)
@@ -107,12 +135,12 @@ class Job:
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 of the region (voxels of mip)
     z_start: int
     z_stop: int  # one past the last section
-    block: int  # sections per block, >= 2 (consecutive blocks share one)
+    block: int  # sections per block, >= 2 (serial: consecutive blocks share one; solve: z block of a solve task)
     pair: PairSettings  # how alignment.pair_field computes each pair field
     vote: int  # alignment.align_serial's vote and to_raw_neighbour
     raw_neighbour: bool
-    xy_chunk: int  # xy size of stitch and render tasks (px, a multiple of LAYER_CHUNK)
-    solve: SolveSettings | None = None  # the stack-wide solve's (solve_range); None: serial tasks (vote, raw_neighbour)
+    xy_chunk: int  # xy size of stitch, render and every solve task (px, a multiple of LAYER_CHUNK)
+    solve: SolveSettings | None = None  # the stack-wide solve's (solve tasks); None: serial tasks (vote, raw_neighbour)
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu
     max_failures: int = MAX_FAILURES  # a queued task that fails this many times is dead-lettered
     mips: int = 0  # DEST/image and DEST/field also hold mips 1..mips (each write writes its chunk's, _write)
@@ -130,6 +158,10 @@ class Job:
         last = self.z_stop - 1
         return [(s, min(s + self.block - 1, last)) for s in range(self.z_start, max(last, self.z_start + 1),
                                                                   self.block - 1)]
+
+    def solve_blocks(self) -> list[tuple[int, int]]:
+        """``(first, last)`` (inclusive) of every z block of the solve: ``block`` sections each, none shared."""
+        return [(s, min(s + self.block, self.z_stop) - 1) for s in range(self.z_start, self.z_stop, self.block)]
 
     def owner(self, z: int) -> int:
         """Index of the block that owns section z (block 0 owns ``s_0..e_0``, block b > 0 ``s_b+1..e_b``)."""
@@ -333,47 +365,212 @@ def render_task(job: dict, z: int, x: int, y: int) -> None:
     box = job.chunk_box(x, y)
     first = job.blocks()[job.owner(z)][0]
     summary = _summary(job, first)
-    if z in summary["blank"]:
-        image, field = np.zeros(_shape(box), np.uint8), torch.zeros(2, *_shape(box))
-    else:
+    field = None
+    if z not in summary["blank"]:
         frame, fields = _read_field(_dest(job, "block_frame"), first, box), _dest(job, "block_field")
         field = frame if z == summary["reference"] else compose_chunk(fields, z, frame, box, job.bbox)
+    _render(job, z, box, field)
+
+
+def _render(job: Job, z: int, box: Box, field: torch.Tensor | None) -> None:
+    """Section z over ``box`` pulled through ``field`` ``[2, h, w]`` (px) into ``DEST/image``, ``field`` into
+    ``DEST/field`` and, with ``job.defects``, the section's labels pulled through it (nearest) into ``DEST/defects``;
+    ``field`` None: a blank section (blank image and labels, zero field)."""
+    blank = field is None
+    if blank:
+        image, field = np.zeros(_shape(box), np.uint8), torch.zeros(2, *_shape(box))
+    else:
         image = warp_chunk(_layer(job.source, job.mip), z, field, box, job.bbox)
     _write(_dest(job, "image"), image[None], z, box)
     _write(_dest(job, "field"), field.numpy().astype(np.float32), z, box)
     if job.defects:
-        marks = np.zeros_like(image) if z in summary["blank"] else \
+        marks = np.zeros_like(image) if blank else \
             warp_chunk(_layer(job.defects, job.mip), z, field, box, job.bbox, aligned_defects)
         _write(_dest(job, "defects"), marks[None], z, box)
 
 
-def solve_range(job: Job) -> list[int]:
-    """The stack-wide solve of the whole range at once, here (``alignment.align_solved`` with ``job.pair``,
-    ``job.solve`` and the ``job.defects`` layer), into ``DEST/field`` then ``DEST/image`` (and ``DEST/defects``,
-    the defect maps in the aligned frame); returns the blank sections (left blank, zero field).
+# ------------------------------------------------------------------------------------ the solve's tasks
+def _offsets(job: Job) -> list[int]:
+    """The neighbour offsets ``-K..-1, 1..K`` (K = ``job.solve.neighbours``), in the order of ``DEST/pair_field``'s
+    channel pairs."""
+    k = job.solve.neighbours
+    return [*range(-k, 0), *range(1, k + 1)]
 
-    Every field is written in one call before any image: ``volume.write`` refuses a non-finite field before any of
-    them is written.
+
+def solve_margin(job: Job) -> int:
+    """Usable sections a solve task solves beyond each side of its z block: enough that cutting the chain there
+    leaves at most ``CUT_EFFECT`` of a change at the cut on the block's sections (``solve.chain_decay``)."""
+    return math.ceil(math.log(CUT_EFFECT) / math.log(chain_decay(job.solve.pull, job.solve.neighbours)))
+
+
+def _defect_maps(job: Job, sections, box: Box) -> dict | None:
+    """``{z: uint8 [h, w]}``: the defect maps of ``sections`` over ``box``; None without a defect layer."""
+    return {z: _read(_layer(job.defects, job.mip), z, box)[0] for z in sections} if job.defects else None
+
+
+@queueable
+def scan_task(job: dict, z: int) -> None:
+    """Solve phase 1: whether section z is blank (``alignment.is_blank``, its ``tissue_moments`` added up chunk by
+    chunk), into the marker ``solve/scan/Z``; skipped if it is there."""
+    job = Job(**job)
+    marks, name = _progress(job), f"solve/scan/{z}"
+    if marks.exists(name):
+        return
+    source = _layer(job.source, job.mip)
+    moments = sum(tissue_moments(_read(source, z, job.chunk_box(x, y))) for x, y in job.chunk_corners())
+    marks.put_json(name, {"blank": is_blank(moments=moments)})
+
+
+@queueable
+def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
+    """Solve phase 2: the pair fields of section z onto ``targets`` (the usable sections at ``_offsets``, None
+    where there is none) over the xy chunk at corner ``(x, y)``, into ``DEST/pair_field`` at z (2 channels per
+    offset, zero where None); skipped if the marker ``solve/pair/Z/X_Y`` holds these targets.
+
+    Each is ``alignment.pair_field`` (unsmoothed, with the two sections' defect maps) on the chunk grown by
+    ``overlap + prealign`` px (clipped to the bbox), cropped to the chunk: the network's context and the
+    whole-section shift's reach. With one chunk covering the bbox: ``align_solved``'s pair fields exactly.
     """
-    source, sections = _layer(job.source, job.mip), range(job.z_start, job.z_stop)
-    raw = np.stack([_read(source, z, job.bbox)[0] for z in sections])
-    defects = np.stack([_read(_layer(job.defects, job.mip), z, job.bbox)[0] for z in sections]) \
-        if job.defects else None
-    aligned, fields, skipped = align_solved(model_of(job), raw, job.pair, job.solve,
-                                            progress=lambda pairs: tqdm(pairs, desc="pairs", unit="pair"),
-                                            defects=defects)
-    _write(_dest(job, "field"), fields.numpy().astype(np.float32), job.z_start, job.bbox)
-    _write(_dest(job, "image"), aligned[:, None], job.z_start, job.bbox)
-    if defects is not None:
-        marks = np.stack([np.zeros_like(d) if i in skipped else aligned_defects(d, f)
-                          for i, (d, f) in enumerate(zip(defects, fields))])
-        _write(_dest(job, "defects"), marks[:, None], job.z_start, job.bbox)
-    return [sections[i] for i in skipped]
+    job = Job(**job)
+    marks, name = _progress(job), f"solve/pair/{z}/{x}_{y}"
+    if marks.get_json(name) == {"targets": targets}:
+        return
+    box = job.chunk_box(x, y)
+    window = _grown(box, job.pair.overlap + job.pair.prealign, job.bbox)
+    sections = [z, *(t for t in targets if t is not None)]
+    source, unsmoothed = _layer(job.source, job.mip), dataclasses.replace(job.pair, smooth=0)
+    raw, defects = {t: _read(source, t, window)[0] for t in sections}, _defect_maps(job, sections, window)
+    fields = np.zeros((len(targets), 2, *_shape(box)), np.float32)
+    for i, t in enumerate(targets):
+        if t is not None:
+            field = alignment.pair_field(model_of(job), raw[z], raw[t], unsmoothed,
+                                         None if defects is None else (defects[z], defects[t]))
+            fields[i] = _crop(field, box, window).numpy()
+    _write(_dest(job, "pair_field"), fields.reshape(-1, *_shape(box)), z, box)
+    marks.put_json(name, {"targets": targets})
+
+
+@queueable
+def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int) -> None:
+    """Solve phase 3: the fields of the z block starting at ``first`` over the xy chunk at corner ``(x, y)``, in the
+    solve's own frame, into ``DEST/solved``; skipped if the marker ``solve/block/FIRST/X_Y`` holds this window.
+
+    ``window``: ``[w0, w1)``, the block grown by ``solve_margin`` usable sections each side (to the range's ends
+    where fewer are left); ``blank``: its blank sections. The window's pairs (``solve.neighbour_pairs``) are solved
+    jointly (``alignment.solve_fields``, as ``align_solved``) on the chunk grown by ``2 smooth + overlap`` px (the
+    low-pass's reach and the reach of the warp by the fields; clipped to the bbox), from ``DEST/pair_field``, the
+    raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk. With
+    one block and one chunk: ``align_solved``'s solve exactly.
+    """
+    job = Job(**job)
+    marks, name, record = _progress(job), f"solve/block/{first}/{x}_{y}", {"window": window, "blank": blank}
+    if marks.get_json(name) == record:
+        return
+    box, (w0, w1) = job.chunk_box(x, y), window
+    last = dict(job.solve_blocks())[first]
+    usable = [z for z in range(w0, w1) if z not in blank]
+    solved = torch.zeros(last + 1 - first, 2, *_shape(box))
+    if len(usable) > 1:
+        grown = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox)
+        pairs = neighbour_pairs(w1 - w0, job.solve.neighbours, {z - w0 for z in blank})
+        slot = {d: i for i, d in enumerate(_offsets(job))}
+        place = {z: i for i, z in enumerate(usable)}
+        pair_fields = torch.empty(len(pairs), 2, *_shape(grown))
+        for z in usable:  # one read of each section's pair fields
+            read = _read_field(_dest(job, "pair_field"), z, grown).view(-1, 2, *_shape(grown))
+            for e, (s, t) in enumerate(pairs):
+                if s + w0 == z:
+                    pair_fields[e] = read[slot[place[t + w0] - place[z]]]
+        source = _layer(job.source, job.mip)
+        sections = np.stack([_read(source, z, grown)[0] for z in range(w0, w1)])
+        defects = _defect_maps(job, range(w0, w1), grown)
+        fields = solve_fields(sections, pairs, pair_fields, job.solve, job.pair.smooth,
+                              None if defects is None else np.stack(list(defects.values())))
+        solved = _crop(fields[first - w0:last + 1 - w0], box, grown)
+    _write(_dest(job, "solved"), solved.numpy(), first, box)
+    marks.put_json(name, record)
+
+
+def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:
+    """``helpers.invert_field`` over ``box`` of the field ``[2, ...]`` of ``layer`` at section z: ``[2, h, w]`` px.
+
+    The inversion reads the field at ``p + inverse(p)``, about ``-field``: the field is read over ``box`` grown by
+    its largest ``|displacement|`` plus 1 px, grown again while what it read asks for more (clipped to ``bbox``,
+    where the inversion reads the border as it does on a whole section).
+    """
+    margin = _margin(_read_field(layer, z, box))
+    while True:
+        window = _grown(box, margin, bbox)
+        field = _read_field(layer, z, window)
+        if _margin(field) <= margin:
+            return _crop(invert_field(field[None])[0], box, window)
+        margin = _margin(field)
+
+
+@queueable
+def solved_render_task(job: dict, z: int, reference: int | None, x: int, y: int) -> None:
+    """Solve phase 4: section z over the xy chunk at corner ``(x, y)``, pulled into the frame of ``reference`` (the
+    range's first usable section; None: z is blank) as ``helpers.in_frame_of`` does, ``F_z = compose(solved_z,
+    invert_field(solved_ref))`` (``invert_chunk``, ``compose_chunk``), into ``DEST/image``, ``field`` (and
+    ``defects``) as ``render_task`` writes them."""
+    job = Job(**job)
+    box, solved = job.chunk_box(x, y), _dest(job, "solved")
+    field = None if reference is None else \
+        compose_chunk(solved, z, invert_chunk(solved, reference, box, job.bbox), box, job.bbox)
+    _render(job, z, box, field)
+
+
+def usable_sections(job: Job) -> list[int]:
+    """The range's sections the scan found not blank; ``RuntimeError`` if one is not scanned yet."""
+    sections = range(job.z_start, job.z_stop)
+    scans = _progress(job).get_json([f"solve/scan/{z}" for z in sections])
+    if None in scans:
+        raise RuntimeError(f"section {sections[scans.index(None)]} of {job.dest} is not scanned yet")
+    return [z for z, scan in zip(sections, scans) if not scan["blank"]]
+
+
+def solve_window(job: Job, usable: list[int], first: int, last: int) -> list[int]:
+    """``[w0, w1)``: the z block ``first..last`` grown by ``solve_margin`` of the ``usable`` sections on each side,
+    to the range's end on a side with fewer."""
+    margin = solve_margin(job)
+    before, after = [z for z in usable if z < first], [z for z in usable if z > last]
+    return [before[-margin] if len(before) >= margin else job.z_start,
+            after[margin - 1] + 1 if len(after) >= margin else job.z_stop]
+
+
+def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
+    """The solve's four phases (module docstring) that align ``job`` and render ``sections``; the last three are
+    made once the scan is over (from its markers)."""
+    payload, corners, offsets = asdict(job), job.chunk_corners(), _offsets(job)
+
+    def pairs():
+        usable = usable_sections(job)
+        targets = [[usable[i + d] if 0 <= i + d < len(usable) else None for d in offsets] for i in range(len(usable))]
+        return [functools.partial(pair_task, payload, z, targets[i], x, y) for i, z in enumerate(usable)
+                for x, y in corners] if len(usable) > 1 else []
+
+    def solves():
+        usable = usable_sections(job)
+        windows = [(first, solve_window(job, usable, first, last)) for first, last in job.solve_blocks()]
+        return [functools.partial(solve_task, payload, first, window,
+                                  [z for z in range(*window) if z not in usable], x, y)
+                for first, window in windows for x, y in corners]
+
+    def renders():
+        usable = usable_sections(job)
+        return [functools.partial(solved_render_task, payload, z, usable[0] if z in usable else None, x, y)
+                for z in sections for x, y in corners]
+
+    return [("scan", [functools.partial(scan_task, payload, z) for z in range(job.z_start, job.z_stop)]),
+            ("pairs", pairs), ("solve", solves), ("render", renders)]
 
 
 # ------------------------------------------------------------------------------------ the driver
 def phases(job: Job, sections: list[int]) -> list[Phase]:
-    """The three phases' tasks (each a call with no arguments) that align ``job`` and render ``sections``."""
+    """The phases' tasks (each a call with no arguments) that align ``job`` and render ``sections``: the serial
+    tasks' three, or the solve's four (``solve_phases``)."""
+    if job.solve:
+        return solve_phases(job, sections)
     payload, corners = asdict(job), job.chunk_corners()
     return [("blocks", [functools.partial(block_task, payload, first) for first, _ in job.blocks()]),
             ("stitch", [functools.partial(stitch_task, payload, x, y) for x, y in corners]),
@@ -381,14 +578,16 @@ def phases(job: Job, sections: list[int]) -> list[Phase]:
 
 
 def blank_sections(job: Job) -> list[int]:
-    """The blank sections of the range (left blank, zero field), once every block is finished."""
+    """The blank sections of the range (left blank, zero field), once every block is finished (or scanned)."""
+    if job.solve:
+        return sorted(set(range(job.z_start, job.z_stop)) - set(usable_sections(job)))
     return sorted({z for first, _ in job.blocks() for z in _summary(job, first)["blank"]})
 
 
 def run_in_process(all_phases: list[Phase]) -> None:
     """Run every task here, phase after phase, in order."""
     for name, calls in all_phases:
-        for call in tqdm(calls, desc=name, unit="task"):
+        for call in tqdm(calls() if callable(calls) else calls, desc=name, unit="task"):
             call()
 
 
@@ -435,7 +634,7 @@ def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
     failures = _failures(dest)
     failures.delete(list(failures.list()))
     for name, calls in all_phases:
-        queue.insert(calls)
+        queue.insert(calls() if callable(calls) else calls)
         total = queue.enqueued  # this phase's tasks and any left by an interrupted run before
         with tqdm(total=total, desc=f"{name} (queued)", unit="task") as bar:
             empty_polls = 0

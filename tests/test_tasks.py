@@ -1,5 +1,6 @@
 """tasks.py and align.py --block / --queue / worker: the block layout, chunked composition, a blocked run equal
-to the serial one, and a queued run (a worker and the driver killed on the way) equal to the in-process one."""
+to the serial one, and a queued run (a worker and the driver killed on the way) equal to the in-process one; the
+solve's tasks: equal to align_solved with one block and one chunk, close to it with several, queued as in-process."""
 import os
 import queue
 import signal
@@ -16,10 +17,13 @@ from taskqueue.queueablefns import totask
 
 import align
 import alignment
+import evaluate
 import tasks
 import volume
 from alignment import PairSettings, SolveSettings
-from conftest import ROOT, run_script
+from conftest import ROOT, moved_windows, run_script
+import helpers
+import solve
 from helpers import UserError, compose
 from models.archive import save_archive
 from test_alignment import random_net
@@ -219,7 +223,6 @@ def test_bad_queue_input_is_a_one_line_error(tmp_path, tiny_volume):
     common = ["--archive", str(tmp_path / "a.pt"), "--source", tiny_volume[0]["image"], "--dest", str(tmp_path / "d"),
               "--z_start", "0", "--z_stop", "4"]
     for extra, message in ((["--queue", "redis://q"], "fq://FOLDER"), (["--queue", str(tmp_path)], "fq://FOLDER"),
-                           (["--solve", "--queue", "fq://" + str(tmp_path / "q")], "--solve"),
                            (["--block", "1"], "--block"), (["--task_chunk", "300"], "--task_chunk"),
                            (["--max_failures", "0"], "--max_failures")):
         with pytest.raises(UserError, match=message):
@@ -248,3 +251,110 @@ def test_a_queued_task_that_always_fails_is_dead_lettered_and_stops_the_driver(t
                                                       "dead-lettered (last error: UserError: "), err
     assert f"{archive}: no such archive file" in last and "Traceback" not in err
     assert tasks.open_queue(spec, create=False).enqueued == 0  # taken off the queue
+
+
+def solve_volume(tmp_path, tiny_volume, blank=5):
+    """tiny_volume's image layer with section ``blank`` made blank; returns its path and ``[Z, Y, X]`` sections."""
+    paths, arrays = tiny_volume
+    image = arrays["image"][:, 0].copy()
+    image[blank] = 0
+    volume.write(volume.open_volume(paths["image"]), image[blank][None, None], (0, 0, blank))
+    return paths["image"], image
+
+
+def test_solve_tasks_with_one_block_and_one_chunk_are_align_solved_bit_for_bit(tmp_path, tiny_volume):
+    source, image = solve_volume(tmp_path, tiny_volume)
+    defects = tiny_volume[1]["defects"][:, 0]
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    align.main(["--archive", str(archive), "--source", source, "--dest", str(tmp_path / "d"), "--chunk", "32",
+                "--overlap", "32", "--z_start", "2", "--z_stop", "9", "--solve", "--neighbours", "2", "--smooth", "2",
+                "--block", "7", "--task_chunk", "256", "--defects", tiny_volume[0]["defects"]])
+    pair, solve = PairSettings(chunk=32, overlap=32, smooth=2), SolveSettings(neighbours=2)
+    model = tasks.model_of(job(archive=str(archive)))
+    aligned, fields, skipped = alignment.align_solved(model, image[2:9], pair, solve, defects=defects[2:9])
+    marks = np.stack([alignment.aligned_defects(d, f) for d, f in zip(defects[2:9], fields)])
+    marks[skipped] = 0
+    read = {name: volume.read(volume.open_volume(str(tmp_path / "d" / name)), (0, 0, 2), (64, 64, 7))
+            for name in ("image", "field", "defects")}
+    assert skipped == [3] and np.abs(fields.numpy()).max() > 0.05 and marks.any()
+    assert np.array_equal(read["field"], fields.numpy()) and np.array_equal(read["image"][:, 0], aligned)
+    assert np.array_equal(read["defects"][:, 0], marks)
+
+
+def test_the_blank_criterion_adds_up_over_chunks():
+    section = np.random.default_rng(1).integers(0, 4, (64, 64), dtype=np.uint8)
+    parts = sum(alignment.tissue_moments(section[y:y + 16, x:x + 32]) for y in range(0, 64, 16) for x in (0, 32))
+    assert np.array_equal(parts, alignment.tissue_moments(section))
+    std = float(helpers.slice_std(torch.from_numpy(section)))
+    assert alignment.is_blank(moments=parts) == alignment.is_blank(section) == (std < 2.0)
+    assert not alignment.is_blank(section, min_std=std - 1e-3) and alignment.is_blank(section, min_std=std + 1e-3)
+
+
+def test_chain_decay_and_the_solve_margin():
+    p = 0.5
+    assert solve.chain_decay(p, 1) == pytest.approx(1 + p / 4 - np.sqrt(p / 2 + p * p / 16))
+    assert solve.chain_decay(p, 2) > solve.chain_decay(p, 1)  # more neighbours carry a change further
+    assert tasks.solve_margin(job(solve=SolveSettings(pull=2.0))) == 5  # 0.382^5 <= 0.01 < 0.382^4
+    assert tasks.solve_margin(job(solve=SolveSettings())) == 38  # the default pull, 0.03
+
+
+def test_a_solve_in_chunks_and_blocks_is_close_to_the_whole_solve(tmp_path, monkeypatch):
+    """An aligner that finds whole-pixel shifts (the pre-alignment, the network adding nothing) on a stack moved by
+    known shifts: 2 x 2 chunks of 64 px and blocks of 3 sections (the chain cut 5 sections away) keep the fields."""
+    monkeypatch.setattr(alignment, "chunk_field", lambda model, source, target, trunc: torch.zeros(
+        1, 2, *source.shape[-2:]))
+    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
+    moves = [tuple(2 * v for v in move) for move in np.random.default_rng(4).integers(-2, 3, (12, 2)).tolist()]
+    stack = moved_windows(moves, size=128)
+    layer(tmp_path / "raw", stack[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "12",
+              "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--pull", "2"]
+    align.main(common + ["--dest", str(tmp_path / "whole"), "--task_chunk", "128"])
+    align.main(common + ["--dest", str(tmp_path / "parts"), "--task_chunk", "64", "--block", "3"])
+    whole, parts = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (128, 128, 12))
+                    for d in ("whole", "parts"))
+    truth = torch.tensor(moves, dtype=torch.float32).view(12, 2, 1, 1).expand(12, 2, 128, 128)
+    truth = truth - truth[:1]
+    difference = np.sqrt(((whole - parts) ** 2).sum(1))
+    errors = [evaluate.epe(evaluate.common_frame(f, truth), truth)["far_median"] for f in (whole, parts)]
+    assert np.percentile(difference, 99) < 0.1 and abs(errors[0] - errors[1]) < 0.05, (difference.max(), errors)
+    windows = align.progress_files(str(tmp_path / "parts")).get_json("solve/block/0/0_0")["window"]
+    assert windows == [0, 8]  # the block 0..2 and 5 sections beyond: the chain is cut
+
+
+def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
+    source, _ = solve_volume(tmp_path, tiny_volume)
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    spec = "fq://" + str(tmp_path / "queue")
+    common = ["--archive", archive, "--source", source, "--chunk", "32", "--overlap", "32", "--z_start", "1",
+              "--z_stop", "11", "--solve", "--block", "3", "--pull", "2", "--smooth", "2", "--defects",
+              tiny_volume[0]["defects"]]
+    driver_argv = [*common, "--dest", tmp_path / "queued", "--queue", spec]
+    worker_argv = ["worker", "--queue", spec, "--lease_seconds", "2"]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = []
+    try:
+        started.append(start(*driver_argv, **quiet))
+        align.main([str(a) for a in common] + ["--dest", str(tmp_path / "here")])  # meanwhile, in-process
+        wait_for(lambda: any((tmp_path / "queue" / "queue").glob("*.json")), 60, "the driver to enqueue")
+        doomed = start(*worker_argv, env={tasks.SLEEP_VARIABLE: "600"}, stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL)
+        started.append(doomed)
+        wait_for_line(doomed, "running scan_task", 60)
+        for proc in started:
+            proc.send_signal(signal.SIGKILL)
+        driver = start(*driver_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        started += [driver, start(*worker_argv, **quiet), start(*worker_argv, **quiet)]  # two workers
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert driver.returncode == 0 and "aligned 10 sections" in out and "skipped blank sections: 5" in out, out
+    for name in ("image", "field", "defects"):
+        here, queued = (volume.read(volume.open_volume(str(tmp_path / dest / name)), (0, 0, 1), (64, 64, 10))
+                        for dest in ("here", "queued"))
+        assert np.array_equal(here, queued) and queued.any(), name  # bit for bit
+    marks = align.progress_files(str(tmp_path / "queued"))
+    assert marks.get_json("solve/block/1/0_0")["window"] == [1, 10]  # blocks cut 5 usable sections away
