@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import align_quality
-from helpers import HelpFormatter, UserError, run_main
+from helpers import HelpFormatter, UserError, finite_float, run_main
 
 VOLUMES = {"isbi": ["--z_start", "0", "--sections", "30", "--size", "416", "--reregister"],  # ISBI 2012 (fly)
            "snemi": ["--z_start", "60", "--sections", "40"]}  # SNEMI3D's last 40 sections (mouse)
@@ -62,6 +62,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2], help="one draw per seed")
     p.add_argument("--classical", nargs="*", default=None,
                    help="also these settings of the classical aligners (bench.align_quality --settings)")
+    p.add_argument("--adapt", type=finite_float, nargs="+", default=[0.0],
+                   help="minutes each network is first adapted to the misaligned raw stack (align.py --adapt; 0 = as "
+                        "it is); several to compare")
     p.add_argument("--shape", help=argparse.SUPPRESS)  # tests: flags that replace VOLUMES' stack shape
     args = p.parse_args(argv)
     results = []
@@ -71,7 +74,7 @@ def main(argv=None) -> list[dict]:
         for seed in args.seed:
             shape = args.shape.split() if args.shape else VOLUMES[name]
             quality = ["--real", folder, *shape, "--seed", str(seed), "--archive", archive,
-                       "--ours", "solve1", "--smooth", "192",
+                       "--ours", "solve1", "--smooth", "192", "--adapt", *map(str, args.adapt),
                        *(["--settings", *args.classical] if args.classical is not None else ["--methods", "none"])]
             for method, r in ratios(align_quality.main(quality)).items():
                 results.append({"volume": name, "seed": seed, "method": method, **r})
