@@ -130,6 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--elastic", type=finite_float, default=0.0,
                    help="RMS length (px) of a smooth elastic field (feature size 200 px) added to each jitter, "
                         "as misalign.py misaligns the demo; for --registered datasets")
+    g.add_argument("--tissue_change", type=finite_float, default=0.0,
+                   help="RMS length (px) of a fine field (feature size 24 px) that moves each target's content but "
+                        "not its true field, as tissue changes between sections (data.tissue_change); for pairs of "
+                        "a section with itself (adapt.py)")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -408,7 +412,8 @@ def setup(args) -> tuple:
     args.dataset = [str(path) for path in paths] if len(paths) > 1 else str(paths[0])
     check_args(args)
     augment = None if args.no_augment else Augmenter(p_jitter=args.p_jitter, max_shift=args.max_shift,
-                                                     max_angle=args.max_angle, elastic_amplitude=args.elastic)
+                                                     max_angle=args.max_angle, elastic_amplitude=args.elastic,
+                                                     change_amplitude=args.tissue_change)
     parts = [StackDataset(path, mask_radius=args.mask_neighborhood_radius, augment=augment, crop=args.crop or None)
              for path in paths]
     sizes = sorted({tuple(part.shape[2:]) for part in parts})
