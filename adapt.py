@@ -7,8 +7,11 @@ with the real-tissue recipe's flags (``RECIPE``: ``--p_jitter 1``, so each slice
 moved by its own random shift, rotation and elastic field, and the source is cracked
 or folded) makes a pair whose true field is known. The supervised term then teaches
 the network the misalignment on the user's own texture; since the two slices are the
-same section, the similarity penalty cannot reward following tissue change. Nothing
-but the raw sections goes in: no true field, no defect map, no other stack.
+same section, the similarity penalty cannot reward following tissue change; but
+a pair without any change teaches the network to follow every difference (the CPC
+rises on ISBI, bench/RESULTS.md), so ``--tissue_change`` moves the target's content
+by a fine field that the true field leaves out. Nothing but the raw sections goes
+in: no true field, no defect map, no other stack.
 
 The result is written atomically to ``out`` (``models.archive.save_archive``, without
 the optimizer state): its lineage is the parent's followed by this run (``adapted``),
@@ -32,10 +35,12 @@ from models.archive import load_archive, read_archive, save_archive
 MAX_SECTIONS = 32  # self-pairs made from at most this many sections of the range
 MAX_SIDE = 512  # px: each from the central square of at most this side of the region
 CROP = 192  # px: train.py --crop (less on smaller sections)
-# train.py's flags: pt/README.md's real-tissue recipe, at a fine-tuning lr (0.0002, not 0.0005); --minutes stops it
+# train.py's flags: pt/README.md's real-tissue recipe at a fine-tuning lr (0.0002, not 0.0005), plus --tissue_change;
+# --minutes stops it
 RECIPE = ["--lambda1", "0.1", "--lambda_gt", "1", "--max_shift", "16", "--p_jitter", "1", "--max_angle", "0.02",
-          "--elastic", "2.5", "--fall_time", "0", "--lr", "0.0002", "--clip", "1", "--batch_size", "8",
-          "--epoch_size", "200", "--epochs", "1000000", "--vis_interval", "0", "--num_workers", "0"]
+          "--elastic", "2.5", "--tissue_change", "2", "--fall_time", "0", "--lr", "0.0002", "--clip", "1",
+          "--batch_size", "8", "--epoch_size", "200", "--epochs", "1000000", "--vis_interval", "0",
+          "--num_workers", "0"]
 
 
 def section_sample(z_start: int, z_stop: int) -> list[int]:

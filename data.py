@@ -412,7 +412,8 @@ class Augmenter:
     """The seed's training augmentation, as probabilities and ranges; ``augmenter(sample, generator)``.
 
     Order: swap (its ``invert_field`` needs a smooth field, so before any tear),
-    ``tissue_change`` of the target (``change_amplitude`` px; 0 = none), synthetic defects on the source (``crack``, ``fold``, sized by ``defect_params``),
+    ``tissue_change`` of the target (``change_amplitude`` px; 0 = none), synthetic
+    defects on the source (``crack``, ``fold``, sized by ``defect_params``),
     per-slice jitter, flips and transpose (the field follows every step), then
     intensities (brightness ramps, cutouts). Shifts are in pixels of the dataset,
     angles in radians.

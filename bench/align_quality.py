@@ -17,7 +17,9 @@ source checkout named by ``$SOFIMA_PATH``), each at its best of a few settings
 (best = lowest median EPE far from defects). Every method aligns serially to the
 first section; its fields are scored against the truth in that section's frame
 (``helpers.in_frame_of``). EPE is the primary figure: a CPC above the
-oracle's means the method warps tissue to look like its neighbour.
+oracle's means the method warps tissue to look like its neighbour. ``--adapt MINUTES``
+first adapts our network for that long to the misaligned raw stack alone (``adapt.py``,
+as ``align.py --adapt``); a row per value, 0 = as it is.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Cross-volume evaluation: each network on a real volume it was not trained on, several draws, both frames.
 
     python -m bench.cross_volume --test isbi=$ISBI_DIR:pt/real_tissue.pt [--test snemi=$SNEMI_DIR:pt/OTHER.pt] \
-        [--seed 0 1 2] [--classical affine patch64]
+        [--seed 0 1 2] [--classical affine patch64] [--adapt 0 5 15]
 
 Each ``--test NAME=FOLDER:ARCHIVE`` aligns draws of the registered sections in FOLDER, misaligned with
 known fields as ``bench.align_quality --real`` does (its stack shape for NAME: ``VOLUMES``), with the
@@ -9,7 +9,9 @@ network ARCHIVE (``--solve --smooth 192``, the real-tissue setting) and, with ``
 classical aligners at those settings. Per draw it prints EPE far in the first section's frame and
 in a common frame as ratios to no alignment's, the drift beside no alignment's and the CPC beside
 the oracle's, and whether the draw meets the bar of issue 19: ratio <= 0.6 first frame and <= 0.45
-common, drift below no alignment's, CPC below the oracle's.
+common, drift below no alignment's, CPC below the oracle's. ``--adapt 0 5`` compares the network as
+it is with a copy adapted for 5 minutes to each misaligned stack (``adapt.py``, as ``align.py --adapt``:
+from the misaligned raw sections alone, never their true fields).
 """
 from __future__ import annotations
 

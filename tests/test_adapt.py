@@ -40,7 +40,8 @@ def test_adapt_changes_a_copy_of_the_weights_names_its_parent_and_leaves_it_unto
     assert parent.read_bytes() == before
     model, archive = load_archive(out)
     original, _ = load_archive(parent)
-    changed = [name for name, value in model.state_dict().items() if not torch.equal(value, original.state_dict()[name])]
+    changed = [name for name, value in model.state_dict().items()
+               if not torch.equal(value, original.state_dict()[name])]
     assert changed and archive["iteration"] == 1 and archive["optimizer"] is None
     assert [entry["name"] for entry in lineage(archive)] == ["parent", "adapted"]
     assert archive["adapted_from"] == {"archive": str(parent), "sha256": file_sha256(parent), "minutes": 1e-6,
@@ -66,6 +67,7 @@ def test_adapt_trains_on_the_sections_alone_each_paired_with_itself(parent, tmp_
     assert seen["names"] == ["coords", "images", "slice_std"] and seen["registered"]  # no fields, no defect maps
     flags = seen["flags"]
     assert flags[flags.index("--minutes") + 1] == "2.5" and flags[flags.index("--p_jitter") + 1] == "1"
+    assert float(flags[flags.index("--tissue_change") + 1]) > 0  # the pair of a section with itself changes too
     assert flags[flags.index("--crop") + 1] == "48" and flags[flags.index("--state_archive") + 1] == str(parent)
 
 
