@@ -37,6 +37,13 @@ what align.py wrote in DEST (``DEST_LAYERS`` and ``progress/``, every section,
 not only the range) and aligns the range afresh; it never deletes a layer that
 align.py did not write.
 
+``--adapt MINUTES`` first fine-tunes a copy of the archive for that long on the
+range's own raw sections, each paired with itself under a known random warp
+(``adapt.py``: no labels), writes it to ``DEST/adapted.pt`` (atomically; a local
+DEST) and aligns with it. The run record holds the minutes and the adapted
+network's sha256: a resumed run reuses ``DEST/adapted.pt`` and refuses one that
+changed; ``--overwrite`` adapts afresh.
+
 Serial alignment runs as the tasks of ``tasks.py``: blocks of ``--block``
 sections aligned independently (default: the whole range, one block, i.e. the
 serial alignment), a stitch that chains the blocks' frames, and renders of
@@ -52,6 +59,7 @@ the whole range at once (``alignment.align_solved``), bit for bit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -64,11 +72,12 @@ from urllib.parse import quote
 import numpy as np
 from cloudfiles import CloudFiles
 
+import adapt
 import demo
 import tasks
 import volume
 from alignment import add_flags, settings_from_args, stride
-from helpers import HelpFormatter, UserError, check_writable, code_version, file_sha256, run_main
+from helpers import HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, run_main
 from models.archive import lineage, read_archive
 from vis import neuroglancer_state
 
@@ -79,7 +88,8 @@ ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's pro
 VIEWER = "https://neuroglancer-demo.appspot.com/#!"  # a public Neuroglancer; the state follows the #!
 VIEW_PORT = 1337  # where cloudvolume.server.view serves a local DEST (CloudVolume.viewer's port)
 NEUROGLANCER_STATE = "neuroglancer.json"  # in DEST, beside the layers
-UNRECORDED = {"vote": 1, "mips": 0}  # settings run_record leaves out at these values (older records lack them)
+ADAPTED = "adapted.pt"  # in DEST: the network --adapt made and aligned with
+UNRECORDED = {"vote": 1, "mips": 0, "adapt": 0}  # settings run_record leaves out at these values (old records)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,6 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="first delete what align.py wrote in DEST (its layers image, field, block_field, "
                         "block_frame and progress/, every section, not only this range), then align the range")
+    p.add_argument("--adapt", type=finite_float, default=0, metavar="MINUTES",
+                   help=f"first fine-tune a copy of --archive for MINUTES on self-pairs of the range's raw sections "
+                        f"(adapt.py: each section paired with itself under a known random warp, no labels), write it "
+                        f"to DEST/{ADAPTED} (a local DEST) and align with it; a resumed run reuses it (0 = off)")
     p.add_argument("--bucket", help="prefix for bare source paths")
     p.add_argument("--device", help="cpu or cuda; None: cuda where the alignment runs, if it has one")
     return p.parse_args(argv)
@@ -201,8 +215,10 @@ def run_record(args, job: tasks.Job) -> dict:
     setting of that mode that changes the result, keyed by its flag's name: ``--z_start`` (the fixed section),
     ``--mip``, ``--bbox``, ``--defects`` (the layer's cloudpath; only when given), ``job.pair``, then ``job.solve``
     (``--detail_pull`` only with ``--smooth``) or the serial tasks' ``--vote`` (when > 1), then ``--block`` and
-    ``--task_chunk`` (the solve's too: its result depends a little on them), then ``--mips`` (when > 0); a non-finite float is a string. Not ``--z_stop`` (a later run may
-    extend the range), nor what only changes how the run goes (``--device``, ``--queue``, ``--max_failures``)."""
+    ``--task_chunk`` (the solve's too: its result depends a little on them), then ``--mips`` (when > 0), then
+    ``--adapt`` (when > 0; ``main`` adds the adapted network's ``adapted_sha256``); a non-finite float is a string.
+    Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes (``--device``,
+    ``--queue``, ``--max_failures``)."""
     settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox],
                 **({"defects": job.defects} if job.defects else {}), **asdict(job.pair)}
     if job.solve:
@@ -212,6 +228,7 @@ def run_record(args, job: tasks.Job) -> dict:
         settings.update({"vote": job.vote} if job.vote > 1 else {})
     settings.update(block=args.block, task_chunk=job.xy_chunk)
     settings.update({"mips": job.mips} if job.mips else {})
+    settings.update({"adapt": args.adapt} if args.adapt else {})
     mode = "solve" if job.solve else "raw_neighbour" if job.raw_neighbour else "vote" if job.vote > 1 else "serial"
     record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
     return {**record, **{key: _json_value(value) for key, value in settings.items()}}
@@ -222,12 +239,13 @@ def _json_value(value):
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def provenance_entry(args, run: dict) -> dict:
-    """This run's entry in the provenance of DEST's layers: the date, the code version, the arguments, the archive's
-    lineage (``archive_lineage``) and ``run`` (``run_record``: the archive's sha256, the resolved source, ...)."""
+def provenance_entry(args, run: dict, network: str) -> dict:
+    """This run's entry in the provenance of DEST's layers: the date, the code version, the arguments, the lineage of
+    the archive ``network`` it aligns with (``archive_lineage``: ``--archive``'s, or ``DEST/adapted.pt``'s, which
+    ends with its adaptation) and ``run`` (``run_record``: the archive's sha256, the resolved source, ...)."""
     return {"description": ALIGNED_BY, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "code_version": code_version(), "method": {
-                "archive": args.archive, "archive_lineage": archive_lineage(args.archive), "source": args.source,
+                "archive": args.archive, "archive_lineage": archive_lineage(network), "source": args.source,
                 "mip": args.mip, "args": vars(args), "command": " ".join(sys.argv), "run": run}}
 
 
@@ -266,6 +284,9 @@ def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
         if key == "archive_sha256":
             difference = (f"archive sha256 {str(old)[:12]}... ({last['method'].get('archive')}), "
                           f"not {str(new)[:12]}... ({archive})")
+        elif key == "adapted_sha256":
+            difference = (f"the adapted network {ADAPTED} of sha256 {str(old)[:12]}..., not "
+                          + (f"{str(new)[:12]}..." if new else "a missing file"))
         else:
             difference = f"{key if key in ('source', 'mode') else '--' + key} {_typed(old)}, not {_typed(new)}"
         raise UserError(f"{dest} was aligned with {difference}; {redo}")
@@ -323,6 +344,18 @@ def check_defects(defects, source) -> None:
                         f"not the source's {want[:3]}..{want[3:6]} at {list(want[6:])}")
 
 
+def adapt_to_range(args, source, job: tasks.Job, out: Path) -> None:
+    """``adapt.adapt`` the ``--archive`` for ``--adapt`` minutes to the raw sections of ``job``'s range and bbox in
+    ``source`` (at ``--mip``), into ``out``."""
+    x0, y0, x1, y1 = job.bbox
+    sections = adapt.self_pair_sections(
+        lambda dx, dy, z, side: volume.read(source, (x0 + dx, y0 + dy, z), (side, side, 1))[0, 0],
+        job.z_start, job.z_stop, x1 - x0, y1 - y0)
+    print(f"adapting {args.archive} for {args.adapt:g} minutes to {len(sections)} sections of the range")
+    adapt.adapt(args.archive, sections, args.adapt, out, device=args.device)
+    print(f"wrote {out}")
+
+
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
     if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.detail_pull <= 0 or args.robust < 0 \
@@ -344,6 +377,8 @@ def check_args(args) -> None:
                         f"(each task writes whole {tasks.LAYER_CHUNK} px chunks of every mip)")
     if args.max_failures < 1:
         raise UserError("--max_failures must be >= 1")
+    if args.adapt < 0:
+        raise UserError(f"--adapt {args.adapt:g}: minutes must be >= 0 (0 = no adaptation)")
 
 
 def main(argv=None) -> dict:
@@ -357,6 +392,9 @@ def main(argv=None) -> dict:
         args.dest = str(Path(args.dest).expanduser().resolve())
     if volume.resolve_path(args.dest).startswith("file://"):  # a folder here: writable before anything is read
         check_writable(volume.resolve_path(args.dest).removeprefix("file://"), "--dest", folder=True)
+    elif args.adapt:
+        raise UserError(f"--adapt writes DEST/{ADAPTED} beside the layers: it needs a local --dest folder, "
+                        f"not {args.dest}")
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     args.source = demo.resolve(args.source)  # the word 'demo' is the embedded demo volume
     source = volume.open_volume(args.source, args.mip, args.bucket)
@@ -384,10 +422,14 @@ def main(argv=None) -> dict:
         raise UserError(f"--chunk {args.chunk} must be a multiple of {stride(model)} px, the coarsest stride of the "
                         f"{model.size} levels of {args.archive}")
     run, runs = run_record(args, job), recorded_runs(job.dest)
-    if args.overwrite or runs is None:  # None: no layer, so any progress marker left is stale
-        remove_outputs(job.dest)
-    else:
+    adapted = Path(args.dest) / ADAPTED if args.adapt else None
+    resume = runs is not None and not args.overwrite  # None: no layer, so any progress marker left is stale
+    if resume and adapted is not None and adapted.is_file():  # the network the run being resumed adapted
+        run["adapted_sha256"] = file_sha256(adapted)
+    if resume:
         check_same_run(args.dest, runs[-1], run, args.archive)
+    else:
+        remove_outputs(job.dest)
     progress = progress_files(args.dest)
     finished = progress.exists([str(z) for z in range(args.z_start, args.z_stop)])
     todo = [z for z in range(args.z_start, args.z_stop) if not finished[str(z)]]
@@ -398,7 +440,13 @@ def main(argv=None) -> dict:
         return {"sections": 0}
     if len(todo) < args.z_stop - args.z_start and not args.solve:
         print(f"resuming: {args.z_stop - args.z_start - len(todo)} sections of the range are already aligned")
-    open_dest(args, source, ((x0, y0, args.z_start), (x1, y1, args.z_stop)), provenance_entry(args, run),
+    if adapted is not None:
+        if "adapted_sha256" not in run:
+            adapt_to_range(args, source, job, adapted)
+            run["adapted_sha256"] = file_sha256(adapted)
+        job = dataclasses.replace(job, archive=str(adapted))
+    open_dest(args, source, ((x0, y0, args.z_start), (x1, y1, args.z_stop)),
+              provenance_entry(args, run, job.archive),
               ("image", "field") + (("defects",) if args.defects else ())
               + (SOLVE_LAYERS if args.solve else SERIAL_LAYERS))
 

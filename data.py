@@ -264,6 +264,18 @@ def jitter(sample: Sample, generator: torch.Generator, p: float, max_shift: floa
     return sample
 
 
+def tissue_change(sample: Sample, generator: torch.Generator, amplitude: float, wavelength: float = 24.0) -> Sample:
+    """The target's content moved by a fine ``misalign.smooth_field`` of RMS length ``amplitude`` px and feature
+    size ``wavelength`` px that the pair field does not follow: as tissue changes from one section to the next, so
+    that a pair of one section with itself (``adapt.py``) does not teach the network to follow such change."""
+    if amplitude <= 0:
+        return sample
+    h, w = sample["tgt"].shape[-2:]
+    change = misalign.smooth_field(1, h, w, amplitude, wavelength, generator)
+    return {**sample, "tgt": warp_tissue(sample["tgt"][None], change)[0],
+            "tgt_defects": warp_labels(sample["tgt_defects"][None], change)[0]}
+
+
 def _map_pair(sample: Sample, image_fn, field_fn) -> Sample:
     """Apply ``image_fn`` to every image-like tensor of ``sample`` and ``field_fn`` to its field."""
     out = {name: image_fn(t) for name, t in sample.items() if name not in ("field", "has_field")}
@@ -400,12 +412,14 @@ class Augmenter:
     """The seed's training augmentation, as probabilities and ranges; ``augmenter(sample, generator)``.
 
     Order: swap (its ``invert_field`` needs a smooth field, so before any tear),
-    synthetic defects on the source (``crack``, ``fold``, sized by ``defect_params``),
+    ``tissue_change`` of the target (``change_amplitude`` px; 0 = none), synthetic
+    defects on the source (``crack``, ``fold``, sized by ``defect_params``),
     per-slice jitter, flips and transpose (the field follows every step), then
     intensities (brightness ramps, cutouts). Shifts are in pixels of the dataset,
     angles in radians.
     """
     p_swap: float = 0.5
+    change_amplitude: float = 0.0
     p_crack: float = 0.15
     p_fold: float = 0.1
     defect_params: misalign.MisalignParams = misalign.MisalignParams()
@@ -426,6 +440,7 @@ class Augmenter:
 
     def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
         sample = swap(sample, generator, self.p_swap)
+        sample = tissue_change(sample, generator, self.change_amplitude)
         sample = crack(sample, generator, self.p_crack, self.defect_params)
         sample = fold(sample, generator, self.p_fold, self.defect_params)
         sample = jitter(sample, generator, self.p_jitter, self.max_shift, self.max_angle, self.max_scale,

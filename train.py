@@ -101,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--clip", type=finite_float, default=1.0,
                    help="clip the gradient norm to this (0 = off); guards against the field blowing up")
     g.add_argument("--epochs", type=int, default=20, help="epochs in all")
+    g.add_argument("--minutes", type=finite_float, default=0,
+                   help="stop after this many minutes of training, mid-epoch, and save the network there as that "
+                        "epoch (0 = no limit; --epochs still stops it first)")
     g.add_argument("--fall_time", type=int, default=2,
                    help="epochs per level in staged training (0 = all levels together from the start)")
     g.add_argument("--epoch_size", type=int, default=0,
@@ -127,6 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--elastic", type=finite_float, default=0.0,
                    help="RMS length (px) of a smooth elastic field (feature size 200 px) added to each jitter, "
                         "as misalign.py misaligns the demo; for --registered datasets")
+    g.add_argument("--tissue_change", type=finite_float, default=0.0,
+                   help="RMS length (px) of a fine field (feature size 24 px) that moves each target's content but "
+                        "not its true field, as tissue changes between sections (data.tissue_change); for pairs of "
+                        "a section with itself (adapt.py)")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -165,8 +172,8 @@ def check_args(args) -> None:
         raise UserError("--fine_tuning needs --state_archive")
     if args.k < 1 or args.k % 2 == 0:
         raise UserError(f"--k must be odd (got {args.k})")
-    if min(args.epochs, args.batch_size) < 1 or args.fall_time < 0 or args.lr <= 0:
-        raise UserError("--epochs, --batch_size and --lr must be positive, --fall_time >= 0")
+    if min(args.epochs, args.batch_size) < 1 or args.fall_time < 0 or args.lr <= 0 or args.minutes < 0:
+        raise UserError("--epochs, --batch_size and --lr must be positive, --fall_time and --minutes >= 0")
     if args.crop and args.crop % 2 ** (args.size - 1):
         raise UserError(f"--crop {args.crop} is not divisible by 2^(size-1) = {2 ** (args.size - 1)}")
     if args.batch_size % distributed.world_size():
@@ -267,6 +274,11 @@ def validate(model: Pyramid, loader, trunc: int, device) -> dict:
     if not errors:
         return {}
     return {"epe": float(torch.cat(errors).mean()), "epe_zero_field": float(torch.cat(zero).mean())}
+
+
+def out_of_time(deadline: float) -> bool:
+    """Whether ``time.time()`` has passed ``deadline`` on any rank (every rank gets the same answer)."""
+    return distributed.mean_over_ranks({"late": float(time.time() >= deadline)})["late"] > 0
 
 
 def to_device(batch: dict, device) -> dict:
@@ -400,7 +412,8 @@ def setup(args) -> tuple:
     args.dataset = [str(path) for path in paths] if len(paths) > 1 else str(paths[0])
     check_args(args)
     augment = None if args.no_augment else Augmenter(p_jitter=args.p_jitter, max_shift=args.max_shift,
-                                                     max_angle=args.max_angle, elastic_amplitude=args.elastic)
+                                                     max_angle=args.max_angle, elastic_amplitude=args.elastic,
+                                                     change_amplitude=args.tissue_change)
     parts = [StackDataset(path, mask_radius=args.mask_neighborhood_radius, augment=augment, crop=args.crop or None)
              for path in paths]
     sizes = sorted({tuple(part.shape[2:]) for part in parts})
@@ -479,6 +492,7 @@ def train(args, device: str | None = None) -> Path:
     history: dict[str, list[float]] = archive["history"]
     iteration, start_epoch = archive["iteration"], archive["epoch"]
     optimizer, stage = None, None
+    deadline = time.time() + 60 * args.minutes if args.minutes else math.inf
     if rank0:
         log_arguments(writer, args, iteration)
         print(f"training {args.name}: {len(dataset)} pairs from {args.dataset}, {args.size} levels, "
@@ -528,6 +542,8 @@ def train(args, device: str | None = None) -> Path:
             if rank0:
                 bar.set_postfix(total=f"{log['total']:.4g}", refresh=False)
                 log_step(writer, out_dir, iteration, scalars, pictures, args.vis_interval)
+            if out_of_time(deadline):
+                break
         means = {k: v / max(count, 1) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in means.values()):  # the same on every rank: all stop
             raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {archive_path} keeps the last "
@@ -560,6 +576,10 @@ def train(args, device: str | None = None) -> Path:
             elif "val_epe" not in history:  # --overwrite without held-out data: an old best is not this run's
                 best_path(archive_path).unlink(missing_ok=True)
         distributed.barrier()  # the other ranks wait while rank 0 validates and saves
+        if out_of_time(deadline):
+            if rank0:
+                print(f"stopped after --minutes {args.minutes:g}, in epoch {epoch}")
+            break
     if rank0:
         log_hparams(writer, args, history, args.epochs - 1)
         writer.close()

@@ -17,7 +17,9 @@ source checkout named by ``$SOFIMA_PATH``), each at its best of a few settings
 (best = lowest median EPE far from defects). Every method aligns serially to the
 first section; its fields are scored against the truth in that section's frame
 (``helpers.in_frame_of``). EPE is the primary figure: a CPC above the
-oracle's means the method warps tissue to look like its neighbour.
+oracle's means the method warps tissue to look like its neighbour. ``--adapt MINUTES``
+first adapts our network for that long to the misaligned raw stack alone (``adapt.py``,
+as ``align.py --adapt``); a row per value, 0 = as it is.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import argparse
 import dataclasses
 import itertools
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +41,7 @@ import evaluate
 from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
                        for_inference, settings_from_args)
 from demo import PHANTOMS
-from helpers import UserError, in_frame_of, run_main
+from helpers import UserError, finite_float, in_frame_of, run_main
 
 
 def detected_defects(stack: dict) -> np.ndarray:
@@ -173,6 +176,21 @@ def network_fields(archive: str, variant: str, pair: PairSettings, solve: SolveS
                                                                    vote=vote, settings=pair, defects=defects)])
 
 
+def adapted_network(archive: str, minutes: float, raw: np.ndarray, folder: Path, seed: int) -> str:
+    """``archive``, or with ``minutes`` > 0 a copy adapted for that long (``adapt.adapt``, as ``align.py --adapt``)
+    to the misaligned raw sections ``raw`` [Z,H,W] uint8 alone, written into ``folder``."""
+    if not minutes:
+        return archive
+    import adapt
+    from models.archive import read_archive
+
+    sections = adapt.self_pair_sections(lambda dx, dy, z, side: raw[z, dy:dy + side, dx:dx + side], 0, len(raw),
+                                        raw.shape[2], raw.shape[1])
+    path = adapt.adapt(archive, sections, minutes, folder / f"{Path(archive).stem}_adapted_{minutes:g}.pt", seed=seed)
+    print(f"  adapted {archive} for {minutes:g} min: {read_archive(path)['iteration']} steps")
+    return str(path)
+
+
 def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
     row = evaluate.score(aligned, fields, stack["truth_rel"], stack["defects"])
     row["oracle_cpc"] = oracle_cpc
@@ -206,12 +224,17 @@ def main(argv=None) -> dict:
     p.add_argument("--defects", nargs="+", choices=list(DEFECT_MASKS), default=["none"],
                    help="the defect masks our network aligns with (align.py --defects): the stack's true ones "
                         "(given), detect_defects.py's (detected) or none; several to compare")
+    p.add_argument("--adapt", type=finite_float, nargs="+", default=[0.0],
+                   help="minutes our network is first adapted to the misaligned raw stack (align.py --adapt; 0 = "
+                        "as it is); several to compare")
     p.add_argument("--methods", nargs="*", help="restrict the classical methods (e.g. elastix sofima)")
     p.add_argument("--settings", nargs="*", help="only these settings of the classical methods (default: all)")
     p.add_argument("--out", help="write the table (markdown) and plots to this folder")
     args = p.parse_args(argv)
     if len({Path(a).stem for a in args.archive}) < len(args.archive):
         raise UserError("--archive: two networks with the same file name would share a row name")
+    if min(args.adapt) < 0:
+        raise UserError(f"--adapt {min(args.adapt):g}: minutes must be >= 0")
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")
         return {}
@@ -229,17 +252,22 @@ def main(argv=None) -> dict:
     rows["no alignment"] = score_row(stack, raw, zero, 0, oracle)
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
-    for archive, variant, smooth, masks in itertools.product(args.archive, args.ours, args.smooth, args.defects):
+    for variant in args.ours:
         if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
-        fields_fn = network_fields(archive, variant, *settings_from_args(args, smooth=smooth),
-                                   DEFECT_MASKS[masks](stack))
-        aligned, fields, seconds = run_method(fields_fn, raw)
-        name = (f"ours ({Path(archive).stem}, {variant}{f', smooth {smooth}' if smooth else ''}"
-                f"{f', defects {masks}' if masks != 'none' else ''})")
-        rows[name] = score_row(stack, aligned, fields, seconds, oracle)
-        hist[name] = evaluate.cpc(aligned)
-        print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")
+    with tempfile.TemporaryDirectory(prefix="align-quality-") as tmp:
+        networks = {(archive, minutes): adapted_network(archive, minutes, raw, Path(tmp), args.seed)
+                    for archive in args.archive for minutes in dict.fromkeys(args.adapt)}
+        for (archive, minutes), variant, smooth, masks in itertools.product(networks, args.ours, args.smooth,
+                                                                            args.defects):
+            fields_fn = network_fields(networks[archive, minutes], variant, *settings_from_args(args, smooth=smooth),
+                                       DEFECT_MASKS[masks](stack))
+            aligned, fields, seconds = run_method(fields_fn, raw)
+            name = (f"ours ({Path(archive).stem}{f', adapted {minutes:g} min' if minutes else ''}, {variant}"
+                    f"{f', smooth {smooth}' if smooth else ''}{f', defects {masks}' if masks != 'none' else ''})")
+            rows[name] = score_row(stack, aligned, fields, seconds, oracle)
+            hist[name] = evaluate.cpc(aligned)
+            print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")
 
     from bench import baselines
     for method, reason in baselines.available().items():

@@ -358,3 +358,13 @@ def test_a_registered_file_has_known_zero_fields_and_held_out_pairs_are_fixed_mi
     raw["tgt"] = raw["src"].clone()  # one section against itself: the known field must re-align it
     out = held_out.augment(raw, torch.Generator().manual_seed(0))
     assert consistent(out, 2.0)
+
+
+def test_tissue_change_moves_the_targets_content_but_not_the_pair_field():
+    sample = raw_pair()
+    assert data.tissue_change(sample, torch.Generator().manual_seed(0), 0.0) is sample
+    out = data.tissue_change(sample, torch.Generator().manual_seed(0), 2.0)
+    assert torch.equal(out["field"], sample["field"]) and torch.equal(out["src"], sample["src"])
+    assert float((out["tgt"] - sample["tgt"]).abs().mean()) > 5  # the content moved: the field no longer fits it
+    assert consistent(sample, 1.2) and not consistent(out, 1.2)
+    assert not torch.equal(out["tgt_defects"], sample["tgt_defects"])  # the defect map moves with the content

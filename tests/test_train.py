@@ -142,6 +142,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--fine_tuning"], "--state_archive"),
     (["--state_archive", "missing.pt"], "missing.pt"),
     (["--size", "7"], "2^(size-1)"),  # 32 px sections
+    (["--minutes", "-1"], "--minutes"),
 ])
 def test_bad_flags_are_one_line_errors(toy, flags, message):
     result = run_script(train.__file__, "--dataset", toy, *flags, "bad", cwd=toy.parent)
@@ -152,7 +153,7 @@ def test_bad_flags_are_one_line_errors(toy, flags, message):
 
 FLOAT_FLAGS = ("--lambda0", "--lambda1", "--lambda2", "--lambda3", "--lambda4", "--lambda5", "--lambda6",
                "--lambda_gt", "--mask_neighborhood_radius", "--mask_smooth_radius", "--lr", "--fine_tuning_lr_factor",
-               "--clip", "--max_shift", "--max_angle", "--p_jitter", "--elastic")
+               "--clip", "--max_shift", "--max_angle", "--p_jitter", "--elastic", "--minutes")
 
 
 @pytest.mark.parametrize("flag", FLOAT_FLAGS)
