@@ -69,10 +69,10 @@ def main(argv=None) -> dict:
               f"ours far {ours['far_median']:.2f} / common {ours['far_common']:.2f} px, drift "
               f"{ours['drift_mean']:.2f}; {per_pair:.2f} s per pair", flush=True)
     mean = np.mean(rows, 0)
-    print(f"mean of {len(rows)} draws ({args.phantom} phantom, {args.sections} x {args.size} px, +-{args.max_shift:g} px, "
-          f"+-{args.max_rotation:g} rad; {Path(args.archive).stem} {args.ours}, smooth {args.smooth}, prealign "
-          f"{args.prealign}): no alignment far {mean[0]:.2f} / common {mean[1]:.2f}; ours far {mean[3]:.2f} / common "
-          f"{mean[4]:.2f}, drift {mean[5]:.2f}; {mean[6]:.2f} s per pair")
+    print(f"mean of {len(rows)} draws ({args.phantom} phantom, {args.sections} x {args.size} px, "
+          f"+-{args.max_shift:g} px, +-{args.max_rotation:g} rad; {Path(args.archive).stem} {args.ours}, smooth "
+          f"{args.smooth}, prealign {args.prealign}): no alignment far {mean[0]:.2f} / common {mean[1]:.2f}; ours far "
+          f"{mean[3]:.2f} / common {mean[4]:.2f}, drift {mean[5]:.2f}; {mean[6]:.2f} s per pair")
     return {"no_alignment": dict(zip(FIGURES, mean[:3])), "ours": dict(zip(FIGURES, mean[3:6])),
             "seconds_per_pair": float(mean[6])}
 

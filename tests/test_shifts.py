@@ -92,5 +92,6 @@ def test_a_best_shift_beyond_the_reach_is_at_its_edge(phantom_sections):
 def test_match_r_scores_the_true_match_above_a_wrong_one(phantom_sections):
     sections, (shift, angle) = phantom_sections
     true = affine_field(rigid_matrix(torch.tensor([angle]), *torch.tensor(shift)), 160, 160)
-    r = match_r(sections[[0, 0, 1]], sections[[1, 1, 1]], torch.cat([true, torch.zeros_like(true), torch.zeros_like(true)]))
+    zero = torch.zeros_like(true)
+    r = match_r(sections[[0, 0, 1]], sections[[1, 1, 1]], torch.cat([true, zero, zero]))
     assert r[2] > 0.999 and r[0] > 0.9 and r[1] < 0.5
