@@ -76,7 +76,7 @@ import adapt
 import demo
 import tasks
 import volume
-from alignment import add_flags, settings_from_args, stride
+from alignment import add_flags, poor_matches_reported, settings_from_args, stride
 from helpers import HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, run_main
 from models.archive import lineage, read_archive
 from vis import neuroglancer_state
@@ -331,7 +331,8 @@ def worker(argv) -> None:
     args = parse_worker_args(argv)
     if args.lease_seconds < 1:
         raise UserError("--lease_seconds must be >= 1")
-    tasks.work(args.queue, args.lease_seconds)
+    with poor_matches_reported():
+        tasks.work(args.queue, args.lease_seconds)
 
 
 def check_defects(defects, source) -> None:
@@ -452,13 +453,14 @@ def main(argv=None) -> dict:
 
     width, height = x1 - x0, y1 - y0
     start = time.time()
-    if args.solve:
-        todo = list(range(args.z_start, args.z_stop))  # one joint solve over the whole range
-    all_phases = tasks.phases(job, todo)
-    if queue is None:
-        tasks.run_in_process(all_phases)
-    else:
-        tasks.run_queued(queue, all_phases, job.dest)
+    with poor_matches_reported():  # one line however many pairs match poorly
+        if args.solve:
+            todo = list(range(args.z_start, args.z_stop))  # one joint solve over the whole range
+        all_phases = tasks.phases(job, todo)
+        if queue is None:
+            tasks.run_in_process(all_phases)
+        else:
+            tasks.run_queued(queue, all_phases, job.dest)
     skipped = [z for z in tasks.blank_sections(job) if z in set(todo)]
     progress.puts([(str(z), b"done") for z in todo])
     if skipped:

@@ -18,9 +18,12 @@ solve combines pair fields); ``add_flags`` gives a parser their flags
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import math
+import sys
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from helpers import (compose, finite_float, in_frame_of, normalise, number, to_tensor, warp, warp_labels,
                      warp_tissue)
 from models import Pyramid
-from shifts import best_shifts
+from shifts import best_shifts, match_r, rigid_search
 from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
 
 
@@ -46,8 +49,10 @@ class PairSettings:
     chunk: int = _setting(1024, int, "chunk size in px fed to the network (a multiple of its coarsest stride, "
                                      "2^(levels-1))")
     overlap: int = _setting(128, int, "context in px around each chunk, cropped away")
-    prealign: int = _setting(32, int, "before the network, move each source by the whole-section shift (found by "
-                                      "cross-correlation, up to this many px) that best matches its target (0 = off)")
+    prealign: int = _setting(32, int, "before the network, move each source by the whole-pixel shift (found by "
+                                      "cross-correlation, up to this many px) that best matches its target, or by "
+                                      "the shift and turn of a wide search (a quarter of the section, 0.06 rad) "
+                                      "where that matches clearly better (0 = neither)")
     # measured in bench/RESULTS.md, as detail_pull's
     trunc: int = _setting(2, int, "stop the network this many levels short of full resolution and upsample its field "
                                   "(fewer levels run: faster)")
@@ -119,16 +124,45 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
     return max(start - overlap, 0), min(start + chunk + overlap, length)
 
 
+# _prealignment takes the wide rigid search over the shift only where its field departs from the shift by over
+WIDE_DEPARTURE = 12.0  # px (median over the section: beyond what the network recovers; demo, ISBI, SNEMI3D pairs <= 10)
+WIDE_MARGIN = 0.02  # and it matches better by this much Pearson r (shifts.match_r)
+
+
+class PoorMatchWarning(UserWarning):
+    """A pair's whole-section match is poor (``shifts.RigidMatch.poor``): its message is one line, why."""
+
+
+@contextlib.contextmanager
+def poor_matches_reported(stream=None) -> Iterator[None]:
+    """Within it, every ``PoorMatchWarning`` is kept, not shown (other warnings are shown on leaving); on leaving,
+    even by an error or an interrupt, one line on ``stream`` (default stderr) gives the first's why and how many
+    pairs matched poorly, however many there were."""
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PoorMatchWarning)
+            yield
+    finally:
+        poor = [w for w in caught if issubclass(w.category, PoorMatchWarning)]
+        for other in (w for w in caught if not issubclass(w.category, PoorMatchWarning)):
+            warnings.showwarning(other.message, other.category, other.filename, other.lineno)
+        if poor:
+            print(f"{poor[0].message} [{len(poor)} section pair{'s' if len(poor) > 1 else ''} matched poorly]",
+                  file=stream or sys.stderr)
+
+
 def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSettings(),
                defects: tuple | None = None) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
-    once as a whole (``helpers.normalise``). With ``settings.prealign`` > 0 the source is first
-    moved by the whole-pixel shift that best matches it onto the target
-    (``shifts.best_shifts``, up to ``prealign`` px each way, less on small sections):
-    the network recovers ~15 px between real neighbours, and sections can lie
-    further apart; the shift is added back to the field. Then the pair is
+    once as a whole (``helpers.normalise``). Unless ``settings.prealign`` is 0 the
+    source is first moved by a rigid match onto the target (``_prealignment``: the
+    whole-pixel shift up to ``prealign`` px each way, or a wide search's shift and
+    turn where it matches clearly better): the network recovers ~15 px between
+    real neighbours, and sections can lie further apart, or turned; the field is
+    composed with it. Then the pair is
     processed in chunks (module docstring): each chunk is read with ``overlap``
     px of context on every side that lies within the section, so a section that
     fits in one chunk is one pass of the network over exactly its own pixels.
@@ -150,8 +184,8 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     h, w = source.shape[-2:]
     height, width = -(-h // unit) * unit, -(-w // unit) * unit
     src, tgt = (normalise(to_tensor(s))[0].view(1, 1, h, w).to(device) for s in (source, target))
-    shift = _whole_shift(src[0, 0], tgt[0, 0], settings.prealign)
-    src = warp(src, shift.expand(1, 2, h, w))
+    rigid = _prealignment(src[0, 0], tgt[0, 0], settings.prealign)
+    src = warp(src, rigid.expand(1, 2, h, w))
     src, tgt = (F.pad(x, (0, width - w, 0, height - h)) for x in (src, tgt))
     field = torch.zeros(1, 2, height, width, device=device)
     for y in range(0, height, chunk):
@@ -159,7 +193,8 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
             (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
             part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], settings.trunc)
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
-    field = (field[..., :h, :w] + shift)[0].cpu()
+    field = field[..., :h, :w]
+    field = (field + rigid if rigid.shape[-1] == 1 else compose(rigid, field))[0].cpu()  # a shift: exactly added
     return low_pass(field, settings.smooth, pair_defects(field, *defects) if defects else None)
 
 
@@ -179,17 +214,52 @@ def aligned_defects(defects, field: torch.Tensor) -> np.ndarray:
     return warp_labels(to_tensor(defects, dtype=torch.uint8)[None, None], field[None])[0, 0].numpy()
 
 
+def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
+    """The rigid field that pulls normalised ``[H, W]`` source onto target (px): the shift ``[1, 2, 1, 1]``, or
+    the wide match ``[1, 2, H, W]``.
+
+    The whole-pixel shift of ``_whole_shift`` (up to ``reach`` px), unless the
+    wide ``shifts.rigid_search`` (shift over a quarter of the section, turn up to
+    0.06 rad) is not poor, does not peak at the edge of its reach, matches better
+    by ``WIDE_MARGIN`` in Pearson r (``shifts.match_r``), and either departs from
+    the shift by over ``WIDE_DEPARTURE`` px (the median length of their difference
+    over the section: more than the network recovers) or the shift lies at the
+    edge of its own reach: neighbours that the shift brings within the network's
+    reach keep exactly that shift. Where the wide match is
+    poor (``shifts.RigidMatch``: no match stands out, e.g. a foreign section, or
+    too little tissue) a ``PoorMatchWarning`` says why in one line.
+    """
+    shift = _whole_shift(source, target, reach)
+    if reach == 0:
+        return shift
+    match = rigid_search(source[None].cpu(), target[None].cpu())
+    if match.poor[0]:
+        warnings.warn(match.warning(0), PoorMatchWarning)
+    wide = match.field(*source.shape).to(source.device)
+    beyond = float(shift.abs().max()) >= _shift_reach(source.shape, reach) - 1  # the shift may lie further
+    if match.poor[0] or match.edge[0] or not (beyond or float((wide - shift).norm(dim=1).median()) > WIDE_DEPARTURE):
+        return shift
+    r = match_r(source[None].expand(2, -1, -1).cpu(), target[None].expand(2, -1, -1).cpu(),
+                torch.cat([shift.expand_as(wide), wide]).cpu())
+    return wide if r[1] > r[0] + WIDE_MARGIN else shift
+
+
 def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
     """``[1, 2, 1, 1]`` (px): the whole-pixel ``shifts.best_shifts`` of normalised ``[H, W]`` source onto target,
     ``reach`` clipped to what the sections' size allows, on sections averaged down to about 1024 px (2x at
     least). Zero when that reach is under 2 px or either section shows tissue (non-zero) on under a quarter
     of its area: too little to trust one shift for the whole section."""
-    reach = min(reach, (min(source.shape) // 2 - 1) // 4 * 2)
+    reach = _shift_reach(source.shape, reach)
     if reach < 2 or min(float((x != 0).float().mean()) for x in (source, target)) < 0.25:
         return torch.zeros(1, 2, 1, 1, device=source.device)
     factor = max(2, min(source.shape) // 1024)
     shift = best_shifts(source[None].cpu(), target[None].cpu(), reach, factor)[0].round()
     return torch.from_numpy(shift).view(1, 2, 1, 1).to(source.device)
+
+
+def _shift_reach(shape: tuple[int, int], reach: int) -> int:
+    """``_whole_shift``'s reach (px) on ``[H, W]`` sections: ``reach`` clipped to what their size allows."""
+    return min(reach, (min(shape) // 2 - 1) // 4 * 2)
 
 
 def apply_field(sections, fields) -> np.ndarray:

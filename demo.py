@@ -76,11 +76,12 @@ def resolve(path: str | None, layer: str = "image") -> str | None:
 
 
 def make_arrays(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default",
-                phantom_seed: int | None = None) -> dict[str, np.ndarray]:
+                phantom_seed: int | None = None, misalignment=None) -> dict[str, np.ndarray]:
     """The demo's layers as arrays ``[Z, C, Y, X]`` at mip 0 (see the module docstring).
 
     ``kind``: one of ``PHANTOMS``; ``seed`` draws the misalignment and, unless
-    ``phantom_seed`` is given, the phantom's tissue.
+    ``phantom_seed`` is given, the phantom's tissue; ``misalignment``: the
+    ``misalign.MisalignParams`` (None: the defaults, the demo's).
     """
     import misalign
     import phantom
@@ -92,7 +93,8 @@ def make_arrays(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default",
     sections = phantom.make_phantom((1 if kind == "static" else z, h + 2 * pad, w + 2 * pad),
                                     seed=seed if phantom_seed is None else phantom_seed, params=params)
     aligned = np.repeat(sections, z // len(sections), 0)
-    image, defects, field = misalign.misalign(torch.from_numpy(aligned)[:, None], misalign.MisalignParams(),
+    image, defects, field = misalign.misalign(torch.from_numpy(aligned)[:, None],
+                                              misalignment or misalign.MisalignParams(),
                                               torch.Generator().manual_seed(seed), pad=pad)
     return {"image": image.numpy(), "defects": defects.numpy(), "field": field.numpy().astype(np.float32),
             "aligned": aligned[:, None, pad:pad + h, pad:pad + w]}

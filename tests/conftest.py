@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import volume
 
@@ -23,6 +24,27 @@ def moved_windows(moves, size: int = 160, seed: int = 3) -> np.ndarray:
     texture = (texture[:-1, :-1] + texture[1:, :-1] + texture[:-1, 1:] + texture[1:, 1:]) / 4  # a little smooth
     texture = (texture * 200 + 30).astype(np.uint8)
     return np.stack([texture[reach - dy:reach - dy + size, reach - dx:reach - dx + size] for dx, dy in moves])
+
+
+def turned_phantom(size: int, shift, angle: float, seed: int = 3) -> tuple[np.ndarray, tuple[np.ndarray, float]]:
+    """uint8 ``[4, size, size]``: a phantom section moved by the rigid map ``p -> R(angle) (p - c) + c + shift``
+    about its centre ``c`` (``helpers.rigid_matrix``; ``shift`` px x then y, ``angle`` rad), the section itself,
+    its neighbour, and a section of another phantom; and the true match of the moved section onto the section
+    ``(shift [2] px at the centre, angle rad)``, as ``shifts.RigidMatch`` gives it."""
+    import phantom
+    from helpers import affine_field, rigid_matrix, warp
+
+    pad = 64
+    pair = torch.from_numpy(phantom.make_phantom((2, size + 2 * pad, size + 2 * pad), seed=seed)).float()
+    other = phantom.make_phantom((1, size, size), seed=seed + 1)[0]
+    (tx, ty) = shift
+    moved = warp(pair[:1, None], affine_field(rigid_matrix(torch.tensor([angle]), tx, ty), *pair.shape[1:]))[0, 0]
+    crop = (slice(pad, -pad),) * 2
+    sections = np.stack([moved[crop].round().clamp(0, 255).to(torch.uint8).numpy(), *pair[:, pad:-pad, pad:-pad]
+                         .to(torch.uint8).numpy(), other])
+    # moved(p) = section(R p + t) about the centre, so the match of moved onto the section is R^-1 (p - t)
+    cos, sin = np.cos(angle), np.sin(angle)
+    return sections, (-np.array([cos * tx + sin * ty, -sin * tx + cos * ty]), -angle)
 
 
 def corrupt_chunk(path, name: str, coord: tuple) -> None:

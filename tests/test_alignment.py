@@ -11,10 +11,11 @@ import align
 import alignment
 import data
 import helpers
+import shifts
 import volume
 from alignment import PairSettings, SolveSettings
 from helpers import UserError
-from conftest import moved_windows, run_script
+from conftest import moved_windows, run_script, turned_phantom
 from models import Pyramid
 from models.archive import save_archive
 
@@ -519,7 +520,56 @@ def test_prealign_shift_is_found_and_added_to_the_networks_field(monkeypatch):
     assert torch.equal(unmoved, torch.zeros(2, 160, 160))
     mostly_missing = moved.copy()
     mostly_missing[:130] = 0  # tissue on under a quarter of the section: no whole-section shift is trusted
-    assert torch.equal(alignment.pair_field(random_net(), mostly_missing, still), torch.zeros(2, 160, 160))
+    with pytest.warns(alignment.PoorMatchWarning, match="tissue on only 19 %"):
+        assert torch.equal(alignment.pair_field(random_net(), mostly_missing, still), torch.zeros(2, 160, 160))
+
+
+def prealigned(monkeypatch, source, target, **settings) -> torch.Tensor:
+    """``pair_field`` of uint8 ``[H, W]`` sections with a network that adds nothing: the pre-alignment's field."""
+    monkeypatch.setattr(alignment, "chunk_field", lambda model, s, t, trunc: torch.zeros(1, 2, *s.shape[-2:]))
+    return alignment.pair_field(random_net(), source, target, PairSettings(chunk=1024, overlap=0, **settings))
+
+
+def test_a_section_40_px_away_and_turned_003_rad_is_found_at_the_defaults(monkeypatch):
+    sections, (shift, angle) = turned_phantom(256, (40.0, -36.0), 0.03)
+    true = helpers.affine_field(helpers.rigid_matrix(torch.tensor([angle]), *torch.tensor(shift)), 256, 256)[0]
+    field = prealigned(monkeypatch, sections[0], sections[1])
+    assert float((field - true)[:, 32:-32, 32:-32].norm(dim=0).max()) < 1.0
+
+
+def test_neighbours_within_the_shifts_reach_keep_exactly_todays_whole_pixel_shift(monkeypatch):
+    """Moved by (13, -9) px and turned 0.01 rad: the wide search finds the turn, but the network recovers what the
+    shift leaves, so the field is the whole-pixel shift as before it (normal stacks align bit-identically)."""
+    sections, (shift, _) = turned_phantom(256, (13.0, -9.0), 0.01)
+    field = prealigned(monkeypatch, sections[0], sections[1])
+    source, target = (helpers.normalise(helpers.to_tensor(x))[0] for x in sections[:2])
+    expected = torch.from_numpy(shifts.best_shifts(source[None], target[None], 32, 2)[0].round())
+    assert torch.equal(field, expected.view(2, 1, 1).expand(2, 256, 256)) and np.allclose(expected, shift, atol=1)
+
+
+def test_a_foreign_or_mostly_blank_target_warns_in_one_line_and_keeps_todays_shift(monkeypatch):
+    sections, _ = turned_phantom(200, (13.0, -9.0), 0.0)
+    with pytest.warns(alignment.PoorMatchWarning, match="^warning: no whole-section match stands out") as caught:
+        field = prealigned(monkeypatch, sections[0], sections[3])  # a section of another phantom
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert field.abs().max() <= 32 and torch.equal(field, field[:, :1, :1].expand_as(field))  # a shift at most
+    mostly_blank = sections[1].copy()
+    mostly_blank[:160] = 0  # missing data
+    with pytest.warns(alignment.PoorMatchWarning, match="tissue on only 20 % of its area"):
+        assert torch.equal(prealigned(monkeypatch, sections[0], mostly_blank), torch.zeros(2, 200, 200))
+
+
+def test_poor_matches_are_reported_in_one_line_however_many(capsys):
+    import warnings
+
+    with pytest.warns(UserWarning, match="something else") as others, alignment.poor_matches_reported():
+        for lead in (0.01, 0.02, 0.03):
+            warnings.warn(f"warning: poor {lead}", alignment.PoorMatchWarning)
+        warnings.warn("something else")  # shown as ever
+    assert capsys.readouterr().err == "warning: poor 0.01 [3 section pairs matched poorly]\n" and len(others) == 1
+    with alignment.poor_matches_reported():
+        pass
+    assert capsys.readouterr().err == ""
 
 
 def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
