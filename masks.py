@@ -131,9 +131,16 @@ def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> to
     pixels outside the holes within a box of ``radius`` px around it (normalised convolution: ``box_mean(w x) /
     box_mean(w)``, ``w`` 0 in holes), the box doubled for the pixels it leaves without any; a pixel with no
     pixel outside the holes in reach keeps its value. Other pixels are returned as they are. ``w`` is averaged
-    on ``hole`` as given (e.g. ``[..., 1, H, W]`` for fields ``[..., 2, H, W]``), once per box size."""
+    on ``hole`` as given (e.g. ``[..., 1, H, W]`` for fields ``[..., 2, H, W]``), once per box size, and only the
+    images (along the first dim) with a hole are touched."""
     if not hole.any():
         return x
+    if hole.dim() == x.dim() > 2 and hole.shape[0] == x.shape[0] > 1:  # only the images with a hole
+        some = hole.flatten(1).any(1)
+        if not some.all():
+            out = x.clone()
+            out[some] = fill_from_around(x[some], hole[some], radius)
+            return out
     weight = (~hole).to(x.dtype)
     out, todo = x.clone(), hole.expand_as(x)
     while todo.any() and radius < 2 * max(x.shape[-2:]):

@@ -183,7 +183,7 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
 
     defects: uint8 ``[Z, H, W]`` (0 none, 1 crack, 2 fold), each section's defects in its raw grid, or None. A pair
     weighs 0 on the defects of either section (``pair_defects``, carried into the common frame with ``F_t`` each
-    round, as the pair field is; ``F_t`` where the pair weighed 0 taken from the tissue around). The split then
+    round, as the pair field is). The split then
     low-passes each section's solved field for the coarse part, not the pair fields: the whole pair fields are
     solved with ``pull``, and each section's solution is ``low_pass``-ed within its own tissue (its defects carried
     into the common frame by its field), so a section's coarse field jumps at its own defects only, never at a
@@ -191,7 +191,7 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     solve is the same linear map at every pixel). The detail is the pair fields' less their low-pass within the
     pair's tissue (of both sections: no jump at a defect leaks into the detail), solved with ``detail_pull``; the
     robust re-weighting compares with the whole pair field (with ``detail_pull`` inf too). Where every pair of a
-    section weighs 0 for a defect, its field comes from the tissue around (``masks.fill_from_around``). A
+    section weighs 0 for a defect, its coarse field comes from the tissue around (``low_pass``'s ``untrusted``). A
     ``defects`` without any defect is None, bit for bit.
     """
     if pull <= 0 or detail_pull <= 0:
@@ -205,18 +205,18 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
         torch.stack([pair_defects(f, defects[s], defects[t]) for (s, t), f in zip(pairs, fields)])[:, None]
     pulls = [pull] + ([detail_pull] if smooth and math.isfinite(detail_pull) else [])
     coarse = low_pass(fields, smooth, None if marks is None else marks[:, 0])
-    bands = [coarse if marks is None else fields] + ([fields - coarse] if len(pulls) > 1 else [])
+    detail = fields - coarse if marks is None else (fields - coarse) * (marks == 0)  # none inside the pair's defects
+    bands = [coarse if marks is None else fields] + ([detail] if len(pulls) > 1 else [])
     trusted = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
     solution = torch.zeros(count, 2, h, w, device=fields.device)
     base = current = trusted
-    holes = None if marks is None else marks > 0  # where each pair weighs 0, in the common frame
     for round_ in range(rounds):
         observed = [warp(band, solution[targets], padding_mode="border") for band in bands]  # r_e(p + F_t(p))
-        if defects is not None:  # F_t where the pair weighed 0 is the pull's: there the field of the tissue around
-            holes = warp_labels(marks, fill_from_around(solution[targets], holes)) > 0
-            base = trusted * ~holes
-            current = base
+        if defects is not None:  # F_t is smooth and filled everywhere (below): it carries the pairs' defects
+            base = current = trusted * (warp_labels(marks, solution[targets]) == 0)
             own = warp_labels(defects[:, None], solution)[:, 0]  # each section's defects in the common frame
+            unheld = (_section_sums(count, sources, targets, trusted) > 0) & \
+                (_section_sums(count, sources, targets, base) == 0)  # every pair of the section weighs 0 there
         if round_ > 0 and robust:
             asked = sum(observed) if defects is None else observed[0]  # the whole pair field
             residual = vector_length(solution[sources] - solution[targets] - asked)[:, None]
@@ -224,13 +224,15 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
         parts = [_solve_band(count, sources, targets, current, part, band_pull)
                  for part, band_pull in zip(observed, pulls)]
         if defects is not None:  # each section's coarse part: its solution low-passed within its own tissue
-            parts[0] = low_pass(parts[0], smooth, own)
+            parts[0] = low_pass(parts[0], smooth, own, unheld[:, 0])
         solution = sum(parts)
-    if defects is None:
-        return solution
-    trusting, kept = (torch.zeros(count, 1, h, w, device=fields.device).index_add_(0, sources, w_).index_add_(
-        0, targets, w_) for w_ in (trusted, base))
-    return fill_from_around(solution, (trusting > 0) & (kept == 0))  # every pair of the section weighed 0 there
+    return solution
+
+
+def _section_sums(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[Z, 1, H, W]``: per section and pixel, the sum of the pair weights ``[E, 1, H, W]`` of the pairs it is in."""
+    total = torch.zeros(count, *weights.shape[1:], dtype=weights.dtype, device=weights.device)
+    return total.index_add_(0, sources, weights).index_add_(0, targets, weights)
 
 
 def _solve_band(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
