@@ -185,10 +185,12 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     weighs 0 on the defects of either section (``pair_defects``, carried into the common frame with ``F_t`` each
     round, as the pair field is). The split then
     low-passes each section's solved field for the coarse part, not the pair fields: the whole pair fields are
-    solved with ``pull``, and each section's solution is ``low_pass``-ed within its own tissue (its defects carried
-    into the common frame by its field), so a section's coarse field jumps at its own defects only, never at a
-    neighbour's (the pair's jump there goes to the neighbour). Without defects the two orders give the same (the
-    solve is the same linear map at every pixel). The detail is the pair fields' less their low-pass within the
+    solved with ``pull``, and each section's solution is ``low_pass``-ed across all defects (no jump anywhere: the
+    share of a neighbour's jump the pull gives it is spread), plus the jumps at its own defects (its defects carried
+    into the common frame by its field), whole: each pair's low-pass within the tissue of the one section less that
+    across all defects, averaged over the section's pairs (``_own_jumps``). So a section's coarse field jumps at its
+    own defects only, by what its pairs show there, never at a neighbour's. Without defects the two orders give the
+    same (the solve is the same linear map at every pixel). The detail is the pair fields' less their low-pass within the
     pair's tissue (of both sections: no jump at a defect leaks into the detail), solved with ``detail_pull``; the
     robust re-weighting compares with the whole pair field (with ``detail_pull`` inf too). Where every pair of a
     section weighs 0 for a defect, its coarse field comes from the tissue around (``low_pass``'s ``untrusted``). A
@@ -207,6 +209,11 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     coarse = low_pass(fields, smooth, None if marks is None else marks[:, 0])
     detail = fields - coarse if marks is None else (fields - coarse) * (marks == 0)  # none inside the pair's defects
     bands = [coarse if marks is None else fields] + ([detail] if len(pulls) > 1 else [])
+    if marks is not None:  # each pair's jumps at its source's and at its target's defects: r's low-pass within
+        garbage = marks[:, 0] > 0  # the one's tissue less that across every defect (0 beyond 2 smooth of them)
+        across = low_pass(fields, smooth, untrusted=garbage)
+        at_source = torch.stack([pair_defects(f, defects[s], None) for (s, _), f in zip(pairs, fields)])
+        jumps = [low_pass(fields, smooth, at, garbage) - across for at in (at_source, defects[targets])]
     trusted = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
     solution = torch.zeros(count, 2, h, w, device=fields.device)
     base = current = trusted
@@ -223,10 +230,23 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
         parts = [_solve_band(count, sources, targets, current, part, band_pull)
                  for part, band_pull in zip(observed, pulls)]
-        if defects is not None:  # each section's coarse part: its solution low-passed within its own tissue
-            parts[0] = low_pass(parts[0], smooth, own, unheld[:, 0])
+        if defects is not None:  # each section's coarse part: smooth across all defects, plus its own jumps
+            smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | unheld[:, 0])
+            jump = _own_jumps(count, sources, targets, current,
+                              *(warp(j, solution[targets], padding_mode="border") for j in jumps))
+            parts[0] = low_pass(smooth_part + jump, 0, own, unheld[:, 0])  # inside its defects: the tissue around
         solution = sum(parts)
     return solution
+
+
+def _own_jumps(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+               at_source: torch.Tensor, at_target: torch.Tensor) -> torch.Tensor:
+    """``[Z, 2, H, W]`` (px): per section, the mean over its pairs (weights ``[E, 1, H, W]``) of the pairs' jumps at
+    its own defects: ``at_source`` ``[E, 2, H, W]`` where it is the pair's source, ``-at_target`` where it is the
+    target (``F_s - F_t = r``); 0 where its pairs weigh 0."""
+    total = torch.zeros(count, *at_source.shape[1:], dtype=at_source.dtype, device=at_source.device)
+    total.index_add_(0, sources, weights * at_source).index_add_(0, targets, -weights * at_target)
+    return total / _section_sums(count, sources, targets, weights).clamp(min=1e-12)
 
 
 def _section_sums(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,9 @@ def test_a_section_s_field_jumps_at_its_own_fold_only(detail_pull):
     assert solved[1, 1, 24:].min() - solved[1, 1, :20].max() > 1.5  # section 1 keeps its jump, sharp
     relative = (solved[1, 1] - solved[0, 1])  # in section 0's frame, as in_frame_of: the jump is all section 1's
     assert 2.5 < relative[40:].mean() - relative[:8].mean() < 3.6
+    # and sharp: no ramp beside the fold (the neighbours' share of the jump spread over the low-pass's width)
+    assert (relative[14:20] - relative[:14].mean()).abs().max() < 0.15  # before _own_jumps: 0.30
+    assert (relative[24:30] - relative[30:].mean()).abs().max() < 0.15
 
 
 def test_pair_weights_are_zero_in_the_defects_of_either_section():
