@@ -34,7 +34,7 @@ from helpers import (compose, finite_float, in_frame_of, normalise, number, to_t
                      warp_tissue)
 from models import Pyramid
 from shifts import best_shifts, match_r, rigid_search
-from solve import low_pass, neighbour_pairs, solve_stack, vector_vote
+from solve import low_pass, neighbour_pairs, pair_defects, solve_stack, vector_vote
 
 
 def _setting(default, kind, text: str):
@@ -174,9 +174,13 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     short of full resolution (``chunk_field``): the finest levels cost most of
     its time and add little the low-pass and the solve keep (bench/RESULTS.md: ``--trunc``).
     ``defects``: the uint8 ``[H, W]`` defect maps ``(of source, of target)`` (0 none,
-    1 crack, 2 fold; either may be None) or None: the low-pass then runs within the
-    tissue of the pair (``pair_defects``), never across a defect, and the field
-    inside a defect comes from the tissue around it (``solve.low_pass``).
+    1 crack, 2 fold; either may be None) or None: the field is the source's, so the
+    low-pass runs within the source's tissue (its defects pulled into the target's
+    grid), never across one of them, and leaves out the field on the target's
+    defects without stopping there (``solve.low_pass``'s ``untrusted``: the
+    network sees garbage there, and the source's tissue is whole); the field on
+    either's defects then comes from the tissue around it. The stack-wide solve
+    treats a section's field the same way (``solve.solve_stack``).
     """
     device = next(model.parameters()).device
     unit = stride(model)
@@ -195,17 +199,10 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
     field = field[..., :h, :w]
     field = (field + rigid if rigid.shape[-1] == 1 else compose(rigid, field))[0].cpu()  # a shift: exactly added
-    return low_pass(field, settings.smooth, pair_defects(field, *defects) if defects else None)
-
-
-def pair_defects(field: torch.Tensor, source_defects, target_defects) -> torch.Tensor | None:
-    """The defects of a pair in its field's grid (the target's): uint8 ``[H, W]``, the larger label of the
-    target's and of the source's pulled through ``field`` ``[2, H, W]`` (px; nearest sampling). Either map
-    (uint8 ``[H, W]``) may be None; None when both are."""
-    maps = ([] if target_defects is None else [to_tensor(target_defects, dtype=torch.uint8)]) + \
-        ([] if source_defects is None else
-         [warp_labels(to_tensor(source_defects, dtype=torch.uint8)[None, None], field[None])[0, 0]])
-    return torch.stack(maps).amax(0) if maps else None
+    if not defects:
+        return low_pass(field, settings.smooth)
+    own, both = (pair_defects(field, defects[0], target) for target in (None, defects[1]))
+    return low_pass(field, settings.smooth, own, None if both is None else both > 0)
 
 
 def aligned_defects(defects, field: torch.Tensor) -> np.ndarray:
@@ -381,9 +378,9 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     (``settings.neighbours`` is not read: ``pairs`` are given).
     Each pair weighs where its target shows tissue. ``defects``: the sections'
     uint8 defect maps ``[Z, H, W]`` (0 none, 1 crack, 2 fold) or None: each pair
-    weighs 0 on the defects of either section (``pair_defects``) and no band of
-    the solve averages across one, and a section's field inside its own defects
-    comes from the tissue around (``solve.solve_stack``). Returns ``(aligned uint8
+    weighs 0 on the defects of either section (``pair_defects``), each section's
+    field is low-passed within its own tissue (it jumps at its own defects only)
+    and inside them comes from the tissue around (``solve.solve_stack``). Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px)`` in the frame of the first usable section;
     skipped sections stay blank with the zero field.
     """
@@ -405,7 +402,6 @@ def solve_fields(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tens
     its target (uint8 ``sections[t]``) shows tissue, and 0 on the defects of either section; ``tasks.solve_task``
     runs it on a block of sections and an xy chunk, each with a margin."""
     weights = torch.from_numpy(np.asarray(sections)[[t for _, t in pairs]] > 0).float()  # the target saw tissue
-    marks = None if defects is None else torch.stack(
-        [pair_defects(f, defects[s], defects[t]) for (s, t), f in zip(pairs, pair_fields)])
     return solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
-                       smooth=smooth, detail_pull=settings.detail_pull, defects=marks)
+                       smooth=smooth, detail_pull=settings.detail_pull,
+                       defects=None if defects is None else torch.from_numpy(np.asarray(defects)))

@@ -87,49 +87,67 @@ def _class_weights(mask: torch.Tensor, normal: float, near: float, inside: float
     return table[mask.long()]
 
 
-def _tissue_mean_1d(x: torch.Tensor, tissue: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean of ``x`` (float64) over ``[i - radius, i + radius]`` along the last dim, within the run of ``tissue``
-    (bool, broadcast to ``x``) that holds ``i``: the window stops at the array's ends and before any pixel that is
-    not tissue, so no value crosses one. 0 where ``tissue`` is False. Cumulative sums as ``_box_mean_1d``: O(1) per
-    element whatever the radius."""
-    n = x.shape[-1]
-    tissue = tissue.expand_as(x)
-    i = torch.arange(n, device=x.device).expand_as(x)
+def _run_window(tissue: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(low, high, scale)`` of the shape of ``tissue`` (bool): the window ``[i - radius, i + radius]`` along the
+    last dim as ``[low, high)`` (int64), stopped at the array's ends and before any pixel that is not tissue (within
+    the run of ``tissue`` that holds ``i``), and ``1 / (high - low)`` (float64; 0 off the tissue, where the window
+    is empty). Found once per mask, whatever the channels it is broadcast to."""
+    n = tissue.shape[-1]
+    i = torch.arange(n, device=tissue.device)
     start = torch.where(tissue, -1, i).cummax(-1).values + 1  # first pixel of the run (after the last gap)
     stop = torch.where(tissue, n, i).flip(-1).cummin(-1).values.flip(-1)  # one past its last pixel
     low, high = torch.maximum(i - radius, start), torch.minimum(i + radius + 1, stop)
-    csum = torch.cat([x.new_zeros(*x.shape[:-1], 1), x.masked_fill(~tissue, 0).cumsum(-1)], -1)
-    total = csum.gather(-1, high) - csum.gather(-1, low)
-    return torch.where(tissue, total / (high - low).clamp(min=1), 0)
+    count = (high - low).double()  # -1 off the tissue
+    return low, high, torch.where(count > 0, 1 / count, 0)
 
 
-def tissue_box_mean(x: torch.Tensor, tissue: torch.Tensor, radius: int) -> torch.Tensor:
-    """``box_mean`` of ``x`` ``[..., H, W]`` within the tissue: a row pass then a column pass, each window stopped
-    before any pixel where ``tissue`` (bool, broadcast to ``x``) is False, so no value crosses a crack or fold
-    (a line of such pixels that spans the window, any 8-connected curve: a row or column crossing it meets one of
-    its pixels). float32; 0 off the tissue. Without a gap in the window, exactly ``box_mean``'s value (up to
-    float rounding)."""
+def _window_mean(x: torch.Tensor, window: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean of ``x`` (float64, contiguous) over each pixel's ``window`` along the last dim (``_run_window``,
+    broadcast to ``x``): cumulative sums, O(1) per element whatever the radius; 0 off the tissue."""
+    low, high, scale = window
+    csum = torch.cat([x.new_zeros(*x.shape[:-1], 1), x.cumsum(-1)], -1)
+    return (csum.gather(-1, high.expand_as(x)) - csum.gather(-1, low.expand_as(x))) * scale
+
+
+def tissue_box_mean(x: torch.Tensor, tissue: torch.Tensor, radius: int, passes: int = 1) -> torch.Tensor:
+    """``box_mean`` of ``x`` ``[..., H, W]`` within the tissue, ``passes`` times: a row pass then a column pass, each
+    window stopped before any pixel where ``tissue`` (bool, broadcast to ``x``) is False, so no value crosses a
+    crack or fold (a line of such pixels that spans the window, any 8-connected curve: a row or column crossing it
+    meets one of its pixels). float32; 0 off the tissue. Without a gap in the window, exactly ``box_mean``'s value
+    (up to float rounding). The windows are found once, on ``tissue`` as given (e.g. ``[..., 1, H, W]`` for fields
+    ``[..., 2, H, W]``); each pass runs along contiguous rows (the column pass on the transpose)."""
     if radius <= 0:
         return x.float().masked_fill(~tissue.expand_as(x), 0)
-    rows = _tissue_mean_1d(x.double(), tissue, radius)
-    return _tissue_mean_1d(rows.transpose(-1, -2), tissue.transpose(-1, -2), radius).transpose(-1, -2).float()
+    rows, columns = _run_window(tissue, radius), _run_window(tissue.transpose(-1, -2).contiguous(), radius)
+    out = x.double()
+    for _ in range(passes):
+        out = _window_mean(out.contiguous(), rows).transpose(-1, -2).contiguous()
+        out = _window_mean(out, columns).transpose(-1, -2)
+    return out.float()
 
 
 def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> torch.Tensor:
     """``x`` ``[..., H, W]`` with each pixel of ``hole`` (bool, broadcast to ``x``) replaced by the mean of the
     pixels outside the holes within a box of ``radius`` px around it (normalised convolution: ``box_mean(w x) /
     box_mean(w)``, ``w`` 0 in holes), the box doubled for the pixels it leaves without any; a pixel with no
-    pixel outside the holes in reach keeps its value. Other pixels are returned as they are."""
-    hole = hole.expand_as(x)
+    pixel outside the holes in reach keeps its value. Other pixels are returned as they are. ``w`` is averaged
+    on ``hole`` as given (e.g. ``[..., 1, H, W]`` for fields ``[..., 2, H, W]``), once per box size, and only the
+    images (along the first dim) with a hole are touched."""
     if not hole.any():
         return x
+    if hole.dim() == x.dim() > 2 and hole.shape[0] == x.shape[0] > 1:  # only the images with a hole
+        some = hole.flatten(1).any(1)
+        if not some.all():
+            out = x.clone()
+            out[some] = fill_from_around(x[some], hole[some], radius)
+            return out
     weight = (~hole).to(x.dtype)
-    out, todo = x.clone(), hole.clone()
+    out, todo = x.clone(), hole.expand_as(x)
     while todo.any() and radius < 2 * max(x.shape[-2:]):
         total, count = box_mean(weight * x, radius), box_mean(weight, radius)
         found = todo & (count > 0)
-        out[found] = (total / count.clamp(min=1e-12))[found]
-        todo &= ~found
+        out = torch.where(found, total / count.clamp(min=1e-12), out)
+        todo = todo & ~found
         radius *= 2
     return out
 

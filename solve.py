@@ -34,25 +34,35 @@ import math
 
 import torch
 
-from helpers import box_mean, vector_length, warp, warp_labels
+from helpers import box_mean, to_tensor, vector_length, warp, warp_labels
 from masks import fill_from_around, tissue_box_mean
 
 
-def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = None) -> torch.Tensor:
+def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = None,
+             untrusted: torch.Tensor | None = None) -> torch.Tensor:
     """``field`` ``[..., 2, H, W]`` (px) averaged over a box of ``radius`` px twice (a triangle of half-width
     2 ``radius``); ``radius`` 0 returns it as it is.
 
-    defects: ``[..., H, W]`` (0 none, 1 crack, 2 fold; in the field's grid) or None. Where it marks a defect, the
-    boxes run within the tissue (``masks.tissue_box_mean``: never across a crack or fold, so the field keeps its
-    jump there) and each defect pixel then takes the field of the tissue around it (``masks.fill_from_around``),
-    ``radius`` 0 included. Without a defect pixel the result is the plain low-pass, bit for bit.
+    defects: ``[..., H, W]`` (0 none, 1 crack, 2 fold; in the field's grid) or None: the defects of the section
+    whose field this is. Where it marks one, the boxes run within the tissue (``masks.tissue_box_mean``: never
+    across a crack or fold, so the field keeps its jump there). untrusted: bool ``[..., H, W]`` or None: pixels
+    whose value is not used (e.g. a neighbour's defect, where a pair field is garbage) without stopping the boxes:
+    each box averages the other pixels (normalised convolution). Each defect or untrusted pixel that no box
+    reaches then takes the field of the tissue around it (``masks.fill_from_around``), ``radius`` 0 included.
+    Without a defect or untrusted pixel the result is the plain low-pass, bit for bit.
     """
-    if defects is None or not defects.any():
+    if (defects is None or not defects.any()) and (untrusted is None or not untrusted.any()):
         return box_mean(box_mean(field, radius), radius) if radius else field
-    tissue = (defects == 0).unsqueeze(-3)
-    for _ in range(2 if radius else 0):
-        field = tissue_box_mean(field, tissue, radius)
-    return fill_from_around(field, ~tissue)
+    tissue = torch.ones_like(field[..., :1, :, :], dtype=torch.bool) if defects is None else \
+        (defects == 0).unsqueeze(-3)
+    known = tissue if untrusted is None or not untrusted.any() else tissue & ~untrusted.unsqueeze(-3)
+    if radius and known is tissue:
+        field = tissue_box_mean(field, tissue, radius, passes=2)
+    for _ in range(2 if radius and known is not tissue else 0):  # normalised: the untrusted pixels weigh 0
+        count = tissue_box_mean(known.float(), tissue, radius)
+        field = tissue_box_mean(field * known, tissue, radius) / count.clamp(min=1e-12)
+        known = count > 0
+    return fill_from_around(field, ~known)
 
 
 def vector_vote(candidates: torch.Tensor, valid: torch.Tensor | None = None, softness: float = 1.0) -> torch.Tensor:
@@ -133,6 +143,16 @@ def _banded_cholesky_solve(band: torch.Tensor, rhs: torch.Tensor) -> torch.Tenso
     return x
 
 
+def pair_defects(field: torch.Tensor, source_defects, target_defects) -> torch.Tensor | None:
+    """The defects of a pair in its field's grid (the target's): uint8 ``[H, W]``, the larger label of the
+    target's and of the source's pulled through ``field`` ``[2, H, W]`` (px; nearest sampling). Either map
+    (uint8 ``[H, W]``) may be None; None when both are."""
+    maps = ([] if target_defects is None else [to_tensor(target_defects, dtype=torch.uint8)]) + \
+        ([] if source_defects is None else
+         [warp_labels(to_tensor(source_defects, dtype=torch.uint8)[None, None], field[None])[0, 0]])
+    return torch.stack(maps).amax(0) if maps else None
+
+
 def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, weights: torch.Tensor | None = None,
                 *, pull: float, robust: float | None, rounds: int = 3, smooth: int = 0,
                 detail_pull: float = math.inf, defects: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,41 +181,78 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     pair fields are simply low-passed). ``pull`` and ``robust`` (None: off) have
     no default here: ``alignment.SolveSettings`` holds the tuned ones.
 
-    defects: uint8 ``[E, H, W]`` (0 none, 1 crack, 2 fold), each pair's defects (of
-    either section) in its field's grid, or None. A pair weighs 0 on them (carried
-    into the common frame with ``F_t`` each round, as the pair field is; ``F_t``
-    where the pair weighed 0 taken from the tissue around), and the
-    split low-passes within the tissue (``low_pass``): no band averages across one.
-    Where every pair of a section weighs 0 for a defect, its field comes from
-    the tissue around (``masks.fill_from_around``).
+    defects: uint8 ``[Z, H, W]`` (0 none, 1 crack, 2 fold), each section's defects in its raw grid, or None. A pair
+    weighs 0 on the defects of either section (``pair_defects``, carried into the common frame with ``F_t`` each
+    round, as the pair field is). The split then
+    low-passes each section's solved field for the coarse part, not the pair fields: the whole pair fields are
+    solved with ``pull``, and each section's solution is ``low_pass``-ed across all defects (no jump anywhere: the
+    share of a neighbour's jump the pull gives it is spread), plus the jumps at its own defects (its defects carried
+    into the common frame by its field), whole: each pair's low-pass within the tissue of the one section less that
+    across all defects, averaged over the section's pairs (``_own_jumps``). So a section's coarse field jumps at its
+    own defects only, by what its pairs show there, never at a neighbour's. Without defects the two orders give the
+    same (the solve is the same linear map at every pixel). The detail is the pair fields' less their low-pass within the
+    pair's tissue (of both sections: no jump at a defect leaks into the detail), solved with ``detail_pull``; the
+    robust re-weighting compares with the whole pair field (with ``detail_pull`` inf too). Where every pair of a
+    section weighs 0 for a defect, its coarse field comes from the tissue around (``low_pass``'s ``untrusted``). A
+    ``defects`` without any defect is None, bit for bit.
     """
     if pull <= 0 or detail_pull <= 0:
         raise ValueError("pull and detail_pull must be > 0 (without a pull the common frame is undetermined)")
+    if defects is not None and not defects.any():
+        defects = None
     edges, (h, w) = len(pairs), fields.shape[-2:]
     sources = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=fields.device)
     targets = torch.tensor([t for _, t in pairs], dtype=torch.long, device=fields.device)
-    coarse = low_pass(fields, smooth, defects)
-    bands = [(coarse, pull)] + ([(fields - coarse, detail_pull)] if smooth and math.isfinite(detail_pull) else [])
+    marks = None if defects is None else \
+        torch.stack([pair_defects(f, defects[s], defects[t]) for (s, t), f in zip(pairs, fields)])[:, None]
+    pulls = [pull] + ([detail_pull] if smooth and math.isfinite(detail_pull) else [])
+    coarse = low_pass(fields, smooth, None if marks is None else marks[:, 0])
+    detail = fields - coarse if marks is None else (fields - coarse) * (marks == 0)  # none inside the pair's defects
+    bands = [coarse if marks is None else fields] + ([detail] if len(pulls) > 1 else [])
+    if marks is not None:  # each pair's jumps at its source's and at its target's defects: r's low-pass within
+        garbage = marks[:, 0] > 0  # the one's tissue less that across every defect (0 beyond 2 smooth of them)
+        across = low_pass(fields, smooth, untrusted=garbage)
+        at_source = torch.stack([pair_defects(f, defects[s], None) for (s, _), f in zip(pairs, fields)])
+        jumps = [low_pass(fields, smooth, at, garbage) - across for at in (at_source, defects[targets])]
     trusted = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
     solution = torch.zeros(count, 2, h, w, device=fields.device)
     base = current = trusted
-    holes = None if defects is None else defects[:, None] > 0  # where each pair weighs 0, in the common frame
     for round_ in range(rounds):
-        observed = [warp(band, solution[targets], padding_mode="border") for band, _ in bands]  # r_e(p + F_t(p))
-        if defects is not None:  # F_t where the pair weighed 0 is the pull's: there the field of the tissue around
-            holes = warp_labels(defects[:, None], fill_from_around(solution[targets], holes)) > 0
-            base = trusted * ~holes
-            current = base
+        observed = [warp(band, solution[targets], padding_mode="border") for band in bands]  # r_e(p + F_t(p))
+        if defects is not None:  # F_t is smooth and filled everywhere (below): it carries the pairs' defects
+            base = current = trusted * (warp_labels(marks, solution[targets]) == 0)
+            own = warp_labels(defects[:, None], solution)[:, 0]  # each section's defects in the common frame
+            unheld = (_section_sums(count, sources, targets, trusted) > 0) & \
+                (_section_sums(count, sources, targets, base) == 0)  # every pair of the section weighs 0 there
         if round_ > 0 and robust:
-            residual = vector_length(solution[sources] - solution[targets] - sum(observed))[:, None]
+            asked = sum(observed) if defects is None else observed[0]  # the whole pair field
+            residual = vector_length(solution[sources] - solution[targets] - asked)[:, None]
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
-        solution = sum(_solve_band(count, sources, targets, current, part, band_pull)
-                       for part, (_, band_pull) in zip(observed, bands))
-    if defects is None:
-        return solution
-    trusting, kept = (torch.zeros(count, 1, h, w, device=fields.device).index_add_(0, sources, w_).index_add_(
-        0, targets, w_) for w_ in (trusted, base))
-    return fill_from_around(solution, (trusting > 0) & (kept == 0))  # every pair of the section weighed 0 there
+        parts = [_solve_band(count, sources, targets, current, part, band_pull)
+                 for part, band_pull in zip(observed, pulls)]
+        if defects is not None:  # each section's coarse part: smooth across all defects, plus its own jumps
+            smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | unheld[:, 0])
+            jump = _own_jumps(count, sources, targets, current,
+                              *(warp(j, solution[targets], padding_mode="border") for j in jumps))
+            parts[0] = low_pass(smooth_part + jump, 0, own, unheld[:, 0])  # inside its defects: the tissue around
+        solution = sum(parts)
+    return solution
+
+
+def _own_jumps(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+               at_source: torch.Tensor, at_target: torch.Tensor) -> torch.Tensor:
+    """``[Z, 2, H, W]`` (px): per section, the mean over its pairs (weights ``[E, 1, H, W]``) of the pairs' jumps at
+    its own defects: ``at_source`` ``[E, 2, H, W]`` where it is the pair's source, ``-at_target`` where it is the
+    target (``F_s - F_t = r``); 0 where its pairs weigh 0."""
+    total = torch.zeros(count, *at_source.shape[1:], dtype=at_source.dtype, device=at_source.device)
+    total.index_add_(0, sources, weights * at_source).index_add_(0, targets, -weights * at_target)
+    return total / _section_sums(count, sources, targets, weights).clamp(min=1e-12)
+
+
+def _section_sums(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[Z, 1, H, W]``: per section and pixel, the sum of the pair weights ``[E, 1, H, W]`` of the pairs it is in."""
+    total = torch.zeros(count, *weights.shape[1:], dtype=weights.dtype, device=weights.device)
+    return total.index_add_(0, sources, weights).index_add_(0, targets, weights)
 
 
 def _solve_band(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,

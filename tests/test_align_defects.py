@@ -53,6 +53,53 @@ def test_a_folds_inside_is_filled_from_the_tissue_around(radius):
     assert torch.allclose(filled, torch.tensor([1.5, -2.5]).view(2, 1, 1).expand(2, 40, 40), atol=1e-5)
 
 
+def test_untrusted_pixels_are_left_out_without_stopping_the_boxes():
+    """A neighbour's fold (untrusted: the pair field is garbage there) is filled across from both sides, smoothly:
+    the field has no jump there, unlike at the section's own fold (``defects``)."""
+    y = torch.arange(40.0).view(40, 1).expand(40, 40)
+    field = torch.stack([torch.zeros(40, 40), 0.1 * y])  # a smooth ramp
+    band = torch.zeros(40, 40, dtype=torch.bool)
+    band[18:22] = True
+    garbage = field.masked_fill(band, 50.0)
+    assert torch.allclose(low_pass(garbage, 0, untrusted=band), field, atol=0.21)  # filled from around
+    smoothed = low_pass(garbage, 4, untrusted=band)
+    assert smoothed[1].diff(dim=0).abs().max() < 0.2 and (smoothed - field)[:, 8:32].abs().max() < 0.3
+    assert low_pass(garbage, 4, band.to(torch.uint8))[1].diff(dim=0).abs().max() > 1  # a defect of its own: a jump
+    assert torch.equal(low_pass(field, 4, untrusted=torch.zeros_like(band)), low_pass(field, 4))
+
+
+def test_a_stack_without_a_defect_solves_bit_for_bit_as_without_masks():
+    pairs = [(0, 1), (1, 0), (1, 2), (2, 1)]
+    fields = torch.randn(4, 2, 32, 32)
+    plain = solve_stack(3, pairs, fields, pull=0.03, robust=4.0, smooth=4, detail_pull=5.0)
+    masked = solve_stack(3, pairs, fields, pull=0.03, robust=4.0, smooth=4, detail_pull=5.0,
+                         defects=torch.zeros(3, 32, 32, dtype=torch.uint8))
+    assert torch.equal(plain, masked)
+
+
+@pytest.mark.parametrize("detail_pull", [5.0, float("inf")])
+def test_a_section_s_field_jumps_at_its_own_fold_only(detail_pull):
+    """Section 1 has a fold across rows 20..23 and its field jumps there by about 3 px (its pairs disagree: 2 to
+    4 px); sections 0 and 2 are whole. Their solved fields have no jump at section 1's fold (the pull's share of
+    the jump is spread over the low-pass's width there), section 1's has it."""
+    size, jump = 48, torch.zeros(48, 48)
+    jump[22:] = 1.0
+    pairs = [(0, 1), (1, 0), (1, 2), (2, 1)]
+    told = {(0, 1): -2.0, (1, 0): 4.0, (1, 2): 3.0, (2, 1): -3.5}  # the y step each pair field shows at the fold
+    fields = torch.stack([torch.stack([torch.zeros(size, size), told[p] * jump]) for p in pairs])
+    fold = torch.zeros(3, size, size, dtype=torch.uint8)
+    fold[1, 20:24] = 2
+    solved = solve_stack(3, pairs, fields, pull=0.03, robust=None, smooth=6, detail_pull=detail_pull, defects=fold)
+    steps = solved[:, 1].diff(dim=-2).abs().amax(dim=(-1, -2))  # the largest step between neighbouring rows
+    assert steps[0] < 0.15 and steps[2] < 0.15, steps  # smooth across the neighbour's fold
+    assert solved[1, 1, 24:].min() - solved[1, 1, :20].max() > 1.5  # section 1 keeps its jump, sharp
+    relative = (solved[1, 1] - solved[0, 1])  # in section 0's frame, as in_frame_of: the jump is all section 1's
+    assert 2.5 < relative[40:].mean() - relative[:8].mean() < 3.6
+    # and sharp: no ramp beside the fold (the neighbours' share of the jump spread over the low-pass's width)
+    assert (relative[14:20] - relative[:14].mean()).abs().max() < 0.15  # before _own_jumps: 0.30
+    assert (relative[24:30] - relative[30:].mean()).abs().max() < 0.15
+
+
 def test_pair_weights_are_zero_in_the_defects_of_either_section():
     """Section 1 lies 2 px above section 0 and has a fold (raw rows 8..11) where the pair field onto it is garbage;
     the solve's frame is their mean, where the fold lies in rows 9..12."""
@@ -62,9 +109,8 @@ def test_pair_weights_are_zero_in_the_defects_of_either_section():
     fields[0, :, 8:12] = 40.0  # pair 0 -> 1, in the grid of section 1
     fold = torch.zeros(2, 24, 24, dtype=torch.uint8)
     fold[1, 8:12] = 2
-    marks = torch.stack([fold[1], fold[1].roll(2, 0)])  # each pair's defects in its grid (pair 1 -> 0: 2 px down)
     mean_frame = truth - truth.mean(0)
-    solved = solve_stack(2, pairs, fields, pull=1e-3, robust=None, defects=marks)
+    solved = solve_stack(2, pairs, fields, pull=1e-3, robust=None, defects=fold)
     assert torch.allclose(solved, mean_frame, atol=0.01)  # the garbage weighs 0; inside: the tissue around
     assert solve_stack(2, pairs, fields, pull=1e-3, robust=None)[:, :, 9:13].abs().max() > 10
     stack = np.full((2, 24, 24), 100, np.uint8)
