@@ -179,11 +179,13 @@ def start(*argv, env=None, **kwargs):
                             env={**os.environ, **(env or {})}, **kwargs)
 
 
-def test_queued_run_survives_a_killed_worker_and_a_killed_driver(tmp_path, tiny_volume):
-    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+def killed_and_run_again(tmp_path, common: list, first_task: str, workers: int, timeout: int):
+    """``align.py COMMON`` run in-process into ``tmp_path/here`` while a driver enqueues it into ``tmp_path/queued``;
+    a worker that sleeps inside its first task (``first_task``, e.g. ``block_task``) is killed there with the
+    driver (``kill -9``); then a new driver and ``workers`` workers finish it. Returns the driver's
+    ``(return code, output)``: it enqueues again, what is done is skipped, and the killed worker's task is run
+    again once its lease has run out."""
     spec = "fq://" + str(tmp_path / "queue")
-    common = ["--archive", archive, "--source", tiny_volume[0]["image"], "--chunk", "32", "--overlap", "32",
-              "--z_start", "2", "--z_stop", "8", "--block", "3", "--mips", "1"]
     driver_argv = [*common, "--dest", tmp_path / "queued", "--queue", spec]
     worker_argv = ["worker", "--queue", spec, "--lease_seconds", "2"]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -192,23 +194,28 @@ def test_queued_run_survives_a_killed_worker_and_a_killed_driver(tmp_path, tiny_
         started.append(start(*driver_argv, **quiet))
         align.main([str(a) for a in common] + ["--dest", str(tmp_path / "here")])  # meanwhile, in-process
         wait_for(lambda: any((tmp_path / "queue" / "queue").glob("*.json")), 60, "the driver to enqueue")
-        # worker A sleeps inside its first task and is killed there, and so is the driver
         doomed = start(*worker_argv, env={tasks.SLEEP_VARIABLE: "600"}, stdout=subprocess.PIPE,
                        stderr=subprocess.DEVNULL)
         started.append(doomed)
-        wait_for_line(doomed, "running block_task", 60)
+        wait_for_line(doomed, f"running {first_task}", 60)
         for proc in started:
             proc.send_signal(signal.SIGKILL)
-        # a new driver (enqueues again; what is done is skipped) and worker B, which also runs A's task
-        # once its lease has run out
         driver = start(*driver_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        started += [driver, start(*worker_argv, **quiet)]
-        out, _ = driver.communicate(timeout=180)
+        started += [driver] + [start(*worker_argv, **quiet) for _ in range(workers)]
+        out, _ = driver.communicate(timeout=timeout)
     finally:
         for proc in started:
             proc.kill()
             proc.wait()
-    assert driver.returncode == 0 and "aligned 6 sections" in out, out
+    return driver.returncode, out
+
+
+def test_queued_run_survives_a_killed_worker_and_a_killed_driver(tmp_path, tiny_volume):
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", archive, "--source", tiny_volume[0]["image"], "--chunk", "32", "--overlap", "32",
+              "--z_start", "2", "--z_stop", "8", "--block", "3", "--mips", "1"]
+    code, out = killed_and_run_again(tmp_path, common, "block_task", workers=1, timeout=180)
+    assert code == 0 and "aligned 6 sections" in out, out
     for mip in (0, 1):  # the render tasks write each chunk's mip 1 too
         (here_image, here_field), (image, field) = (read_dest(tmp_path / dest, 2, 8, mip)
                                                     for dest in ("here", "queued"))
@@ -326,32 +333,11 @@ def test_a_solve_in_chunks_and_blocks_is_close_to_the_whole_solve(tmp_path, monk
 def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
     source, _ = solve_volume(tmp_path, tiny_volume)
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
-    spec = "fq://" + str(tmp_path / "queue")
     common = ["--archive", archive, "--source", source, "--chunk", "32", "--overlap", "32", "--z_start", "1",
               "--z_stop", "11", "--solve", "--block", "3", "--pull", "2", "--smooth", "2", "--defects",
               tiny_volume[0]["defects"]]
-    driver_argv = [*common, "--dest", tmp_path / "queued", "--queue", spec]
-    worker_argv = ["worker", "--queue", spec, "--lease_seconds", "2"]
-    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = []
-    try:
-        started.append(start(*driver_argv, **quiet))
-        align.main([str(a) for a in common] + ["--dest", str(tmp_path / "here")])  # meanwhile, in-process
-        wait_for(lambda: any((tmp_path / "queue" / "queue").glob("*.json")), 60, "the driver to enqueue")
-        doomed = start(*worker_argv, env={tasks.SLEEP_VARIABLE: "600"}, stdout=subprocess.PIPE,
-                       stderr=subprocess.DEVNULL)
-        started.append(doomed)
-        wait_for_line(doomed, "running scan_task", 60)
-        for proc in started:
-            proc.send_signal(signal.SIGKILL)
-        driver = start(*driver_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        started += [driver, start(*worker_argv, **quiet), start(*worker_argv, **quiet)]  # two workers
-        out, _ = driver.communicate(timeout=300)
-    finally:
-        for proc in started:
-            proc.kill()
-            proc.wait()
-    assert driver.returncode == 0 and "aligned 10 sections" in out and "skipped blank sections: 5" in out, out
+    code, out = killed_and_run_again(tmp_path, common, "scan_task", workers=2, timeout=300)
+    assert code == 0 and "aligned 10 sections" in out and "skipped blank sections: 5" in out, out
     for name in ("image", "field", "defects"):
         here, queued = (volume.read(volume.open_volume(str(tmp_path / dest / name)), (0, 0, 1), (64, 64, 10))
                         for dest in ("here", "queued"))
