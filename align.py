@@ -82,7 +82,7 @@ from models.archive import lineage, read_archive
 from vis import neuroglancer_state
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
-SOLVE_LAYERS = ("pair_field", "solved")  # those of the solve's tasks
+SOLVE_LAYERS = ("pair_field", "solved", "solved_frame")  # those of the solve's tasks
 DEST_LAYERS = ("image", "field", "defects") + SERIAL_LAYERS + SOLVE_LAYERS  # every layer align.py writes in DEST
 ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's provenance entries
 VIEWER = "https://neuroglancer-demo.appspot.com/#!"  # a public Neuroglancer; the state follows the #!

@@ -37,7 +37,7 @@ rather than onto ``s_b`` resampled into the first frame, and with ``vote`` K the
 block vote over fewer than K targets. With one block (``block`` = the whole range) the result is the
 serial alignment: ``C_0 = 0`` and ``compose(G, 0)`` is skipped, so ``F = G`` exactly.
 
-``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as four phases of tasks instead, made
+``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as five phases of tasks instead, made
 of the functions it calls; the z range is cut into z blocks of ``block`` sections (none shared, ``solve_blocks``):
 
 1. **Scan tasks**, one per section: whether it is blank (``alignment.is_blank``, from its ``tissue_moments``
@@ -51,8 +51,11 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
    ``solve.chain_decay``) and the chunk grown by ``2 smooth + overlap`` px are solved as ``align_solved`` does
    (``alignment.solve_fields``); the block's sections over the chunk go to ``DEST/solved``, each section's
    field into the solve's own frame.
-4. **Render tasks**, one per section and xy chunk: ``F_z = compose(S_z, invert_field(S_r))`` (``S`` the solved
-   fields, ``r`` the range's first usable section: ``helpers.in_frame_of``), then as the serial render tasks.
+4. **Frame tasks**, one per xy chunk: ``invert_field(S_r)`` (``S`` the solved fields, ``r`` the range's first usable
+   section), the way back from the solve's frame to ``r``'s, into ``DEST/solved_frame`` at z = r; once per chunk,
+   not once per section (as the serial stitch).
+5. **Render tasks**, one per section and xy chunk: ``F_z = compose(S_z, invert_field(S_r))`` (``helpers.in_frame_of``),
+   then as the serial render tasks.
 
 With one z block and one xy chunk covering the bbox every task sees what ``align_solved`` sees: the result is
 ``align_solved``'s, bit for bit. Smaller chunks and blocks bound each task's memory by the chunk and block sizes
@@ -508,15 +511,26 @@ def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:
 
 
 @queueable
-def solved_render_task(job: dict, z: int, reference: int | None, x: int, y: int) -> None:
-    """Solve phase 4: section z over the xy chunk at corner ``(x, y)``, pulled into the frame of ``reference`` (the
-    range's first usable section; None: z is blank) as ``helpers.in_frame_of`` does, ``F_z = compose(solved_z,
-    invert_field(solved_ref))`` (``invert_chunk``, ``compose_chunk``), into ``DEST/image``, ``field`` (and
-    ``defects``) as ``render_task`` writes them."""
+def solved_frame_task(job: dict, reference: int, x: int, y: int) -> None:
+    """Solve phase 4: ``invert_field`` of the solved field of ``reference`` (the range's first usable section) over
+    the xy chunk at corner ``(x, y)`` (``invert_chunk``), into ``DEST/solved_frame`` at z = ``reference``. Always
+    redone (one per chunk): a run that extends the range may have changed the reference's solved field."""
     job = Job(**job)
-    box, solved = job.chunk_box(x, y), _dest(job, "solved")
-    field = None if reference is None else \
-        compose_chunk(solved, z, invert_chunk(solved, reference, box, job.bbox), box, job.bbox)
+    box = job.chunk_box(x, y)
+    inverse = invert_chunk(_dest(job, "solved"), reference, box, job.bbox)
+    _write(_dest(job, "solved_frame"), inverse.numpy(), reference, box)
+
+
+@queueable
+def solved_render_task(job: dict, z: int, reference: int | None, x: int, y: int) -> None:
+    """Solve phase 5: section z over the xy chunk at corner ``(x, y)``, pulled into the frame of ``reference`` (the
+    range's first usable section; None: z is blank) as ``helpers.in_frame_of`` does, ``F_z = compose(solved_z,
+    invert_field(solved_ref))`` (the inverse from ``DEST/solved_frame``, ``compose_chunk``), into ``DEST/image``,
+    ``field`` (and ``defects``) as ``render_task`` writes them."""
+    job = Job(**job)
+    box = job.chunk_box(x, y)
+    field = None if reference is None else compose_chunk(
+        _dest(job, "solved"), z, _read_field(_dest(job, "solved_frame"), reference, box), box, job.bbox)
     _render(job, z, box, field)
 
 
@@ -539,7 +553,7 @@ def solve_window(job: Job, usable: list[int], first: int, last: int) -> list[int
 
 
 def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
-    """The solve's four phases (module docstring) that align ``job`` and render ``sections``; the last three are
+    """The solve's five phases (module docstring) that align ``job`` and render ``sections``; the last four are
     made once the scan is over (from its markers)."""
     payload, corners, offsets = asdict(job), job.chunk_corners(), _offsets(job)
 
@@ -556,13 +570,17 @@ def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
                                   [z for z in range(*window) if z not in usable], x, y)
                 for first, window in windows for x, y in corners]
 
+    def frames():
+        usable = usable_sections(job)
+        return [functools.partial(solved_frame_task, payload, usable[0], x, y) for x, y in corners] if usable else []
+
     def renders():
         usable = usable_sections(job)
         return [functools.partial(solved_render_task, payload, z, usable[0] if z in usable else None, x, y)
                 for z in sections for x, y in corners]
 
     return [("scan", [functools.partial(scan_task, payload, z) for z in range(job.z_start, job.z_stop)]),
-            ("pairs", pairs), ("solve", solves), ("render", renders)]
+            ("pairs", pairs), ("solve", solves), ("frame", frames), ("render", renders)]
 
 
 # ------------------------------------------------------------------------------------ the driver
