@@ -269,7 +269,7 @@ def test_a_network_whose_field_is_not_finite_stops_before_the_section_is_written
                     "--z_start", "2", "--z_stop", "5", *mode])
     assert "\n" not in str(err.value)
     assert written(tmp / "d") == []
-    scans = {f"solve/scan/{z}" for z in range(2, 5)}  # the solve's scan is over
+    scans = {f"solve/{kind}/{z}" for kind in ("scan", "thumbnail", "prealign") for z in range(2, 5)}  # those are over
     assert set(align.progress_files(str(tmp / "d")).list()) <= {"block/2/2"} | scans  # the fixed reference, unwritten
 
 
