@@ -162,8 +162,9 @@ def match_motion(sources, targets, fields: torch.Tensor, size: int = SEARCH_SIZE
     neighbours of the demo, ISBI 2012 and SNEMI3D pulled by their whole-pixel shift: 0-14 px)."""
     a, b, both, factor = _pooled_pair(sources, targets, fields, size)
     turn, shift = _patch_motion(a, b, min(a.shape[1:]))
-    field = affine_field(rigid_matrix(turn, shift[:, 0], shift[:, 1]), *a.shape[1:])
-    return _pearson(a, b, both), field.norm(dim=1).flatten(1).median(1).values * factor
+    step = max(1, min(a.shape[1:]) // 32)  # the field on a grid of about 32 x 32 points over the section
+    field = affine_field(rigid_matrix(turn, shift[:, 0] / step, shift[:, 1] / step), *(x // step for x in a.shape[1:]))
+    return _pearson(a, b, both), field.norm(dim=1).flatten(1).median(1).values * factor * step
 
 
 def _pooled_pair(sources, targets, fields: torch.Tensor, size: int):
