@@ -127,7 +127,8 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
 # _prealignment's gate: the wide rigid search runs only where the whole-pixel shift is in doubt (at its reach's edge,
 # on too little tissue, or as below; from the raw neighbour pairs of the demo, ISBI, SNEMI3D and the +-40 px phantom):
 DOUBT_R = 0.17  # its Pearson r (shifts.match_r) is under this (true neighbours: demo >= 0.21, SNEMI3D >= 0.32, ISBI
-# >= 0.14, and >= 0.18 where no wide match stands out; other tissue <= 0.15: a poor wide match there warns),
+# >= 0.14, and >= 0.18 where no wide match stands out; other tissue, or 20 sections apart, <= 0.16: a poor wide
+# match there warns),
 DOUBT_DEPARTURE = 8.0  # px: or a rigid match would still move it by more (shifts.match_motion; true neighbours
 # 0-14 px, every pair whose shift the search replaced >= 9 px). The search replaces the shift only where its field
 # departs from the shift by over
