@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from helpers import (compose, finite_float, in_frame_of, normalise, number, to_tensor, warp, warp_labels,
                      warp_tissue)
 from models import Pyramid
-from shifts import best_shifts, match_r, rigid_search
+from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, rigid_search
 from solve import low_pass, neighbour_pairs, pair_defects, solve_stack, vector_vote
 
 
@@ -125,7 +125,14 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
 
 
 THUMBNAIL = 2048  # px: the rigid pre-alignment runs on sections averaged down to no less than this (thumbnail_factor)
-# _prealignment takes the wide rigid search over the shift only where its field departs from the shift by over
+# _prealignment's gate: the wide rigid search runs only where the whole-pixel shift is in doubt (at its reach's edge,
+# on too little tissue, or as below; from the raw neighbour pairs of the demo, ISBI, SNEMI3D and the +-40 px phantom):
+DOUBT_R = 0.17  # its Pearson r (shifts.match_r) is under this (true neighbours: demo >= 0.21, SNEMI3D >= 0.32, ISBI
+# >= 0.14, and >= 0.18 where no wide match stands out; other tissue, or 20 sections apart, <= 0.16: a poor wide
+# match there warns),
+DOUBT_DEPARTURE = 8.0  # px: or a rigid match would still move it by more (shifts.match_motion; true neighbours
+# 0-14 px, every pair whose shift the search replaced >= 9 px). The search replaces the shift only where its field
+# departs from the shift by over
 WIDE_DEPARTURE = 12.0  # px (median over the section: beyond what the network recovers; demo, ISBI, SNEMI3D pairs <= 10)
 WIDE_MARGIN = 0.02  # and it matches better by this much Pearson r (shifts.match_r)
 
@@ -270,30 +277,37 @@ def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tor
     """The rigid field that pulls normalised ``[H, W]`` source onto target (px): the shift ``[1, 2, 1, 1]``, or
     the wide match ``[1, 2, H, W]``.
 
-    The whole-pixel shift of ``_whole_shift`` (up to ``reach`` px), unless the
-    wide ``shifts.rigid_search`` (shift over a quarter of the section, turn up to
-    0.06 rad) is not poor, does not peak at the edge of its reach, matches better
-    by ``WIDE_MARGIN`` in Pearson r (``shifts.match_r``), and either departs from
-    the shift by over ``WIDE_DEPARTURE`` px (the median length of their difference
-    over the section: more than the network recovers) or the shift lies at the
-    edge of its own reach: neighbours that the shift brings within the network's
-    reach keep exactly that shift. Where the wide match is
-    poor (``shifts.RigidMatch``: no match stands out, e.g. a foreign section, or
-    too little tissue) a ``PoorMatchWarning`` says why in one line.
+    The whole-pixel shift of ``_whole_shift`` (up to ``reach`` px). Only where
+    it is in doubt (it lies at the edge of its reach, matches under ``DOUBT_R``
+    in Pearson r (``shifts.match_r``), a rigid match would still move it by over
+    ``DOUBT_DEPARTURE`` px (``shifts.match_motion``: e.g. a turn), or a section
+    shows too little tissue) does the wide ``shifts.rigid_search`` (shift over a
+    quarter of the section, turn up to 0.06 rad) run, and it replaces the shift
+    where it is not poor, does not peak at the edge of its reach, matches better
+    by ``WIDE_MARGIN`` in Pearson r, and either departs from the shift by over
+    ``WIDE_DEPARTURE`` px (the median length of their difference over the
+    section: more than the network recovers) or the shift lies at the edge of
+    its own reach: neighbours that the shift brings within the network's reach
+    keep exactly that shift. Where neither the shift (``DOUBT_R``) nor the wide
+    match (``shifts.RigidMatch.poor``: none stands out, e.g. a foreign section)
+    matches, or a section shows too little tissue, a ``PoorMatchWarning`` says
+    why in one line.
     """
     shift = _whole_shift(source, target, reach)
     if reach == 0:
         return shift
-    match = rigid_search(source[None].cpu(), target[None].cpu())
-    if match.poor[0]:
+    src, tgt, fixed = source[None].cpu(), target[None].cpu(), shift.expand(1, 2, *source.shape).cpu()
+    r, motion = (float(x[0]) for x in match_motion(src, tgt, fixed))
+    beyond = float(shift.abs().max()) >= _shift_reach(source.shape, reach) - 1  # the shift may lie further
+    if not (beyond or r < DOUBT_R or motion > DOUBT_DEPARTURE or _tissue(source, target) < MIN_TISSUE):
+        return shift
+    match = rigid_search(src, tgt)
+    if match.tissue[0] < MIN_TISSUE or (match.poor[0] and r < DOUBT_R):
         warnings.warn(match.warning(0), PoorMatchWarning)
     wide = match.field(*source.shape).to(source.device)
-    beyond = float(shift.abs().max()) >= _shift_reach(source.shape, reach) - 1  # the shift may lie further
     if match.poor[0] or match.edge[0] or not (beyond or float((wide - shift).norm(dim=1).median()) > WIDE_DEPARTURE):
         return shift
-    r = match_r(source[None].expand(2, -1, -1).cpu(), target[None].expand(2, -1, -1).cpu(),
-                torch.cat([shift.expand_as(wide), wide]).cpu())
-    return wide if r[1] > r[0] + WIDE_MARGIN else shift
+    return wide if float(match_r(src, tgt, wide.cpu())[0]) > r + WIDE_MARGIN else shift
 
 
 def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
@@ -302,11 +316,16 @@ def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torc
     least). Zero when that reach is under 2 px or either section shows tissue (non-zero) on under a quarter
     of its area: too little to trust one shift for the whole section."""
     reach = _shift_reach(source.shape, reach)
-    if reach < 2 or min(float((x != 0).float().mean()) for x in (source, target)) < 0.25:
+    if reach < 2 or _tissue(source, target) < MIN_TISSUE:
         return torch.zeros(1, 2, 1, 1, device=source.device)
     factor = max(2, min(source.shape) // 1024)
     shift = best_shifts(source[None].cpu(), target[None].cpu(), reach, factor)[0].round()
     return torch.from_numpy(shift).view(1, 2, 1, 1).to(source.device)
+
+
+def _tissue(source: torch.Tensor, target: torch.Tensor) -> float:
+    """The smaller of ``[H, W]`` source's and target's fractions of pixels that hold tissue (non-zero)."""
+    return min(float((x != 0).float().mean()) for x in (source, target))
 
 
 def _shift_reach(shape: tuple[int, int], reach: int) -> int:

@@ -11,6 +11,8 @@ the network's reach before it runs (``alignment.pair_field``). The pyramid
 recovers shifts up to ~15 px between real fly neighbours, and a stack's sections
 can be much further apart than that, and turned. It also says when the best
 match is poor (``RigidMatch.poor``): a blank section, or one of another tissue.
+``match_r`` scores a match; ``match_motion`` also says, far more cheaply than
+``rigid_search``, how far a rigid match would still move a matched pair.
 """
 from __future__ import annotations
 
@@ -55,9 +57,11 @@ class RigidMatch:
     the rotation (rad, ``helpers.rigid_matrix``'s sign). ``score`` ``[N]``: its
     Pearson r at the search's coarse resolution; ``lead`` ``[N]``: how much that r
     exceeds the best r at shifts further than a sixteenth of the section away, at
-    the same angle (a true match stands out: 0.14-0.45 between neighbours of
-    SNEMI3D, ISBI 2012 or the phantom, down to 0.03 where both are cracked;
-    0-0.1, median 0.02, between sections of different tissue, or noise);
+    the same angle (a true match stands out: 0.14-0.45 between most neighbours
+    of SNEMI3D, ISBI 2012 or the phantom, but down to 0.01 between a few of ISBI
+    2012, whose coarse maps peak little, and to 0.03 where both are cracked;
+    0-0.1, median 0.02, between sections of different tissue, or noise: so
+    ``alignment._prealignment`` warns only where the shift matches poorly too);
     ``tissue`` ``[N]``: the smaller of the two sections' fractions of pixels that
     hold tissue; ``edge`` bool ``[N]``: the best shift lies on the border of the
     shifts searched (the true one may lie beyond the reach).
@@ -112,7 +116,7 @@ def rigid_search(sources, targets, reach: int | None = None, angles=None, size: 
     sections, one thread: ~0.04 s).
     """
     a, b = (to_tensor(x, dtype=torch.float64) for x in (sources, targets))
-    n, factor = len(a), max(1, round(min(a.shape[1:]) / size))
+    n, factor = len(a), _factor(a.shape, size)
     coarse_a, coarse_b = _pool(a, factor).float(), _pool(b, factor).float()
     side = min(coarse_a.shape[1:])
     if angles is None:
@@ -146,14 +150,44 @@ def match_r(sources, targets, fields: torch.Tensor, size: int = SEARCH_SIZE) -> 
     """Pearson r ``[N]`` of normalised sources ``[N, H, W]`` pulled by ``fields`` ``[N, 2, H, W]`` (px) with their
     targets ``[N, H, W]``, on sections averaged down to about ``size`` px (``rigid_search``'s factor), over the
     averaged pixels where both show tissue (non-zero) throughout; 0 where there are none."""
+    return _pearson(*_pooled_pair(sources, targets, fields, size)[:3])
+
+
+def match_motion(sources, targets, fields: torch.Tensor, size: int = SEARCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``match_r`` ``[N]`` of normalised sources ``[N, H, W]`` pulled by ``fields`` ``[N, 2, H, W]`` (px) with their
+    targets ``[N, H, W]``, and how far ``[N]`` (px) a rigid match would still move them: the median length over
+    the section of the field of the small turn and shift that the shifts of ``PATCHES`` x ``PATCHES`` patches
+    give (``_patch_motion``, each as far as its patch allows), on the same averaged sections. A few FFTs of
+    patches: far cheaper than ``rigid_search``, and only as sure as the patches' shifts (between true
+    neighbours of the demo, ISBI 2012 and SNEMI3D pulled by their whole-pixel shift: 0-14 px)."""
+    a, b, both, factor = _pooled_pair(sources, targets, fields, size)
+    turn, shift = _patch_motion(a, b, min(a.shape[1:]))
+    step = max(1, min(a.shape[1:]) // 32)  # the field on a grid of about 32 x 32 points over the section
+    field = affine_field(rigid_matrix(turn, shift[:, 0] / step, shift[:, 1] / step), *(x // step for x in a.shape[1:]))
+    return _pearson(a, b, both), field.norm(dim=1).flatten(1).median(1).values * factor * step
+
+
+def _pooled_pair(sources, targets, fields: torch.Tensor, size: int):
+    """float64 ``[N, h, w]`` sources ``[N, H, W]`` pulled by ``fields`` ``[N, 2, H, W]`` (px) and targets ``[N, H, W]``,
+    averaged down to about ``size`` px (``_factor``); bool ``[N, h, w]``: where both show tissue (non-zero)
+    throughout; and the factor."""
     a, b = (to_tensor(x, dtype=torch.float64) for x in (sources, targets))
     pulled = warp(a[:, None], fields.to(a.dtype))[:, 0]
-    factor = max(1, round(min(a.shape[1:]) / size))
+    factor = _factor(a.shape, size)
     both = _pool(((pulled != 0) & (b != 0)).double(), factor) == 1
-    a, b = _pool(pulled, factor), _pool(b, factor)
+    return _pool(pulled, factor), _pool(b, factor), both, factor
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor) -> torch.Tensor:
+    """Pearson r ``[N]`` of ``a`` with ``b`` ``[N, h, w]`` where ``both`` (bool, ``[N, h, w]``); 0 if nowhere."""
     count = both.sum((1, 2)).clamp_min(1)
     a, b = (torch.where(both, x - (x * both).sum((1, 2), keepdim=True) / count[:, None, None], 0) for x in (a, b))
     return ((a * b).sum((1, 2)) / ((a * a).sum((1, 2)) * (b * b).sum((1, 2))).sqrt().clamp_min(1e-12)).float()
+
+
+def _factor(shape, size: int) -> int:
+    """The whole factor that averages ``[..., H, W]`` sections down to about ``size`` px."""
+    return max(1, round(min(shape[-2:]) / size))
 
 
 def _best_elsewhere(r_map: torch.Tensor, peak: torch.Tensor, distance: float) -> torch.Tensor:

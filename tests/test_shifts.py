@@ -5,7 +5,7 @@ import torch
 
 from conftest import moved_windows, turned_phantom
 from helpers import UserError, affine_field, normalise, rigid_matrix, warp
-from shifts import best_shifts, match_r, rigid_search
+from shifts import best_shifts, match_motion, match_r, rigid_search
 
 
 def test_best_shifts_pull_each_source_onto_its_target_batched():
@@ -95,3 +95,15 @@ def test_match_r_scores_the_true_match_above_a_wrong_one(phantom_sections):
     zero = torch.zeros_like(true)
     r = match_r(sections[[0, 0, 1]], sections[[1, 1, 1]], torch.cat([true, zero, zero]))
     assert r[2] > 0.999 and r[0] > 0.9 and r[1] < 0.5
+
+
+def test_match_motion_gives_match_r_and_the_turn_that_a_shift_leaves(phantom_sections):
+    sections, (shift, angle) = phantom_sections  # turned by 0.05 rad
+    true = affine_field(rigid_matrix(torch.tensor([angle]), *torch.tensor(shift)), 160, 160)
+    shifted = torch.tensor(shift, dtype=torch.float32).view(1, 2, 1, 1).expand(1, 2, 160, 160)  # the turn left
+    fields = torch.cat([true, shifted])
+    r, motion = match_motion(sections[[0, 0]], sections[[1, 1]], fields)
+    assert torch.equal(r, match_r(sections[[0, 0]], sections[[1, 1]], fields))
+    y, x = torch.meshgrid(*(torch.arange(160.0) - 79.5,) * 2, indexing="ij")
+    turn_left = 2 * np.sin(abs(angle) / 2) * float(torch.hypot(x, y).median())  # ~3.2 px: the turn's median move
+    assert float(motion[0]) < 0.5 and abs(float(motion[1]) - turn_left) < 0.5
