@@ -69,11 +69,25 @@ def pool(args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return [damaged(s, 512, next(seeds)) for s in sources for _ in range(args.draws)]
 
 
-def batch(stacks, crop: int, size: int, gen: torch.Generator,
-          fold_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def blank_edge(pair: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``pair`` ``[2, S, S]`` (image, classes) with its rows above a random wavy line made missing data (image 0, class
+    none): the line's mean depth is 1/8 to 1/2 of the way down, its waves half that depth high at most."""
+    side = pair.shape[-1]
+    u = torch.rand(4, generator=gen).tolist()
+    depth = side * (1 + 3 * u[0]) / 8
+    amplitude, wavelength, phase = depth * u[1] / 2, side * (0.5 + u[2]), 2 * np.pi * u[3]
+    x = torch.arange(side, dtype=torch.float32)
+    edge = depth + amplitude * torch.sin(2 * np.pi * x / wavelength + phase)
+    return pair.masked_fill(torch.arange(side, dtype=torch.float32)[:, None] < edge, 0)
+
+
+def batch(stacks, crop: int, size: int, gen: torch.Generator, fold_share: float = 0.0,
+          blank_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` crops ``(images [B, 1, crop, crop] float 0..1, classes [B, crop, crop] long)`` of ``pool``'s stacks,
     flipped and turned at random: each from a random stack, with probability ``fold_share`` over one of its fold
-    pixels (at a random place in the crop), else from a random section at a random place."""
+    pixels (at a random place in the crop), else from a random section at a random place; with probability
+    ``blank_share`` one side of it is missing data (``blank_edge``), as at a volume's edges, where the tissue's
+    border is no fold."""
     images, labels = [], []
     for _ in range(size):
         image, defects, folds = stacks[int(torch.randint(len(stacks), (1,), generator=gen))]
@@ -86,6 +100,8 @@ def batch(stacks, crop: int, size: int, gen: torch.Generator,
             z = int(torch.randint(len(image), (1,), generator=gen))
             y, x = (int(torch.randint(m + 1, (1,), generator=gen)) for m in limits)
         pair = torch.cat([image[z, :, y:y + crop, x:x + crop], defects[z, :, y:y + crop, x:x + crop]])
+        if torch.rand(1, generator=gen) < blank_share:
+            pair = blank_edge(pair, gen)
         pair = torch.rot90(pair, int(torch.randint(4, (1,), generator=gen)), (1, 2))
         if torch.rand(1, generator=gen) < 0.5:
             pair = pair.flip(2)
@@ -108,6 +124,8 @@ def main(argv=None) -> Path:
     p.add_argument("--class_weights", type=float, nargs=3, default=[1.0, 3.0, 6.0], metavar=("NONE", "CRACK", "FOLD"),
                    help="weights of the classes in the cross-entropy (defects are rare)")
     p.add_argument("--fold_share", type=float, default=0.5, help="share of the crops placed over a fold pixel")
+    p.add_argument("--blank_share", type=float, default=0.25,
+                   help="share of the crops with one side missing data (0), as at a volume's edges")
     p.add_argument("--init", help="start from this detector archive (a run continued); None: from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ARCHIVE))
@@ -125,7 +143,7 @@ def main(argv=None) -> Path:
     while step < args.steps and time.time() < deadline:
         for group in optimizer.param_groups:  # cosine decay over the wall-time budget
             group["lr"] = args.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - start) / (deadline - start))))
-        images, labels = batch(stacks, args.crop, args.batch_size, gen, args.fold_share)
+        images, labels = batch(stacks, args.crop, args.batch_size, gen, args.fold_share, args.blank_share)
         loss = F.cross_entropy(net(images), labels, weight=weights)
         optimizer.zero_grad()
         loss.backward()
