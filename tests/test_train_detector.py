@@ -26,5 +26,6 @@ def test_blank_share_makes_one_side_of_every_crop_missing_data():
     missing = images[:, 0] == 0
     assert (missing.flatten(1).float().mean(1) > 1 / 16).all() and not missing.all()
     assert (labels[missing] == 0).all()
-    sides = torch.stack([missing[:, 0].all(1), missing[:, -1].all(1), missing[:, :, 0].all(1), missing[:, :, -1].all(1)])
+    sides = torch.stack([missing[:, 0].all(1), missing[:, -1].all(1),
+                         missing[:, :, 0].all(1), missing[:, :, -1].all(1)])
     assert (sides.sum(0) == 1).all()  # one whole side, a wavy edge within
