@@ -7,8 +7,10 @@ registered real sections SNEMI3D 0..59 and ISBI 2012 0..19 (their held-out range
 20..29, and the demo's 70..99 are left for ``bench/detect_quality.py``). Each is damaged and
 misaligned by ``misalign.misalign`` as the demo is, but with a crack and a fold each drawn with
 probability 1/2 (seeds from 1000 on; the benchmark draws seeds 0..2), ``--draws`` times; the
-network learns per-pixel cross-entropy on random ``--crop`` px crops (flipped and turned), Adam,
-until ``--minutes`` of wall time or ``--steps``.
+network learns per-pixel class-weighted cross-entropy on ``--crop`` px crops (flipped and turned),
+Adam, until ``--minutes`` of wall time or ``--steps``, writing ``--out`` every 100 steps. A crop is
+random, or with probability ``--fold_share`` placed over a random fold pixel: the folds' bands
+(2-10 px wide) are ~0.5 % of the training pixels, too few for random crops to teach them.
 """
 from __future__ import annotations
 
@@ -46,19 +48,20 @@ def demo_sections(z_range: tuple[int, int]) -> np.ndarray:
     return volume.read(vol, (0, 0, z_range[0]), (512, 512, z_range[1] - z_range[0]))[:, 0]
 
 
-def damaged(sections: np.ndarray, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(image, defects)`` ``[Z, 1, size, size]`` uint8: the centre ``size + 2 PAD`` px of ``sections`` (at most the
-    whole section) put through ``misalign.misalign(TRAIN_PARAMS)`` with ``seed``."""
+def damaged(sections: np.ndarray, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training stack ``(image, defects, folds)``: ``image`` and ``defects`` ``[Z, 1, size, size]`` uint8, the centre
+    ``size + 2 PAD`` px of ``sections`` (at most the whole section) put through ``misalign.misalign(TRAIN_PARAMS)``
+    with ``seed``, and ``folds`` ``[K, 3]`` long, the ``(z, y, x)`` of its fold pixels."""
     h, w = sections.shape[1:]
     side = min(size + 2 * PAD, h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
     canvas = torch.from_numpy(np.ascontiguousarray(sections[:, y0:y0 + side, x0:x0 + side]))[:, None]
     image, defects, _ = misalign.misalign(canvas, TRAIN_PARAMS, torch.Generator().manual_seed(seed), pad=PAD)
-    return image, defects
+    return image, defects, (defects[:, 0] == misalign.FOLD).nonzero()
 
 
-def pool(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every training ``(image, defects)`` stack: each source ``args.draws`` times, seeds 1000, 1001, ..."""
+def pool(args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every training stack (``damaged``): each source ``args.draws`` times, seeds 1000, 1001, ..."""
     sources = [demo_sections(RANGES["demo"])]
     sources += [real_sections(folder, RANGES[name]) for name, folder in (("snemi", args.snemi), ("isbi", args.isbi))
                 if folder]
@@ -66,15 +69,39 @@ def pool(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [damaged(s, 512, next(seeds)) for s in sources for _ in range(args.draws)]
 
 
-def batch(stacks, crop: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` random crops ``(images [B, 1, crop, crop] float 0..1, classes [B, crop, crop] long)``, each from a
-    random section of a random stack, flipped and turned at random."""
+def blank_edge(pair: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``pair`` ``[2, S, S]`` (image, classes) with its rows above a random wavy line made missing data (image 0, class
+    none): the line's mean depth is 1/8 to 1/2 of the way down, its waves half that depth high at most."""
+    side = pair.shape[-1]
+    u = torch.rand(4, generator=gen).tolist()
+    depth = side * (1 + 3 * u[0]) / 8
+    amplitude, wavelength, phase = depth * u[1] / 2, side * (0.5 + u[2]), 2 * np.pi * u[3]
+    x = torch.arange(side, dtype=torch.float32)
+    edge = depth + amplitude * torch.sin(2 * np.pi * x / wavelength + phase)
+    return pair.masked_fill(torch.arange(side, dtype=torch.float32)[:, None] < edge, 0)
+
+
+def batch(stacks, crop: int, size: int, gen: torch.Generator, fold_share: float = 0.0,
+          blank_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` crops ``(images [B, 1, crop, crop] float 0..1, classes [B, crop, crop] long)`` of ``pool``'s stacks,
+    flipped and turned at random: each from a random stack, with probability ``fold_share`` over one of its fold
+    pixels (at a random place in the crop), else from a random section at a random place; with probability
+    ``blank_share`` one side of it is missing data (``blank_edge``), as at a volume's edges, where the tissue's
+    border is no fold."""
     images, labels = [], []
     for _ in range(size):
-        image, defects = stacks[int(torch.randint(len(stacks), (1,), generator=gen))]
-        z = int(torch.randint(len(image), (1,), generator=gen))
-        y, x = (int(torch.randint(n - crop + 1, (1,), generator=gen)) for n in image.shape[-2:])
+        image, defects, folds = stacks[int(torch.randint(len(stacks), (1,), generator=gen))]
+        limits = [n - crop for n in image.shape[-2:]]
+        if len(folds) and torch.rand(1, generator=gen) < fold_share:
+            z, fy, fx = folds[int(torch.randint(len(folds), (1,), generator=gen))].tolist()
+            y, x = (min(max(f - int(torch.randint(crop, (1,), generator=gen)), 0), m)
+                    for f, m in ((fy, limits[0]), (fx, limits[1])))
+        else:
+            z = int(torch.randint(len(image), (1,), generator=gen))
+            y, x = (int(torch.randint(m + 1, (1,), generator=gen)) for m in limits)
         pair = torch.cat([image[z, :, y:y + crop, x:x + crop], defects[z, :, y:y + crop, x:x + crop]])
+        if torch.rand(1, generator=gen) < blank_share:
+            pair = blank_edge(pair, gen)
         pair = torch.rot90(pair, int(torch.randint(4, (1,), generator=gen)), (1, 2))
         if torch.rand(1, generator=gen) < 0.5:
             pair = pair.flip(2)
@@ -96,6 +123,9 @@ def main(argv=None) -> Path:
     p.add_argument("--steps", type=int, default=100000, help="at most this many steps")
     p.add_argument("--class_weights", type=float, nargs=3, default=[1.0, 3.0, 6.0], metavar=("NONE", "CRACK", "FOLD"),
                    help="weights of the classes in the cross-entropy (defects are rare)")
+    p.add_argument("--fold_share", type=float, default=0.5, help="share of the crops placed over a fold pixel")
+    p.add_argument("--blank_share", type=float, default=0.25,
+                   help="share of the crops with one side missing data (0), as at a volume's edges")
     p.add_argument("--init", help="start from this detector archive (a run continued); None: from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ARCHIVE))
@@ -107,22 +137,23 @@ def main(argv=None) -> Path:
     net = load_detector(args.init).train() if args.init else DefectNet()
     weights = torch.tensor(args.class_weights)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    recipe = " ".join(f"--{k} {v}" for k, v in vars(args).items())
     start, step, running = time.time(), 0, None
     deadline = start + 60 * args.minutes
     while step < args.steps and time.time() < deadline:
         for group in optimizer.param_groups:  # cosine decay over the wall-time budget
             group["lr"] = args.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - start) / (deadline - start))))
-        images, labels = batch(stacks, args.crop, args.batch_size, gen)
+        images, labels = batch(stacks, args.crop, args.batch_size, gen, args.fold_share, args.blank_share)
         loss = F.cross_entropy(net(images), labels, weight=weights)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         step += 1
-        if step % 100 == 0:
+        if step % 100 == 0:  # a checkpoint: the run can be stopped at any time
+            save_detector(args.out, net, recipe=recipe, steps=step, seconds=round(time.time() - start))
             print(f"step {step}  loss {running:.4f}  {time.time() - start:.0f} s", flush=True)
-    out = save_detector(args.out, net, recipe=" ".join(f"--{k} {v}" for k, v in vars(args).items()), steps=step,
-                        seconds=round(time.time() - start))
+    out = save_detector(args.out, net, recipe=recipe, steps=step, seconds=round(time.time() - start))
     print(f"{step} steps in {time.time() - start:.0f} s: {out}")
     return out
 

@@ -30,8 +30,7 @@ def damaged_section():
     return image, defects
 
 
-@pytest.mark.parametrize("kind", [misalign.CRACK, pytest.param(misalign.FOLD, marks=pytest.mark.xfail(
-    strict=True, reason="pt/defects.pt does not find folds yet: 1,200 CPU steps were too few (bench/RESULTS.md)"))])
+@pytest.mark.parametrize("kind", [misalign.CRACK, misalign.FOLD])
 def test_the_detector_finds_a_crack_and_a_fold(net, damaged_section, kind):
     image, defects = damaged_section
     found = detect_defects.detect(net, image)
