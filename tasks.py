@@ -104,6 +104,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from cloudfiles import CloudFiles
 from taskqueue import TaskQueue, queueable
 from tqdm import tqdm
@@ -112,7 +113,7 @@ import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
                        is_blank, solve_fields, tissue_moments)
-from helpers import UserError, compose, invert_field, one_line
+from helpers import UserError, compose, downsample_field, invert_field, one_line, upsample_field
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
 
@@ -121,6 +122,7 @@ POLL_SECONDS = 1.0  # how often the driver looks at the queue
 MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
+COARSE_SAMPLES = 16  # solve tasks: coarse pixels per smooth radius of the coarse tier (coarse_factor)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in voxels (x1, y1 exclusive)
 Phase = tuple[str, list[Callable[[], None]] | Callable[[], list]]  # a name and its tasks (or what makes them,
@@ -459,39 +461,85 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     solve's own frame, into ``DEST/solved``; skipped if the marker ``solve/block/FIRST/X_Y`` holds this window.
 
     ``window``: ``[w0, w1)``, the block grown by ``solve_margin`` usable sections each side (to the range's ends
-    where fewer are left); ``blank``: its blank sections. The window's pairs (``solve.neighbour_pairs``) are solved
-    jointly (``alignment.solve_fields``, as ``align_solved``) on the chunk grown by ``2 smooth + overlap`` px (the
+    where fewer are left); ``blank``: its blank sections. Its pairs (``solve.neighbour_pairs``) are solved jointly
+    as ``align_solved`` does (``alignment.solve_fields``) on the chunk grown by ``2 smooth + overlap`` px (the
     low-pass's reach and the reach of the warp by the fields; clipped to the bbox), from ``DEST/pair_field``, the
-    raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk. With
-    one block and one chunk: ``align_solved``'s solve exactly.
+    raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk.
+
+    In two tiers, so that memory is set by the block, not by ``solve_margin`` (38 sections each side at the
+    default pull): at full resolution only the block grown by ``detail_margin`` usable sections each side
+    (``_solve_tier``); where that cuts the window, the ``K`` usable sections beyond each cut (``K`` =
+    ``neighbours``) are held at the fields of a solve of the whole window at ``1 / coarse_factor`` the resolution
+    (``_coarse_fields``), which carries the slow coarse part across the margin; the detail, pulled hard, fades
+    within ``detail_margin``. With one block and one chunk: ``align_solved``'s solve exactly.
     """
     job = Job(**job)
     marks, name, record = _progress(job), f"solve/block/{first}/{x}_{y}", {"window": window, "blank": blank}
     if marks.get_json(name) == record:
         return
-    box, (w0, w1) = job.chunk_box(x, y), window
-    last = dict(job.solve_blocks())[first]
-    usable = [z for z in range(w0, w1) if z not in blank]
+    box, last = job.chunk_box(x, y), dict(job.solve_blocks())[first]
+    usable = [z for z in range(*window) if z not in blank]
+    inner = [i for i, z in enumerate(usable) if first <= z <= last]  # the block's usable sections (positions)
     solved = torch.zeros(last + 1 - first, 2, *_shape(box))
-    if len(usable) > 1:
-        grown = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox)
-        pairs = neighbour_pairs(w1 - w0, job.solve.neighbours, {z - w0 for z in blank})
-        slot = {d: i for i, d in enumerate(_offsets(job))}
-        place = {z: i for i, z in enumerate(usable)}
-        pair_fields = torch.empty(len(pairs), 2, *_shape(grown))
-        for z in usable:  # one read of each section's pair fields
-            read = _read_field(_dest(job, "pair_field"), z, grown).view(-1, 2, *_shape(grown))
-            for e, (s, t) in enumerate(pairs):
-                if s + w0 == z:
-                    pair_fields[e] = read[slot[place[t + w0] - place[z]]]
-        source = _layer(job.source, job.mip)
-        sections = np.stack([_read(source, z, grown)[0] for z in range(w0, w1)])
-        defects = _defect_maps(job, range(w0, w1), grown)
-        fields = solve_fields(sections, pairs, pair_fields, job.solve, job.pair.smooth,
-                              None if defects is None else np.stack(list(defects.values())))
-        solved = _crop(fields[first - w0:last + 1 - w0], box, grown)
+    if len(usable) > 1 and inner:
+        grown, k = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox), job.solve.neighbours
+        start, stop = max(0, inner[0] - detail_margin(job)), inner[-1] + 1 + detail_margin(job)
+        edges = usable[max(0, start - k):start] + usable[stop:stop + k]  # held at the coarse tier's fields
+        tier = range(usable[start - k] if start > k else window[0],
+                     usable[stop + k - 1] + 1 if stop + k < len(usable) else window[1])
+        held = _coarse_fields(job, range(*window), blank, grown, edges) if edges else {}
+        fields = _solve_tier(job, tier, blank, grown, 1, {z - tier[0]: field for z, field in held.items()})
+        solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
     marks.put_json(name, record)
+
+
+def detail_margin(job: Job) -> int:
+    """Usable sections a solve task solves at full resolution beyond each side of its z block: enough that the
+    detail (``SolveSettings.detail_pull``), held at 0 at the cuts, keeps ``CUT_EFFECT`` of its change there at
+    most (``solve.chain_decay``); ``solve_margin`` (no cut within the window) where the fields are not split into
+    a coarse part and detail (``coarse_factor`` 1) or the detail is dropped."""
+    if coarse_factor(job) == 1 or not math.isfinite(job.solve.detail_pull):
+        return solve_margin(job)
+    return math.ceil(math.log(CUT_EFFECT) / math.log(chain_decay(job.solve.detail_pull, job.solve.neighbours)))
+
+
+def coarse_factor(job: Job) -> int:
+    """How much coarser than the sections ``_coarse_fields`` solves: ``smooth // COARSE_SAMPLES`` (the low-pass's
+    box then spans ``2 COARSE_SAMPLES + 1`` coarse pixels), at least 1."""
+    return max(1, job.pair.smooth // COARSE_SAMPLES)
+
+
+def _coarse_fields(job: Job, sections: range, blank: list, grown: Box, edges: list[int]) -> dict[int, torch.Tensor]:
+    """``{z: [2, h, w]}`` (px, over ``grown``) for z in ``edges``: ``_solve_tier`` of ``sections`` at
+    ``1 / coarse_factor`` the resolution, brought back to the full one (``helpers.upsample_field``, cropped)."""
+    factor, (h, w) = coarse_factor(job), _shape(grown)
+    coarse = _solve_tier(job, sections, blank, grown, factor)
+    return {z: upsample_field(coarse[z - sections[0]][None], factor)[0, :, :h, :w] for z in edges}
+
+
+def _solve_tier(job: Job, sections: range, blank: list, grown: Box, factor: int,
+                held: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """``[len(sections), 2, h, w]``: ``alignment.solve_fields`` of the consecutive ``sections`` (those in ``blank``
+    left out; each usable one paired with its K nearest usable ones on each side) over ``grown`` at ``1 / factor``
+    the resolution (pair fields by ``helpers.downsample_field``, the sections' tissue and defects by the mean and
+    the max over each ``factor`` square), in px of that resolution; ``held``: ``solve.solve_stack``'s, by position
+    in ``sections``. Reads one section at a time."""
+    skip = {i for i, z in enumerate(sections) if z in blank}
+    pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip), _offsets(job)
+    place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among usable
+    source, pair_layer = _layer(job.source, job.mip), _dest(job, "pair_field")
+    fields, tissue, defects = [], [], []
+    for i, z in enumerate(sections):  # one read of each section's pair fields
+        if i not in skip:
+            read = downsample_field(_read_field(pair_layer, z, grown).view(-1, 2, *_shape(grown)), factor)
+            fields += [read[slot.index(place[t] - place[s])] for s, t in pairs if s == i]
+        tissue.append(F.avg_pool2d((_read_field(source, z, grown) > 0).float(), factor, ceil_mode=True)[0])
+        if job.defects:
+            labels = _read_field(_layer(job.defects, job.mip), z, grown).float()
+            defects.append(F.max_pool2d(labels, factor, ceil_mode=True)[0].to(torch.uint8))
+    return solve_fields(torch.stack(tissue), pairs, torch.stack(fields), job.solve, round(job.pair.smooth / factor),
+                        torch.stack(defects) if defects else None, held)
 
 
 def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:

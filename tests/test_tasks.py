@@ -330,6 +330,35 @@ def test_a_solve_in_chunks_and_blocks_is_close_to_the_whole_solve(tmp_path, monk
     assert windows == [0, 8]  # the block 0..2 and 5 sections beyond: the chain is cut
 
 
+def test_a_solve_block_at_full_resolution_held_by_a_coarse_solve_is_close_to_the_whole_solve(tmp_path, monkeypatch):
+    """Blocks of 3 sections of a 12-section stack at the default pulls and ``--smooth 32``: each solve task solves
+    its block and 4 sections beyond each side (``detail_margin``) at full resolution, held at the next section by a
+    solve of the whole window at half the resolution; the fields are those of the one-block solve. The pair fields
+    (a whole-pixel shift plus a smooth field from the sections' difference) are the same in both runs."""
+    def smooth_field(model, source, target, trunc):
+        difference = helpers.box_mean((source - target)[0], 6)
+        return torch.cat([difference, helpers.box_mean(difference.flip(-1), 6)])[None]
+    monkeypatch.setattr(alignment, "chunk_field", smooth_field)
+    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
+    moves = [tuple(2 * v for v in move) for move in np.random.default_rng(5).integers(-2, 3, (12, 2)).tolist()]
+    layer(tmp_path / "raw", moved_windows(moves, size=96)[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "12",
+              "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "32", "--task_chunk", "96"]
+    align.main(common + ["--dest", str(tmp_path / "whole")])
+    tiers = []
+    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))
+    align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3"])
+    whole, parts = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 12))
+                    for d in ("whole", "parts"))
+    difference = np.sqrt(((whole - parts) ** 2).sum(1))
+    assert tiers == [2, 1] * 4 and tasks.detail_margin(job(pair=PairSettings(smooth=32), solve=SolveSettings())) == 4
+    assert np.abs(whole).max() > 1 and np.percentile(difference, 99) < 0.1, difference.max()
+
+
+solve_tier = tasks._solve_tier
+
+
 def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
     source, _ = solve_volume(tmp_path, tiny_volume)
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
