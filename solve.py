@@ -143,25 +143,6 @@ def _banded_cholesky_solve(band: torch.Tensor, rhs: torch.Tensor) -> torch.Tenso
     return x
 
 
-def _hold(band: torch.Tensor, rhs: torch.Tensor, held: dict[int, torch.Tensor]) -> None:
-    """Hold the unknowns ``held`` (``{z: [C, H, W]}``) of the banded system ``band`` ``[Z, B+1, H, W]`` (lower
-    band, ``_normal_matrix``), ``rhs`` ``[Z, C, H, W]`` at their given values, in place: their couplings move to
-    the other rows' right-hand sides and their own rows become ``x_z = value``."""
-    count, width = band.shape[0], band.shape[1] - 1
-    for z, value in held.items():
-        for k in range(1, width + 1):  # entry (z, z - k) is band[z, k]; entry (z + k, z) is band[z + k, k]
-            if z - k >= 0 and z - k not in held:
-                rhs[z - k] -= band[z, k, None] * value
-            if z + k < count and z + k not in held:
-                rhs[z + k] -= band[z + k, k, None] * value
-    for z, value in held.items():
-        band[z, 1:] = 0
-        for k in range(1, min(width, count - 1 - z) + 1):
-            band[z + k, k] = 0
-        band[z, 0] = 1
-        rhs[z] = value
-
-
 def pair_defects(field: torch.Tensor, source_defects, target_defects) -> torch.Tensor | None:
     """The defects of a pair in its field's grid (the target's): uint8 ``[H, W]``, the larger label of the
     target's and of the source's pulled through ``field`` ``[2, H, W]`` (px; nearest sampling). Either map
@@ -174,8 +155,7 @@ def pair_defects(field: torch.Tensor, source_defects, target_defects) -> torch.T
 
 def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, weights: torch.Tensor | None = None,
                 *, pull: float, robust: float | None, rounds: int = 3, smooth: int = 0,
-                detail_pull: float = math.inf, defects: torch.Tensor | None = None,
-                held: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                detail_pull: float = math.inf, defects: torch.Tensor | None = None) -> torch.Tensor:
     """One field per section ``[Z, 2, H, W]`` (px) from pair fields between raw sections.
 
     pairs: ``E`` directed pairs ``(s, t)``; fields ``[E, 2, H, W]``: pair field
@@ -215,10 +195,6 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     robust re-weighting compares with the whole pair field (with ``detail_pull`` inf too). Where every pair of a
     section weighs 0 for a defect, its coarse field comes from the tissue around (``low_pass``'s ``untrusted``). A
     ``defects`` without any defect is None, bit for bit.
-
-    held: ``{z: [2, H, W]}`` (px) or None: sections whose field is given, e.g. the edge of a z block from a coarser
-    solve of a longer stretch (``tasks.solve_task``); they are held at it (the coarse part at the field, the detail
-    at 0), so they tie the others as their pairs ask, and come out as given.
     """
     if pull <= 0 or detail_pull <= 0:
         raise ValueError("pull and detail_pull must be > 0 (without a pull the common frame is undetermined)")
@@ -239,10 +215,7 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
         at_source = torch.stack([pair_defects(f, defects[s], None) for (s, _), f in zip(pairs, fields)])
         jumps = [low_pass(fields, smooth, at, garbage) - across for at in (at_source, defects[targets])]
     trusted = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
-    held = held or {}
     solution = torch.zeros(count, 2, h, w, device=fields.device)
-    for z, given in held.items():
-        solution[z] = given
     base = current = trusted
     for round_ in range(rounds):
         observed = [warp(band, solution[targets], padding_mode="border") for band in bands]  # r_e(p + F_t(p))
@@ -252,20 +225,17 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
             unheld = (_section_sums(count, sources, targets, trusted) > 0) & \
                 (_section_sums(count, sources, targets, base) == 0)  # every pair of the section weighs 0 there
         if round_ > 0 and robust:
-            asked = sum(observed) if defects is None else observed[0]  # the whole pair field
-            residual = vector_length(solution[sources] - solution[targets] - asked)[:, None]
+            coarse_part = parts[0] if defects is None else solution
+            residual = vector_length(coarse_part[sources] - coarse_part[targets] - observed[0])[:, None]
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
-        parts = [_solve_band(count, sources, targets, current, part, band_pull,
-                             {z: given if i == 0 else torch.zeros_like(given) for z, given in held.items()})
-                 for i, (part, band_pull) in enumerate(zip(observed, pulls))]
+        parts = [_solve_band(count, sources, targets, current, part, band_pull)
+                 for part, band_pull in zip(observed, pulls)]
         if defects is not None:  # each section's coarse part: smooth across all defects, plus its own jumps
             smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | unheld[:, 0])
             jump = _own_jumps(count, sources, targets, current,
                               *(warp(j, solution[targets], padding_mode="border") for j in jumps))
             parts[0] = low_pass(smooth_part + jump, 0, own, unheld[:, 0])  # inside its defects: the tissue around
         solution = sum(parts)
-        for z, given in held.items():  # the coarse part's own jumps and filling (defects) leave them as given
-            solution[z] = given
     return solution
 
 
@@ -286,14 +256,11 @@ def _section_sums(count: int, sources: torch.Tensor, targets: torch.Tensor, weig
 
 
 def _solve_band(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                observed: torch.Tensor, pull: float, held: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Per pixel, the ``F`` ``[Z, 2, H, W]`` minimising ``sum_e w_e |F_s - F_t - observed_e|^2 + pull sum_z |F_z|^2``,
-    with ``F_z`` for z in ``held`` (``{z: [2, H, W]}``) held at the given field."""
+                observed: torch.Tensor, pull: float) -> torch.Tensor:
+    """Per pixel, the ``F`` ``[Z, 2, H, W]`` minimising ``sum_e w_e |F_s - F_t - observed_e|^2 + pull sum_z |F_z|^2``."""
     rhs = torch.zeros(count, *observed.shape[1:], dtype=observed.dtype, device=observed.device)
     rhs.index_add_(0, sources, weights * observed).index_add_(0, targets, -weights * observed)
-    band = _normal_matrix(count, sources, targets, weights, pull)
-    _hold(band, rhs, held)
-    return _banded_cholesky_solve(band, rhs)
+    return _banded_cholesky_solve(_normal_matrix(count, sources, targets, weights, pull), rhs)
 
 
 def chain_decay(pull: float, neighbours: int) -> float:

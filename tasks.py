@@ -467,11 +467,11 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk.
 
     In two tiers, so that memory is set by the block, not by ``solve_margin`` (38 sections each side at the
-    default pull): at full resolution only the block grown by ``detail_margin`` usable sections each side
-    (``_solve_tier``); where that cuts the window, the ``K`` usable sections beyond each cut (``K`` =
-    ``neighbours``) are held at the fields of a solve of the whole window at ``1 / coarse_factor`` the resolution
-    (``_coarse_fields``), which carries the slow coarse part across the margin; the detail, pulled hard, fades
-    within ``detail_margin``. With one block and one chunk: ``align_solved``'s solve exactly.
+    default pull): at full resolution only the *tier*, the block grown by ``detail_margin`` usable sections each
+    side (``_solve_tier``: the detail, pulled hard, feels a cut that far away no more than ``CUT_EFFECT``); where
+    the tier cuts the window, what the sections beyond change (the slow coarse part) is added: the solve of the
+    whole window less that of the tier, both at ``1 / coarse_factor`` the resolution (their shared error of
+    resolution cancels). With one block and one chunk: ``align_solved``'s solve exactly.
     """
     job = Job(**job)
     marks, name, record = _progress(job), f"solve/block/{first}/{x}_{y}", {"window": window, "blank": blank}
@@ -482,13 +482,15 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     inner = [i for i, z in enumerate(usable) if first <= z <= last]  # the block's usable sections (positions)
     solved = torch.zeros(last + 1 - first, 2, *_shape(box))
     if len(usable) > 1 and inner:
-        grown, k = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox), job.solve.neighbours
-        start, stop = max(0, inner[0] - detail_margin(job)), inner[-1] + 1 + detail_margin(job)
-        edges = usable[max(0, start - k):start] + usable[stop:stop + k]  # held at the coarse tier's fields
-        tier = range(usable[start - k] if start > k else window[0],
-                     usable[stop + k - 1] + 1 if stop + k < len(usable) else window[1])
-        held = _coarse_fields(job, range(*window), blank, grown, edges) if edges else {}
-        fields = _solve_tier(job, tier, blank, grown, 1, {z - tier[0]: field for z, field in held.items()})
+        grown, margin = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox), detail_margin(job)
+        start, stop = inner[0] - margin, inner[-1] + 1 + margin
+        tier = range(usable[start] if start > 0 else window[0], usable[stop - 1] + 1 if stop < len(usable) else window[1])
+        fields = _solve_tier(job, tier, blank, grown, 1)
+        if tier != range(*window):  # what the sections beyond the tier change, from coarse solves with and without them
+            factor, (h, w) = coarse_factor(job), _shape(grown)
+            change = _solve_tier(job, range(*window), blank, grown, factor)[tier.start - window[0]:tier.stop - window[0]] \
+                - _solve_tier(job, tier, blank, grown, factor)
+            fields += upsample_field(change, factor)[..., :h, :w]
         solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
     marks.put_json(name, record)
@@ -510,21 +512,11 @@ def coarse_factor(job: Job) -> int:
     return max(1, job.pair.smooth // COARSE_SAMPLES)
 
 
-def _coarse_fields(job: Job, sections: range, blank: list, grown: Box, edges: list[int]) -> dict[int, torch.Tensor]:
-    """``{z: [2, h, w]}`` (px, over ``grown``) for z in ``edges``: ``_solve_tier`` of ``sections`` at
-    ``1 / coarse_factor`` the resolution, brought back to the full one (``helpers.upsample_field``, cropped)."""
-    factor, (h, w) = coarse_factor(job), _shape(grown)
-    coarse = _solve_tier(job, sections, blank, grown, factor)
-    return {z: upsample_field(coarse[z - sections[0]][None], factor)[0, :, :h, :w] for z in edges}
-
-
-def _solve_tier(job: Job, sections: range, blank: list, grown: Box, factor: int,
-                held: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def _solve_tier(job: Job, sections: range, blank: list, grown: Box, factor: int) -> torch.Tensor:
     """``[len(sections), 2, h, w]``: ``alignment.solve_fields`` of the consecutive ``sections`` (those in ``blank``
     left out; each usable one paired with its K nearest usable ones on each side) over ``grown`` at ``1 / factor``
     the resolution (pair fields by ``helpers.downsample_field``, the sections' tissue and defects by the mean and
-    the max over each ``factor`` square), in px of that resolution; ``held``: ``solve.solve_stack``'s, by position
-    in ``sections``. Reads one section at a time."""
+    the max over each ``factor`` square), in px of that resolution. Reads one section at a time."""
     skip = {i for i, z in enumerate(sections) if z in blank}
     pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip), _offsets(job)
     place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among usable
@@ -539,7 +531,7 @@ def _solve_tier(job: Job, sections: range, blank: list, grown: Box, factor: int,
             labels = _read_field(_layer(job.defects, job.mip), z, grown).float()
             defects.append(F.max_pool2d(labels, factor, ceil_mode=True)[0].to(torch.uint8))
     return solve_fields(torch.stack(tissue), pairs, torch.stack(fields), job.solve, round(job.pair.smooth / factor),
-                        torch.stack(defects) if defects else None, held)
+                        torch.stack(defects) if defects else None)
 
 
 def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:
