@@ -51,8 +51,8 @@ serial alignment), a stitch that chains the blocks' frames, and renders of
 with ``--queue`` this command enqueues them phase by phase and waits while
 ``python align.py worker`` processes (any number, anywhere that sees the queue
 and DEST) run them; both give the same result, bit for bit. ``--solve`` runs as
-tasks too (``tasks.py``): a scan, pair fields and renders per section and
-``--task_chunk`` xy chunk, and a solve per ``--block`` z block and xy chunk, each
+tasks too (``tasks.py``): a scan and a rigid pre-alignment per section, pair fields
+and renders per section and ``--task_chunk`` xy chunk, and a solve per ``--block`` z block and xy chunk, each
 with a margin; with one block and a chunk covering the bbox, the stack-wide solve of
 the whole range at once (``alignment.align_solved``), bit for bit.
 """

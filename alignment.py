@@ -124,6 +124,7 @@ def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int
     return max(start - overlap, 0), min(start + chunk + overlap, length)
 
 
+THUMBNAIL = 2048  # px: the rigid pre-alignment runs on sections averaged down to no less than this (thumbnail_factor)
 # _prealignment takes the wide rigid search over the shift only where its field departs from the shift by over
 WIDE_DEPARTURE = 12.0  # px (median over the section: beyond what the network recovers; demo, ISBI, SNEMI3D pairs <= 10)
 WIDE_MARGIN = 0.02  # and it matches better by this much Pearson r (shifts.match_r)
@@ -153,16 +154,20 @@ def poor_matches_reported(stream=None) -> Iterator[None]:
 
 
 def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSettings(),
-               defects: tuple | None = None) -> torch.Tensor:
+               defects: tuple | None = None, stats: tuple | None = None,
+               rigid: torch.Tensor | None = None) -> torch.Tensor:
     """The field ``[2, H, W]`` (px) that pulls section ``source`` onto section ``target``.
 
     source, target: ``[H, W]`` uint8 (0 = missing). Each section is normalised
-    once as a whole (``helpers.normalise``). Unless ``settings.prealign`` is 0 the
-    source is first moved by a rigid match onto the target (``_prealignment``: the
-    whole-pixel shift up to ``prealign`` px each way, or a wide search's shift and
-    turn where it matches clearly better): the network recovers ~15 px between
-    real neighbours, and sections can lie further apart, or turned; the field is
-    composed with it. Then the pair is
+    once as a whole (``helpers.normalise``) by ``stats``, ``((mean, std) of source,
+    of target)`` (``section_stats``), or by its own when None. Unless
+    ``settings.prealign`` is 0 the source is first moved by a rigid match onto the
+    target (``prealignment`` on the two sections' thumbnails: the whole-pixel shift
+    up to ``prealign`` px each way, or a wide search's shift and turn where it
+    matches clearly better): the network recovers ~15 px between real neighbours,
+    and sections can lie further apart, or turned; the field is composed with it.
+    ``rigid``: that match's ``rigid_field`` over what is given instead (a part of a
+    section gets its whole section's: ``tasks.pair_task``). Then the pair is
     processed in chunks (module docstring): each chunk is read with ``overlap``
     px of context on every side that lies within the section, so a section that
     fits in one chunk is one pass of the network over exactly its own pixels.
@@ -187,8 +192,14 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     chunk, overlap = -(-settings.chunk // unit) * unit, -(-settings.overlap // unit) * unit
     h, w = source.shape[-2:]
     height, width = -(-h // unit) * unit, -(-w // unit) * unit
-    src, tgt = (normalise(to_tensor(s))[0].view(1, 1, h, w).to(device) for s in (source, target))
-    rigid = _prealignment(src[0, 0], tgt[0, 0], settings.prealign)
+    stats = stats or tuple(section_stats(tissue_moments(s)) for s in (source, target))
+    if rigid is None:
+        factor = thumbnail_factor((h, w))
+        rigid = rigid_field(prealignment(thumbnail(source, factor), thumbnail(target, factor), stats,
+                                         settings.prealign, factor), (0, 0), (h, w))
+    src, tgt = (normalise(to_tensor(s), given)[0].view(1, 1, h, w).to(device)
+                for s, given in zip((source, target), stats))
+    rigid = rigid.to(device)
     src = warp(src, rigid.expand(1, 2, h, w))
     src, tgt = (F.pad(x, (0, width - w, 0, height - h)) for x in (src, tgt))
     field = torch.zeros(1, 2, height, width, device=device)
@@ -209,6 +220,50 @@ def aligned_defects(defects, field: torch.Tensor) -> np.ndarray:
     """A section's defect map uint8 ``[H, W]`` carried into the aligned frame by its ``field`` ``[2, H, W]`` (px),
     by nearest sampling (``helpers.warp_labels``): what ``DEST/defects`` holds."""
     return warp_labels(to_tensor(defects, dtype=torch.uint8)[None, None], field[None])[0, 0].numpy()
+
+
+def thumbnail_factor(shape: tuple[int, int]) -> int:
+    """The power of two by which ``thumbnail`` averages ``[H, W]`` sections: the largest that leaves their smaller side
+    ``THUMBNAIL`` px or more (1 below ``2 THUMBNAIL`` px: ``prealignment`` then sees the sections themselves)."""
+    return 1 << max((int(min(shape)) // THUMBNAIL).bit_length() - 1, 0)
+
+
+def thumbnail(section, factor: int) -> np.ndarray:
+    """float32 ``[2, H // factor, W // factor]``: the means over ``factor`` x ``factor`` pixels of a uint8 ``[H, W]``
+    section's grey values and of its tissue (non-zero) mask, exact (sums of whole numbers over a power of two), so
+    the thumbnails of a section's parts at multiples of ``factor`` tile the section's (``tasks.scan_task``)."""
+    values = to_tensor(section, dtype=torch.float64)
+    both = torch.stack([values, (values != 0).double()])[None]
+    return F.avg_pool2d(both, factor)[0].float().numpy() if factor > 1 else both[0].float().numpy()
+
+
+def prealignment(source: np.ndarray, target: np.ndarray, stats: tuple, reach: int, factor: int) -> np.ndarray:
+    """float64 ``[2, 3]`` ``M``: the rigid match (``_prealignment``, up to ``reach`` px) that pulls a section onto
+    another, found on their thumbnails ``source`` and ``target`` (``thumbnail``, by ``factor``), as the affine field
+    ``u(p) = M[:, :2] p + M[:, 2]`` (px) at the section's pixel ``p = (x, y)`` from its corner (``rigid_field``).
+
+    stats: ``((mean, std) of source, of target)`` (``section_stats``): each thumbnail is the section normalised by
+    them (``helpers.normalise``) and averaged down; with ``factor`` 1 exactly that normalised section.
+    """
+    sections = [torch.from_numpy((values.astype(np.float64) - mean * tissue) / max(std, 1e-6)).float()
+                for (values, tissue), (mean, std) in zip((source, target), stats)]
+    field = _prealignment(*sections, -(-reach // factor))[0].double()
+    h, w = field.shape[-2:]
+    origin = field[:, 0, 0]  # the field is affine: its value at the corner and its slopes along x and y
+    slope = torch.stack([(field[:, 0, -1] - origin) / max(w - 1, 1), (field[:, -1, 0] - origin) / max(h - 1, 1)], 1)
+    # thumbnail pixel q averages section pixels factor q .. factor q + factor - 1: p = factor q + (factor - 1) / 2
+    return torch.cat([slope, (factor * origin - slope.sum(1) * (factor - 1) / 2)[:, None]], 1).numpy()
+
+
+def rigid_field(matrix, corner: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """The field of ``prealignment``'s ``matrix`` ``[2, 3]`` over the ``shape`` ``(h, w)`` px of a section from its
+    pixel ``corner`` ``(x, y)``: ``[1, 2, 1, 1]`` (px) where it is a shift, else ``[1, 2, h, w]`` float32."""
+    matrix = torch.as_tensor(np.asarray(matrix, np.float64))
+    if not matrix[:, :2].any():
+        return matrix[:, 2].float().view(1, 2, 1, 1)
+    y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) + c for n, c in zip(shape, corner[::-1])),
+                          indexing="ij")
+    return (matrix[:, :1, None] * x + matrix[:, 1:2, None] * y + matrix[:, 2:, None]).float()[None]
 
 
 def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
@@ -281,9 +336,15 @@ def tissue_moments(section) -> np.ndarray:
 def is_blank(section=None, min_std: float = 2.0, moments: np.ndarray | None = None) -> bool:
     """Whether a uint8 ``[H, W]`` section has too little tissue contrast to align: the std of its tissue pixels (as
     ``helpers.slice_std``) below ``min_std`` grey levels. ``moments``: its ``tissue_moments`` instead of it."""
-    count, total, squares = tissue_moments(section) if moments is None else moments
+    return section_stats(tissue_moments(section) if moments is None else moments)[1] < min_std
+
+
+def section_stats(moments: np.ndarray) -> tuple[float, float]:
+    """``(mean, std)`` (grey levels) of a section's tissue pixels from its ``tissue_moments`` (float64): how
+    ``pair_field`` normalises it, whole or in parts (``tasks.scan_task`` adds the moments up chunk by chunk)."""
+    count, total, squares = moments
     mean = total / max(count, 1)
-    return math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0)) < min_std
+    return float(mean), math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0))
 
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,

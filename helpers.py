@@ -421,18 +421,20 @@ def _tissue_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
-def normalise(images) -> tuple[torch.Tensor, torch.Tensor]:
+def normalise(images, stats: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """THE normalisation of SEAMLeSS (training, alignment and evaluation alike).
 
     images: ``[..., H, W]`` tensor or array, raw grey values with 0 = missing data
     (uint8 on disk; float raw intensities from augmentation work too). Each slice
     gets zero mean and unit variance over its non-missing pixels; missing pixels
-    are 0.0. A constant slice becomes all zeros (never NaN). Returns
+    are 0.0. A constant slice becomes all zeros (never NaN). ``stats``: the
+    ``(mean, std)`` (grey levels) to use instead of each slice's own, e.g. a whole
+    section's for a part of it (``alignment.section_stats``). Returns
     ``(float32 [..., H, W], missing bool [..., H, W])`` on the input's device.
     """
     x = to_tensor(images, dtype=torch.float64)
     missing = x == 0
-    mean, std = _tissue_stats(x)
+    mean, std = _tissue_stats(x) if stats is None else (torch.tensor(v, dtype=torch.float64) for v in stats)
     out = ((x - mean) / std.clamp(min=1e-6)).masked_fill_(missing, 0.0)
     return out.float(), missing
 

@@ -37,30 +37,37 @@ rather than onto ``s_b`` resampled into the first frame, and with ``vote`` K the
 block vote over fewer than K targets. With one block (``block`` = the whole range) the result is the
 serial alignment: ``C_0 = 0`` and ``compose(G, 0)`` is skipped, so ``F = G`` exactly.
 
-``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as five phases of tasks instead, made
+``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as six phases of tasks instead, made
 of the functions it calls; the z range is cut into z blocks of ``block`` sections (none shared, ``solve_blocks``):
 
 1. **Scan tasks**, one per section: whether it is blank (``alignment.is_blank``, from its ``tissue_moments``
-   added up over the xy chunks), marked in ``solve/scan/Z``. The usable sections give the pairs
-   (``solve.neighbour_pairs``): each section with its K nearest usable ones on each side.
-2. **Pair tasks**, one per usable section s and xy chunk: the pair fields of s onto its targets
+   added up over the xy chunks) and its tissue's mean and std (``alignment.section_stats``), marked in
+   ``solve/scan/Z``, and its ``alignment.thumbnail`` (the section averaged down to no less than
+   ``alignment.THUMBNAIL`` px; itself below twice that), put together chunk by chunk, in ``solve/thumbnail/Z``.
+   The usable sections give the pairs (``solve.neighbour_pairs``): each section with its K nearest usable ones
+   on each side.
+2. **Prealign tasks**, one per usable section s: the rigid pre-alignment of s onto each of its targets
+   (``alignment.prealignment``, on the two thumbnails), found once for the whole section, in ``solve/prealign/S``.
+3. **Pair tasks**, one per usable section s and xy chunk: the pair fields of s onto its targets
    (``alignment.pair_field``, unsmoothed; on the chunk grown by ``overlap + prealign`` px, cropped) into
-   ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K.
-3. **Solve tasks**, one per z block and xy chunk: the block grown by ``solve_margin`` usable sections each side
+   ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K. Each section is normalised by
+   its whole section's mean and std and the source moved by the pair's rigid match, both read from the markers:
+   a chunk's pair field is the whole section's there, up to the network's reach (``overlap``) and a rigid
+   match beyond ``prealign`` px (a wide search's turn), which reads past the chunk's context.
+4. **Solve tasks**, one per z block and xy chunk: the block grown by ``solve_margin`` usable sections each side
    (the chain cut there changes the block's fields by at most ``CUT_EFFECT`` of the change at the cut:
    ``solve.chain_decay``) and the chunk grown by ``2 smooth + overlap`` px are solved as ``align_solved`` does
    (``alignment.solve_fields``); the block's sections over the chunk go to ``DEST/solved``, each section's
    field into the solve's own frame.
-4. **Frame tasks**, one per xy chunk: ``invert_field(S_r)`` (``S`` the solved fields, ``r`` the range's first usable
+5. **Frame tasks**, one per xy chunk: ``invert_field(S_r)`` (``S`` the solved fields, ``r`` the range's first usable
    section), the way back from the solve's frame to ``r``'s, into ``DEST/solved_frame`` at z = r; once per chunk,
    not once per section (as the serial stitch).
-5. **Render tasks**, one per section and xy chunk: ``F_z = compose(S_z, invert_field(S_r))`` (``helpers.in_frame_of``),
+6. **Render tasks**, one per section and xy chunk: ``F_z = compose(S_z, invert_field(S_r))`` (``helpers.in_frame_of``),
    then as the serial render tasks.
 
 With one z block and one xy chunk covering the bbox every task sees what ``align_solved`` sees: the result is
 ``align_solved``'s, bit for bit. Smaller chunks and blocks bound each task's memory by the chunk and block sizes
-(plus their margins), whatever the volume's size; the cost is the margins' work done twice and, within them,
-a pair field normalised and pre-shifted on its chunk's window rather than the whole section.
+(plus their margins), whatever the volume's size; the cost is the margins' work done twice.
 
 Progress markers under ``DEST/progress/`` (tasks are idempotent: they write their output chunks and
 these markers, nothing else, so a task run twice does no harm):
@@ -69,7 +76,9 @@ these markers, nothing else, so a task run twice does no harm):
   interrupted block task resumes after the last marked section;
 * ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
 * ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it);
-* the solve's: ``solve/scan/Z`` (JSON ``{"blank": ...}``), ``solve/pair/Z/X_Y`` (JSON ``{"targets": [...]}``) and
+* the solve's: ``solve/scan/Z`` (JSON ``{"blank": ..., "mean": ..., "std": ...}``, with ``solve/thumbnail/Z``),
+  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...]}``), ``solve/pair/Z/X_Y`` (JSON
+  ``{"targets": [...]}``) and
   ``solve/block/FIRST/X_Y`` (JSON ``{"window": [w0, w1], "blank": [...]}``): a task whose marker holds its
   arguments is skipped, so a run that extends the range redoes only what its new sections change.
 
@@ -93,6 +102,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import itertools
 import math
 import os
@@ -112,7 +122,8 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, solve_fields, tissue_moments)
+                       is_blank, prealignment, rigid_field, section_stats, solve_fields, thumbnail,
+                       thumbnail_factor, tissue_moments)
 from helpers import UserError, compose, downsample_field, invert_field, one_line, upsample_field
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
@@ -415,26 +426,70 @@ def _defect_maps(job: Job, sections, box: Box) -> dict | None:
 
 @queueable
 def scan_task(job: dict, z: int) -> None:
-    """Solve phase 1: whether section z is blank (``alignment.is_blank``, its ``tissue_moments`` added up chunk by
-    chunk), into the marker ``solve/scan/Z``; skipped if it is there."""
+    """Solve phase 1: whether section z is blank (``alignment.is_blank``, from its ``tissue_moments`` added up chunk
+    by chunk) and its tissue's mean and std (``alignment.section_stats``, how its pair fields normalise it), into the
+    marker ``solve/scan/Z``, and its ``alignment.thumbnail`` (put together chunk by chunk) into ``solve/thumbnail/Z``
+    (``.npy``); skipped if the marker is there."""
     job = Job(**job)
     marks, name = _progress(job), f"solve/scan/{z}"
     if marks.exists(name):
         return
-    source = _layer(job.source, job.mip)
-    moments = sum(tissue_moments(_read(source, z, job.chunk_box(x, y))) for x, y in job.chunk_corners())
-    marks.put_json(name, {"blank": is_blank(moments=moments)})
+    source, factor = _layer(job.source, job.mip), thumbnail_factor(_shape(job.bbox))
+    moments, thumb = 0, np.zeros((2, *(n // factor for n in _shape(job.bbox))), np.float32)
+    for x, y in job.chunk_corners():
+        raw = _read(source, z, job.chunk_box(x, y))[0]
+        moments = moments + tissue_moments(raw)
+        part = thumbnail(raw, factor)  # the chunk's corner is a multiple of the factor (a power of two) from bbox's
+        row, column = (y - job.bbox[1]) // factor, (x - job.bbox[0]) // factor
+        thumb[:, row:row + part.shape[1], column:column + part.shape[2]] = part
+    saved = io.BytesIO()
+    np.save(saved, thumb)
+    marks.put(f"solve/thumbnail/{z}", saved.getvalue(), compress="gzip")
+    mean, std = section_stats(moments)
+    marks.put_json(name, {"blank": is_blank(moments=moments), "mean": mean, "std": std})
+
+
+def _scans(job: Job, sections) -> list[dict | None]:
+    """The scan markers of ``sections`` (None for a section not scanned yet)."""
+    return _progress(job).get_json([f"solve/scan/{z}" for z in sections])
+
+
+def _stats(scan: dict) -> tuple[float, float]:
+    """A section's ``(mean, std)`` from its scan marker."""
+    return scan["mean"], scan["std"]
+
+
+@queueable
+def prealign_task(job: dict, z: int, targets: list) -> None:
+    """Solve phase 2: the rigid pre-alignment (``alignment.prealignment``, on the scan's thumbnails and stats) of
+    section z onto each of ``targets`` (as ``pair_task``'s), found once for the whole section, into the marker
+    ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [matrix [2, 3] or None, ...]}``: float64 survives
+    JSON); skipped if it holds these targets."""
+    job = Job(**job)
+    marks, name = _progress(job), f"solve/prealign/{z}"
+    if (marks.get_json(name) or {}).get("targets") == targets:
+        return
+    sections = [z, *(t for t in targets if t is not None)]
+    stats = dict(zip(sections, map(_stats, _scans(job, sections))))
+    thumbs = {t: np.load(io.BytesIO(marks.get(f"solve/thumbnail/{t}"))) for t in sections}
+    factor = thumbnail_factor(_shape(job.bbox))
+    rigid = [None if t is None else prealignment(thumbs[z], thumbs[t], (stats[z], stats[t]), job.pair.prealign,
+                                                 factor).tolist() for t in targets]
+    marks.put_json(name, {"targets": targets, "rigid": rigid})
 
 
 @queueable
 def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
-    """Solve phase 2: the pair fields of section z onto ``targets`` (the usable sections at ``_offsets``, None
+    """Solve phase 3: the pair fields of section z onto ``targets`` (the usable sections at ``_offsets``, None
     where there is none) over the xy chunk at corner ``(x, y)``, into ``DEST/pair_field`` at z (2 channels per
     offset, zero where None); skipped if the marker ``solve/pair/Z/X_Y`` holds these targets.
 
     Each is ``alignment.pair_field`` (unsmoothed, with the two sections' defect maps) on the chunk grown by
     ``overlap + prealign`` px (clipped to the bbox), cropped to the chunk: the network's context and the
-    whole-section shift's reach. With one chunk covering the bbox: ``align_solved``'s pair fields exactly.
+    whole-section shift's reach. Each section is normalised by its whole section's stats (its scan marker) and the
+    source moved by the pair's whole-section rigid match (the prealign marker), so the network sees on the chunk
+    what it sees there on the whole section. With one chunk covering the bbox: ``align_solved``'s pair fields
+    exactly.
     """
     job = Job(**job)
     marks, name = _progress(job), f"solve/pair/{z}/{x}_{y}"
@@ -445,11 +500,15 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
     sections = [z, *(t for t in targets if t is not None)]
     source, unsmoothed = _layer(job.source, job.mip), dataclasses.replace(job.pair, smooth=0)
     raw, defects = {t: _read(source, t, window)[0] for t in sections}, _defect_maps(job, sections, window)
+    stats = dict(zip(sections, map(_stats, _scans(job, sections))))
+    rigid = marks.get_json(f"solve/prealign/{z}")["rigid"]
+    corner = window[0] - job.bbox[0], window[1] - job.bbox[1]
     fields = np.zeros((len(targets), 2, *_shape(box)), np.float32)
     for i, t in enumerate(targets):
         if t is not None:
             field = alignment.pair_field(model_of(job), raw[z], raw[t], unsmoothed,
-                                         None if defects is None else (defects[z], defects[t]))
+                                         None if defects is None else (defects[z], defects[t]),
+                                         (stats[z], stats[t]), rigid_field(rigid[i], corner, _shape(window)))
             fields[i] = _crop(field, box, window).numpy()
     _write(_dest(job, "pair_field"), fields.reshape(-1, *_shape(box)), z, box)
     marks.put_json(name, {"targets": targets})
@@ -457,7 +516,7 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
 
 @queueable
 def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int) -> None:
-    """Solve phase 3: the fields of the z block starting at ``first`` over the xy chunk at corner ``(x, y)``, in the
+    """Solve phase 4: the fields of the z block starting at ``first`` over the xy chunk at corner ``(x, y)``, in the
     solve's own frame, into ``DEST/solved``; skipped if the marker ``solve/block/FIRST/X_Y`` holds this window.
 
     ``window``: ``[w0, w1)``, the block grown by ``solve_margin`` usable sections each side (to the range's ends
@@ -552,7 +611,7 @@ def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:
 
 @queueable
 def solved_frame_task(job: dict, reference: int, x: int, y: int) -> None:
-    """Solve phase 4: ``invert_field`` of the solved field of ``reference`` (the range's first usable section) over
+    """Solve phase 5: ``invert_field`` of the solved field of ``reference`` (the range's first usable section) over
     the xy chunk at corner ``(x, y)`` (``invert_chunk``), into ``DEST/solved_frame`` at z = ``reference``. Always
     redone (one per chunk): a run that extends the range may have changed the reference's solved field."""
     job = Job(**job)
@@ -563,7 +622,7 @@ def solved_frame_task(job: dict, reference: int, x: int, y: int) -> None:
 
 @queueable
 def solved_render_task(job: dict, z: int, reference: int | None, x: int, y: int) -> None:
-    """Solve phase 5: section z over the xy chunk at corner ``(x, y)``, pulled into the frame of ``reference`` (the
+    """Solve phase 6: section z over the xy chunk at corner ``(x, y)``, pulled into the frame of ``reference`` (the
     range's first usable section; None: z is blank) as ``helpers.in_frame_of`` does, ``F_z = compose(solved_z,
     invert_field(solved_ref))`` (the inverse from ``DEST/solved_frame``, ``compose_chunk``), into ``DEST/image``,
     ``field`` (and ``defects``) as ``render_task`` writes them."""
@@ -577,7 +636,7 @@ def solved_render_task(job: dict, z: int, reference: int | None, x: int, y: int)
 def usable_sections(job: Job) -> list[int]:
     """The range's sections the scan found not blank; ``RuntimeError`` if one is not scanned yet."""
     sections = range(job.z_start, job.z_stop)
-    scans = _progress(job).get_json([f"solve/scan/{z}" for z in sections])
+    scans = _scans(job, sections)
     if None in scans:
         raise RuntimeError(f"section {sections[scans.index(None)]} of {job.dest} is not scanned yet")
     return [z for z, scan in zip(sections, scans) if not scan["blank"]]
@@ -593,15 +652,20 @@ def solve_window(job: Job, usable: list[int], first: int, last: int) -> list[int
 
 
 def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
-    """The solve's five phases (module docstring) that align ``job`` and render ``sections``; the last four are
+    """The solve's six phases (module docstring) that align ``job`` and render ``sections``; the last five are
     made once the scan is over (from its markers)."""
     payload, corners, offsets = asdict(job), job.chunk_corners(), _offsets(job)
 
-    def pairs():
+    def targets():  # (z, its targets) of every usable section, when there is a pair
         usable = usable_sections(job)
-        targets = [[usable[i + d] if 0 <= i + d < len(usable) else None for d in offsets] for i in range(len(usable))]
-        return [functools.partial(pair_task, payload, z, targets[i], x, y) for i, z in enumerate(usable)
-                for x, y in corners] if len(usable) > 1 else []
+        return [(z, [usable[i + d] if 0 <= i + d < len(usable) else None for d in offsets])
+                for i, z in enumerate(usable)] if len(usable) > 1 else []
+
+    def prealigns():
+        return [functools.partial(prealign_task, payload, z, these) for z, these in targets()]
+
+    def pairs():
+        return [functools.partial(pair_task, payload, z, these, x, y) for z, these in targets() for x, y in corners]
 
     def solves():
         usable = usable_sections(job)
@@ -620,13 +684,13 @@ def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
                 for z in sections for x, y in corners]
 
     return [("scan", [functools.partial(scan_task, payload, z) for z in range(job.z_start, job.z_stop)]),
-            ("pairs", pairs), ("solve", solves), ("frame", frames), ("render", renders)]
+            ("prealign", prealigns), ("pairs", pairs), ("solve", solves), ("frame", frames), ("render", renders)]
 
 
 # ------------------------------------------------------------------------------------ the driver
 def phases(job: Job, sections: list[int]) -> list[Phase]:
     """The phases' tasks (each a call with no arguments) that align ``job`` and render ``sections``: the serial
-    tasks' three, or the solve's four (``solve_phases``)."""
+    tasks' three, or the solve's six (``solve_phases``)."""
     if job.solve:
         return solve_phases(job, sections)
     payload, corners = asdict(job), job.chunk_corners()

@@ -269,7 +269,7 @@ def test_a_network_whose_field_is_not_finite_stops_before_the_section_is_written
                     "--z_start", "2", "--z_stop", "5", *mode])
     assert "\n" not in str(err.value)
     assert written(tmp / "d") == []
-    scans = {f"solve/scan/{z}" for z in range(2, 5)}  # the solve's scan is over
+    scans = {f"solve/{kind}/{z}" for kind in ("scan", "thumbnail", "prealign") for z in range(2, 5)}  # those are over
     assert set(align.progress_files(str(tmp / "d")).list()) <= {"block/2/2"} | scans  # the fixed reference, unwritten
 
 
@@ -535,6 +535,24 @@ def test_a_section_40_px_away_and_turned_003_rad_is_found_at_the_defaults(monkey
     true = helpers.affine_field(helpers.rigid_matrix(torch.tensor([angle]), *torch.tensor(shift)), 256, 256)[0]
     field = prealigned(monkeypatch, sections[0], sections[1])
     assert float((field - true)[:, 32:-32, 32:-32].norm(dim=0).max()) < 1.0
+
+
+def test_the_pre_alignment_found_on_thumbnails_holds_on_every_part_of_the_section(monkeypatch):
+    """``prealignment`` on thumbnails averaged by 2 still finds a section 40 px away and turned 0.03 rad (pair_field
+    uses them on sections of 2 THUMBNAIL px and more); its field on a part of the section is the whole's part, and a
+    section's thumbnail is its halves' thumbnails side by side."""
+    monkeypatch.setattr(alignment, "THUMBNAIL", 128)
+    sections, (shift, angle) = turned_phantom(256, (40.0, -36.0), 0.03)
+    true = helpers.affine_field(helpers.rigid_matrix(torch.tensor([angle]), *torch.tensor(shift)), 256, 256)[0]
+    stats = tuple(alignment.section_stats(alignment.tissue_moments(s)) for s in sections[:2])
+    thumbnails = [alignment.thumbnail(s, 2) for s in sections[:2]]
+    matrix = alignment.prealignment(*thumbnails, stats, 32, 2)
+    field = alignment.rigid_field(matrix, (0, 0), (256, 256))[0]
+    assert float((field - true)[:, 32:-32, 32:-32].norm(dim=0).max()) < 1.5
+    assert torch.equal(prealigned(monkeypatch, sections[0], sections[1]), field)  # pair_field's own, by 2 here
+    assert torch.allclose(alignment.rigid_field(matrix, (48, 16), (100, 64))[0], field[:, 16:116, 48:112], atol=1e-4)
+    halves = [alignment.thumbnail(sections[0][:, x:x + 128], 2) for x in (0, 128)]
+    assert np.array_equal(np.concatenate(halves, 2), alignment.thumbnail(sections[0], 2))
 
 
 def test_neighbours_within_the_shifts_reach_keep_exactly_todays_whole_pixel_shift(monkeypatch):

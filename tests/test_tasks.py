@@ -359,6 +359,31 @@ def test_a_solve_block_at_full_resolution_with_a_coarse_correction_is_close_to_t
 solve_tier = tasks._solve_tier
 
 
+def test_pair_fields_in_chunks_see_their_whole_sections_normalisation_and_shift(tmp_path, monkeypatch):
+    """A network that reads the normalised grey values pixel by pixel, on a stack moved by known shifts and lit
+    unevenly (its chunks' own statistics differ): 2 x 2 chunks of 64 px give the whole section's pair fields, the
+    shift from the whole section's prealign marker, and its solved fields."""
+    monkeypatch.setattr(alignment, "chunk_field", lambda model, source, target, trunc: torch.cat([source, target], 1))
+    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
+    moves = [(0, 0), (3, -2), (5, 1), (2, 4), (-3, 2), (1, -4)]
+    stack = (moved_windows(moves, size=128) * np.linspace(0.3, 1.0, 128)).astype(np.uint8)
+    layer(tmp_path / "raw", stack[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "6",
+              "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--pull", "2"]
+    read = {}
+    for name, size in (("whole", "128"), ("parts", "64")):
+        align.main(common + ["--dest", str(tmp_path / name), "--task_chunk", size])
+        read[name] = {layer_name: volume.read(volume.open_volume(str(tmp_path / name / layer_name)), (0, 0, 0),
+                                              (128, 128, 6)) for layer_name in ("pair_field", "field")}
+    whole, parts = read["whole"], read["parts"]
+    assert np.abs(whole["pair_field"]).max() > 1 and np.allclose(whole["pair_field"], parts["pair_field"], atol=1e-4)
+    rigid = align.progress_files(str(tmp_path / "parts")).get_json("solve/prealign/1")
+    assert rigid["targets"] == [0, 2] and rigid["rigid"][0] == [[0, 0, 3], [0, 0, -2]]  # section 1 onto 0: moved back
+    difference = np.sqrt(((whole["field"] - parts["field"]) ** 2).sum(1))
+    assert np.percentile(difference, 99) < 1e-3, difference.max()
+
+
 def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
     source, _ = solve_volume(tmp_path, tiny_volume)
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
