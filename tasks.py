@@ -133,7 +133,7 @@ POLL_SECONDS = 1.0  # how often the driver looks at the queue
 MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
-COARSE_SAMPLES = 16  # solve tasks: coarse pixels per smooth radius of the coarse tier (coarse_factor)
+COARSE_SAMPLES = 32  # solve tasks: coarse pixels per smooth radius of the coarse tier (coarse_factor)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in voxels (x1, y1 exclusive)
 Phase = tuple[str, list[Callable[[], None]] | Callable[[], list]]  # a name and its tasks (or what makes them,

@@ -331,7 +331,7 @@ def test_a_solve_in_chunks_and_blocks_is_close_to_the_whole_solve(tmp_path, monk
 
 
 def test_a_solve_block_at_full_resolution_with_a_coarse_correction_is_close_to_the_whole_solve(tmp_path, monkeypatch):
-    """Blocks of 3 sections of a 12-section stack at the default pulls and ``--smooth 32``: each solve task solves
+    """Blocks of 3 sections of a 12-section stack at the default pulls and ``--smooth 64``: each solve task solves
     its block and 4 sections beyond each side (``detail_margin``) at full resolution, plus what the sections beyond
     change at half the resolution; the fields are those of the one-block solve. The pair fields (a whole-pixel
     shift plus a smooth field from the sections' difference) are the same in both runs."""
@@ -344,7 +344,7 @@ def test_a_solve_block_at_full_resolution_with_a_coarse_correction_is_close_to_t
     layer(tmp_path / "raw", moved_windows(moves, size=96)[:, None])
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
     common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "12",
-              "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "32", "--task_chunk", "96"]
+              "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "64", "--task_chunk", "96"]
     align.main(common + ["--dest", str(tmp_path / "whole")])
     tiers = []
     monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))
@@ -352,7 +352,7 @@ def test_a_solve_block_at_full_resolution_with_a_coarse_correction_is_close_to_t
     whole, parts = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 12))
                     for d in ("whole", "parts"))
     difference = np.sqrt(((whole - parts) ** 2).sum(1))
-    assert tiers == [1, 2, 2] * 4 and tasks.detail_margin(job(pair=PairSettings(smooth=32), solve=SolveSettings())) == 4
+    assert tiers == [1, 2, 2] * 4 and tasks.detail_margin(job(pair=PairSettings(smooth=64), solve=SolveSettings())) == 4
     assert np.abs(whole).max() > 1 and np.percentile(difference, 99) < 0.1, difference.max()
 
 
