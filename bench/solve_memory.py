@@ -1,16 +1,17 @@
 """Peak memory and time of one solve task: the whole-volume solve (one z block and one xy chunk, which is what
 ``align_solved`` holds in one process) against the tasks' ``--block`` and ``--task_chunk``, under a memory limit.
 
-    .venv/bin/python -m bench.solve_memory --volume data/big [--z_start 0 --z_stop 100] [--smooth 96] \
-        [--block 8] [--task_chunk 512] [--limit_gb 12] [--scratch DIR]
+    .venv/bin/python -m bench.solve_memory --shape 100 2048 2048 [--smooth 96] [--block 8] [--task_chunk 512] \
+        [--limit_gb 12] [--scratch DIR]
 
-``--volume``: a phantom that ``demo.py --shape Z H W NAME`` built (its ``image`` and true ``field`` layers). The
-pair phase is replaced by the true pair fields ``r = compose(F_s, invert_field(F_t))`` (written to a scratch
-DEST's ``pair_field``, as the pair tasks lay them out): a solve task's memory and time do not depend on where its
-pair fields come from, and the network's pairs of a 100 x 2048² stack take hours on 2 cores. Each configuration
-runs one solve task (``tasks.solve_task``, on the middle z block and an inner xy chunk) in a fresh process whose
-address space is capped at ``--limit_gb`` (``RLIMIT_AS``, as ``prlimit --as``); the script prints its peak RSS,
-its seconds, or that it ran out of memory. ``Mpx/s`` counts the block's sections x the chunk's pixels.
+The script writes a stack of ``--shape`` sections into a scratch folder, one section at a time: a textured image
+(the solve weighs pairs where the target shows tissue) and, in place of the pair phase, pair fields
+``F_s - F_t`` of smooth random fields ``F`` (as the pair tasks lay them out in ``DEST/pair_field``, with the scan's
+markers): a solve task's memory and time do not depend on where its pair fields come from, and the network's
+pairs of a 100 x 2048² stack take hours on 2 cores. Each configuration runs one solve task
+(``tasks.solve_task``, on the middle z block and an inner xy chunk) in a fresh process whose address space is
+capped at ``--limit_gb`` (``RLIMIT_AS``, as ``prlimit --as``); the script prints its peak RSS and seconds, or that
+it ran out of memory. ``Mpx/s`` counts the block's sections x the chunk's pixels.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -48,27 +48,34 @@ print(json.dumps({"outcome": outcome, "seconds": time.perf_counter() - start,
 """
 
 
-def true_pair_fields(job, z_start: int, z_stop: int) -> None:
-    """Write ``DEST/pair_field`` of ``job`` from the source's true fields, and the scan's markers (every section
-    usable, normalised as it is)."""
+def write_stack(job, sections: int, seed: int = 0) -> None:
+    """Write ``sections`` textured uint8 sections to ``job.source`` and their pair fields ``F_s - F_t`` (``F``:
+    random fields of up to ~8 px, smooth over ~1/8 of the section) to ``DEST/pair_field``, with the scan's
+    markers (every section usable), one section at a time."""
     import tasks
     from alignment import section_stats, tissue_moments
-    from helpers import compose, invert_field
+    from helpers import box_mean
 
-    truth, source = tasks._layer(job.source.rsplit("/", 1)[0] + "/field"), tasks._layer(job.source)
-    marks, inverse = tasks._progress(job), {}
-    for z in tqdm(range(z_start, z_stop), desc="true pair fields", unit="section"):
-        field = tasks._read_field(truth, z, job.bbox)[None]
-        for t in range(z - job.solve.neighbours, z + job.solve.neighbours + 1):
-            if z_start <= t < z_stop and t not in inverse:
-                inverse[t] = invert_field(tasks._read_field(truth, t, job.bbox)[None])
-        pairs = [compose(field, inverse[z + d]) if z_start <= z + d < z_stop else torch.zeros_like(field)
+    generator = torch.Generator().manual_seed(seed)
+    _, _, width, height = job.bbox
+    fields = {}
+
+    def field(z: int) -> torch.Tensor:
+        if z not in fields:
+            coarse = 4 * torch.randn(1, 2, 9, 9, generator=generator)
+            fields[z] = torch.nn.functional.interpolate(coarse, (height, width), mode="bicubic", align_corners=True)
+        return fields[z]
+
+    for z in tqdm(range(sections), desc="stack", unit="section"):
+        texture = box_mean(torch.randn(1, 1, height, width, generator=generator), 2)
+        image = (128 + 60 * texture / texture.std()).clamp(1, 255).to(torch.uint8)[0].numpy()
+        tasks._write(tasks._layer(job.source), image, z, job.bbox)
+        pairs = [field(z) - field(z + d) if 0 <= z + d < sections else torch.zeros(1, 2, height, width)
                  for d in tasks._offsets(job)]
-        tasks._write(tasks._dest(job, "pair_field"), torch.cat(pairs).reshape(-1, *field.shape[-2:]).numpy(),
-                     z, job.bbox)
-        inverse.pop(z - job.solve.neighbours, None)
-        mean, std = section_stats(tissue_moments(tasks._read(source, z, job.bbox)[0]))
-        marks.put_json(f"solve/scan/{z}", {"blank": False, "mean": mean, "std": std})
+        tasks._write(tasks._dest(job, "pair_field"), torch.cat(pairs).reshape(-1, height, width).numpy(), z, job.bbox)
+        fields.pop(z - job.solve.neighbours, None)
+        mean, std = section_stats(tissue_moments(image[0]))
+        tasks._progress(job).put_json(f"solve/scan/{z}", {"blank": False, "mean": mean, "std": std})
 
 
 def measure(job, limit_gb: float) -> dict:
@@ -94,38 +101,35 @@ def measure(job, limit_gb: float) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--volume", required=True, help="a demo.py --shape phantom (image and field layers)")
-    p.add_argument("--z_start", type=int, default=0)
-    p.add_argument("--z_stop", type=int, default=100)
+    p.add_argument("--shape", type=int, nargs=3, default=(100, 2048, 2048), metavar=("Z", "H", "W"))
     p.add_argument("--smooth", type=int, default=96)
     p.add_argument("--block", type=int, default=8)
     p.add_argument("--task_chunk", type=int, default=512)
     p.add_argument("--limit_gb", type=float, default=12.0)
-    p.add_argument("--scratch", help="where the scratch DEST goes (default: a temporary folder)")
+    p.add_argument("--scratch", help="where the stack and its DEST go (default: a temporary folder; one the script "
+                   "filled before is used again)")
     args = p.parse_args(argv)
 
     import tasks
     import volume
     from alignment import PairSettings, SolveSettings
 
-    image = volume.resolve_path(str(Path(args.volume).resolve() / "image"))
-    width, height = (int(n) for n in volume.open_volume(image).shape[:2])
-    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="solve_memory-"))
-    job = tasks.Job(archive=str(ROOT / "pt" / "demo.pt"), source=image, dest=volume.resolve_path(str(scratch)),
-                    mip=0, bbox=(0, 0, width, height), z_start=args.z_start, z_stop=args.z_stop, block=args.block,
-                    pair=PairSettings(smooth=args.smooth), vote=1, raw_neighbour=False, xy_chunk=args.task_chunk,
-                    solve=SolveSettings())
-    for name, channels in (("pair_field", 4 * job.solve.neighbours), ("solved", 2)):
-        if not (scratch / name / "info").exists():
-            volume.create_volume(f"{job.dest}/{name}", (width, height, args.z_stop), "float32", channels,
+    (sections, height, width), scratch = args.shape, Path(args.scratch or tempfile.mkdtemp(prefix="solve_memory-"))
+    job = tasks.Job(archive=str(ROOT / "pt" / "demo.pt"), source=volume.resolve_path(str(scratch / "image")),
+                    dest=volume.resolve_path(str(scratch / "dest")), mip=0, bbox=(0, 0, width, height), z_start=0,
+                    z_stop=sections, block=args.block, pair=PairSettings(smooth=args.smooth), vote=1,
+                    raw_neighbour=False, xy_chunk=args.task_chunk, solve=SolveSettings())
+    if not tasks._progress(job).exists(f"solve/scan/{sections - 1}"):
+        for path, channels, dtype in ((job.source, 1, "uint8"), (f"{job.dest}/pair_field", 4 * job.solve.neighbours,
+                                                                    "float32"), (f"{job.dest}/solved", 2, "float32")):
+            volume.create_volume(path, (width, height, sections), dtype, channels, overwrite=True,
                                  chunk=(tasks.LAYER_CHUNK, tasks.LAYER_CHUNK, 1))
-    if not tasks._progress(job).exists(f"solve/scan/{args.z_stop - 1}"):
-        true_pair_fields(job, args.z_start, args.z_stop)
+        write_stack(job, sections)
     whole = -(-max(width, height) // tasks.LAYER_CHUNK) * tasks.LAYER_CHUNK
-    print(f"{args.z_stop - args.z_start} x {height} x {width} px, --smooth {args.smooth}, limit {args.limit_gb} GB "
+    print(f"{sections} x {height} x {width} px, --smooth {args.smooth}, limit {args.limit_gb} GB "
           f"(scratch {scratch})")
     for name, block, chunk in (("tasks", args.block, args.task_chunk),
-                               ("whole (align_solved)", args.z_stop - args.z_start, whole)):
+                               ("whole (align_solved)", sections, whole)):
         result = measure(dataclasses.replace(job, block=block, xy_chunk=chunk), args.limit_gb)
         speed = f", {result['mpx'] / result['seconds']:.2f} Mpx/s" if result["outcome"] == "ok" else ""
         print(f"{name:22s} --block {block} --task_chunk {chunk}: {result['outcome']}, "
