@@ -546,12 +546,13 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     if len(usable) > 1 and inner:
         grown, margin = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox), detail_margin(job)
         start, stop = inner[0] - margin, inner[-1] + 1 + margin
-        tier = range(usable[start] if start > 0 else window[0], usable[stop - 1] + 1 if stop < len(usable) else window[1])
+        tier = range(usable[start] if start > 0 else window[0],
+                     usable[stop - 1] + 1 if stop < len(usable) else window[1])
         fields = _solve_tier(job, tier, blank, grown, 1)
-        if tier != range(*window):  # what the sections beyond the tier change, from coarse solves with and without them
-            factor, (h, w) = coarse_factor(job), _shape(grown)
-            change = _solve_tier(job, range(*window), blank, grown, factor)[tier.start - window[0]:tier.stop - window[0]] \
-                - _solve_tier(job, tier, blank, grown, factor)
+        if tier != range(*window):  # what the sections beyond the tier change: coarse solves with and without them
+            factor, (h, w), w0 = coarse_factor(job), _shape(grown), window[0]
+            change = _solve_tier(job, range(*window), blank, grown, factor)[tier.start - w0:tier.stop - w0] - \
+                _solve_tier(job, tier, blank, grown, factor)
             fields += upsample_field(change, factor)[..., :h, :w]
         solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
@@ -569,8 +570,8 @@ def detail_margin(job: Job) -> int:
 
 
 def coarse_factor(job: Job) -> int:
-    """How much coarser than the sections ``_coarse_fields`` solves: ``smooth // COARSE_SAMPLES`` (the low-pass's
-    box then spans ``2 COARSE_SAMPLES + 1`` coarse pixels), at least 1."""
+    """How much coarser than the sections ``solve_task``'s coarse solves are: ``smooth // COARSE_SAMPLES`` (the
+    low-pass's box then spans ``2 COARSE_SAMPLES + 1`` coarse pixels), at least 1."""
     return max(1, job.pair.smooth // COARSE_SAMPLES)
 
 
