@@ -178,12 +178,7 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     ``low_pass(r, smooth)`` and the detail ``r - low_pass(r, smooth)``; the coarse
     part is solved with ``pull``, the detail with ``detail_pull`` (module
     docstring), and the two added. ``detail_pull`` inf drops the detail (the
-    pair fields are simply low-passed). The robust re-weighting (both bands) then
-    judges each pair by the coarse part's residual: the detail is mostly tissue
-    change, which neighbours are expected not to share, and judged by it a pair
-    would lose its say on the coarse part too (and a solve at a coarser
-    resolution, ``tasks.solve_task``'s, could not weigh pairs as this one does).
-    ``pull`` and ``robust`` (None: off) have
+    pair fields are simply low-passed). ``pull`` and ``robust`` (None: off) have
     no default here: ``alignment.SolveSettings`` holds the tuned ones.
 
     defects: uint8 ``[Z, H, W]`` (0 none, 1 crack, 2 fold), each section's defects in its raw grid, or None. A pair
@@ -230,8 +225,8 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
             unheld = (_section_sums(count, sources, targets, trusted) > 0) & \
                 (_section_sums(count, sources, targets, base) == 0)  # every pair of the section weighs 0 there
         if round_ > 0 and robust:
-            coarse_part = parts[0] if defects is None else solution
-            residual = vector_length(coarse_part[sources] - coarse_part[targets] - observed[0])[:, None]
+            asked = sum(observed) if defects is None else observed[0]  # the whole pair field
+            residual = vector_length(solution[sources] - solution[targets] - asked)[:, None]
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
         parts = [_solve_band(count, sources, targets, current, part, band_pull)
                  for part, band_pull in zip(observed, pulls)]

@@ -9,7 +9,7 @@ The script writes a stack of ``--shape`` sections into a scratch folder, one sec
 ``F_s - F_t`` of smooth random fields ``F`` (as the pair tasks lay them out in ``DEST/pair_field``, with the scan's
 markers): a solve task's memory and time do not depend on where its pair fields come from, and the network's
 pairs of a 100 x 2048² stack take hours on 2 cores. Each configuration runs one solve task
-(``tasks.solve_task``, on the middle z block and an inner xy chunk) in a fresh process whose address space is
+(``tasks.solve_task``, on the middle z block and the xy chunk nearest the centre) in a fresh process whose address space is
 capped at ``--limit_gb`` (``RLIMIT_AS``, as ``prlimit --as``); the script prints its peak RSS and seconds, or that
 it ran out of memory. ``Mpx/s`` counts the block's sections x the chunk's pixels.
 """
@@ -79,13 +79,14 @@ def write_stack(job, sections: int, seed: int = 0) -> None:
 
 
 def measure(job, limit_gb: float) -> dict:
-    """Run one solve task of ``job`` (its middle z block, an inner xy chunk) in a fresh process capped at
+    """Run one solve task of ``job`` (its middle z block, the xy chunk nearest the centre) in a fresh process capped at
     ``limit_gb``: ``{"outcome", "seconds", "peak_gb", "task"}``."""
     import tasks
 
     blocks, corners = job.solve_blocks(), job.chunk_corners()
     first, last = blocks[len(blocks) // 2]
-    x, y = corners[len(corners) // 2]
+    x0, y0, x1, y1 = job.bbox
+    x, y = min(corners, key=lambda c: abs(2 * c[0] + job.xy_chunk - x0 - x1) + abs(2 * c[1] + job.xy_chunk - y0 - y1))
     window = tasks.solve_window(job, tasks.usable_sections(job), first, last)
     args = [dataclasses.asdict(job), int(first), [int(v) for v in window], [], int(x), int(y)]
     limit = int(limit_gb * 2 ** 30)
