@@ -58,9 +58,10 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
    (the chain cut there changes the block's fields by at most ``CUT_EFFECT`` of the change at the cut:
    ``solve.chain_decay``) and the chunk grown by ``2 smooth + overlap`` px are solved as ``align_solved`` does
    (``alignment.solve_fields``); the block's sections over the chunk go to ``DEST/solved``, each section's
-   field into the solve's own frame. Only the block and ``detail_margin`` (4) sections each side are solved at
-   full resolution; what the rest of the window changes comes from solves at ``1 / coarse_factor`` the
-   resolution (``solve_task``), so a task's memory is set by its block and chunk, not by the 38-section margin.
+   field into the solve's own frame. With ``task_memory`` (GB) where that would hold more, only the block and
+   ``detail_margin`` (4) sections each side are solved at full resolution; what the rest of the window changes
+   comes from solves at ``1 / coarse_factor`` the resolution (``solve_task``), so a task's memory is set by its
+   block and chunk, not by the 38-section margin.
 5. **Frame tasks**, one per xy chunk: ``invert_field(S_r)`` (``S`` the solved fields, ``r`` the range's first usable
    section), the way back from the solve's frame to ``r``'s, into ``DEST/solved_frame`` at z = r; once per chunk,
    not once per section (as the serial stitch).
@@ -69,8 +70,9 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
 
 With one z block and one xy chunk covering the bbox every task sees what ``align_solved`` sees: the result is
 ``align_solved``'s, bit for bit. Smaller chunks and blocks bound each task's memory by the chunk and block sizes
-(plus their margins), whatever the volume's size; the cost is the margins' work done twice, and fields that differ
-from the whole solve's by ~0.2 px at the 99th percentile (the coarse solves of the cut-off sections).
+(plus their margins), whatever the volume's size; the cost is the margins' work done twice, and with
+``task_memory`` fields that differ from the whole solve's by ~1 px at the 99th percentile (the coarse solves of the
+sections cut off cannot weigh pairs as the full-resolution one does).
 
 Progress markers under ``DEST/progress/`` (tasks are idempotent: they write their output chunks and
 these markers, nothing else, so a task run twice does no harm):
@@ -137,6 +139,7 @@ MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
 COARSE_SAMPLES = 32  # solve tasks: coarse pixels per smooth radius of the coarse tier (coarse_factor)
+SOLVE_BYTES = 400  # a solve task's peak memory per pixel of each section it solves (bench/solve_memory.py: ~360)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in voxels (x1, y1 exclusive)
 Phase = tuple[str, list[Callable[[], None]] | Callable[[], list]]  # a name and its tasks (or what makes them,
@@ -162,6 +165,7 @@ class Job:
     solve: SolveSettings | None = None  # the stack-wide solve's (solve tasks); None: serial tasks (vote, raw_neighbour)
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu
     max_failures: int = MAX_FAILURES  # a queued task that fails this many times is dead-lettered
+    task_memory: float | None = None  # GB a solve task may hold (solve_task); None: no limit
     mips: int = 0  # DEST/image and DEST/field also hold mips 1..mips (each write writes its chunk's, _write)
     defects: str | None = None  # defect layer (cloudpath; uint8 0 none / 1 crack / 2 fold) the fields are made with
 
@@ -528,12 +532,13 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     low-pass's reach and the reach of the warp by the fields; clipped to the bbox), from ``DEST/pair_field``, the
     raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk.
 
-    In two tiers, so that memory is set by the block, not by ``solve_margin`` (38 sections each side at the
-    default pull): at full resolution only the *tier*, the block grown by ``detail_margin`` usable sections each
-    side (``_solve_tier``: the detail, pulled hard, feels a cut that far away no more than ``CUT_EFFECT``); where
-    the tier cuts the window, what the sections beyond change (the slow coarse part) is added: the solve of the
-    whole window less that of the tier, both at ``1 / coarse_factor`` the resolution (their shared error of
-    resolution cancels). With one block and one chunk: ``align_solved``'s solve exactly.
+    Where that would hold more than ``job.task_memory`` GB, in two tiers, so that memory is set by the block, not
+    by ``solve_margin`` (38 sections each side at the default pull): at full resolution only the *tier*, the block
+    grown by ``detail_margin`` usable sections each side (``_solve_tier``: the detail, pulled hard, feels a cut
+    that far away no more than ``CUT_EFFECT``); where the tier cuts the window, what the sections beyond change
+    (the slow coarse part) is added: the solve of the whole window less that of the tier, both at
+    ``1 / coarse_factor`` the resolution (their shared error of resolution cancels). Without ``task_memory``, or
+    with one block and one chunk: ``align_solved``'s solve exactly.
     """
     job = Job(**job)
     marks, name, record = _progress(job), f"solve/block/{first}/{x}_{y}", {"window": window, "blank": blank}
@@ -544,7 +549,8 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     inner = [i for i, z in enumerate(usable) if first <= z <= last]  # the block's usable sections (positions)
     solved = torch.zeros(last + 1 - first, 2, *_shape(box))
     if len(usable) > 1 and inner:
-        grown, margin = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox), detail_margin(job)
+        grown = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox)
+        margin = detail_margin(job) if _needs_tiers(job, len(usable), grown) else len(usable)
         start, stop = inner[0] - margin, inner[-1] + 1 + margin
         tier = range(usable[start] if start > 0 else window[0],
                      usable[stop - 1] + 1 if stop < len(usable) else window[1])
@@ -557,6 +563,12 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
         solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
     marks.put_json(name, record)
+
+
+def _needs_tiers(job: Job, sections: int, grown: Box) -> bool:
+    """Whether solving ``sections`` over ``grown`` at full resolution would hold more than ``job.task_memory`` GB
+    (``SOLVE_BYTES`` per pixel of each section)."""
+    return job.task_memory is not None and sections * math.prod(_shape(grown)) * SOLVE_BYTES > job.task_memory * 2 ** 30
 
 
 def detail_margin(job: Job) -> int:

@@ -2,7 +2,7 @@
 ``align_solved`` holds in one process) against the tasks' ``--block`` and ``--task_chunk``, under a memory limit.
 
     .venv/bin/python -m bench.solve_memory --shape 100 2048 2048 [--smooth 96] [--block 8] [--task_chunk 512] \
-        [--limit_gb 12] [--scratch DIR]
+        [--task_memory 8] [--limit_gb 12] [--scratch DIR]
 
 The script writes a stack of ``--shape`` sections into a scratch folder, one section at a time: a textured image
 (the solve weighs pairs where the target shows tissue) and, in place of the pair phase, pair fields
@@ -106,7 +106,8 @@ def main(argv=None) -> None:
     p.add_argument("--smooth", type=int, default=96)
     p.add_argument("--block", type=int, default=8)
     p.add_argument("--task_chunk", type=int, default=512)
-    p.add_argument("--limit_gb", type=float, default=12.0)
+    p.add_argument("--task_memory", type=float, default=8.0, help="the tasks' --task_memory (GB)")
+    p.add_argument("--limit_gb", type=float, default=12.0, help="the address space each task may use (GB)")
     p.add_argument("--scratch", help="where the stack and its DEST go (default: a temporary folder; one the script "
                    "filled before is used again)")
     args = p.parse_args(argv)
@@ -129,11 +130,11 @@ def main(argv=None) -> None:
     whole = -(-max(width, height) // tasks.LAYER_CHUNK) * tasks.LAYER_CHUNK
     print(f"{sections} x {height} x {width} px, --smooth {args.smooth}, limit {args.limit_gb} GB "
           f"(scratch {scratch})")
-    for name, block, chunk in (("tasks", args.block, args.task_chunk),
-                               ("whole (align_solved)", sections, whole)):
-        result = measure(dataclasses.replace(job, block=block, xy_chunk=chunk), args.limit_gb)
+    for name, block, chunk, memory in (("tasks", args.block, args.task_chunk, args.task_memory),
+                                       ("whole (align_solved)", sections, whole, None)):
+        result = measure(dataclasses.replace(job, block=block, xy_chunk=chunk, task_memory=memory), args.limit_gb)
         speed = f", {result['mpx'] / result['seconds']:.2f} Mpx/s" if result["outcome"] == "ok" else ""
-        print(f"{name:22s} --block {block} --task_chunk {chunk}: {result['outcome']}, "
+        print(f"{name:22s} --block {block} --task_chunk {chunk} --task_memory {memory}: {result['outcome']}, "
               f"peak RSS {result.get('peak_gb', float('nan')):.2f} GB, {result.get('seconds', float('nan')):.0f} s"
               f"{speed}; {result['task']}", flush=True)
 

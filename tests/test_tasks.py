@@ -330,11 +330,12 @@ def test_a_solve_in_chunks_and_blocks_is_close_to_the_whole_solve(tmp_path, monk
     assert windows == [0, 8]  # the block 0..2 and 5 sections beyond: the chain is cut
 
 
-def test_a_solve_block_at_full_resolution_with_a_coarse_correction_is_close_to_the_whole_solve(tmp_path, monkeypatch):
-    """Blocks of 3 sections of a 12-section stack at the default pulls and ``--smooth 64``: each solve task solves
-    its block and 4 sections beyond each side (``detail_margin``) at full resolution, plus what the sections beyond
-    change at half the resolution; the fields are those of the one-block solve. The pair fields (a whole-pixel
-    shift plus a smooth field from the sections' difference) are the same in both runs."""
+def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, monkeypatch):
+    """Blocks of 3 sections of a 12-section stack at the default pulls, ``--smooth 64`` and a ``--task_memory``
+    too small for the whole margin: each solve task solves its block and 4 sections beyond each side
+    (``detail_margin``) at full resolution, plus what the sections beyond change at half the resolution; the fields
+    are those of the one-block solve. The pair fields (a whole-pixel shift plus a smooth field from the sections'
+    difference) are the same in every run."""
     def smooth_field(model, source, target, trunc):
         difference = helpers.box_mean((source - target)[0], 6)
         return torch.cat([difference, helpers.box_mean(difference.flip(-1), 6)])[None]
@@ -348,12 +349,20 @@ def test_a_solve_block_at_full_resolution_with_a_coarse_correction_is_close_to_t
     align.main(common + ["--dest", str(tmp_path / "whole")])
     tiers = []
     monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))
-    align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3"])
-    whole, parts = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 12))
-                    for d in ("whole", "parts"))
+    align.main(common + ["--dest", str(tmp_path / "exact"), "--block", "3"])
+    assert tiers == [1] * 4  # without --task_memory the blocks are solved with their whole margins
+    align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3", "--task_memory", "0.001"])
+    whole, exact, parts = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 12))
+                           for d in ("whole", "exact", "parts"))
+    assert np.array_equal(whole, exact)
     difference = np.sqrt(((whole - parts) ** 2).sum(1))
-    assert tiers == [1, 2, 2] * 4 and tasks.detail_margin(job(pair=PairSettings(smooth=64), solve=SolveSettings())) == 4
+    assert tiers == [1] * 4 + [1, 2, 2] * 4
+    assert tasks.detail_margin(job(pair=PairSettings(smooth=64), solve=SolveSettings())) == 4
     assert np.abs(whole).max() > 1 and np.percentile(difference, 99) < 0.1, difference.max()
+    with pytest.raises(UserError, match="--task_memory must be > 0 GB"):
+        align.main(common + ["--dest", str(tmp_path / "bad"), "--task_memory", "0"])
+    with pytest.raises(UserError, match="task_memory"):  # the run record holds it: a resume may not change it
+        align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3"])
 
 
 solve_tier = tasks._solve_tier
