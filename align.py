@@ -89,7 +89,8 @@ VIEWER = "https://neuroglancer-demo.appspot.com/#!"  # a public Neuroglancer; th
 VIEW_PORT = 1337  # where cloudvolume.server.view serves a local DEST (CloudVolume.viewer's port)
 NEUROGLANCER_STATE = "neuroglancer.json"  # in DEST, beside the layers
 ADAPTED = "adapted.pt"  # in DEST: the network --adapt made and aligned with
-UNRECORDED = {"vote": 1, "mips": 0, "adapt": 0}  # settings run_record leaves out at these values (old records)
+# settings run_record leaves out at these values (old records)
+UNRECORDED = {"vote": 1, "mips": 0, "adapt": 0, "task_memory": None}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"xy size in px of the tasks (a multiple of {tasks.LAYER_CHUNK}): serial: of the stitch and "
                         "render tasks; --solve: of every task (pair fields, solve, render), each read with a margin "
                         "(its memory grows with it)")
+    p.add_argument("--task_memory", type=float,
+                   help="--solve: GB a solve task may hold; one whose block with its margins would hold more solves "
+                        "only its block and 4 sections each side at full resolution, the rest at a coarser one "
+                        "(fields move ~1 px p99); None: no limit")
     p.add_argument("--queue", help="enqueue the tasks into fq://FOLDER or sqs://NAME and wait while "
                                    "'align.py worker' processes run them; None: run them here")
     p.add_argument("--max_failures", type=int, default=tasks.MAX_FAILURES,
@@ -207,7 +212,7 @@ def job_of(args, source: str, bbox: tasks.Box, defects: str | None = None) -> ta
                      z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2), pair=pair,
                      vote=args.vote, raw_neighbour=args.raw_neighbour, xy_chunk=args.task_chunk,
                      solve=solve if args.solve else None, device=args.device, max_failures=args.max_failures,
-                     mips=args.mips, defects=defects)
+                     mips=args.mips, defects=defects, task_memory=args.task_memory if args.solve else None)
 
 
 def run_record(args, job: tasks.Job) -> dict:
@@ -228,6 +233,7 @@ def run_record(args, job: tasks.Job) -> dict:
         settings.update({"vote": job.vote} if job.vote > 1 else {})
     settings.update(block=args.block, task_chunk=job.xy_chunk)
     settings.update({"mips": job.mips} if job.mips else {})
+    settings.update({"task_memory": job.task_memory} if job.task_memory else {})
     settings.update({"adapt": args.adapt} if args.adapt else {})
     mode = "solve" if job.solve else "raw_neighbour" if job.raw_neighbour else "vote" if job.vote > 1 else "serial"
     record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
@@ -373,6 +379,8 @@ def check_args(args) -> None:
         raise UserError(f"--task_chunk must be a positive multiple of {tasks.LAYER_CHUNK} (the layers' chunk)")
     if args.mips < 0:
         raise UserError("--mips must be >= 0")
+    if args.task_memory is not None and not args.task_memory > 0:
+        raise UserError("--task_memory must be > 0 GB")
     if args.task_chunk % (tasks.LAYER_CHUNK << args.mips):
         raise UserError(f"--mips {args.mips} needs --task_chunk a multiple of {tasks.LAYER_CHUNK << args.mips} "
                         f"(each task writes whole {tasks.LAYER_CHUNK} px chunks of every mip)")

@@ -355,10 +355,11 @@ def upsample_field(field: torch.Tensor, factor: int = 2) -> torch.Tensor:
 
 
 def downsample_field(field: torch.Tensor, factor: int = 2) -> torch.Tensor:
-    """Field at 1/``factor`` the resolution (area average); vectors divided by ``factor``."""
+    """Field at 1/``factor`` the resolution (area average); vectors divided by ``factor``. A last row or column
+    of coarse pixels that the field only partly covers averages the fine pixels it has."""
     if factor == 1:
         return field
-    return F.avg_pool2d(field, factor) / factor
+    return F.avg_pool2d(field, factor, ceil_mode=True) / factor
 
 
 def affine_field(matrix: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -58,7 +58,10 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
    (the chain cut there changes the block's fields by at most ``CUT_EFFECT`` of the change at the cut:
    ``solve.chain_decay``) and the chunk grown by ``2 smooth + overlap`` px are solved as ``align_solved`` does
    (``alignment.solve_fields``); the block's sections over the chunk go to ``DEST/solved``, each section's
-   field into the solve's own frame.
+   field into the solve's own frame. With ``task_memory`` (GB) where that would hold more, only the block and
+   ``detail_margin`` (4) sections each side are solved at full resolution; what the rest of the window changes
+   comes from solves at ``1 / coarse_factor`` the resolution (``solve_task``), so a task's memory is set by its
+   block and chunk, not by the 38-section margin.
 5. **Frame tasks**, one per xy chunk: ``invert_field(S_r)`` (``S`` the solved fields, ``r`` the range's first usable
    section), the way back from the solve's frame to ``r``'s, into ``DEST/solved_frame`` at z = r; once per chunk,
    not once per section (as the serial stitch).
@@ -67,7 +70,9 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
 
 With one z block and one xy chunk covering the bbox every task sees what ``align_solved`` sees: the result is
 ``align_solved``'s, bit for bit. Smaller chunks and blocks bound each task's memory by the chunk and block sizes
-(plus their margins), whatever the volume's size; the cost is the margins' work done twice.
+(plus their margins), whatever the volume's size; the cost is the margins' work done twice, and with
+``task_memory`` fields that differ from the whole solve's by ~1 px at the 99th percentile (the coarse solves of the
+sections cut off cannot weigh pairs as the full-resolution one does).
 
 Progress markers under ``DEST/progress/`` (tasks are idempotent: they write their output chunks and
 these markers, nothing else, so a task run twice does no harm):
@@ -114,6 +119,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from cloudfiles import CloudFiles
 from taskqueue import TaskQueue, queueable
 from tqdm import tqdm
@@ -123,7 +129,7 @@ import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
                        is_blank, prealignment, rigid_field, section_stats, solve_fields, thumbnail,
                        thumbnail_factor, tissue_moments)
-from helpers import UserError, compose, invert_field, one_line
+from helpers import UserError, compose, downsample_field, invert_field, one_line, upsample_field
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
 
@@ -132,6 +138,8 @@ POLL_SECONDS = 1.0  # how often the driver looks at the queue
 MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
+COARSE_SAMPLES = 32  # solve tasks: coarse pixels per smooth radius of the coarse tier (coarse_factor)
+SOLVE_BYTES = 400  # a solve task's peak memory per pixel of each section it solves (bench/solve_memory.py: ~360)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in voxels (x1, y1 exclusive)
 Phase = tuple[str, list[Callable[[], None]] | Callable[[], list]]  # a name and its tasks (or what makes them,
@@ -157,6 +165,7 @@ class Job:
     solve: SolveSettings | None = None  # the stack-wide solve's (solve tasks); None: serial tasks (vote, raw_neighbour)
     device: str | None = None  # None: cuda where the task runs if it has one, else cpu
     max_failures: int = MAX_FAILURES  # a queued task that fails this many times is dead-lettered
+    task_memory: float | None = None  # GB a solve task may hold (solve_task); None: no limit
     mips: int = 0  # DEST/image and DEST/field also hold mips 1..mips (each write writes its chunk's, _write)
     defects: str | None = None  # defect layer (cloudpath; uint8 0 none / 1 crack / 2 fold) the fields are made with
 
@@ -518,39 +527,86 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     solve's own frame, into ``DEST/solved``; skipped if the marker ``solve/block/FIRST/X_Y`` holds this window.
 
     ``window``: ``[w0, w1)``, the block grown by ``solve_margin`` usable sections each side (to the range's ends
-    where fewer are left); ``blank``: its blank sections. The window's pairs (``solve.neighbour_pairs``) are solved
-    jointly (``alignment.solve_fields``, as ``align_solved``) on the chunk grown by ``2 smooth + overlap`` px (the
+    where fewer are left); ``blank``: its blank sections. Its pairs (``solve.neighbour_pairs``) are solved jointly
+    as ``align_solved`` does (``alignment.solve_fields``) on the chunk grown by ``2 smooth + overlap`` px (the
     low-pass's reach and the reach of the warp by the fields; clipped to the bbox), from ``DEST/pair_field``, the
-    raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk. With
-    one block and one chunk: ``align_solved``'s solve exactly.
+    raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk.
+
+    Where that would hold more than ``job.task_memory`` GB, in two tiers, so that memory is set by the block, not
+    by ``solve_margin`` (38 sections each side at the default pull): at full resolution only the *tier*, the block
+    grown by ``detail_margin`` usable sections each side (``_solve_tier``: the detail, pulled hard, feels a cut
+    that far away no more than ``CUT_EFFECT``); where the tier cuts the window, what the sections beyond change
+    (the slow coarse part) is added: the solve of the whole window less that of the tier, both at
+    ``1 / coarse_factor`` the resolution (their shared error of resolution cancels). Without ``task_memory``, or
+    with one block and one chunk: ``align_solved``'s solve exactly.
     """
     job = Job(**job)
     marks, name, record = _progress(job), f"solve/block/{first}/{x}_{y}", {"window": window, "blank": blank}
     if marks.get_json(name) == record:
         return
-    box, (w0, w1) = job.chunk_box(x, y), window
-    last = dict(job.solve_blocks())[first]
-    usable = [z for z in range(w0, w1) if z not in blank]
+    box, last = job.chunk_box(x, y), dict(job.solve_blocks())[first]
+    usable = [z for z in range(*window) if z not in blank]
+    inner = [i for i, z in enumerate(usable) if first <= z <= last]  # the block's usable sections (positions)
     solved = torch.zeros(last + 1 - first, 2, *_shape(box))
-    if len(usable) > 1:
+    if len(usable) > 1 and inner:
         grown = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox)
-        pairs = neighbour_pairs(w1 - w0, job.solve.neighbours, {z - w0 for z in blank})
-        slot = {d: i for i, d in enumerate(_offsets(job))}
-        place = {z: i for i, z in enumerate(usable)}
-        pair_fields = torch.empty(len(pairs), 2, *_shape(grown))
-        for z in usable:  # one read of each section's pair fields
-            read = _read_field(_dest(job, "pair_field"), z, grown).view(-1, 2, *_shape(grown))
-            for e, (s, t) in enumerate(pairs):
-                if s + w0 == z:
-                    pair_fields[e] = read[slot[place[t + w0] - place[z]]]
-        source = _layer(job.source, job.mip)
-        sections = np.stack([_read(source, z, grown)[0] for z in range(w0, w1)])
-        defects = _defect_maps(job, range(w0, w1), grown)
-        fields = solve_fields(sections, pairs, pair_fields, job.solve, job.pair.smooth,
-                              None if defects is None else np.stack(list(defects.values())))
-        solved = _crop(fields[first - w0:last + 1 - w0], box, grown)
+        margin = detail_margin(job) if _needs_tiers(job, len(usable), grown) else len(usable)
+        start, stop = inner[0] - margin, inner[-1] + 1 + margin
+        tier = range(usable[start] if start > 0 else window[0],
+                     usable[stop - 1] + 1 if stop < len(usable) else window[1])
+        fields = _solve_tier(job, tier, blank, grown, 1)
+        if tier != range(*window):  # what the sections beyond the tier change: coarse solves with and without them
+            factor, (h, w), w0 = coarse_factor(job), _shape(grown), window[0]
+            change = _solve_tier(job, range(*window), blank, grown, factor)[tier.start - w0:tier.stop - w0] - \
+                _solve_tier(job, tier, blank, grown, factor)
+            fields += upsample_field(change, factor)[..., :h, :w]
+        solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
     marks.put_json(name, record)
+
+
+def _needs_tiers(job: Job, sections: int, grown: Box) -> bool:
+    """Whether solving ``sections`` over ``grown`` at full resolution would hold more than ``job.task_memory`` GB
+    (``SOLVE_BYTES`` per pixel of each section)."""
+    return job.task_memory is not None and sections * math.prod(_shape(grown)) * SOLVE_BYTES > job.task_memory * 2 ** 30
+
+
+def detail_margin(job: Job) -> int:
+    """Usable sections a solve task solves at full resolution beyond each side of its z block: enough that the
+    detail (``SolveSettings.detail_pull``), held at 0 at the cuts, keeps ``CUT_EFFECT`` of its change there at
+    most (``solve.chain_decay``); ``solve_margin`` (no cut within the window) where the fields are not split into
+    a coarse part and detail (``coarse_factor`` 1) or the detail is dropped."""
+    if coarse_factor(job) == 1 or not math.isfinite(job.solve.detail_pull):
+        return solve_margin(job)
+    return math.ceil(math.log(CUT_EFFECT) / math.log(chain_decay(job.solve.detail_pull, job.solve.neighbours)))
+
+
+def coarse_factor(job: Job) -> int:
+    """How much coarser than the sections ``solve_task``'s coarse solves are: ``smooth // COARSE_SAMPLES`` (the
+    low-pass's box then spans ``2 COARSE_SAMPLES + 1`` coarse pixels), at least 1."""
+    return max(1, job.pair.smooth // COARSE_SAMPLES)
+
+
+def _solve_tier(job: Job, sections: range, blank: list, grown: Box, factor: int) -> torch.Tensor:
+    """``[len(sections), 2, h, w]``: ``alignment.solve_fields`` of the consecutive ``sections`` (those in ``blank``
+    left out; each usable one paired with its K nearest usable ones on each side) over ``grown`` at ``1 / factor``
+    the resolution (pair fields by ``helpers.downsample_field``, the sections' tissue and defects by the mean and
+    the max over each ``factor`` square), in px of that resolution. Reads one section at a time."""
+    skip = {i for i, z in enumerate(sections) if z in blank}
+    pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip), _offsets(job)
+    place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among usable
+    source, pair_layer = _layer(job.source, job.mip), _dest(job, "pair_field")
+    fields, tissue, defects = [], [], []
+    for i, z in enumerate(sections):  # one read of each section's pair fields
+        if i not in skip:
+            read = downsample_field(_read_field(pair_layer, z, grown).view(-1, 2, *_shape(grown)), factor)
+            fields += [read[slot.index(place[t] - place[s])] for s, t in pairs if s == i]
+        tissue.append(F.avg_pool2d((_read_field(source, z, grown) > 0).float(), factor, ceil_mode=True)[0])
+        if job.defects:
+            labels = _read_field(_layer(job.defects, job.mip), z, grown).float()
+            defects.append(F.max_pool2d(labels, factor, ceil_mode=True)[0].to(torch.uint8))
+    return solve_fields(torch.stack(tissue), pairs, torch.stack(fields), job.solve, round(job.pair.smooth / factor),
+                        torch.stack(defects) if defects else None)
 
 
 def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:

@@ -330,6 +330,44 @@ def test_a_solve_in_chunks_and_blocks_is_close_to_the_whole_solve(tmp_path, monk
     assert windows == [0, 8]  # the block 0..2 and 5 sections beyond: the chain is cut
 
 
+def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, monkeypatch):
+    """Blocks of 3 sections of a 12-section stack at the default pulls, ``--smooth 64`` and a ``--task_memory``
+    too small for the whole margin: each solve task solves its block and 4 sections beyond each side
+    (``detail_margin``) at full resolution, plus what the sections beyond change at half the resolution; the fields
+    are those of the one-block solve. The pair fields (a whole-pixel shift plus a smooth field from the sections'
+    difference) are the same in every run."""
+    def smooth_field(model, source, target, trunc):
+        difference = helpers.box_mean((source - target)[0], 6)
+        return torch.cat([difference, helpers.box_mean(difference.flip(-1), 6)])[None]
+    monkeypatch.setattr(alignment, "chunk_field", smooth_field)
+    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
+    moves = [tuple(2 * v for v in move) for move in np.random.default_rng(5).integers(-2, 3, (12, 2)).tolist()]
+    layer(tmp_path / "raw", moved_windows(moves, size=96)[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "12",
+              "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "64", "--task_chunk", "96"]
+    align.main(common + ["--dest", str(tmp_path / "whole")])
+    tiers = []
+    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))
+    align.main(common + ["--dest", str(tmp_path / "exact"), "--block", "3"])
+    assert tiers == [1] * 4  # without --task_memory the blocks are solved with their whole margins
+    align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3", "--task_memory", "0.001"])
+    whole, exact, parts = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 12))
+                           for d in ("whole", "exact", "parts"))
+    assert np.array_equal(whole, exact)
+    difference = np.sqrt(((whole - parts) ** 2).sum(1))
+    assert tiers == [1] * 4 + [1, 2, 2] * 4
+    assert tasks.detail_margin(job(pair=PairSettings(smooth=64), solve=SolveSettings())) == 4
+    assert np.abs(whole).max() > 1 and np.percentile(difference, 99) < 0.1, difference.max()
+    with pytest.raises(UserError, match="--task_memory must be > 0 GB"):
+        align.main(common + ["--dest", str(tmp_path / "bad"), "--task_memory", "0"])
+    with pytest.raises(UserError, match="task_memory"):  # the run record holds it: a resume may not change it
+        align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3"])
+
+
+solve_tier = tasks._solve_tier
+
+
 def test_pair_fields_in_chunks_see_their_whole_sections_normalisation_and_shift(tmp_path, monkeypatch):
     """A network that reads the normalised grey values pixel by pixel, on a stack moved by known shifts and lit
     unevenly (its chunks' own statistics differ): 2 x 2 chunks of 64 px give the whole section's pair fields, the
