@@ -554,11 +554,12 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
         start, stop = inner[0] - margin, inner[-1] + 1 + margin
         tier = range(usable[start] if start > 0 else window[0],
                      usable[stop - 1] + 1 if stop < len(usable) else window[1])
-        fields = _solve_tier(job, tier, blank, grown, 1)
+        fields = _solve_tier(job, tier, blank, _tier_inputs(job, tier, blank, grown, 1), job.pair.smooth)
         if tier != range(*window):  # what the sections beyond the tier change: coarse solves with and without them
             factor, (h, w), w0 = coarse_factor(job), _shape(grown), window[0]
-            change = _solve_tier(job, range(*window), blank, grown, factor)[tier.start - w0:tier.stop - w0] - \
-                _solve_tier(job, tier, blank, grown, factor)
+            coarse, smooth = _tier_inputs(job, range(*window), blank, grown, factor), round(job.pair.smooth / factor)
+            change = _solve_tier(job, range(*window), blank, coarse, smooth)[tier.start - w0:tier.stop - w0] - \
+                _solve_tier(job, tier, blank, coarse, smooth)
             fields += upsample_field(change, factor)[..., :h, :w]
         solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
@@ -587,26 +588,33 @@ def coarse_factor(job: Job) -> int:
     return max(1, job.pair.smooth // COARSE_SAMPLES)
 
 
-def _solve_tier(job: Job, sections: range, blank: list, grown: Box, factor: int) -> torch.Tensor:
-    """``[len(sections), 2, h, w]``: ``alignment.solve_fields`` of the consecutive ``sections`` (those in ``blank``
-    left out; each usable one paired with its K nearest usable ones on each side) over ``grown`` at ``1 / factor``
-    the resolution (pair fields by ``helpers.downsample_field``, the sections' tissue and defects by the mean and
-    the max over each ``factor`` square), in px of that resolution. Reads one section at a time."""
+def _tier_inputs(job: Job, sections: range, blank: list, grown: Box, factor: int) -> dict[int, tuple]:
+    """``{z: (pair fields [2K, 2, h, w] or None where blank, tissue [h, w], defects uint8 [h, w] or None)}`` of
+    ``sections`` over ``grown`` at ``1 / factor`` the resolution: ``DEST/pair_field`` by ``helpers.downsample_field``,
+    the tissue (non-zero) fraction and the defects by the mean and the max over each ``factor`` square. One read of
+    each section, one at a time."""
+    source, pair_layer, inputs = _layer(job.source, job.mip), _dest(job, "pair_field"), {}
+    for z in sections:
+        fields = None if z in blank else \
+            downsample_field(_read_field(pair_layer, z, grown).view(-1, 2, *_shape(grown)), factor)
+        tissue = F.avg_pool2d((_read_field(source, z, grown) > 0).float(), factor, ceil_mode=True)[0]
+        defects = None if not job.defects else F.max_pool2d(
+            _read_field(_layer(job.defects, job.mip), z, grown).float(), factor, ceil_mode=True)[0].to(torch.uint8)
+        inputs[z] = fields, tissue, defects
+    return inputs
+
+
+def _solve_tier(job: Job, sections: range, blank: list, inputs: dict[int, tuple], smooth: int) -> torch.Tensor:
+    """``[len(sections), 2, h, w]`` (px of the inputs' resolution): ``alignment.solve_fields`` of the consecutive
+    ``sections`` (those in ``blank`` left out; each usable one paired with its K nearest usable ones on each side)
+    from their ``_tier_inputs``, split at ``smooth`` px."""
     skip = {i for i, z in enumerate(sections) if z in blank}
     pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip), _offsets(job)
     place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among usable
-    source, pair_layer = _layer(job.source, job.mip), _dest(job, "pair_field")
-    fields, tissue, defects = [], [], []
-    for i, z in enumerate(sections):  # one read of each section's pair fields
-        if i not in skip:
-            read = downsample_field(_read_field(pair_layer, z, grown).view(-1, 2, *_shape(grown)), factor)
-            fields += [read[slot.index(place[t] - place[s])] for s, t in pairs if s == i]
-        tissue.append(F.avg_pool2d((_read_field(source, z, grown) > 0).float(), factor, ceil_mode=True)[0])
-        if job.defects:
-            labels = _read_field(_layer(job.defects, job.mip), z, grown).float()
-            defects.append(F.max_pool2d(labels, factor, ceil_mode=True)[0].to(torch.uint8))
-    return solve_fields(torch.stack(tissue), pairs, torch.stack(fields), job.solve, round(job.pair.smooth / factor),
-                        torch.stack(defects) if defects else None)
+    fields = [inputs[sections[s]][0][slot.index(place[t] - place[s])] for s, t in pairs]
+    tissue = torch.stack([inputs[z][1] for z in sections])
+    defects = torch.stack([inputs[z][2] for z in sections]) if job.defects else None
+    return solve_fields(tissue, pairs, torch.stack(fields), job.solve, smooth, defects)
 
 
 def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:

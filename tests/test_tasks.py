@@ -348,15 +348,15 @@ def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, m
               "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "64", "--task_chunk", "96"]
     align.main(common + ["--dest", str(tmp_path / "whole")])
     tiers = []
-    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))
+    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))  # smooth
     align.main(common + ["--dest", str(tmp_path / "exact"), "--block", "3"])
-    assert tiers == [1] * 4  # without --task_memory the blocks are solved with their whole margins
+    assert tiers == [64] * 4  # without --task_memory the blocks are solved with their whole margins
     align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3", "--task_memory", "0.001"])
     whole, exact, parts = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 12))
                            for d in ("whole", "exact", "parts"))
     assert np.array_equal(whole, exact)
     difference = np.sqrt(((whole - parts) ** 2).sum(1))
-    assert tiers == [1] * 4 + [1, 2, 2] * 4
+    assert tiers == [64] * 4 + [64, 32, 32] * 4  # full resolution, then coarse (half) with and without the rest
     assert tasks.detail_margin(job(pair=PairSettings(smooth=64), solve=SolveSettings())) == 4
     assert np.abs(whole).max() > 1 and np.percentile(difference, 99) < 0.1, difference.max()
     with pytest.raises(UserError, match="--task_memory must be > 0 GB"):
