@@ -76,7 +76,7 @@ import adapt
 import demo
 import tasks
 import volume
-from alignment import add_flags, poor_matches_reported, settings_from_args, stride
+from alignment import add_flags, poor_matches_reported, settings_from_args, stride, with_context
 from helpers import HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, run_main
 from models.archive import lineage, read_archive
 from vis import neuroglancer_state
@@ -369,7 +369,7 @@ def check_args(args) -> None:
             or args.smooth < 0 or args.prealign < 0 or args.trunc < 0:
         raise UserError("--vote and --neighbours must be >= 1, --pull and --detail_pull > 0, --robust, --smooth, "
                         "--prealign and --trunc >= 0")
-    if args.chunk < 1 or args.overlap < 0:
+    if args.chunk < 1 or (args.overlap or 0) < 0:
         raise UserError("--chunk must be >= 1 and --overlap >= 0")
     if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:
         raise UserError("choose one of --raw_neighbour, --vote K, --solve")
@@ -430,6 +430,7 @@ def main(argv=None) -> dict:
     if args.chunk % stride(model):
         raise UserError(f"--chunk {args.chunk} must be a multiple of {stride(model)} px, the coarsest stride of the "
                         f"{model.size} levels of {args.archive}")
+    job = dataclasses.replace(job, pair=with_context(job.pair, model))  # by default, the network's reach as context
     run, runs = run_record(args, job), recorded_runs(job.dest)
     adapted = Path(args.dest) / ADAPTED if args.adapt else None
     resume = runs is not None and not args.overwrite  # None: no layer, so any progress marker left is stale

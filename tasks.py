@@ -52,8 +52,8 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
    (``alignment.pair_field``, unsmoothed; on the chunk grown by ``overlap + prealign`` px, cropped) into
    ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K. Each section is normalised by
    its whole section's mean and std and the source moved by the pair's rigid match, both read from the markers:
-   a chunk's pair field is the whole section's there, up to the network's reach (``overlap``) and a rigid
-   match beyond ``prealign`` px (a wide search's turn), which reads past the chunk's context.
+   a chunk's pair field is the whole section's there, up to what lies past ``overlap`` (by default the network's
+   reach, ``Pyramid.reach``) and a rigid match beyond ``prealign`` px (a wide search's turn).
 4. **Solve tasks**, one per z block and xy chunk: the block grown by ``solve_margin`` usable sections each side
    (the chain cut there changes the block's fields by at most ``CUT_EFFECT`` of the change at the cut:
    ``solve.chain_decay``) and the chunk grown by ``2 smooth + overlap`` px are solved as ``align_solved`` does
@@ -127,7 +127,7 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, prealignment, rigid_field, section_stats, solve_fields, thumbnail,
+                       is_blank, prealignment, rigid_field, section_stats, solve_fields, stride, thumbnail,
                        thumbnail_factor, tissue_moments)
 from helpers import UserError, compose, downsample_field, invert_field, one_line, upsample_field
 from models.archive import load_archive
@@ -502,8 +502,8 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
     marks, name = _progress(job), f"solve/pair/{z}/{x}_{y}"
     if marks.get_json(name) == {"targets": targets}:
         return
-    box = job.chunk_box(x, y)
-    window = _grown(box, job.pair.overlap + job.pair.prealign, job.bbox)
+    box, unit = job.chunk_box(x, y), stride(model_of(job))
+    window = _grown(box, -(-(job.pair.overlap + job.pair.prealign) // unit) * unit, job.bbox)  # on the network's grid
     sections = [z, *(t for t in targets if t is not None)]
     source, unsmoothed = _layer(job.source, job.mip), dataclasses.replace(job.pair, smooth=0)
     raw, defects = {t: _read(source, t, window)[0] for t in sections}, _defect_maps(job, sections, window)

@@ -44,3 +44,9 @@ class Aligner(nn.Module):
         if self.corr_radius > 0:
             inputs.append(local_correlation(target, warped_source, self.corr_radius))
         return self.net(torch.cat(inputs, 1))
+
+    def radius(self) -> int:
+        """Receptive-field radius (px of its level) of its output over its input features: ``k // 2`` per conv,
+        plus the correlation's ``corr_radius``."""
+        convs = [m for m in self.net if isinstance(m, nn.Conv2d)]
+        return sum(conv.kernel_size[0] // 2 for conv in convs) + self.corr_radius

@@ -37,3 +37,8 @@ class Encoder(nn.Module):
             x = stage(F.max_pool2d(x, 2) if level else x)
             features.append(x)
         return features
+
+    def radius(self, level: int) -> int:
+        """Receptive-field radius of level ``level``'s features, in level-0 px beyond the square of ``2^level`` px a
+        feature pixel covers: two 3x3 convs at each level's scale (``2 * 2^l`` px); a 2x2 max pool adds nothing."""
+        return 2 * (2 ** (level + 1) - 1)

@@ -64,6 +64,14 @@ class Pyramid(nn.Module):
             raise ValueError(f"level must be in [0, {self.size - 1}], got {level}")
         return list(self.aligners[level].parameters())
 
+    def reach(self) -> int:
+        """Receptive-field radius of the coarsest level's field, in level-0 px beyond the square of ``2^(size-1)`` px
+        each of its pixels covers: its encoder features' plus its aligner's (at that stride). The finer levels read a little further (their aligners' radii at their strides),
+        but what lies there barely moves the field: a chunk given this much context around it gets the whole
+        section's field to ~0.01 px (bench/RESULTS.md, 2026-12-04 "reach")."""
+        top = self.size - 1
+        return self.encoder.radius(top) + self.aligners[top].radius() * 2 ** top
+
     def forward(self, source: torch.Tensor, target: torch.Tensor, trunc: int = 0) -> PyramidOutput:
         """Align ``source`` onto ``target``, coarse to fine, down to level ``trunc``.
 

@@ -16,7 +16,7 @@ import helpers
 import shifts
 import volume
 from alignment import PairSettings, SolveSettings
-from helpers import UserError
+from helpers import HelpFormatter, UserError
 from conftest import moved_windows, run_script, turned_phantom
 from models import Pyramid
 from models.archive import save_archive
@@ -316,7 +316,7 @@ def test_align_flags_are_the_settings_fields_with_their_defaults():
                                                   SolveSettings(robust=0.0, detail_pull=float("inf")))
 
 
-@pytest.mark.parametrize("formatter", [argparse.HelpFormatter, argparse.ArgumentDefaultsHelpFormatter])
+@pytest.mark.parametrize("formatter", [argparse.HelpFormatter, HelpFormatter])
 def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(formatter):
     parser = argparse.ArgumentParser(formatter_class=formatter)
     alignment.add_flags(parser, several=["pull"], without=["chunk"])
@@ -339,10 +339,10 @@ def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(
 def test_the_run_record_holds_the_settings_its_mode_reads_by_their_flags_names(tmp_path, mode, name, own):
     """The keys and values of the records DESTs already hold (a resume compares them), in their order."""
     (tmp_path / "a.pt").write_bytes(b"net")
-    args = align.parse_args(MINIMAL[2:] + ["--archive", str(tmp_path / "a.pt"), *mode])
+    args = align.parse_args(MINIMAL[2:] + ["--archive", str(tmp_path / "a.pt"), "--overlap", "96", *mode])
     record = align.run_record(args, align.job_of(args, "file:///s", (0, 0, 64, 32)))
     expected = {"archive_sha256": helpers.file_sha256(tmp_path / "a.pt"), "source": "file:///s", "mode": name,
-                "z_start": 0, "mip": 0, "bbox": [0, 0, 64, 32], "chunk": 1024, "overlap": 128, "prealign": 32,
+                "z_start": 0, "mip": 0, "bbox": [0, 0, 64, 32], "chunk": 1024, "overlap": 96, "prealign": 32,
                 "trunc": 2, "smooth": 0, **own}
     assert record == expected and list(record) == list(expected)
 
@@ -650,3 +650,13 @@ def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
     smoothed = alignment.pair_field(model, a, b, PairSettings(chunk=64, overlap=0, smooth=3, prealign=0))
     assert (raw - shift[0]).abs().max() == pytest.approx(3.0)
     assert (smoothed - shift[0])[:, 8:-8].abs().max() < 0.1  # the box is clipped at the edges
+
+
+def test_chunks_get_the_networks_reach_as_context_by_default():
+    net = random_net()
+    assert net.reach() == 30 and alignment.with_context(PairSettings(), net).overlap == 32  # up to its stride, 4
+    assert alignment.with_context(PairSettings(overlap=8), net).overlap == 8
+    a, b = sections(2)
+    whole = alignment.pair_field(net, a, b, PairSettings(chunk=1024))
+    chunked, short = (alignment.pair_field(net, a, b, PairSettings(chunk=32, overlap=overlap)) for overlap in (None, 8))
+    assert (whole - chunked).abs().max() < 1e-3 and (whole - short).abs().max() > 0.02

@@ -239,3 +239,18 @@ def test_a_tiny_pyramid_learns_to_recover_a_translation(one_thread):
         error = net(src, tgt).field[..., 8:-8, 8:-8] - shifts[:, :, None, None]  # away from the borders
     assert error.mean((2, 3)).abs().max() < 0.5  # each pair's mean field is the shift
     assert (error.norm(dim=1) < 1).float().mean() > 0.9  # and nearly every pixel within 1 px of it
+
+
+@pytest.mark.parametrize("size,k,corr_radius", [(3, 3, 1), (4, 5, 2)])
+def test_reach_is_the_coarsest_fields_receptive_field(size, k, corr_radius):
+    """The input pixels the coarsest level's field at one pixel depends on (non-zero gradient) lie within
+    ``reach()`` px of that pixel's square, and some lie at that distance."""
+    net = randomise_outputs(Pyramid(size=size, k=k, corr_radius=corr_radius, aligner_widths=(4, 4)))
+    stride, side = 2 ** (size - 1), 768
+    images = smooth_images(2, side, seed=1).requires_grad_()
+    field = net(images[:1], images[1:], trunc=size - 1).field  # [1, 2, side / stride, side / stride]
+    centre = side // stride // 2
+    field[0, :, centre, centre].sum().backward()
+    rows = images.grad.abs().sum((0, 1, 3)).nonzero()[:, 0]
+    first, last = centre * stride, (centre + 1) * stride - 1  # the image rows the coarse pixel covers
+    assert max(first - int(rows.min()), int(rows.max()) - last) == net.reach()

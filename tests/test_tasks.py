@@ -393,6 +393,23 @@ def test_pair_fields_in_chunks_see_their_whole_sections_normalisation_and_shift(
     assert np.percentile(difference, 99) < 1e-3, difference.max()
 
 
+def test_pair_tasks_read_their_chunks_on_the_networks_grid(tmp_path, monkeypatch):
+    """Context (``overlap + prealign`` = 42 px) that is not a multiple of the network's stride (4 px): each chunk's
+    window still starts on the whole section's grid of the network's pooling, so 2 x 2 chunks of 64 px give the
+    whole section's pair fields (off the grid they differ by px)."""
+    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
+    stack = moved_windows([(0, 0), (3, -2), (5, 1)], size=128)
+    layer(tmp_path / "raw", stack[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "3",
+              "--overlap", "30", "--prealign", "12", "--solve"]
+    fields = []
+    for name, size in (("whole", "128"), ("parts", "64")):
+        align.main(common + ["--dest", str(tmp_path / name), "--task_chunk", size])
+        fields.append(volume.read(volume.open_volume(str(tmp_path / name / "pair_field")), (0, 0, 0), (128, 128, 3)))
+    assert np.abs(fields[0]).max() > 1 and np.abs(fields[0] - fields[1]).max() < 1e-3
+
+
 def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
     source, _ = solve_volume(tmp_path, tiny_volume)
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
