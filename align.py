@@ -76,7 +76,7 @@ import adapt
 import demo
 import tasks
 import volume
-from alignment import add_flags, poor_matches_reported, settings_from_args, stride, with_context
+from alignment import add_flags, poor_matches_reported, settings_from_args, stride
 from helpers import HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, run_main
 from models.archive import lineage, read_archive
 from vis import neuroglancer_state
@@ -430,7 +430,6 @@ def main(argv=None) -> dict:
     if args.chunk % stride(model):
         raise UserError(f"--chunk {args.chunk} must be a multiple of {stride(model)} px, the coarsest stride of the "
                         f"{model.size} levels of {args.archive}")
-    job = dataclasses.replace(job, pair=with_context(job.pair, model))  # by default, the network's reach as context
     run, runs = run_record(args, job), recorded_runs(job.dest)
     adapted = Path(args.dest) / ADAPTED if args.adapt else None
     resume = runs is not None and not args.overwrite  # None: no layer, so any progress marker left is stale

@@ -128,7 +128,7 @@ import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
                        is_blank, prealignment, rigid_field, section_stats, solve_fields, stride, thumbnail,
-                       thumbnail_factor, tissue_moments)
+                       thumbnail_factor, tissue_moments, with_context)
 from helpers import UserError, compose, downsample_field, invert_field, one_line, upsample_field
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
@@ -175,6 +175,8 @@ class Job:
             object.__setattr__(self, "pair", PairSettings(**self.pair))
         if isinstance(self.solve, dict):
             object.__setattr__(self, "solve", SolveSettings(**self.solve))
+        if self.pair.overlap is None:  # by default the network's reach, set once where the job is made
+            object.__setattr__(self, "pair", with_context(self.pair, model_of(self)))
 
     def blocks(self) -> list[tuple[int, int]]:
         """``(s_b, e_b)`` of every block (inclusive); a range of one section is one block of one section."""

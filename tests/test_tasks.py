@@ -357,7 +357,7 @@ def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, m
     assert np.array_equal(whole, exact)
     difference = np.sqrt(((whole - parts) ** 2).sum(1))
     assert tiers == [64] * 4 + [64, 32, 32] * 4  # full resolution, then coarse (half) with and without the rest
-    assert tasks.detail_margin(job(pair=PairSettings(smooth=64), solve=SolveSettings())) == 4
+    assert tasks.detail_margin(job(pair=PairSettings(overlap=16, smooth=64), solve=SolveSettings())) == 4
     assert np.abs(whole).max() > 1 and np.percentile(difference, 99) < 0.1, difference.max()
     with pytest.raises(UserError, match="--task_memory must be > 0 GB"):
         align.main(common + ["--dest", str(tmp_path / "bad"), "--task_memory", "0"])
