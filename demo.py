@@ -18,11 +18,17 @@ The same recipe builds other phantom volumes anywhere, of any shape and seed,
 and of any ``PHANTOMS`` kind (e.g. held-out or training data for a benchmark)::
 
     python demo.py --phantom static --seed 20000 --shape 8 2048 2048 data/static_train
+
+A volume is generated and written a slab of sections at a time (``slabs``, ``SLAB_PIXELS``), bit for bit as
+if whole, so its memory does not grow with its depth: ``--shape 100 2048 2048`` peaks at 4.5 GB (the
+default shape at 2.3 GB).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +44,11 @@ RESOLUTION = (8, 8, 40)  # nm
 SEED = 0
 TRAIN_RANGE, TEST_RANGE = (0, 70), (70, 100)
 LAYERS = ("image", "defects", "field", "aligned")
+LAYER_KINDS = {"image": "image", "defects": "labels", "field": "field", "aligned": "image"}  # volume.downsample's
 # gen_stack flags that fit the demo volume (the seed's mip 5 x 1152 px needs a real dataset)
 GEN_STACK_DEFAULTS = dict(mip=0, dim=256, stack_height=10, train_range=TRAIN_RANGE, test_range=TEST_RANGE)
 DATASET_COUNT = {"train": 32, "test": 8}
+SLAB_PIXELS = 2 ** 24  # canvas pixels (a slab of sections) generated and written at a time: bounds a build's memory
 # how the phantom's tissue changes from section to section: as the demo's (new tissue every section, space
 # bent smoothly), without the bending, or not at all (one section repeated: what is left of an aligner's
 # error there is its own)
@@ -77,11 +85,24 @@ def resolve(path: str | None, layer: str = "image") -> str | None:
 
 def make_arrays(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default",
                 phantom_seed: int | None = None, misalignment=None) -> dict[str, np.ndarray]:
-    """The demo's layers as arrays ``[Z, C, Y, X]`` at mip 0 (see the module docstring).
+    """The demo's layers as arrays ``[Z, C, Y, X]`` at mip 0 (see the module docstring): ``slabs`` concatenated.
 
     ``kind``: one of ``PHANTOMS``; ``seed`` draws the misalignment and, unless
     ``phantom_seed`` is given, the phantom's tissue; ``misalignment``: the
     ``misalign.MisalignParams`` (None: the defaults, the demo's).
+    """
+    parts = [arrays for _, arrays in slabs(shape, pad, seed, kind, phantom_seed, misalignment)]
+    return {layer: np.concatenate([part[layer] for part in parts]) for layer in LAYERS}
+
+
+def slabs(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default", phantom_seed: int | None = None,
+          misalignment=None, slab: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """``make_arrays``' layers a slab of sections at a time, in order: ``(first section, {layer: [z, C, Y, X]})``.
+
+    ``slab``: sections per slab, at least 2 (the last may have one more or fewer: ``_slab_stops``); None: as many
+    as fit ``SLAB_PIXELS``, at least 2. The phantom's coarse 3-D geometry and every random draw of the
+    misalignment are made for the whole stack first (``phantom.phantom_chunks``, ``misalign.draw``), so the slabs
+    are the same bit for bit whatever their size; memory is a slab's, not the stack's.
     """
     import misalign
     import phantom
@@ -89,39 +110,72 @@ def make_arrays(shape=SHAPE, pad=PAD, seed=SEED, kind: str = "default",
     if kind not in PHANTOMS:
         raise UserError(f"unknown phantom kind {kind!r} (one of {', '.join(PHANTOMS)})")
     z, h, w = shape
+    canvas = (h + 2 * pad, w + 2 * pad)
     params = phantom.PhantomParams(bend=0.0, wobble=0.0) if kind == "unbent" else phantom.PhantomParams()
-    sections = phantom.make_phantom((1 if kind == "static" else z, h + 2 * pad, w + 2 * pad),
+    misalignment = misalignment or misalign.MisalignParams()
+    draws = misalign.draw(z, *canvas, misalignment, torch.Generator().manual_seed(seed))
+    chunks = phantom.phantom_chunks((1 if kind == "static" else z, *canvas),
                                     seed=seed if phantom_seed is None else phantom_seed, params=params)
-    aligned = np.repeat(sections, z // len(sections), 0)
-    image, defects, field = misalign.misalign(torch.from_numpy(aligned)[:, None],
-                                              misalignment or misalign.MisalignParams(),
-                                              torch.Generator().manual_seed(seed), pad=pad)
-    return {"image": image.numpy(), "defects": defects.numpy(), "field": field.numpy().astype(np.float32),
-            "aligned": aligned[:, None, pad:pad + h, pad:pad + w]}
+    sections = (chunk for _, chunk in chunks)
+    if kind == "static":  # one section, repeated
+        section = next(sections)
+        sections = (section for _ in range(z))
+    stops = _slab_stops(z, slab or max(2, SLAB_PIXELS // (canvas[0] * canvas[1])))
+    for start, aligned in _restack(sections, stops):
+        image, defects, field = misalign.misalign(torch.from_numpy(aligned)[:, None], misalignment, pad=pad,
+                                                  draws=draws[start:start + len(aligned)])
+        yield start, {"image": image.numpy(), "defects": defects.numpy(), "field": field.numpy(),
+                      "aligned": aligned[:, None, pad:pad + h, pad:pad + w]}
 
 
-def build(shape=SHAPE, seed=SEED, kind: str = "default", path: Path | None = None) -> None:
+def _slab_stops(z: int, slab: int) -> list[int]:
+    """Where the slabs of ``slab`` sections (at least 2) that cover ``z`` sections end. A last slab of one section
+    joins the one before it (``misalign.Draws``: a one-section batch is not misaligned bit for bit as in a stack)."""
+    if slab < 2:
+        raise ValueError(f"slabs of {slab} sections: at least 2")
+    stops = [*range(slab, z, slab), z]
+    if len(stops) > 1 and stops[-1] - stops[-2] == 1:
+        del stops[-2]
+    return stops
+
+
+def _restack(chunks: Iterable[np.ndarray], stops: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Consecutive chunks ``[z_i, ...]`` of a stack regrouped into slabs that end at ``stops`` (the last: the
+    stack's end): ``(first section, [stop - first, ...])``."""
+    start, rest, stops = 0, None, iter(stops)
+    stop = next(stops)
+    for chunk in chunks:
+        rest = chunk if rest is None else np.concatenate([rest, chunk])
+        while start + len(rest) >= stop:
+            yield start, rest[:stop - start]
+            start, rest = stop, rest[stop - start:]
+            stop = next(stops, math.inf)
+
+
+def build(shape=SHAPE, seed=SEED, kind: str = "default", path: Path | None = None, slab: int | None = None) -> None:
     """Write the demo layers (or another phantom's, ``make_arrays``) to ``path`` (default ``demo_dir()``).
 
-    Atomically (``helpers.atomic_output``): a temporary sibling directory, then a rename; a half volume
-    left at ``path`` by an older build is replaced.
+    A slab of sections at a time (``slabs``), so a large volume needs a slab's memory. Atomically
+    (``helpers.atomic_output``): a temporary sibling directory, then a rename; a half volume left at ``path``
+    by an older build is replaced.
     """
     start, path = time.time(), Path(path or demo_dir())
     is_demo = path == demo_dir()
     what = "the demo volume" if is_demo else f"a {kind} phantom volume (seed {seed})"
     print(f"building {what} in {path} ({describe(shape)})" + ("; this happens once" if is_demo else ""))
-    arrays = make_arrays(shape, PAD, seed, kind)
-    kinds = {"image": "image", "defects": "labels", "field": "field", "aligned": "image"}
     provenance = {"description": f"SEAMLeSS {kind} phantom volume: synthetic neuropil, misaligned, with cracks "
                                  "and folds; 'field' re-aligns 'image' onto 'aligned'",
                   "method": {"generator": "demo.py", "kind": kind, "shape": list(shape), "pad": PAD, "seed": seed}}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, "building") as tmp:
-        for layer, array in arrays.items():
-            vol = volume.create_volume("file://" + str(tmp / layer), (shape[2], shape[1], shape[0]),
-                                       str(array.dtype), num_channels=array.shape[1], resolution=RESOLUTION,
-                                       mips=MIPS, chunk=(256, 256, 1), provenance=provenance)
-            volume.write_pyramid(vol, array, (0, 0, 0), kinds[layer])
+        vols = {}
+        for z0, arrays in slabs(shape, PAD, seed, kind, slab=slab):
+            vols = vols or {layer: volume.create_volume(
+                "file://" + str(tmp / layer), (shape[2], shape[1], shape[0]), str(array.dtype),
+                num_channels=array.shape[1], resolution=RESOLUTION, mips=MIPS, chunk=(256, 256, 1),
+                provenance=provenance) for layer, array in arrays.items()}
+            for layer, array in arrays.items():
+                volume.write_pyramid(vols[layer], array, (0, 0, z0), LAYER_KINDS[layer])
     print(f"{what} ready in {time.time() - start:.0f} s: layers {', '.join(LAYERS)}")
 
 

@@ -32,7 +32,8 @@ deformation of the aligned truth ``A``, ``defects`` (uint8 ``[N, 1, H, W]``: 0 n
 triple to ``(warp(image, e), warp(defects, e), compose(e_inv, field))``; a defect's ``e_inv`` is
 evaluated analytically at the points ``p + field(p)``, so its jump stays sharp. Start from
 ``(A, zeros, zeros)``. ``add_cracks`` / ``add_folds`` / ``add_misalignment`` are the steps (data
-augmentations), ``misalign`` the whole model.
+augmentations), ``misalign`` the whole model; ``draw`` makes all its random draws for a stack first, so that
+the stack can be misaligned a slab of sections at a time (``Draws``).
 
 Images are uint8 (0..255) or float on a 0..1 scale, ``[N, C, H, W]``, and come back in their
 dtype; 0 is missing data. All work is batched torch on the image's device; random draws come from
@@ -84,12 +85,22 @@ def smooth_field(n: int, h: int, w: int, amplitude: float, wavelength: float,
     interpolated bicubically, then scaled so that each section's RMS displacement length is
     exactly ``amplitude`` px.
     """
-    gen = _generator(generator)
+    return _smooth(_elastic_grid(n, h, w, wavelength, _generator(generator)), h, w, amplitude)
+
+
+def _elastic_grid(n: int, h: int, w: int, wavelength: float, gen: torch.Generator) -> torch.Tensor:
+    """``smooth_field``'s draw: Gaussian random vectors ``[N, 2, gh, gw]`` on a grid of spacing
+    ~``wavelength / 2`` px spanning an ``H x W`` image."""
     spacing = wavelength / 2
     grid = (max(2, round((h - 1) / spacing) + 1), max(2, round((w - 1) / spacing) + 1))
-    coarse = torch.randn(n, 2, *grid, generator=gen)
-    field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
-    rms = field.pow(2).sum(1).mean((1, 2)).sqrt().view(n, 1, 1, 1)
+    return torch.randn(n, 2, *grid, generator=gen)
+
+
+def _smooth(grid: torch.Tensor, h: int, w: int, amplitude: float) -> torch.Tensor:
+    """``smooth_field`` ``[N, 2, H, W]`` px from its draw ``grid`` ``[N, 2, gh, gw]``: interpolated
+    bicubically, each section scaled to an RMS displacement length of ``amplitude`` px."""
+    field = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=True)
+    rms = field.pow(2).sum(1).mean((1, 2)).sqrt().view(-1, 1, 1, 1)
     return amplitude * field / rms.clamp_min(1e-12)
 
 
@@ -101,31 +112,79 @@ def random_misalignment(n: int, h: int, w: int, max_shift: float, max_rotation: 
     Translation uniform in ``+-max_shift`` px per axis, plus a rotation about the centre uniform in
     ``+-max_rotation`` rad, plus ``smooth_field(elastic_amplitude, elastic_wavelength)``.
     """
-    gen = _generator(generator)
+    draws = _draw_misalignment(n, h, w, max_shift, max_rotation, elastic_wavelength, _generator(generator))
+    return _misalignment(*draws, h, w, elastic_amplitude)
+
+
+def _draw_misalignment(n: int, h: int, w: int, max_shift: float, max_rotation: float, elastic_wavelength: float,
+                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``random_misalignment``'s draws: shifts ``[N, 2]`` px, angles ``[N]`` rad, the elastic grid
+    (``_elastic_grid``)."""
     shift = (2 * torch.rand(n, 2, generator=gen) - 1) * max_shift
     angle = (2 * torch.rand(n, generator=gen) - 1) * max_rotation
+    return shift, angle, _elastic_grid(n, h, w, elastic_wavelength, gen)
+
+
+def _misalignment(shift: torch.Tensor, angle: torch.Tensor, grid: torch.Tensor, h: int, w: int,
+                  elastic_amplitude: float) -> torch.Tensor:
+    """``random_misalignment`` ``[N, 2, H, W]`` px from its draws (``_draw_misalignment``)."""
     field = affine_field(rigid_matrix(angle, shift[:, 0], shift[:, 1]), h, w)
-    return field + smooth_field(n, h, w, elastic_amplitude, elastic_wavelength, gen)
+    return field + _smooth(grid, h, w, elastic_amplitude)
 
 
 # ----------------------------------------------------------------------- the model
+@dataclass
+class Draws:
+    """Every random draw of ``misalign`` for N sections. All are small (numbers and seams per section, the
+    elastic fields' coarse grids), so a stack's draws can be made at once (``draw``) and its sections
+    misaligned a few at a time (``misalign(slab, draws=draws[z0:z1])``), bit for bit as in one call, in slabs
+    of at least two sections (torch sums a lone section's elastic field, for its RMS, in another order: over
+    threads)."""
+
+    cracks: tuple        # which [N] bool, seams, gaps [N] px: _draw_cracks
+    folds: tuple         # which [N] bool, seams, widths [N] px, ratios [N]: _draw_folds
+    misalignment: tuple  # shifts [N, 2] px, angles [N] rad, elastic grids [N, 2, gh, gw]: _draw_misalignment
+
+    def __len__(self) -> int:
+        return len(self.cracks[0])
+
+    def __getitem__(self, index: slice) -> Draws:
+        """The draws of sections ``index``."""
+        return Draws(*(tuple(x.select(index) if isinstance(x, _Seam) else x[index] for x in part)
+                       for part in (self.cracks, self.folds, self.misalignment)))
+
+
+def draw(n: int, h: int, w: int, params: MisalignParams = MisalignParams(),
+         generator: torch.Generator | int | None = None) -> Draws:
+    """``misalign``'s draws for N sections on an ``H x W`` canvas (the padded one ``misalign`` is given)."""
+    gen = _generator(generator)
+    cracks = _draw_cracks(n, h, w, params, gen)
+    folds = _draw_folds(n, h, w, params, gen)
+    return Draws(cracks, folds, _draw_misalignment(n, h, w, params.max_shift, params.max_rotation,
+                                                   params.elastic_wavelength, gen))
+
+
 def misalign(aligned: torch.Tensor, params: MisalignParams = MisalignParams(),
-             generator: torch.Generator | int | None = None, pad: int = 0) -> Triple:
+             generator: torch.Generator | int | None = None, pad: int = 0, draws: Draws | None = None) -> Triple:
     """Apply the whole model to aligned sections.
 
     aligned: ``[N, C, H, W]`` uint8 or float (0..1), the truth on a canvas padded by ``pad`` px
     on each side. Returns ``(image, defects, field)`` cropped to ``[.., H - 2 pad, W - 2 pad]``:
     the image (the input's dtype), its defect map (uint8, 0 / 1 crack / 2 fold, in the image's frame)
     and the float32 ground-truth field with ``warp(image, field) == aligned`` (cropped) wherever
-    there is tissue. Deterministic given ``generator`` (a ``torch.Generator`` or a seed).
+    there is tissue. Deterministic given ``generator`` (a ``torch.Generator`` or a seed), or given
+    ``draws``, the N sections' draws (``draw``; ``generator`` is then unused).
     """
-    gen = _generator(generator)
     image, dtype = _to_float(aligned)
     n, _, h, w = image.shape
+    draws = draw(n, h, w, params, generator) if draws is None else draws
+    if len(draws) != n:
+        raise ValueError(f"draws for {len(draws)} sections, {n} sections given")
     defects = torch.zeros(n, 1, h, w, dtype=torch.uint8, device=image.device)
     field = torch.zeros(n, 2, h, w, device=image.device)
-    triple = apply_defects(image, defects, field, params, gen)
-    image, defects, field = add_misalignment(*triple, params, gen)
+    triple = _crack(image, defects, field, *draws.cracks, params.crack_fill)
+    triple = _fold(*triple, *draws.folds, params.fold_darkness)
+    image, defects, field = _misalign(*triple, *draws.misalignment, params.elastic_amplitude)
     crop = (..., slice(pad, h - pad), slice(pad, w - pad))
     return _from_float(image[crop], dtype), defects[crop].contiguous(), field[crop].contiguous()
 
@@ -146,11 +205,16 @@ def add_misalignment(image: torch.Tensor, defects: torch.Tensor, field: torch.Te
     Returns ``(warp(image, g), warp(defects, g), compose(invert_field(g), field))``; the inverse is
     taken on a 4x coarser grid (``_invert_smooth``).
     """
-    gen = _generator(generator)
     n, _, h, w = image.shape
-    g = random_misalignment(n, h, w, params.max_shift, params.max_rotation,
-                            params.elastic_amplitude, params.elastic_wavelength, gen)
-    g = g.to(image.device)
+    draws = _draw_misalignment(n, h, w, params.max_shift, params.max_rotation, params.elastic_wavelength,
+                               _generator(generator))
+    return _misalign(image, defects, field, *draws, params.elastic_amplitude)
+
+
+def _misalign(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor, shift: torch.Tensor,
+              angle: torch.Tensor, grid: torch.Tensor, elastic_amplitude: float) -> Triple:
+    """``add_misalignment`` with its draws (``_draw_misalignment``)."""
+    g = _misalignment(shift, angle, grid, *image.shape[-2:], elastic_amplitude).to(image.device)
     x, dtype = _to_float(image)
     return (_from_float(warp(x, g), dtype), warp_labels(defects, g),
             compose(_invert_smooth(g), field))
@@ -164,10 +228,22 @@ def add_cracks(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor,
 
     See the module docstring for the model and the triple; returns the updated triple.
     """
-    gen = _generator(generator)
-    index, seam = _pick(image, params.crack_prob, which, params.seam_wander, gen)
-    gap = uniform(params.crack_gap, gen, image.shape[0])[index].to(image.device)[:, None, None]
-    fill = params.crack_fill
+    drawn, seam, gap = _draw_cracks(image.shape[0], *image.shape[-2:], params, _generator(generator))
+    return _crack(image, defects, field, drawn if which is None else which, seam, gap, params.crack_fill)
+
+
+def _draw_cracks(n: int, h: int, w: int, params: MisalignParams, gen: torch.Generator) -> tuple:
+    """``add_cracks``' draws for N sections of ``H x W`` px: which to tear (``_draw_seams``), the seams, the gaps
+    ``[N]`` px."""
+    drawn, seam = _draw_seams(n, h, w, params.crack_prob, params.seam_wander, gen)
+    return drawn, seam, uniform(params.crack_gap, gen, n)
+
+
+def _crack(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor, which: torch.Tensor, seam: _Seam,
+           gap: torch.Tensor, fill: float) -> Triple:
+    """``add_cracks`` with its draws: tear the sections ``which`` (bool ``[N]``) along their seams, opening gaps of
+    ``gap`` ``[N]`` px that show ``fill``."""
+    index, seam, gap = _chosen(which, seam, gap, device=image.device)
 
     def forward(s, taper):
         return -gap * taper * (s >= gap * taper), (s >= 0) & (s < gap * taper)
@@ -187,12 +263,24 @@ def add_folds(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor,
 
     See the module docstring for the model and the triple; returns the updated triple.
     """
-    gen = _generator(generator)
-    n = image.shape[0]
-    index, seam = _pick(image, params.fold_prob, which, params.seam_wander, gen)
-    width = uniform(params.fold_width, gen, n)[index].to(image.device)[:, None, None]
-    ratio = uniform(params.fold_ratio, gen, n)[index].to(image.device)[:, None, None]
-    darkness = params.fold_darkness
+    drawn, seam, width, ratio = _draw_folds(image.shape[0], *image.shape[-2:], params, _generator(generator))
+    return _fold(image, defects, field, drawn if which is None else which, seam, width, ratio,
+                 params.fold_darkness)
+
+
+def _draw_folds(n: int, h: int, w: int, params: MisalignParams, gen: torch.Generator) -> tuple:
+    """``add_folds``' draws for N sections of ``H x W`` px: which to fold (``_draw_seams``), the seams, the folded
+    widths ``[N]`` px and compression ratios ``[N]``."""
+    drawn, seam = _draw_seams(n, h, w, params.fold_prob, params.seam_wander, gen)
+    width = uniform(params.fold_width, gen, n)
+    return drawn, seam, width, uniform(params.fold_ratio, gen, n)
+
+
+def _fold(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor, which: torch.Tensor, seam: _Seam,
+          width: torch.Tensor, ratio: torch.Tensor, darkness: float) -> Triple:
+    """``add_folds`` with its draws: fold the sections ``which`` (bool ``[N]``) along their seams, bands of
+    ``width`` ``[N]`` px into ``width / ratio``, darkened by ``darkness``."""
+    index, seam, width, ratio = _chosen(which, seam, width, ratio, device=image.device)
 
     def forward(s, taper):
         band = width * taper / ratio
@@ -266,17 +354,19 @@ class _Seam:
         return v - curve, taper
 
 
-def _pick(image: torch.Tensor, prob: float, which: torch.Tensor | None, wander: float,
-          gen: torch.Generator) -> tuple[torch.Tensor, _Seam]:
-    """Indices ``[M]`` (CPU) of the sections to damage (``which``, or each with ``prob``) and their
-    random seams (on the image's device). Draws for all N sections, so the draws do not depend on
-    ``which``."""
-    n, h, w = image.shape[0], *image.shape[-2:]
+def _draw_seams(n: int, h: int, w: int, prob: float, wander: float,
+                gen: torch.Generator) -> tuple[torch.Tensor, _Seam]:
+    """Which of N sections to damage, each with ``prob`` (bool ``[N]``), and random seams for all N (so that
+    the draws do not depend on which sections a caller damages)."""
     drawn = torch.rand(n, generator=gen) < prob
-    which = drawn if which is None else which.cpu().bool()
-    index = which.nonzero().flatten()
-    seam = _Seam.random(n, h, w, wander, gen).select(index)
-    return index, seam.to(image.device)
+    return drawn, _Seam.random(n, h, w, wander, gen)
+
+
+def _chosen(which: torch.Tensor, seam: _Seam, *values: torch.Tensor, device) -> tuple:
+    """Indices ``[M]`` (CPU) of the sections ``which`` (bool ``[N]``), their seams and their ``values`` (each
+    ``[N]`` -> ``[M, 1, 1]``) on ``device``."""
+    index = which.cpu().bool().nonzero().flatten()
+    return index, seam.select(index).to(device), *(v[index].to(device)[:, None, None] for v in values)
 
 
 def _tear(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor, index: torch.Tensor,

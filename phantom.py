@@ -32,6 +32,7 @@ With the defaults, grey levels have mean ~131 and std ~43 and consecutive sectio
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,9 +98,19 @@ def make_phantom(shape: tuple[int, int, int] = (16, 256, 256), seed: int = 0,
     CPU core, 0.7 GB.
     """
     out = np.empty(shape, np.uint8)
-    for start, geometry, cells, gen in _sections(shape, seed, params):
-        out[start:start + len(geometry["label"])] = _render(geometry, cells, params, gen).numpy()
+    for start, sections in phantom_chunks(shape, seed, params):
+        out[start:start + len(sections)] = sections
     return out
+
+
+def phantom_chunks(shape: tuple[int, int, int] = (16, 256, 256), seed: int = 0,
+                   params: PhantomParams = PhantomParams()) -> Iterator[tuple[int, np.ndarray]]:
+    """``make_phantom(shape, seed, params)`` a few sections at a time, in order: ``(first section, uint8
+    [z, H, W])`` for chunks of ~1 Mpx (at least one section). Memory: the chunk's, plus the coarse 3-D
+    geometry of the whole stack (~``Z * H * W / lowres**2 * 24`` bytes).
+    """
+    for start, geometry, cells, gen in _sections(shape, seed, params):
+        yield start, _render(geometry, cells, params, gen).numpy()
 
 
 def neurite_labels(shape: tuple[int, int, int] = (16, 256, 256), seed: int = 0,

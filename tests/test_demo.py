@@ -58,3 +58,17 @@ def test_phantom_kinds_change_the_tissue_as_named():
     assert np.array_equal(arrays["static"]["field"], arrays["default"]["field"])  # one seed, one misalignment
     with pytest.raises(UserError, match="unknown phantom kind"):
         demo.make_arrays((1, 48, 48), kind="moving")
+
+
+def test_a_phantom_built_in_slabs_of_two_sections_is_the_one_built_whole(tmp_path):
+    whole = demo.make_arrays((5, 64, 64), seed=4)  # sections this small: one slab
+    demo.build((5, 64, 64), seed=4, path=tmp_path / "slabs", slab=2)  # slabs 0-1, 2-4: each at its depth, every mip
+    for layer in demo.LAYERS:
+        expected = whole[layer]
+        for mip in range(demo.MIPS):
+            vol = volume.open_volume(f"file://{tmp_path}/slabs/{layer}", mip=mip)
+            assert np.array_equal(volume.read(vol, (0, 0, 0), (64 >> mip, 64 >> mip, 5)), expected), (layer, mip)
+            expected = volume.downsample(expected, demo.LAYER_KINDS[layer])
+    assert [demo._slab_stops(5, 2), demo._slab_stops(6, 2), demo._slab_stops(1, 2)] == [[2, 5], [2, 4, 6], [1]]
+    with pytest.raises(ValueError, match="at least 2"):  # a one-section slab is not misaligned as in a stack
+        demo._slab_stops(5, 1)

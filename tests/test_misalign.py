@@ -123,6 +123,18 @@ def test_reproducible_from_a_seed():
     assert not torch.equal(first[2], other[2])
 
 
+def test_a_stack_misaligned_in_slabs_with_its_draws_is_the_stack_misaligned_at_once():
+    aligned = smooth_image(n=6)
+    params = m.MisalignParams(crack_prob=0.5, fold_prob=0.5)
+    whole = m.misalign(aligned, params, 7, pad=PAD)
+    draws = m.draw(6, 96, 96, params, 7)
+    slabs = [m.misalign(aligned[a:b], params, pad=PAD, draws=draws[a:b]) for a, b in ((0, 2), (2, 4), (4, 6))]
+    assert all(torch.equal(torch.cat([slab[i] for slab in slabs]), whole[i]) for i in range(3))
+    assert (whole[1] == m.CRACK).any() and (whole[1] == m.FOLD).any()  # every kind of draw was used
+    with pytest.raises(ValueError, match="draws for 2 sections, 6 sections given"):
+        m.misalign(aligned, params, pad=PAD, draws=draws[:2])
+
+
 def test_smooth_field_has_the_asked_rms_and_feature_size():
     short = m.smooth_field(3, 128, 128, amplitude=2.5, wavelength=20, generator=0)
     long = m.smooth_field(3, 128, 128, amplitude=2.5, wavelength=80, generator=0)
