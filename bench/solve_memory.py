@@ -89,6 +89,7 @@ def measure(job, limit_gb: float) -> dict:
     x, y = min(corners, key=lambda c: abs(2 * c[0] + job.xy_chunk - x0 - x1) + abs(2 * c[1] + job.xy_chunk - y0 - y1))
     window = tasks.solve_window(job, tasks.usable_sections(job), first, last)
     args = [dataclasses.asdict(job), int(first), [int(v) for v in window], [], int(x), int(y)]
+    tasks._progress(job).delete(f"solve/block/{first}/{x}_{y}")  # a task measured before (--scratch) would be skipped
     limit = int(limit_gb * 2 ** 30)
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, capture_output=True, text=True,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
