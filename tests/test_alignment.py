@@ -526,6 +526,19 @@ def test_prealign_shift_is_found_and_added_to_the_networks_field(monkeypatch):
         assert torch.equal(alignment.pair_field(random_net(), mostly_missing, still), torch.zeros(2, 160, 160))
 
 
+def test_where_the_moved_source_shows_no_tissue_the_pair_field_is_the_rigid_matchs(monkeypatch):
+    """Where the source, moved by its rigid match, reads missing data (its own, or beyond its edge after a long
+    move) the network sees nothing to match: the pair field there is the rigid match's, not the network's guess."""
+    network = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
+    monkeypatch.setattr(alignment, "chunk_field", lambda model, s, t, trunc: network.expand(1, 2, *s.shape[-2:]))
+    source, target = sections(2, 64)
+    source[:, :8] = 0  # its first 8 columns are missing data
+    rigid = torch.tensor([-10.0, 0.0]).view(1, 2, 1, 1)  # pixel x reads the source's column x - 10
+    field = alignment.pair_field(random_net(), source, target, PairSettings(), rigid=rigid)
+    assert torch.equal(field[:, :, :18], rigid[0].expand(2, 64, 18))  # columns -10 .. 7 of the source: none there
+    assert torch.equal(field[:, :, 18:], (rigid + network)[0].expand(2, 64, 46))
+
+
 def prealigned(monkeypatch, source, target, **settings) -> torch.Tensor:
     """``pair_field`` of uint8 ``[H, W]`` sections with a network that adds nothing: the pre-alignment's field."""
     monkeypatch.setattr(alignment, "chunk_field", lambda model, s, t, trunc: torch.zeros(1, 2, *s.shape[-2:]))
