@@ -173,9 +173,12 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     up to ``prealign`` px each way, or a wide search's shift and turn where it
     matches clearly better): the network recovers ~15 px between real neighbours,
     and sections can lie further apart, or turned; the field is composed with it.
-    Where the source so moved shows no tissue (its missing data, or beyond its
-    edge: strips of up to 80 px after the moves of a +-40 px stack) the network
-    sees nothing to match and the field is the rigid match's alone.
+    Where that match is a wide one (a shift and turn) and the source so moved
+    shows no tissue (its missing data, or beyond its edge: strips up to 80 px
+    deep after the moves of a +-40 px stack), the network sees nothing to match
+    and the field is the match's alone; a whole-pixel shift keeps the network's
+    field there (strips within 32 px of the edge, where the network's context
+    also gives the turn the shift misses: bench/RESULTS.md).
     ``rigid``: that match's ``rigid_field`` over what is given instead (a part of a
     section gets its whole section's: ``tasks.pair_task``). Then the pair is
     processed in chunks (module docstring): each chunk is read with ``overlap``
@@ -218,8 +221,11 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
             (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
             part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], settings.trunc)
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
-    field = field[..., :h, :w] * (seen >= WHOLE)  # where the moved source shows no tissue: the rigid match's field
-    field = (field + rigid if rigid.shape[-1] == 1 else compose(rigid, field))[0].cpu()  # a shift: exactly added
+    field = field[..., :h, :w]
+    if rigid.shape[-1] == 1:  # a shift: exactly added
+        field = (field + rigid)[0].cpu()
+    else:  # a wide match: its field alone where the moved source shows no tissue
+        field = compose(rigid, field * (seen >= WHOLE))[0].cpu()
     if not defects:
         return low_pass(field, settings.smooth)
     own, both = (pair_defects(field, defects[0], target) for target in (None, defects[1]))
