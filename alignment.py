@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import (compose, finite_float, in_frame_of, normalise, number, to_tensor, warp, warp_labels,
+from helpers import (WHOLE, compose, finite_float, in_frame_of, normalise, number, to_tensor, warp, warp_labels,
                      warp_tissue)
 from models import Pyramid
 from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, rigid_search
@@ -184,6 +184,12 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     up to ``prealign`` px each way, or a wide search's shift and turn where it
     matches clearly better): the network recovers ~15 px between real neighbours,
     and sections can lie further apart, or turned; the field is composed with it.
+    Where that match is a wide one (a shift and turn) and the source so moved
+    shows no tissue (its missing data, or beyond its edge: strips up to 80 px
+    deep after the moves of a +-40 px stack), the network sees nothing to match
+    and the field is the match's alone; a whole-pixel shift keeps the network's
+    field there (strips within 32 px of the edge, where the network's context
+    also gives the turn the shift misses: bench/RESULTS.md).
     ``rigid``: that match's ``rigid_field`` over what is given instead (a part of a
     section gets its whole section's: ``tasks.pair_task``). Then the pair is
     processed in chunks (module docstring): each chunk is read with ``overlap``
@@ -216,10 +222,10 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
         factor = thumbnail_factor((h, w))
         rigid = rigid_field(prealignment(thumbnail(source, factor), thumbnail(target, factor), stats,
                                          settings.prealign, factor), (0, 0), (h, w))
-    src, tgt = (normalise(to_tensor(s), given)[0].view(1, 1, h, w).to(device)
-                for s, given in zip((source, target), stats))
+    (src, missing), (tgt, _) = (normalise(to_tensor(s), given) for s, given in zip((source, target), stats))
     rigid = rigid.to(device)
-    src = warp(src, rigid.expand(1, 2, h, w))
+    src, seen = (warp(x.view(1, 1, h, w).to(device), rigid.expand(1, 2, h, w)) for x in (src, (~missing).float()))
+    tgt = tgt.view(1, 1, h, w).to(device)
     src, tgt = (F.pad(x, (0, width - w, 0, height - h)) for x in (src, tgt))
     field = torch.zeros(1, 2, height, width, device=device)
     for y in range(0, height, chunk):
@@ -228,7 +234,10 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
             part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], settings.trunc)
             field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
     field = field[..., :h, :w]
-    field = (field + rigid if rigid.shape[-1] == 1 else compose(rigid, field))[0].cpu()  # a shift: exactly added
+    if rigid.shape[-1] == 1:  # a shift: exactly added
+        field = (field + rigid)[0].cpu()
+    else:  # a wide match: its field alone where the moved source shows no tissue
+        field = compose(rigid, field * (seen >= WHOLE))[0].cpu()
     if not defects:
         return low_pass(field, settings.smooth)
     own, both = (pair_defects(field, defects[0], target) for target in (None, defects[1]))

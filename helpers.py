@@ -299,6 +299,9 @@ def warp(image: torch.Tensor, field: torch.Tensor, mode: str = "bilinear",
                          align_corners=ALIGN_CORNERS)
 
 
+WHOLE = 0.999  # a tissue mask (1 tissue, 0 missing) pulled by ``warp`` is whole tissue where it reaches this
+
+
 def warp_tissue(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     """``warp`` of raw intensities ``[N, C, H, W]`` (0 = missing data) that keeps missing data missing.
 
@@ -307,7 +310,7 @@ def warp_tissue(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     """
     out = warp(image, field)
     tissue = warp((image > 0).to(out.dtype), field)
-    return out.masked_fill(tissue < 0.999, 0.0)
+    return out.masked_fill(tissue < WHOLE, 0.0)
 
 
 def warp_labels(labels: torch.Tensor, field: torch.Tensor) -> torch.Tensor:

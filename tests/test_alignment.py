@@ -526,6 +526,25 @@ def test_prealign_shift_is_found_and_added_to_the_networks_field(monkeypatch):
         assert torch.equal(alignment.pair_field(random_net(), mostly_missing, still), torch.zeros(2, 160, 160))
 
 
+def test_where_the_source_moved_by_a_wide_match_shows_no_tissue_the_pair_field_is_the_matchs(monkeypatch):
+    """Where the source, moved by a wide match (shift and turn), reads missing data (its own, or beyond its edge after
+    a long move) the network sees nothing to match: the pair field there is the match's, not the network's guess. A
+    whole-pixel shift (strips within its 32 px reach) keeps the network's field everywhere."""
+    network = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
+    monkeypatch.setattr(alignment, "chunk_field", lambda model, s, t, trunc: network.expand(1, 2, *s.shape[-2:]))
+    source, target = sections(2, 64)
+    source[:, :8] = 0  # its first 8 columns are missing data
+    wide = helpers.affine_field(helpers.rigid_matrix(torch.tensor([0.01]), torch.tensor([-20.0]), torch.tensor([0.0])),
+                                64, 64)  # pixel x reads the source's column x - 20 (+-0.3)
+    field = alignment.pair_field(random_net(), source, target, PairSettings(), rigid=wide)
+    assert torch.allclose(field[:, :, :27], wide[0, :, :, :27], atol=1e-4)  # source columns < 7: none there
+    inside = (slice(None), slice(1, -1), slice(29, None))  # the turn reads above the first row, below the last
+    assert torch.allclose(field[inside], (wide + network)[0][inside], atol=0.05)  # turned by 0.01 rad
+    shift = torch.tensor([-20.0, 0.0]).view(1, 2, 1, 1)
+    field = alignment.pair_field(random_net(), source, target, PairSettings(), rigid=shift)
+    assert torch.equal(field, (shift + network)[0].expand(2, 64, 64))
+
+
 def prealigned(monkeypatch, source, target, **settings) -> torch.Tensor:
     """``pair_field`` of uint8 ``[H, W]`` sections with a network that adds nothing: the pre-alignment's field."""
     monkeypatch.setattr(alignment, "chunk_field", lambda model, s, t, trunc: torch.zeros(1, 2, *s.shape[-2:]))
