@@ -152,6 +152,42 @@ def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> to
     return out
 
 
+def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = 128) -> torch.Tensor:
+    """``x`` ``[..., H, W]`` with each pixel of ``hole`` (bool, broadcast to ``x``) interpolated from the rim of its
+    hole (the pixels outside the holes next to one, 8-connected): their mean weighted by ``1 / d²`` (``d`` px, the
+    distance, up to ``reach``). Across a band-shaped hole (a crack's or fold's mask) that is the linear ramp
+    between its two sides (a side at distance ``d`` weighs ``~pi / d``), so a field that differs across the band
+    changes gradually through it, as a fold's true field does, instead of stepping in its middle (a step that
+    moves backwards folds the map over). Pixels no rim reaches within ``reach`` px take ``fill_from_around``'s
+    value; other pixels are returned as they are, and only the images (along the first dim) with a hole are
+    touched. ``1 / d²`` is convolved by FFT (float64), whatever ``reach``, the image's edges replicated."""
+    if not hole.any():
+        return x
+    if hole.dim() == x.dim() > 2 and hole.shape[0] == x.shape[0] > 1:  # only the images with a hole
+        some = hole.flatten(1).any(1)
+        if not some.all():
+            out = x.clone()
+            out[some] = interpolate_holes(x[some], hole[some], reach)
+            return out
+    h, w = x.shape[-2:]
+    flat = hole.reshape(-1, 1, h, w).float()
+    rim = ((F.max_pool2d(flat, 3, 1, 1) > 0) & (flat == 0)).reshape(hole.shape).double()
+    offsets = torch.arange(-reach, reach + 1, dtype=torch.float64, device=x.device)
+    squared = offsets[:, None] ** 2 + offsets[None] ** 2
+    kernel = torch.where((squared > 0) & (squared <= reach ** 2), 1 / squared.clamp(min=1), 0)
+    size = (h + 2 * reach, w + 2 * reach)
+    spectrum = torch.fft.rfft2(kernel, size)
+
+    def convolve(y: torch.Tensor) -> torch.Tensor:  # the edges replicated: a band that leaves the image goes on
+        padded = F.pad(y.reshape(-1, 1, h, w), (reach,) * 4, mode="replicate").reshape(*y.shape[:-2], *size)
+        return torch.fft.irfft2(torch.fft.rfft2(padded) * spectrum, size)[..., 2 * reach:, 2 * reach:]
+
+    total, weight = convolve(rim * x.double()), convolve(rim)
+    reached = hole & (weight > 1e-9)
+    around = fill_from_around(x, hole & ~reached)
+    return torch.where(reached, (total / weight.clamp(min=1e-12)).to(x.dtype), around)
+
+
 def smoothness_weights(mask: torch.Tensor, lambda2: float, lambda3: float,
                        smooth_radius: int = 0) -> torch.Tensor:
     """Per-pixel weight float32 ``[N, 1, H, W]`` of the field's smoothness penalty.

@@ -33,9 +33,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from helpers import box_mean, to_tensor, vector_length, warp, warp_labels
-from masks import fill_from_around, tissue_box_mean
+from helpers import box_mean, jacobian_determinant, to_tensor, vector_length, warp, warp_labels
+from masks import interpolate_holes, tissue_box_mean
 
 
 def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = None,
@@ -48,8 +49,10 @@ def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = No
     across a crack or fold, so the field keeps its jump there). untrusted: bool ``[..., H, W]`` or None: pixels
     whose value is not used (e.g. a neighbour's defect, where a pair field is garbage) without stopping the boxes:
     each box averages the other pixels (normalised convolution). Each defect or untrusted pixel that no box
-    reaches then takes the field of the tissue around it (``masks.fill_from_around``), ``radius`` 0 included.
-    Without a defect or untrusted pixel the result is the plain low-pass, bit for bit.
+    reaches is then interpolated from the tissue around its hole (``masks.interpolate_holes``: across a band, the
+    ramp between its sides), ``radius`` 0 included; where that ramp would fold the map over (a fold's field changes
+    by more than the fold is wide in the image), the hole widens into the tissue beside it until it does not
+    (``_unfolded``). Without a defect or untrusted pixel the result is the plain low-pass, bit for bit.
     """
     if (defects is None or not defects.any()) and (untrusted is None or not untrusted.any()):
         return box_mean(box_mean(field, radius), radius) if radius else field
@@ -62,7 +65,36 @@ def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = No
         count = tissue_box_mean(known.float(), tissue, radius)
         field = tissue_box_mean(field * known, tissue, radius) / count.clamp(min=1e-12)
         known = count > 0
-    return fill_from_around(field, ~known)
+    return _unfolded(field, ~known)
+
+
+def _unfolded(field: torch.Tensor, hole: torch.Tensor, steps: int = 12, reach: int = 32) -> torch.Tensor:
+    """``field`` ``[..., 2, H, W]`` (px) interpolated in ``hole`` (bool ``[..., 1, H, W]``; ``masks.interpolate_holes``),
+    each hole grown by 2 px within ``reach`` px of where the result folds over (``helpers.jacobian_determinant``
+    <= 0) within 2 px of a hole, until it folds nowhere there (at most ``steps`` times): a fold's field changes by
+    more than the fold's width in the image, and spread over a hole that narrow it would run backwards; the grown
+    hole spreads it wide enough (as the true field, which runs through the fold's band widened to the width of the
+    tissue folded in it)."""
+    shape = field.shape
+    out = interpolate_holes(field, hole)
+    field, hole, out = (x.reshape(-1, *x.shape[-3:]) for x in (field, hole, out))  # [N, C, H, W]
+    for _ in range(steps):
+        fold = F.pad((jacobian_determinant(out) <= 0)[:, None].float(), (0, 1, 0, 1)) > 0
+        near = fold & _dilated(hole, 2)
+        some = near.flatten(1).any(1)  # only the images that fold at a hole
+        if not some.any():
+            break
+        hole = hole.clone()
+        hole[some] = hole[some] | (_dilated(hole[some], 2) & _dilated(near[some], reach))
+        out[some] = interpolate_holes(field[some], hole[some])
+    return out.reshape(shape)
+
+
+def _dilated(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """bool ``mask`` ``[..., H, W]`` grown by ``radius`` px (a square: a row pass, then a column pass)."""
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    flat = F.max_pool2d(F.max_pool2d(flat, (1, 2 * radius + 1), 1, (0, radius)), (2 * radius + 1, 1), 1, (radius, 0))
+    return flat.reshape(mask.shape) > 0
 
 
 def vector_vote(candidates: torch.Tensor, valid: torch.Tensor | None = None, softness: float = 1.0) -> torch.Tensor:
@@ -193,8 +225,10 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     same (the solve is the same linear map at every pixel). The detail is the pair fields' less their low-pass within the
     pair's tissue (of both sections: no jump at a defect leaks into the detail), solved with ``detail_pull``; the
     robust re-weighting compares with the whole pair field (with ``detail_pull`` inf too). Where every pair of a
-    section weighs 0 for a defect, its coarse field comes from the tissue around (``low_pass``'s ``untrusted``). A
-    ``defects`` without any defect is None, bit for bit.
+    section weighs 0 for a defect, its coarse field comes from the tissue around (``low_pass``'s ``untrusted``).
+    Inside its own defects each section's whole field (coarse part and detail) is then ``low_pass``'s interpolation
+    from the tissue around, widened where the jump would fold the map over. A ``defects`` without any defect is
+    None, bit for bit.
     """
     if pull <= 0 or detail_pull <= 0:
         raise ValueError("pull and detail_pull must be > 0 (without a pull the common frame is undetermined)")
@@ -234,8 +268,10 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
             smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | unheld[:, 0])
             jump = _own_jumps(count, sources, targets, current,
                               *(warp(j, solution[targets], padding_mode="border") for j in jumps))
-            parts[0] = low_pass(smooth_part + jump, 0, own, unheld[:, 0])  # inside its defects: the tissue around
+            parts[0] = smooth_part + jump
         solution = sum(parts)
+        if defects is not None:  # inside its defects: from the tissue around, wide enough not to fold over
+            solution = low_pass(solution, 0, own, unheld[:, 0])
     return solution
 
 
