@@ -25,6 +25,7 @@ full-resolution pixels it covers.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -126,6 +127,24 @@ def tissue_box_mean(x: torch.Tensor, tissue: torch.Tensor, radius: int, passes: 
     return out.float()
 
 
+def _images_with_holes(fill):
+    """``fill(x, hole, ...)`` (``x`` ``[..., H, W]``, bool ``hole`` broadcast to it) run only on the images (along
+    the first dim) that have a hole; ``x`` itself where there is none."""
+    @functools.wraps(fill)
+    def run(x: torch.Tensor, hole: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not hole.any():
+            return x
+        if hole.dim() == x.dim() > 2 and hole.shape[0] == x.shape[0] > 1:
+            some = hole.flatten(1).any(1)
+            if not some.all():
+                out = x.clone()
+                out[some] = fill(x[some], hole[some], *args, **kwargs)
+                return out
+        return fill(x, hole, *args, **kwargs)
+    return run
+
+
+@_images_with_holes
 def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> torch.Tensor:
     """``x`` ``[..., H, W]`` with each pixel of ``hole`` (bool, broadcast to ``x``) replaced by the mean of the
     pixels outside the holes within a box of ``radius`` px around it (normalised convolution: ``box_mean(w x) /
@@ -133,14 +152,6 @@ def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> to
     pixel outside the holes in reach keeps its value. Other pixels are returned as they are. ``w`` is averaged
     on ``hole`` as given (e.g. ``[..., 1, H, W]`` for fields ``[..., 2, H, W]``), once per box size, and only the
     images (along the first dim) with a hole are touched."""
-    if not hole.any():
-        return x
-    if hole.dim() == x.dim() > 2 and hole.shape[0] == x.shape[0] > 1:  # only the images with a hole
-        some = hole.flatten(1).any(1)
-        if not some.all():
-            out = x.clone()
-            out[some] = fill_from_around(x[some], hole[some], radius)
-            return out
     weight = (~hole).to(x.dtype)
     out, todo = x.clone(), hole.expand_as(x)
     while todo.any() and radius < 2 * max(x.shape[-2:]):
@@ -152,6 +163,7 @@ def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> to
     return out
 
 
+@_images_with_holes
 def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = 128) -> torch.Tensor:
     """``x`` ``[..., H, W]`` with each pixel of ``hole`` (bool, broadcast to ``x``) interpolated from the rim of its
     hole (the pixels outside the holes next to one, 8-connected): their mean weighted by ``1 / d²`` (``d`` px, the
@@ -161,14 +173,6 @@ def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = 128) -> 
     moves backwards folds the map over). Pixels no rim reaches within ``reach`` px take ``fill_from_around``'s
     value; other pixels are returned as they are, and only the images (along the first dim) with a hole are
     touched. ``1 / d²`` is convolved by FFT (float64), whatever ``reach``, the image's edges replicated."""
-    if not hole.any():
-        return x
-    if hole.dim() == x.dim() > 2 and hole.shape[0] == x.shape[0] > 1:  # only the images with a hole
-        some = hole.flatten(1).any(1)
-        if not some.all():
-            out = x.clone()
-            out[some] = interpolate_holes(x[some], hole[some], reach)
-            return out
     h, w = x.shape[-2:]
     flat = hole.reshape(-1, 1, h, w).float()
     rim = ((F.max_pool2d(flat, 3, 1, 1) > 0) & (flat == 0)).reshape(hole.shape).double()
