@@ -122,12 +122,17 @@ def stride(model: Pyramid) -> int:
     return 2 ** (model.config["size"] - 1)
 
 
+def on_grid(px: int, model: Pyramid) -> int:
+    """``px`` rounded up to a multiple of the network's coarsest stride: sizes and offsets on its pooling grid."""
+    return -(-px // stride(model)) * stride(model)
+
+
 def with_context(settings: PairSettings, model: Pyramid) -> PairSettings:
     """``settings`` with its ``overlap`` given: as set, or where None the network's reach (``Pyramid.reach``) rounded
     up to its stride, so a chunk's field is the whole section's there (to ~0.01 px) whatever the chunk size."""
     if settings.overlap is not None:
         return settings
-    return dataclasses.replace(settings, overlap=-(-model.reach() // stride(model)) * stride(model))
+    return dataclasses.replace(settings, overlap=on_grid(model.reach(), model))
 
 
 def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int]:
@@ -212,11 +217,10 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     treats a section's field the same way (``solve.solve_stack``).
     """
     device = next(model.parameters()).device
-    unit = stride(model)
     settings = with_context(settings, model)
-    chunk, overlap = -(-settings.chunk // unit) * unit, -(-settings.overlap // unit) * unit
+    chunk, overlap = on_grid(settings.chunk, model), on_grid(settings.overlap, model)
     h, w = source.shape[-2:]
-    height, width = -(-h // unit) * unit, -(-w // unit) * unit
+    height, width = on_grid(h, model), on_grid(w, model)
     stats = stats or tuple(section_stats(tissue_moments(s)) for s in (source, target))
     if rigid is None:
         factor = thumbnail_factor((h, w))

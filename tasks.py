@@ -127,7 +127,7 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, prealignment, rigid_field, section_stats, solve_fields, stride, thumbnail,
+                       is_blank, on_grid, prealignment, rigid_field, section_stats, solve_fields, thumbnail,
                        thumbnail_factor, tissue_moments, with_context)
 from helpers import UserError, compose, downsample_field, invert_field, one_line, upsample_field
 from models.archive import load_archive
@@ -504,8 +504,8 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
     marks, name = _progress(job), f"solve/pair/{z}/{x}_{y}"
     if marks.get_json(name) == {"targets": targets}:
         return
-    box, unit = job.chunk_box(x, y), stride(model_of(job))
-    window = _grown(box, -(-(job.pair.overlap + job.pair.prealign) // unit) * unit, job.bbox)  # on the network's grid
+    box = job.chunk_box(x, y)
+    window = _grown(box, on_grid(job.pair.overlap + job.pair.prealign, model_of(job)), job.bbox)
     sections = [z, *(t for t in targets if t is not None)]
     source, unsmoothed = _layer(job.source, job.mip), dataclasses.replace(job.pair, smooth=0)
     raw, defects = {t: _read(source, t, window)[0] for t in sections}, _defect_maps(job, sections, window)
