@@ -42,6 +42,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 ALIGN_CORNERS = False
 
@@ -58,7 +59,7 @@ def run_main(main: Callable[[], object]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        tqdm.write("interrupted", file=sys.stderr)  # on a line of its own, below any progress bar still drawn
         sys.exit(130)
 
 
