@@ -1,17 +1,19 @@
-"""Alignment speed: Mpx/s of align.py on the demo volume, in-process and as tasks on a file queue.
+"""Alignment speed and memory: Mpx/s and peak RSS of align.py, in-process and as tasks on a file queue.
 
-    .venv/bin/python -m bench.bench_align [--archive pt/demo.pt] [--sections 12] [--block 5] [--queue_workers 1 2] \
-        [--threads T]
+    .venv/bin/python -m bench.bench_align [--archive pt/demo.pt] [--source demo] [--z_start Z] [--sections 12] \
+        [--block 5] [--queue_workers 1 2] [--threads T] [-- ALIGN_FLAGS...]
 
-Aligns ``--sections`` held-out demo sections (512 x 512 px) into a fresh temporary
-destination per configuration: in-process as one block (the serial alignment), in-process in
-blocks of ``--block``, and through an ``fq://`` queue with each number of ``--queue_workers``
-(``align.py worker`` processes started, and polling, before the driver). Torch threads per
-process: ``--threads``, or by default torch's own choice in-process and ``cores / workers`` in
-each worker (on a busy machine one thread per process can be several times faster: a thread
-that waits for its descheduled partner wastes its core). The figure is align.py's own: sections x pixels over the
-time from the first task to the last, so it includes queue polling but not process start-up.
-The load average is printed beside it: on a shared machine it says how much of it was ours.
+Aligns ``--sections`` sections from ``--z_start`` of ``--source`` (default: the demo's held-out sections, 512 x 512
+px) into a fresh temporary destination per configuration, with ``ALIGN_FLAGS`` (e.g. ``--solve --smooth 96
+--task_chunk 256``) added to every run: in-process as one block (without ``--solve``: the serial alignment),
+in-process in blocks of ``--block``, and through an ``fq://`` queue with each number of ``--queue_workers``
+(``align.py worker`` processes started, and polling, before the driver). Torch threads per process: ``--threads``,
+or by default torch's own choice in-process and ``cores / workers`` in each worker (on a busy machine one thread
+per process can be several times faster: a thread that waits for its descheduled partner wastes its core). The
+figure is align.py's own: sections x pixels over the time from the first task to the last, so it includes queue
+polling but not process start-up. The load average is printed beside it: on a shared machine it says how much of it
+was ours. Peak memory: the resident set's high-water mark (Linux ``VmHWM``, reset before each configuration) of
+this process (in-process: the whole alignment; queued: the driver) and of the largest worker.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ if not __package__:  # run as a file: our modules are not importable from bench/
     raise SystemExit("run it from the repository root as: python -m bench.bench_align [flags]")
 
 import argparse
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +31,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_gb(pid: int | str = "self") -> float:
+    """The high-water mark of process ``pid``'s resident set (GB; Linux ``/proc``, NaN elsewhere)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    return int(found.group(1)) / 2 ** 20 if found else float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's ``VmHWM`` from its current resident set (Linux; elsewhere nothing happens)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def start_workers(spec: str, count: int, threads: int) -> list[subprocess.Popen]:
@@ -41,7 +63,8 @@ def start_workers(spec: str, count: int, threads: int) -> list[subprocess.Popen]
 
 
 def one(common: list[str], dest: Path, extra: list[str], workers: int = 0, threads: int | None = None) -> dict:
-    """align.py's result dict for one configuration (``workers`` > 0: through a fresh queue)."""
+    """align.py's result dict for one configuration (``workers`` > 0: through a fresh queue), with the peak RSS
+    (GB) of this process (``peak_gb``) and of the largest worker (``worker_peak_gb``, NaN in-process)."""
     import align
     import tasks
 
@@ -51,8 +74,11 @@ def one(common: list[str], dest: Path, extra: list[str], workers: int = 0, threa
         tasks.open_queue(spec, create=True)
         running = start_workers(spec, workers, threads or max(os.cpu_count() // workers, 1))
         extra = extra + ["--queue", spec]
+    reset_peak_rss()
     try:
-        return align.main(common + ["--dest", str(dest)] + extra)
+        result = align.main(common + ["--dest", str(dest)] + extra)
+        return {**result, "peak_gb": peak_rss_gb(),
+                "worker_peak_gb": max((peak_rss_gb(w.pid) for w in running), default=float("nan"))}
     finally:
         for worker in running:
             worker.kill()
@@ -62,12 +88,16 @@ def one(common: list[str], dest: Path, extra: list[str], workers: int = 0, threa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archive", default=str(ROOT / "pt" / "demo.pt"))
+    p.add_argument("--source", default="demo", help="images to align (a cloudpath or folder; default the demo's)")
+    p.add_argument("--z_start", type=int, help="first section (default: the demo's first held-out section)")
     p.add_argument("--sections", type=int, default=12)
     p.add_argument("--block", type=int, default=5)
     p.add_argument("--queue_workers", "--workers", type=int, nargs="+", default=[1, 2],
                    help="align.py worker processes on the queue, one run per number")
     p.add_argument("--threads", type=int, help="torch threads of every process (default: see above)")
-    args = p.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, align_flags = p.parse_args(argv[:split]), argv[split + 1:]
     if args.threads:
         import torch
 
@@ -75,11 +105,12 @@ def main() -> None:
 
     import demo
 
-    demo.ensure_demo()
-    z_start = demo.TEST_RANGE[0]
-    common = ["--archive", args.archive, "--source", "demo", "--z_start", str(z_start), "--z_stop",
-              str(z_start + args.sections)]
-    configs = [("in-process, one block (serial)", [], 0),
+    if args.source == "demo":
+        demo.ensure_demo()
+    z_start = demo.TEST_RANGE[0] if args.z_start is None else args.z_start
+    common = ["--archive", args.archive, "--source", args.source, "--z_start", str(z_start), "--z_stop",
+              str(z_start + args.sections)] + align_flags
+    configs = [("in-process, one block", [], 0),
                (f"in-process, blocks of {args.block}", ["--block", str(args.block)], 0)]
     configs += [(f"queue, {n} worker{'s' * (n > 1)}, blocks of {args.block}", ["--block", str(args.block)], n)
                 for n in args.queue_workers]
@@ -88,13 +119,15 @@ def main() -> None:
         for i, (label, extra, workers) in enumerate(configs):
             load = os.getloadavg()[0]
             result = one(common, Path(tmp) / f"run{i}", extra, workers, args.threads)
-            rows.append((label, result["mpx_per_s"], result["seconds"], load, os.getloadavg()[0]))
+            rows.append((label, result["mpx_per_s"], result["seconds"], result["peak_gb"], result["worker_peak_gb"],
+                         load, os.getloadavg()[0]))
     threads = args.threads or "default"
-    print(f"\n{args.sections} demo sections of 512 x 512 px, {os.cpu_count()} cores, threads {threads}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'configuration':44s} {'Mpx/s':>6s} {'s':>6s}  load avg before / after")
-    for label, mpx, seconds, before, after in rows:
-        print(f"{label:44s} {mpx:6.3f} {seconds:6.1f}  {before:.1f} / {after:.1f}")
+    print(f"\n{args.sections} sections of {args.source} from {z_start}, {' '.join(align_flags) or 'default flags'}, "
+          f"{os.cpu_count()} cores, threads {threads}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'configuration':44s} {'Mpx/s':>6s} {'s':>6s}  {'peak GB: process / worker':>26s}  load avg before / after")
+    for label, mpx, seconds, peak, worker_peak, before, after in rows:
+        worker_peak = "-" if math.isnan(worker_peak) else f"{worker_peak:.2f}"
+        print(f"{label:44s} {mpx:6.3f} {seconds:6.1f}  {peak:13.2f} / {worker_peak:>6s}    {before:.1f} / {after:.1f}")
 
 
 if __name__ == "__main__":
