@@ -116,9 +116,14 @@ def tissue_box_mean(x: torch.Tensor, tissue: torch.Tensor, radius: int, passes: 
     crack or fold (a line of such pixels that spans the window, any 8-connected curve: a row or column crossing it
     meets one of its pixels). float32; 0 off the tissue. Without a gap in the window, exactly ``box_mean``'s value
     (up to float rounding). The windows are found once, on ``tissue`` as given (e.g. ``[..., 1, H, W]`` for fields
-    ``[..., 2, H, W]``); each pass runs along contiguous rows (the column pass on the transpose)."""
+    ``[..., 2, H, W]``); each pass runs along contiguous rows (the column pass on the transpose). A ``tissue``
+    without a gap is ``box_mean``, ``passes`` times."""
     if radius <= 0:
         return x.float().masked_fill(~tissue.expand_as(x), 0)
+    if tissue.all():  # no gap anywhere: the plain box mean
+        for _ in range(passes):
+            x = box_mean(x, radius)
+        return x
     rows, columns = _run_window(tissue, radius), _run_window(tissue.transpose(-1, -2).contiguous(), radius)
     out = x.double()
     for _ in range(passes):

@@ -62,8 +62,9 @@ def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = No
     if radius and known is tissue:
         field = tissue_box_mean(field, tissue, radius, passes=2)
     for _ in range(2 if radius and known is not tissue else 0):  # normalised: the untrusted pixels weigh 0
-        count = tissue_box_mean(known.float(), tissue, radius)
-        field = tissue_box_mean(field * known, tissue, radius) / count.clamp(min=1e-12)
+        count = known.expand_as(field[..., :1, :, :]).float()  # one channel more: the windows are found once
+        both = tissue_box_mean(torch.cat([field * known, count], -3), tissue, radius)
+        field, count = both[..., :-1, :, :] / both[..., -1:, :, :].clamp(min=1e-12), both[..., -1:, :, :]
         known = count > 0
     return _unfolded(field, ~known)
 
