@@ -116,9 +116,14 @@ def tissue_box_mean(x: torch.Tensor, tissue: torch.Tensor, radius: int, passes: 
     crack or fold (a line of such pixels that spans the window, any 8-connected curve: a row or column crossing it
     meets one of its pixels). float32; 0 off the tissue. Without a gap in the window, exactly ``box_mean``'s value
     (up to float rounding). The windows are found once, on ``tissue`` as given (e.g. ``[..., 1, H, W]`` for fields
-    ``[..., 2, H, W]``); each pass runs along contiguous rows (the column pass on the transpose)."""
+    ``[..., 2, H, W]``); each pass runs along contiguous rows (the column pass on the transpose). A ``tissue``
+    without a gap is ``box_mean``, ``passes`` times."""
     if radius <= 0:
         return x.float().masked_fill(~tissue.expand_as(x), 0)
+    if tissue.all():  # no gap anywhere: the plain box mean
+        for _ in range(passes):
+            x = box_mean(x, radius)
+        return x
     rows, columns = _run_window(tissue, radius), _run_window(tissue.transpose(-1, -2).contiguous(), radius)
     out = x.double()
     for _ in range(passes):
@@ -129,7 +134,8 @@ def tissue_box_mean(x: torch.Tensor, tissue: torch.Tensor, radius: int, passes: 
 
 def _images_with_holes(fill):
     """``fill(x, hole, ...)`` (``x`` ``[..., H, W]``, bool ``hole`` broadcast to it) run only on the images (along
-    the first dim) that have a hole; ``x`` itself where there is none."""
+    the first dim) that have a hole (the other tensor arguments taken on the same images); ``x`` itself where there
+    is none."""
     @functools.wraps(fill)
     def run(x: torch.Tensor, hole: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not hole.any():
@@ -137,8 +143,10 @@ def _images_with_holes(fill):
         if hole.dim() == x.dim() > 2 and hole.shape[0] == x.shape[0] > 1:
             some = hole.flatten(1).any(1)
             if not some.all():
+                def pick(a):
+                    return a[some] if torch.is_tensor(a) and a.dim() == x.dim() and len(a) == len(x) else a
                 out = x.clone()
-                out[some] = fill(x[some], hole[some], *args, **kwargs)
+                out[some] = fill(x[some], hole[some], *map(pick, args), **{k: pick(a) for k, a in kwargs.items()})
                 return out
         return fill(x, hole, *args, **kwargs)
     return run
@@ -163,8 +171,57 @@ def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> to
     return out
 
 
+HOLE_REACH = 128  # px: how far ``interpolate_holes`` looks for the rim of a hole by default
+
+
+def dilated(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """bool ``mask`` ``[..., H, W]`` grown by ``radius`` px (a square of side ``2 radius + 1``, clipped to the image):
+    a row pass, then a column pass, each ORing shifted copies whose span doubles (O(log radius) steps)."""
+    out = mask.bool()
+    for _ in range(2):  # the rows, then (transposed) the columns
+        zeros = out.new_zeros(*out.shape[:-1], radius)
+        out, span = torch.cat([zeros, out, zeros], -1), 1  # out[..., i]: OR of the padded row over [i, i + span)
+        while span < 2 * radius + 1:
+            step = min(span, 2 * radius + 1 - span)
+            out, span = out[..., :-step] | out[..., step:], span + step
+        out = out.transpose(-1, -2)
+    return out
+
+
+def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` px (bottom and right exclusive): the smallest box that holds every True pixel
+    of ``mask`` ``[..., H, W]`` (bool, with one True at least; all images together), widened by ``margin`` px on
+    each side, clipped to the image."""
+    h, w = mask.shape[-2:]
+    found = mask.reshape(-1, h, w).any(0)
+    rows, columns = found.any(1).nonzero()[:, 0], found.any(0).nonzero()[:, 0]
+    return (max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, h),
+            max(int(columns[0]) - margin, 0), min(int(columns[-1]) + 1 + margin, w))
+
+
+def _rim_sums(x: torch.Tensor, hole: torch.Tensor, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total, weight)`` float64: the sums over the rim of the holes (the pixels outside ``hole``, bool broadcast
+    to ``x`` ``[..., H, W]``, next to one, 8-connected) of ``x`` and of 1, each weighted by ``1 / d²`` (``d`` px,
+    ``0 < d <= reach``); ``total`` of the shape of ``x``, ``weight`` of ``hole``. Convolved by FFT (float64),
+    whatever ``reach``, the image's edges replicated (a band that leaves the image goes on)."""
+    h, w = x.shape[-2:]
+    rim = (dilated(hole, 1) & ~hole).double()
+    offsets = torch.arange(-reach, reach + 1, dtype=torch.float64, device=x.device)
+    squared = offsets[:, None] ** 2 + offsets[None] ** 2
+    kernel = torch.where((squared > 0) & (squared <= reach ** 2), 1 / squared.clamp(min=1), 0)
+    size = (h + 2 * reach, w + 2 * reach)
+    spectrum = torch.fft.rfft2(kernel, size)
+
+    def convolve(y: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(y.reshape(-1, 1, h, w), (reach,) * 4, mode="replicate").reshape(*y.shape[:-2], *size)
+        return torch.fft.irfft2(torch.fft.rfft2(padded) * spectrum, size)[..., 2 * reach:, 2 * reach:]
+
+    return convolve(rim * x.double()), convolve(rim)
+
+
 @_images_with_holes
-def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = 128) -> torch.Tensor:
+def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = HOLE_REACH,
+                      where: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[..., H, W]`` with each pixel of ``hole`` (bool, broadcast to ``x``) interpolated from the rim of its
     hole (the pixels outside the holes next to one, 8-connected): their mean weighted by ``1 / d²`` (``d`` px, the
     distance, up to ``reach``). Across a band-shaped hole (a crack's or fold's mask) that is the linear ramp
@@ -172,24 +229,30 @@ def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = 128) -> 
     changes gradually through it, as a fold's true field does, instead of stepping in its middle (a step that
     moves backwards folds the map over). Pixels no rim reaches within ``reach`` px take ``fill_from_around``'s
     value; other pixels are returned as they are, and only the images (along the first dim) with a hole are
-    touched. ``1 / d²`` is convolved by FFT (float64), whatever ``reach``, the image's edges replicated."""
-    h, w = x.shape[-2:]
-    flat = hole.reshape(-1, 1, h, w).float()
-    rim = ((F.max_pool2d(flat, 3, 1, 1) > 0) & (flat == 0)).reshape(hole.shape).double()
-    offsets = torch.arange(-reach, reach + 1, dtype=torch.float64, device=x.device)
-    squared = offsets[:, None] ** 2 + offsets[None] ** 2
-    kernel = torch.where((squared > 0) & (squared <= reach ** 2), 1 / squared.clamp(min=1), 0)
-    size = (h + 2 * reach, w + 2 * reach)
-    spectrum = torch.fft.rfft2(kernel, size)
+    touched. ``1 / d²`` is convolved by FFT (float64, ``_rim_sums``), the image's edges replicated.
 
-    def convolve(y: torch.Tensor) -> torch.Tensor:  # the edges replicated: a band that leaves the image goes on
-        padded = F.pad(y.reshape(-1, 1, h, w), (reach,) * 4, mode="replicate").reshape(*y.shape[:-2], *size)
-        return torch.fft.irfft2(torch.fft.rfft2(padded) * spectrum, size)[..., 2 * reach:, 2 * reach:]
-
-    total, weight = convolve(rim * x.double()), convolve(rim)
-    reached = hole & (weight > 1e-9)
-    around = fill_from_around(x, hole & ~reached)
-    return torch.where(reached, (total / weight.clamp(min=1e-12)).to(x.dtype), around)
+    where: bool broadcast to ``hole``, or None (all of it): only the pixels of ``hole`` in ``where`` are
+    interpolated, the others of ``hole`` are returned as they are too (e.g. where a hole did not change). The sums
+    run only in a box (all images together): the bounding box of those pixels widened by ``reach + 1`` px, within
+    that of ``hole`` widened by 2 px. It holds every rim pixel they reach, and its own edges, replicated, weigh
+    nothing where it stops inside the image (no rim pixel on them, or beyond ``reach``) and are the image's where
+    it meets them, so the values are those of the whole image. If a
+    pixel of ``where`` is not reached, the whole hole is interpolated (``fill_from_around`` leaves out every
+    pixel that is not reached) and the pixels of ``where`` taken."""
+    todo = hole if where is None else hole & where
+    if not todo.any():
+        return x
+    (top, bottom, left, right), (top2, bottom2, left2, right2) = _bounding_box(todo, reach + 1), _bounding_box(hole, 2)
+    box = (..., slice(max(top, top2), min(bottom, bottom2)), slice(max(left, left2), min(right, right2)))
+    total, weight = _rim_sums(x[box], hole[box], reach)
+    reached = todo[box] & (weight > 1e-9)
+    unreached = todo.clone()
+    unreached[box] &= ~reached
+    if where is not None and unreached.any():
+        return torch.where(todo, interpolate_holes(x, hole, reach), x)
+    out = x.clone()
+    out[box] = torch.where(reached, (total / weight.clamp(min=1e-12)).to(x.dtype), x[box])
+    return torch.where(unreached, fill_from_around(x, unreached), out)
 
 
 def smoothness_weights(mask: torch.Tensor, lambda2: float, lambda3: float,

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import box_mean, jacobian_determinant, to_tensor, vector_length, warp, warp_labels
-from masks import interpolate_holes, tissue_box_mean
+from masks import HOLE_REACH, dilated, interpolate_holes, tissue_box_mean
 
 
 def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = None,
@@ -62,8 +62,9 @@ def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = No
     if radius and known is tissue:
         field = tissue_box_mean(field, tissue, radius, passes=2)
     for _ in range(2 if radius and known is not tissue else 0):  # normalised: the untrusted pixels weigh 0
-        count = tissue_box_mean(known.float(), tissue, radius)
-        field = tissue_box_mean(field * known, tissue, radius) / count.clamp(min=1e-12)
+        count = known.expand_as(field[..., :1, :, :]).float()  # one channel more: the windows are found once
+        both = tissue_box_mean(torch.cat([field * known, count], -3), tissue, radius)
+        field, count = both[..., :-1, :, :] / both[..., -1:, :, :].clamp(min=1e-12), both[..., -1:, :, :]
         known = count > 0
     return _unfolded(field, ~known)
 
@@ -74,27 +75,23 @@ def _unfolded(field: torch.Tensor, hole: torch.Tensor, steps: int = 12, reach: i
     <= 0) within 2 px of a hole, until it folds nowhere there (at most ``steps`` times): a fold's field changes by
     more than the fold's width in the image, and spread over a hole that narrow it would run backwards; the grown
     hole spreads it wide enough (as the true field, which runs through the fold's band widened to the width of the
-    tissue folded in it)."""
+    tissue folded in it). Each widening re-interpolates only the holes' pixels within ``HOLE_REACH`` + 1 px of
+    where they grew (no other pixel's rim within reach changed: the others keep their values)."""
     shape = field.shape
     out = interpolate_holes(field, hole)
     field, hole, out = (x.reshape(-1, *x.shape[-3:]) for x in (field, hole, out))  # [N, C, H, W]
     for _ in range(steps):
         fold = F.pad((jacobian_determinant(out) <= 0)[:, None].float(), (0, 1, 0, 1)) > 0
-        near = fold & _dilated(hole, 2)
+        near = fold & dilated(hole, 2)
         some = near.flatten(1).any(1)  # only the images that fold at a hole
         if not some.any():
             break
+        grown = hole[some] | (dilated(hole[some], 2) & dilated(near[some], reach))
+        redo = dilated(grown & ~hole[some], HOLE_REACH + 1)  # the pixels within reach of a rim pixel that changed
+        out[some] = torch.where(redo, interpolate_holes(field[some], grown, where=redo), out[some])
         hole = hole.clone()
-        hole[some] = hole[some] | (_dilated(hole[some], 2) & _dilated(near[some], reach))
-        out[some] = interpolate_holes(field[some], hole[some])
+        hole[some] = grown
     return out.reshape(shape)
-
-
-def _dilated(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """bool ``mask`` ``[..., H, W]`` grown by ``radius`` px (a square: a row pass, then a column pass)."""
-    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    flat = F.max_pool2d(F.max_pool2d(flat, (1, 2 * radius + 1), 1, (0, radius)), (2 * radius + 1, 1), 1, (radius, 0))
-    return flat.reshape(mask.shape) > 0
 
 
 def vector_vote(candidates: torch.Tensor, valid: torch.Tensor | None = None, softness: float = 1.0) -> torch.Tensor:

@@ -131,3 +131,51 @@ def test_border_weights_are_zero_in_a_band_of_padding_pixels():
     assert weights.shape == (1, 1, 6, 5) and torch.equal(weights[0, 0], expected)
     assert torch.equal(masks.border_weights(3, 4, 0), torch.ones(1, 1, 3, 4))
     assert torch.equal(masks.border_weights(4, 4, 2), torch.zeros(1, 1, 4, 4))
+
+
+def test_dilated_is_the_square_max_filter():
+    mask = torch.rand(2, 1, 13, 21, generator=torch.Generator().manual_seed(0)) > 0.93
+    for radius in (0, 1, 2, 5):
+        square = torch.nn.functional.max_pool2d(mask.float(), 2 * radius + 1, 1, radius) > 0
+        assert torch.equal(masks.dilated(mask, radius), square)
+
+
+def rim_mean_directly(x, hole, reach):
+    """``interpolate_holes``' ``1 / d²`` mean of the rim (the image's edges replicated) at every pixel, straight from
+    its definition on the whole image: one offset at a time. x ``[N, C, H, W]``, hole bool ``[N, 1, H, W]``."""
+    h, w = x.shape[-2:]
+    rim = ((torch.nn.functional.max_pool2d(hole.float(), 3, 1, 1) > 0) & ~hole).double()
+    padded = [torch.nn.functional.pad(y, (reach,) * 4, mode="replicate") for y in (rim * x.double(), rim)]
+    total, weight = torch.zeros(x.shape, dtype=torch.float64), torch.zeros(rim.shape, dtype=torch.float64)
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            if 0 < dx * dx + dy * dy <= reach * reach:
+                shifted = [y[..., reach + dy:reach + dy + h, reach + dx:reach + dx + w] for y in padded]
+                total += shifted[0] / (dx * dx + dy * dy)
+                weight += shifted[1] / (dx * dx + dy * dy)
+    return (total / weight).float()
+
+
+def holes_near_an_edge_and_in_the_middle():
+    """``(x [2, 2, 48, 64], hole [2, 1, 48, 64])``: a band 2 px from the left edge, a block on the top edge, a block
+    in the middle of the second image; every hole pixel within 8 px of a rim."""
+    hole = torch.zeros(2, 1, 48, 64, dtype=torch.bool)
+    hole[0, 0, 10:30, 2:5] = True
+    hole[0, 0, 0:4, 30:40] = True
+    hole[1, 0, 20:27, 28:37] = True
+    return torch.randn(2, 2, 48, 64, generator=torch.Generator().manual_seed(0)), hole
+
+
+def test_interpolate_holes_in_its_box_equals_the_whole_image_evaluation():
+    x, hole = holes_near_an_edge_and_in_the_middle()
+    assert masks._bounding_box(hole, 2) != (0, 48, 0, 64)  # the sums run in a box smaller than the image
+    out = masks.interpolate_holes(x, hole, 8)
+    assert torch.allclose(out, torch.where(hole, rim_mean_directly(x, hole, 8), x), atol=1e-5)
+
+
+def test_interpolate_holes_where_computes_only_those_pixels_as_the_whole_image_would():
+    x, hole = holes_near_an_edge_and_in_the_middle()
+    where = torch.zeros_like(hole)
+    where[:, :, 12:40, 0:30] = True  # part of the band, none of the top block, part of the middle block
+    out = masks.interpolate_holes(x, hole, 8, where=where)
+    assert torch.allclose(out, torch.where(hole & where, rim_mean_directly(x, hole, 8), x), atol=1e-5)

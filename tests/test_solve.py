@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import affine_field, compose, in_frame_of, invert_field, rigid_matrix
-from solve import _banded_cholesky_solve, _normal_matrix, low_pass, neighbour_pairs, solve_stack, vector_vote
+from masks import interpolate_holes
+from solve import _banded_cholesky_solve, _normal_matrix, _unfolded, low_pass, neighbour_pairs, solve_stack, vector_vote
 
 
 def constant(vectors) -> torch.Tensor:
@@ -147,3 +148,16 @@ def test_detail_pull_keeps_fine_misalignment_and_stops_fine_drift():
         return float((solved - solved.mean(0) - truth + truth.mean(0))[..., 12:-12, 12:-12].norm(dim=1).mean())
 
     assert error(0.3) < 0.85 * min(error(float("inf")), error(0.01))
+
+
+def test_unfolded_widens_a_fold_and_equals_interpolating_its_final_holes_on_the_whole_image():
+    field = 0.1 * torch.randn(1, 2, 48, 400, generator=torch.Generator().manual_seed(0))
+    field[:, 0, :, 32:] -= 20  # across a 3 px band the ramp runs 20 px backwards: it folds the map over
+    hole = torch.zeros(1, 1, 48, 400, dtype=torch.bool)
+    hole[..., 30:33] = True
+    hole[..., 20:24, 80:83] = True  # within reach of the band's rim: re-interpolated as the band grows
+    hole[..., 20:24, 350:353] = True  # beyond its reach: not
+    out = _unfolded(field, hole)
+    final = hole | (out != field).any(1, keepdim=True)  # the holes as widened (noise: every value changes)
+    assert final[0, 0, 0, 20:45].sum() > 3 and not final[..., 100:340].any()  # widened near the fold only
+    assert torch.allclose(out, interpolate_holes(field, final), atol=1e-5)
