@@ -71,7 +71,7 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
 With one z block and one xy chunk covering the bbox every task sees what ``align_solved`` sees: the result is
 ``align_solved``'s, bit for bit. Smaller chunks and blocks bound each task's memory by the chunk and block sizes
 (plus their margins), whatever the volume's size; the cost is the margins' work done twice, and with
-``task_memory`` fields within ~0.06 px of the whole solve's at the 99th percentile (demo, with or without its
+``task_memory`` fields within ~0.07 px of the whole solve's at the 99th percentile (demo, with or without its
 defects; what is left: detail of the pair fields finer than the coarse solves' pixels, which the robust
 re-weighting sees at full resolution only).
 
