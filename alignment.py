@@ -501,12 +501,12 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
 
 
 def solve_fields(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor, settings: SolveSettings,
-                 smooth: int, defects=None) -> torch.Tensor:
+                 smooth: int, defects=None, around=None) -> torch.Tensor:
     """The solve of ``solve_pairs`` (its arguments, ``pairs`` not empty) before the frame is chosen: ``[Z, 2, H, W]``
     (px), each section's field into the solve's own frame (zero for a section in no pair). Each pair weighs where
     its target (uint8 ``sections[t]``) shows tissue, and 0 on the defects of either section; ``tasks.solve_task``
-    runs it on a block of sections and an xy chunk, each with a margin."""
+    runs it on a block of sections and an xy chunk, each with a margin (``around``: ``solve.solve_stack``'s)."""
     weights = torch.from_numpy(np.asarray(sections)[[t for _, t in pairs]] > 0).float()  # the target saw tissue
     return solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
                        smooth=smooth, detail_pull=settings.detail_pull,
-                       defects=None if defects is None else torch.from_numpy(np.asarray(defects)))
+                       defects=None if defects is None else torch.from_numpy(np.asarray(defects)), around=around)

@@ -31,6 +31,7 @@ over sections and pairs.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -184,7 +185,8 @@ def pair_defects(field: torch.Tensor, source_defects, target_defects) -> torch.T
 
 def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, weights: torch.Tensor | None = None,
                 *, pull: float, robust: float | None, rounds: int = 3, smooth: int = 0,
-                detail_pull: float = math.inf, defects: torch.Tensor | None = None) -> torch.Tensor:
+                detail_pull: float = math.inf, defects: torch.Tensor | None = None,
+                around: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One field per section ``[Z, 2, H, W]`` (px) from pair fields between raw sections.
 
     pairs: ``E`` directed pairs ``(s, t)``; fields ``[E, 2, H, W]``: pair field
@@ -226,6 +228,11 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     Inside its own defects each section's whole field (coarse part and detail) is then ``low_pass``'s interpolation
     from the tissue around, widened where the jump would fold the map over. A ``defects`` without any defect is
     None, bit for bit.
+
+    around: None, or ``around(round, solution)``: the fields ``[Z, 2, H, W]`` (px) each round linearises at (warps
+    the pair fields by, judges the pairs and carries the defects with) instead of ``solution``, the round before's
+    (zero at round 0); the round still solves for the sections' own fields (``tasks.solve_task``: a solve of some
+    sections linearised where the solve of more sections is).
     """
     if pull <= 0 or detail_pull <= 0:
         raise ValueError("pull and detail_pull must be > 0 (without a pull the common frame is undetermined)")
@@ -249,22 +256,23 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     solution = torch.zeros(count, 2, h, w, device=fields.device)
     base = current = trusted
     for round_ in range(rounds):
-        observed = [warp(band, solution[targets], padding_mode="border") for band in bands]  # r_e(p + F_t(p))
+        point = solution if around is None else around(round_, solution)
+        observed = [warp(band, point[targets], padding_mode="border") for band in bands]  # r_e(p + F_t(p))
         if defects is not None:  # F_t is smooth and filled everywhere (below): it carries the pairs' defects
-            base = current = trusted * (warp_labels(marks, solution[targets]) == 0)
-            own = warp_labels(defects[:, None], solution)[:, 0]  # each section's defects in the common frame
+            base = current = trusted * (warp_labels(marks, point[targets]) == 0)
+            own = warp_labels(defects[:, None], point)[:, 0]  # each section's defects in the common frame
             unheld = (_section_sums(count, sources, targets, trusted) > 0) & \
                 (_section_sums(count, sources, targets, base) == 0)  # every pair of the section weighs 0 there
         if round_ > 0 and robust:
             asked = sum(observed) if defects is None else observed[0]  # the whole pair field
-            residual = vector_length(solution[sources] - solution[targets] - asked)[:, None]
+            residual = vector_length(point[sources] - point[targets] - asked)[:, None]
             current = base * robust ** 2 / (robust ** 2 + residual ** 2)
         parts = [_solve_band(count, sources, targets, current, part, band_pull)
                  for part, band_pull in zip(observed, pulls)]
         if defects is not None:  # each section's coarse part: smooth across all defects, plus its own jumps
             smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | unheld[:, 0])
             jump = _own_jumps(count, sources, targets, current,
-                              *(warp(j, solution[targets], padding_mode="border") for j in jumps))
+                              *(warp(j, point[targets], padding_mode="border") for j in jumps))
             parts[0] = smooth_part + jump
         solution = sum(parts)
         if defects is not None:  # inside its defects: from the tissue around, wide enough not to fold over

@@ -71,8 +71,9 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
 With one z block and one xy chunk covering the bbox every task sees what ``align_solved`` sees: the result is
 ``align_solved``'s, bit for bit. Smaller chunks and blocks bound each task's memory by the chunk and block sizes
 (plus their margins), whatever the volume's size; the cost is the margins' work done twice, and with
-``task_memory`` fields that differ from the whole solve's by ~1 px at the 99th percentile (the coarse solves of the
-sections cut off cannot weigh pairs as the full-resolution one does).
+``task_memory`` fields within ~0.07 px of the whole solve's at the 99th percentile (demo, with or without its
+defects; what is left: detail of the pair fields finer than the coarse solves' pixels, which the robust
+re-weighting sees at full resolution only).
 
 Progress markers under ``DEST/progress/`` (tasks are idempotent: they write their output chunks and
 these markers, nothing else, so a task run twice does no harm):
@@ -539,8 +540,10 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     grown by ``detail_margin`` usable sections each side (``_solve_tier``: the detail, pulled hard, feels a cut
     that far away no more than ``CUT_EFFECT``); where the tier cuts the window, what the sections beyond change
     (the slow coarse part) is added: the solve of the whole window less that of the tier, both at
-    ``1 / coarse_factor`` the resolution (their shared error of resolution cancels). Without ``task_memory``, or
-    with one block and one chunk: ``align_solved``'s solve exactly.
+    ``1 / coarse_factor`` the resolution (their shared error of resolution cancels; ``_changes``), and each round of
+    the tier's solve is linearised where the whole window's is (at its fields plus that change at the round before),
+    so that it reads the pair fields, weighs the pairs and carries the defects where the whole solve does. Without
+    ``task_memory``, or with one block and one chunk: ``align_solved``'s solve exactly.
     """
     job = Job(**job)
     marks, name, record = _progress(job), f"solve/block/{first}/{x}_{y}", {"window": window, "blank": blank}
@@ -556,13 +559,16 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
         start, stop = inner[0] - margin, inner[-1] + 1 + margin
         tier = range(usable[start] if start > 0 else window[0],
                      usable[stop - 1] + 1 if stop < len(usable) else window[1])
-        fields = _solve_tier(job, tier, blank, _tier_inputs(job, tier, blank, grown, 1), job.pair.smooth)
-        if tier != range(*window):  # what the sections beyond the tier change: coarse solves with and without them
-            factor, (h, w), w0 = coarse_factor(job), _shape(grown), window[0]
-            coarse, smooth = _tier_inputs(job, range(*window), blank, grown, factor), round(job.pair.smooth / factor)
-            change = _solve_tier(job, range(*window), blank, coarse, smooth)[tier.start - w0:tier.stop - w0] - \
-                _solve_tier(job, tier, blank, coarse, smooth)
-            fields += upsample_field(change, factor)[..., :h, :w]
+        if tier == range(*window):
+            fields = _solve_tier(job, tier, blank, _tier_inputs(job, tier, blank, grown, 1), 1)
+        else:  # what the sections beyond the tier change, at each round and at the end, from coarse solves
+            factor, (h, w) = coarse_factor(job), _shape(grown)
+            changes = _changes(job, range(*window), tier, blank, grown, factor)
+
+            def full(change):  # at full resolution, over ``grown``
+                return upsample_field(change, factor)[..., :h, :w]
+            fields = _solve_tier(job, tier, blank, _tier_inputs(job, tier, blank, grown, 1), 1,
+                                 lambda round_, solution: solution + full(changes[round_])) + full(changes[-1])
         solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
     marks.put_json(name, record)
@@ -606,17 +612,37 @@ def _tier_inputs(job: Job, sections: range, blank: list, grown: Box, factor: int
     return inputs
 
 
-def _solve_tier(job: Job, sections: range, blank: list, inputs: dict[int, tuple], smooth: int) -> torch.Tensor:
+def _changes(job: Job, window: range, tier: range, blank: list, grown: Box, factor: int) -> list[torch.Tensor]:
+    """What the sections of ``window`` beyond ``tier`` change on the tier's fields: ``[len(tier), 2, h, w]`` (px of
+    ``1 / factor`` the resolution) at the fields each round of the solve is linearised at (``solve.solve_stack``'s
+    rounds; zero at round 0), then at the end. The solve of the whole window less that of the tier, both at that
+    resolution, the tier's linearised each round at the window's fields (so that both weigh the pairs alike)."""
+    inputs, cut = _tier_inputs(job, window, blank, grown, factor), slice(tier.start - window.start,
+                                                                         tier.stop - window.start)
+    points, own = [], []  # per round, the fields it is linearised at: the window's (over the tier), the tier's own
+    whole = _solve_tier(job, window, blank, inputs, factor, lambda _, fields: points.append(fields[cut]) or fields)
+    short = _solve_tier(job, tier, blank, inputs, factor, lambda round_, fields: own.append(fields) or points[round_])
+    return [point - at for point, at in zip(points, own)] + [whole[cut] - short]
+
+
+def _solve_tier(job: Job, sections: range, blank: list, inputs: dict[int, tuple], factor: int,
+                around=None) -> torch.Tensor:
     """``[len(sections), 2, h, w]`` (px of the inputs' resolution): ``alignment.solve_fields`` of the consecutive
     ``sections`` (those in ``blank`` left out; each usable one paired with its K nearest usable ones on each side)
-    from their ``_tier_inputs``, split at ``smooth`` px."""
+    from their ``_tier_inputs`` at ``1 / factor`` the resolution, with the settings in px (``smooth``, ``robust``)
+    scaled to it: split at ``round(smooth / factor)`` px, the robust scale ``robust / factor`` px, so that a pair's
+    residual weighs it as at full resolution (a scale left in px of the sections kept pairs the full-resolution
+    solve stops: fields ~1 px p99 from the whole solve's on the demo, against 0.06). ``around``:
+    ``solve.solve_stack``'s."""
     skip = {i for i, z in enumerate(sections) if z in blank}
     pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip), _offsets(job)
     place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among usable
     fields = [inputs[sections[s]][0][slot.index(place[t] - place[s])] for s, t in pairs]
     tissue = torch.stack([inputs[z][1] for z in sections])
     defects = torch.stack([inputs[z][2] for z in sections]) if job.defects else None
-    return solve_fields(tissue, pairs, torch.stack(fields), job.solve, smooth, defects)
+    settings = dataclasses.replace(job.solve, robust=job.solve.robust / factor)
+    return solve_fields(tissue, pairs, torch.stack(fields), settings, round(job.pair.smooth / factor), defects,
+                        around)
 
 
 def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:

@@ -335,11 +335,14 @@ def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, m
     too small for the whole margin: each solve task solves its block and 4 sections beyond each side
     (``detail_margin``) at full resolution, plus what the sections beyond change at half the resolution; the fields
     are those of the one-block solve. The pair fields (a whole-pixel shift plus a smooth field from the sections'
-    difference) are the same in every run."""
-    def smooth_field(model, source, target, trunc):
+    difference, plus ~1 px of detail over a few px, which the robust re-weighting and the warps see) are the same in
+    every run. (Coarse solves with the robust scale in coarse px and the tier's rounds linearised at its own fields:
+    0.14 px p99; now 0.04.)"""
+    def rough_field(model, source, target, trunc):
         difference = helpers.box_mean((source - target)[0], 6)
-        return torch.cat([difference, helpers.box_mean(difference.flip(-1), 6)])[None]
-    monkeypatch.setattr(alignment, "chunk_field", smooth_field)
+        smooth = torch.cat([difference, helpers.box_mean(difference.flip(-1), 6)])
+        return (smooth + 3 * helpers.box_mean(torch.cat([source, target], 1)[0], 3))[None]
+    monkeypatch.setattr(alignment, "chunk_field", rough_field)
     monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
     moves = [tuple(2 * v for v in move) for move in np.random.default_rng(5).integers(-2, 3, (12, 2)).tolist()]
     layer(tmp_path / "raw", moved_windows(moves, size=96)[:, None])
@@ -348,17 +351,17 @@ def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, m
               "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "64", "--task_chunk", "96"]
     align.main(common + ["--dest", str(tmp_path / "whole")])
     tiers = []
-    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))  # smooth
+    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))  # factor
     align.main(common + ["--dest", str(tmp_path / "exact"), "--block", "3"])
-    assert tiers == [64] * 4  # without --task_memory the blocks are solved with their whole margins
+    assert tiers == [1] * 4  # without --task_memory the blocks are solved with their whole margins
     align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3", "--task_memory", "0.001"])
     whole, exact, parts = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 12))
                            for d in ("whole", "exact", "parts"))
     assert np.array_equal(whole, exact)
     difference = np.sqrt(((whole - parts) ** 2).sum(1))
-    assert tiers == [64] * 4 + [64, 32, 32] * 4  # full resolution, then coarse (half) with and without the rest
+    assert np.abs(whole).max() > 1 and np.percentile(difference, 99) < 0.1, np.percentile(difference, 99)
+    assert tiers == [1] * 4 + [2, 2, 1] * 4  # coarse (half) with and without the rest, then full resolution
     assert tasks.detail_margin(job(pair=PairSettings(overlap=16, smooth=64), solve=SolveSettings())) == 4
-    assert np.abs(whole).max() > 1 and np.percentile(difference, 99) < 0.1, difference.max()
     with pytest.raises(UserError, match="--task_memory must be > 0 GB"):
         align.main(common + ["--dest", str(tmp_path / "bad"), "--task_memory", "0"])
     with pytest.raises(UserError, match="task_memory"):  # the run record holds it: a resume may not change it
