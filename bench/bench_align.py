@@ -12,8 +12,8 @@ or by default torch's own choice in-process and ``cores / workers`` in each work
 per process can be several times faster: a thread that waits for its descheduled partner wastes its core). The
 figure is align.py's own: sections x pixels over the time from the first task to the last, so it includes queue
 polling but not process start-up. The load average is printed beside it: on a shared machine it says how much of it
-was ours. Peak memory: the resident set's high-water mark (Linux ``VmHWM``, reset before each configuration) of
-this process (in-process: the whole alignment; queued: the driver) and of the largest worker.
+was ours. Peak memory: the resident set's high-water mark (Linux ``VmHWM``) of the process that ran align.py (each
+configuration in a fresh one; in-process: the whole alignment; queued: the driver) and of the largest worker.
 """
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ if not __package__:  # run as a file: our modules are not importable from bench/
 
 import argparse
 import math
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +45,6 @@ def peak_rss_gb(pid: int | str = "self") -> float:
     return int(found.group(1)) / 2 ** 20 if found else float("nan")
 
 
-def reset_peak_rss() -> None:
-    """Restart this process's ``VmHWM`` from its current resident set (Linux; elsewhere nothing happens)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def start_workers(spec: str, count: int, threads: int) -> list[subprocess.Popen]:
     """``count`` workers on the queue ``spec`` with ``threads`` torch threads each; returns once all poll."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -64,7 +58,8 @@ def start_workers(spec: str, count: int, threads: int) -> list[subprocess.Popen]
 
 def one(common: list[str], dest: Path, extra: list[str], workers: int = 0, threads: int | None = None) -> dict:
     """align.py's result dict for one configuration (``workers`` > 0: through a fresh queue), with the peak RSS
-    (GB) of this process (``peak_gb``) and of the largest worker (``worker_peak_gb``, NaN in-process)."""
+    (GB) of the process that ran ``align.main`` (``peak_gb``) and of the largest worker (``worker_peak_gb``, NaN
+    in-process). Run it in a fresh process (``in_child``): the peak is the process's own."""
     import align
     import tasks
 
@@ -74,7 +69,6 @@ def one(common: list[str], dest: Path, extra: list[str], workers: int = 0, threa
         tasks.open_queue(spec, create=True)
         running = start_workers(spec, workers, threads or max(os.cpu_count() // workers, 1))
         extra = extra + ["--queue", spec]
-    reset_peak_rss()
     try:
         result = align.main(common + ["--dest", str(dest)] + extra)
         return {**result, "peak_gb": peak_rss_gb(),
@@ -83,6 +77,12 @@ def one(common: list[str], dest: Path, extra: list[str], workers: int = 0, threa
         for worker in running:
             worker.kill()
             worker.wait()
+
+
+def in_child(work, *args):
+    """``work(*args)`` in a forked child process (its memory and peak RSS its own), its result returned."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        return pool.submit(work, *args).result()
 
 
 def main() -> None:
@@ -118,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_align_") as tmp:
         for i, (label, extra, workers) in enumerate(configs):
             load = os.getloadavg()[0]
-            result = one(common, Path(tmp) / f"run{i}", extra, workers, args.threads)
+            result = in_child(one, common, Path(tmp) / f"run{i}", extra, workers, args.threads)
             rows.append((label, result["mpx_per_s"], result["seconds"], result["peak_gb"], result["worker_peak_gb"],
                          load, os.getloadavg()[0]))
     threads = args.threads or "default"
