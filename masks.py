@@ -236,9 +236,9 @@ def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = HOLE_REA
     run only in a box (all images together): the bounding box of those pixels widened by ``reach + 1`` px, within
     that of ``hole`` widened by 2 px. It holds every rim pixel they reach, and its own edges, replicated, weigh
     nothing where it stops inside the image (no rim pixel on them, or beyond ``reach``) and are the image's where
-    it meets them, so the values are those of the whole image. If a
-    pixel of ``where`` is not reached, the whole hole is interpolated (``fill_from_around`` leaves out every
-    pixel that is not reached) and the pixels of ``where`` taken."""
+    it meets them, so the values are those of the whole image. If a pixel of ``where`` is not reached, the whole
+    hole is interpolated (``fill_from_around`` leaves out every pixel that is not reached) and the pixels of
+    ``where`` taken."""
     todo = hole if where is None else hole & where
     if not todo.any():
         return x

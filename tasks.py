@@ -617,11 +617,20 @@ def _changes(job: Job, window: range, tier: range, blank: list, grown: Box, fact
     ``1 / factor`` the resolution) at the fields each round of the solve is linearised at (``solve.solve_stack``'s
     rounds; zero at round 0), then at the end. The solve of the whole window less that of the tier, both at that
     resolution, the tier's linearised each round at the window's fields (so that both weigh the pairs alike)."""
-    inputs, cut = _tier_inputs(job, window, blank, grown, factor), slice(tier.start - window.start,
-                                                                         tier.stop - window.start)
-    points, own = [], []  # per round, the fields it is linearised at: the window's (over the tier), the tier's own
-    whole = _solve_tier(job, window, blank, inputs, factor, lambda _, fields: points.append(fields[cut]) or fields)
-    short = _solve_tier(job, tier, blank, inputs, factor, lambda round_, fields: own.append(fields) or points[round_])
+    inputs = _tier_inputs(job, window, blank, grown, factor)
+    cut = slice(tier.start - window.start, tier.stop - window.start)
+    points, own = [], []  # per round: the window's fields over the tier, and the tier's own
+
+    def window_round(_, fields):  # the window's solve, as it is: its fields over the tier noted
+        points.append(fields[cut])
+        return fields
+
+    def tier_round(round_, fields):  # the tier's solve, linearised where the window's was
+        own.append(fields)
+        return points[round_]
+
+    whole = _solve_tier(job, window, blank, inputs, factor, window_round)
+    short = _solve_tier(job, tier, blank, inputs, factor, tier_round)
     return [point - at for point, at in zip(points, own)] + [whole[cut] - short]
 
 
