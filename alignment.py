@@ -60,6 +60,9 @@ class PairSettings:
     trunc: int = _setting(2, int, "stop the network this many levels short of full resolution and upsample its field "
                                   "(fewer levels run: faster)")
     smooth: int = _setting(0, int, "low-pass every pair field with a box of this radius in px, twice (0 = off)")
+    refine: int = _setting(0, int, "a second network pass: the source moved by the first pass's field, low-passed "
+                                   "with a box of this radius in px (twice), and the network's field on what remains "
+                                   "added (0 = one pass)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,20 @@ def chunk_field(model: Pyramid, source: torch.Tensor, target: torch.Tensor, trun
     return model(source, target, trunc).full_resolution()
 
 
+def chunked_field(model: Pyramid, source: torch.Tensor, target: torch.Tensor, chunk: int, overlap: int,
+                  trunc: int) -> torch.Tensor:
+    """``chunk_field`` over a whole pair ``[1, 1, H, W]`` (normalised; sides multiples of ``stride(model)``), square
+    by square of side ``chunk`` px, each read with ``overlap`` px of context where the pair has it: ``[1, 2, H, W]``."""
+    height, width = source.shape[-2:]
+    field = torch.zeros(1, 2, height, width, device=source.device)
+    for y in range(0, height, chunk):
+        for x in range(0, width, chunk):
+            (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
+            part = chunk_field(model, source[..., y0:y1, x0:x1], target[..., y0:y1, x0:x1], trunc)
+            field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
+    return field
+
+
 def stride(model: Pyramid) -> int:
     """The network's coarsest stride ``2^(size-1)`` px: what it reads has sides that are multiples of it."""
     return 2 ** (model.config["size"] - 1)
@@ -133,6 +150,14 @@ def with_context(settings: PairSettings, model: Pyramid) -> PairSettings:
     if settings.overlap is not None:
         return settings
     return dataclasses.replace(settings, overlap=on_grid(model.reach(), model))
+
+
+def pair_context(settings: PairSettings, model: Pyramid) -> int:
+    """px of a pair around a part of it that ``pair_field`` reads to give the whole pair's field on that part (up to
+    what lies past the network's reach), on ``model``'s grid: ``settings.overlap`` (set: ``with_context``) and the
+    whole-section shift's reach; with ``refine``, the first pass's low-pass (twice its radius) and reach again."""
+    context = settings.overlap + settings.prealign
+    return on_grid(context + (settings.overlap + 2 * settings.refine if settings.refine else 0), model)
 
 
 def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int]:
@@ -207,6 +232,11 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     (measured in bench/RESULTS.md). ``trunc`` > 0 stops the network ``trunc`` levels
     short of full resolution (``chunk_field``): the finest levels cost most of
     its time and add little the low-pass and the solve keep (bench/RESULTS.md: ``--trunc``).
+    ``refine`` > 0 runs the network twice: the second pass sees the source moved
+    by the first's field low-passed at that radius (its smooth part: the rest is
+    mostly tissue change) and the two are composed; on tissue the network never saw
+    it under-reaches, and the second pass recovers part of what the first missed
+    (bench/RESULTS.md: ``--refine``).
     ``defects``: the uint8 ``[H, W]`` defect maps ``(of source, of target)`` (0 none,
     1 crack, 2 fold; either may be None) or None: the field is the source's, so the
     low-pass runs within the source's tissue (its defects pulled into the target's
@@ -231,12 +261,10 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     src, seen = (warp(x.view(1, 1, h, w).to(device), rigid.expand(1, 2, h, w)) for x in (src, (~missing).float()))
     tgt = tgt.view(1, 1, h, w).to(device)
     src, tgt = (F.pad(x, (0, width - w, 0, height - h)) for x in (src, tgt))
-    field = torch.zeros(1, 2, height, width, device=device)
-    for y in range(0, height, chunk):
-        for x in range(0, width, chunk):
-            (y0, y1), (x0, x1) = _window(y, height, chunk, overlap), _window(x, width, chunk, overlap)
-            part = chunk_field(model, src[..., y0:y1, x0:x1], tgt[..., y0:y1, x0:x1], settings.trunc)
-            field[..., y:y + chunk, x:x + chunk] = part[..., y - y0:y - y0 + chunk, x - x0:x - x0 + chunk]
+    field = chunked_field(model, src, tgt, chunk, overlap, settings.trunc)
+    if settings.refine:
+        first = F.pad(low_pass(field[..., :h, :w], settings.refine), (0, width - w, 0, height - h))
+        field = compose(first, chunked_field(model, warp(src, first), tgt, chunk, overlap, settings.trunc))
     field = field[..., :h, :w]
     if rigid.shape[-1] == 1:  # a shift: exactly added
         field = (field + rigid)[0].cpu()

@@ -49,7 +49,7 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
 2. **Prealign tasks**, one per usable section s: the rigid pre-alignment of s onto each of its targets
    (``alignment.prealignment``, on the two thumbnails), found once for the whole section, in ``solve/prealign/S``.
 3. **Pair tasks**, one per usable section s and xy chunk: the pair fields of s onto its targets
-   (``alignment.pair_field``, unsmoothed; on the chunk grown by ``overlap + prealign`` px, cropped) into
+   (``alignment.pair_field``, unsmoothed; on the chunk grown by ``alignment.pair_context`` px, cropped) into
    ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K. Each section is normalised by
    its whole section's mean and std and the source moved by the pair's rigid match, both read from the markers:
    a chunk's pair field is the whole section's there, up to what lies past ``overlap`` (by default the network's
@@ -128,8 +128,8 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, on_grid, prealignment, rigid_field, section_stats, solve_fields, thumbnail,
-                       thumbnail_factor, tissue_moments, with_context)
+                       is_blank, pair_context, prealignment, rigid_field, section_stats, solve_fields,
+                       thumbnail, thumbnail_factor, tissue_moments, with_context)
 from helpers import UserError, compose, downsample_field, invert_field, one_line, upsample_field
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
@@ -495,8 +495,8 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
     offset, zero where None); skipped if the marker ``solve/pair/Z/X_Y`` holds these targets.
 
     Each is ``alignment.pair_field`` (unsmoothed, with the two sections' defect maps) on the chunk grown by
-    ``overlap + prealign`` px (clipped to the bbox), cropped to the chunk: the network's context and the
-    whole-section shift's reach. Each section is normalised by its whole section's stats (its scan marker) and the
+    ``alignment.pair_context`` px (clipped to the bbox), cropped to the chunk: the network's context, the
+    whole-section shift's reach and, with ``refine``, the first pass's low-pass. Each section is normalised by its whole section's stats (its scan marker) and the
     source moved by the pair's whole-section rigid match (the prealign marker), so the network sees on the chunk
     what it sees there on the whole section. With one chunk covering the bbox: ``align_solved``'s pair fields
     exactly.
@@ -506,7 +506,7 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
     if marks.get_json(name) == {"targets": targets}:
         return
     box = job.chunk_box(x, y)
-    window = _grown(box, on_grid(job.pair.overlap + job.pair.prealign, model_of(job)), job.bbox)
+    window = _grown(box, pair_context(job.pair, model_of(job)), job.bbox)
     sections = [z, *(t for t in targets if t is not None)]
     source, unsmoothed = _layer(job.source, job.mip), dataclasses.replace(job.pair, smooth=0)
     raw, defects = {t: _read(source, t, window)[0] for t in sections}, _defect_maps(job, sections, window)

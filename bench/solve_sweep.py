@@ -103,7 +103,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     pair, _ = settings_from_args(args, smooth=0)  # the pair fields are low-passed by each setting's solve
     marks = DEFECT_MASKS[args.defects](stack)  # the defect maps the alignment is given, or None
     key = [str(Path(args.archive).resolve()), args.real, args.phantom, seed, args.reregister, args.z_start,
-           args.sections, args.size, pair.prealign, pair.trunc, pairs, args.defects]
+           args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pairs, args.defects]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
     cached = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}

@@ -321,7 +321,7 @@ def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(
     parser = argparse.ArgumentParser(formatter_class=formatter)
     alignment.add_flags(parser, several=["pull"], without=["chunk"])
     text = " ".join(parser.format_help().split())
-    assert text.count("(default: ") == 8 and "--chunk" not in text and "(default: [0.03])" in text
+    assert text.count("(default: ") == 9 and "--chunk" not in text and "(default: [0.03])" in text
     args = parser.parse_args(["--pull", "0.1", "0.2", "--overlap", "8"])
     assert args.pull == [0.1, 0.2]
     assert alignment.settings_from_args(args, pull=0.2) == (PairSettings(overlap=8), SolveSettings(pull=0.2))
@@ -332,6 +332,8 @@ def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(
     (["--mips", "1"], "serial", {"block": None, "task_chunk": 512, "mips": 1}),
     (["--vote", "2", "--block", "3"], "vote", {"vote": 2, "block": 3, "task_chunk": 512}),
     (["--solve"], "solve", {"neighbours": 1, "pull": 0.03, "robust": 4.0, "block": None, "task_chunk": 512}),
+    (["--solve", "--refine", "192"], "solve", {"refine": 192, "neighbours": 1, "pull": 0.03, "robust": 4.0,
+                                              "block": None, "task_chunk": 512}),
     (["--solve", "--smooth", "8", "--detail_pull", "inf", "--block", "4"], "solve",
      {"smooth": 8, "neighbours": 1, "pull": 0.03, "robust": 4.0, "detail_pull": "inf", "block": 4,
       "task_chunk": 512}),
@@ -669,6 +671,29 @@ def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
     smoothed = alignment.pair_field(model, a, b, PairSettings(chunk=64, overlap=0, smooth=3, prealign=0))
     assert (raw - shift[0]).abs().max() == pytest.approx(3.0)
     assert (smoothed - shift[0])[:, 8:-8].abs().max() < 0.1  # the box is clipped at the edges
+
+
+def test_refine_runs_the_network_again_on_the_source_moved_by_the_first_fields_smooth_part(monkeypatch):
+    """First pass: a shift of (2, -1) px plus +-3 px of row-by-row detail; the second pass, on the source moved by the
+    first's low-passed field, finds the (0.5, 0.25) px left: the result is their composition, without that detail."""
+    shift = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
+    first = shift + 3.0 * (-1.0) ** torch.arange(64).view(1, 1, 64, 1)
+    seen = []
+
+    def network(model, source, target, trunc):
+        seen.append(source)
+        return first.expand(1, 2, 64, 64) if len(seen) == 1 else torch.tensor([0.5, 0.25]).view(1, 2, 1, 1)
+
+    monkeypatch.setattr(alignment, "chunk_field", network)
+    a, b = sections(2, 64)
+    field = alignment.pair_field(random_net(), a, b, PairSettings(chunk=64, overlap=0, prealign=0, refine=3))
+    assert len(seen) == 2
+    assert (field - torch.tensor([2.5, -0.75]).view(2, 1, 1))[:, 8:-8, 8:-8].abs().max() < 0.1
+    smooth, raw = (helpers.warp(seen[0], f.expand(1, 2, 64, 64)) for f in (shift, first))
+    assert (seen[1] - smooth)[..., 8:-8, 8:-8].abs().max() < 0.1 < (seen[1] - raw)[..., 8:-8, 8:-8].abs().max()
+    seen.clear()
+    alignment.pair_field(random_net(), a, b, PairSettings(chunk=64, overlap=0, prealign=0))
+    assert len(seen) == 1  # refine 0: one pass
 
 
 def test_chunks_get_the_networks_reach_as_context_by_default():
