@@ -5,7 +5,7 @@
 
 Each ``--test NAME=FOLDER:ARCHIVE`` aligns draws of the registered sections in FOLDER, misaligned with
 known fields as ``bench.align_quality --real`` does (its stack shape for NAME: ``VOLUMES``), with the
-network ARCHIVE (``--solve --smooth 192``, the real-tissue setting) and, with ``--classical``, the
+network ARCHIVE (``--solve --smooth 192 --refine 192``, the real-tissue setting) and, with ``--classical``, the
 classical aligners at those settings. Per draw it prints EPE far in the first section's frame and
 in a common frame as ratios to no alignment's, the drift beside no alignment's and the CPC beside
 the oracle's, and whether the draw meets the bar of issue 19: ratio <= 0.6 first frame and <= 0.45
@@ -76,7 +76,7 @@ def main(argv=None) -> list[dict]:
         for seed in args.seed:
             shape = args.shape.split() if args.shape else VOLUMES[name]
             quality = ["--real", folder, *shape, "--seed", str(seed), "--archive", archive,
-                       "--ours", "solve1", "--smooth", "192", "--adapt", *map(str, args.adapt),
+                       "--ours", "solve1", "--smooth", "192", "--refine", "192", "--adapt", *map(str, args.adapt),
                        *(["--settings", *args.classical] if args.classical is not None else ["--methods", "none"])]
             for method, r in ratios(align_quality.main(quality)).items():
                 results.append({"volume": name, "seed": seed, "method": method, **r})
