@@ -264,7 +264,8 @@ def main(argv=None) -> dict:
                                        DEFECT_MASKS[masks](stack))
             aligned, fields, seconds = run_method(fields_fn, raw)
             name = (f"ours ({Path(archive).stem}{f', adapted {minutes:g} min' if minutes else ''}, {variant}"
-                    f"{f', smooth {smooth}' if smooth else ''}{f', defects {masks}' if masks != 'none' else ''})")
+                    f"{f', smooth {smooth}' if smooth else ''}{f', refine {args.refine}' if args.refine else ''}"
+                    f"{f', defects {masks}' if masks != 'none' else ''})")
             rows[name] = score_row(stack, aligned, fields, seconds, oracle)
             hist[name] = evaluate.cpc(aligned)
             print(f"  {name}: far median {rows[name]['far_median']:.3g} px, {rows[name]['mpx_per_s']:.3g} Mpx/s")
