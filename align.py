@@ -221,8 +221,8 @@ def run_record(args, job: tasks.Job) -> dict:
     ``--mip``, ``--bbox``, ``--defects`` (the layer's cloudpath; only when given), ``job.pair`` (``--refine`` only
     when > 0), then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or the serial tasks' ``--vote`` (when
     > 1), then ``--block`` and ``--task_chunk`` (the solve's too: its result depends a little on them), then
-    ``--mips`` (when > 0), then
-    ``--adapt`` (when > 0; ``main`` adds the adapted network's ``adapted_sha256``); a non-finite float is a string.
+    ``--mips`` (when > 0), then ``--adapt`` (when > 0; ``main`` adds the adapted network's ``adapted_sha256``); a
+    non-finite float is a string.
     Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes (``--device``,
     ``--queue``, ``--max_failures``)."""
     settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox],

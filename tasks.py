@@ -496,10 +496,10 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
 
     Each is ``alignment.pair_field`` (unsmoothed, with the two sections' defect maps) on the chunk grown by
     ``alignment.pair_context`` px (clipped to the bbox), cropped to the chunk: the network's context, the
-    whole-section shift's reach and, with ``refine``, the first pass's low-pass. Each section is normalised by its whole section's stats (its scan marker) and the
-    source moved by the pair's whole-section rigid match (the prealign marker), so the network sees on the chunk
-    what it sees there on the whole section. With one chunk covering the bbox: ``align_solved``'s pair fields
-    exactly.
+    whole-section shift's reach and, with ``refine``, the first pass's low-pass. Each section is normalised by its
+    whole section's stats (its scan marker) and the source moved by the pair's whole-section rigid match (the
+    prealign marker), so the network sees on the chunk what it sees there on the whole section. With one chunk
+    covering the bbox: ``align_solved``'s pair fields exactly.
     """
     job = Job(**job)
     marks, name = _progress(job), f"solve/pair/{z}/{x}_{y}"
