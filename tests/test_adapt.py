@@ -157,6 +157,6 @@ def test_the_benchmark_adapts_on_the_misaligned_raw_stack_alone(tmp_path, monkey
                         seen.append(sections) or real_adapt(archive, sections, *rest, **kwargs))
     results = cross_volume.main(["--test", f"isbi={tmp_path}:{ROOT / 'pt' / 'demo.pt'}", "--seed", "0",
                                  "--shape=--z_start 0 --sections 4 --size 64", "--adapt", "0", ONE_STEP])
-    assert [r["method"] for r in results] == ["ours (demo, solve1, smooth 192)",
-                                              "ours (demo, adapted 1e-06 min, solve1, smooth 192)"]
+    assert [r["method"] for r in results] == ["ours (demo, solve1, smooth 192, refine 192)",
+                                              "ours (demo, adapted 1e-06 min, solve1, smooth 192, refine 192)"]
     assert len(seen) == 1 and np.array_equal(seen[0], align_quality.real_stack(str(tmp_path), 0, 4, 64)["raw"])
