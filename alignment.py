@@ -156,8 +156,8 @@ def pair_context(settings: PairSettings, model: Pyramid) -> int:
     """px of a pair around a part of it that ``pair_field`` reads to give the whole pair's field on that part (up to
     what lies past the network's reach), on ``model``'s grid: ``settings.overlap`` (set: ``with_context``) and the
     whole-section shift's reach; with ``refine``, the first pass's low-pass (twice its radius) and reach again."""
-    context = settings.overlap + settings.prealign
-    return on_grid(context + (settings.overlap + 2 * settings.refine if settings.refine else 0), model)
+    second_pass = settings.overlap + 2 * settings.refine if settings.refine else 0
+    return on_grid(settings.overlap + settings.prealign + second_pass, model)
 
 
 def _window(start: int, length: int, chunk: int, overlap: int) -> tuple[int, int]:
@@ -234,7 +234,9 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     its time and add little the low-pass and the solve keep (bench/RESULTS.md: ``--trunc``).
     ``refine`` > 0 runs the network twice: the second pass sees the source moved
     by the first's field low-passed at that radius (its smooth part: the rest is
-    mostly tissue change) and the two are composed; on tissue the network never saw
+    mostly tissue change; a plain low-pass even beside defects, as it only places
+    the source, and the jump is the second pass's to find) and the two are
+    composed; on tissue the network never saw
     it under-reaches, and the second pass recovers part of what the first missed
     (bench/RESULTS.md: ``--refine``).
     ``defects``: the uint8 ``[H, W]`` defect maps ``(of source, of target)`` (0 none,
