@@ -23,7 +23,10 @@ fields (and of the zero field), and the least-squares slope of the pair fields
 on the true ones (1: the network recovers all of the motion; below 1: it
 hedges toward zero), per smoothing radius; and what that low-pass alone costs:
 the median EPE far from defects of the low-passed true fields (the floor of
-any setting with that radius).
+any setting with that radius). With ``--true_pairs`` every setting also solves the
+true relative fields (``true_pair_fields``): its rows "on true pairs" are what the
+solve's settings cost with a perfect network, in every column (near and inside
+defects too).
 """
 from __future__ import annotations
 
@@ -49,12 +52,22 @@ from models.archive import load_archive
 from solve import low_pass, neighbour_pairs
 
 
+def true_pair_fields(truth: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """The true relative fields ``[E, 2, H, W]`` (px) of ``pairs``, as ``pair_field`` would ideally find them.
+
+    truth ``[Z, 2, H, W]``: the fields that pull each raw section into one common
+    frame (any: it cancels); pair ``(s, t)``, pulling raw section s onto raw
+    section t, is ``compose(truth_s, invert(truth_t))``.
+    """
+    return torch.cat([compose(truth[s:s + 1], invert_field(truth[t:t + 1])) for s, t in pairs])
+
+
 def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:
     """How well pair fields ``[E, 2, H, W]`` (px) match the truth, over the pairs of neighbours.
 
     raw: uint8 ``[Z, H, W]``; truth ``[Z, 2, H, W]``: the fields that pull each raw
     section into one common frame (any: it cancels), so pair ``(s, t)`` truly is
-    ``compose(truth_s, invert(truth_t))``. Medians over the pairs of each pair's
+    ``true_pair_fields``. Medians over the pairs of each pair's
     median EPE (where both sections show tissue), of the zero field's, and of the
     least-squares slope of the pair field on the true one.
     """
@@ -62,7 +75,7 @@ def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:
     for (s, t), field in zip(pairs, fields):
         if abs(s - t) != 1:
             continue
-        true = compose(truth[s:s + 1], invert_field(truth[t:t + 1]))[0]
+        true = true_pair_fields(truth, [(s, t)])[0]
         valid = torch.from_numpy((raw[s] > 0) & (raw[t] > 0))
         epe.append(float(vector_length(field - true)[valid].median()))
         zero.append(float(vector_length(true)[valid].median()))
@@ -127,12 +140,14 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
 
     oracle = float(np.mean(evaluate.cpc(apply_field(raw, truth))))  # a CPC above it: warping tissue
     rows = {"no alignment": evaluate.score(raw, np.zeros(truth.shape, np.float32), truth, stack["defects"])}
-    for n, smooth, pull, detail, robust in tqdm(settings, desc="settings"):
+    sources = [("", fields)] + ([(" on true pairs", true_pair_fields(truth, pairs))] if args.true_pairs else [])
+    for (n, smooth, pull, detail, robust), (which, given) in tqdm(list(itertools.product(settings, sources)),
+                                                                  desc="settings"):
         keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]
         solve = SolveSettings(neighbours=n, pull=pull, robust=robust, detail_pull=detail)
-        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], fields[keep], solve, smooth, defects=marks)
+        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], given[keep], solve, smooth, defects=marks)
         name = f"solve{n} smooth {smooth}{f' detail {detail:g}' if smooth else ''} pull {pull:g} robust {robust:g}"
-        rows[name] = evaluate.score(aligned, solved.numpy(), truth, stack["defects"])
+        rows[name + which] = evaluate.score(aligned, solved.numpy(), truth, stack["defects"])
     for row in rows.values():
         row["oracle_cpc"] = oracle
     return rows
@@ -153,6 +168,9 @@ def main(argv=None) -> dict:
     p.set_defaults(smooth=[0, 96])  # the sweep's: without and with the demo's low-pass
     p.add_argument("--defects", choices=list(DEFECT_MASKS), default="none",
                    help="the defect masks the alignment is given (align.py --defects): the stack's true ones or none")
+    p.add_argument("--true_pairs", action="store_true",
+                   help="also solve the true relative fields with every setting (rows 'on true pairs'): what the "
+                        "setting costs with perfect pair fields, e.g. near defects")
     p.add_argument("--best", type=int, default=15, help="rows to print")
     p.add_argument("--cache", help="keep the pair fields in this file (one per draw: FILE.seedS.pt when several) "
                                    "and reuse them when the stack and network match")

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from bench import solve_sweep
+from models.archive import save_archive
+from models import Pyramid
 
 
 def stack_with_shifts():
@@ -23,6 +25,27 @@ def test_true_pair_fields_score_zero_error_and_slope_one():
     out = solve_sweep.pair_accuracy(raw, truth, pairs, fields)
     assert out["pair_epe"] == pytest.approx(0, abs=1e-4) and out["slope"] == pytest.approx(1)
     assert out["pair_epe_zero_field"] == pytest.approx(2.5)  # median of 2, 2, 3, 3
+
+
+def test_true_pair_fields_are_the_differences_of_shifts():
+    _, truth = stack_with_shifts()
+    pairs = [(0, 1), (2, 1), (0, 2)]
+    fields = solve_sweep.true_pair_fields(truth, pairs)
+    assert fields.shape == (3, 2, 16, 16)
+    assert torch.allclose(fields[:, 0, 8, 8], torch.tensor([-2.0, 3.0, -5.0]), atol=1e-4)
+    assert torch.allclose(fields[:, 1], torch.zeros(3, 16, 16), atol=1e-4)
+
+
+def test_the_solve_on_true_pairs_recovers_the_truth_where_the_network_does_not(tmp_path):
+    """``--true_pairs``: each setting's row again on perfect pair fields (here: an untrained network's beside)."""
+    torch.manual_seed(0)
+    archive = save_archive(tmp_path / "net.pt", Pyramid(size=3, k=3, corr_radius=1, aligner_widths=(8, 8)),
+                           summary={"name": "net"})
+    rows = solve_sweep.main(["--archive", str(archive), "--phantom", "static", "--sections", "3", "--size", "96",
+                             "--smooth", "0", "--pull", "0.0003", "--prealign", "0", "--true_pairs"])
+    ours, perfect = rows["solve1 smooth 0 pull 0.0003 robust 4"], rows["solve1 smooth 0 pull 0.0003 robust 4 on true pairs"]
+    assert perfect["far_median"] < 0.2 < rows["no alignment"]["far_median"]
+    assert perfect["far_median"] < ours["far_median"]
 
 
 def test_half_the_motion_scores_slope_one_half():
