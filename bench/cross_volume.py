@@ -1,6 +1,6 @@
 """Cross-volume evaluation: each network on a real volume it was not trained on, several draws, both frames.
 
-    python -m bench.cross_volume --test isbi=$ISBI_DIR:pt/real_tissue.pt [--test snemi=$SNEMI_DIR:pt/OTHER.pt] \
+    python -m bench.cross_volume --test isbi=$ISBI_DIR:pt/real_tissue.pt [--test snemi=$SNEMI_DIR:pt/fly_tissue.pt] \
         [--seed 0 1 2] [--classical affine patch64] [--adapt 0 5 15]
 
 Each ``--test NAME=FOLDER:ARCHIVE`` aligns draws of the registered sections in FOLDER, misaligned with
