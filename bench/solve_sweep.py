@@ -66,8 +66,8 @@ def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:
     """How well pair fields ``[E, 2, H, W]`` (px) match the truth, over the pairs of neighbours.
 
     raw: uint8 ``[Z, H, W]``; truth ``[Z, 2, H, W]``: the fields that pull each raw
-    section into one common frame (any: it cancels), so pair ``(s, t)`` truly is
-    ``true_pair_fields``. Medians over the pairs of each pair's
+    section into one common frame (any: it cancels), whose pairs ``true_pair_fields``
+    gives. Medians over the pairs of each pair's
     median EPE (where both sections show tissue), of the zero field's, and of the
     least-squares slope of the pair field on the true one.
     """

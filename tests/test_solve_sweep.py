@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bench import solve_sweep
-from models.archive import save_archive
 from models import Pyramid
+from models.archive import save_archive
 
 
 def stack_with_shifts():
@@ -43,7 +43,8 @@ def test_the_solve_on_true_pairs_recovers_the_truth_where_the_network_does_not(t
                            summary={"name": "net"})
     rows = solve_sweep.main(["--archive", str(archive), "--phantom", "static", "--sections", "3", "--size", "96",
                              "--smooth", "0", "--pull", "0.0003", "--prealign", "0", "--true_pairs"])
-    ours, perfect = rows["solve1 smooth 0 pull 0.0003 robust 4"], rows["solve1 smooth 0 pull 0.0003 robust 4 on true pairs"]
+    setting = "solve1 smooth 0 pull 0.0003 robust 4"
+    ours, perfect = rows[setting], rows[setting + " on true pairs"]
     assert perfect["far_median"] < 0.2 < rows["no alignment"]["far_median"]
     assert perfect["far_median"] < ours["far_median"]
 
