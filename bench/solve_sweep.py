@@ -62,24 +62,22 @@ def true_pair_fields(truth: torch.Tensor, pairs: list[tuple[int, int]]) -> torch
     return torch.cat([compose(truth[s:s + 1], invert_field(truth[t:t + 1])) for s, t in pairs])
 
 
-def pair_accuracy(raw, truth, pairs, fields) -> dict[str, float]:
-    """How well pair fields ``[E, 2, H, W]`` (px) match the truth, over the pairs of neighbours.
+def pair_accuracy(raw, pairs, fields, true) -> dict[str, float]:
+    """How well pair fields ``[E, 2, H, W]`` (px) match the true ones, over the pairs of neighbours.
 
-    raw: uint8 ``[Z, H, W]``; truth ``[Z, 2, H, W]``: the fields that pull each raw
-    section into one common frame (any: it cancels), whose pairs ``true_pair_fields``
-    gives. Medians over the pairs of each pair's
-    median EPE (where both sections show tissue), of the zero field's, and of the
-    least-squares slope of the pair field on the true one.
+    raw: uint8 ``[Z, H, W]``; true: the pairs' true relative fields ``[E, 2, H, W]``
+    (``true_pair_fields``). Medians over the pairs of each pair's median EPE (where
+    both sections show tissue), of the zero field's, and of the least-squares slope
+    of the pair field on the true one.
     """
     epe, zero, slope = [], [], []
-    for (s, t), field in zip(pairs, fields):
+    for (s, t), field, exact in zip(pairs, fields, true):
         if abs(s - t) != 1:
             continue
-        true = true_pair_fields(truth, [(s, t)])[0]
         valid = torch.from_numpy((raw[s] > 0) & (raw[t] > 0))
-        epe.append(float(vector_length(field - true)[valid].median()))
-        zero.append(float(vector_length(true)[valid].median()))
-        slope.append(float((field * true).sum(0)[valid].sum() / (true * true).sum(0)[valid].sum()))
+        epe.append(float(vector_length(field - exact)[valid].median()))
+        zero.append(float(vector_length(exact)[valid].median()))
+        slope.append(float((field * exact).sum(0)[valid].sum() / (exact * exact).sum(0)[valid].sum()))
     return {"pair_epe": float(np.median(epe)), "pair_epe_zero_field": float(np.median(zero)),
             "slope": float(np.median(slope))}
 
@@ -131,8 +129,9 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
             torch.save({"key": key, "fields": fields}, cache)
 
     defects = evaluate.defects_in_output_frame(stack["defects"], truth)
+    true = true_pair_fields(truth, pairs)
     for smooth in args.smooth:
-        accuracy = pair_accuracy(raw, truth, pairs, low_pass(fields, smooth))
+        accuracy = pair_accuracy(raw, pairs, low_pass(fields, smooth), true)
         floor = evaluate.epe(low_pass(truth, smooth), truth, defects, raw > 0)["far_median"]
         print(f"pair fields, smooth {smooth}: median EPE {accuracy['pair_epe']:.2f} px "
               f"(zero field {accuracy['pair_epe_zero_field']:.2f}), slope on the truth {accuracy['slope']:.2f}; "
@@ -140,7 +139,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
 
     oracle = float(np.mean(evaluate.cpc(apply_field(raw, truth))))  # a CPC above it: warping tissue
     rows = {"no alignment": evaluate.score(raw, np.zeros(truth.shape, np.float32), truth, stack["defects"])}
-    sources = [("", fields)] + ([(" on true pairs", true_pair_fields(truth, pairs))] if args.true_pairs else [])
+    sources = [("", fields)] + ([(" on true pairs", true)] if args.true_pairs else [])
     for (n, smooth, pull, detail, robust), (which, given) in tqdm(list(itertools.product(settings, sources)),
                                                                   desc="settings"):
         keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]

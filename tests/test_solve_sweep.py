@@ -22,7 +22,7 @@ def test_true_pair_fields_score_zero_error_and_slope_one():
     for e, (s, t) in enumerate(pairs):
         fields[e, 0] = truth[s, 0, 0, 0] - truth[t, 0, 0, 0]  # shifts compose by adding
     fields[4] = 100.0
-    out = solve_sweep.pair_accuracy(raw, truth, pairs, fields)
+    out = solve_sweep.pair_accuracy(raw, pairs, fields, solve_sweep.true_pair_fields(truth, pairs))
     assert out["pair_epe"] == pytest.approx(0, abs=1e-4) and out["slope"] == pytest.approx(1)
     assert out["pair_epe_zero_field"] == pytest.approx(2.5)  # median of 2, 2, 3, 3
 
@@ -54,7 +54,7 @@ def test_half_the_motion_scores_slope_one_half():
     pairs = [(0, 1), (1, 2)]
     fields = torch.zeros(2, 2, 16, 16)
     fields[0, 0], fields[1, 0] = -1.0, -1.5
-    out = solve_sweep.pair_accuracy(raw, truth, pairs, fields)
+    out = solve_sweep.pair_accuracy(raw, pairs, fields, solve_sweep.true_pair_fields(truth, pairs))
     assert out["slope"] == pytest.approx(0.5) and out["pair_epe"] == pytest.approx(1.25)
 
 
