@@ -254,7 +254,8 @@ class Objective:
     lambda0, lambda1, lambda6, lambda_gt: the weights of the similarity,
     smoothness, consensus and supervised terms (``total_cost``); the last two
     are computed only when their weight is > 0, the first two always.
-    lambda2 .. lambda5: the relative weights near and inside defects (masks.py).
+    lambda2 .. lambda5: the relative weights near and inside defects (masks.py);
+    lambda4 and lambda5 weigh the supervised term too.
     mask_smooth_radius: px at full resolution, the box filter of the smoothness
     weights. padding: px at full resolution, the border band that weighs 0.
     """
@@ -333,7 +334,11 @@ def pair_loss(model: Callable, batch: Mapping[str, torch.Tensor], objective: Obj
     ``[N, 1, H, W]``, ``field`` ``[N, 2, H, W]`` px and ``has_field`` bool ``[N]``.
     The images are mean-pooled and the masks max-pooled to ``level``; the
     similarity compares the warped source with the target, the supervised term
-    (``lambda_gt > 0``) scores the field against ``field`` where ``has_field``.
+    (``lambda_gt > 0``) scores the field against ``field`` where ``has_field``, each
+    pixel weighed as in the similarity (``lambda4`` near a defect, ``lambda5``
+    inside one, 0 without data): near a crack or fold is where the field jumps
+    and the network errs most, and the few pixels there would otherwise count
+    for little (bench/RESULTS.md, 2026-12-05).
     cost: scalar tensor. log: floats ``similarity``, ``smoothness``, ``consensus``,
     ``epe`` (those in use), ``total``, and the diagnostics ``identity`` (similarity
     of the unaligned pair) and ``field_px`` (mean |field| in full-resolution
@@ -355,7 +360,7 @@ def pair_loss(model: Callable, batch: Mapping[str, torch.Tensor], objective: Obj
         rotated = model(src.flip(-1, -2), tgt.flip(-1, -2), trunc=level).field
         terms["consensus"] = consensus(field, rotated)
     if objective.lambda_gt > 0 and bool(batch["has_field"].any()):
-        known = batch["has_field"].view(-1, 1, 1, 1).float() * (~missing).float()
+        known = batch["has_field"].view(-1, 1, 1, 1).float() * sim_w  # defects weigh as in the similarity
         terms["epe"] = epe(field, downsample_field(batch["field"], scale), known)
     total, log = total_cost(terms, asdict(objective))
     with torch.no_grad():

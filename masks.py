@@ -13,7 +13,8 @@ Masks become *weights* through the ``lambda`` family of the seed's training:
   the field bend there);
 * ``lambda3`` — relative smoothness weight inside defects (almost always 0);
 * ``lambda4`` — relative similarity weight near defects (usually 5-10: focus the
-  network on fixing the defects);
+  network on fixing the defects); the supervised end-point error, where a true
+  field is known, is weighed the same way (``loss.pair_loss``);
 * ``lambda5`` — relative similarity weight inside defects (almost always 0).
 
 Normal pixels weigh 1 in both. Smoothness weights are then blurred by a box

@@ -275,6 +275,18 @@ def test_the_supervised_error_is_taken_at_the_level_where_the_field_is_known():
     assert log["epe"] == pytest.approx(1)
 
 
+def test_the_supervised_error_weighs_defects_as_the_similarity_does():
+    batch = pair_batch(texture(1))
+    batch["field"][..., :8] = 3.0  # the true field: (3, 3) px in the 8 left columns ...
+    batch["tgt_mask"][..., :8] = 1  # ... which lie near a defect: they weigh lambda4
+    batch["src_mask"][..., 24:] = 2  # inside a defect: lambda5 (0 here), whatever the error there
+    batch["field"][..., 24:] = 100.0
+    _, log, _ = loss.pair_loss(constant(0.0, 0.0), batch, objective(lambda_gt=1.0, lambda4=4.0, lambda5=0.0), 0)
+    assert log["epe"] == pytest.approx(4 * 8 * math.hypot(3, 3) / (4 * 8 + 16))
+    _, log, _ = loss.pair_loss(constant(0.0, 0.0), batch, objective(lambda_gt=1.0, lambda4=1.0, lambda5=0.0), 0)
+    assert log["epe"] == pytest.approx(8 * math.hypot(3, 3) / 24)
+
+
 def test_images_are_mean_pooled_and_masks_max_pooled_to_the_level():
     batch = pair_batch(texture(1))
     batch["tgt_mask"][0, 0, 2, 3] = 1  # near a defect: the level-1 pixel (1, 1) weighs lambda4
