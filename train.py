@@ -70,8 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the smoothness penalty against similarity")
     g.add_argument("--lambda2", type=finite_float, default=0.04, help="relative smoothness weight near defects")
     g.add_argument("--lambda3", type=finite_float, default=0.0, help="relative smoothness weight inside defects")
-    g.add_argument("--lambda4", type=finite_float, default=5.0, help="relative similarity (and supervised) weight near defects")
-    g.add_argument("--lambda5", type=finite_float, default=0.0, help="relative similarity (and supervised) weight inside defects")
+    g.add_argument("--lambda4", type=finite_float, default=5.0,
+                   help="relative similarity (and supervised) weight near defects")
+    g.add_argument("--lambda5", type=finite_float, default=0.0,
+                   help="relative similarity (and supervised) weight inside defects")
     g.add_argument("--lambda6", type=finite_float, default=0.0,
                    help="weight of the consensus penalty (the pair rotated by 180 degrees must agree)")
     g.add_argument("--lambda_gt", type=finite_float, default=0.0,
