@@ -16,10 +16,10 @@ told by channels and dtype), is refused in one line before anything is scored.
 * EPE: ``|field - truth|`` per pixel, split into far from defects, near (within
   ``near`` px) and inside defects; median and 95th percentile.
 * foldovers: fraction of pixels where ``p -> p + field(p)`` folds (Jacobian
-  determinant <= 0); ``foldovers_outside``: the same among the pixels more than
-  ``margin`` px from a defect of any section of the stack (fields into a common
-  frame inherit every section's folds: a fold of the reference folds every
-  field, the true ones too).
+  determinant <= 0); ``foldovers_spurious``: the fraction of pixels that fold
+  more than ``margin`` px from every pixel where the true field of the same
+  section folds (a fold's true field folds over: the tissue doubled in it, and
+  fields into a common frame inherit the reference's folds, the true ones too).
 * drift: per section, the length of the mean of ``field - truth``; mean and
   largest over the stack (a random walk of pairwise errors shows here).
 * far (common frame): the median EPE far from defects once the stack's mean
@@ -129,17 +129,12 @@ def foldovers(field) -> float:
     return float((jacobian_determinant(to_tensor(field)) <= 0).float().mean())
 
 
-def foldovers_outside(field, defects, margin: float = 5) -> float:
-    """``foldovers`` among the pixels farther than ``margin`` px from every defect of the stack.
-
-    field: ``[Z, 2, H, W]``; defects: ``[Z, H, W]`` in the fields' frame (``> 0`` defect). A pixel counts for
-    every section when no section has a defect within ``margin`` px of it (the union over the stack: a field
-    into a common frame folds where another section's fold lies). NaN when no pixel counts.
-    """
-    anywhere = (torch.as_tensor(defects) > 0).any(0)[None, None].float()
-    outside = (masks.distance_to_defect(anywhere, margin + 1)[0, 0] > margin)[:-1, :-1]
+def foldovers_spurious(field, truth, margin: int = 5) -> float:
+    """The fraction of pixels whose map folds (``foldovers``) more than ``margin`` px (a square) from every pixel
+    where the true field of the same section folds. field, truth: ``[Z, 2, H, W]`` px, in one frame."""
     fold = jacobian_determinant(to_tensor(field)) <= 0
-    return float(fold[:, outside].float().mean()) if outside.any() else float("nan")
+    true_fold = masks.dilated(jacobian_determinant(to_tensor(truth)) <= 0, margin)
+    return float((fold & ~true_fold).float().mean())
 
 
 def drift(field, truth, valid=None) -> dict[str, float]:
@@ -167,8 +162,7 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
         valid = to_tensor(aligned) > 0
         frame = defects_in_output_frame(defects, truth) if defects is not None else None
         out.update(epe(field, truth, frame, valid, near))
-        if frame is not None:
-            out["foldovers_outside"] = foldovers_outside(field, frame)
+        out["foldovers_spurious"] = foldovers_spurious(field, truth)
         out.update(drift(field, truth, valid))
         out["far_common"] = epe(common_frame(field, truth, valid), truth, frame, valid, near)["far_median"]
     return out

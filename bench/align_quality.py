@@ -55,7 +55,7 @@ DEFECT_MASKS = {"given": lambda stack: stack["defects"],  # the true masks
                 "detected": detected_defects,  # what a user without a defect layer can have
                 "none": lambda stack: None}  # --defects WHICH: the masks our network aligns with
 COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean", "cpc_mean",
-           "oracle_cpc", "foldovers", "foldovers_outside", "mpx_per_s"]
+           "oracle_cpc", "foldovers", "foldovers_spurious", "mpx_per_s"]
 
 
 def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:

@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
           "identity's in the same draw (mean, and the worst draw); sorted by EPE far in a common frame")
     evaluate.print_table(rows, ["far_median", "far_common", "far_ratio", "far_ratio_max", "common_ratio",
                                 "common_ratio_max", "near_median", "inside_median", "drift_mean", "cpc_mean",
-                                "oracle_cpc", "foldovers", "foldovers_outside"])
+                                "oracle_cpc", "foldovers", "foldovers_spurious"])
     return rows
 
 

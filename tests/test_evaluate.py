@@ -54,17 +54,17 @@ def test_foldovers_and_drift():
     assert d["drift_mean"] == pytest.approx((3 + 5) / 2) and d["drift_max"] == pytest.approx(5)
 
 
-def test_foldovers_outside_skips_pixels_near_a_defect_of_any_section():
+def test_foldovers_spurious_counts_only_folds_away_from_the_truths():
     field = torch.zeros(2, 2, 20, 20)
     field[1, 0, :, 10:] = -3.0  # section 1 folds between columns 9 and 10: 19 of its 19 x 19 determinants
-    defects = torch.zeros(2, 20, 20, dtype=torch.uint8)
-    defects[0, :, 10] = 2       # a fold of section 0 (the other section) there: the fold is inherited, not counted
-    assert evaluate.foldovers(field) == pytest.approx(19 / (2 * 19 * 19))
-    assert evaluate.foldovers_outside(field, defects) == 0
-    defects[0, :, 10], defects[0, :, 0] = 0, 1  # a crack 9 px away: counted, among columns 6-18 of both sections
-    assert evaluate.foldovers_outside(field, defects) == pytest.approx(19 / (2 * 19 * 13))
-    defects[:] = 1  # no pixel away from a defect
-    assert np.isnan(evaluate.foldovers_outside(field, defects))
+    truth = torch.zeros_like(field)
+    assert evaluate.foldovers(field) == evaluate.foldovers_spurious(field, truth) == pytest.approx(19 / (2 * 19 * 19))
+    truth[1, 0, :, 14:] = -3.0  # the true field of section 1 folds 4 px away (columns 13-14): not spurious
+    assert evaluate.foldovers_spurious(field, truth) == 0
+    truth[1], truth[0] = 0, field[1]  # the truth folds there, but in the other section: spurious
+    assert evaluate.foldovers_spurious(field, truth) == pytest.approx(19 / (2 * 19 * 19))
+    truth[0], truth[1, 0, :, 16:] = 0, -3.0  # 6 px away: beyond the margin
+    assert evaluate.foldovers_spurious(field, truth) == pytest.approx(19 / (2 * 19 * 19))
 
 
 def test_common_frame_removes_an_error_shared_by_every_section():
