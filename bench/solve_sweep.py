@@ -47,7 +47,7 @@ from bench.align_quality import DEFECT_MASKS, held_out_stack, registration_check
 from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,
                        settings_from_args, solve_pairs)
 from demo import PHANTOMS
-from helpers import UserError, compose, in_frame_of, invert_field, run_main, vector_length
+from helpers import UserError, compose, file_sha256, in_frame_of, invert_field, run_main, vector_length
 from models.archive import load_archive
 from solve import low_pass, neighbour_pairs
 
@@ -113,7 +113,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
     pair, _ = settings_from_args(args, smooth=0)  # the pair fields are low-passed by each setting's solve
     marks = DEFECT_MASKS[args.defects](stack)  # the defect maps the alignment is given, or None
-    key = [str(Path(args.archive).resolve()), args.real, args.phantom, seed, args.reregister, args.z_start,
+    key = [file_sha256(args.archive), args.real, args.phantom, seed, args.reregister, args.z_start,
            args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pairs, args.defects]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
                         "setting costs with perfect pair fields, e.g. near defects")
     p.add_argument("--best", type=int, default=15, help="rows to print")
     p.add_argument("--cache", help="keep the pair fields in this file (one per draw: FILE.seedS.pt when several) "
-                                   "and reuse them when the stack and network match")
+                                   "and reuse them when the stack, the settings and the archive's bytes match")
     args = p.parse_args(argv)
     if args.real and not Path(args.real).is_dir():
         print(f"skipped: {args.real} is not a folder")

@@ -68,3 +68,21 @@ def test_summarise_averages_draws_and_scores_each_against_its_own_identity():
     assert out["solve"]["far_ratio"] == pytest.approx(0.5) and out["solve"]["far_ratio_max"] == pytest.approx(0.6)
     assert out["solve"]["common_ratio"] == pytest.approx(0.375) and out["solve"]["common_ratio_max"] == pytest.approx(0.5)
     assert out["no alignment"]["far_ratio"] == pytest.approx(1.0)
+
+
+def test_the_cache_is_reused_for_the_same_archive_and_not_for_a_new_one_at_its_path(tmp_path, monkeypatch):
+    """``--cache``: the pair fields are computed once per network; an archive re-trained to the same path (other
+    bytes) computes them again instead of scoring the old network's fields."""
+    calls = []
+    real_pair_field = solve_sweep.pair_field
+    monkeypatch.setattr(solve_sweep, "pair_field", lambda *a, **k: calls.append(1) or real_pair_field(*a, **k))
+    archive = tmp_path / "net.pt"
+    argv = ["--archive", str(archive), "--phantom", "static", "--sections", "3", "--size", "64", "--smooth", "0",
+            "--prealign", "0", "--cache", str(tmp_path / "fields.pt")]
+    counts = []
+    for seed in (0, 0, 1):  # the same network twice, then another one written to the same path
+        torch.manual_seed(seed)
+        save_archive(archive, Pyramid(size=3, k=3, corr_radius=1, aligner_widths=(8, 8)), summary={"name": "net"})
+        solve_sweep.main(argv)
+        counts.append(len(calls))
+    assert counts[0] == 4 and counts[1] == 4 and counts[2] == 8
