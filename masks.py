@@ -118,13 +118,20 @@ def tissue_box_mean(x: torch.Tensor, tissue: torch.Tensor, radius: int, passes: 
     meets one of its pixels). float32; 0 off the tissue. Without a gap in the window, exactly ``box_mean``'s value
     (up to float rounding). The windows are found once, on ``tissue`` as given (e.g. ``[..., 1, H, W]`` for fields
     ``[..., 2, H, W]``); each pass runs along contiguous rows (the column pass on the transpose). A ``tissue``
-    without a gap is ``box_mean``, ``passes`` times."""
+    without a gap is ``box_mean``, ``passes`` times, and so is each image (along the first dim, when ``tissue`` has
+    one per image) without a gap."""
     if radius <= 0:
         return x.float().masked_fill(~tissue.expand_as(x), 0)
     if tissue.all():  # no gap anywhere: the plain box mean
         for _ in range(passes):
             x = box_mean(x, radius)
         return x
+    gappy = (~tissue).flatten(1).any(1) if tissue.dim() == x.dim() > 2 and len(tissue) == len(x) > 1 else None
+    if gappy is not None and not gappy.all():  # the images (along the first dim) without a gap: the plain one
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for these in (gappy, ~gappy):
+            out[these] = tissue_box_mean(x[these], tissue[these], radius, passes)
+        return out
     rows, columns = _run_window(tissue, radius), _run_window(tissue.transpose(-1, -2).contiguous(), radius)
     out = x.double()
     for _ in range(passes):
@@ -200,6 +207,16 @@ def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[int, int, int, int]:
             max(int(columns[0]) - margin, 0), min(int(columns[-1]) + 1 + margin, w))
 
 
+@functools.lru_cache(maxsize=8)
+def _inverse_square_spectrum(reach: int, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``rfft2`` (float64, padded to ``size``) of the kernel ``1 / d²`` for ``0 < d <= reach`` px, 0 elsewhere
+    (``[2 reach + 1]²``): one per reach and box size, kept for the next call (``_unfolded`` asks for the same)."""
+    offsets = torch.arange(-reach, reach + 1, dtype=torch.float64, device=device)
+    squared = offsets[:, None] ** 2 + offsets[None] ** 2
+    kernel = torch.where((squared > 0) & (squared <= reach ** 2), 1 / squared.clamp(min=1), 0)
+    return torch.fft.rfft2(kernel, size)
+
+
 def _rim_sums(x: torch.Tensor, hole: torch.Tensor, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(total, weight)`` float64: the sums over the rim of the holes (the pixels outside ``hole``, bool broadcast
     to ``x`` ``[..., H, W]``, next to one, 8-connected) of ``x`` and of 1, each weighted by ``1 / d²`` (``d`` px,
@@ -207,11 +224,8 @@ def _rim_sums(x: torch.Tensor, hole: torch.Tensor, reach: int) -> tuple[torch.Te
     whatever ``reach``, the image's edges replicated (a band that leaves the image goes on)."""
     h, w = x.shape[-2:]
     rim = (dilated(hole, 1) & ~hole).double()
-    offsets = torch.arange(-reach, reach + 1, dtype=torch.float64, device=x.device)
-    squared = offsets[:, None] ** 2 + offsets[None] ** 2
-    kernel = torch.where((squared > 0) & (squared <= reach ** 2), 1 / squared.clamp(min=1), 0)
     size = (h + 2 * reach, w + 2 * reach)
-    spectrum = torch.fft.rfft2(kernel, size)
+    spectrum = _inverse_square_spectrum(reach, size, x.device)
 
     def convolve(y: torch.Tensor) -> torch.Tensor:
         padded = F.pad(y.reshape(-1, 1, h, w), (reach,) * 4, mode="replicate").reshape(*y.shape[:-2], *size)

@@ -55,8 +55,18 @@ def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = No
     by more than the fold is wide in the image), the hole widens into the tissue beside it until it does not
     (``_unfolded``). Without a defect or untrusted pixel the result is the plain low-pass, bit for bit.
     """
-    if (defects is None or not defects.any()) and (untrusted is None or not untrusted.any()):
+    marked = torch.zeros(field.shape[:-3], dtype=torch.bool, device=field.device)  # per image: a defect or untrusted
+    for where in (defects, untrusted):
+        marked = marked if where is None else marked | where.flatten(-2).any(-1).bool()
+    if not marked.any():
         return box_mean(box_mean(field, radius), radius) if radius else field
+    if not marked.all():  # the images (along the leading dims) without either: the plain low-pass
+        images = field.reshape(-1, *field.shape[-3:])
+        marked, out = marked.reshape(-1), torch.empty(images.shape, dtype=torch.float32, device=field.device)
+        out[~marked] = low_pass(images[~marked], radius)
+        out[marked] = low_pass(images[marked], radius,
+                               *(None if m is None else m.reshape(-1, *m.shape[-2:])[marked] for m in (defects, untrusted)))
+        return out.reshape(field.shape)
     tissue = torch.ones_like(field[..., :1, :, :], dtype=torch.bool) if defects is None else \
         (defects == 0).unsqueeze(-3)
     known = tissue if untrusted is None or not untrusted.any() else tissue & ~untrusted.unsqueeze(-3)
@@ -81,17 +91,19 @@ def _unfolded(field: torch.Tensor, hole: torch.Tensor, steps: int = 12, reach: i
     shape = field.shape
     out = interpolate_holes(field, hole)
     field, hole, out = (x.reshape(-1, *x.shape[-3:]) for x in (field, hole, out))  # [N, C, H, W]
+    active = hole.flatten(1).any(1).nonzero()[:, 0]  # the images still widening: one that stops never changes
     for _ in range(steps):
-        fold = F.pad((jacobian_determinant(out) <= 0)[:, None].float(), (0, 1, 0, 1)) > 0
-        near = fold & dilated(hole, 2)
+        fold = F.pad((jacobian_determinant(out[active]) <= 0)[:, None].float(), (0, 1, 0, 1)) > 0
+        near = fold & dilated(hole[active], 2)
         some = near.flatten(1).any(1)  # only the images that fold at a hole
-        if not some.any():
+        active, near = active[some], near[some]
+        if not len(active):
             break
-        grown = hole[some] | (dilated(hole[some], 2) & dilated(near[some], reach))
-        redo = dilated(grown & ~hole[some], HOLE_REACH + 1)  # the pixels within reach of a rim pixel that changed
-        out[some] = torch.where(redo, interpolate_holes(field[some], grown, where=redo), out[some])
+        grown = hole[active] | (dilated(hole[active], 2) & dilated(near, reach))
+        redo = dilated(grown & ~hole[active], HOLE_REACH + 1)  # the pixels within reach of a rim pixel that changed
+        out[active] = torch.where(redo, interpolate_holes(field[active], grown, where=redo), out[active])
         hole = hole.clone()
-        hole[some] = grown
+        hole[active] = grown
     return out.reshape(shape)
 
 
@@ -248,10 +260,13 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     detail = fields - coarse if marks is None else (fields - coarse) * (marks == 0)  # none inside the pair's defects
     bands = [coarse if marks is None else fields] + ([detail] if len(pulls) > 1 else [])
     if marks is not None:  # each pair's jumps at its source's and at its target's defects: r's low-pass within
-        garbage = marks[:, 0] > 0  # the one's tissue less that across every defect (0 beyond 2 smooth of them)
-        across = low_pass(fields, smooth, untrusted=garbage)
+        has = (marks > 0).flatten(1).any(1)  # the one's tissue less that across every defect (0 beyond 2 smooth of them,
+        garbage = marks[has, 0] > 0  # and in a pair without a defect)
+        across = low_pass(fields[has], smooth, untrusted=garbage)
         at_source = torch.stack([pair_defects(f, defects[s], None) for (s, _), f in zip(pairs, fields)])
-        jumps = [low_pass(fields, smooth, at, garbage) - across for at in (at_source, defects[targets])]
+        jumps = [torch.zeros_like(fields) for _ in range(2)]
+        for jump, at in zip(jumps, (at_source[has], defects[targets[has]])):
+            jump[has] = low_pass(fields[has], smooth, at, garbage) - across
     trusted = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
     solution = torch.zeros(count, 2, h, w, device=fields.device)
     base = current = trusted

@@ -113,6 +113,23 @@ def test_untrusted_pixels_are_left_out_without_stopping_the_boxes():
     assert torch.equal(low_pass(field, 4, untrusted=torch.zeros_like(band)), low_pass(field, 4))
 
 
+def test_each_image_of_a_batch_is_low_passed_as_on_its_own():
+    """Only the images with a defect or untrusted pixel take the masked path: the others are the plain low-pass bit for
+    bit, and the masked ones are what they are alone (a section's defects never change its neighbour's)."""
+    field, crack = crack_field()
+    fields = torch.stack([field, field.flip(-1), field + 1])  # [3, 2, H, W]: a crack in the first only
+    defects, untrusted = torch.zeros(3, *crack.shape, dtype=torch.uint8), torch.zeros(3, *crack.shape, dtype=torch.bool)
+    defects[0], untrusted[1, 20:24] = crack, True  # and an untrusted band in the second
+    batch = low_pass(fields, 8, defects, untrusted)
+    assert torch.equal(batch[2], box_mean(box_mean(fields[2:], 8), 8)[0])
+    assert torch.allclose(batch[0], low_pass(field, 8, crack), atol=1e-6)
+    assert torch.allclose(batch[1], low_pass(fields[1], 8, untrusted=untrusted[1]), atol=1e-6)
+    tissue = defects[:, None] == 0  # the same within masks.tissue_box_mean, per image
+    boxed = tissue_box_mean(fields, tissue, 8)
+    assert torch.equal(boxed[1:], box_mean(fields[1:], 8))
+    assert torch.allclose(boxed[0], tissue_box_mean(field, tissue[0], 8), atol=1e-6)
+
+
 def test_a_stack_without_a_defect_solves_bit_for_bit_as_without_masks():
     pairs = [(0, 1), (1, 0), (1, 2), (2, 1)]
     fields = torch.randn(4, 2, 32, 32)
