@@ -207,6 +207,12 @@ def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[int, int, int, int]:
             max(int(columns[0]) - margin, 0), min(int(columns[-1]) + 1 + margin, w))
 
 
+def _fast_length(n: int) -> int:
+    """The smallest ``2^a 3^b 5^c >= n`` (``n`` >= 1): an FFT length that is quick to transform."""
+    powers = range(n.bit_length() + 1)
+    return min(m for m in (2 ** a * 3 ** b * 5 ** c for a in powers for b in powers for c in powers) if m >= n)
+
+
 @functools.lru_cache(maxsize=8)
 def _inverse_square_spectrum(reach: int, size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """``rfft2`` (float64, padded to ``size``) of the kernel ``1 / d²`` for ``0 < d <= reach`` px, 0 elsewhere
@@ -224,12 +230,14 @@ def _rim_sums(x: torch.Tensor, hole: torch.Tensor, reach: int) -> tuple[torch.Te
     whatever ``reach``, the image's edges replicated (a band that leaves the image goes on)."""
     h, w = x.shape[-2:]
     rim = (dilated(hole, 1) & ~hole).double()
-    size = (h + 2 * reach, w + 2 * reach)
+    size = (_fast_length(h + 2 * reach), _fast_length(w + 2 * reach))  # the rest zeros: wrapped onto nothing kept
     spectrum = _inverse_square_spectrum(reach, size, x.device)
 
     def convolve(y: torch.Tensor) -> torch.Tensor:
-        padded = F.pad(y.reshape(-1, 1, h, w), (reach,) * 4, mode="replicate").reshape(*y.shape[:-2], *size)
-        return torch.fft.irfft2(torch.fft.rfft2(padded) * spectrum, size)[..., 2 * reach:, 2 * reach:]
+        padded = F.pad(y.reshape(-1, 1, h, w), (reach,) * 4, mode="replicate").reshape(*y.shape[:-2], h + 2 * reach,
+                                                                                          w + 2 * reach)
+        return torch.fft.irfft2(torch.fft.rfft2(padded, size) * spectrum, size)[..., 2 * reach:h + 2 * reach,
+                                                                                2 * reach:w + 2 * reach]
 
     return convolve(rim * x.double()), convolve(rim)
 
@@ -248,15 +256,18 @@ def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = HOLE_REA
 
     where: bool broadcast to ``hole``, or None (all of it): only the pixels of ``hole`` in ``where`` are
     interpolated, the others of ``hole`` are returned as they are too (e.g. where a hole did not change). The sums
-    run only in a box (all images together): the bounding box of those pixels widened by ``reach + 1`` px, within
+    run only in a box (one per image along the first dim when ``hole`` has one per image): the bounding box of those pixels widened by ``reach + 1`` px, within
     that of ``hole`` widened by 2 px. It holds every rim pixel they reach, and its own edges, replicated, weigh
     nothing where it stops inside the image (no rim pixel on them, or beyond ``reach``) and are the image's where
     it meets them, so the values are those of the whole image. If a pixel of ``where`` is not reached, the whole
     hole is interpolated (``fill_from_around`` leaves out every pixel that is not reached) and the pixels of
-    ``where`` taken."""
+    ``where`` taken. The FFT's length is the box's padded to a product of 2, 3 and 5."""
     todo = hole if where is None else hole & where
     if not todo.any():
         return x
+    if hole.dim() == x.dim() > 2 and len(hole) == len(x) > 1:  # one box per image (along the first dim)
+        one = where is not None and where.dim() == hole.dim() and len(where) == len(hole)
+        return torch.stack([interpolate_holes(x[i], hole[i], reach, where[i] if one else where) for i in range(len(x))])
     (top, bottom, left, right), (top2, bottom2, left2, right2) = _bounding_box(todo, reach + 1), _bounding_box(hole, 2)
     box = (..., slice(max(top, top2), min(bottom, bottom2)), slice(max(left, left2), min(right, right2)))
     total, weight = _rim_sums(x[box], hole[box], reach)

@@ -179,3 +179,7 @@ def test_interpolate_holes_where_computes_only_those_pixels_as_the_whole_image_w
     where[:, :, 12:40, 0:30] = True  # part of the band, none of the top block, part of the middle block
     out = masks.interpolate_holes(x, hole, 8, where=where)
     assert torch.allclose(out, torch.where(hole & where, rim_mean_directly(x, hole, 8), x), atol=1e-5)
+
+
+def test_the_fft_length_is_the_next_product_of_2_3_and_5():
+    assert [masks._fast_length(n) for n in (1, 7, 11, 768, 601, 4097)] == [1, 8, 12, 768, 625, 4320]
