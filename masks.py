@@ -256,12 +256,13 @@ def interpolate_holes(x: torch.Tensor, hole: torch.Tensor, reach: int = HOLE_REA
 
     where: bool broadcast to ``hole``, or None (all of it): only the pixels of ``hole`` in ``where`` are
     interpolated, the others of ``hole`` are returned as they are too (e.g. where a hole did not change). The sums
-    run only in a box (one per image along the first dim when ``hole`` has one per image): the bounding box of those pixels widened by ``reach + 1`` px, within
-    that of ``hole`` widened by 2 px. It holds every rim pixel they reach, and its own edges, replicated, weigh
-    nothing where it stops inside the image (no rim pixel on them, or beyond ``reach``) and are the image's where
-    it meets them, so the values are those of the whole image. If a pixel of ``where`` is not reached, the whole
-    hole is interpolated (``fill_from_around`` leaves out every pixel that is not reached) and the pixels of
-    ``where`` taken. The FFT's length is the box's padded to a product of 2, 3 and 5."""
+    run only in a box (one per image along the first dim, when ``hole`` has one per image): the bounding box of
+    those pixels widened by ``reach + 1`` px, within that of ``hole`` widened by 2 px. It holds every rim pixel
+    they reach, and its own edges, replicated, weigh nothing where it stops inside the image (no rim pixel on
+    them, or beyond ``reach``) and are the image's where it meets them, so the values are those of the whole
+    image. If a pixel of ``where`` is not reached, the whole hole is interpolated (``fill_from_around`` leaves
+    out every pixel that is not reached) and the pixels of ``where`` taken. The FFT's length is the box's padded
+    to a product of 2, 3 and 5."""
     todo = hole if where is None else hole & where
     if not todo.any():
         return x

@@ -53,7 +53,8 @@ def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = No
     reaches is then interpolated from the tissue around its hole (``masks.interpolate_holes``: across a band, the
     ramp between its sides), ``radius`` 0 included; where that ramp would fold the map over (a fold's field changes
     by more than the fold is wide in the image), the hole widens into the tissue beside it until it does not
-    (``_unfolded``). Without a defect or untrusted pixel the result is the plain low-pass, bit for bit.
+    (``_unfolded``). Without a defect or untrusted pixel the result is the plain low-pass, bit for bit, and so is
+    each image (along the leading dims; ``defects`` and ``untrusted`` have the same) without one.
     """
     marked = torch.zeros(field.shape[:-3], dtype=torch.bool, device=field.device)  # per image: a defect or untrusted
     for where in (defects, untrusted):
@@ -64,8 +65,8 @@ def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = No
         images = field.reshape(-1, *field.shape[-3:])
         marked, out = marked.reshape(-1), torch.empty(images.shape, dtype=torch.float32, device=field.device)
         out[~marked] = low_pass(images[~marked], radius)
-        out[marked] = low_pass(images[marked], radius,
-                               *(None if m is None else m.reshape(-1, *m.shape[-2:])[marked] for m in (defects, untrusted)))
+        maps = (None if m is None else m.reshape(-1, *m.shape[-2:])[marked] for m in (defects, untrusted))
+        out[marked] = low_pass(images[marked], radius, *maps)
         return out.reshape(field.shape)
     tissue = torch.ones_like(field[..., :1, :, :], dtype=torch.bool) if defects is None else \
         (defects == 0).unsqueeze(-3)
@@ -260,8 +261,9 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     detail = fields - coarse if marks is None else (fields - coarse) * (marks == 0)  # none inside the pair's defects
     bands = [coarse if marks is None else fields] + ([detail] if len(pulls) > 1 else [])
     if marks is not None:  # each pair's jumps at its source's and at its target's defects: r's low-pass within
-        has = (marks > 0).flatten(1).any(1)  # the one's tissue less that across every defect (0 beyond 2 smooth of them,
-        garbage = marks[has, 0] > 0  # and in a pair without a defect)
+        # the one's tissue less that across every defect (0 beyond 2 smooth of them, and in a pair without a defect)
+        has = (marks > 0).flatten(1).any(1)
+        garbage = marks[has, 0] > 0
         across = low_pass(fields[has], smooth, untrusted=garbage)
         at_source = torch.stack([pair_defects(f, defects[s], None) for (s, _), f in zip(pairs, fields)])
         jumps = [torch.zeros_like(fields) for _ in range(2)]
