@@ -1,17 +1,18 @@
 """Cross-volume evaluation: each network on a real volume it was not trained on, several draws, both frames.
 
     python -m bench.cross_volume --test isbi=$ISBI_DIR:pt/real_tissue.pt [--test snemi=$SNEMI_DIR:pt/fly_tissue.pt] \
-        [--seed 0 1 2] [--classical affine patch64] [--adapt 0 5 15]
+        [--seed 0 1 2] [--classical affine patch64] [--adapt 0 5 15] [--refine 192]
 
 Each ``--test NAME=FOLDER:ARCHIVE`` aligns draws of the registered sections in FOLDER, misaligned with
 known fields as ``bench.align_quality --real`` does (its stack shape for NAME: ``VOLUMES``), with the
-network ARCHIVE (``--solve --smooth 192 --refine 192``, the real-tissue setting) and, with ``--classical``, the
-classical aligners at those settings. Per draw it prints EPE far in the first section's frame and
-in a common frame as ratios to no alignment's, the drift beside no alignment's and the CPC beside
-the oracle's, and whether the draw meets the bar of issue 19: ratio <= 0.6 first frame and <= 0.45
-common, drift below no alignment's, CPC below the oracle's. ``--adapt 0 5`` compares the network as
-it is with a copy adapted for 5 minutes to each misaligned stack (``adapt.py``, as ``align.py --adapt``:
-from the misaligned raw sections alone, never their true fields).
+network ARCHIVE (``--solve --smooth 192 --refine 192``, the real-tissue setting; ``--refine`` sets the
+second pass's radius, 0 for none) and, with ``--classical``, the classical aligners at those settings.
+Per draw it prints EPE far in the first section's frame and in a common frame as ratios to no
+alignment's, the drift beside no alignment's and the CPC beside the oracle's, and whether the draw
+meets the bar of issue 19: ratio <= 0.6 first frame and <= 0.45 common, drift below no alignment's,
+CPC below the oracle's. ``--adapt 0 5`` compares the network as it is with a copy adapted for 5
+minutes to each misaligned stack (``adapt.py``, as ``align.py --adapt``: from the misaligned raw
+sections alone, never their true fields).
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--adapt", type=finite_float, nargs="+", default=[0.0],
                    help="minutes each network is first adapted to the misaligned raw stack (align.py --adapt; 0 = as "
                         "it is); several to compare")
+    p.add_argument("--refine", type=int, default=192,
+                   help="align.py --refine for the networks: the second pass's low-pass radius in px (0: one pass)")
     p.add_argument("--shape", help=argparse.SUPPRESS)  # tests: flags that replace VOLUMES' stack shape
     args = p.parse_args(argv)
     results = []
@@ -76,7 +79,7 @@ def main(argv=None) -> list[dict]:
         for seed in args.seed:
             shape = args.shape.split() if args.shape else VOLUMES[name]
             quality = ["--real", folder, *shape, "--seed", str(seed), "--archive", archive,
-                       "--ours", "solve1", "--smooth", "192", "--refine", "192", "--adapt", *map(str, args.adapt),
+                       "--ours", "solve1", "--smooth", "192", "--refine", str(args.refine), "--adapt", *map(str, args.adapt),
                        *(["--settings", *args.classical] if args.classical is not None else ["--methods", "none"])]
             for method, r in ratios(align_quality.main(quality)).items():
                 results.append({"volume": name, "seed": seed, "method": method, **r})

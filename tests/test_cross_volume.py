@@ -34,7 +34,11 @@ def test_one_draw_end_to_end(tmp_path, capsys):
     results = cross_volume.main(["--test", f"isbi={tmp_path}:{ROOT / 'pt' / 'demo.pt'}", "--seed", "0",
                                  "--shape=--z_start 0 --sections 4 --size 64"])
     assert len(results) == 1 and results[0]["volume"] == "isbi" and results[0]["method"].startswith("ours (demo")
+    assert results[0]["method"].endswith("refine 192)")  # the real-tissue setting's second pass
     assert results[0]["first"] > 0 and "bar met on" in capsys.readouterr().out
+    one_pass = cross_volume.main(["--test", f"isbi={tmp_path}:{ROOT / 'pt' / 'demo.pt'}", "--seed", "0",
+                                  "--shape=--z_start 0 --sections 4 --size 64", "--refine", "0"])
+    assert "refine" not in one_pass[0]["method"] and one_pass[0]["first"] != results[0]["first"]
 
 
 def test_a_bench_run_as_a_file_says_how_to_run_it_in_one_line():
