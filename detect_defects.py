@@ -138,25 +138,31 @@ def region(args, source) -> tuple[int, int, int, int, int, int]:
 
 def open_dest(args, source):
     """The defect layer at ``--dest`` with the source's bounds, resolution and mips: created, or an existing one of
-    that shape (any other is a ``UserError``); this run is appended to its provenance."""
+    that shape that this tool wrote (any other is a ``UserError``: a typo in ``--dest`` never overwrites images or
+    another tool's layer); this run is appended to its provenance."""
     entry = {"description": DETECTED_BY, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "code_version": code_version(), "method": {"archive": args.archive, "args": vars(args),
                                                         "command": " ".join(sys.argv)}}
     start, stop = volume.bounds(source, 0)
     mips = len(source.info["scales"])
     try:
-        vol = volume.open_volume(args.dest)
-        vol.provenance.processing.append(entry)
+        vol, created = volume.open_volume(args.dest), False
     except UserError:
-        vol = volume.create_volume(args.dest, tuple(stop - start), "uint8", 1, source.meta.resolution(0), mips,
-                                   (256, 256, 1), provenance=entry, offset=tuple(start))
-    want = [(tuple(volume.bounds(source, m)[0]), tuple(volume.bounds(source, m)[1])) for m in range(mips)]
-    got = [(tuple(volume.bounds(vol, m)[0]), tuple(volume.bounds(vol, m)[1])) for m in range(len(vol.info["scales"]))]
+        vol, created = volume.create_volume(args.dest, tuple(stop - start), "uint8", 1, source.meta.resolution(0),
+                                            mips, (256, 256, 1), provenance=entry, offset=tuple(start)), True
+    want, got = ([tuple(tuple(map(int, corner)) for corner in volume.bounds(v, m)) for m in range(len(v.info["scales"]))]
+                 for v in (source, vol))
     if got != want or vol.num_channels != 1 or np.dtype(vol.dtype) != np.uint8 \
             or list(vol.meta.resolution(0)) != list(source.meta.resolution(0)):
         raise UserError(f"--dest {vol.cloudpath} exists with another shape ({vol.num_channels} channels of "
                         f"{np.dtype(vol.dtype)}, bounds {got[0][0]}..{got[0][1]}, {len(got)} mips): it must have the "
                         f"source's ({want[0][0]}..{want[0][1]}, {mips} mips, 1 channel of uint8)")
+    if not created:
+        if vol.cloudpath == source.cloudpath or \
+                not any(run.get("description") == DETECTED_BY for run in vol.provenance.processing):
+            what = "the source" if vol.cloudpath == source.cloudpath else "a layer that detect_defects.py did not write"
+            raise UserError(f"--dest {vol.cloudpath} is {what}: refusing to overwrite it (give a new --dest)")
+        vol.provenance.processing.append(entry)
     if source.cloudpath not in vol.provenance.sources:
         vol.provenance.sources.append(source.cloudpath)
     vol.commit_provenance()

@@ -80,14 +80,27 @@ def run_cli(argv, capsys):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "no volume at"), ("field", "is not an image"), ("unwritable", "cannot write there"),
-    ("other_shape", "exists with another shape"),
+    ("other_shape", "exists with another shape"), ("source", "is the source: refusing to overwrite it"),
+    ("not_ours", "a layer that detect_defects.py did not write: refusing"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_volume, tmp_path, capsys, case, message):
-    paths, _ = tiny_volume
+    paths, arrays = tiny_volume
     (tmp_path / "a_file").write_text("")
     other = volume.create_volume("file://" + str(tmp_path / "other"), (32, 32, 12), "uint8")
     source = {"missing": str(tmp_path / "nothing"), "field": paths["field"]}.get(case, paths["image"])
-    dest = {"unwritable": tmp_path / "a_file" / "defects", "other_shape": other.cloudpath.removeprefix("file://")}
+    dest = {"unwritable": tmp_path / "a_file" / "defects", "other_shape": other.cloudpath.removeprefix("file://"),
+            "source": paths["image"], "not_ours": paths["defects"]}  # the last: the source's shape, of another tool
     code, err = run_cli(["--source", source, "--dest", str(dest.get(case, tmp_path / "d"))], capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "d").exists()
+    for name in ("image", "defects"):  # nothing written over
+        assert np.array_equal(volume.read(volume.open_volume(paths[name]), (0, 0, 0), (64, 64, 12)), arrays[name])
+
+
+def test_a_second_run_writes_into_its_own_layer(tiny_volume, tmp_path, net):
+    paths, _ = tiny_volume
+    for z in (3, 4):
+        detect_defects.main(["--source", paths["image"], "--dest", str(tmp_path / "found"), "--z_start", str(z),
+                             "--z_stop", str(z + 1)])
+    runs = volume.open_volume(str(tmp_path / "found")).provenance.processing
+    assert len(runs) == 2 and all(run["description"] == detect_defects.DETECTED_BY for run in runs)
