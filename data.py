@@ -60,9 +60,14 @@ def _check_layout(f: h5py.File, path: Path) -> None:
     """Raise ``UserError`` unless ``f`` holds ``images`` (N, S, D, D) uint8 and matching optional datasets."""
     if "images" not in f:
         raise UserError(f"dataset {path} has no 'images' (expected a file written by gen_stack.py)")
+    for name in ("images", "masks", "fields", "slice_std"):
+        if name in f and not isinstance(f[name], h5py.Dataset):
+            raise UserError(f"dataset {path}: '{name}' is an HDF5 group, not an array (expected a gen_stack.py file)")
     shape = f["images"].shape
     if len(shape) != 4 or f["images"].dtype != np.uint8:
         raise UserError(f"dataset {path}: 'images' must be uint8 (N, S, H, W), got {f['images'].dtype} {shape}")
+    if shape[0] < 1 or shape[1] < 2:
+        raise UserError(f"dataset {path} holds {shape[0]} stacks of {shape[1]} sections: no pair to train or score on")
     expected = {"masks": shape, "fields": (*shape[:2], 2, *shape[2:]), "slice_std": shape[:2]}
     for name, want in expected.items():
         if name in f and f[name].shape != want:

@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--hm", action="store_true", help="with a dataset NAME: use its highest-mip file")
     g.add_argument("--val_dataset", help="held-out HDF5 with ground-truth fields, scored every epoch "
                                          "(default: the demo test set when training on the demo)")
-    g.add_argument("--val_pairs", type=int, default=32, help="held-out pairs scored per epoch")
+    g.add_argument("--val_pairs", type=int, default=32, help="held-out pairs scored per epoch (0: none, and no pt/NAME.best.pt)")
     g.add_argument("--crop", type=int, default=0, help="train on random crops of this size (0 = whole stacks)")
     g.add_argument("--no_augment", action="store_true", help="turn data augmentation off")
     g.add_argument("--max_shift", type=finite_float, default=16,
@@ -176,6 +176,14 @@ def check_args(args) -> None:
         raise UserError(f"--k must be odd (got {args.k})")
     if min(args.epochs, args.batch_size) < 1 or args.fall_time < 0 or args.lr <= 0 or args.minutes < 0:
         raise UserError("--epochs, --batch_size and --lr must be positive, --fall_time and --minutes >= 0")
+    negative = [name for name in ("clip", "padding", "corr", "crop", "epoch_size", "val_pairs", "num_workers",
+                                  "vis_interval", "collapse_after", "max_shift", "max_angle", "elastic",
+                                  "tissue_change", "mask_neighborhood_radius", "mask_smooth_radius")
+                if getattr(args, name) < 0]
+    if negative:
+        raise UserError(f"{', '.join('--' + name for name in negative)} must be >= 0")
+    if not 0 <= args.p_jitter <= 1:
+        raise UserError(f"--p_jitter {args.p_jitter} is a probability: between 0 and 1")
     if args.crop and args.crop % 2 ** (args.size - 1):
         raise UserError(f"--crop {args.crop} is not divisible by 2^(size-1) = {2 ** (args.size - 1)}")
     if args.batch_size % distributed.world_size():
@@ -191,6 +199,8 @@ def resolve_dataset(spec: str | None, hm: bool = False, split: str = "train") ->
         if not Path(spec).is_file():
             raise UserError(f"dataset {spec} does not exist")
         return Path(spec)
+    if spec and (Path(spec).name != spec or Path(spec).exists()):
+        raise UserError(f"--dataset {spec}: expected an .h5 file or a NAME of the data directory's NAME_*_mip*.h5")
     name = spec or "demo"
     found = sorted(volume.data_dir().glob(f"{name}_{split}_mip*.h5"),
                    key=lambda p: int(p.stem.rsplit("mip", 1)[1]))
@@ -422,17 +432,24 @@ def setup(args) -> tuple:
     if len(sizes) > 1 and not args.crop:
         raise UserError(f"--dataset: sections of different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}) "
                         "can only be mixed with --crop")
+    if args.lambda_gt > 0 and not any(part.has_fields for part in parts):
+        raise UserError(f"--lambda_gt {args.lambda_gt} needs true fields: no --dataset has them (nor is --registered)")
     dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     side = args.crop or min(sizes[0])
     if side % 2 ** (args.size - 1):
         raise UserError(f"sections of {side} px do not divide by 2^(size-1) = {2 ** (args.size - 1)}: "
                         "choose a --crop that does, or a smaller --size")
+    if 2 * args.padding >= side:
+        raise UserError(f"--padding {args.padding} px leaves nothing of the {side} px sections for the loss")
     val_path = args.val_dataset or (resolve_dataset("demo", split="test") if "demo_train" in paths[0].name
                                     else None)
     args.val_dataset = str(val_path) if val_path else None
     val_pairs = None
     if val_path:
         val_set = StackDataset(val_path, mask_radius=args.mask_neighborhood_radius, seed=0)
+        if not val_set.has_fields:
+            raise UserError(f"--val_dataset {val_path} has no true fields (nor is it --registered): held-out pairs "
+                            "are scored against them")
         if not val_set.has_field_data and val_set.has_fields:  # registered: misalign it as the demo is
             val_set.augment = held_out_misalignment()
         pick = torch.linspace(0, len(val_set) - 1, min(args.val_pairs, len(val_set))).long().tolist()

@@ -157,7 +157,7 @@ def test_dataloader_with_two_workers_gives_what_the_dataset_gives(h5):
                 assert torch.equal(batch[key][k], value), key
 
 
-@pytest.mark.parametrize("content", ["missing", "text", "truncated", "no_images", "bad_shape"])
+@pytest.mark.parametrize("content", ["missing", "text", "truncated", "no_images", "bad_shape", "group", "no_stacks"])
 def test_unreadable_files_are_user_errors(tmp_path, h5, content):
     path = tmp_path / "bad.h5"
     if content == "text":
@@ -171,6 +171,12 @@ def test_unreadable_files_are_user_errors(tmp_path, h5, content):
         with h5py.File(path, "w") as f:
             f.create_dataset("images", data=np.ones((1, 2, 8, 8), np.uint8))
             f.create_dataset("fields", data=np.zeros((1, 2, 8, 8), np.float32))
+    elif content == "group":
+        with h5py.File(path, "w") as f:
+            f.create_group("images")
+    elif content == "no_stacks":
+        with h5py.File(path, "w") as f:
+            f.create_dataset("images", data=np.ones((0, 2, 8, 8), np.uint8))
     with pytest.raises(UserError) as err:
         data.StackDataset(path)
     assert "\n" not in str(err.value)

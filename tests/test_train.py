@@ -143,6 +143,10 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--state_archive", "missing.pt"], "missing.pt"),
     (["--size", "7"], "2^(size-1)"),  # 32 px sections
     (["--minutes", "-1"], "--minutes"),
+    (["--clip", "-1"], "--clip must be >= 0"),  # a negative norm would flip the gradients: ascent
+    (["--epoch_size", "-1", "--num_workers", "-1"], "--epoch_size, --num_workers must be >= 0"),
+    (["--p_jitter", "2"], "--p_jitter 2.0 is a probability"),
+    (["--padding", "16"], "--padding 16 px leaves nothing of the 32 px sections"),  # the loss would be 0
 ])
 def test_bad_flags_are_one_line_errors(toy, flags, message):
     result = run_script(train.__file__, "--dataset", toy, *flags, "bad", cwd=toy.parent)
@@ -179,6 +183,26 @@ def test_an_escaping_experiment_name_is_refused(toy):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: experiment name '../escaped' must be a plain name (no '/', not '..'): it names files inside a folder"]
     assert not list(toy.parent.glob("escaped*")) and not (toy.parent / "pt").exists()
+
+
+def test_true_fields_asked_of_a_dataset_without_them_is_a_one_line_error(toy):
+    bare = toy.parent / "bare.h5"
+    with h5py.File(toy) as f, h5py.File(bare, "w") as g:
+        g["images"] = f["images"][:]  # the same sections, no fields, not --registered
+    for flags, message in ((["--dataset", bare, "--lambda_gt", "1"], "--lambda_gt 1.0 needs true fields: no "
+                            "--dataset has them (nor is --registered)"),
+                           (["--dataset", toy, "--val_dataset", bare], f"--val_dataset {bare} has no true fields")):
+        result = run_script(train.__file__, *flags, "--epochs", "1", "bad", cwd=toy.parent)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            "error: " + message + ("" if "lambda_gt" in message else
+                                   " (nor is it --registered): held-out pairs are scored against them")]
+    assert not (toy.parent / "pt" / "bad.pt").exists()
+
+
+def test_a_folder_as_dataset_is_a_one_line_error(tmp_path):
+    result = run_script(train.__file__, "--dataset", tmp_path, "x", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --dataset {tmp_path}: expected an .h5 file or a NAME of the data directory's NAME_*_mip*.h5"]
 
 
 def test_corrupt_dataset_is_a_one_line_error(tmp_path):
