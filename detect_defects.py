@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 import demo
 import volume
-from helpers import HelpFormatter, UserError, atomic_output, check_writable, code_version, one_line, run_main
+from helpers import (HelpFormatter, UserError, atomic_output, check_device, check_writable, code_version, one_line,
+                     run_main)
 
 KIND = "seamless-defect-detector"
 VERSION = 1
@@ -192,7 +193,7 @@ def main(argv=None) -> dict:
     source = volume.open_volume(demo.resolve(args.source), args.mip, args.bucket)
     volume.check_kind(source, "image", "--source")
     x0, y0, x1, y1, z0, z1 = region(args, source)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_detector(args.archive, device)
     dest = open_dest(args, source)
     boxes = [(x, y, min(x + args.chunk, x1), min(y + args.chunk, y1))

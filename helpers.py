@@ -115,6 +115,20 @@ def finite_float(text: str) -> float:
     return value
 
 
+def check_device(device: str | torch.device) -> str:
+    """``device`` (``cpu``, ``cuda``, ``cuda:N``) as a string, once this machine is known to have it; a one-line
+    ``UserError`` naming ``--device`` if it is not a torch device or not here (before an archive is blamed for it)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device}: not a torch device (cpu, cuda or cuda:N)") from None
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
+    return str(device)
+
+
 def check_writable(path: str | Path, flag: str, folder: bool = False) -> Path:
     """``path`` as a ``Path``, once it is known that it can be written: a ``UserError`` naming ``flag`` if not.
 

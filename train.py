@@ -46,8 +46,8 @@ from tqdm import tqdm
 import distributed
 import loss
 from data import Augmenter, StackDataset, batches, held_out_misalignment
-from helpers import (HelpFormatter, UserError, check_name, code_version, finite_float, run_main, upsample_field,
-                     vector_length)
+from helpers import (HelpFormatter, UserError, check_device, check_name, code_version, finite_float, run_main,
+                     upsample_field, vector_length)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -614,8 +614,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     args.device = str(args.device)
     with distributed.process_group(args.device) as device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but CUDA is not available here")
+        check_device(device)
         with removed_unless_saved(args.name) if distributed.is_main() else contextlib.nullcontext():
             return train(args, device)
 

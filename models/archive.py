@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from helpers import UserError, atomic_output, one_line
+from helpers import UserError, atomic_output, check_device, one_line
 from models.pyramid import Pyramid
 
 KIND = "seamless-archive"
@@ -75,6 +75,7 @@ def read_archive(path: str | Path, device: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such archive file")
+    check_device(device)
     try:
         with warnings.catch_warnings():  # torch warns of pickle protocols it may not read: the error says it
             warnings.simplefilter("ignore")

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import helpers as h
 from conftest import ended_pid
+from models.archive import load_archive
 
 
 def smooth_image(n=1, size=64, seed=0):
@@ -318,3 +320,13 @@ def test_help_prints_each_default_once():
     p.add_argument("--mip", type=int, help="resolution level")
     text = " ".join(p.format_help().split())
     assert "pixels (default: 3)" in text and text.count("default") == 2 and "None" not in text
+
+
+def test_a_device_this_machine_lacks_is_a_one_line_error_naming_the_flag():
+    assert h.check_device("cpu") == "cpu"
+    for device, message in (("tpu", "not a torch device"), (f"cuda:{torch.cuda.device_count()}", "this machine has"),
+                            ("meta", "only cpu and cuda")):
+        with pytest.raises(h.UserError, match=f"^--device {device}: {message}"):
+            h.check_device(device)
+    with pytest.raises(h.UserError, match="^--device"):  # before the archive is read (and blamed)
+        load_archive(Path(__file__).resolve().parent.parent / "pt" / "demo.pt", "tpu")
