@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import volume
-from helpers import HelpFormatter, UserError, atomic_output, check_writable, run_main
+from helpers import HelpFormatter, UserError, atomic_output, check_writable, local_path, run_main
 
 SHAPE = (100, 512, 512)  # sections, rows, columns at mip 0
 PAD = 48  # margin generated around each section so misalignment pulls in tissue, not zeros
@@ -193,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    dest = Path(args.dest.removeprefix("file://")).expanduser().resolve()
+    dest = local_path(args.dest, "DEST").resolve()
     if dest.exists():
         raise UserError(f"{dest} exists: choose a new directory (a phantom volume is never overwritten)")
     z, h, w = args.shape

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 import demo
 import volume
-from helpers import HelpFormatter, UserError, atomic_output, check_name, run_main, slice_std, stop_if_interrupted
+from helpers import (HelpFormatter, UserError, atomic_output, check_name, check_writable, run_main, slice_std,
+                     stop_if_interrupted)
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
 
@@ -285,7 +286,8 @@ def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = No
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    return write_dataset(args.name, Sampling.from_args(args), args.out_dir, args.overwrite)
+    out_dir = check_writable(args.out_dir, "--out_dir", folder=True) if args.out_dir else None
+    return write_dataset(args.name, Sampling.from_args(args), out_dir, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -129,15 +129,25 @@ def check_device(device: str | torch.device) -> str:
     return str(device)
 
 
+def local_path(path: str | Path, flag: str) -> Path:
+    """``path`` (``file://`` or none) as a local ``Path``, ``~`` expanded; a one-line ``UserError`` naming ``flag`` for
+    a ``gs://``, ``s3://`` or other remote one, where only a local file or folder can be written (else it would
+    become a folder named ``gs:`` here)."""
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        raise UserError(f"{flag} {text}: needs a local path (this writes local files, not a cloud volume)")
+    return Path(text.removeprefix("file://")).expanduser()
+
+
 def check_writable(path: str | Path, flag: str, folder: bool = False) -> Path:
     """``path`` as a ``Path``, once it is known that it can be written: a ``UserError`` naming ``flag`` if not.
 
     ``path`` is a file to write, or with ``folder`` a folder to write files into.
     Nothing is created: the nearest folder on the way that exists must take a new
     file (a temporary one, gone at once), and ``path`` itself, if it exists, must
-    be a folder (``folder``) or a writable file. Local paths only.
+    be a folder (``folder``) or a writable file. Local paths only (``local_path``).
     """
-    path = Path(path).expanduser()
+    path = local_path(path, flag)
     start = path if folder else path.parent
     nearest = next(p for p in (start, *start.absolute().parents) if p.exists())
     if path.exists() and path.is_dir() != folder:

@@ -330,3 +330,15 @@ def test_a_device_this_machine_lacks_is_a_one_line_error_naming_the_flag():
             h.check_device(device)
     with pytest.raises(h.UserError, match="^--device"):  # before the archive is read (and blamed)
         load_archive(Path(__file__).resolve().parent.parent / "pt" / "demo.pt", "tpu")
+
+
+def test_a_remote_path_where_local_files_are_written_is_refused(tmp_path, monkeypatch):
+    assert h.local_path("file:///tmp/x", "--f") == Path("/tmp/x") and h.local_path("~/x", "--f") == Path.home() / "x"
+    monkeypatch.chdir(tmp_path)
+    for path in ("gs://bucket/x", "s3://bucket/x"):
+        with pytest.raises(h.UserError, match=f"^--plots {path}: needs a local path"):
+            h.check_writable(path, "--plots", folder=True)
+    import demo
+    with pytest.raises(h.UserError, match="^DEST gs://bucket/x: needs a local path"):
+        demo.main(["gs://bucket/x"])
+    assert not list(tmp_path.iterdir())  # no folder named 'gs:' here
