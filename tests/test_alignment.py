@@ -240,6 +240,7 @@ def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_fi
     (["--z_start", "0", "--z_stop", "2", "--prealign", "-1"], "--prealign and --trunc >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--solve", "--detail_pull", "0"], "--detail_pull > 0"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "-1"], "--trunc >= 0"),
+    (["--z_start", "0", "--z_stop", "2", "--refine", "-5"], "--refine, --prealign and --trunc >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "3"], "below the 3 levels"),
     (["--z_start", "0", "--z_stop", "2", "--chunk", "0"], "--chunk must be >= 1"),
     (["--z_start", "0", "--z_stop", "2", "--overlap", "-4"], "--overlap >= 0"),
