@@ -138,14 +138,18 @@ def check_args(sampling: Sampling, bounds) -> tuple[int, int]:
     return lo, hi
 
 
-def read_coords(path: str) -> np.ndarray:
-    """Stack corners ``[N, 3]`` (x, y, z) from a gen_stack HDF5 or a text file of 'x y z' lines."""
+def read_coords(path: str, mip: int) -> np.ndarray:
+    """Stack corners ``[N, 3]`` (x, y, z; voxels of ``mip``) from a gen_stack HDF5 (a ``UserError`` if it was
+    sampled at another mip: its corners would be replayed in the wrong place) or a text file of 'x y z' lines."""
     if not Path(path).is_file():
         raise UserError(f"--coords file {path} does not exist")
     try:
         if h5py.is_hdf5(path):
             with h5py.File(path, "r") as f:
                 coords = f["coords"][:]
+                if int(f.attrs.get("mip", mip)) != mip:
+                    raise UserError(f"--coords {path} holds corners at mip {int(f.attrs['mip'])}: give --mip "
+                                    f"{int(f.attrs['mip'])}, not {mip}")
         else:
             coords = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except (OSError, KeyError, ValueError) as err:
@@ -267,12 +271,16 @@ def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = No
         vols["masks"] = volume.open_volume(demo.resolve(sampling.defects, "defects"), sampling.mip, sampling.bucket)
     if sampling.truth:
         vols["fields"] = volume.open_volume(demo.resolve(sampling.truth, "field"), sampling.mip, sampling.bucket)
+    for layer, kind, flag in (("images", "image", "--source"), ("masks", "defects", "--defects"),
+                              ("fields", "field", "--truth")):
+        if layer in vols:
+            volume.check_kind(vols[layer], kind, flag)
     bounds = volume.bounds(vols["images"])
     for layer, vol in vols.items():
         if not np.array_equal(volume.bounds(vol)[1], bounds[1]):
             raise UserError(f"the {layer} volume {vol.cloudpath} has other bounds than the image volume")
     z_range = check_args(sampling, bounds)
-    coords = read_coords(sampling.coords) if sampling.coords else None
+    coords = read_coords(sampling.coords, sampling.mip) if sampling.coords else None
     count = len(coords) if coords is not None else sampling.count
 
     start = time.time()

@@ -80,6 +80,19 @@ def test_coords_replay_reproduces_the_file(tmp_path, tiny_volume):
         assert np.array_equal(a["images"][:], b["images"][:])
 
 
+def test_layers_of_another_kind_and_corners_of_another_mip_are_refused(tmp_path, tiny_volume):
+    paths, _ = tiny_volume
+    with pytest.raises(UserError, match=f"^--defects {paths['field']} is not"):
+        make(tmp_path, paths, "--defects", paths["field"])
+    with pytest.raises(UserError, match=f"^--truth {paths['image']} is not"):
+        make(tmp_path, paths, "--truth", paths["image"])
+    first = make(tmp_path, paths)  # at mip 1
+    with pytest.raises(UserError, match=f"^--coords {first} holds corners at mip 1: give --mip 1, not 0"):
+        gen_stack.main(["--coords", str(first), "--source", paths["image"], "--mip", "0", "--dim", "16",
+                        "--stack_height", "4", "--train_range", "0", "8", "--out_dir", str(tmp_path / "o2"), "toy"])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [first.name] and not list(tmp_path.glob("o2/*.h5"))
+
+
 def test_existing_output_is_not_replaced(tmp_path, tiny_volume):
     paths, _ = tiny_volume
     path = make(tmp_path, paths)
