@@ -77,7 +77,8 @@ import demo
 import tasks
 import volume
 from alignment import add_flags, poor_matches_reported, settings_from_args, stride
-from helpers import HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, run_main
+from helpers import (HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, one_line,
+                     run_main)
 from models.archive import lineage, read_archive
 from vis import neuroglancer_state
 
@@ -269,9 +270,13 @@ def recorded_runs(dest: str) -> list[dict] | None:
     reused nor deleted)."""
     files, runs = CloudFiles(dest), None
     for name in DEST_LAYERS:
-        if files.exists(f"{name}/info"):
-            entries = [entry for entry in (files.get_json(f"{name}/provenance") or {}).get("processing", [])
-                       if entry.get("description") == ALIGNED_BY]
+        try:
+            found = files.exists(f"{name}/info")
+            processing = (files.get_json(f"{name}/provenance") or {}).get("processing", []) if found else []
+        except Exception as err:  # a cloud's network, credentials or permissions: one line
+            raise UserError(f"cannot read --dest {dest}: {one_line(err)}") from None
+        if found:
+            entries = [entry for entry in processing if entry.get("description") == ALIGNED_BY]
             if not entries:
                 raise UserError(f"{dest}/{name} exists and was not written by align.py: choose another --dest")
             runs = entries if runs is None else runs

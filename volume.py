@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import UserError, atomic_output
+from helpers import UserError, atomic_output, one_line
 
 DEFAULT_BUCKET = "gs://neuroglancer/"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a URL scheme (RFC 3986), e.g. middleauth+https://
@@ -149,13 +149,13 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
     from cloudvolume import CloudVolume
 
     cloudpath = resolve_path(path)
-    if not overwrite and _exists(cloudpath):
-        raise UserError(f"a volume already exists at {cloudpath} (pass --overwrite to replace it)")
     info = CloudVolume.create_new_info(
         num_channels=num_channels, layer_type=layer_type, data_type=dtype, encoding="raw",
         resolution=list(resolution), voxel_offset=list(offset), volume_size=list(size),
         chunk_size=list(chunk), max_mip=mips - 1, factor=(2, 2, 1))
     try:
+        if not overwrite and _exists(cloudpath):
+            raise UserError(f"a volume already exists at {cloudpath} (pass --overwrite to replace it)")
         vol = CloudVolume(cloudpath, info=info, progress=False, non_aligned_writes=True, fill_missing=True)
         if provenance:  # before the info, which makes the layer exist: an existing layer always has its provenance
             vol.provenance.description = provenance.get("description", "")
@@ -164,6 +164,10 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
         vol.commit_info()
     except OSError as err:
         raise UserError(f"cannot write {cloudpath}: {err.strerror or err}") from None
+    except UserError:
+        raise
+    except Exception as err:  # a cloud's network, credentials or permissions: one line
+        raise UserError(f"cannot write {cloudpath}: {one_line(err)}") from None
     return vol
 
 

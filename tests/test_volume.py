@@ -114,3 +114,19 @@ def test_a_field_that_is_not_finite_is_refused_before_anything_is_written(tmp_pa
     assert not [p for p in (tmp_path / "field").rglob("*") if p.is_file() and p.name not in ("info", "provenance")]
     volume.write(vol, field[:1], (0, 0, 1))  # a finite section is written
     assert np.array_equal(volume.read(vol, (0, 0, 1), (32, 32, 1)), field[:1])
+
+
+def test_a_cloud_that_refuses_us_is_one_line_on_create_and_on_align_dest(monkeypatch):
+    """No credentials for gs:// (or no network): the storage's own exception, whatever its type, becomes one line."""
+    import align
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Your default credentials were not found.\nTo set up Application Default Credentials ...")
+
+    monkeypatch.setattr(volume, "_exists", refuse)
+    with pytest.raises(UserError, match="^cannot write gs://lab/x: RuntimeError: Your default credentials were not "
+                                        "found.$"):
+        volume.create_volume("gs://lab/x", (8, 8, 1), "uint8")
+    monkeypatch.setattr(align, "CloudFiles", lambda path: type("Refusing", (), {"exists": refuse})())
+    with pytest.raises(UserError, match="^cannot read --dest gs://lab/out: RuntimeError: Your default credentials"):
+        align.recorded_runs("gs://lab/out")
