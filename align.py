@@ -420,8 +420,7 @@ def main(argv=None) -> dict:
     if not (sx0 <= x0 < x1 <= sx1 and sy0 <= y0 < y1 <= sy1):
         raise UserError(f"--bbox {x0} {y0} {x1} {y1} is outside the volume ({sx0} {sy0} {sx1} {sy1} at mip "
                         f"{args.mip})")
-    if not sz0 <= args.z_start < args.z_stop <= sz1:
-        raise UserError(f"z range {args.z_start}..{args.z_stop} is outside the volume's sections {sz0}..{sz1 - 1}")
+    volume.check_z_range(args.z_start, args.z_stop, sz0, sz1)
     if x0 % (1 << args.mips) or y0 % (1 << args.mips):
         raise UserError(f"--mips {args.mips} needs the bbox corner at multiples of {1 << args.mips} px (a pixel of "
                         f"mip m covers 2^m px from 0), not {x0} {y0}")

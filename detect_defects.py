@@ -132,8 +132,7 @@ def region(args, source) -> tuple[int, int, int, int, int, int]:
     if not (sx0 <= x0 < x1 <= sx1 and sy0 <= y0 < y1 <= sy1):
         raise UserError(f"--bbox {x0} {y0} {x1} {y1} is outside the volume ({sx0} {sy0} {sx1} {sy1} at mip "
                         f"{args.mip})")
-    if not sz0 <= z0 < z1 <= sz1:
-        raise UserError(f"z range {z0}..{z1} is outside the volume's sections {sz0}..{sz1 - 1}")
+    volume.check_z_range(z0, z1, sz0, sz1)
     return x0, y0, x1, y1, z0, z1
 
 
@@ -151,8 +150,8 @@ def open_dest(args, source):
     except UserError:
         vol, created = volume.create_volume(args.dest, tuple(stop - start), "uint8", 1, source.meta.resolution(0),
                                             mips, (256, 256, 1), provenance=entry, offset=tuple(start)), True
-    want, got = ([tuple(tuple(map(int, corner)) for corner in volume.bounds(v, m)) for m in range(len(v.info["scales"]))]
-                 for v in (source, vol))
+    want, got = ([tuple(tuple(map(int, corner)) for corner in volume.bounds(layer, m))
+                  for m in range(len(layer.info["scales"]))] for layer in (source, vol))
     if got != want or vol.num_channels != 1 or np.dtype(vol.dtype) != np.uint8 \
             or list(vol.meta.resolution(0)) != list(source.meta.resolution(0)):
         raise UserError(f"--dest {vol.cloudpath} exists with another shape ({vol.num_channels} channels of "

@@ -48,8 +48,8 @@ import torch
 
 import masks
 from alignment import apply_field
-from helpers import (HelpFormatter, UserError, check_writable, in_frame_of, jacobian_determinant, run_main, to_tensor,
-                     vector_length, warp_labels)
+from helpers import (HelpFormatter, UserError, check_writable, finite_float, in_frame_of, jacobian_determinant,
+                     run_main, to_tensor, vector_length, warp_labels)
 from shifts import best_shifts
 from vis import plain_log_ticks, pyplot, save_figure
 
@@ -273,7 +273,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--defects", help="defect volume of the raw sections ('demo' for the demo's)")
     p.add_argument("--z_start", type=int, required=True)
     p.add_argument("--z_stop", type=int, required=True)
-    p.add_argument("--near", type=float, default=20, help="px from a defect that count as near it")
+    p.add_argument("--near", type=finite_float, default=20, help="px from a defect that count as near it")
     p.add_argument("--cpc_window", "--chunk", type=int, default=64,
                    help="side in px of the squares whose correlation with the next section is the CPC")
     p.add_argument("--plots", help="directory for the CPC histogram and EPE map PNGs")
@@ -290,15 +290,15 @@ def main(argv=None) -> dict:
     args.raw, args.truth, args.defects = (demo.resolve(path, layer) for path, layer in
                                           ((args.raw, "image"), (args.truth, "field"), (args.defects, "defects")))
 
+    if args.near < 0 or args.cpc_window < 1:
+        raise UserError("--near must be >= 0 px and --cpc_window >= 1 px")
     plots = check_writable(args.plots, "--plots", folder=True) if args.plots else None
     aligned_vol = volume.open_volume(args.aligned.rstrip("/") + "/image")
     field_vol = volume.open_volume(args.aligned.rstrip("/") + "/field")
     volume.check_kind(aligned_vol, "image", "--aligned")
     volume.check_kind(field_vol, "field", "--aligned")
     start, stop = volume.bounds(aligned_vol)
-    if args.z_start < start[2] or args.z_stop > stop[2] or args.z_start >= args.z_stop:
-        raise UserError(f"z range {args.z_start}..{args.z_stop} is outside the aligned stack "
-                        f"{start[2]}..{stop[2]}")
+    volume.check_z_range(args.z_start, args.z_stop, int(start[2]), int(stop[2]))
     mip = aligned_vol.mip
     corner, size = (start[0], start[1], args.z_start), (*(stop - start)[:2], args.z_stop - args.z_start)
     for vol in aligned_vol, field_vol:

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 import demo
 import volume
-from helpers import (HelpFormatter, UserError, atomic_output, check_name, check_writable, run_main, slice_std,
-                     stop_if_interrupted)
+from helpers import (HelpFormatter, UserError, atomic_output, check_name, check_writable, finite_float, run_main,
+                     slice_std, stop_if_interrupted)
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
 
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="z range Z0 <= z < Z1 for train stacks (default 1 800)")
     p.add_argument("--test_range", type=int, nargs=2, metavar=("Z0", "Z1"),
                    help="z range for --test stacks (default 800 1000)")
-    p.add_argument("--max_missing", type=float, default=Sampling.max_missing,
+    p.add_argument("--max_missing", type=finite_float, default=Sampling.max_missing,
                    help="redraw a stack whose fraction of missing (zero) pixels exceeds this")
     p.add_argument("--coords", help="replay the stack corners of an earlier gen_stack HDF5, or of a text file "
                                     "with one 'x y z' line per stack (voxels at --mip)")
@@ -124,6 +124,10 @@ def check_args(sampling: Sampling, bounds) -> tuple[int, int]:
     (x0, y0, z0), (x1, y1, z1) = bounds
     if sampling.coords is None and (sampling.count is None or sampling.count <= 0):
         raise UserError(f"--count must be a positive number of stacks (got {sampling.count})")
+    if sampling.coords is not None and sampling.count is not None:
+        raise UserError("--count and --coords: choose one (--coords replays the stacks of its file)")
+    if not 0 <= sampling.max_missing <= 1:
+        raise UserError(f"--max_missing {sampling.max_missing} is a fraction of a stack's pixels: between 0 and 1")
     if sampling.dim <= 0 or sampling.stack_height < 2:
         raise UserError("--dim must be positive and --stack_height at least 2")
     if sampling.dim > min(x1 - x0, y1 - y0):
@@ -131,8 +135,7 @@ def check_args(sampling: Sampling, bounds) -> tuple[int, int]:
                         f"({x1 - x0} x {y1 - y0} px)")
     lo, hi = sampling.test_range if sampling.test else sampling.train_range
     which = "--test_range" if sampling.test else "--train_range"
-    if lo < z0 or hi > z1 or lo >= hi:
-        raise UserError(f"{which} {lo} {hi} is outside the volume's sections {z0}..{z1 - 1}")
+    volume.check_z_range(lo, hi, z0, z1, which)
     if hi - lo < sampling.stack_height:
         raise UserError(f"--stack_height {sampling.stack_height} does not fit in {which} {lo} {hi}")
     return lo, hi

@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import volume
-from helpers import HelpFormatter, UserError, atomic_output, one_line, run_main
+from helpers import HelpFormatter, UserError, atomic_output, finite_float, one_line, run_main
 
 SUFFIXES = (".png", ".tif", ".tiff")
 CHUNK = (256, 256, 1)
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("folder", help="folder of section images (.png, .tif, .tiff), numbered in their names")
     p.add_argument("--dest", help="the image layer to write: a local folder or a cloudpath (file://, gs://, "
                                   "s3://); default: DATA/<folder name> ($SEAMLESS_DATA or ./data)")
-    p.add_argument("--resolution", type=float, nargs=3, required=True, metavar=("X", "Y", "Z"),
+    p.add_argument("--resolution", type=finite_float, nargs=3, required=True, metavar=("X", "Y", "Z"),
                    help="voxel size in nm")
     p.add_argument("--mips", type=int, help=f"resolution levels (default: as many as keep the smaller side "
                                             f">= {MIN_SIDE} px, at most {MAX_MIPS})")

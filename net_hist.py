@@ -55,6 +55,10 @@ def main(argv=None) -> None:
     for flag, path in (("--export", args.export), ("--plot", args.plot)):
         if path:
             check_writable(path, flag)
+    if args.plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+        if Path(args.plot).suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
+            raise UserError(f"--plot {args.plot}: not a picture file matplotlib writes (e.g. .png, .pdf, .svg)")
     archive = read_archive(args.archive)
     if "summary" not in archive:
         raise UserError(f"{args.archive} holds weights but no training history")

@@ -121,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--hm", action="store_true", help="with a dataset NAME: use its highest-mip file")
     g.add_argument("--val_dataset", help="held-out HDF5 with ground-truth fields, scored every epoch "
                                          "(default: the demo test set when training on the demo)")
-    g.add_argument("--val_pairs", type=int, default=32, help="held-out pairs scored per epoch (0: none, and no pt/NAME.best.pt)")
+    g.add_argument("--val_pairs", type=int, default=32,
+                   help="held-out pairs scored per epoch (0: none, and no pt/NAME.best.pt)")
     g.add_argument("--crop", type=int, default=0, help="train on random crops of this size (0 = whole stacks)")
     g.add_argument("--no_augment", action="store_true", help="turn data augmentation off")
     g.add_argument("--max_shift", type=finite_float, default=16,
@@ -149,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ", ".join(f"--{k}" for k in FIXED_ON_RESUME) + ")")
     g.add_argument("--overwrite", action="store_true", help="replace an existing pt/NAME.pt")
     args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues pt/NAME.pt and --overwrite replaces it: choose one")
     for action in p._actions:  # parsed again without defaults: the flags the command line gives (what --resume changes)
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(p.parse_args(argv)))

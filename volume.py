@@ -134,6 +134,15 @@ def read(vol, start, size) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(cut).transpose(2, 3, 1, 0))
 
 
+def check_z_range(start: int, stop: int, first: int, end: int, what: str = "z range") -> None:
+    """A one-line ``UserError`` naming ``what`` unless sections ``start .. stop - 1`` lie within the volume's ``first
+    .. end - 1``; an empty or reversed range says so rather than that it is outside."""
+    if stop <= start:
+        raise UserError(f"{what} {start}..{stop} is empty: its stop must be above its start")
+    if start < first or stop > end:
+        raise UserError(f"{what} {start}..{stop} is outside the volume's sections {first}..{end - 1}")
+
+
 def create_volume(path: str, size, dtype: str, num_channels: int = 1,
                   resolution=(8, 8, 40), mips: int = 1, chunk=(256, 256, 1),
                   layer_type: str = "image", provenance: dict | None = None,

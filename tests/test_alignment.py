@@ -235,6 +235,7 @@ def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_fi
 
 @pytest.mark.parametrize("extra, message", [
     (["--z_start", "5", "--z_stop", "40"], "outside the volume"),
+    (["--z_start", "2", "--z_stop", "0"], "z range 2..0 is empty"),
     (["--z_start", "0", "--z_stop", "2", "--mip", "5"], "no mip 5"),
     (["--z_start", "0", "--z_stop", "2", "--bbox", "0", "0", "99", "10"], "outside the volume"),
     (["--z_start", "0", "--z_stop", "2", "--prealign", "-1"], "--prealign and --trunc >= 0"),

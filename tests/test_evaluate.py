@@ -188,7 +188,9 @@ def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_
     write_layer(tmp_path / "dest" / "image", raw[:, None], "image")
     write_layer(tmp_path / "dest" / "field", np.zeros_like(truth), "field")
     dest, z = ["--aligned", tmp_path / "dest", "--raw", raw_path], ["--z_start", "0", "--z_stop", "4"]
-    for argv, says in ((dest + ["--z_start", "0", "--z_stop", "9"], "outside the aligned stack"),
+    for argv, says in ((dest + ["--z_start", "0", "--z_stop", "9"], "outside the volume's sections 0..3"),
+                       (dest + ["--z_start", "3", "--z_stop", "1"], "z range 3..1 is empty"),
+                       (dest + z + ["--cpc_window", "0"], "--cpc_window >= 1"),
                        (["--aligned", tmp_path / "nothing"] + z, "nothing"),
                        (dest + ["--truth", "file://" + str(tmp_path / "no_truth")] + z, "no_truth")):
         result = run_script("evaluate.py", *argv)

@@ -127,6 +127,9 @@ def test_interrupted_run_leaves_no_file(tmp_path, tiny_volume, monkeypatch):
     (["--train_range", "0", "40"], "outside the volume"),
     (["--stack_height", "20"], "does not fit"),
     (["--dim", "32", "--max_missing", "0.1"], "missing data"),  # every stack is 25 % missing
+    (["--max_missing", "2"], "--max_missing 2.0 is a fraction"),
+    (["--coords", "corners.txt"], "--count and --coords: choose one"),
+    (["--train_range", "6", "2"], "--train_range 6..2 is empty"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, tiny_volume, extra, message):
     paths, _ = tiny_volume

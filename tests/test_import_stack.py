@@ -168,6 +168,13 @@ def test_bad_input_writes_nothing(tmp_path, case):
     assert not dest.parent.exists() or left_behind(dest) == []
 
 
+def test_a_resolution_that_is_not_a_number_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        import_stack.main([str(tmp_path), "--dest", str(tmp_path / "vol"), "--resolution", "nan", "4", "50"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --resolution: 'nan' is not a number")
+
+
 def test_script_gap_exits_2_in_one_line(tmp_path):
     folder, dest = bad_folder("gap", tmp_path), tmp_path / "vol"
     proc = run_script("import_stack.py", "--dest", dest, "--resolution", 4, 4, 50, folder)

@@ -147,6 +147,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--epoch_size", "-1", "--num_workers", "-1"], "--epoch_size, --num_workers must be >= 0"),
     (["--p_jitter", "2"], "--p_jitter 2.0 is a probability"),
     (["--padding", "16"], "--padding 16 px leaves nothing of the 32 px sections"),  # the loss would be 0
+    (["--resume", "--overwrite"], "--resume continues pt/NAME.pt and --overwrite replaces it: choose one"),
 ])
 def test_bad_flags_are_one_line_errors(toy, flags, message):
     result = run_script(train.__file__, "--dataset", toy, *flags, "bad", cwd=toy.parent)
@@ -272,6 +273,8 @@ def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
     assert exported["optimizer"] is None and lean.stat().st_size < child.stat().st_size
     assert [e["name"] for e in net_hist.lineage(exported)] == ["parent", "child"]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), exported_model.state_dict().values()))
+    with pytest.raises(UserError, match="--plot .*curves.xyz: not a picture file matplotlib writes"):
+        net_hist.main([str(child), "--plot", str(child.parent / "curves.xyz")])
     before = parent.read_bytes()
     with pytest.raises(UserError, match="exists"):  # an export never replaces a network
         net_hist.main([str(child), "--export", str(parent)])
