@@ -19,6 +19,7 @@ import evaluate
 import train
 import volume
 from helpers import UserError, run_main
+from models.archive import read_archive
 
 
 def main(argv=None) -> dict:
@@ -26,8 +27,9 @@ def main(argv=None) -> dict:
     p.add_argument("--archive", default="pt/demo.pt", help="network that aligns the demo test stack")
     p.add_argument("--train_epochs", type=int, default=3, help="epochs of the short training run (0 = skip)")
     args = p.parse_args(argv)
-    if not Path(args.archive).is_file():
+    if args.archive == "pt/demo.pt" and not Path(args.archive).is_file():
         raise UserError(f"{args.archive} is missing: it ships with the repository (git checkout pt/demo.pt)")
+    read_archive(args.archive)  # a missing or corrupt --archive says so now, not after the training
 
     print("== 1. demo volume and datasets")
     demo.ensure_demo()

@@ -236,8 +236,7 @@ def main(argv=None) -> dict:
     if min(args.adapt) < 0:
         raise UserError(f"--adapt {min(args.adapt):g}: minutes must be >= 0")
     if args.real and not Path(args.real).is_dir():
-        print(f"skipped: {args.real} is not a folder")
-        return {}
+        raise UserError(f"--real {args.real} is not a folder of registered sections")
     stack = held_out_stack(args, args.seed)
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]

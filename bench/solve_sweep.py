@@ -175,8 +175,7 @@ def main(argv=None) -> dict:
                                    "and reuse them when the stack, the settings and the archive's bytes match")
     args = p.parse_args(argv)
     if args.real and not Path(args.real).is_dir():
-        print(f"skipped: {args.real} is not a folder")
-        return {}
+        raise UserError(f"--real {args.real} is not a folder of registered sections")
     if min(args.neighbours) < 1:
         raise UserError("--neighbours must be at least 1")
     model = for_inference(load_archive(args.archive)[0])

@@ -74,7 +74,7 @@ def read_archive(path: str | Path, device: str | torch.device = "cpu") -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such archive file")
+        raise UserError(f"{path}: {'a folder, not an archive file' if path.is_dir() else 'no such archive file'}")
     check_device(device)
     try:
         with warnings.catch_warnings():  # torch warns of pickle protocols it may not read: the error says it

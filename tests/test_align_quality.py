@@ -1,11 +1,13 @@
 """bench/align_quality.py's real-tissue stack: registered sections misaligned with known fields, and the check of
 their registration."""
 import numpy as np
+import pytest
 from PIL import Image
 
 import alignment
-from bench import align_quality
+from bench import align_quality, solve_sweep
 from conftest import moved_windows
+from helpers import UserError
 
 
 def write_sections(folder, moves):
@@ -42,3 +44,9 @@ def test_phantom_stack_static_repeats_one_section_and_default_changes_from_secti
         return np.median(np.abs(oracle[0] - oracle[2])[both])
 
     assert realigned("static") < 3 < 10 < realigned("default")  # grey levels: interpolation only vs new tissue
+
+
+def test_a_real_folder_that_is_not_there_is_a_one_line_error(tmp_path):
+    for bench in (align_quality, solve_sweep):
+        with pytest.raises(UserError, match=f"^--real {tmp_path / 'nope'} is not a folder"):
+            bench.main(["--archive", "pt/demo.pt", "--real", str(tmp_path / "nope")])

@@ -58,8 +58,8 @@ def test_no_temp_file_is_left_and_a_failed_save_keeps_the_old_archive(tmp_path):
 def test_missing_corrupt_and_foreign_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="nope.pt: no such archive file"):
         load_archive(tmp_path / "nope.pt")
-    with pytest.raises(UserError, match="no such archive file"):
-        load_archive(tmp_path)  # a directory
+    with pytest.raises(UserError, match="a folder, not an archive file"):
+        load_archive(tmp_path)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00not a torch file\xff" * 10)
     good = save_archive(tmp_path / "good.pt", random_pyramid())
