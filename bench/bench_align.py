@@ -32,6 +32,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from helpers import UserError, run_main
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,7 +84,10 @@ def one(common: list[str], dest: Path, extra: list[str], workers: int = 0, threa
 def in_child(work, *args):
     """``work(*args)`` in a forked child process (its memory and peak RSS its own), its result returned."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-        return pool.submit(work, *args).result()
+        try:
+            return pool.submit(work, *args).result()
+        except UserError as err:  # the user's mistake, raised in the child: one line, as in the parent
+            raise UserError(str(err)) from None
 
 
 def main() -> None:
@@ -131,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

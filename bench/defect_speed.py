@@ -41,6 +41,8 @@ def main(argv=None) -> dict[str, float]:
     p.add_argument("--smooth", type=int, default=96, help="the low-pass radius in px (align.py --smooth)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
+    if args.sections < 2 or args.size < 64 or args.smooth < 0 or args.threads < 1:
+        p.error("--sections must be >= 2, --size >= 64, --smooth >= 0 and --threads >= 1")
     import demo
 
     torch.set_num_threads(args.threads)

@@ -112,6 +112,8 @@ def main(argv=None) -> None:
     p.add_argument("--scratch", help="where the stack and its DEST go (default: a temporary folder; one the script "
                    "filled before is used again)")
     args = p.parse_args(argv)
+    if args.shape[0] < 2 or min(args.shape[1:]) < args.task_chunk or args.block < 2:
+        p.error("--shape needs 2 sections or more and sides of --task_chunk px or more; --block >= 2")
 
     import tasks
     import volume
