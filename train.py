@@ -202,7 +202,7 @@ def resolve_dataset(spec: str | None, hm: bool = False, split: str = "train") ->
         if not Path(spec).is_file():
             raise UserError(f"dataset {spec} does not exist")
         return Path(spec)
-    if spec and (Path(spec).name != spec or Path(spec).exists()):
+    if spec and Path(spec).name != spec:  # a path, but not to an .h5 file
         raise UserError(f"--dataset {spec}: expected an .h5 file or a NAME of the data directory's NAME_*_mip*.h5")
     name = spec or "demo"
     found = sorted(volume.data_dir().glob(f"{name}_{split}_mip*.h5"),
