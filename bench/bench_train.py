@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from helpers import UserError, check_device, run_main
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = [  # (label, train.py flags)
@@ -96,7 +98,7 @@ def main() -> None:
     import torch
 
     import distributed
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.one:
         with distributed.process_group(device) as device:
             result = one(json.loads(args.one), args.steps, device)
@@ -106,19 +108,23 @@ def main() -> None:
     import train
     train.resolve_dataset(None)  # build the demo data outside the timed processes
     print(f"device {device}, batch 8, {args.steps} timed steps each")
+    failed = 0
     for label, flags in CONFIGS:
         for processes in sorted({1, args.ddp}):
             result = launch(flags, args.steps, device, processes)
             name = label if processes == 1 else f"  {processes} DDP processes"
             if result.returncode:
                 print(f"{name}: failed\n{result.stderr[-2000:]}")
+                failed += 1
                 continue
             r = json.loads(result.stdout.strip().splitlines()[-1])
             extra = f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""
             print(f"{name:44s} {r['it_per_s']:6.2f} it/s {r['samples_per_s']:6.1f} samples/s  "
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB{extra} ({r['threads']} threads"
                   + (" per process)" if processes > 1 else ")"))
+    if failed:
+        raise UserError(f"{failed} of the configurations failed (above)")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
