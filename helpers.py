@@ -115,6 +115,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def folder(text: str) -> str:
+    """``argparse`` type: a folder that exists (a mistyped one is a usage error before any work, not a late skip)."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
+
+
 def check_device(device: str | torch.device) -> str:
     """``device`` (``cpu``, ``cuda``, ``cuda:N``) as a string, once this machine is known to have it; a one-line
     ``UserError`` naming ``--device`` if it is not a torch device or not here (before an archive is blamed for it)."""

@@ -41,7 +41,7 @@ import evaluate
 from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
                        for_inference, settings_from_args)
 from demo import PHANTOMS
-from helpers import UserError, finite_float, in_frame_of, run_main
+from helpers import UserError, finite_float, folder, in_frame_of, run_main
 
 
 def detected_defects(stack: dict) -> np.ndarray:
@@ -203,8 +203,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archive", nargs="*", default=[],
                    help="our network(s) (several to compare; omit to score only the baselines)")
-    p.add_argument("--real", help="a folder of registered real sections (PNG/TIFF), misaligned as the demo is, "
-                                  "instead of the demo volume; --z_start counts files from 0")
+    p.add_argument("--real", type=folder, help="a folder of registered real sections (PNG/TIFF), misaligned as the "
+                                               "demo is, instead of the demo volume; --z_start counts files from 0")
     p.add_argument("--phantom", choices=PHANTOMS,
                    help="a fresh phantom stack instead of the demo volume (module docstring)")
     p.add_argument("--seed", type=int, default=0,
@@ -235,8 +235,6 @@ def main(argv=None) -> dict:
         raise UserError("--archive: two networks with the same file name would share a row name")
     if min(args.adapt) < 0:
         raise UserError(f"--adapt {min(args.adapt):g}: minutes must be >= 0")
-    if args.real and not Path(args.real).is_dir():
-        raise UserError(f"--real {args.real} is not a folder of registered sections")
     stack = held_out_stack(args, args.seed)
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]

@@ -24,7 +24,7 @@ import torch
 
 from bench.align_quality import demo_stack, phantom_stack, real_stack
 from detect_defects import ARCHIVE, detect, load_detector
-from helpers import HelpFormatter, run_main
+from helpers import HelpFormatter, folder, run_main
 from masks import distance_to_defect
 from misalign import CRACK, FOLD
 
@@ -68,8 +68,8 @@ def fmt(value: float) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--snemi", help="folder of the registered SNEMI3D sections (held out: 60..99)")
-    p.add_argument("--isbi", help="folder of the registered ISBI 2012 sections (held out: 20..29)")
+    p.add_argument("--snemi", type=folder, help="folder of the registered SNEMI3D sections (held out: 60..99)")
+    p.add_argument("--isbi", type=folder, help="folder of the registered ISBI 2012 sections (held out: 20..29)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="misalignment draws")
     p.add_argument("--tolerance", type=float, default=3.0, help="px: the tolerant scores' reach")
     p.add_argument("--archive", default=str(ARCHIVE))

@@ -47,7 +47,7 @@ from bench.align_quality import DEFECT_MASKS, held_out_stack, registration_check
 from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,
                        settings_from_args, solve_pairs)
 from demo import PHANTOMS
-from helpers import UserError, compose, file_sha256, in_frame_of, invert_field, run_main, vector_length
+from helpers import UserError, compose, file_sha256, folder, in_frame_of, invert_field, run_main, vector_length
 from models.archive import load_archive
 from solve import low_pass, neighbour_pairs
 
@@ -155,7 +155,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archive", required=True, help="our network")
-    p.add_argument("--real", help="a folder of registered real sections (as in align_quality.py)")
+    p.add_argument("--real", type=folder, help="a folder of registered real sections (as in align_quality.py)")
     p.add_argument("--phantom", choices=PHANTOMS, help="a fresh phantom stack (as in align_quality.py)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="misalignment draws (as in align_quality.py); several: figures averaged over them")
@@ -174,8 +174,6 @@ def main(argv=None) -> dict:
     p.add_argument("--cache", help="keep the pair fields in this file (one per draw: FILE.seedS.pt when several) "
                                    "and reuse them when the stack, the settings and the archive's bytes match")
     args = p.parse_args(argv)
-    if args.real and not Path(args.real).is_dir():
-        raise UserError(f"--real {args.real} is not a folder of registered sections")
     if min(args.neighbours) < 1:
         raise UserError("--neighbours must be at least 1")
     model = for_inference(load_archive(args.archive)[0])

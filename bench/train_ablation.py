@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from bench import align_quality
 import evaluate
-from helpers import UserError, run_main
+from helpers import UserError, folder, run_main
 from models.archive import load_archive
 
 VARIANTS = {  # name -> train.py flags on top of the mixed baseline
@@ -68,16 +68,16 @@ def slug(variant: str) -> str:
 
 def train_variant(args, variant: str) -> Path:
     """The variant's finished archive, training it first unless an earlier run finished it."""
-    folder = Path(args.out) / slug(variant)
-    archive = folder / "pt" / f"{slug(variant)}.pt"
+    run_folder = Path(args.out) / slug(variant)
+    archive = run_folder / "pt" / f"{slug(variant)}.pt"
     if archive.is_file() and load_archive(archive)[1].get("finished"):
         return archive
-    folder.mkdir(parents=True, exist_ok=True)
+    run_folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(ROOT / "train.py"), *train_flags(args, variant), "--overwrite"]
     print(f"training {variant}: {' '.join(command[2:])}", flush=True)
-    with open(folder / "train.log", "w") as log:
-        if subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT).returncode:
-            raise UserError(f"training {variant} failed: see {folder / 'train.log'}")
+    with open(run_folder / "train.log", "w") as log:
+        if subprocess.run(command, cwd=run_folder, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise UserError(f"training {variant} failed: see {run_folder / 'train.log'}")
     return archive
 
 
@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, help="training HDF5 with known fields (gen_stack.py --registered)")
     p.add_argument("--val_dataset", required=True, help="held-out HDF5 of the same kind")
-    p.add_argument("--real", help="folder of registered sections for the alignment benchmark (skipped if absent)")
+    p.add_argument("--real", type=folder,
+                   help="folder of registered sections for the alignment benchmark (none: no alignment benchmark)")
     p.add_argument("--z_start", type=int, default=60, help="first held-out section of --real")
     p.add_argument("--sections", type=int, default=30)
     p.add_argument("--size", type=int, default=384, help="section size (px) in the alignment benchmark")

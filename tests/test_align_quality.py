@@ -7,7 +7,6 @@ from PIL import Image
 import alignment
 from bench import align_quality, solve_sweep
 from conftest import moved_windows
-from helpers import UserError
 
 
 def write_sections(folder, moves):
@@ -46,7 +45,9 @@ def test_phantom_stack_static_repeats_one_section_and_default_changes_from_secti
     assert realigned("static") < 3 < 10 < realigned("default")  # grey levels: interpolation only vs new tissue
 
 
-def test_a_real_folder_that_is_not_there_is_a_one_line_error(tmp_path):
+def test_a_real_folder_that_is_not_there_is_a_usage_error(tmp_path, capsys):
     for bench in (align_quality, solve_sweep):
-        with pytest.raises(UserError, match=f"^--real {tmp_path / 'nope'} is not a folder"):
+        with pytest.raises(SystemExit) as exit_:
             bench.main(["--archive", "pt/demo.pt", "--real", str(tmp_path / "nope")])
+        assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"argument --real: '{tmp_path / 'nope'}' is not a folder")
