@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
     source = volume.open_volume(demo.resolve(args.source), args.mip, args.bucket)
     volume.check_kind(source, "image", "--source")
     x0, y0, x1, y1, z0, z1 = region(args, source)
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)
     net = load_detector(args.archive, device)
     dest = open_dest(args, source)
     boxes = [(x, y, min(x + args.chunk, x1), min(y + args.chunk, y1))

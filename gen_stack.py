@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import demo
 import volume
-from helpers import (HelpFormatter, UserError, atomic_output, check_name, check_writable, finite_float, run_main,
+from helpers import (HelpFormatter, UserError, atomic_output, check_name, finite_float, local_path, run_main,
                      slice_std, stop_if_interrupted)
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
@@ -254,7 +254,7 @@ def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = No
     sampling, filled = fill_defaults(sampling)
     if filled:
         print("demo volume: using " + " ".join(filled))
-    out_dir = Path(out_dir) if out_dir else volume.data_dir()
+    out_dir = local_path(out_dir, "--out_dir") if out_dir else volume.data_dir()
     split = "test" if sampling.test else "train"
     path = out_dir / f"{name}_{split}_mip{sampling.mip}.h5"
     if path.exists() and not overwrite:
@@ -297,8 +297,7 @@ def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = No
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    out_dir = check_writable(args.out_dir, "--out_dir", folder=True) if args.out_dir else None
-    return write_dataset(args.name, Sampling.from_args(args), out_dir, args.overwrite)
+    return write_dataset(args.name, Sampling.from_args(args), args.out_dir, args.overwrite)
 
 
 if __name__ == "__main__":

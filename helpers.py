@@ -122,9 +122,12 @@ def folder(text: str) -> str:
     return text
 
 
-def check_device(device: str | torch.device) -> str:
-    """``device`` (``cpu``, ``cuda``, ``cuda:N``) as a string, once this machine is known to have it; a one-line
-    ``UserError`` naming ``--device`` if it is not a torch device or not here (before an archive is blamed for it)."""
+def check_device(device: str | torch.device | None = None) -> str:
+    """``device`` (``cpu``, ``cuda``, ``cuda:N``; None: ``cuda`` if this machine has it, else ``cpu``) as a string, once
+    this machine is known to have it; a one-line ``UserError`` naming ``--device`` if it is not a torch device or
+    not here (before an archive is blamed for it)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):

@@ -130,7 +130,7 @@ import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
                        is_blank, pair_context, prealignment, rigid_field, section_stats, solve_fields,
                        thumbnail, thumbnail_factor, tissue_moments, with_context)
-from helpers import UserError, compose, downsample_field, invert_field, one_line, upsample_field
+from helpers import UserError, check_device, compose, downsample_field, invert_field, one_line, upsample_field
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
 
@@ -305,7 +305,7 @@ def _load(archive: str, modified_ns: int, device: str):
 
 def model_of(job: Job):
     """The job's network on its device (loaded once per process, again if the archive file changes)."""
-    device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(job.device)
     archive = Path(job.archive)
     return _load(job.archive, archive.stat().st_mtime_ns if archive.is_file() else 0, device)
 

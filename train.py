@@ -139,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a section with itself (adapt.py)")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--device", default=check_device(), help="torch device")
     g.add_argument("--vis_interval", type=int, default=100, help="write pictures every N steps (0 = never)")
     g.add_argument("--collapse_after", type=int, default=300,
                    help="steps before the zero-field collapse check starts (the top level may sit at zero "

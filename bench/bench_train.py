@@ -95,10 +95,8 @@ def main() -> None:
     p.add_argument("--ddp", type=int, default=1, help="also time N DDP processes (torchrun) per configuration")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
-    import torch
-
     import distributed
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)
     if args.one:
         with distributed.process_group(device) as device:
             result = one(json.loads(args.one), args.steps, device)

@@ -78,8 +78,8 @@ def main(argv=None) -> list[dict]:
             raise UserError(f"--test {name}: {folder} is not a folder or {archive} is not a file")
         for seed in args.seed:
             shape = args.shape.split() if args.shape else VOLUMES[name]
-            quality = ["--real", folder, *shape, "--seed", str(seed), "--archive", archive,
-                       "--ours", "solve1", "--smooth", "192", "--refine", str(args.refine), "--adapt", *map(str, args.adapt),
+            quality = ["--real", folder, *shape, "--seed", str(seed), "--archive", archive, "--ours", "solve1",
+                       "--smooth", "192", "--refine", str(args.refine), "--adapt", *map(str, args.adapt),
                        *(["--settings", *args.classical] if args.classical is not None else ["--methods", "none"])]
             for method, r in ratios(align_quality.main(quality)).items():
                 results.append({"volume": name, "seed": seed, "method": method, **r})
