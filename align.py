@@ -394,6 +394,8 @@ def check_args(args) -> None:
                         f"(each task writes whole {tasks.LAYER_CHUNK} px chunks of every mip)")
     if args.max_failures < 1:
         raise UserError("--max_failures must be >= 1")
+    if args.queue:
+        tasks.check_queue_spec(args.queue)  # opened (an fq:// folder made) once every other input is checked
     if args.adapt < 0:
         raise UserError(f"--adapt {args.adapt:g}: minutes must be >= 0 (0 = no adaptation)")
 
@@ -412,7 +414,6 @@ def main(argv=None) -> dict:
     elif args.adapt:
         raise UserError(f"--adapt writes DEST/{ADAPTED} beside the layers: it needs a local --dest folder, "
                         f"not {args.dest}")
-    queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     args.source = demo.resolve(args.source)  # the word 'demo' is the embedded demo volume
     source = volume.open_volume(args.source, args.mip, args.bucket)
     volume.check_kind(source, "image", "--source")  # what the network aligns
@@ -437,6 +438,7 @@ def main(argv=None) -> dict:
     if args.chunk % stride(model):
         raise UserError(f"--chunk {args.chunk} must be a multiple of {stride(model)} px, the coarsest stride of the "
                         f"{model.size} levels of {args.archive}")
+    queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     run, runs = run_record(args, job), recorded_runs(job.dest)
     adapted = Path(args.dest) / ADAPTED if args.adapt else None
     resume = runs is not None and not args.overwrite  # None: no layer, so any progress marker left is stale

@@ -830,10 +830,15 @@ def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
                     time.sleep(POLL_SECONDS)
 
 
-def open_queue(spec: str, create: bool) -> TaskQueue:
-    """The task queue ``fq://FOLDER`` or ``sqs://NAME``; an ``fq://`` folder must exist unless ``create``."""
+def check_queue_spec(spec: str) -> None:
+    """Refuse a ``--queue`` that is neither ``fq://FOLDER`` nor ``sqs://NAME`` (nothing is opened or made)."""
     if not spec.startswith(("fq://", "sqs://")):
         raise UserError(f"--queue {spec}: use fq://FOLDER (a folder every worker sees) or sqs://NAME (Amazon SQS)")
+
+
+def open_queue(spec: str, create: bool) -> TaskQueue:
+    """The task queue ``fq://FOLDER`` or ``sqs://NAME``; an ``fq://`` folder must exist unless ``create``."""
+    check_queue_spec(spec)
     if spec.startswith("fq://") and not create and not Path(spec[len("fq://"):]).expanduser().is_dir():
         raise UserError(f"no queue at {spec} (align.py --queue {spec} creates it)")
     try:

@@ -234,6 +234,10 @@ def test_bad_queue_input_is_a_one_line_error(tmp_path, tiny_volume):
                            (["--max_failures", "0"], "--max_failures")):
         with pytest.raises(UserError, match=message):
             align.main(common + extra)
+    queue = tmp_path / "new_queue"
+    with pytest.raises(UserError, match="a.pt"):  # the archive is missing: refused before the queue is made
+        align.main(common + ["--queue", f"fq://{queue}"])
+    assert not queue.exists()
 
 
 def test_a_queued_task_that_always_fails_is_dead_lettered_and_stops_the_driver(tmp_path, tiny_volume):
