@@ -421,6 +421,8 @@ def setup(args) -> tuple:
     """
     if not args.resume:  # a resumed run's flags are checked once the archive's are in
         check_args(args)
+        if args.hm and any(Path(spec).suffix in (".h5", ".hdf5") for spec in args.dataset or []):
+            raise UserError("--hm picks a dataset NAME's highest-mip file: an .h5 --dataset is a file already")
     model, archive, archive_path = prepare(args)
     specs = args.dataset if isinstance(args.dataset, list) else [args.dataset]  # None, or one path (a resumed run)
     paths = [resolve_dataset(spec, args.hm) for spec in specs]

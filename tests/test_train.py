@@ -148,6 +148,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--p_jitter", "2"], "--p_jitter 2.0 is a probability"),
     (["--padding", "16"], "--padding 16 px leaves nothing of the 32 px sections"),  # the loss would be 0
     (["--resume", "--overwrite"], "--resume continues pt/NAME.pt and --overwrite replaces it: choose one"),
+    (["--hm"], "--hm picks a dataset NAME's highest-mip file"),  # was ignored: the .h5 given was used as it is
 ])
 def test_bad_flags_are_one_line_errors(toy, flags, message):
     result = run_script(train.__file__, "--dataset", toy, *flags, "bad", cwd=toy.parent)
