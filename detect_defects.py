@@ -158,9 +158,10 @@ def open_dest(args, source):
                         f"{np.dtype(vol.dtype)}, bounds {got[0][0]}..{got[0][1]}, {len(got)} mips): it must have the "
                         f"source's ({want[0][0]}..{want[0][1]}, {mips} mips, 1 channel of uint8)")
     if not created:
-        if vol.cloudpath == source.cloudpath or \
-                not any(run.get("description") == DETECTED_BY for run in vol.provenance.processing):
-            what = "the source" if vol.cloudpath == source.cloudpath else "a layer that detect_defects.py did not write"
+        ours = any(run.get("description") == DETECTED_BY for run in vol.provenance.processing)
+        what = ("the source" if vol.cloudpath == source.cloudpath
+                else None if ours else "a layer that detect_defects.py did not write")
+        if what:
             raise UserError(f"--dest {vol.cloudpath} is {what}: refusing to overwrite it (give a new --dest)")
         vol.provenance.processing.append(entry)
     if source.cloudpath not in vol.provenance.sources:
