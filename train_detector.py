@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import misalign
 from detect_defects import ARCHIVE, DefectNet, load_detector, save_detector
-from helpers import HelpFormatter, run_main
+from helpers import HelpFormatter, UserError, check_writable, finite_float, folder, run_main
 
 PAD = 48  # margin generated around each canvas, as the benchmarks' stacks
 TRAIN_PARAMS = misalign.MisalignParams(crack_prob=0.5, fold_prob=0.5)
@@ -110,29 +110,54 @@ def batch(stacks, crop: int, size: int, gen: torch.Generator, fold_share: float 
     return torch.stack(images), torch.stack(labels)
 
 
+def check_args(args) -> None:
+    """One-line ``UserError``s for flags out of range, an ``--out`` that exists (without ``--overwrite``) or cannot be
+    written, and an unreadable ``--init``: before any data is built."""
+    small = [f"--{name} {getattr(args, name)}" for name in ("draws", "crop", "batch_size", "steps")
+             if getattr(args, name) < 1]
+    small += [f"--{name} {getattr(args, name):g}" for name in ("lr", "minutes") if getattr(args, name) <= 0]
+    if small:
+        raise UserError(f"{', '.join(small)}: must be positive")
+    for name in ("fold_share", "blank_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name} {getattr(args, name):g}: a share, between 0 and 1")
+    if min(args.class_weights) < 0 or max(args.class_weights) <= 0:
+        raise UserError(f"--class_weights {' '.join(f'{w:g}' for w in args.class_weights)}: must be >= 0, one > 0")
+    out = check_writable(args.out, "--out")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} exists (a trained detector?): pass --overwrite to replace it, or name another")
+    if args.init:
+        load_detector(args.init)
+
+
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--snemi", help="folder of the registered SNEMI3D sections")
-    p.add_argument("--isbi", help="folder of the registered ISBI 2012 sections")
+    p.add_argument("--snemi", type=folder, help="folder of the registered SNEMI3D sections")
+    p.add_argument("--isbi", type=folder, help="folder of the registered ISBI 2012 sections")
     p.add_argument("--draws", type=int, default=2, help="damaged copies of each source")
     p.add_argument("--crop", type=int, default=160, help="training crop, px")
     p.add_argument("--batch_size", type=int, default=6)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--minutes", type=float, default=18.0, help="wall-time budget of the training loop")
+    p.add_argument("--lr", type=finite_float, default=3e-3)
+    p.add_argument("--minutes", type=finite_float, default=18.0, help="wall-time budget of the training loop")
     p.add_argument("--steps", type=int, default=100000, help="at most this many steps")
-    p.add_argument("--class_weights", type=float, nargs=3, default=[1.0, 3.0, 6.0], metavar=("NONE", "CRACK", "FOLD"),
-                   help="weights of the classes in the cross-entropy (defects are rare)")
-    p.add_argument("--fold_share", type=float, default=0.5, help="share of the crops placed over a fold pixel")
-    p.add_argument("--blank_share", type=float, default=0.25,
+    p.add_argument("--class_weights", type=finite_float, nargs=3, default=[1.0, 3.0, 6.0],
+                   metavar=("NONE", "CRACK", "FOLD"), help="weights of the classes in the cross-entropy (defects are rare)")
+    p.add_argument("--fold_share", type=finite_float, default=0.5, help="share of the crops placed over a fold pixel")
+    p.add_argument("--blank_share", type=finite_float, default=0.25,
                    help="share of the crops with one side missing data (0), as at a volume's edges")
     p.add_argument("--init", help="start from this detector archive (a run continued); None: from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ARCHIVE))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (e.g. the shipped detector)")
     args = p.parse_args(argv)
+    check_args(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     stacks = pool(args)
+    side = min(min(image.shape[-2:]) for image, _, _ in stacks)
+    if args.crop > side:
+        raise UserError(f"--crop {args.crop}: larger than the smallest training section ({side} px)")
     print(f"{sum(len(s[0]) for s in stacks)} damaged sections from {len(stacks)} stacks")
     net = load_detector(args.init).train() if args.init else DefectNet()
     weights = torch.tensor(args.class_weights)

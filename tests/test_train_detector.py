@@ -1,9 +1,12 @@
-"""train_detector.py: the training crops can be put over the folds, which random crops seldom show."""
+"""train_detector.py: the training crops can be put over the folds, which random crops seldom show; bad flags and an
+existing --out are one-line errors before any data is built."""
+import pytest
 import torch
 
 import misalign
 import phantom
 import train_detector
+from helpers import UserError
 
 
 def test_fold_share_puts_every_crop_over_a_fold():
@@ -29,3 +32,26 @@ def test_blank_share_makes_one_side_of_every_crop_missing_data():
     sides = torch.stack([missing[:, 0].all(1), missing[:, -1].all(1),
                          missing[:, :, 0].all(1), missing[:, :, -1].all(1)])
     assert (sides.sum(0) == 1).all()  # one whole side, a wavy edge within
+
+
+def _no_data(args):
+    raise AssertionError("the training data was built before the flags were checked")
+
+
+def test_an_existing_out_is_refused_without_overwrite_and_kept(tmp_path, monkeypatch):
+    out = tmp_path / "defects.pt"
+    out.write_bytes(b"a trained detector")
+    monkeypatch.setattr(train_detector, "pool", _no_data)
+    with pytest.raises(UserError, match="--overwrite"):
+        train_detector.main(["--out", str(out), "--steps", "1"])
+    assert out.read_bytes() == b"a trained detector"
+
+
+@pytest.mark.parametrize("flags", [["--crop", "0"], ["--steps", "0"], ["--minutes", "-1"], ["--lr", "-1"],
+                                   ["--fold_share", "2"], ["--blank_share", "-0.5"], ["--class_weights", "0", "0", "0"],
+                                   ["--init", "no_such_detector.pt"]])
+def test_bad_flags_are_one_line_errors_before_any_data_is_built(tmp_path, monkeypatch, flags):
+    monkeypatch.setattr(train_detector, "pool", _no_data)
+    with pytest.raises(UserError):
+        train_detector.main([*flags, "--out", str(tmp_path / "new.pt")])
+    assert not (tmp_path / "new.pt").exists()
