@@ -46,8 +46,8 @@ from tqdm import tqdm
 import distributed
 import loss
 from data import Augmenter, StackDataset, batches, held_out_misalignment
-from helpers import (HelpFormatter, UserError, check_device, check_name, code_version, finite_float, run_main,
-                     upsample_field, vector_length)
+from helpers import (HelpFormatter, UserError, check_device, check_name, check_writable, code_version, finite_float,
+                     run_main, upsample_field, vector_length)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -177,8 +177,10 @@ def check_args(args) -> None:
         raise UserError("--fine_tuning needs --state_archive")
     if args.k < 1 or args.k % 2 == 0:
         raise UserError(f"--k must be odd (got {args.k})")
-    if min(args.epochs, args.batch_size) < 1 or args.fall_time < 0 or args.lr <= 0 or args.minutes < 0:
-        raise UserError("--epochs, --batch_size and --lr must be positive, --fall_time and --minutes >= 0")
+    if min(args.epochs, args.batch_size) < 1 or args.fall_time < 0 or min(args.lr, args.fine_tuning_lr_factor) <= 0 \
+            or args.minutes < 0:
+        raise UserError("--epochs, --batch_size, --lr and --fine_tuning_lr_factor must be positive, --fall_time and "
+                        "--minutes >= 0")
     negative = [name for name in ("clip", "padding", "corr", "crop", "epoch_size", "val_pairs", "num_workers",
                                   "vis_interval", "collapse_after", "max_shift", "max_angle", "elastic",
                                   "tissue_change", "mask_neighborhood_radius", "mask_smooth_radius")
@@ -377,6 +379,8 @@ def resume_changes(args, stored: dict) -> dict:
 def prepare(args) -> tuple:
     """Model (on the CPU), optimizer state, history, start epoch and lineage for a new, grown, or resumed run."""
     archive_path = archive_of(check_name(args.name, "experiment name"))  # runs/NAME, out/NAME too
+    for folder in (archive_path.parent, *log_dirs(args.name)):  # before an epoch is trained that could not be saved
+        check_writable(folder, f"experiment {args.name}:", folder=True)
     if args.resume:
         if not archive_path.is_file():
             raise UserError(f"nothing to resume: {archive_path} does not exist")
@@ -570,8 +574,9 @@ def train(args, device: str | None = None) -> Path:
                 break
         means = {k: v / max(count, 1) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in means.values()):  # the same on every rank: all stop
-            raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {archive_path} keeps the last "
-                            "finite epoch: resume with a lower --lr or --clip")
+            kept = (f"{archive_path} keeps the last finite epoch: resume with a lower --lr or --clip"
+                    if epoch > 0 else "no epoch was saved: start again with a lower --lr or --clip")
+            raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {kept}")
         if rank0:
             if val_loader is not None:
                 means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, device).items()})

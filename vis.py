@@ -107,9 +107,10 @@ def field_to_rgb(field, rim: float | None = None) -> np.ndarray:
     rim: the length (px) drawn in the pure hue; shorter vectors are paler (0 is
     white), longer ones darker. Default: the field's 99th-percentile length
     (``rim_length``), so the picture shows shape, not scale. A vector pointing
-    +x is red, +y (down the rows) yellow, -x sky blue, -y violet.
+    +x is red, +y (down the rows) yellow, -x sky blue, -y violet. A vector that is not finite (a diverged
+    network's) is drawn as 0.
     """
-    u, v = to_numpy(field).astype(np.float32)[-2:]
+    u, v = _components(field)
     rim = rim_length(field) if rim is None else rim
     length = np.hypot(u, v) / max(rim, 1e-6)
     colours = _wheel_colours()
@@ -154,9 +155,15 @@ def neuroglancer_state(image: str, field: str) -> dict:
             "layout": "xy", "selectedLayer": {"layer": "field", "visible": True}}
 
 
+def _components(field) -> tuple[np.ndarray, np.ndarray]:
+    """``(u, v)`` float32 ``[H, W]`` (px) of a field ``[2, H, W]``, a value that is not finite as 0."""
+    u, v = np.nan_to_num(to_numpy(field).astype(np.float32)[-2:], nan=0, posinf=0, neginf=0)
+    return u, v
+
+
 def rim_length(field) -> float:
     """The default rim of ``field_to_rgb``: the 99th-percentile length (px) of a field ``[2, H, W]``."""
-    u, v = to_numpy(field).astype(np.float32)[-2:]
+    u, v = _components(field)
     return max(float(np.percentile(np.hypot(u, v), 99)), 1e-6)
 
 

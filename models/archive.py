@@ -55,13 +55,16 @@ def save_archive(path: str | Path, model: Pyramid, **state: Any) -> Path:
     if clash:
         raise ValueError(f"archive state may not use the reserved keys {clash}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     archive = {"kind": KIND, "version": VERSION, "config": dict(model.config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **state}
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        torch.save(archive, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            torch.save(archive, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # the folder made read-only, the disk full: the old archive is kept
+        raise UserError(f"{path}: cannot write the archive ({err.strerror or one_line(err)})") from None
     return path
 
 

@@ -53,6 +53,9 @@ def test_no_temp_file_is_left_and_a_failed_save_keeps_the_old_archive(tmp_path):
     assert read_archive(path)["step"] == 2
     with pytest.raises(ValueError, match="reserved"):
         save_archive(path, net, config={})
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot write the archive"):  # an OSError is one line
+        save_archive(tmp_path / "a_file" / "net.pt", net, step=4)
 
 
 def test_missing_corrupt_and_foreign_files_are_user_errors(tmp_path):

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny HDF5: outputs, resume, refusals, lineage; net_hist.py on the result."""
 import io
+import math
 import sys
 
 import h5py
@@ -11,6 +12,7 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 import data
 import demo
 import gen_stack
+import loss
 import net_hist
 import train
 from conftest import corrupt_chunk, run_script
@@ -143,6 +145,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--state_archive", "missing.pt"], "missing.pt"),
     (["--size", "7"], "2^(size-1)"),  # 32 px sections
     (["--minutes", "-1"], "--minutes"),
+    (["--fine_tuning_lr_factor", "-1"], "--fine_tuning_lr_factor must be positive"),
     (["--clip", "-1"], "--clip must be >= 0"),  # a negative norm would flip the gradients: ascent
     (["--epoch_size", "-1", "--num_workers", "-1"], "--epoch_size, --num_workers must be >= 0"),
     (["--p_jitter", "2"], "--p_jitter 2.0 is a probability"),
@@ -155,6 +158,14 @@ def test_bad_flags_are_one_line_errors(toy, flags, message):
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error:") and message in last
     assert "Traceback" not in result.stderr and not (toy.parent / "pt" / "bad.pt").exists()
+
+
+def test_an_experiment_whose_outputs_cannot_be_written_stops_before_training(toy):
+    (toy.parent / "runs").write_text("a file where the logs' folder goes")
+    result = run_script(train.__file__, "--dataset", toy, "--epochs", "1", "exp", cwd=toy.parent)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "experiment exp:" in last and "cannot write there" in last
+    assert "Traceback" not in result.stderr and not (toy.parent / "pt" / "exp.pt").exists()
 
 
 FLOAT_FLAGS = ("--lambda0", "--lambda1", "--lambda2", "--lambda3", "--lambda4", "--lambda5", "--lambda6",
@@ -346,3 +357,22 @@ def test_the_epoch_with_the_lowest_held_out_epe_is_kept(toy, tmp_path, capsys):
         run(toy, "exp", "--epochs", "1")
     run(toy, "exp", "--epochs", "1", "--overwrite", "--val_dataset", "")
     assert not (tmp_path / "pt" / "exp.best.pt").exists()  # no held-out data: no best, and not the old one
+
+
+def test_a_loss_that_diverges_says_whether_an_epoch_was_kept(toy, monkeypatch):
+    pair_loss = loss.pair_loss
+
+    def diverging(*args, **kwargs):  # finite in epoch 0, NaN from epoch 1 on
+        total, log, pictures = pair_loss(*args, **kwargs)
+        if calls.append(1) or len(calls) > 4:  # 8 pairs, batch 2: 4 steps an epoch
+            total, log = total * math.nan, {**log, "total": math.nan}
+        return total, log, pictures
+
+    calls = []
+    monkeypatch.setattr(loss, "pair_loss", diverging)
+    with pytest.raises(UserError, match="epoch 1: the loss is not finite .*pt/a.pt keeps the last finite epoch"):
+        run(toy, "a", "--epochs", "3")
+    calls[:] = [1] * 4
+    with pytest.raises(UserError, match="epoch 0: the loss is not finite .*no epoch was saved: start again"):
+        run(toy, "b", "--epochs", "3")
+    assert not (toy.parent / "pt" / "b.pt").exists()

@@ -91,3 +91,11 @@ def test_loss_curves_figure_has_a_panel_per_term(tmp_path):
     assert path == tmp_path / "sub" / "curves.png" and path.is_file()
     width, height = Image.open(path).size
     assert (width, height) == (800, 500)  # 8 x 2.5 inches per term, two terms, 100 dpi
+
+
+def test_a_vector_that_is_not_finite_is_drawn_as_zero():
+    field = torch.ones(2, 4, 4)
+    field[:, 1, 2], field[:, 3, 3] = float("nan"), float("inf")  # a diverged network's
+    picture = vis.field_to_rgb(field)
+    assert (picture[1, 2] == 255).all() and (picture[3, 3] == 255).all()  # white: the zero vector
+    assert np.array_equal(picture[0, 0], vis.field_to_rgb(torch.ones(2, 4, 4))[0, 0])
