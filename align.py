@@ -426,12 +426,14 @@ def main(argv=None) -> dict:
     if x0 % (1 << args.mips) or y0 % (1 << args.mips):
         raise UserError(f"--mips {args.mips} needs the bbox corner at multiples of {1 << args.mips} px (a pixel of "
                         f"mip m covers 2^m px from 0), not {x0} {y0}")
-    defects = volume.open_volume(args.defects, args.mip, args.bucket) if args.defects else None
+    defects = volume.open_volume(demo.resolve(args.defects, "defects"), args.mip, args.bucket) if args.defects else None
     if defects is not None:
         check_defects(defects, source)
     job = job_of(args, source.cloudpath, (x0, y0, x1, y1), defects and defects.cloudpath)
-    if job.source.startswith(job.dest + "/"):
-        raise UserError(f"--source {args.source} lies inside --dest {args.dest}: choose another --dest")
+    if job.source == job.dest or job.source.startswith(job.dest + "/"):
+        raise UserError(f"--source {args.source} is --dest {args.dest} or lies inside it: choose another --dest")
+    if job.defects:
+        tasks.read_defects(job, job.z_start, job.bbox)  # an image layer given as --defects: one line, nothing written
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
     if args.trunc >= model.size:
         raise UserError(f"--trunc {args.trunc} must be below the {model.size} levels of {args.archive}")

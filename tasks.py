@@ -231,6 +231,16 @@ def _read_field(vol, z: int, box: Box) -> torch.Tensor:
     return torch.from_numpy(_read(vol, z, box))
 
 
+def read_defects(job: Job, z: int, box: Box) -> np.ndarray:
+    """uint8 ``[Y, X]``: section z's defect map over ``box`` from ``job.defects``; a ``UserError`` for a value other
+    than 0 (none), 1 (crack) or 2 (fold), e.g. an image layer given as ``--defects``."""
+    defects = _read(_layer(job.defects, job.mip), z, box)[0]
+    if defects.max() > 2:
+        raise UserError(f"--defects {job.defects}: section {z} holds the value {int(defects.max())}; a defect layer "
+                        f"holds 0 (none), 1 (crack) and 2 (fold) only")
+    return defects
+
+
 def _write(vol, array: np.ndarray, z: int, box: Box) -> None:
     """Write ``[C, Y, X]`` as section z at the corner of ``box`` (or ``[Z, C, Y, X]`` as sections z, z + 1, ...),
     and its downsamplings at every further mip of ``vol`` (``volume.write_pyramid``: a uint8 image by 2x2 mean, a
@@ -338,7 +348,7 @@ def block_task(job: dict, first: int) -> None:
     source, fields = _layer(job.source, job.mip), _dest(job, "block_field")
 
     def defects(z: int):  # section z's defect map, or None without a defect layer
-        return _read(_layer(job.defects, job.mip), z, job.bbox)[0] if job.defects else None
+        return read_defects(job, z, job.bbox) if job.defects else None
 
     def aligned_before(z: int) -> tuple:  # (raw, aligned, G_z, defects) of a section this block aligned before
         raw = _read(source, z, job.bbox)[0]
@@ -431,7 +441,7 @@ def solve_margin(job: Job) -> int:
 
 def _defect_maps(job: Job, sections, box: Box) -> dict | None:
     """``{z: uint8 [h, w]}``: the defect maps of ``sections`` over ``box``; None without a defect layer."""
-    return {z: _read(_layer(job.defects, job.mip), z, box)[0] for z in sections} if job.defects else None
+    return {z: read_defects(job, z, box) for z in sections} if job.defects else None
 
 
 @queueable
@@ -607,7 +617,7 @@ def _tier_inputs(job: Job, sections: range, blank: list, grown: Box, factor: int
             downsample_field(_read_field(pair_layer, z, grown).view(-1, 2, *_shape(grown)), factor)
         tissue = F.avg_pool2d((_read_field(source, z, grown) > 0).float(), factor, ceil_mode=True)[0]
         defects = None if not job.defects else F.max_pool2d(
-            _read_field(_layer(job.defects, job.mip), z, grown).float(), factor, ceil_mode=True)[0].to(torch.uint8)
+            torch.from_numpy(read_defects(job, z, grown))[None].float(), factor, ceil_mode=True)[0].to(torch.uint8)
         inputs[z] = fields, tissue, defects
     return inputs
 
@@ -839,7 +849,7 @@ def check_queue_spec(spec: str) -> None:
 def open_queue(spec: str, create: bool) -> TaskQueue:
     """The task queue ``fq://FOLDER`` or ``sqs://NAME``; an ``fq://`` folder must exist unless ``create``."""
     check_queue_spec(spec)
-    if spec.startswith("fq://") and not create and not Path(spec[len("fq://"):]).expanduser().is_dir():
+    if spec.startswith("fq://") and not create and not (Path(spec[len("fq://"):]).expanduser() / "queue").is_dir():
         raise UserError(f"no queue at {spec} (align.py --queue {spec} creates it)")
     try:
         return TaskQueue(spec, progress=False)

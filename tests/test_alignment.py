@@ -444,8 +444,10 @@ def test_layers_align_py_did_not_write_are_never_reused_nor_deleted(setup):
             align.main(common + ["--dest", str(foreign), *extra])
     with pytest.raises(align.UserError, match="older align.py that kept no run record; use --overwrite"):
         align.main(common + ["--dest", str(unrecorded)])
-    with pytest.raises(align.UserError, match="lies inside --dest"):
+    with pytest.raises(align.UserError, match="lies inside it"):
         align.main(common + ["--dest", str(tmp / "vol"), "--overwrite"])  # the source's folder
+    with pytest.raises(align.UserError, match="is --dest"):
+        align.main(common + ["--dest", str(tmp / "vol" / "image"), "--overwrite"])  # the source layer itself
     assert dest_files(tmp) == before
 
 

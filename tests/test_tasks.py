@@ -224,9 +224,11 @@ def test_queued_run_survives_a_killed_worker_and_a_killed_driver(tmp_path, tiny_
 
 
 def test_bad_queue_input_is_a_one_line_error(tmp_path, tiny_volume):
-    result = run_script("align.py", "worker", "--queue", "fq://" + str(tmp_path / "none"))
-    assert result.returncode == 2 and result.stderr.strip().startswith("error: no queue at")
-    assert "\n" not in result.stderr.strip()
+    for folder in (tmp_path / "none", tmp_path):  # a folder that is not a queue is not made one
+        result = run_script("align.py", "worker", "--queue", "fq://" + str(folder))
+        assert result.returncode == 2 and result.stderr.strip().startswith("error: no queue at")
+        assert "\n" not in result.stderr.strip()
+    assert not (tmp_path / "queue").exists()
     common = ["--archive", str(tmp_path / "a.pt"), "--source", tiny_volume[0]["image"], "--dest", str(tmp_path / "d"),
               "--z_start", "0", "--z_stop", "4"]
     for extra, message in ((["--queue", "redis://q"], "fq://FOLDER"), (["--queue", str(tmp_path)], "fq://FOLDER"),
