@@ -166,6 +166,9 @@ class StackDataset(Dataset):
                    else torch.zeros(2, *size, dtype=torch.uint8))
         if self.has_field_data:
             fields = to_tensor(self._read("fields", n, s, slice(None), rows, cols))
+            if not fields.isfinite().all():  # else the supervised term and the held-out EPE turn NaN (or 0)
+                raise UserError(f"dataset {self.path}: 'fields' of stack {n}, sections {s}..{s + 1} hold values "
+                                "that are not finite (NaN or inf)")
             field = compose(fields[:1], invert_field(fields[1:]))[0]
         else:
             field = torch.zeros(2, *size)

@@ -24,6 +24,7 @@ that fails to decode halfway leaves the sections before it written.
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import shlex
 import sys
@@ -67,9 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _listing(numbers: list[int], most: int = 20) -> str:
-    """``1, 5, 9`` (the first ``most`` numbers, then how many more)."""
-    more = f" and {len(numbers) - most} more" if len(numbers) > most else ""
+def _listing(numbers: list[int], most: int = 20, total: int | None = None) -> str:
+    """``1, 5, 9`` (the first ``most`` numbers, then how many more of ``total``, by default ``len(numbers)``)."""
+    total = len(numbers) if total is None else total
+    more = f" and {total - most} more" if total > most else ""
     return ", ".join(map(str, numbers[:most])) + more
 
 
@@ -109,13 +111,21 @@ def arrange(sections: list[tuple[int, Path]], allow_gaps: bool) -> tuple[int, li
 
     Without ``allow_gaps`` z is the position in ``sections`` (from 0) and a gap
     in the numbering raises ``UserError`` naming the missing numbers; with it, z
-    is the file number.
+    is the file number, unless the gaps hold over 1000 sections and 10 per file (a file numbered apart from the
+    others, e.g. by a date: a ``UserError`` naming the widest gap).
     """
     numbers = [number for number, _ in sections]
-    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    gaps = [(a, b) for a, b in zip(numbers, numbers[1:]) if b > a + 1]  # counted, not listed: a stray number is huge
+    missing = sum(b - a - 1 for a, b in gaps)
     if missing and not allow_gaps:
-        raise UserError(f"section {_listing(missing)} missing from the numbering {numbers[0]}..{numbers[-1]} "
-                        "(pass --allow_gaps to write missing sections as zeros)")
+        first = list(itertools.islice((n for a, b in gaps for n in range(a + 1, b)), 20))
+        raise UserError(f"section {_listing(first, total=missing)} missing from the numbering {numbers[0]}.."
+                        f"{numbers[-1]} (pass --allow_gaps to write missing sections as zeros)")
+    if missing > max(1000, 10 * len(numbers)):  # not a few lost sections: a file numbered apart from the others
+        a, b = max(gaps, key=lambda gap: gap[1] - gap[0])
+        raise UserError(f"--allow_gaps: the numbering {numbers[0]}..{numbers[-1]} of {len(numbers)} files would "
+                        f"write {missing} missing sections (the widest gap: between {a} and {b}); rename the file "
+                        "whose number is off")
     if not allow_gaps:
         return 0, [path for _, path in sections]
     by_number = dict(sections)

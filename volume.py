@@ -3,7 +3,8 @@
 Any CloudVolume path works unchanged: whatever starts with a scheme ``NAME://``
 (``gs://``, ``s3://``, ``file://``, ``precomputed://gs://...``, ``zarr://``,
 ``n5://``, ``graphene://``, ``boss://``, ...); ``file://`` is the offline default. A bare path such as
-``basil_v0/raw_image`` is a local directory if one exists, else it is resolved
+``basil_v0/raw_image`` is a local directory if it or its first folder (``basil_v0``) exists here
+(so a mistyped local path is reported as missing here), else it is resolved
 against the bucket prefix (``--bucket`` / ``$SEAMLESS_BUCKET``, default
 ``gs://neuroglancer/``). The word ``demo`` (the embedded demo volume) is the
 scripts' to resolve, with ``demo.resolve``, before a path reaches this module.
@@ -42,7 +43,7 @@ def resolve_path(path: str, bucket: str | None = None) -> str:
     """A CloudVolume cloudpath for ``path`` (see the module docstring); ``demo`` is resolved by ``demo.resolve``."""
     if is_cloudpath(path):
         return path
-    if Path(path).exists() or path.startswith(("/", "./", "../", "~")):
+    if Path(path).exists() or Path(Path(path).parts[0]).is_dir() or path.startswith(("/", "./", "../", "~")):
         return "file://" + str(Path(path).expanduser().resolve())
     bucket = bucket or os.environ.get("SEAMLESS_BUCKET", DEFAULT_BUCKET)
     return bucket.rstrip("/") + "/" + path

@@ -374,3 +374,14 @@ def test_tissue_change_moves_the_targets_content_but_not_the_pair_field():
     assert float((out["tgt"] - sample["tgt"]).abs().mean()) > 5  # the content moved: the field no longer fits it
     assert consistent(sample, 1.2) and not consistent(out, 1.2)
     assert not torch.equal(out["tgt_defects"], sample["tgt_defects"])  # the defect map moves with the content
+
+
+def test_true_fields_that_are_not_finite_are_a_user_error_naming_the_stack(tmp_path):
+    path = write_stacks(tmp_path / "stacks.h5")
+    with h5py.File(path, "r+") as f:
+        f["fields"][0, 1, 0, 3, 3] = np.nan  # stack 0, section 1
+    ds = data.StackDataset(path)
+    ds[3]  # stack 1 reads well
+    with pytest.raises(UserError, match=f"dataset {path}: 'fields' of stack 0, sections 0..1 hold values that are "
+                                        "not finite"):
+        ds[0]

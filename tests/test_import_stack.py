@@ -233,3 +233,12 @@ def test_left_overs_of_killed_imports_are_removed_but_not_a_live_imports(tmp_pat
         (left / "image").mkdir(parents=True)
     import_stack.main([str(folder), "--dest", str(dest), "--resolution", "4", "4", "50", "--mips", "1"])
     assert left_behind(dest) == sorted([live.name, "vol"])
+
+
+def test_a_file_numbered_far_from_the_others_is_named_at_once():
+    sections = [(0, Path("s0.png")), (1, Path("s1.png")), (20230501, Path("s20230501.png"))]
+    with pytest.raises(UserError, match=r"section 2, 3, .*, 21 and 20230479 more missing from the numbering"):
+        import_stack.arrange(sections, allow_gaps=False)
+    with pytest.raises(UserError, match="widest gap: between 1 and 20230501"):
+        import_stack.arrange(sections, allow_gaps=True)
+    assert import_stack.arrange(sections[:2] + [(5, Path("s5.png"))], allow_gaps=True)[1][2:5] == [None] * 3

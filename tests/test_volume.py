@@ -62,6 +62,15 @@ def test_resolve_path():
     assert volume.resolve_path("/tmp").startswith("file:///")
 
 
+def test_a_missing_path_under_a_local_folder_is_local(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert volume.resolve_path("data/typo") == "file://" + str(tmp_path / "data" / "typo")  # not the bucket's
+    assert volume.resolve_path("basil_v0/raw_image", bucket="s3://lab") == "s3://lab/basil_v0/raw_image"
+    with pytest.raises(UserError, match=f"no volume at file://{tmp_path}/data/typo"):
+        volume.open_volume("data/typo")
+
+
 @pytest.mark.parametrize("path", [
     "zarr://gs://lab/stack", "zarr2://file:///data/stack", "n5://s3://lab/stack.n5", "precomputed://gs://lab/em",
     "graphene://https://host/segmentation/table/x", "boss://collection/experiment/channel",
