@@ -27,6 +27,7 @@ import demo
 import volume
 from helpers import (HelpFormatter, UserError, atomic_output, check_name, finite_float, local_path, run_main,
                      slice_std, stop_if_interrupted)
+from masks import check_defect_map
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
 
@@ -230,7 +231,7 @@ def write_stacks(path: Path, stacks, count: int, sampling: Sampling) -> float:
                 stds[i] = slice_std(arrays["images"][:, 0]).numpy()
                 coords[i] = corner
                 if masks is not None:
-                    masks[i] = arrays["masks"][:, 0]
+                    masks[i] = check_defect_map(arrays["masks"][:, 0], f"--defects {sampling.defects}, stack {i},")
                 if fields is not None:
                     fields[i] = arrays["fields"]
             f.attrs.update(dict(

@@ -32,7 +32,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from helpers import box_mean
+from helpers import UserError, box_mean
+
+DEFECT_LABELS = "0 (none), 1 (crack) and 2 (fold)"  # the values of a defect map
+
+
+def check_defect_map(defects, what: str):
+    """``defects`` (an array or tensor of labels) as it is; a one-line ``UserError`` naming ``what`` (e.g. ``--defects
+    PATH, section 3``) if it holds a value other than those of ``DEFECT_LABELS`` (e.g. an image given as defects)."""
+    if defects.min() < 0 or defects.max() > 2:
+        raise UserError(f"{what} holds the value {int(defects.max() if defects.max() > 2 else defects.min())}; a "
+                        f"defect map holds {DEFECT_LABELS} only")
+    return defects
 
 
 def _squared_distance(defects: torch.Tensor, max_distance: float) -> torch.Tensor:

@@ -131,6 +131,7 @@ from alignment import (PairSettings, SolveSettings, aligned_defects, align_seria
                        is_blank, pair_context, prealignment, rigid_field, section_stats, solve_fields,
                        thumbnail, thumbnail_factor, tissue_moments, with_context)
 from helpers import UserError, check_device, compose, downsample_field, invert_field, one_line, upsample_field
+from masks import check_defect_map
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
 
@@ -232,13 +233,9 @@ def _read_field(vol, z: int, box: Box) -> torch.Tensor:
 
 
 def read_defects(job: Job, z: int, box: Box) -> np.ndarray:
-    """uint8 ``[Y, X]``: section z's defect map over ``box`` from ``job.defects``; a ``UserError`` for a value other
-    than 0 (none), 1 (crack) or 2 (fold), e.g. an image layer given as ``--defects``."""
-    defects = _read(_layer(job.defects, job.mip), z, box)[0]
-    if defects.max() > 2:
-        raise UserError(f"--defects {job.defects}: section {z} holds the value {int(defects.max())}; a defect layer "
-                        f"holds 0 (none), 1 (crack) and 2 (fold) only")
-    return defects
+    """uint8 ``[Y, X]``: section z's defect map over ``box`` from ``job.defects``; a ``UserError`` for any other value
+    than a defect map's (``masks.check_defect_map``), e.g. an image layer given as ``--defects``."""
+    return check_defect_map(_read(_layer(job.defects, job.mip), z, box)[0], f"--defects {job.defects}, section {z},")
 
 
 def _write(vol, array: np.ndarray, z: int, box: Box) -> None:

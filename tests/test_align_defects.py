@@ -224,7 +224,7 @@ def test_bad_defect_layers_are_one_line_before_anything_is_written(setup):
                            (small.cloudpath, "covers (0, 0, 0)..(32, 64, 12) at resolution [8.0, 8.0, 40.0], not "
                                              "the source's (0, 0, 0)..(64, 64, 12) at [8.0, 8.0, 40.0]"),
                            (str(tmp / "nothing"), "no volume at"),
-                           (paths["image"], "section 0 holds the value")):  # an image is no defect layer
+                           (paths["image"], "section 0, holds the value")):  # an image is no defect layer
         result = run_script("align.py", *common, "--dest", tmp / "out", "--z_start", "0", "--z_stop", "3",
                             "--defects", layer)
         last = result.stderr.strip().splitlines()[-1]

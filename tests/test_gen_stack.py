@@ -86,6 +86,9 @@ def test_layers_of_another_kind_and_corners_of_another_mip_are_refused(tmp_path,
         make(tmp_path, paths, "--defects", paths["field"])
     with pytest.raises(UserError, match=f"^--truth {paths['image']} is not"):
         make(tmp_path, paths, "--truth", paths["image"])
+    with pytest.raises(UserError, match=f"^--defects {paths['image']}, stack 0, holds the value .*; a defect map"):
+        make(tmp_path, paths, "--defects", paths["image"])  # an image is no defect map: nothing is written
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     first = make(tmp_path, paths)  # at mip 1
     with pytest.raises(UserError, match=f"^--coords {first} holds corners at mip 1: give --mip 1, not 0"):
         gen_stack.main(["--coords", str(first), "--source", paths["image"], "--mip", "0", "--dim", "16",
