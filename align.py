@@ -373,12 +373,9 @@ def adapt_to_range(args, source, job: tasks.Job, out: Path) -> None:
 
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
-    if args.vote < 1 or args.neighbours < 1 or args.pull <= 0 or args.detail_pull <= 0 or args.robust < 0 \
-            or min(args.smooth, args.refine, args.prealign, args.trunc) < 0:
-        raise UserError("--vote and --neighbours must be >= 1, --pull and --detail_pull > 0, --robust, --smooth, "
-                        "--refine, --prealign and --trunc >= 0")
-    if args.chunk < 1 or (args.overlap or 0) < 0:
-        raise UserError("--chunk must be >= 1 and --overlap >= 0")
+    settings_from_args(args)  # each setting's least value (alignment.PairSettings, SolveSettings)
+    if args.vote < 1:
+        raise UserError(f"--vote {args.vote}: must be >= 1")
     if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:
         raise UserError("choose one of --raw_neighbour, --vote K, --solve")
     if args.block is not None and args.block < 2:

@@ -32,16 +32,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import (WHOLE, compose, finite_float, in_frame_of, normalise, number, to_tensor, warp, warp_labels,
-                     warp_tissue)
+from helpers import (WHOLE, UserError, compose, finite_float, in_frame_of, normalise, number, to_tensor, warp,
+                     warp_labels, warp_tissue)
 from models import Pyramid
 from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, rigid_search
 from solve import low_pass, neighbour_pairs, pair_defects, solve_stack, vector_vote
 
 
-def _setting(default, kind, text: str):
-    """A settings field: its default, the ``argparse`` type and the help text of its flag (``add_flags``)."""
-    return dataclasses.field(default=default, metadata={"type": kind, "help": text})
+def _setting(default, kind, text: str, least: float = 0, strict: bool = False):
+    """A settings field: its default, the ``argparse`` type and the help text of its flag (``add_flags``), and the
+    least value it takes (``strict``: only values above it; ``_check_settings``)."""
+    return dataclasses.field(default=default, metadata={"type": kind, "help": text, "least": least, "strict": strict})
+
+
+def _check_settings(settings) -> None:
+    """A one-line ``UserError`` naming the flag of the first field of ``settings`` below its least value."""
+    for setting in dataclasses.fields(settings):
+        value, least, strict = getattr(settings, setting.name), setting.metadata["least"], setting.metadata["strict"]
+        if value is not None and (value <= least if strict else value < least):
+            raise UserError(f"--{setting.name} {value:g}: must be {'>' if strict else '>='} {least:g}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +58,7 @@ class PairSettings:
     """How ``pair_field`` computes the field between two sections; each is the ``align.py`` flag of its name."""
 
     chunk: int = _setting(1024, int, "chunk size in px fed to the network (a multiple of its coarsest stride, "
-                                     "2^(levels-1))")
+                                     "2^(levels-1))", least=1)
     overlap: int | None = _setting(None, int, "context in px around each chunk, cropped away (default: the "
                                               "network's reach, Pyramid.reach: 190 px for pt/real_tissue.pt)")
     prealign: int = _setting(32, int, "before the network, move each source by the whole-pixel shift (found by "
@@ -64,20 +73,26 @@ class PairSettings:
                                    "with a box of this radius in px (twice), and the network's field on what remains "
                                    "added (0 = one pass)")
 
+    def __post_init__(self):
+        _check_settings(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class SolveSettings:
     """How ``align_solved`` / ``solve_pairs`` combine pair fields (``solve.solve_stack``); each is the ``align.py``
     flag of its name. ``PairSettings.smooth`` is where the solve splits the fields into coarse part and detail."""
 
-    neighbours: int = _setting(1, int, "--solve: neighbours on each side of a section")
+    neighbours: int = _setting(1, int, "--solve: neighbours on each side of a section", least=1)
     pull: float = _setting(0.03, finite_float,
-                           "--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)")
+                           "--solve: weight of the pull toward zero displacement (a pair pixel weighs 1)", strict=True)
     robust: float = _setting(4.0, finite_float, "--solve: px scale of the robust re-weighting of disagreeing pairs "
                                                 "(0 = plain least squares)")
     # measured in bench/RESULTS.md, as trunc's
     detail_pull: float = _setting(5.0, number, "--solve --smooth R: pull on the detail the low-pass removes, solved "
-                                               "apart from the coarse part (inf = drop the detail)")
+                                               "apart from the coarse part (inf = drop the detail)", strict=True)
+
+    def __post_init__(self):
+        _check_settings(self)
 
 
 def add_flags(parser: argparse.ArgumentParser, several=(), without=()) -> None:

@@ -112,8 +112,11 @@ def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
 
     paths = [p for _, p in list_sections(Path(folder))][z_start:z_start + count]
     if len(paths) < 2:
-        raise SystemExit(f"{folder}: fewer than 2 sections from {z_start}")
-    sections = np.maximum(np.stack([read_section(p) for p in paths]), 1)  # 0 means missing data
+        raise UserError(f"{folder}: fewer than 2 sections from {z_start}")
+    sections = [read_section(p) for p in paths]
+    if len({section.shape for section in sections}) > 1:
+        raise UserError(f"{folder}: sections of several sizes ({', '.join(sorted({str(s.shape) for s in sections}))})")
+    sections = np.maximum(np.stack(sections), 1)  # 0 means missing data
     margin = 0  # of missing data that re-registering moves in
     if reregister:
         sections, shifts = register_rigidly(sections)
@@ -167,6 +170,9 @@ def network_fields(archive: str, variant: str, pair: PairSettings, solve: SolveS
     from models.archive import load_archive
 
     model = for_inference(load_archive(archive)[0])
+    if pair.trunc >= model.size or pair.chunk % 2 ** (model.size - 1):
+        raise UserError(f"--trunc {pair.trunc} must be below the {model.size} levels of {archive} and --chunk "
+                        f"{pair.chunk} a multiple of its coarsest stride {2 ** (model.size - 1)} px")
     kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
     if kind == "solve":
         solve = dataclasses.replace(solve, neighbours=int(number or 1))
@@ -189,6 +195,25 @@ def adapted_network(archive: str, minutes: float, raw: np.ndarray, folder: Path,
     path = adapt.adapt(archive, sections, minutes, folder / f"{Path(archive).stem}_adapted_{minutes:g}.pt", seed=seed)
     print(f"  adapted {archive} for {minutes:g} min: {read_archive(path)['iteration']} steps")
     return str(path)
+
+
+def check_args(args) -> None:
+    """One-line ``UserError``s, before the stack is built: the alignment settings (each ``--smooth``), ``--ours``,
+    ``--sections``, and ``--methods`` / ``--settings`` names the classical aligners do not have."""
+    from bench.baselines import BASELINES
+
+    for smooth in args.smooth:
+        settings_from_args(args, smooth=smooth)  # each setting's least value
+    for variant in args.ours:
+        if not re.fullmatch(r"serial|raw|vote[1-9]\d*|solve([1-9]\d*)?", variant):
+            raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK (K >= 1)")
+    if args.sections < 2:
+        raise UserError(f"--sections {args.sections}: a stack to align needs at least 2")
+    unknown = [f"--methods {m}" for m in args.methods or [] if m not in (*BASELINES, "none")]  # none: ours only
+    unknown += [f"--settings {s}" for s in args.settings or [] if not any(s in known for known in BASELINES.values())]
+    if unknown:
+        raise UserError(f"{', '.join(unknown)}: not a classical aligner or setting (methods: {', '.join(BASELINES)}; "
+                        f"settings: {', '.join(s for known in BASELINES.values() for s in known)})")
 
 
 def score_row(stack, aligned, fields, seconds, oracle_cpc) -> dict[str, float]:
@@ -235,6 +260,7 @@ def main(argv=None) -> dict:
         raise UserError("--archive: two networks with the same file name would share a row name")
     if min(args.adapt) < 0:
         raise UserError(f"--adapt {min(args.adapt):g}: minutes must be >= 0")
+    check_args(args)
     stack = held_out_stack(args, args.seed)
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]
@@ -249,9 +275,6 @@ def main(argv=None) -> dict:
     rows["no alignment"] = score_row(stack, raw, zero, 0, oracle)
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
-    for variant in args.ours:
-        if not re.fullmatch(r"serial|raw|vote\d+|solve\d*", variant):
-            raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK")
     with tempfile.TemporaryDirectory(prefix="align-quality-") as tmp:
         networks = {(archive, minutes): adapted_network(archive, minutes, raw, Path(tmp), args.seed)
                     for archive in args.archive for minutes in dict.fromkeys(args.adapt)}

@@ -24,7 +24,7 @@ import torch
 
 from bench.align_quality import demo_stack, phantom_stack, real_stack
 from detect_defects import ARCHIVE, detect, load_detector
-from helpers import HelpFormatter, folder, run_main
+from helpers import HelpFormatter, UserError, finite_float, folder, run_main
 from masks import distance_to_defect
 from misalign import CRACK, FOLD
 
@@ -71,9 +71,11 @@ def main(argv=None) -> dict:
     p.add_argument("--snemi", type=folder, help="folder of the registered SNEMI3D sections (held out: 60..99)")
     p.add_argument("--isbi", type=folder, help="folder of the registered ISBI 2012 sections (held out: 20..29)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="misalignment draws")
-    p.add_argument("--tolerance", type=float, default=3.0, help="px: the tolerant scores' reach")
+    p.add_argument("--tolerance", type=finite_float, default=3.0, help="px: the tolerant scores' reach")
     p.add_argument("--archive", default=str(ARCHIVE))
     args = p.parse_args(argv)
+    if args.tolerance < 0:
+        raise UserError(f"--tolerance {args.tolerance:g}: a reach in px, >= 0")
     net = load_detector(args.archive)
     header = ("| stack | draw | sections with crack / fold | crack P / R | crack P / R (±3 px) | fold P / R | "
               "fold P / R (±3 px) | Mpx/s |")

@@ -51,6 +51,8 @@ from helpers import UserError, compose, file_sha256, folder, in_frame_of, invert
 from models.archive import load_archive
 from solve import low_pass, neighbour_pairs
 
+SWEPT = ["neighbours", "pull", "smooth", "detail_pull", "robust"]  # the settings swept: several values each
+
 
 def true_pair_fields(truth: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
     """The true relative fields ``[E, 2, H, W]`` (px) of ``pairs``, as ``pair_field`` would ideally find them.
@@ -111,7 +113,8 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
         print(registration_check(stack["content_offsets"]))
     truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
     pairs = neighbour_pairs(len(raw), max(args.neighbours))
-    pair, _ = settings_from_args(args, smooth=0)  # the pair fields are low-passed by each setting's solve
+    swept = {name: getattr(args, name)[0] for name in SWEPT}
+    pair, _ = settings_from_args(args, **{**swept, "smooth": 0})  # the pair fields: low-passed by each setting's solve
     marks = DEFECT_MASKS[args.defects](stack)  # the defect maps the alignment is given, or None
     key = [file_sha256(args.archive), args.real, args.phantom, seed, args.reregister, args.z_start,
            args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pairs, args.defects]
@@ -163,7 +166,7 @@ def main(argv=None) -> dict:
     p.add_argument("--z_start", type=int, default=70)
     p.add_argument("--sections", type=int, default=30)
     p.add_argument("--size", type=int, default=512)
-    add_flags(p, several=["neighbours", "pull", "smooth", "detail_pull", "robust"], without=["chunk", "overlap"])
+    add_flags(p, several=SWEPT, without=["chunk", "overlap"])
     p.set_defaults(smooth=[0, 96])  # the sweep's: without and with the demo's low-pass
     p.add_argument("--defects", choices=list(DEFECT_MASKS), default="none",
                    help="the defect masks the alignment is given (align.py --defects): the stack's true ones or none")
@@ -176,9 +179,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if min(args.neighbours) < 1:
         raise UserError("--neighbours must be at least 1")
-    model = for_inference(load_archive(args.archive)[0])
     settings = [(n, smooth, pull, detail, robust) for n, smooth, pull, detail, robust in itertools.product(
         args.neighbours, args.smooth, args.pull, args.detail_pull, args.robust) if smooth or detail == args.detail_pull[0]]
+    for n, smooth, pull, detail, robust in settings:  # each setting's least value, before any work
+        settings_from_args(args, neighbours=n, smooth=smooth, pull=pull, detail_pull=detail, robust=robust)
+    model = for_inference(load_archive(args.archive)[0])
     rows = summarise([sweep_draw(args, model, seed, settings) for seed in args.seed])
     ranked = sorted((item for item in rows.items() if item[0] != "no alignment"), key=lambda item: item[1]["far_common"])
     rows = {"no alignment": rows["no alignment"], **dict(ranked[:args.best])}

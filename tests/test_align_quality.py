@@ -7,6 +7,7 @@ from PIL import Image
 import alignment
 from bench import align_quality, solve_sweep
 from conftest import moved_windows
+from helpers import UserError
 
 
 def write_sections(folder, moves):
@@ -51,3 +52,25 @@ def test_a_real_folder_that_is_not_there_is_a_usage_error(tmp_path, capsys):
             bench.main(["--archive", "pt/demo.pt", "--real", str(tmp_path / "nope")])
         assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
             f"argument --real: '{tmp_path / 'nope'}' is not a folder")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--smooth", "-1"], "--smooth -1: must be >= 0"), (["--pull", "0"], "--pull 0: must be > 0"),
+    (["--chunk", "0"], "--chunk 0: must be >= 1"), (["--ours", "solve0"], "--ours solve0: expected"),
+    (["--sections", "1"], "--sections 1: a stack to align needs at least 2"),
+    (["--methods", "bogus"], "--methods bogus: not a classical aligner"),
+    (["--settings", "affine", "bogus"], "--settings bogus: not a classical aligner or setting")])
+def test_bad_flags_are_one_line_errors_before_the_stack_is_built(monkeypatch, flags, message):
+    def no_stack(*args):
+        raise AssertionError("the stack was built before the flags were checked")
+
+    monkeypatch.setattr(align_quality, "held_out_stack", no_stack)
+    with pytest.raises(UserError, match=message):
+        align_quality.main(["--archive", "pt/demo.pt", *flags])
+
+
+def test_a_real_folder_of_sections_of_several_sizes_is_one_line(tmp_path):
+    write_sections(tmp_path, [(0, 0)] * 2)
+    Image.fromarray(np.zeros((32, 40), np.uint8)).save(tmp_path / "2.png")
+    with pytest.raises(UserError, match=r"sections of several sizes \(\(160, 160\), \(32, 40\)\)"):
+        align_quality.real_stack(str(tmp_path), 0, 3, 32)

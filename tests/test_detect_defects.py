@@ -9,7 +9,7 @@ import misalign
 import phantom
 import volume
 from bench.detect_quality import match_counts, scores
-from helpers import run_main
+from helpers import UserError, run_main
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,13 @@ def test_a_second_run_writes_into_its_own_layer(tiny_volume, tmp_path, net):
                              "--z_stop", str(z + 1)])
     runs = volume.open_volume(str(tmp_path / "found")).provenance.processing
     assert len(runs) == 2 and all(run["description"] == detect_defects.DETECTED_BY for run in runs)
+
+
+def test_the_benchmark_refuses_a_tolerance_that_is_not_a_reach(capsys):
+    from bench import detect_quality
+
+    with pytest.raises(UserError, match="--tolerance -1: a reach in px"):
+        detect_quality.main(["--tolerance", "-1"])
+    with pytest.raises(SystemExit):
+        detect_quality.main(["--tolerance", "nan"])
+    assert "is not a number" in capsys.readouterr().err
