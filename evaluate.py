@@ -299,6 +299,12 @@ def main(argv=None) -> dict:
     volume.check_kind(field_vol, "field", "--aligned")
     start, stop = volume.bounds(aligned_vol)
     volume.check_z_range(args.z_start, args.z_stop, int(start[2]), int(stop[2]))
+    if args.z_stop - args.z_start < 2:
+        raise UserError(f"--z_start {args.z_start} --z_stop {args.z_stop}: CPC and drift compare sections with their "
+                        "neighbours: give at least 2")
+    if args.cpc_window > min((stop - start)[:2]):
+        raise UserError(f"--cpc_window {args.cpc_window} px: larger than the sections "
+                        f"({int((stop - start)[0])} x {int((stop - start)[1])} px at mip {aligned_vol.mip})")
     mip = aligned_vol.mip
     corner, size = (start[0], start[1], args.z_start), (*(stop - start)[:2], args.z_stop - args.z_start)
     for vol in aligned_vol, field_vol:

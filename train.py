@@ -170,9 +170,9 @@ def check_args(args) -> None:
     if args.size < 1:
         raise UserError("--size must be at least 1")
     if not 0 <= args.trunc < args.size:
-        raise UserError(f"--trunc {args.trunc} must be below --size {args.size}")
+        raise UserError(f"--trunc {args.trunc} must be >= 0 and below --size {args.size}")
     if not 0 <= args.skip < args.size:
-        raise UserError(f"--skip {args.skip} must be below --size {args.size}")
+        raise UserError(f"--skip {args.skip} must be >= 0 and below --size {args.size}")
     if args.fine_tuning and not args.state_archive:
         raise UserError("--fine_tuning needs --state_archive")
     if args.k < 1 or args.k % 2 == 0:

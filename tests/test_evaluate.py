@@ -191,6 +191,8 @@ def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_
     for argv, says in ((dest + ["--z_start", "0", "--z_stop", "9"], "outside the volume's sections 0..3"),
                        (dest + ["--z_start", "3", "--z_stop", "1"], "z range 3..1 is empty"),
                        (dest + z + ["--cpc_window", "0"], "--cpc_window >= 1"),
+                       (dest + z + ["--cpc_window", "100000"], "--cpc_window 100000 px: larger than the sections"),
+                       (dest + ["--z_start", "1", "--z_stop", "2"], "give at least 2"),
                        (["--aligned", tmp_path / "nothing"] + z, "nothing"),
                        (dest + ["--truth", "file://" + str(tmp_path / "no_truth")] + z, "no_truth")):
         result = run_script("evaluate.py", *argv)
