@@ -43,7 +43,8 @@ def resolve_path(path: str, bucket: str | None = None) -> str:
     """A CloudVolume cloudpath for ``path`` (see the module docstring); ``demo`` is resolved by ``demo.resolve``."""
     if is_cloudpath(path):
         return path
-    if Path(path).exists() or Path(Path(path).parts[0]).is_dir() or path.startswith(("/", "./", "../", "~")):
+    first = Path(path).parts[:1]  # a relative path's first folder: here, the path is local
+    if Path(path).exists() or (first and Path(first[0]).is_dir()) or path.startswith(("/", "./", "../", "~")):
         return "file://" + str(Path(path).expanduser().resolve())
     bucket = bucket or os.environ.get("SEAMLESS_BUCKET", DEFAULT_BUCKET)
     return bucket.rstrip("/") + "/" + path
