@@ -1,6 +1,9 @@
 """Train the defect detector of ``detect_defects.py`` on synthetic cracks and folds.
 
-    python train_detector.py --snemi $SNEMI_DIR --isbi $ISBI_DIR [--minutes 18] [--out pt/defects.pt]
+    python train_detector.py --snemi $SNEMI_DIR --isbi $ISBI_DIR [--minutes 18] [--out pt/defects_new.pt]
+
+(``--out`` is ``pt/defects.pt`` by default, the shipped detector: an existing ``--out`` is replaced only with
+``--overwrite``.)
 
 Training sections: the demo's truth (its ``aligned`` layer) in its training range 0..69, and the
 registered real sections SNEMI3D 0..59 and ISBI 2012 0..19 (their held-out ranges, 60..99 and
