@@ -76,7 +76,7 @@ import adapt
 import demo
 import tasks
 import volume
-from alignment import add_flags, poor_matches_reported, settings_from_args, stride
+from alignment import add_flags, check_fits, poor_matches_reported, settings_from_args
 from helpers import (HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, one_line,
                      run_main)
 from models.archive import lineage, read_archive
@@ -432,11 +432,7 @@ def main(argv=None) -> dict:
     if job.defects:
         tasks.read_defects(job, job.z_start, job.bbox)  # an image layer given as --defects: one line, nothing written
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
-    if args.trunc >= model.size:
-        raise UserError(f"--trunc {args.trunc} must be below the {model.size} levels of {args.archive}")
-    if args.chunk % stride(model):
-        raise UserError(f"--chunk {args.chunk} must be a multiple of {stride(model)} px, the coarsest stride of the "
-                        f"{model.size} levels of {args.archive}")
+    check_fits(settings_from_args(args)[0], model, args.archive)
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     run, runs = run_record(args, job), recorded_runs(job.dest)
     adapted = Path(args.dest) / ADAPTED if args.adapt else None

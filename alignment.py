@@ -154,6 +154,16 @@ def stride(model: Pyramid) -> int:
     return 2 ** (model.config["size"] - 1)
 
 
+def check_fits(pair: PairSettings, model: Pyramid, archive) -> None:
+    """A one-line ``UserError`` unless ``pair``'s ``trunc`` is below ``model``'s levels and its ``chunk`` a multiple of
+    its coarsest stride (``archive``: the network's path, for the message)."""
+    if pair.trunc >= model.size:
+        raise UserError(f"--trunc {pair.trunc} must be below the {model.size} levels of {archive}")
+    if pair.chunk % stride(model):
+        raise UserError(f"--chunk {pair.chunk} must be a multiple of {stride(model)} px, the coarsest stride of the "
+                        f"{model.size} levels of {archive}")
+
+
 def on_grid(px: int, model: Pyramid) -> int:
     """``px`` rounded up to a multiple of the network's coarsest stride: sizes and offsets on its pooling grid."""
     return -(-px // stride(model)) * stride(model)

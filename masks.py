@@ -40,9 +40,9 @@ DEFECT_LABELS = "0 (none), 1 (crack) and 2 (fold)"  # the values of a defect map
 def check_defect_map(defects, what: str):
     """``defects`` (an array or tensor of labels) as it is; a one-line ``UserError`` naming ``what`` (e.g. ``--defects
     PATH, section 3``) if it holds a value other than those of ``DEFECT_LABELS`` (e.g. an image given as defects)."""
-    if defects.min() < 0 or defects.max() > 2:
-        raise UserError(f"{what} holds the value {int(defects.max() if defects.max() > 2 else defects.min())}; a "
-                        f"defect map holds {DEFECT_LABELS} only")
+    low, high = int(defects.min()), int(defects.max())
+    if low < 0 or high > 2:
+        raise UserError(f"{what} holds the value {high if high > 2 else low}; a defect map holds {DEFECT_LABELS} only")
     return defects
 
 

@@ -39,7 +39,7 @@ import torch
 
 import evaluate
 from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
-                       for_inference, settings_from_args)
+                       check_fits, for_inference, settings_from_args)
 from demo import PHANTOMS
 from helpers import UserError, finite_float, folder, in_frame_of, run_main
 
@@ -170,9 +170,7 @@ def network_fields(archive: str, variant: str, pair: PairSettings, solve: SolveS
     from models.archive import load_archive
 
     model = for_inference(load_archive(archive)[0])
-    if pair.trunc >= model.size or pair.chunk % 2 ** (model.size - 1):
-        raise UserError(f"--trunc {pair.trunc} must be below the {model.size} levels of {archive} and --chunk "
-                        f"{pair.chunk} a multiple of its coarsest stride {2 ** (model.size - 1)} px")
+    check_fits(pair, model, archive)
     kind, number = re.fullmatch(r"(serial|raw|vote|solve)(\d*)", variant).groups()
     if kind == "solve":
         solve = dataclasses.replace(solve, neighbours=int(number or 1))
