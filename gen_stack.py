@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -142,9 +143,10 @@ def check_args(sampling: Sampling, bounds) -> tuple[int, int]:
     return lo, hi
 
 
-def read_coords(path: str, mip: int) -> np.ndarray:
+def read_coords(path: str, mip: int, bounds, size: tuple[int, int, int]) -> np.ndarray:
     """Stack corners ``[N, 3]`` (x, y, z; voxels of ``mip``) from a gen_stack HDF5 (a ``UserError`` if it was
-    sampled at another mip: its corners would be replayed in the wrong place) or a text file of 'x y z' lines."""
+    sampled at another mip: its corners would be replayed in the wrong place) or a text file of 'x y z' lines.
+    Each stack (``size``: x, y, z voxels) must lie within the volume's ``bounds`` (``volume.bounds``)."""
     if not Path(path).is_file():
         raise UserError(f"--coords file {path} does not exist")
     try:
@@ -155,11 +157,20 @@ def read_coords(path: str, mip: int) -> np.ndarray:
                     raise UserError(f"--coords {path} holds corners at mip {int(f.attrs['mip'])}: give --mip "
                                     f"{int(f.attrs['mip'])}, not {mip}")
         else:
-            coords = np.loadtxt(path, dtype=np.int64, ndmin=2)
+            with warnings.catch_warnings():  # an empty file: numpy's warning, then the error below
+                warnings.simplefilter("ignore", UserWarning)
+                coords = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"cannot read stack positions from {path}: {err}") from None
-    if coords.ndim != 2 or coords.shape[1] != 3:
-        raise UserError(f"{path}: expected one 'x y z' row per stack, got shape {coords.shape}")
+        raise UserError(f"--coords: cannot read stack positions from {path}: {err}") from None
+    if coords.ndim != 2 or coords.shape[1] != 3 or len(coords) == 0:
+        raise UserError(f"--coords {path}: expected one 'x y z' row per stack, got shape {coords.shape}")
+    (lo, hi), size = np.asarray(bounds), np.asarray(size)
+    outside = np.flatnonzero(((coords < lo) | (coords + size > hi)).any(1))
+    if len(outside):
+        row = outside[0]
+        raise UserError(f"--coords {path}: row {row + 1} ({' '.join(map(str, coords[row]))}) puts a stack of "
+                        f"{' x '.join(map(str, size))} voxels outside the volume ({' '.join(map(str, lo))} to "
+                        f"{' '.join(map(str, hi))}); {len(outside)} of {len(coords)} rows are outside")
     return coords.astype(np.int64)
 
 
@@ -284,7 +295,8 @@ def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = No
         if not np.array_equal(volume.bounds(vol)[1], bounds[1]):
             raise UserError(f"the {layer} volume {vol.cloudpath} has other bounds than the image volume")
     z_range = check_args(sampling, bounds)
-    coords = read_coords(sampling.coords, sampling.mip) if sampling.coords else None
+    size = (sampling.dim, sampling.dim, sampling.stack_height)
+    coords = read_coords(sampling.coords, sampling.mip, bounds, size) if sampling.coords else None
     count = len(coords) if coords is not None else sampling.count
 
     start = time.time()

@@ -197,7 +197,7 @@ def adapted_network(archive: str, minutes: float, raw: np.ndarray, folder: Path,
 
 def check_args(args) -> None:
     """One-line ``UserError``s, before the stack is built: the alignment settings (each ``--smooth``), ``--ours``,
-    ``--sections``, and ``--methods`` / ``--settings`` names the classical aligners do not have."""
+    ``--sections``, ``--size``, and ``--methods`` / ``--settings`` names the classical aligners do not have."""
     from bench.baselines import BASELINES
 
     for smooth in args.smooth:
@@ -207,6 +207,8 @@ def check_args(args) -> None:
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK (K >= 1)")
     if args.sections < 2:
         raise UserError(f"--sections {args.sections}: a stack to align needs at least 2")
+    if args.size < 1:
+        raise UserError(f"--size {args.size}: the sections' size in px must be at least 1")
     unknown = [f"--methods {m}" for m in args.methods or [] if m not in (*BASELINES, "none")]  # none: ours only
     unknown += [f"--settings {s}" for s in args.settings or [] if not any(s in known for known in BASELINES.values())]
     if unknown:

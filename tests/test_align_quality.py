@@ -58,6 +58,7 @@ def test_a_real_folder_that_is_not_there_is_a_usage_error(tmp_path, capsys):
     (["--smooth", "-1"], "--smooth -1: must be >= 0"), (["--pull", "0"], "--pull 0: must be > 0"),
     (["--chunk", "0"], "--chunk 0: must be >= 1"), (["--ours", "solve0"], "--ours solve0: expected"),
     (["--sections", "1"], "--sections 1: a stack to align needs at least 2"),
+    (["--size", "0"], "--size 0: the sections' size in px must be at least 1"),
     (["--methods", "bogus"], "--methods bogus: not a classical aligner"),
     (["--settings", "affine", "bogus"], "--settings bogus: not a classical aligner or setting")])
 def test_bad_flags_are_one_line_errors_before_the_stack_is_built(monkeypatch, flags, message):

@@ -80,6 +80,23 @@ def test_coords_replay_reproduces_the_file(tmp_path, tiny_volume):
         assert np.array_equal(a["images"][:], b["images"][:])
 
 
+@pytest.mark.parametrize("rows, says", [
+    ("1 2\n", r"expected one 'x y z' row per stack, got shape \(1, 2\)"),
+    ("", "expected one 'x y z' row per stack, got shape"),
+    ("0 0 0\n-5 0 0\n", r"row 2 \(-5 0 0\) puts a stack of 16 x 16 x 4 voxels outside the volume \(0 0 0 to 32 32 12\)"),
+    ("17 0 0\n", "row 1 .* outside the volume"),  # 17 + 16 > 32: the stack's far edge counts
+    ("0 0 9\n", "row 1 .* outside the volume"),
+])
+def test_coords_outside_the_volume_or_malformed_are_refused_before_writing(tmp_path, tiny_volume, rows, says):
+    paths, _ = tiny_volume
+    (tmp_path / "corners.txt").write_text(rows)
+    with pytest.raises(UserError, match=f"^--coords {tmp_path / 'corners.txt'}: {says}"):
+        gen_stack.main(["--coords", str(tmp_path / "corners.txt"), "--source", paths["image"], "--mip", "1", "--dim",
+                        "16", "--stack_height", "4", "--train_range", "0", "8", "--out_dir", str(tmp_path / "o"),
+                        "toy"])
+    assert not list(tmp_path.glob("o/*.h5"))
+
+
 def test_layers_of_another_kind_and_corners_of_another_mip_are_refused(tmp_path, tiny_volume):
     paths, _ = tiny_volume
     with pytest.raises(UserError, match=f"^--defects {paths['field']} is not"):
