@@ -64,6 +64,31 @@ def run_script(*argv, cwd=ROOT, env=None):
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
+@pytest.fixture
+def run_command(capsys, monkeypatch):
+    """``run_command(module, *argv, cwd=None)``: the script ``module`` run on ``argv`` in this process as its
+    command line runs it (``helpers.run_main(module.main)``), with ``sys.argv[0]`` its file name (argparse's
+    messages name it) and the working folder ``cwd``; returns a ``subprocess.CompletedProcess`` as
+    ``run_script``'s (returncode, stdout, stderr), without the seconds of a new interpreter. ``run_script`` stays
+    the check that a script's file runs ``main`` so; an unexpected exception raises here (a traceback there)."""
+    from helpers import run_main
+
+    def run(module, *argv, cwd=None):
+        argv = [str(arg) for arg in argv]
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [Path(module.__file__).name, *argv])
+        capsys.readouterr()
+        try:
+            run_main(lambda: module.main(argv))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([module.__file__, *argv], code, out, err)
+    return run
+
+
 def ended_pid() -> int:
     """The process id of a process that has ended (what a run killed with ``kill -9`` leaves in its temp names)."""
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -216,7 +216,7 @@ def test_the_defect_layer_is_written_in_the_aligned_frame(setup, mode):
         align.main(common + ["--z_start", "2", "--z_stop", "7", "--dest", str(tmp / "d")] + mode)
 
 
-def test_bad_defect_layers_are_one_line_before_anything_is_written(setup):
+def test_bad_defect_layers_are_one_line_before_anything_is_written(setup, run_command):
     tmp, paths, _, common = setup
     small = volume.create_volume("file://" + str(tmp / "small"), (32, 64, 12), "uint8", 1, mips=1,
                                  chunk=(32, 32, 1), provenance={"description": "test"})
@@ -225,8 +225,8 @@ def test_bad_defect_layers_are_one_line_before_anything_is_written(setup):
                                              "the source's (0, 0, 0)..(64, 64, 12) at [8.0, 8.0, 40.0]"),
                            (str(tmp / "nothing"), "no volume at"),
                            (paths["image"], "section 0, holds the value")):  # an image is no defect layer
-        result = run_script("align.py", *common, "--dest", tmp / "out", "--z_start", "0", "--z_stop", "3",
-                            "--defects", layer)
+        result = run_command(align, *common, "--dest", tmp / "out", "--z_start", "0", "--z_stop", "3",
+                             "--defects", layer)
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and message in last and "Traceback" not in result.stderr, result.stderr
         assert not (tmp / "out" / "image").exists()

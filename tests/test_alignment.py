@@ -248,9 +248,9 @@ def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_fi
     (["--z_start", "0", "--z_stop", "2", "--chunk", "30"], "--chunk 30 must be a multiple of 4 px, the coarsest "
                                                            "stride of the 3 levels"),
 ])
-def test_bad_input_is_a_one_line_error(setup, extra, message):
+def test_bad_input_is_a_one_line_error(setup, extra, message, run_command):
     tmp, paths, archive = setup
-    result = run_script("align.py", "--archive", archive, "--source", paths["image"], "--dest", tmp / "d", *extra)
+    result = run_command(align, "--archive", archive, "--source", paths["image"], "--dest", tmp / "d", *extra)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and message in last and "Traceback" not in result.stderr
 
@@ -278,11 +278,11 @@ def test_a_network_whose_field_is_not_finite_stops_before_the_section_is_written
 
 
 @pytest.mark.parametrize("mode, section", [([], 3), (["--solve"], 2)])
-def test_a_network_whose_field_is_not_finite_is_one_line_from_the_command(setup, mode, section):
+def test_a_network_whose_field_is_not_finite_is_one_line_from_the_command(setup, mode, section, run_command):
     tmp, paths, _ = setup
     archive = save_archive(tmp / "nan.pt", nan_net(), summary={"name": "nan"})
-    result = run_script("align.py", "--archive", archive, "--source", paths["image"], "--dest", tmp / "d",
-                        "--z_start", "2", "--z_stop", "5", *mode)
+    result = run_command(align, "--archive", archive, "--source", paths["image"], "--dest", tmp / "d",
+                         "--z_start", "2", "--z_stop", "5", *mode)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert last.startswith(f"error: section {section}: its field for ") and "not finite" in last
@@ -367,18 +367,18 @@ def test_a_destination_that_cannot_be_written_is_one_line_before_anything_runs(s
         align.main(common + ["--dest", str(tmp / "d")])
 
 
-def test_archive_volume_and_destination_mismatches(setup):
+def test_archive_volume_and_destination_mismatches(setup, run_command):
     tmp, paths, archive = setup
-    result = run_script("align.py", "--archive", archive, "--source", paths["field"], "--dest", tmp / "d",
-                        "--z_start", "0", "--z_stop", "2")
+    result = run_command(align, "--archive", archive, "--source", paths["field"], "--dest", tmp / "d",
+                         "--z_start", "0", "--z_stop", "2")
     assert result.returncode == 2 and "channels" in result.stderr
-    result = run_script("align.py", "--archive", tmp / "none.pt", "--source", paths["image"], "--dest",
-                        tmp / "d", "--z_start", "0", "--z_stop", "2")
+    result = run_command(align, "--archive", tmp / "none.pt", "--source", paths["image"], "--dest",
+                         tmp / "d", "--z_start", "0", "--z_stop", "2")
     assert result.returncode == 2 and "none.pt" in result.stderr
     align.main(["--archive", str(archive), "--source", paths["image"], "--dest", str(tmp / "d"), "--z_start", "0",
                 "--z_stop", "2"])
-    result = run_script("align.py", "--archive", archive, "--source", paths["image"], "--dest", tmp / "d",
-                        "--z_start", "0", "--z_stop", "2", "--mip", "1")
+    result = run_command(align, "--archive", archive, "--source", paths["image"], "--dest", tmp / "d",
+                         "--z_start", "0", "--z_stop", "2", "--mip", "1")
     assert result.returncode == 2 and "was aligned with --mip 0, not 1" in result.stderr
     assert volume.open_volume(str(tmp / "d" / "image"))  # what was aligned is still there
 

@@ -183,7 +183,8 @@ def test_the_cpc_window_is_also_given_by_its_old_name():
     assert evaluate.parse_args(required + ["--chunk", "16"]).cpc_window == 16
 
 
-def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_line(tmp_path, misaligned):
+def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_line(tmp_path, misaligned,
+                                                                                     run_command):
     raw, truth, raw_path, _ = misaligned
     write_layer(tmp_path / "dest" / "image", raw[:, None], "image")
     write_layer(tmp_path / "dest" / "field", np.zeros_like(truth), "field")
@@ -195,7 +196,7 @@ def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_
                        (dest + ["--z_start", "1", "--z_stop", "2"], "give at least 2"),
                        (["--aligned", tmp_path / "nothing"] + z, "nothing"),
                        (dest + ["--truth", "file://" + str(tmp_path / "no_truth")] + z, "no_truth")):
-        result = run_script("evaluate.py", *argv)
+        result = run_command(evaluate, *argv)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
 

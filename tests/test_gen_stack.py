@@ -151,11 +151,11 @@ def test_interrupted_run_leaves_no_file(tmp_path, tiny_volume, monkeypatch):
     (["--coords", "corners.txt"], "--count and --coords: choose one"),
     (["--train_range", "6", "2"], "--train_range 6..2 is empty"),
 ])
-def test_bad_flags_are_one_line_errors(tmp_path, tiny_volume, extra, message):
+def test_bad_flags_are_one_line_errors(tmp_path, tiny_volume, extra, message, run_command):
     paths, _ = tiny_volume
-    argv = ["gen_stack.py", "--count", "2", "--source", paths["image"], "--mip", "1", "--dim", "16",
+    argv = ["--count", "2", "--source", paths["image"], "--mip", "1", "--dim", "16",
             "--stack_height", "4", "--train_range", "0", "8", "--out_dir", str(tmp_path / "out"), *extra, "toy"]
-    result = run_script(*argv)
+    result = run_command(gen_stack, *argv)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]  # a progress bar may stand above it
     assert last.startswith("error:") and message in last and "Traceback" not in result.stderr

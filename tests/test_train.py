@@ -153,8 +153,8 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--resume", "--overwrite"], "--resume continues pt/NAME.pt and --overwrite replaces it: choose one"),
     (["--hm"], "--hm picks a dataset NAME's highest-mip file"),  # was ignored: the .h5 given was used as it is
 ])
-def test_bad_flags_are_one_line_errors(toy, flags, message):
-    result = run_script(train.__file__, "--dataset", toy, *flags, "bad", cwd=toy.parent)
+def test_bad_flags_are_one_line_errors(toy, flags, message, run_command):
+    result = run_command(train, "--dataset", toy, *flags, "bad", cwd=toy.parent)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error:") and message in last
     assert "Traceback" not in result.stderr and not (toy.parent / "pt" / "bad.pt").exists()
