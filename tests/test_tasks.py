@@ -421,19 +421,19 @@ def test_pair_tasks_read_their_chunks_on_the_networks_grid(tmp_path, monkeypatch
 
 def test_pair_tasks_with_refine_read_the_first_passs_low_pass_as_context(tmp_path, monkeypatch):
     """``--refine 8`` with a network that reads the grey values pixel by pixel: a chunk's second pass starts from the
-    first pass's field low-passed over 16 px beyond the chunk; with that context (``alignment.pair_context``) 4 x 4
+    first pass's field low-passed over 16 px beyond the chunk; with that context (``alignment.pair_context``) 2 x 2
     chunks of 64 px give the whole section's pair fields, with only ``overlap + prealign`` (as without refine) not."""
     monkeypatch.setattr(alignment, "chunk_field", lambda model, source, target, trunc: torch.cat([source, target], 1))
     monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
-    layer(tmp_path / "raw", moved_windows([(0, 0), (3, -2), (5, 1)], size=256)[:, None])
+    layer(tmp_path / "raw", moved_windows([(0, 0), (3, -2), (5, 1)], size=128)[:, None])
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
     common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "3",
               "--overlap", "4", "--prealign", "0", "--refine", "8", "--solve"]
 
     def pair_fields(name, size):
         align.main(common + ["--dest", str(tmp_path / name), "--task_chunk", size])
-        return volume.read(volume.open_volume(str(tmp_path / name / "pair_field")), (0, 0, 0), (256, 256, 3))
-    whole, parts = pair_fields("whole", "256"), pair_fields("parts", "64")
+        return volume.read(volume.open_volume(str(tmp_path / name / "pair_field")), (0, 0, 0), (128, 128, 3))
+    whole, parts = pair_fields("whole", "128"), pair_fields("parts", "64")
     assert np.abs(whole).max() > 1 and np.abs(whole - parts).max() < 1e-4
     monkeypatch.setattr(tasks, "pair_context", lambda pair, model: alignment.on_grid(pair.overlap + pair.prealign,
                                                                                      model))
