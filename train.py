@@ -516,108 +516,108 @@ def train(args, device: str | None = None) -> Path:
     objective = loss.Objective.from_args(args)
     val_loader = DataLoader(val_pairs, batch_size=args.batch_size) if rank0 and val_pairs is not None else None
     runs_dir, out_dir = log_dirs(args.name)
-    writer = SummaryWriter(str(runs_dir)) if rank0 else None
-    history: dict[str, list[float]] = archive["history"]
-    iteration, start_epoch = archive["iteration"], archive["epoch"]
-    optimizer, stage = None, None
-    deadline = time.time() + 60 * args.minutes if args.minutes else math.inf
-    if rank0:
-        log_arguments(writer, args, iteration)
-        print(f"training {args.name}: {len(dataset)} pairs from {args.dataset}, {args.size} levels, "
-              f"epochs {start_epoch}..{args.epochs - 1}, device {device}"
-              + (f", {world} processes of {args.batch_size // world} pairs a step" if world > 1 else ""))
-    for epoch in range(start_epoch, args.epochs):
-        # each epoch reproducible on its own (exact resume); each rank draws its own augmentations
-        seed_everything((args.seed * 100003 + epoch) * world + rank)
-        new_stage = stage_for_epoch(epoch, args.size, args.trunc, args.skip, args.fall_time, args.fine_tuning)
-        if new_stage != stage:
-            stage = new_stage
-            params = set_trainable(model, stage)
-            # DDP syncs the parameters trainable when it wraps, so wrap per stage; each of them reaches the loss
-            # (every encoder level runs; a stage's aligners are at or above its level): no unused parameters
-            stepper = distributed.wrap(model, device)
-            lr = args.lr * (args.fine_tuning_lr_factor if args.fine_tuning else 1)
-            optimizer = torch.optim.Adam(params, lr=lr)
-            if archive.get("optimizer") and archive.get("stage") == stage.__dict__:
-                optimizer.load_state_dict(archive["optimizer"])
-                for group in optimizer.param_groups:  # the archived lr, or the new one a resume gives
-                    group["lr"] = lr
-            if rank0:
-                print(f"epoch {epoch}: level {stage.level}, training aligners {list(stage.train_levels)}")
-        pairs = epoch_pairs(len(dataset), args.epoch_size, args.seed * 7919 + epoch, rank, world)
-        loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=pairs,
-                            num_workers=args.num_workers, drop_last=len(dataset) >= args.batch_size,
-                            persistent_workers=False)
-        sums, count, started = {}, 0, time.time()
-        bar = tqdm(batches(loader), total=len(loader), desc=f"epoch {epoch}", unit="step", leave=False,
-                   disable=None if rank0 else True)
-        for batch in bar:
-            batch = to_device(batch, device)
-            cost, log, pictures = loss.pair_loss(stepper, batch, objective, stage.level)
-            optimizer.zero_grad(set_to_none=True)
-            cost.backward()  # under DDP: gradients averaged over the ranks
-            if args.clip:
-                torch.nn.utils.clip_grad_norm_(params, args.clip)
-            optimizer.step()
-            iteration += 1
-            count += 1
-            log = distributed.mean_over_ranks(log)  # the whole batch's (each rank's share counts equally)
-            for key, value in log.items():
-                sums[key] = sums.get(key, 0.0) + value
-            residuals = {f"field/level{level}_residual_px": float(vector_length(residual).mean())
-                         for level, residual in pictures.pop("residuals").items()}
-            scalars = {**{f"loss/{k}": v for k, v in log.items()}, **distributed.mean_over_ranks(residuals)}
-            if rank0:
-                bar.set_postfix(total=f"{log['total']:.4g}", refresh=False)
-                log_step(writer, out_dir, iteration, scalars, pictures, args.vis_interval)
-            if out_of_time(deadline):
-                break
-        means = {k: v / max(count, 1) for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in means.values()):  # the same on every rank: all stop
-            kept = (f"{archive_path} keeps the last finite epoch: resume with a lower --lr or --clip"
-                    if epoch > 0 else "no epoch was saved: start again with a lower --lr or --clip")
-            raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {kept}")
+    # closed however the run ends: a failed run's logs are deleted (removed_unless_saved) after its last write
+    with SummaryWriter(str(runs_dir)) if rank0 else contextlib.nullcontext() as writer:
+        history: dict[str, list[float]] = archive["history"]
+        iteration, start_epoch = archive["iteration"], archive["epoch"]
+        optimizer, stage = None, None
+        deadline = time.time() + 60 * args.minutes if args.minutes else math.inf
         if rank0:
-            if val_loader is not None:
-                means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, device).items()})
-            for key, value in means.items():
-                history.setdefault(key, []).append(value)
-                writer.add_scalar(f"epoch/{key}", value, epoch)
-            writer.add_scalar("epoch/lr", optimizer.param_groups[0]["lr"], epoch)
-            print(f"epoch {epoch} level {stage.level}: " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
-                  + f" ({count / max(time.time() - started, 1e-9):.2f} it/s)")
-            early = iteration < args.collapse_after or (stage.level == args.size - 1 and epoch < args.fall_time)
-            if count and not early and loss.collapsed(means["field_px"], means["similarity"], means["identity"]):
-                message = (f"COLLAPSE: epoch {epoch}: mean |field| {means['field_px']:.3f} px while similarity "
-                           f"{means['similarity']:.4g} stays at the unaligned {means['identity']:.4g}; the net "
-                           "outputs the zero field. Stop and re-tune (e.g. lower --lambda1, raise --lr).")
-                print(message, file=sys.stderr)
-                writer.add_text("warnings/collapse", message, epoch)
-            state = dict(args=vars(args).copy(), epoch=epoch + 1, iteration=iteration, history=history,
-                         optimizer=optimizer.state_dict(), stage=stage.__dict__, lineage=archive["lineage"],
-                         resumes=archive.get("resumes", []), code_version=code_version(),
-                         finished=epoch + 1 >= args.epochs)
-            state["summary"] = summary(args, history, iteration, state["resumes"])
-            save_archive(archive_path, model, **state)
-            archive.update(state)
-            if "val_epe" in means and means["val_epe"] < min(history["val_epe"][:-1], default=math.inf):
-                save_archive(best_path(archive_path), model, **state)
-            elif "val_epe" not in history:  # --overwrite without held-out data: an old best is not this run's
-                best_path(archive_path).unlink(missing_ok=True)
-        distributed.barrier()  # the other ranks wait while rank 0 validates and saves
-        if out_of_time(deadline):
+            log_arguments(writer, args, iteration)
+            print(f"training {args.name}: {len(dataset)} pairs from {args.dataset}, {args.size} levels, "
+                  f"epochs {start_epoch}..{args.epochs - 1}, device {device}"
+                  + (f", {world} processes of {args.batch_size // world} pairs a step" if world > 1 else ""))
+        for epoch in range(start_epoch, args.epochs):
+            # each epoch reproducible on its own (exact resume); each rank draws its own augmentations
+            seed_everything((args.seed * 100003 + epoch) * world + rank)
+            new_stage = stage_for_epoch(epoch, args.size, args.trunc, args.skip, args.fall_time, args.fine_tuning)
+            if new_stage != stage:
+                stage = new_stage
+                params = set_trainable(model, stage)
+                # DDP syncs the parameters trainable when it wraps, so wrap per stage; each of them reaches the loss
+                # (every encoder level runs; a stage's aligners are at or above its level): no unused parameters
+                stepper = distributed.wrap(model, device)
+                lr = args.lr * (args.fine_tuning_lr_factor if args.fine_tuning else 1)
+                optimizer = torch.optim.Adam(params, lr=lr)
+                if archive.get("optimizer") and archive.get("stage") == stage.__dict__:
+                    optimizer.load_state_dict(archive["optimizer"])
+                    for group in optimizer.param_groups:  # the archived lr, or the new one a resume gives
+                        group["lr"] = lr
+                if rank0:
+                    print(f"epoch {epoch}: level {stage.level}, training aligners {list(stage.train_levels)}")
+            pairs = epoch_pairs(len(dataset), args.epoch_size, args.seed * 7919 + epoch, rank, world)
+            loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=pairs,
+                                num_workers=args.num_workers, drop_last=len(dataset) >= args.batch_size,
+                                persistent_workers=False)
+            sums, count, started = {}, 0, time.time()
+            bar = tqdm(batches(loader), total=len(loader), desc=f"epoch {epoch}", unit="step", leave=False,
+                       disable=None if rank0 else True)
+            for batch in bar:
+                batch = to_device(batch, device)
+                cost, log, pictures = loss.pair_loss(stepper, batch, objective, stage.level)
+                optimizer.zero_grad(set_to_none=True)
+                cost.backward()  # under DDP: gradients averaged over the ranks
+                if args.clip:
+                    torch.nn.utils.clip_grad_norm_(params, args.clip)
+                optimizer.step()
+                iteration += 1
+                count += 1
+                log = distributed.mean_over_ranks(log)  # the whole batch's (each rank's share counts equally)
+                for key, value in log.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                residuals = {f"field/level{level}_residual_px": float(vector_length(residual).mean())
+                             for level, residual in pictures.pop("residuals").items()}
+                scalars = {**{f"loss/{k}": v for k, v in log.items()}, **distributed.mean_over_ranks(residuals)}
+                if rank0:
+                    bar.set_postfix(total=f"{log['total']:.4g}", refresh=False)
+                    log_step(writer, out_dir, iteration, scalars, pictures, args.vis_interval)
+                if out_of_time(deadline):
+                    break
+            means = {k: v / max(count, 1) for k, v in sums.items()}
+            if not all(math.isfinite(v) for v in means.values()):  # the same on every rank: all stop
+                kept = (f"{archive_path} keeps the last finite epoch: resume with a lower --lr or --clip"
+                        if epoch > 0 else "no epoch was saved: start again with a lower --lr or --clip")
+                raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {kept}")
             if rank0:
-                print(f"stopped after --minutes {args.minutes:g}, in epoch {epoch}")
-            break
-    if rank0:
-        log_hparams(writer, args, history, args.epochs - 1)
-        writer.close()
-        print(f"saved {archive_path}")
-        if history.get("val_epe"):
-            epoch = int(np.argmin(history["val_epe"]))
-            print(f"lowest held-out EPE {history['val_epe'][epoch]:.4g} px at epoch {epoch}: "
-                  f"{best_path(archive_path)}")
-    return archive_path
+                if val_loader is not None:
+                    means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, device).items()})
+                for key, value in means.items():
+                    history.setdefault(key, []).append(value)
+                    writer.add_scalar(f"epoch/{key}", value, epoch)
+                writer.add_scalar("epoch/lr", optimizer.param_groups[0]["lr"], epoch)
+                print(f"epoch {epoch} level {stage.level}: " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+                      + f" ({count / max(time.time() - started, 1e-9):.2f} it/s)")
+                early = iteration < args.collapse_after or (stage.level == args.size - 1 and epoch < args.fall_time)
+                if count and not early and loss.collapsed(means["field_px"], means["similarity"], means["identity"]):
+                    message = (f"COLLAPSE: epoch {epoch}: mean |field| {means['field_px']:.3f} px while similarity "
+                               f"{means['similarity']:.4g} stays at the unaligned {means['identity']:.4g}; the net "
+                               "outputs the zero field. Stop and re-tune (e.g. lower --lambda1, raise --lr).")
+                    print(message, file=sys.stderr)
+                    writer.add_text("warnings/collapse", message, epoch)
+                state = dict(args=vars(args).copy(), epoch=epoch + 1, iteration=iteration, history=history,
+                             optimizer=optimizer.state_dict(), stage=stage.__dict__, lineage=archive["lineage"],
+                             resumes=archive.get("resumes", []), code_version=code_version(),
+                             finished=epoch + 1 >= args.epochs)
+                state["summary"] = summary(args, history, iteration, state["resumes"])
+                save_archive(archive_path, model, **state)
+                archive.update(state)
+                if "val_epe" in means and means["val_epe"] < min(history["val_epe"][:-1], default=math.inf):
+                    save_archive(best_path(archive_path), model, **state)
+                elif "val_epe" not in history:  # --overwrite without held-out data: an old best is not this run's
+                    best_path(archive_path).unlink(missing_ok=True)
+            distributed.barrier()  # the other ranks wait while rank 0 validates and saves
+            if out_of_time(deadline):
+                if rank0:
+                    print(f"stopped after --minutes {args.minutes:g}, in epoch {epoch}")
+                break
+        if rank0:
+            log_hparams(writer, args, history, args.epochs - 1)
+            print(f"saved {archive_path}")
+            if history.get("val_epe"):
+                epoch = int(np.argmin(history["val_epe"]))
+                print(f"lowest held-out EPE {history['val_epe'][epoch]:.4g} px at epoch {epoch}: "
+                      f"{best_path(archive_path)}")
+        return archive_path
 
 
 def main(argv=None) -> Path:

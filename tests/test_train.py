@@ -2,6 +2,7 @@
 import io
 import math
 import sys
+import threading
 
 import h5py
 import numpy as np
@@ -375,4 +376,6 @@ def test_a_loss_that_diverges_says_whether_an_epoch_was_kept(toy, monkeypatch):
     calls[:] = [1] * 4
     with pytest.raises(UserError, match="epoch 0: the loss is not finite .*no epoch was saved: start again"):
         run(toy, "b", "--epochs", "3")
-    assert not (toy.parent / "pt" / "b.pt").exists()
+    assert not (toy.parent / "pt" / "b.pt").exists() and not (toy.parent / "runs" / "b").exists()
+    # the failed runs' log writers are closed: no thread of theirs writes into the deleted logs' folder
+    assert not [t for t in threading.enumerate() if type(t).__module__.startswith("tensorboard")]
