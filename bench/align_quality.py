@@ -69,26 +69,47 @@ def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
     return {"raw": read["image"][:, 0], "truth": read["field"], "defects": read["defects"][:, 0]}
 
 
-def phantom_stack(kind: str, count: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A fresh phantom stack of ``kind`` (``demo.PHANTOMS``), misaligned as the demo is.
+def phantom_stack(kind: str, count: int, size: int, seed: int = 0, misalignment=None) -> dict[str, np.ndarray]:
+    """A fresh phantom stack of ``kind`` (``demo.PHANTOMS``), misaligned as the demo is (or by ``misalignment``,
+    a ``misalign.MisalignParams``).
 
     ``count`` sections of ``size`` px; the phantom's seed is ``1000 + seed`` (the
     demo volume's is 0, so the tissue is held out), the misalignment's ``seed``.
     """
     import demo
 
-    arrays = demo.make_arrays((count, size, size), 48, seed, kind, phantom_seed=1000 + seed)
+    arrays = demo.make_arrays((count, size, size), 48, seed, kind, phantom_seed=1000 + seed,
+                              misalignment=misalignment)
     return {"raw": arrays["image"][:, 0], "truth": arrays["field"], "defects": arrays["defects"][:, 0]}
 
 
+def add_misalignment_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that change how ``--real`` and ``--phantom`` stacks are misaligned (``held_out_stack``)."""
+    import misalign
+
+    p.add_argument("--fold_width", type=finite_float, nargs=2, metavar=("LO", "HI"),
+                   default=misalign.MisalignParams.fold_width,
+                   help="--real, --phantom: px of tissue each fold holds, drawn between LO and HI (the demo's "
+                        "folds: the default)")
+
+
 def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
-    """The stack ``args`` ask for (``--real``, ``--phantom``, else the demo's test sections), draw ``seed``."""
+    """The stack ``args`` ask for (``--real``, ``--phantom``, else the demo's test sections), draw ``seed``;
+    ``--real`` and ``--phantom`` misaligned with ``add_misalignment_flags``' settings."""
+    import misalign
+
     if args.real and args.phantom:
         raise UserError("choose --real or --phantom")
+    lo, hi = args.fold_width
+    if not 0 < lo <= hi:
+        raise UserError(f"--fold_width {lo:g} {hi:g}: expected 0 < LO <= HI px")
+    misalignment = misalign.MisalignParams(fold_width=(lo, hi))
     if args.real:
-        return real_stack(args.real, args.z_start, args.sections, args.size, seed, args.reregister)
+        return real_stack(args.real, args.z_start, args.sections, args.size, seed, args.reregister, misalignment)
     if args.phantom:
-        return phantom_stack(args.phantom, args.sections, args.size, seed)
+        return phantom_stack(args.phantom, args.sections, args.size, seed, misalignment)
+    if misalignment != misalign.MisalignParams():
+        raise UserError("--fold_width: the demo volume's folds are made; give --real or --phantom")
     return demo_stack(args.z_start, args.sections, args.size)  # the demo has one draw
 
 
@@ -100,8 +121,9 @@ def stack_name(args, count: int) -> str:
 
 
 def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
-               reregister: bool = False) -> dict[str, np.ndarray]:
-    """Registered real sections from an image folder, misaligned exactly as the demo (``misalign.py``).
+               reregister: bool = False, misalignment=None) -> dict[str, np.ndarray]:
+    """Registered real sections from an image folder, misaligned exactly as the demo (``misalign.py``; or by
+    ``misalignment``, a ``misalign.MisalignParams``).
 
     Sections ``z_start .. z_start + count - 1`` (natural file order), the central
     ``size + 2 * 48`` px of each as the canvas, cropped to ``size`` after misalignment;
@@ -126,7 +148,7 @@ def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
     side = min(size + 2 * pad, h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
     canvas = torch.from_numpy(sections[:, y0:y0 + side, x0:x0 + side])[:, None]
-    image, defects, field = misalign.misalign(canvas, misalign.MisalignParams(), torch.Generator().manual_seed(seed),
+    image, defects, field = misalign.misalign(canvas, misalignment or misalign.MisalignParams(), torch.Generator().manual_seed(seed),
                                               pad=pad)
     return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy(),
             "content_offsets": evaluate.content_offsets(canvas[:, 0, margin:side - margin, margin:side - margin])}
@@ -234,6 +256,7 @@ def main(argv=None) -> dict:
                    help="a fresh phantom stack instead of the demo volume (module docstring)")
     p.add_argument("--seed", type=int, default=0,
                    help="--real, --phantom: the seed of the known misalignment, cracks and folds (one stack per seed)")
+    add_misalignment_flags(p)
     p.add_argument("--reregister", action="store_true",
                    help="--real: shift the sections by whole pixels until neighbours' content matches before "
                         "misaligning them, as import_stack.py --reregister does (for a volume whose registration "

@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 import evaluate
-from bench.align_quality import DEFECT_MASKS, held_out_stack, registration_check
+from bench.align_quality import DEFECT_MASKS, add_misalignment_flags, held_out_stack, registration_check
 from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,
                        settings_from_args, solve_pairs)
 from demo import PHANTOMS
@@ -163,6 +163,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="misalignment draws (as in align_quality.py); several: figures averaged over them")
     p.add_argument("--reregister", action="store_true", help="as in align_quality.py")
+    add_misalignment_flags(p)
     p.add_argument("--z_start", type=int, default=70)
     p.add_argument("--sections", type=int, default=30)
     p.add_argument("--size", type=int, default=512)

@@ -75,3 +75,43 @@ def test_a_real_folder_of_sections_of_several_sizes_is_one_line(tmp_path):
     Image.fromarray(np.zeros((32, 40), np.uint8)).save(tmp_path / "2.png")
     with pytest.raises(UserError, match=r"sections of several sizes \(\(160, 160\), \(32, 40\)\)"):
         align_quality.real_stack(str(tmp_path), 0, 3, 32)
+
+
+def test_fold_width_misaligns_real_and_phantom_stacks_with_wider_folds_and_is_refused_for_the_demo(tmp_path,
+                                                                                                    monkeypatch):
+    import demo
+    import misalign
+
+    seen = []
+    monkeypatch.setattr(demo, "make_arrays", lambda *args, misalignment=None, **kwargs: seen.append(misalignment) or
+                        {layer: np.zeros((2, 1, 8, 8)) for layer in ("image", "field", "defects")})
+    for bench in (align_quality, solve_sweep):  # both parse it; the stack is held_out_stack's
+        def args(*flags):
+            return align_quality.argparse.Namespace(**{**vars(parse(bench, flags)), "seed": 0})
+        align_quality.held_out_stack(args("--phantom", "default", "--fold_width", "60", "120"), 0)
+        assert seen.pop() == misalign.MisalignParams(fold_width=(60.0, 120.0))
+        align_quality.held_out_stack(args("--phantom", "default"), 0)
+        assert seen.pop() == misalign.MisalignParams()  # the demo's folds by default
+        with pytest.raises(UserError, match="--fold_width: the demo volume's folds are made; give --real or"):
+            align_quality.held_out_stack(args("--fold_width", "60", "120"), 0)
+        with pytest.raises(UserError, match=r"--fold_width 30 10: expected 0 < LO <= HI px"):
+            align_quality.held_out_stack(args("--phantom", "default", "--fold_width", "30", "10"), 0)
+    write_sections(tmp_path, [(0, 0)] * 4)
+    wide = align_quality.real_stack(str(tmp_path), 0, 4, 64, misalignment=misalign.MisalignParams(
+        fold_prob=1.0, crack_prob=0.0, fold_width=(40.0, 40.0), fold_ratio=(4.0, 4.0)))
+    assert ((wide["defects"] == 2).sum(-1).max(-1) >= 9).all()  # every section's fold: a band ~10 px wide
+
+
+def parse(bench, flags):
+    """``bench``'s flags as its ``main`` parses them (without running it)."""
+    parsed = {}
+    original = bench.argparse.ArgumentParser.parse_args
+
+    def keep(parser, argv=None, namespace=None):
+        parsed["args"] = original(parser, argv, namespace)
+        raise SystemExit(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench.argparse.ArgumentParser, "parse_args", keep)
+        with pytest.raises(SystemExit):
+            bench.main(["--archive", "pt/demo.pt", *flags])
+    return parsed["args"]
