@@ -148,8 +148,8 @@ def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
     side = min(size + 2 * pad, h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
     canvas = torch.from_numpy(sections[:, y0:y0 + side, x0:x0 + side])[:, None]
-    image, defects, field = misalign.misalign(canvas, misalignment or misalign.MisalignParams(), torch.Generator().manual_seed(seed),
-                                              pad=pad)
+    image, defects, field = misalign.misalign(canvas, misalignment or misalign.MisalignParams(),
+                                              torch.Generator().manual_seed(seed), pad=pad)
     return {"raw": image[:, 0].numpy(), "truth": field.numpy(), "defects": defects[:, 0].numpy(),
             "content_offsets": evaluate.content_offsets(canvas[:, 0, margin:side - margin, margin:side - margin])}
 

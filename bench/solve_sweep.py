@@ -47,7 +47,7 @@ from bench.align_quality import DEFECT_MASKS, add_misalignment_flags, held_out_s
 from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,
                        settings_from_args, solve_pairs)
 from demo import PHANTOMS
-from helpers import UserError, compose, file_sha256, folder, in_frame_of, invert_field, run_main, vector_length
+from helpers import compose, file_sha256, folder, in_frame_of, invert_field, run_main, vector_length
 from models.archive import load_archive
 from solve import low_pass, neighbour_pairs
 
@@ -178,8 +178,6 @@ def main(argv=None) -> dict:
     p.add_argument("--cache", help="keep the pair fields in this file (one per draw: FILE.seedS.pt when several) "
                                    "and reuse them when the stack, the settings and the archive's bytes match")
     args = p.parse_args(argv)
-    if min(args.neighbours) < 1:
-        raise UserError("--neighbours must be at least 1")
     settings = [(n, smooth, pull, detail, robust) for n, smooth, pull, detail, robust in itertools.product(
         args.neighbours, args.smooth, args.pull, args.detail_pull, args.robust) if smooth or detail == args.detail_pull[0]]
     for n, smooth, pull, detail, robust in settings:  # each setting's least value, before any work

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bench import solve_sweep
+from helpers import UserError
 from models import Pyramid
 from models.archive import save_archive
 
@@ -86,3 +87,11 @@ def test_the_cache_is_reused_for_the_same_archive_and_not_for_a_new_one_at_its_p
         solve_sweep.main(argv)
         counts.append(len(calls))
     assert counts[0] == 4 and counts[1] == 4 and counts[2] == 8
+
+
+@pytest.mark.parametrize("flags, message", [(["--neighbours", "0"], "--neighbours 0: must be >= 1"),
+                                            (["--pull", "0.03", "0"], "--pull 0: must be > 0")])
+def test_a_swept_setting_out_of_range_is_one_line_before_the_network_is_read(flags, message, monkeypatch):
+    monkeypatch.setattr(solve_sweep, "load_archive", lambda path: pytest.fail("read before the flags were checked"))
+    with pytest.raises(UserError, match=message):
+        solve_sweep.main(["--archive", "pt/demo.pt", *flags])
