@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import evaluate
+import misalign
 from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
                        check_fits, for_inference, settings_from_args)
 from demo import PHANTOMS
@@ -85,8 +86,6 @@ def phantom_stack(kind: str, count: int, size: int, seed: int = 0, misalignment=
 
 def add_misalignment_flags(p: argparse.ArgumentParser) -> None:
     """The flags that change how ``--real`` and ``--phantom`` stacks are misaligned (``held_out_stack``)."""
-    import misalign
-
     p.add_argument("--fold_width", type=finite_float, nargs=2, metavar=("LO", "HI"),
                    default=misalign.MisalignParams.fold_width,
                    help="--real, --phantom: px of tissue each fold holds, drawn between LO and HI (the demo's "
@@ -96,8 +95,6 @@ def add_misalignment_flags(p: argparse.ArgumentParser) -> None:
 def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
     """The stack ``args`` ask for (``--real``, ``--phantom``, else the demo's test sections), draw ``seed``;
     ``--real`` and ``--phantom`` misaligned with ``add_misalignment_flags``' settings."""
-    import misalign
-
     if args.real and args.phantom:
         raise UserError("choose --real or --phantom")
     lo, hi = args.fold_width
@@ -129,7 +126,6 @@ def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
     ``size + 2 * 48`` px of each as the canvas, cropped to ``size`` after misalignment;
     with ``reregister``, first ``import_stack.register_rigidly`` (as ``import_stack.py --reregister``).
     """
-    import misalign
     from import_stack import list_sections, read_section, register_rigidly
 
     paths = [p for _, p in list_sections(Path(folder))][z_start:z_start + count]
