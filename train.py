@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import distributed
 import loss
+import misalign
 from data import Augmenter, StackDataset, batches, held_out_misalignment
 from helpers import (HelpFormatter, UserError, check_device, check_name, check_writable, code_version, finite_float,
                      run_main, upsample_field, vector_length)
@@ -137,6 +138,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="RMS length (px) of a fine field (feature size 24 px) that moves each target's content but "
                         "not its true field, as tissue changes between sections (data.tissue_change); for pairs of "
                         "a section with itself (adapt.py)")
+    g.add_argument("--fold_prob", type=finite_float, default=Augmenter.p_fold,
+                   help="probability that the augmentation folds each pair's source (misalign.add_folds)")
+    g.add_argument("--fold_width", type=finite_float, nargs=2, metavar=("LO", "HI"),
+                   default=misalign.MisalignParams.fold_width,
+                   help="px of tissue each augmentation fold holds, drawn between LO and HI (the demo's folds: "
+                        "the default)")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=check_device(), help="torch device")
@@ -187,8 +194,12 @@ def check_args(args) -> None:
                 if getattr(args, name) < 0]
     if negative:
         raise UserError(f"{', '.join('--' + name for name in negative)} must be >= 0")
-    if not 0 <= args.p_jitter <= 1:
-        raise UserError(f"--p_jitter {args.p_jitter} is a probability: between 0 and 1")
+    for name in ("p_jitter", "fold_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name} {getattr(args, name)} is a probability: between 0 and 1")
+    lo, hi = args.fold_width
+    if not 0 < lo <= hi:
+        raise UserError(f"--fold_width {lo:g} {hi:g}: expected 0 < LO <= HI px")
     if args.crop and args.crop % 2 ** (args.size - 1):
         raise UserError(f"--crop {args.crop} is not divisible by 2^(size-1) = {2 ** (args.size - 1)}")
     if args.batch_size % distributed.world_size():
@@ -434,7 +445,9 @@ def setup(args) -> tuple:
     check_args(args)
     augment = None if args.no_augment else Augmenter(p_jitter=args.p_jitter, max_shift=args.max_shift,
                                                      max_angle=args.max_angle, elastic_amplitude=args.elastic,
-                                                     change_amplitude=args.tissue_change)
+                                                     change_amplitude=args.tissue_change, p_fold=args.fold_prob,
+                                                     defect_params=misalign.MisalignParams(
+                                                         fold_width=tuple(args.fold_width)))
     parts = [StackDataset(path, mask_radius=args.mask_neighborhood_radius, augment=augment, crop=args.crop or None)
              for path in paths]
     sizes = sorted({tuple(part.shape[2:]) for part in parts})

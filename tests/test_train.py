@@ -150,6 +150,8 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--clip", "-1"], "--clip must be >= 0"),  # a negative norm would flip the gradients: ascent
     (["--epoch_size", "-1", "--num_workers", "-1"], "--epoch_size, --num_workers must be >= 0"),
     (["--p_jitter", "2"], "--p_jitter 2.0 is a probability"),
+    (["--fold_prob", "-0.5"], "--fold_prob -0.5 is a probability"),
+    (["--fold_width", "30", "10"], "--fold_width 30 10: expected 0 < LO <= HI px"),
     (["--padding", "16"], "--padding 16 px leaves nothing of the 32 px sections"),  # the loss would be 0
     (["--resume", "--overwrite"], "--resume continues pt/NAME.pt and --overwrite replaces it: choose one"),
     (["--hm"], "--hm picks a dataset NAME's highest-mip file"),  # was ignored: the .h5 given was used as it is
@@ -171,7 +173,7 @@ def test_an_experiment_whose_outputs_cannot_be_written_stops_before_training(toy
 
 FLOAT_FLAGS = ("--lambda0", "--lambda1", "--lambda2", "--lambda3", "--lambda4", "--lambda5", "--lambda6",
                "--lambda_gt", "--mask_neighborhood_radius", "--mask_smooth_radius", "--lr", "--fine_tuning_lr_factor",
-               "--clip", "--max_shift", "--max_angle", "--p_jitter", "--elastic", "--minutes")
+               "--clip", "--max_shift", "--max_angle", "--p_jitter", "--elastic", "--minutes", "--fold_prob")
 
 
 @pytest.mark.parametrize("flag", FLOAT_FLAGS)
@@ -344,6 +346,15 @@ def test_several_datasets_are_mixed_and_different_sizes_need_a_crop(toy, tmp_pat
     assert {dataset[i]["src"].shape[-1] for i in range(len(dataset))} == {32}
     _, archive = load_archive(train.main([*common, "--crop", "32", "mixed"]))
     assert archive["args"]["dataset"] == [str(toy), str(large)] and archive["epoch"] == 1
+
+
+@pytest.mark.parametrize("prob", [0, 1])
+def test_the_augmentation_folds_as_often_and_as_wide_as_asked(toy, prob):
+    flags = ["--dataset", str(toy), "--size", "2", "--p_jitter", "0", "--fold_prob", str(prob), "--fold_width", "12", "12"]
+    dataset = train.setup(train.parse_args([*flags, "folds"]))[4]
+    assert dataset.augment.p_fold == prob and dataset.augment.defect_params.fold_width == (12, 12)
+    folded = [bool((dataset[i]["src_defects"] == 2).any()) for i in range(len(dataset))]
+    assert folded == [bool(prob)] * len(dataset)
 
 
 def test_the_epoch_with_the_lowest_held_out_epe_is_kept(toy, tmp_path, capsys):
