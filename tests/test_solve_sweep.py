@@ -72,8 +72,9 @@ def test_summarise_averages_draws_and_scores_each_against_its_own_identity():
 
 
 def test_the_cache_is_reused_for_the_same_archive_and_not_for_a_new_one_at_its_path(tmp_path, monkeypatch):
-    """``--cache``: the pair fields are computed once per network; an archive re-trained to the same path (other
-    bytes) computes them again instead of scoring the old network's fields."""
+    """``--cache``: the pair fields are computed once per network and stack; an archive re-trained to the same path
+    (other bytes), or a stack misaligned otherwise (``--fold_width``), computes them again instead of scoring the
+    old fields."""
     calls = []
     real_pair_field = solve_sweep.pair_field
     monkeypatch.setattr(solve_sweep, "pair_field", lambda *a, **k: calls.append(1) or real_pair_field(*a, **k))
@@ -87,6 +88,8 @@ def test_the_cache_is_reused_for_the_same_archive_and_not_for_a_new_one_at_its_p
         solve_sweep.main(argv)
         counts.append(len(calls))
     assert counts[0] == 4 and counts[1] == 4 and counts[2] == 8
+    solve_sweep.main([*argv, "--fold_width", "60", "120"])
+    assert len(calls) == 12
 
 
 @pytest.mark.parametrize("flags, message", [(["--neighbours", "0"], "--neighbours 0: must be >= 1"),
