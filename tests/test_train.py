@@ -350,7 +350,8 @@ def test_several_datasets_are_mixed_and_different_sizes_need_a_crop(toy, tmp_pat
 
 @pytest.mark.parametrize("prob", [0, 1])
 def test_the_augmentation_folds_as_often_and_as_wide_as_asked(toy, prob):
-    flags = ["--dataset", str(toy), "--size", "2", "--p_jitter", "0", "--fold_prob", str(prob), "--fold_width", "12", "12"]
+    flags = ["--dataset", str(toy), "--size", "2", "--p_jitter", "0", "--fold_prob", str(prob),
+             "--fold_width", "12", "12"]
     dataset = train.setup(train.parse_args([*flags, "folds"]))[4]
     assert dataset.augment.p_fold == prob and dataset.augment.defect_params.fold_width == (12, 12)
     folded = [bool((dataset[i]["src_defects"] == 2).any()) for i in range(len(dataset))]
