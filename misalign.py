@@ -44,13 +44,13 @@ padded by ``pad`` px on each side: it returns the central crop.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from helpers import (affine_field, compose, downsample_field, invert_field, pixel_grid, rigid_matrix, smoothstep,
-                     uniform, upsample_field, warp, warp_labels)
+from helpers import (UserError, affine_field, compose, downsample_field, finite_float, invert_field, pixel_grid,
+                     rigid_matrix, smoothstep, uniform, upsample_field, warp, warp_labels)
 
 CRACK, FOLD = 1, 2  # defect-map values
 SEAM_MODES = 3      # sinusoids in a seam's curve
@@ -74,6 +74,24 @@ class MisalignParams:
     fold_ratio: tuple[float, float] = (3.0, 5.0)    # W / w: compression of the folded band
     fold_darkness: float = 0.35                     # the band's brightness is multiplied by this
     seam_wander: float = 6.0                        # RMS sideways wander of a seam's curve
+
+
+def add_fold_width_flag(parser, what: str) -> None:
+    """``--fold_width LO HI`` (px of tissue each fold holds; the demo's by default) on ``parser`` (a parser or a
+    group), its help starting with ``what``; ``with_fold_width`` turns it into parameters."""
+    parser.add_argument("--fold_width", type=finite_float, nargs=2, metavar=("LO", "HI"),
+                        default=MisalignParams.fold_width,
+                        help=f"{what} px of tissue each fold holds, drawn between LO and HI (the demo's folds: the "
+                             "default)")
+
+
+def with_fold_width(lo_hi, params: MisalignParams = MisalignParams()) -> MisalignParams:
+    """``params`` with folds of ``lo_hi`` = (LO, HI) px of tissue (``--fold_width``); a one-line ``UserError``
+    unless 0 < LO <= HI."""
+    lo, hi = lo_hi
+    if not 0 < lo <= hi:
+        raise UserError(f"--fold_width {lo:g} {hi:g}: expected 0 < LO <= HI px")
+    return replace(params, fold_width=(float(lo), float(hi)))
 
 
 # ----------------------------------------------------------------------- random fields

@@ -140,10 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a section with itself (adapt.py)")
     g.add_argument("--fold_prob", type=finite_float, default=Augmenter.p_fold,
                    help="probability that the augmentation folds each pair's source (misalign.add_folds)")
-    g.add_argument("--fold_width", type=finite_float, nargs=2, metavar=("LO", "HI"),
-                   default=misalign.MisalignParams.fold_width,
-                   help="px of tissue each augmentation fold holds, drawn between LO and HI (the demo's folds: "
-                        "the default)")
+    misalign.add_fold_width_flag(g, "the augmentation's folds:")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=check_device(), help="torch device")
@@ -197,9 +194,7 @@ def check_args(args) -> None:
     for name in ("p_jitter", "fold_prob"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name} {getattr(args, name)} is a probability: between 0 and 1")
-    lo, hi = args.fold_width
-    if not 0 < lo <= hi:
-        raise UserError(f"--fold_width {lo:g} {hi:g}: expected 0 < LO <= HI px")
+    misalign.with_fold_width(args.fold_width)
     if args.crop and args.crop % 2 ** (args.size - 1):
         raise UserError(f"--crop {args.crop} is not divisible by 2^(size-1) = {2 ** (args.size - 1)}")
     if args.batch_size % distributed.world_size():
@@ -446,8 +441,7 @@ def setup(args) -> tuple:
     augment = None if args.no_augment else Augmenter(p_jitter=args.p_jitter, max_shift=args.max_shift,
                                                      max_angle=args.max_angle, elastic_amplitude=args.elastic,
                                                      change_amplitude=args.tissue_change, p_fold=args.fold_prob,
-                                                     defect_params=misalign.MisalignParams(
-                                                         fold_width=tuple(args.fold_width)))
+                                                     defect_params=misalign.with_fold_width(args.fold_width))
     parts = [StackDataset(path, mask_radius=args.mask_neighborhood_radius, augment=augment, crop=args.crop or None)
              for path in paths]
     sizes = sorted({tuple(part.shape[2:]) for part in parts})

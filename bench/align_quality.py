@@ -86,10 +86,7 @@ def phantom_stack(kind: str, count: int, size: int, seed: int = 0, misalignment=
 
 def add_misalignment_flags(p: argparse.ArgumentParser) -> None:
     """The flags that change how ``--real`` and ``--phantom`` stacks are misaligned (``held_out_stack``)."""
-    p.add_argument("--fold_width", type=finite_float, nargs=2, metavar=("LO", "HI"),
-                   default=misalign.MisalignParams.fold_width,
-                   help="--real, --phantom: px of tissue each fold holds, drawn between LO and HI (the demo's "
-                        "folds: the default)")
+    misalign.add_fold_width_flag(p, "--real, --phantom:")
 
 
 def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
@@ -97,10 +94,7 @@ def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
     ``--real`` and ``--phantom`` misaligned with ``add_misalignment_flags``' settings."""
     if args.real and args.phantom:
         raise UserError("choose --real or --phantom")
-    lo, hi = args.fold_width
-    if not 0 < lo <= hi:
-        raise UserError(f"--fold_width {lo:g} {hi:g}: expected 0 < LO <= HI px")
-    misalignment = misalign.MisalignParams(fold_width=(lo, hi))
+    misalignment = misalign.with_fold_width(args.fold_width)
     if args.real:
         return real_stack(args.real, args.z_start, args.sections, args.size, seed, args.reregister, misalignment)
     if args.phantom:

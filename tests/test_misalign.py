@@ -165,3 +165,11 @@ def test_pad_is_cropped(pad):
     size = 48 - 2 * pad
     assert image.shape == (1, 1, size, size) and defects.shape == (1, 1, size, size)
     assert field.shape == (1, 2, size, size) and field.dtype == torch.float32
+
+
+def test_with_fold_width_sets_the_folds_and_refuses_an_empty_or_reversed_range():
+    params = m.with_fold_width([60, 120], m.MisalignParams(fold_prob=0.5))
+    assert params == m.MisalignParams(fold_prob=0.5, fold_width=(60.0, 120.0))
+    for lo, hi in ((30, 10), (0, 10)):
+        with pytest.raises(h.UserError, match=rf"--fold_width {lo} {hi}: expected 0 < LO <= HI px"):
+            m.with_fold_width((lo, hi))
