@@ -220,15 +220,16 @@ def run_record(args, job: tasks.Job) -> dict:
     """What DEST's content follows from, as JSON values: the archive's sha256, the source, the mode and each
     setting of that mode that changes the result, keyed by its flag's name: ``--z_start`` (the fixed section),
     ``--mip``, ``--bbox``, ``--defects`` (the layer's cloudpath; only when given), ``job.pair`` (``--refine`` only
-    when > 0), then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or the serial tasks' ``--vote`` (when
-    > 1), then ``--block`` and ``--task_chunk`` (the solve's too: its result depends a little on them), then
-    ``--mips`` (when > 0), then ``--adapt`` (when > 0; ``main`` adds the adapted network's ``adapted_sha256``); a
-    non-finite float is a string.
+    when > 0, ``--pieces`` only with ``--defects``), then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or
+    the serial tasks' ``--vote`` (when > 1), then ``--block`` and ``--task_chunk`` (the solve's too: its result
+    depends a little on them), then ``--mips`` (when > 0), then ``--adapt`` (when > 0; ``main`` adds the adapted
+    network's ``adapted_sha256``); a non-finite float is a string.
     Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes (``--device``,
     ``--queue``, ``--max_failures``)."""
     settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox],
                 **({"defects": job.defects} if job.defects else {}),
-                **{key: value for key, value in asdict(job.pair).items() if key != "refine" or value}}
+                **{key: value for key, value in asdict(job.pair).items()
+                   if (key != "refine" or value) and (key != "pieces" or job.defects)}}
     if job.solve:
         settings.update({key: value for key, value in asdict(job.solve).items()
                          if key != "detail_pull" or job.pair.smooth})

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from helpers import (WHOLE, UserError, compose, finite_float, in_frame_of, normalise, number, to_tensor, warp,
                      warp_labels, warp_tissue)
 from models import Pyramid
-from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, rigid_search
+from pieces import GRID, piece_field
+from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, pearson, rigid_search
 from solve import low_pass, neighbour_pairs, pair_defects, solve_stack, vector_vote
 
 
@@ -72,6 +73,9 @@ class PairSettings:
     refine: int = _setting(0, int, "a second network pass: the source moved by the first pass's field, low-passed "
                                    "with a box of this radius in px (twice), and the network's field on what remains "
                                    "added (0 = one pass)")
+    pieces: int = _setting(12, int, "with defect maps: where they cut a section's tissue into pieces whose own "
+                                    "shifts differ by more than this many px, the network runs on the source placed "
+                                    "piece by piece, if its field then matches clearly better (0 = never)")
 
     def __post_init__(self):
         _check_settings(self)
@@ -244,7 +248,10 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     deep after the moves of a +-40 px stack), the network sees nothing to match
     and the field is the match's alone; a whole-pixel shift keeps the network's
     field there (strips within 32 px of the edge, where the network's context
-    also gives the turn the shift misses: bench/RESULTS.md).
+    also gives the turn the shift misses: bench/RESULTS.md). With ``defects``
+    that cut a section's tissue apart, the match may instead place the source
+    piece by piece (``pair_prealignment``: beside a wide fold the two sides lie
+    further apart than the network reaches), its field composed the same way.
     ``rigid``: that match's ``rigid_field`` over what is given instead (a part of a
     section gets its whole section's: ``tasks.pair_task``). Then the pair is
     processed in chunks (module docstring): each chunk is read with ``overlap``
@@ -281,8 +288,9 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     stats = stats or tuple(section_stats(tissue_moments(s)) for s in (source, target))
     if rigid is None:
         factor = thumbnail_factor((h, w))
-        rigid = rigid_field(prealignment(thumbnail(source, factor), thumbnail(target, factor), stats,
-                                         settings.prealign, factor), (0, 0), (h, w))
+        thumbnails = (thumbnail(s, factor, d) for s, d in zip((source, target), defects or (None, None)))
+        match = pair_prealignment(model, *thumbnails, stats, settings, factor)
+        rigid = rigid_field(match, (0, 0), (h, w), piece_factor((h, w)))
     (src, missing), (tgt, _) = (normalise(to_tensor(s), given) for s, given in zip((source, target), stats))
     rigid = rigid.to(device)
     src, seen = (warp(x.view(1, 1, h, w).to(device), rigid.expand(1, 2, h, w)) for x in (src, (~missing).float()))
@@ -315,13 +323,22 @@ def thumbnail_factor(shape: tuple[int, int]) -> int:
     return 1 << max((int(min(shape)) // THUMBNAIL).bit_length() - 1, 0)
 
 
-def thumbnail(section, factor: int) -> np.ndarray:
-    """float32 ``[2, H // factor, W // factor]``: the means over ``factor`` x ``factor`` pixels of a uint8 ``[H, W]``
-    section's grey values and of its tissue (non-zero) mask, exact (sums of whole numbers over a power of two), so
-    the thumbnails of a section's parts at multiples of ``factor`` tile the section's (``tasks.scan_task``)."""
+def thumbnail(section, factor: int, defects=None) -> np.ndarray:
+    """float32 ``[3, H // factor, W // factor]``: the means over ``factor`` x ``factor`` pixels of a uint8 ``[H, W]``
+    section's grey values, of its tissue (non-zero) mask and of its defects (``defects``, its uint8 ``[H, W]`` defect
+    map, non-zero; 0 where None), exact (sums of whole numbers over a power of two), so the thumbnails of a
+    section's parts at multiples of ``factor`` tile the section's (``tasks.scan_task``)."""
     values = to_tensor(section, dtype=torch.float64)
-    both = torch.stack([values, (values != 0).double()])[None]
-    return F.avg_pool2d(both, factor)[0].float().numpy() if factor > 1 else both[0].float().numpy()
+    marks = torch.zeros_like(values) if defects is None else (to_tensor(defects) != 0).double()
+    all_three = torch.stack([values, (values != 0).double(), marks])[None]
+    return (F.avg_pool2d(all_three, factor) if factor > 1 else all_three)[0].float().numpy()
+
+
+def _normalised(thumb: np.ndarray, stats: tuple[float, float]) -> torch.Tensor:
+    """float32 ``[h, w]``: a section normalised by its ``stats`` (``(mean, std)``, ``helpers.normalise``) and
+    averaged down, from its ``thumbnail``; with factor 1 exactly the normalised section."""
+    (mean, std), (values, tissue) = stats, thumb[:2].astype(np.float64)
+    return torch.from_numpy((values - mean * tissue) / max(std, 1e-6)).float()
 
 
 def prealignment(source: np.ndarray, target: np.ndarray, stats: tuple, reach: int, factor: int) -> np.ndarray:
@@ -332,8 +349,7 @@ def prealignment(source: np.ndarray, target: np.ndarray, stats: tuple, reach: in
     stats: ``((mean, std) of source, of target)`` (``section_stats``): each thumbnail is the section normalised by
     them (``helpers.normalise``) and averaged down; with ``factor`` 1 exactly that normalised section.
     """
-    sections = [torch.from_numpy((values.astype(np.float64) - mean * tissue) / max(std, 1e-6)).float()
-                for (values, tissue), (mean, std) in zip((source, target), stats)]
+    sections = [_normalised(thumb, given) for thumb, given in zip((source, target), stats)]
     field = _prealignment(*sections, -(-reach // factor))[0].double()
     h, w = field.shape[-2:]
     origin = field[:, 0, 0]  # the field is affine: its value at the corner and its slopes along x and y
@@ -342,10 +358,83 @@ def prealignment(source: np.ndarray, target: np.ndarray, stats: tuple, reach: in
     return torch.cat([slope, (factor * origin - slope.sum(1) * (factor - 1) / 2)[:, None]], 1).numpy()
 
 
-def rigid_field(matrix, corner: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    """The field of ``prealignment``'s ``matrix`` ``[2, 3]`` over the ``shape`` ``(h, w)`` px of a section from its
-    pixel ``corner`` ``(x, y)``: ``[1, 2, 1, 1]`` (px) where it is a shift, else ``[1, 2, h, w]`` float32."""
-    matrix = torch.as_tensor(np.asarray(matrix, np.float64))
+PIECE_REACH = 128  # px: how far pair_prealignment seeks each piece's own shift (a fold of 120 px of tissue jumps <= 96)
+PIECE_GAIN = 0.1  # and it keeps the pieces' placement where the network's field then matches by this much more
+# Pearson r (wide folds' cut pairs: +0.08 to +0.22; every pair of the benchmark's folds on the demo, phantom, SNEMI3D
+# and ISBI draws: -0.02 to +0.08; bench/RESULTS.md)
+
+
+def pair_prealignment(model: Pyramid, source: np.ndarray, target: np.ndarray, stats: tuple, settings: PairSettings,
+                      factor: int) -> np.ndarray:
+    """How ``pair_field`` places a section before the network, from the two sections' ``thumbnail`` (by ``factor``)
+    and ``stats`` (``prealignment``'s): ``prealignment``'s matrix ``[2, 3]``, or where the defects cut the tissue of
+    either section into pieces whose shifts differ by over ``settings.pieces`` px (``pieces.piece_field``, up to
+    ``PIECE_REACH`` px, on the sections averaged by ``piece_factor``), and the network's field on the source so
+    placed matches the target better by ``PIECE_GAIN`` in Pearson r than on the matrix's, that field float32
+    ``[2, h, w]`` (px) on the pieces' grid. Either goes to ``rigid_field``. Run on the thumbnails (the sections
+    themselves below ``2 THUMBNAIL`` px), so a queued pair finds it once for the whole section
+    (``tasks.prealign_task``)."""
+    matrix = prealignment(source, target, stats, settings.prealign, factor)
+    if not settings.pieces or not (source[2].any() or target[2].any()):
+        return matrix
+    grid = _grid(min(source.shape[-2:]))  # thumbnail px per pixel of the pieces' grid
+    cells = [F.avg_pool2d(torch.from_numpy(thumb).double()[:, None], grid)[:, 0] for thumb in (source, target)]
+    values = [F.avg_pool2d(_normalised(thumb, given)[None, None], grid)[0, 0] for thumb, given in zip((source, target),
+                                                                                                  stats)]
+    cut = piece_field(*values, *((tissue >= WHOLE) & (marks == 0) for _, tissue, marks in cells),
+                      -(-PIECE_REACH // (factor * grid)), settings.pieces / (factor * grid))
+    if cut is None:
+        return matrix
+    placements = (rigid_field(_on_thumbnail(matrix, factor), (0, 0), source.shape[-2:]),
+                  rigid_field(cut * grid, (0, 0), source.shape[-2:], grid))
+    plain, pieced = (_placed_r(model, source, target, stats, settings, placed) for placed in placements)
+    return (cut * factor * grid).numpy() if pieced >= plain + PIECE_GAIN else matrix
+
+
+def _grid(side: int) -> int:
+    """Thumbnail px per pixel of the grid ``pair_prealignment`` finds pieces on, for thumbnails whose smaller side is
+    ``side`` px: what leaves about ``pieces.GRID`` px (at least 1)."""
+    return max(1, (side + GRID // 2) // GRID)
+
+
+def piece_factor(shape: tuple[int, int]) -> int:
+    """px of an ``[H, W]`` section per pixel of the grid ``pair_prealignment`` finds pieces on (``rigid_field``'s
+    ``factor`` for its fields): its ``thumbnail_factor`` times ``_grid``."""
+    factor = thumbnail_factor(shape)
+    return factor * _grid(min(shape) // factor)
+
+
+def _on_thumbnail(matrix: np.ndarray, factor: int) -> np.ndarray:
+    """``prealignment``'s ``matrix`` ``[2, 3]`` (section px) as the matrix of the same field on the thumbnails by
+    ``factor`` (thumbnail px at thumbnail pixels: section pixel ``p = factor q + (factor - 1) / 2``)."""
+    slope, shift = matrix[:, :2], matrix[:, 2]
+    return np.concatenate([slope, ((slope.sum(1) * (factor - 1) / 2 + shift) / factor)[:, None]], 1)
+
+
+def _placed_r(model: Pyramid, source: np.ndarray, target: np.ndarray, stats: tuple, settings: PairSettings,
+              placed: torch.Tensor) -> float:
+    """Pearson r of the ``thumbnail`` ``source`` pulled by ``pair_field``'s field (on the thumbnails, ``settings``
+    unsmoothed, the source first moved by ``placed``, ``[1, 2, ...]`` thumbnail px) with ``target``, over the
+    target's tissue off its defects where the source pulled shows tissue off its own."""
+    field = pair_field(model, source[0], target[0], dataclasses.replace(settings, smooth=0), None, stats, placed)
+    whole = [torch.from_numpy((thumb[1] >= WHOLE) & (thumb[2] == 0)).float()[None, None] for thumb in (source, target)]
+    pulled = warp(torch.stack([_normalised(source, stats[0]), whole[0][0, 0]])[None], field[None])[0]
+    both = (pulled[1] >= WHOLE) & (whole[1][0, 0] > 0)
+    return float(pearson(pulled[:1], _normalised(target, stats[1])[None], both[None])[0])
+
+
+def rigid_field(match, corner: tuple[int, int], shape: tuple[int, int], factor: int = 1) -> torch.Tensor:
+    """The field of ``pair_prealignment``'s ``match`` over the ``shape`` ``(h, w)`` px of a section from its pixel
+    ``corner`` ``(x, y)``: ``[1, 2, 1, 1]`` (px) where it is a shift, else ``[1, 2, h, w]`` float32. A match that is
+    a field on a grid of ``factor`` px (``piece_factor``) is read there bilinearly (grid pixel ``q`` covers section
+    pixels ``factor q .. factor q + factor - 1``)."""
+    match = torch.as_tensor(np.asarray(match))
+    if match.shape != (2, 3):
+        along = [(2 * (torch.arange(n, dtype=torch.float64) + c + 0.5) / (factor * m) - 1)
+                 for n, c, m in zip(shape, corner[::-1], match.shape[-2:])]
+        grid = torch.stack(torch.meshgrid(*along, indexing="ij")[::-1], -1).float()[None]  # x then y
+        return F.grid_sample(match.float()[None], grid, padding_mode="border", align_corners=False)
+    matrix = match.double()
     if not matrix[:, :2].any():
         return matrix[:, 2].float().view(1, 2, 1, 1)
     y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) + c for n, c in zip(shape, corner[::-1])),

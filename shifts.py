@@ -150,7 +150,7 @@ def match_r(sources, targets, fields: torch.Tensor, size: int = SEARCH_SIZE) -> 
     """Pearson r ``[N]`` of normalised sources ``[N, H, W]`` pulled by ``fields`` ``[N, 2, H, W]`` (px) with their
     targets ``[N, H, W]``, on sections averaged down to about ``size`` px (``rigid_search``'s factor), over the
     averaged pixels where both show tissue (non-zero) throughout; 0 where there are none."""
-    return _pearson(*_pooled_pair(sources, targets, fields, size)[:3])
+    return pearson(*_pooled_pair(sources, targets, fields, size)[:3])
 
 
 def match_motion(sources, targets, fields: torch.Tensor, size: int = SEARCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +164,7 @@ def match_motion(sources, targets, fields: torch.Tensor, size: int = SEARCH_SIZE
     turn, shift = _patch_motion(a, b, min(a.shape[1:]))
     step = max(1, min(a.shape[1:]) // 32)  # the field on a grid of about 32 x 32 points over the section
     field = affine_field(rigid_matrix(turn, shift[:, 0] / step, shift[:, 1] / step), *(x // step for x in a.shape[1:]))
-    return _pearson(a, b, both), field.norm(dim=1).flatten(1).median(1).values * factor * step
+    return pearson(a, b, both), field.norm(dim=1).flatten(1).median(1).values * factor * step
 
 
 def _pooled_pair(sources, targets, fields: torch.Tensor, size: int):
@@ -178,7 +178,7 @@ def _pooled_pair(sources, targets, fields: torch.Tensor, size: int):
     return _pool(pulled, factor), _pool(b, factor), both, factor
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor) -> torch.Tensor:
+def pearson(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor) -> torch.Tensor:
     """Pearson r ``[N]`` of ``a`` with ``b`` ``[N, h, w]`` where ``both`` (bool, ``[N, h, w]``); 0 if nowhere."""
     count = both.sum((1, 2)).clamp_min(1)
     a, b = (torch.where(both, x - (x * both).sum((1, 2), keepdim=True) / count[:, None, None], 0) for x in (a, b))

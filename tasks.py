@@ -42,12 +42,14 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
 
 1. **Scan tasks**, one per section: whether it is blank (``alignment.is_blank``, from its ``tissue_moments``
    added up over the xy chunks) and its tissue's mean and std (``alignment.section_stats``), marked in
-   ``solve/scan/Z``, and its ``alignment.thumbnail`` (the section averaged down to no less than
-   ``alignment.THUMBNAIL`` px; itself below twice that), put together chunk by chunk, in ``solve/thumbnail/Z``.
+   ``solve/scan/Z``, and its ``alignment.thumbnail`` (the section, and its defect map where there is one, averaged
+   down to no less than ``alignment.THUMBNAIL`` px; itself below twice that), put together chunk by chunk, in
+   ``solve/thumbnail/Z``.
    The usable sections give the pairs (``solve.neighbour_pairs``): each section with its K nearest usable ones
    on each side.
-2. **Prealign tasks**, one per usable section s: the rigid pre-alignment of s onto each of its targets
-   (``alignment.prealignment``, on the two thumbnails), found once for the whole section, in ``solve/prealign/S``.
+2. **Prealign tasks**, one per usable section s: the pre-alignment of s onto each of its targets
+   (``alignment.pair_prealignment``, on the two thumbnails: a rigid match, or where defects cut the tissue apart
+   one per piece), found once for the whole section, in ``solve/prealign/S`` (and ``solve/pieces/S/T``).
 3. **Pair tasks**, one per usable section s and xy chunk: the pair fields of s onto its targets
    (``alignment.pair_field``, unsmoothed; on the chunk grown by ``alignment.pair_context`` px, cropped) into
    ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K. Each section is normalised by
@@ -83,7 +85,7 @@ these markers, nothing else, so a task run twice does no harm):
 * ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
 * ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it);
 * the solve's: ``solve/scan/Z`` (JSON ``{"blank": ..., "mean": ..., "std": ...}``, with ``solve/thumbnail/Z``),
-  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...]}``), ``solve/pair/Z/X_Y`` (JSON
+  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...]}``, with ``solve/pieces/Z/T``), ``solve/pair/Z/X_Y`` (JSON
   ``{"targets": [...]}``) and
   ``solve/block/FIRST/X_Y`` (JSON ``{"window": [w0, w1], "blank": [...]}``): a task whose marker holds its
   arguments is skipped, so a run that extends the range redoes only what its new sections change.
@@ -128,8 +130,8 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, pair_context, prealignment, rigid_field, section_stats, solve_fields,
-                       thumbnail, thumbnail_factor, tissue_moments, with_context)
+                       is_blank, pair_context, pair_prealignment, piece_factor, rigid_field, section_stats,
+                       solve_fields, thumbnail, thumbnail_factor, tissue_moments, with_context)
 from helpers import UserError, check_device, compose, downsample_field, invert_field, one_line, upsample_field
 from masks import check_defect_map
 from models.archive import load_archive
@@ -445,18 +447,19 @@ def _defect_maps(job: Job, sections, box: Box) -> dict | None:
 def scan_task(job: dict, z: int) -> None:
     """Solve phase 1: whether section z is blank (``alignment.is_blank``, from its ``tissue_moments`` added up chunk
     by chunk) and its tissue's mean and std (``alignment.section_stats``, how its pair fields normalise it), into the
-    marker ``solve/scan/Z``, and its ``alignment.thumbnail`` (put together chunk by chunk) into ``solve/thumbnail/Z``
-    (``.npy``); skipped if the marker is there."""
+    marker ``solve/scan/Z``, and its ``alignment.thumbnail`` (with its defect map's where the job has one; put together
+    chunk by chunk) into ``solve/thumbnail/Z`` (``.npy``); skipped if the marker is there."""
     job = Job(**job)
     marks, name = _progress(job), f"solve/scan/{z}"
     if marks.exists(name):
         return
     source, factor = _layer(job.source, job.mip), thumbnail_factor(_shape(job.bbox))
-    moments, thumb = 0, np.zeros((2, *(n // factor for n in _shape(job.bbox))), np.float32)
+    moments, thumb = 0, np.zeros((3, *(n // factor for n in _shape(job.bbox))), np.float32)
     for x, y in job.chunk_corners():
-        raw = _read(source, z, job.chunk_box(x, y))[0]
+        box = job.chunk_box(x, y)
+        raw = _read(source, z, box)[0]
         moments = moments + tissue_moments(raw)
-        part = thumbnail(raw, factor)  # the chunk's corner is a multiple of the factor (a power of two) from bbox's
+        part = thumbnail(raw, factor, read_defects(job, z, box) if job.defects else None)  # the chunk's corner is a multiple of the factor (a power of two) from bbox's
         row, column = (y - job.bbox[1]) // factor, (x - job.bbox[0]) // factor
         thumb[:, row:row + part.shape[1], column:column + part.shape[2]] = part
     saved = io.BytesIO()
@@ -478,10 +481,11 @@ def _stats(scan: dict) -> tuple[float, float]:
 
 @queueable
 def prealign_task(job: dict, z: int, targets: list) -> None:
-    """Solve phase 2: the rigid pre-alignment (``alignment.prealignment``, on the scan's thumbnails and stats) of
+    """Solve phase 2: the pre-alignment (``alignment.pair_prealignment``, on the scan's thumbnails and stats) of
     section z onto each of ``targets`` (as ``pair_task``'s), found once for the whole section, into the marker
-    ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [matrix [2, 3] or None, ...]}``: float64 survives
-    JSON); skipped if it holds these targets."""
+    ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [matrix [2, 3], "pieces" or None, ...]}``: float64
+    survives JSON; "pieces": the field on the pieces' grid is in ``solve/pieces/Z/T``, ``.npy``); skipped if it
+    holds these targets."""
     job = Job(**job)
     marks, name = _progress(job), f"solve/prealign/{z}"
     if (marks.get_json(name) or {}).get("targets") == targets:
@@ -490,8 +494,15 @@ def prealign_task(job: dict, z: int, targets: list) -> None:
     stats = dict(zip(sections, map(_stats, _scans(job, sections))))
     thumbs = {t: np.load(io.BytesIO(marks.get(f"solve/thumbnail/{t}"))) for t in sections}
     factor = thumbnail_factor(_shape(job.bbox))
-    rigid = [None if t is None else prealignment(thumbs[z], thumbs[t], (stats[z], stats[t]), job.pair.prealign,
-                                                 factor).tolist() for t in targets]
+    rigid = []
+    for t in targets:
+        match = None if t is None else pair_prealignment(model_of(job), thumbs[z], thumbs[t], (stats[z], stats[t]),
+                                                         job.pair, factor)
+        if match is not None and match.shape != (2, 3):
+            saved = io.BytesIO()
+            np.save(saved, match)
+            marks.put(f"solve/pieces/{z}/{t}", saved.getvalue(), compress="gzip")
+        rigid.append(None if match is None else match.tolist() if match.shape == (2, 3) else "pieces")
     marks.put_json(name, {"targets": targets, "rigid": rigid})
 
 
@@ -523,9 +534,10 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
     fields = np.zeros((len(targets), 2, *_shape(box)), np.float32)
     for i, t in enumerate(targets):
         if t is not None:
+            match = np.load(io.BytesIO(marks.get(f"solve/pieces/{z}/{t}"))) if rigid[i] == "pieces" else rigid[i]
             field = alignment.pair_field(model_of(job), raw[z], raw[t], unsmoothed,
-                                         None if defects is None else (defects[z], defects[t]),
-                                         (stats[z], stats[t]), rigid_field(rigid[i], corner, _shape(window)))
+                                         None if defects is None else (defects[z], defects[t]), (stats[z], stats[t]),
+                                         rigid_field(match, corner, _shape(window), piece_factor(_shape(job.bbox))))
             fields[i] = _crop(field, box, window).numpy()
     _write(_dest(job, "pair_field"), fields.reshape(-1, *_shape(box)), z, box)
     marks.put_json(name, {"targets": targets})

@@ -117,7 +117,8 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     pair, _ = settings_from_args(args, **{**swept, "smooth": 0})  # the pair fields: low-passed by each setting's solve
     marks = DEFECT_MASKS[args.defects](stack)  # the defect maps the alignment is given, or None
     key = [file_sha256(args.archive), args.real, args.phantom, seed, args.reregister, list(args.fold_width),
-           args.z_start, args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pairs, args.defects]
+           args.z_start, args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pair.pieces, pairs,
+           args.defects]
     cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
         if args.cache else None
     cached = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}

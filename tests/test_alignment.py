@@ -323,7 +323,7 @@ def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(
     parser = argparse.ArgumentParser(formatter_class=formatter)
     alignment.add_flags(parser, several=["pull"], without=["chunk"])
     text = " ".join(parser.format_help().split())
-    assert text.count("(default: ") == 9 and "--chunk" not in text and "(default: [0.03])" in text
+    assert text.count("(default: ") == 10 and "--chunk" not in text and "(default: [0.03])" in text
     args = parser.parse_args(["--pull", "0.1", "0.2", "--overlap", "8"])
     assert args.pull == [0.1, 0.2]
     assert alignment.settings_from_args(args, pull=0.2) == (PairSettings(overlap=8), SolveSettings(pull=0.2))
@@ -580,6 +580,43 @@ def test_the_pre_alignment_found_on_thumbnails_holds_on_every_part_of_the_sectio
     assert torch.allclose(alignment.rigid_field(matrix, (48, 16), (100, 64))[0], field[:, 16:116, 48:112], atol=1e-4)
     halves = [alignment.thumbnail(sections[0][:, x:x + 128], 2) for x in (0, 128)]
     assert np.array_equal(np.concatenate(halves, 2), alignment.thumbnail(sections[0], 2))
+
+
+def test_the_run_record_holds_pieces_only_with_defects(tmp_path):
+    """``--pieces`` changes the result only where defect maps are given: a DEST made without them resumes as before."""
+    (tmp_path / "a.pt").write_bytes(b"net")
+    common = MINIMAL[2:] + ["--archive", str(tmp_path / "a.pt"), "--overlap", "96"]
+    records = [align.run_record(args, align.job_of(args, "file:///s", (0, 0, 64, 32), defects))
+               for args, defects in ((align.parse_args(common + more), layer)
+                                     for more, layer in (([], None), ([], "file:///m"), (["--pieces", "0"], "file:///m")))]
+    assert "pieces" not in records[0] and records[1]["pieces"] == 12 and records[2]["pieces"] == 0
+
+
+def test_a_pieces_field_is_read_on_its_grid_and_its_parts_are_the_wholes_parts():
+    """``rigid_field`` of a field on a grid of 4 px (``piece_factor``): grid pixel q covers section pixels 4q..4q+3, so
+    a field that is its grid's x coordinate reads ``(p + 0.5) / 4 - 0.5`` at section pixel p (inside), a constant
+    field reads that constant, and the field over a part of the section is the whole's part."""
+    grid = torch.arange(16.0).expand(16, 16)
+    match = torch.stack([grid, torch.full((16, 16), 3.0)]).numpy()
+    field = alignment.rigid_field(match, (0, 0), (64, 64), 4)[0]
+    inside = slice(2, 62)
+    assert torch.allclose(field[0, :, inside], ((torch.arange(64.0) + 0.5) / 4 - 0.5)[inside].expand(64, 60))
+    assert (field[1] == 3).all()
+    assert torch.allclose(alignment.rigid_field(match, (20, 8), (24, 40), 4)[0], field[:, 8:32, 20:60])
+    assert alignment.piece_factor((512, 512)) == 4 and alignment.piece_factor((8192, 6000)) == 2 * 23
+
+
+def test_without_defects_the_pre_alignment_is_the_rigid_match(monkeypatch):
+    """``pair_prealignment`` is ``prealignment``'s matrix, bit for bit, where no defect map marks a defect or with
+    ``pieces`` 0 (nothing runs the network for it)."""
+    sections, _ = turned_phantom(256, (13.0, -9.0), 0.01)
+    stats = tuple(alignment.section_stats(alignment.tissue_moments(s)) for s in sections[:2])
+    plain = [alignment.thumbnail(s, 1) for s in sections[:2]]
+    marked = [alignment.thumbnail(s, 1, np.pad(np.ones((256, 8), np.uint8), ((0, 0), (124, 124)))) for s in sections[:2]]
+    matrix = alignment.prealignment(*plain, stats, 32, 1)
+    monkeypatch.setattr(alignment, "_placed_r", None)  # the network is not run
+    assert np.array_equal(alignment.pair_prealignment(None, *plain, stats, PairSettings(), 1), matrix)
+    assert np.array_equal(alignment.pair_prealignment(None, *marked, stats, PairSettings(pieces=0), 1), matrix)
 
 
 def test_neighbours_within_the_shifts_reach_keep_exactly_todays_whole_pixel_shift(monkeypatch):

@@ -440,6 +440,44 @@ def test_pair_tasks_with_refine_read_the_first_passs_low_pass_as_context(tmp_pat
     assert np.abs(whole - pair_fields("short", "64")).max() > 0.1
 
 
+def test_a_section_cut_apart_is_placed_piece_by_piece_in_chunks_as_in_process(tmp_path, monkeypatch):
+    """A network that sees no motion, on a stack whose middle section a fold cuts in two, its lower piece 24 px to
+    the right: the pair fields onto and from it are the pieces' placements (``alignment.pair_prealignment``), from
+    the prealign marker, the same in 2 x 2 chunks as whole and as ``alignment.pair_field`` in process."""
+    monkeypatch.setattr(alignment, "chunk_field", lambda model, source, target, trunc: torch.zeros(len(source), 2,
+                                                                                                   *source.shape[2:]))
+    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
+    moved = moved_windows([(0, 0), (24, 0)], size=128)
+    stack = moved[[0, 0, 0]].copy()
+    stack[1, 64:] = moved[1, 64:]  # shows at p what the others show at p - (24, 0)
+    defects = np.zeros_like(stack)
+    defects[1, 60:68] = 2
+    layer(tmp_path / "raw", stack[:, None])
+    layer(tmp_path / "defects", defects[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "3",
+              "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--defects", str(tmp_path / "defects")]
+    fields = {}
+    for name, size in (("whole", "128"), ("parts", "64")):
+        align.main(common + ["--dest", str(tmp_path / name), "--task_chunk", size])
+        fields[name] = volume.read(volume.open_volume(str(tmp_path / name / "pair_field")), (0, 0, 0), (128, 128, 3))
+    assert align.progress_files(str(tmp_path / "parts")).get_json("solve/prealign/1")["rigid"] == ["pieces"] * 2
+    onto_0, from_0 = fields["whole"][1, :2], fields["whole"][0, 2:]  # 1 -> 0, and 0 -> 1
+    # each piece's shift beyond the ramp across the fold (widened where it would fold over: solve.low_pass), where
+    # the source shows tissue there
+    assert np.abs(onto_0[:, :48]).max() < 0.5 and np.abs(onto_0[0, 84:, :96] - 24).max() < 0.5
+    assert np.abs(from_0[:, :48]).max() < 0.5 and np.abs(from_0[0, 84:, 32:] + 24).max() < 0.5
+    beside = np.r_[0:48, 84:128]  # the ramp across the fold comes from what each chunk's window sees of its sides
+    assert np.abs(fields["whole"] - fields["parts"])[..., beside, :].max() < 1e-4
+    model = tasks.model_of(job(archive=str(archive)))
+    in_process = alignment.pair_field(model, stack[1], stack[0], PairSettings(chunk=32, overlap=8, prealign=12),
+                                      (defects[1], defects[0]))
+    assert np.abs(in_process.numpy() - onto_0).max() < 1e-4
+    plain = alignment.pair_field(model, stack[1], stack[0], PairSettings(chunk=32, overlap=8, prealign=12, pieces=0),
+                                 (defects[1], defects[0]))
+    assert np.abs(plain.numpy()[0, 72:] - 24).max() > 10  # without the pieces: one shift for both
+
+
 def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
     source, _ = solve_volume(tmp_path, tiny_volume)
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
