@@ -3,14 +3,14 @@
 A crack, or a fold that crosses the whole section, cuts its tissue into pieces
 that lie apart by the defect's jump: beside a fold of W px of tissue up to ~W px
 (``misalign``'s folds: 60-120 px of tissue jump 40-96 px), more than the
-network recovers. ``piece_field`` finds the large pieces (connected tissue off
-the defects, at least ``MIN_SHARE`` of the section) of the source (or, where they give
-none, of the target), matches each onto the other section on its own (the
-whole-pixel shift, up to ``reach``, whose masked Pearson r is best:
-``masked_shift``), and where the pieces' shifts differ by more than a gate gives
-the field that moves each piece by its own shift: a rough placement that
-``alignment.pair_prealignment`` keeps where the network's field on the source
-so placed matches clearly better. Fields follow ``helpers``:
+network recovers. ``piece_field`` finds the large pieces (4-connected tissue
+off the defects, at least ``MIN_SHARE`` of the section) of the source (or,
+where they give none, of the target), matches each onto the other section on
+its own (the whole-pixel shift, up to ``reach``, whose masked Pearson r is
+best: ``masked_shift``), and where the pieces' shifts differ by more than a
+gate gives the field that moves each piece by its own shift: a rough placement
+that ``alignment.pair_prealignment`` keeps where the network's field on the
+source so placed matches clearly better. Fields follow ``helpers``:
 ``[2, H, W]`` px, x then y, pulling. Everything here runs on sections averaged
 down to about ``GRID`` px, where a pass over the section costs microseconds.
 """
@@ -27,16 +27,20 @@ DEPTH = 16  # px of the grid: how deep into a piece ``piece_field`` looks to tel
 
 
 def label_pieces(tissue: torch.Tensor) -> torch.Tensor:
-    """Connected components (8-connected) of bool ``[H, W]`` ``tissue``: long ``[H, W]``, 0 off it, one label per
-    component (the largest pixel index in it, plus one); by label propagation, one 3 x 3 max per step."""
+    """Connected components (4-connected) of bool ``[H, W]`` ``tissue``: long ``[H, W]``, 0 off it, one label per
+    component (its largest pixel index plus one); by label propagation, one max over each pixel and its four
+    neighbours per step. 4-connected, so that a defect's band parts the tissue even where it is one pixel wide
+    and runs diagonally."""
     h, w = tissue.shape
-    labels = torch.where(tissue, torch.arange(1, h * w + 1, dtype=torch.float64).view(h, w), 0.0)[None, None]
+    labels = torch.where(tissue, torch.arange(1, h * w + 1, dtype=torch.float64).view(h, w), 0.0)
     for _ in range(h * w):
-        grown = F.max_pool2d(labels, 3, 1, 1) * tissue
+        padded = F.pad(labels, (1, 1, 1, 1))
+        grown = torch.stack([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        grown = grown.amax(0) * tissue
         if torch.equal(grown, labels):
             break
         labels = grown
-    return labels[0, 0].long()
+    return labels.long()
 
 
 def _correlate(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

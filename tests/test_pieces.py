@@ -13,7 +13,7 @@ def texture(size: int = 64, seed: int = 0) -> torch.Tensor:
     return (x - x.mean()) / x.std()
 
 
-def test_label_pieces_joins_8_connected_tissue_and_parts_what_a_cut_parts():
+def test_label_pieces_joins_4_connected_tissue_and_parts_what_a_cut_parts():
     tissue = torch.zeros(6, 7, dtype=torch.bool)
     tissue[:, :3] = True  # a left block
     tissue[:, 4:] = True  # a right block, cut off by column 3
@@ -22,8 +22,10 @@ def test_label_pieces_joins_8_connected_tissue_and_parts_what_a_cut_parts():
     assert len(labels[:, :3].unique()) == 1 and len(labels[:, 4:].unique()) == 1 and labels[0, 0] != labels[0, 4]
     tissue[2, 3] = True  # a bridge one pixel wide joins them
     assert len(pieces.label_pieces(tissue)[tissue].unique()) == 1
-    diagonal = torch.eye(5, dtype=torch.bool)  # touching at corners only: one piece (8-connected)
-    assert len(pieces.label_pieces(diagonal)[diagonal].unique()) == 1
+    diagonal = torch.eye(5, dtype=torch.bool)  # touching at corners only: five pieces (4-connected)
+    assert len(pieces.label_pieces(diagonal)[diagonal].unique()) == 5
+    band = ~torch.eye(5, dtype=torch.bool)  # a diagonal band one pixel wide parts the tissue on its two sides
+    assert len(pieces.label_pieces(band)[band].unique()) == 2
 
 
 def test_masked_shift_finds_the_pulling_shift_of_the_masked_part_only():
