@@ -176,7 +176,8 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     layers, created = {}, set()
     for name in names:
         dtype, channels = ("uint8", 1) if name in ("image", "defects") else \
-            ("float32", 4 * args.neighbours if name == "pair_field" else 2)
+            ("float32", 2 * len(tasks.pair_offsets(args.neighbours, bool(args.defects) and args.pieces > 0))
+             if name == "pair_field" else 2)
         mips = 1 + args.mips if name in ("image", "field") else 1
         path = args.dest.rstrip("/") + "/" + name
         cloudpath = volume.resolve_path(path)

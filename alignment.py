@@ -595,8 +595,10 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
 
     sections: uint8 ``[Z, H, W]``. Every usable section is paired with its
     ``solve.neighbours`` nearest usable sections on each side (raw to raw, both
-    directions), the pair fields (``pair_field`` with ``pair``, not low-passed)
-    are solved jointly for one field per section (``solve_pairs``, split at
+    directions), and a section a wide defect cuts (``placed_by_pieces``) with the
+    one further too; the pair fields (``pair_field`` with ``pair``, not
+    low-passed; each pair pre-aligned once, ``pair_prealignment``) are solved
+    jointly for one field per section (``solve_pairs``, split at
     ``pair.smooth``), and the result is expressed in the frame of the first
     usable section (as a serial alignment keeps it). Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px, skipped)``, ``skipped`` the blank sections
@@ -605,15 +607,39 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     (``pair_field``, ``solve_pairs``).
     """
     sections = np.asarray(sections)
-    count = len(sections)
+    count, shape = len(sections), sections.shape[-2:]
     skipped = [z for z in range(count) if is_blank(sections[z])]
-    pairs = neighbour_pairs(count, solve.neighbours, set(skipped)) if count - len(skipped) > 1 else []
-    unsmoothed = dataclasses.replace(pair, smooth=0)
+    usable = [z for z in range(count) if z not in skipped]
+    pairs = neighbour_pairs(count, solve.neighbours, set(skipped)) if len(usable) > 1 else []
+    unsmoothed, factor = dataclasses.replace(pair, smooth=0), thumbnail_factor(shape)
+    stats = {z: section_stats(tissue_moments(sections[z])) for z in usable}
+    thumbs = {z: thumbnail(sections[z], factor, None if defects is None else defects[z]) for z in usable}
+
+    def matched(pairs):  # each pair's pre-alignment (pair_prealignment), as the queued prealign tasks find it
+        return {(s, t): pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]), unsmoothed, factor)
+                for s, t in pairs}
+    matches = matched(pairs)
+    further = placed_by_pieces(usable, matches)
+    if further:
+        pairs = neighbour_pairs(count, solve.neighbours, set(skipped), further)
+        matches.update(matched(pairs[len(matches):]))
     pair_fields = torch.stack([pair_field(model, sections[s], sections[t], unsmoothed,
-                                          None if defects is None else (defects[s], defects[t]))
+                                          None if defects is None else (defects[s], defects[t]), (stats[s], stats[t]),
+                                          rigid_field(matches[s, t], (0, 0), shape, piece_factor(shape)))
                                for s, t in pairs]) if pairs else None
     aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped, defects)
     return aligned, fields, skipped
+
+
+def placed_by_pieces(usable: list[int], matches: dict) -> set[int]:
+    """The sections of ``usable`` (ascending) whose pairs with both nearest usable neighbours, in one direction or
+    the other, ``pair_prealignment`` placed piece by piece (``matches``: ``{(s, t): its match}``, a field where
+    so, or "pieces" as the queued prealign markers say): a wide defect cuts them (at either end of the stack a
+    section's one neighbour cannot tell which of the two is cut: none there). ``align_solved`` pairs them one
+    neighbour further too (``solve.neighbour_pairs``'s ``further``): more views of the jump (bench/RESULTS.md)."""
+    pieced = {pair for pair, match in matches.items() if np.shape(match) != (2, 3)}
+    return {z for before, z, after in zip(usable, usable[1:], usable[2:])
+            if all((z, n) in pieced or (n, z) in pieced for n in (before, after))}
 
 
 def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, settings: SolveSettings,

@@ -133,15 +133,21 @@ def vector_vote(candidates: torch.Tensor, valid: torch.Tensor | None = None, sof
     return (weights[:, None] * candidates).sum(0)
 
 
-def neighbour_pairs(count: int, neighbours: int, skip: set[int] = frozenset()) -> list[tuple[int, int]]:
+def neighbour_pairs(count: int, neighbours: int, skip: set[int] = frozenset(),
+                    further: set[int] = frozenset()) -> list[tuple[int, int]]:
     """Directed pairs ``(z, j)`` between each section and its ``neighbours`` nearest usable sections on each side.
 
     Sections in ``skip`` (blank, missing) take no part; the neighbours of the
     others are counted among the usable sections only, so a gap is bridged.
+    Sections in ``further`` are also paired, both ways, with the usable section
+    one neighbour further on each side; those pairs come after the others.
     """
     usable = [z for z in range(count) if z not in skip]
-    return [(usable[i], usable[i + d]) for i in range(len(usable)) for d in range(-neighbours, neighbours + 1)
+    near = [(usable[i], usable[i + d]) for i in range(len(usable)) for d in range(-neighbours, neighbours + 1)
             if d != 0 and 0 <= i + d < len(usable)]
+    far = neighbours + 1
+    return near + [(usable[i], usable[i + d]) for i in range(len(usable)) for d in (-far, far)
+                   if 0 <= i + d < len(usable) and {usable[i], usable[i + d]} & set(further)]
 
 
 def _normal_matrix(count: int, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,

@@ -37,8 +37,9 @@ rather than onto ``s_b`` resampled into the first frame, and with ``vote`` K the
 block vote over fewer than K targets. With one block (``block`` = the whole range) the result is the
 serial alignment: ``C_0 = 0`` and ``compose(G, 0)`` is skipped, so ``F = G`` exactly.
 
-``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as six phases of tasks instead, made
-of the functions it calls; the z range is cut into z blocks of ``block`` sections (none shared, ``solve_blocks``):
+``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as six phases of tasks instead (seven
+with defect maps), made of the functions it calls; the z range is cut into z blocks of ``block`` sections (none
+shared, ``solve_blocks``):
 
 1. **Scan tasks**, one per section: whether it is blank (``alignment.is_blank``, from its ``tissue_moments``
    added up over the xy chunks) and its tissue's mean and std (``alignment.section_stats``), marked in
@@ -49,10 +50,14 @@ of the functions it calls; the z range is cut into z blocks of ``block`` section
    on each side.
 2. **Prealign tasks**, one per usable section s: the pre-alignment of s onto each of its targets
    (``alignment.pair_prealignment``, on the two thumbnails: a rigid match, or where defects cut the tissue apart
-   one per piece), found once for the whole section, in ``solve/prealign/S`` (and ``solve/pieces/S/T``).
+   one per piece), found once for the whole section, in ``solve/prealign/S`` (and ``solve/pieces/S/T``). With
+   defect maps and ``--pieces``, a phase more: the sections placed by pieces on both sides
+   (``alignment.placed_by_pieces``, from those markers) are also paired with the usable section one neighbour
+   further on each side, both ways, and those pairs pre-aligned (the markers' last two targets).
 3. **Pair tasks**, one per usable section s and xy chunk: the pair fields of s onto its targets
    (``alignment.pair_field``, unsmoothed; on the chunk grown by ``alignment.pair_context`` px, cropped) into
-   ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K. Each section is normalised by
+   ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K (then -(K+1), K+1 with defect
+   maps and ``--pieces``: zero but for the placed sections' pairs). Each section is normalised by
    its whole section's mean and std and the source moved by the pair's rigid match, both read from the markers:
    a chunk's pair field is the whole section's there, up to what lies past ``overlap`` (by default the network's
    reach, ``Pyramid.reach``) and a rigid match beyond ``prealign`` px (a wide search's turn).
@@ -85,9 +90,9 @@ these markers, nothing else, so a task run twice does no harm):
 * ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
 * ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it);
 * the solve's: ``solve/scan/Z`` (JSON ``{"blank": ..., "mean": ..., "std": ...}``, with ``solve/thumbnail/Z``),
-  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...]}``, with ``solve/pieces/Z/T``), ``solve/pair/Z/X_Y`` (JSON
-  ``{"targets": [...]}``) and
-  ``solve/block/FIRST/X_Y`` (JSON ``{"window": [w0, w1], "blank": [...]}``): a task whose marker holds its
+  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...]}``, with ``solve/pieces/Z/T``),
+  ``solve/pair/Z/X_Y`` (JSON ``{"targets": [...]}``) and ``solve/block/FIRST/X_Y`` (JSON ``{"window": [w0, w1],
+  "blank": [...], "placed": [...]}``): a task whose marker holds its
   arguments is skipped, so a run that extends the range redoes only what its new sections change.
 
 Running. ``run_in_process`` runs the phases' tasks one after another in this process, in order (a phase whose
@@ -130,8 +135,8 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, pair_context, pair_prealignment, piece_factor, rigid_field, section_stats,
-                       solve_fields, thumbnail, thumbnail_factor, tissue_moments, with_context)
+                       is_blank, pair_context, pair_prealignment, piece_factor, placed_by_pieces, rigid_field,
+                       section_stats, solve_fields, thumbnail, thumbnail_factor, tissue_moments, with_context)
 from helpers import UserError, check_device, compose, downsample_field, invert_field, one_line, upsample_field
 from masks import check_defect_map
 from models.archive import load_archive
@@ -425,11 +430,22 @@ def _render(job: Job, z: int, box: Box, field: torch.Tensor | None) -> None:
 
 
 # ------------------------------------------------------------------------------------ the solve's tasks
+def pair_offsets(neighbours: int, further: bool) -> list[int]:
+    """The neighbour offsets ``-K..-1, 1..K`` (K = ``neighbours``), then with ``further`` (defect maps and
+    ``--pieces``: ``alignment.placed_by_pieces``) ``-(K+1), K+1``: the order of ``DEST/pair_field``'s channel pairs."""
+    return [*range(-neighbours, 0), *range(1, neighbours + 1), *([-neighbours - 1, neighbours + 1] if further else [])]
+
+
 def _offsets(job: Job) -> list[int]:
-    """The neighbour offsets ``-K..-1, 1..K`` (K = ``job.solve.neighbours``), in the order of ``DEST/pair_field``'s
-    channel pairs."""
-    k = job.solve.neighbours
-    return [*range(-k, 0), *range(1, k + 1)]
+    """``job``'s ``pair_offsets``."""
+    return pair_offsets(job.solve.neighbours, bool(job.defects) and job.pair.pieces > 0)
+
+
+def _placed(job: Job, usable: list[int]) -> set[int]:
+    """``alignment.placed_by_pieces`` of the ``usable`` sections, from their prealign markers."""
+    markers = _progress(job).get_json([f"solve/prealign/{z}" for z in usable])
+    return placed_by_pieces(usable, {(z, t): rigid for z, marker in zip(usable, markers)
+                                     for t, rigid in zip(marker["targets"], marker["rigid"]) if t is not None})
 
 
 def solve_margin(job: Job) -> int:
@@ -459,7 +475,8 @@ def scan_task(job: dict, z: int) -> None:
         box = job.chunk_box(x, y)
         raw = _read(source, z, box)[0]
         moments = moments + tissue_moments(raw)
-        part = thumbnail(raw, factor, read_defects(job, z, box) if job.defects else None)  # the chunk's corner is a multiple of the factor (a power of two) from bbox's
+        # the chunk's corner is a multiple of the factor (a power of two) from bbox's
+        part = thumbnail(raw, factor, read_defects(job, z, box) if job.defects else None)
         row, column = (y - job.bbox[1]) // factor, (x - job.bbox[0]) // factor
         thumb[:, row:row + part.shape[1], column:column + part.shape[2]] = part
     saved = io.BytesIO()
@@ -544,12 +561,13 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
 
 
 @queueable
-def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int) -> None:
+def solve_task(job: dict, first: int, window: list, blank: list, placed: list, x: int, y: int) -> None:
     """Solve phase 4: the fields of the z block starting at ``first`` over the xy chunk at corner ``(x, y)``, in the
     solve's own frame, into ``DEST/solved``; skipped if the marker ``solve/block/FIRST/X_Y`` holds this window.
 
     ``window``: ``[w0, w1)``, the block grown by ``solve_margin`` usable sections each side (to the range's ends
-    where fewer are left); ``blank``: its blank sections. Its pairs (``solve.neighbour_pairs``) are solved jointly
+    where fewer are left); ``blank``: its blank sections; ``placed``: its sections paired one neighbour further
+    (``alignment.placed_by_pieces``). Its pairs (``solve.neighbour_pairs``) are solved jointly
     as ``align_solved`` does (``alignment.solve_fields``) on the chunk grown by ``2 smooth + overlap`` px (the
     low-pass's reach and the reach of the warp by the fields; clipped to the bbox), from ``DEST/pair_field``, the
     raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk.
@@ -565,7 +583,8 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
     ``task_memory``, or with one block and one chunk: ``align_solved``'s solve exactly.
     """
     job = Job(**job)
-    marks, name, record = _progress(job), f"solve/block/{first}/{x}_{y}", {"window": window, "blank": blank}
+    marks, name = _progress(job), f"solve/block/{first}/{x}_{y}"
+    record = {"window": window, "blank": blank, "placed": placed}
     if marks.get_json(name) == record:
         return
     box, last = job.chunk_box(x, y), dict(job.solve_blocks())[first]
@@ -579,14 +598,14 @@ def solve_task(job: dict, first: int, window: list, blank: list, x: int, y: int)
         tier = range(usable[start] if start > 0 else window[0],
                      usable[stop - 1] + 1 if stop < len(usable) else window[1])
         if tier == range(*window):
-            fields = _solve_tier(job, tier, blank, _tier_inputs(job, tier, blank, grown, 1), 1)
+            fields = _solve_tier(job, tier, blank, placed, _tier_inputs(job, tier, blank, grown, 1), 1)
         else:  # what the sections beyond the tier change, at each round and at the end, from coarse solves
             factor, (h, w) = coarse_factor(job), _shape(grown)
-            changes = _changes(job, range(*window), tier, blank, grown, factor)
+            changes = _changes(job, range(*window), tier, blank, placed, grown, factor)
 
             def full(change):  # at full resolution, over ``grown``
                 return upsample_field(change, factor)[..., :h, :w]
-            fields = _solve_tier(job, tier, blank, _tier_inputs(job, tier, blank, grown, 1), 1,
+            fields = _solve_tier(job, tier, blank, placed, _tier_inputs(job, tier, blank, grown, 1), 1,
                                  lambda round_, solution: solution + full(changes[round_])) + full(changes[-1])
         solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
@@ -631,7 +650,8 @@ def _tier_inputs(job: Job, sections: range, blank: list, grown: Box, factor: int
     return inputs
 
 
-def _changes(job: Job, window: range, tier: range, blank: list, grown: Box, factor: int) -> list[torch.Tensor]:
+def _changes(job: Job, window: range, tier: range, blank: list, placed: list, grown: Box,
+             factor: int) -> list[torch.Tensor]:
     """What the sections of ``window`` beyond ``tier`` change on the tier's fields: ``[len(tier), 2, h, w]`` (px of
     ``1 / factor`` the resolution) at the fields each round of the solve is linearised at (``solve.solve_stack``'s
     rounds; zero at round 0), then at the end. The solve of the whole window less that of the tier, both at that
@@ -648,22 +668,24 @@ def _changes(job: Job, window: range, tier: range, blank: list, grown: Box, fact
         own.append(fields)
         return points[round_]
 
-    whole = _solve_tier(job, window, blank, inputs, factor, window_round)
-    short = _solve_tier(job, tier, blank, inputs, factor, tier_round)
+    whole = _solve_tier(job, window, blank, placed, inputs, factor, window_round)
+    short = _solve_tier(job, tier, blank, placed, inputs, factor, tier_round)
     return [point - at for point, at in zip(points, own)] + [whole[cut] - short]
 
 
-def _solve_tier(job: Job, sections: range, blank: list, inputs: dict[int, tuple], factor: int,
+def _solve_tier(job: Job, sections: range, blank: list, placed: list, inputs: dict[int, tuple], factor: int,
                 around=None) -> torch.Tensor:
     """``[len(sections), 2, h, w]`` (px of the inputs' resolution): ``alignment.solve_fields`` of the consecutive
-    ``sections`` (those in ``blank`` left out; each usable one paired with its K nearest usable ones on each side)
+    ``sections`` (those in ``blank`` left out; each usable one paired with its K nearest usable ones on each side,
+    those in ``placed`` with the one further too)
     from their ``_tier_inputs`` at ``1 / factor`` the resolution, with the settings in px (``smooth``, ``robust``)
     scaled to it: split at ``round(smooth / factor)`` px, the robust scale ``robust / factor`` px, so that a pair's
     residual weighs it as at full resolution (a scale left in px of the sections kept pairs the full-resolution
     solve stops: fields ~1 px p99 from the whole solve's on the demo, against 0.06). ``around``:
     ``solve.solve_stack``'s."""
     skip = {i for i, z in enumerate(sections) if z in blank}
-    pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip), _offsets(job)
+    further = {i for i, z in enumerate(sections) if z in placed}
+    pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip, further), _offsets(job)
     place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among usable
     fields = [inputs[sections[s]][0][slot.index(place[t] - place[s])] for s, t in pairs]
     tissue = torch.stack([inputs[z][1] for z in sections])
@@ -732,26 +754,37 @@ def solve_window(job: Job, usable: list[int], first: int, last: int) -> list[int
 
 
 def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
-    """The solve's six phases (module docstring) that align ``job`` and render ``sections``; the last five are
-    made once the scan is over (from its markers)."""
+    """The solve's six phases (seven with defect maps; module docstring) that align ``job`` and render ``sections``;
+    each after the scan is made when it starts (from the markers of the phases before)."""
     payload, corners, offsets = asdict(job), job.chunk_corners(), _offsets(job)
 
-    def targets():  # (z, its targets) of every usable section, when there is a pair
+    def targets(placed=frozenset()):  # (z, its targets) of every usable section, when there is a pair; one
+        # neighbour further (the last two offsets, where there are) only for a pair with a section in ``placed``
         usable = usable_sections(job)
-        return [(z, [usable[i + d] if 0 <= i + d < len(usable) else None for d in offsets])
-                for i, z in enumerate(usable)] if len(usable) > 1 else []
+        near = job.solve.neighbours
+        return [(z, [usable[i + d] if 0 <= i + d < len(usable) and (abs(d) <= near or {z, usable[i + d]} & placed)
+                     else None for d in offsets]) for i, z in enumerate(usable)] if len(usable) > 1 else []
+
+    def placed():  # the sections paired one neighbour further, once the prealign phase is over
+        return _placed(job, usable_sections(job)) if len(offsets) > 2 * job.solve.neighbours else set()
 
     def prealigns():
         return [functools.partial(prealign_task, payload, z, these) for z, these in targets()]
 
+    def prealigns_further():  # the placed sections' and their partners' pairs one neighbour further
+        return [functools.partial(prealign_task, payload, z, these) for z, these in targets(placed())
+                if any(these[2 * job.solve.neighbours:])]
+
     def pairs():
-        return [functools.partial(pair_task, payload, z, these, x, y) for z, these in targets() for x, y in corners]
+        further = placed()
+        return [functools.partial(pair_task, payload, z, these, x, y) for z, these in targets(further)
+                for x, y in corners]
 
     def solves():
-        usable = usable_sections(job)
+        usable, further = usable_sections(job), placed()
         windows = [(first, solve_window(job, usable, first, last)) for first, last in job.solve_blocks()]
-        return [functools.partial(solve_task, payload, first, window,
-                                  [z for z in range(*window) if z not in usable], x, y)
+        return [functools.partial(solve_task, payload, first, window, [z for z in range(*window) if z not in usable],
+                                  sorted(z for z in further if window[0] <= z < window[1]), x, y)
                 for first, window in windows for x, y in corners]
 
     def frames():
@@ -763,8 +796,10 @@ def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
         return [functools.partial(solved_render_task, payload, z, usable[0] if z in usable else None, x, y)
                 for z in sections for x, y in corners]
 
+    further = [("prealign further", prealigns_further)] if len(offsets) > 2 * job.solve.neighbours else []
     return [("scan", [functools.partial(scan_task, payload, z) for z in range(job.z_start, job.z_stop)]),
-            ("prealign", prealigns), ("pairs", pairs), ("solve", solves), ("frame", frames), ("render", renders)]
+            ("prealign", prealigns), *further, ("pairs", pairs), ("solve", solves), ("frame", frames),
+            ("render", renders)]
 
 
 # ------------------------------------------------------------------------------------ the driver

@@ -586,9 +586,9 @@ def test_the_run_record_holds_pieces_only_with_defects(tmp_path):
     """``--pieces`` changes the result only where defect maps are given: a DEST made without them resumes as before."""
     (tmp_path / "a.pt").write_bytes(b"net")
     common = MINIMAL[2:] + ["--archive", str(tmp_path / "a.pt"), "--overlap", "96"]
+    runs = (([], None), ([], "file:///m"), (["--pieces", "0"], "file:///m"))
     records = [align.run_record(args, align.job_of(args, "file:///s", (0, 0, 64, 32), defects))
-               for args, defects in ((align.parse_args(common + more), layer)
-                                     for more, layer in (([], None), ([], "file:///m"), (["--pieces", "0"], "file:///m")))]
+               for args, defects in ((align.parse_args(common + more), layer) for more, layer in runs)]
     assert "pieces" not in records[0] and records[1]["pieces"] == 12 and records[2]["pieces"] == 0
 
 
@@ -612,7 +612,8 @@ def test_without_defects_the_pre_alignment_is_the_rigid_match(monkeypatch):
     sections, _ = turned_phantom(256, (13.0, -9.0), 0.01)
     stats = tuple(alignment.section_stats(alignment.tissue_moments(s)) for s in sections[:2])
     plain = [alignment.thumbnail(s, 1) for s in sections[:2]]
-    marked = [alignment.thumbnail(s, 1, np.pad(np.ones((256, 8), np.uint8), ((0, 0), (124, 124)))) for s in sections[:2]]
+    band = np.pad(np.ones((256, 8), np.uint8), ((0, 0), (124, 124)))  # a crack down the middle
+    marked = [alignment.thumbnail(s, 1, band) for s in sections[:2]]
     matrix = alignment.prealignment(*plain, stats, 32, 1)
     monkeypatch.setattr(alignment, "_placed_r", None)  # the network is not run
     assert np.array_equal(alignment.pair_prealignment(None, *plain, stats, PairSettings(), 1), matrix)

@@ -40,6 +40,13 @@ def test_neighbour_pairs_bridge_skipped_sections():
     assert len(neighbour_pairs(10, 3)) == 2 * (3 * 10 - 6)
 
 
+def test_sections_further_are_paired_one_neighbour_further_both_ways_after_the_others():
+    near = neighbour_pairs(6, 1, skip={3})  # usable 0 1 2 4 5
+    assert neighbour_pairs(6, 1, skip={3}, further={2}) == near + [(0, 2), (2, 0), (2, 5), (5, 2)]
+    assert neighbour_pairs(6, 1, further={0}) == neighbour_pairs(6, 1) + [(0, 2), (2, 0)]  # one side only at an end
+    assert neighbour_pairs(6, 2, further={3}) == neighbour_pairs(6, 2) + [(0, 3), (3, 0)]  # one further than 2
+
+
 def exact_pairs(truth: torch.Tensor, pairs) -> torch.Tensor:
     """The pair fields that truth fields ``[Z, 2, H, W]`` imply: ``r = compose(F_s, invert_field(F_t))``."""
     return torch.cat([compose(truth[s:s + 1], invert_field(truth[t:t + 1])) for s, t in pairs])

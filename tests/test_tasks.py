@@ -357,7 +357,7 @@ def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, m
               "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "64", "--task_chunk", "96"]
     align.main(common + ["--dest", str(tmp_path / "whole")])
     tiers = []
-    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[4]) or solve_tier(*a, **k))  # factor
+    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[5]) or solve_tier(*a, **k))  # factor
     align.main(common + ["--dest", str(tmp_path / "exact"), "--block", "3"])
     assert tiers == [1] * 4  # without --task_memory the blocks are solved with their whole margins
     align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3", "--task_memory", "0.001"])
@@ -461,7 +461,8 @@ def test_a_section_cut_apart_is_placed_piece_by_piece_in_chunks_as_in_process(tm
     for name, size in (("whole", "128"), ("parts", "64")):
         align.main(common + ["--dest", str(tmp_path / name), "--task_chunk", size])
         fields[name] = volume.read(volume.open_volume(str(tmp_path / name / "pair_field")), (0, 0, 0), (128, 128, 3))
-    assert align.progress_files(str(tmp_path / "parts")).get_json("solve/prealign/1")["rigid"] == ["pieces"] * 2
+    rigid = align.progress_files(str(tmp_path / "parts")).get_json("solve/prealign/1")["rigid"]
+    assert rigid == ["pieces"] * 2 + [None] * 2  # no section two apart
     onto_0, from_0 = fields["whole"][1, :2], fields["whole"][0, 2:]  # 1 -> 0, and 0 -> 1
     # each piece's shift beyond the ramp across the fold (widened where it would fold over: solve.low_pass), where
     # the source shows tissue there
@@ -476,6 +477,38 @@ def test_a_section_cut_apart_is_placed_piece_by_piece_in_chunks_as_in_process(tm
     plain = alignment.pair_field(model, stack[1], stack[0], PairSettings(chunk=32, overlap=8, prealign=12, pieces=0),
                                  (defects[1], defects[0]))
     assert np.abs(plain.numpy()[0, 72:] - 24).max() > 10  # without the pieces: one shift for both
+
+
+def test_a_section_placed_by_pieces_is_paired_one_neighbour_further_queued_as_in_process(tmp_path, monkeypatch):
+    """Five sections, the middle one cut by a fold with its lower piece 24 px over, a network that sees no motion:
+    its pairs with both neighbours are placed by pieces, so it is also paired with sections 0 and 4 (both ways:
+    ``DEST/pair_field``'s last two channel pairs), and the queued solve (one block, one chunk) is
+    ``align_solved``'s bit for bit."""
+    monkeypatch.setattr(alignment, "chunk_field", lambda model, source, target, trunc: torch.zeros(len(source), 2,
+                                                                                                   *source.shape[2:]))
+    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
+    moved = moved_windows([(0, 0), (24, 0)], size=128)
+    stack = moved[[0] * 5].copy()
+    stack[2, 64:] = moved[1, 64:]
+    defects = np.zeros_like(stack)
+    defects[2, 60:68] = 2
+    layer(tmp_path / "raw", stack[:, None])
+    layer(tmp_path / "defects", defects[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    align.main(["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "5",
+                "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "8", "--defects",
+                str(tmp_path / "defects"), "--dest", str(tmp_path / "d"), "--task_chunk", "128"])
+    marks = align.progress_files(str(tmp_path / "d"))
+    assert marks.get_json("solve/prealign/2")["targets"] == [1, 3, 0, 4]
+    assert marks.get_json("solve/prealign/0")["targets"] == [None, 1, None, 2]
+    assert marks.get_json("solve/prealign/1")["targets"] == [0, 2, None, None]
+    pair_fields = volume.read(volume.open_volume(str(tmp_path / "d" / "pair_field")), (0, 0, 0), (128, 128, 5))
+    assert pair_fields.shape[1] == 8 and np.abs(pair_fields[2, 6, 90:, :96] - 24).max() < 0.5  # 2 -> 4: its piece
+    model = tasks.model_of(job(archive=str(archive)))
+    _, fields, _ = alignment.align_solved(model, stack, PairSettings(chunk=32, overlap=8, prealign=12, smooth=8),
+                                          SolveSettings(), defects=defects)
+    read = volume.read(volume.open_volume(str(tmp_path / "d" / "field")), (0, 0, 0), (128, 128, 5))
+    assert np.array_equal(read, fields.numpy())
 
 
 def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
