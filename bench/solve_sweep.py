@@ -11,7 +11,10 @@ each side (both directions, ``alignment.pair_field`` without smoothing); every
 combination of the settings then solves them (``alignment.solve_pairs``) and is
 scored as align_quality scores ``--ours solveK``. Only the network's time is
 shared, so this is how to choose ``align.py --solve``'s flags for a new kind of
-data without running the network once per setting. The table gives each
+data without running the network once per setting. (Only the nearest pairs:
+the pairs one neighbour further that ``align_solved`` adds for a section that
+``--pieces`` placed, beside a wide fold that cuts it, are not solved here;
+``bench/align_quality.py`` measures them.) The table gives each
 setting's figures averaged over the draws, its EPE far as a fraction of the
 identity's (mean and worst draw, in the first section's frame and in a common
 frame) and the oracle's CPC, sorted by the EPE far in a common frame: one draw
