@@ -26,7 +26,7 @@ import itertools
 import math
 import sys
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -607,10 +607,28 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     (``pair_field``, ``solve_pairs``).
     """
     sections = np.asarray(sections)
+    skipped = [z for z in range(len(sections)) if is_blank(sections[z])]
+    pairs, field_of, _ = solved_pairs(model, sections, solve.neighbours, pair, skipped, defects)
+    pair_fields = torch.stack([field_of(s, t) for s, t in pairs]) if pairs else None
+    aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped, defects)
+    return aligned, fields, skipped
+
+
+def solved_pairs(model: Pyramid, sections, neighbours: int, pair: PairSettings = PairSettings(), skipped=(),
+                 defects=None) -> tuple[list[tuple[int, int]], Callable[[int, int], torch.Tensor], set[int]]:
+    """The pairs ``align_solved`` solves and how to make their fields: ``(pairs, field_of, placed)``.
+
+    sections: uint8 ``[Z, H, W]``; ``skipped``: the blank ones; ``defects``: uint8 ``[Z, H, W]`` or None. The pairs
+    are each usable section's ``neighbours`` nearest usable ones on each side, both ways, and for the sections
+    ``placed_by_pieces`` the one further (``solve.neighbour_pairs``); each is pre-aligned once
+    (``pair_prealignment``, on thumbnails made once per section, as the queued prealign tasks do), and
+    ``field_of(s, t)`` is its ``pair_field`` ``[2, H, W]`` (px, not low-passed) from that pre-alignment;
+    ``placed``: those sections.
+    """
     count, shape = len(sections), sections.shape[-2:]
-    skipped = [z for z in range(count) if is_blank(sections[z])]
     usable = [z for z in range(count) if z not in skipped]
-    pairs = neighbour_pairs(count, solve.neighbours, set(skipped)) if len(usable) > 1 else []
+    if len(usable) < 2:
+        return [], None, set()
     unsmoothed, factor = dataclasses.replace(pair, smooth=0), thumbnail_factor(shape)
     stats = {z: section_stats(tissue_moments(sections[z])) for z in usable}
     thumbs = {z: thumbnail(sections[z], factor, None if defects is None else defects[z]) for z in usable}
@@ -618,17 +636,18 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     def matched(pairs):  # each pair's pre-alignment (pair_prealignment), as the queued prealign tasks find it
         return {(s, t): pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]), unsmoothed, factor)
                 for s, t in pairs}
+    pairs = neighbour_pairs(count, neighbours, set(skipped))
     matches = matched(pairs)
     further = placed_by_pieces(usable, matches)
     if further:
-        pairs = neighbour_pairs(count, solve.neighbours, set(skipped), further)
+        pairs = neighbour_pairs(count, neighbours, set(skipped), further)
         matches.update(matched(pairs[len(matches):]))
-    pair_fields = torch.stack([pair_field(model, sections[s], sections[t], unsmoothed,
-                                          None if defects is None else (defects[s], defects[t]), (stats[s], stats[t]),
-                                          rigid_field(matches[s, t], (0, 0), shape, piece_factor(shape)))
-                               for s, t in pairs]) if pairs else None
-    aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped, defects)
-    return aligned, fields, skipped
+
+    def field_of(s: int, t: int) -> torch.Tensor:
+        return pair_field(model, sections[s], sections[t], unsmoothed,
+                          None if defects is None else (defects[s], defects[t]), (stats[s], stats[t]),
+                          rigid_field(matches[s, t], (0, 0), shape, piece_factor(shape)))
+    return pairs, field_of, further
 
 
 def placed_by_pieces(usable: list[int], matches: dict) -> set[int]:

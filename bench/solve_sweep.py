@@ -7,14 +7,13 @@ The same held-out stack as ``bench/align_quality.py`` (the demo's test
 sections, or ``--real DIR`` or ``--phantom KIND`` misaligned with known fields,
 once per ``--seed``).
 Each raw section is paired with its ``max(--neighbours)`` nearest sections on
-each side (both directions, ``alignment.pair_field`` without smoothing); every
+each side (both directions, ``alignment.pair_field`` without smoothing; with
+``--defects``, a section that ``--pieces`` placed also with the one further,
+as ``alignment.solved_pairs`` pairs them for ``align.py``); every
 combination of the settings then solves them (``alignment.solve_pairs``) and is
 scored as align_quality scores ``--ours solveK``. Only the network's time is
 shared, so this is how to choose ``align.py --solve``'s flags for a new kind of
-data without running the network once per setting. (Only the nearest pairs:
-the pairs one neighbour further that ``align_solved`` adds for a section that
-``--pieces`` placed, beside a wide fold that cuts it, are not solved here;
-``bench/align_quality.py`` measures them.) The table gives each
+data without running the network once per setting. The table gives each
 setting's figures averaged over the draws, its EPE far as a fraction of the
 identity's (mean and worst draw, in the first section's frame and in a common
 frame) and the oracle's CPC, sorted by the EPE far in a common frame: one draw
@@ -47,12 +46,12 @@ from tqdm import tqdm
 
 import evaluate
 from bench.align_quality import DEFECT_MASKS, add_misalignment_flags, held_out_stack, registration_check
-from alignment import (SolveSettings, add_flags, apply_field, for_inference, pair_field,
-                       settings_from_args, solve_pairs)
+from alignment import (SolveSettings, add_flags, apply_field, for_inference, settings_from_args, solve_pairs,
+                       solved_pairs)
 from demo import PHANTOMS
 from helpers import compose, file_sha256, folder, in_frame_of, invert_field, run_main, vector_length
 from models.archive import load_archive
-from solve import low_pass, neighbour_pairs
+from solve import low_pass
 
 SWEPT = ["neighbours", "pull", "smooth", "detail_pull", "robust"]  # the settings swept: several values each
 
@@ -115,10 +114,10 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     if args.real:
         print(registration_check(stack["content_offsets"]))
     truth = in_frame_of(torch.from_numpy(stack["truth"]))  # [Z, 2, H, W] px, in the first section's frame
-    pairs = neighbour_pairs(len(raw), max(args.neighbours))
     swept = {name: getattr(args, name)[0] for name in SWEPT}
     pair, _ = settings_from_args(args, **{**swept, "smooth": 0})  # the pair fields: low-passed by each setting's solve
     marks = DEFECT_MASKS[args.defects](stack)  # the defect maps the alignment is given, or None
+    pairs, field_of, placed = solved_pairs(model, raw, max(args.neighbours), pair, defects=marks)
     key = [file_sha256(args.archive), args.real, args.phantom, seed, args.reregister, list(args.fold_width),
            args.z_start, args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pair.pieces, pairs,
            args.defects]
@@ -129,8 +128,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
         fields = cached["fields"]
     else:
         start = time.time()
-        fields = torch.stack([pair_field(model, raw[s], raw[t], pair, None if marks is None else (marks[s], marks[t]))
-                              for s, t in tqdm(pairs, desc="pairs", unit="pair")])
+        fields = torch.stack([field_of(s, t) for s, t in tqdm(pairs, desc="pairs", unit="pair")])
         print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
         if cache:
             torch.save({"key": key, "fields": fields}, cache)
@@ -149,7 +147,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     sources = [("", fields)] + ([(" on true pairs", true)] if args.true_pairs else [])
     for (n, smooth, pull, detail, robust), (which, given) in tqdm(list(itertools.product(settings, sources)),
                                                                   desc="settings"):
-        keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n]
+        keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n or abs(s - t) == n + 1 and {s, t} & placed]
         solve = SolveSettings(neighbours=n, pull=pull, robust=robust, detail_pull=detail)
         aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], given[keep], solve, smooth, defects=marks)
         name = f"solve{n} smooth {smooth}{f' detail {detail:g}' if smooth else ''} pull {pull:g} robust {robust:g}"

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import alignment
 from bench import solve_sweep
 from helpers import UserError
 from models import Pyramid
@@ -76,8 +77,8 @@ def test_the_cache_is_reused_for_the_same_archive_and_not_for_a_new_one_at_its_p
     (other bytes), or a stack misaligned otherwise (``--fold_width``), computes them again instead of scoring the
     old fields."""
     calls = []
-    real_pair_field = solve_sweep.pair_field
-    monkeypatch.setattr(solve_sweep, "pair_field", lambda *a, **k: calls.append(1) or real_pair_field(*a, **k))
+    real_pair_field = alignment.pair_field
+    monkeypatch.setattr(alignment, "pair_field", lambda *a, **k: calls.append(1) or real_pair_field(*a, **k))
     archive = tmp_path / "net.pt"
     argv = ["--archive", str(archive), "--phantom", "static", "--sections", "3", "--size", "64", "--smooth", "0",
             "--prealign", "0", "--cache", str(tmp_path / "fields.pt")]
