@@ -158,13 +158,14 @@ def parse_worker_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
+def open_dest(args, source, box, entry: dict, names=("image", "field"), pair_channels: int = 0) -> None:
     """Create (or re-open and check) the layers ``DEST/NAME`` over ``box`` of ``source``'s mip, and record the run.
 
     box: ``((x0, y0, z_start), (x1, y1, z_stop))``, the bbox and the sections this
     run aligns: a new layer has these bounds; an existing one must have the same
     xy bounds and grows in z to include them (``volume.include_sections``).
-    ``image`` and ``defects`` are uint8; every other name is a float32 field of 2 channels.
+    ``image`` and ``defects`` are uint8; every other name is a float32 field of 2 channels (``pair_field``:
+    ``pair_channels``, 2 per ``tasks.pair_offsets``).
     ``image`` and ``field`` have ``1 + args.mips`` mips, the others one. Once
     every layer has the right shape, each grows, ``entry``
     (``provenance_entry``) is appended to its provenance and the source's
@@ -176,8 +177,7 @@ def open_dest(args, source, box, entry: dict, names=("image", "field")) -> None:
     layers, created = {}, set()
     for name in names:
         dtype, channels = ("uint8", 1) if name in ("image", "defects") else \
-            ("float32", 2 * len(tasks.pair_offsets(args.neighbours, bool(args.defects) and args.pieces > 0))
-             if name == "pair_field" else 2)
+            ("float32", pair_channels if name == "pair_field" else 2)
         mips = 1 + args.mips if name in ("image", "field") else 1
         path = args.dest.rstrip("/") + "/" + name
         cloudpath = volume.resolve_path(path)
@@ -463,7 +463,7 @@ def main(argv=None) -> dict:
     open_dest(args, source, ((x0, y0, args.z_start), (x1, y1, args.z_stop)),
               provenance_entry(args, run, job.archive),
               ("image", "field") + (("defects",) if args.defects else ())
-              + (SOLVE_LAYERS if args.solve else SERIAL_LAYERS))
+              + (SOLVE_LAYERS if args.solve else SERIAL_LAYERS), 2 * len(tasks.pair_offsets(job)) if job.solve else 0)
 
     width, height = x1 - x0, y1 - y0
     start = time.time()

@@ -417,10 +417,10 @@ def _placed_r(model: Pyramid, source: np.ndarray, target: np.ndarray, stats: tup
     unsmoothed, the source first moved by ``placed``, ``[1, 2, ...]`` thumbnail px) with ``target``, over the
     target's tissue off its defects where the source pulled shows tissue off its own."""
     field = pair_field(model, source[0], target[0], dataclasses.replace(settings, smooth=0), None, stats, placed)
-    whole = [torch.from_numpy((thumb[1] >= WHOLE) & (thumb[2] == 0)).float()[None, None] for thumb in (source, target)]
-    pulled = warp(torch.stack([_normalised(source, stats[0]), whole[0][0, 0]])[None], field[None])[0]
-    both = (pulled[1] >= WHOLE) & (whole[1][0, 0] > 0)
-    return float(pearson(pulled[:1], _normalised(target, stats[1])[None], both[None])[0])
+    source_whole, target_whole = (torch.from_numpy((thumb[1] >= WHOLE) & (thumb[2] == 0)) for thumb in (source, target))
+    pulled, seen = warp(torch.stack([_normalised(source, stats[0]), source_whole.float()])[None], field[None])[0]
+    both = (seen >= WHOLE) & target_whole
+    return float(pearson(pulled[None], _normalised(target, stats[1])[None], both[None])[0])
 
 
 def rigid_field(match, corner: tuple[int, int], shape: tuple[int, int], factor: int = 1) -> torch.Tensor:

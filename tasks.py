@@ -430,15 +430,12 @@ def _render(job: Job, z: int, box: Box, field: torch.Tensor | None) -> None:
 
 
 # ------------------------------------------------------------------------------------ the solve's tasks
-def pair_offsets(neighbours: int, further: bool) -> list[int]:
-    """The neighbour offsets ``-K..-1, 1..K`` (K = ``neighbours``), then with ``further`` (defect maps and
-    ``--pieces``: ``alignment.placed_by_pieces``) ``-(K+1), K+1``: the order of ``DEST/pair_field``'s channel pairs."""
-    return [*range(-neighbours, 0), *range(1, neighbours + 1), *([-neighbours - 1, neighbours + 1] if further else [])]
-
-
-def _offsets(job: Job) -> list[int]:
-    """``job``'s ``pair_offsets``."""
-    return pair_offsets(job.solve.neighbours, bool(job.defects) and job.pair.pieces > 0)
+def pair_offsets(job: Job) -> list[int]:
+    """The neighbour offsets ``-K..-1, 1..K`` (K = ``job.solve.neighbours``), then with defect maps and ``--pieces``
+    ``-(K+1), K+1`` (the pairs of sections placed by pieces: ``alignment.placed_by_pieces``): the order of
+    ``DEST/pair_field``'s channel pairs."""
+    k = job.solve.neighbours
+    return [*range(-k, 0), *range(1, k + 1), *([-k - 1, k + 1] if job.defects and job.pair.pieces else [])]
 
 
 def _placed(job: Job, usable: list[int]) -> set[int]:
@@ -685,7 +682,7 @@ def _solve_tier(job: Job, sections: range, blank: list, placed: list, inputs: di
     ``solve.solve_stack``'s."""
     skip = {i for i, z in enumerate(sections) if z in blank}
     further = {i for i, z in enumerate(sections) if z in placed}
-    pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip, further), _offsets(job)
+    pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip, further), pair_offsets(job)
     place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among usable
     fields = [inputs[sections[s]][0][slot.index(place[t] - place[s])] for s, t in pairs]
     tissue = torch.stack([inputs[z][1] for z in sections])
@@ -756,35 +753,36 @@ def solve_window(job: Job, usable: list[int], first: int, last: int) -> list[int
 def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
     """The solve's six phases (seven with defect maps; module docstring) that align ``job`` and render ``sections``;
     each after the scan is made when it starts (from the markers of the phases before)."""
-    payload, corners, offsets = asdict(job), job.chunk_corners(), _offsets(job)
+    payload, corners, offsets = asdict(job), job.chunk_corners(), pair_offsets(job)
+    near = job.solve.neighbours
+    further = len(offsets) > 2 * near  # sections placed by pieces may be paired one neighbour further
 
-    def targets(placed=frozenset()):  # (z, its targets) of every usable section, when there is a pair; one
-        # neighbour further (the last two offsets, where there are) only for a pair with a section in ``placed``
+    def targets(far=frozenset()):  # (z, its targets) of every usable section, when there is a pair; one
+        # neighbour further (the last two offsets, where there are) only for a pair with a section in ``far``
         usable = usable_sections(job)
-        near = job.solve.neighbours
-        return [(z, [usable[i + d] if 0 <= i + d < len(usable) and (abs(d) <= near or {z, usable[i + d]} & placed)
+        return [(z, [usable[i + d] if 0 <= i + d < len(usable) and (abs(d) <= near or {z, usable[i + d]} & far)
                      else None for d in offsets]) for i, z in enumerate(usable)] if len(usable) > 1 else []
 
-    def placed():  # the sections paired one neighbour further, once the prealign phase is over
-        return _placed(job, usable_sections(job)) if len(offsets) > 2 * job.solve.neighbours else set()
+    @functools.cache
+    def placed() -> frozenset:  # the sections paired one neighbour further, read once the prealign phase is over
+        return frozenset(_placed(job, usable_sections(job)) if further else ())
 
     def prealigns():
         return [functools.partial(prealign_task, payload, z, these) for z, these in targets()]
 
     def prealigns_further():  # the placed sections' and their partners' pairs one neighbour further
         return [functools.partial(prealign_task, payload, z, these) for z, these in targets(placed())
-                if any(these[2 * job.solve.neighbours:])]
+                if any(these[2 * near:])]
 
     def pairs():
-        further = placed()
-        return [functools.partial(pair_task, payload, z, these, x, y) for z, these in targets(further)
+        return [functools.partial(pair_task, payload, z, these, x, y) for z, these in targets(placed())
                 for x, y in corners]
 
     def solves():
-        usable, further = usable_sections(job), placed()
+        usable = usable_sections(job)
         windows = [(first, solve_window(job, usable, first, last)) for first, last in job.solve_blocks()]
         return [functools.partial(solve_task, payload, first, window, [z for z in range(*window) if z not in usable],
-                                  sorted(z for z in further if window[0] <= z < window[1]), x, y)
+                                  sorted(z for z in placed() if window[0] <= z < window[1]), x, y)
                 for first, window in windows for x, y in corners]
 
     def frames():
@@ -796,10 +794,9 @@ def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
         return [functools.partial(solved_render_task, payload, z, usable[0] if z in usable else None, x, y)
                 for z in sections for x, y in corners]
 
-    further = [("prealign further", prealigns_further)] if len(offsets) > 2 * job.solve.neighbours else []
     return [("scan", [functools.partial(scan_task, payload, z) for z in range(job.z_start, job.z_stop)]),
-            ("prealign", prealigns), *further, ("pairs", pairs), ("solve", solves), ("frame", frames),
-            ("render", renders)]
+            ("prealign", prealigns), *([("prealign further", prealigns_further)] if further else []),
+            ("pairs", pairs), ("solve", solves), ("frame", frames), ("render", renders)]
 
 
 # ------------------------------------------------------------------------------------ the driver

@@ -71,7 +71,7 @@ def write_stack(job, sections: int, seed: int = 0) -> None:
         image = (128 + 60 * texture / texture.std()).clamp(1, 255).to(torch.uint8)[0].numpy()
         tasks._write(tasks._layer(job.source), image, z, job.bbox)
         pairs = [field(z) - field(z + d) if 0 <= z + d < sections else torch.zeros(1, 2, height, width)
-                 for d in tasks._offsets(job)]
+                 for d in tasks.pair_offsets(job)]
         tasks._write(tasks._dest(job, "pair_field"), torch.cat(pairs).reshape(-1, height, width).numpy(), z, job.bbox)
         fields.pop(z - job.solve.neighbours, None)
         mean, std = section_stats(tissue_moments(image[0]))

@@ -440,23 +440,31 @@ def test_pair_tasks_with_refine_read_the_first_passs_low_pass_as_context(tmp_pat
     assert np.abs(whole - pair_fields("short", "64")).max() > 0.1
 
 
+def cut_stack(tmp_path, monkeypatch, count: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``count`` sections of 128 px whose middle one a fold cuts in two (rows 60-67), its lower piece showing at p
+    what the others show at p - (24, 0), as file:// layers, aligned by a network that sees no motion: ``(stack,
+    defects, align.py's flags but --dest and --task_chunk)``."""
+    monkeypatch.setattr(alignment, "chunk_field", lambda model, source, target, trunc: torch.zeros(len(source), 2,
+                                                                                                   *source.shape[2:]))
+    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
+    moved, cut = moved_windows([(0, 0), (24, 0)], size=128), count // 2
+    stack = moved[[0] * count].copy()
+    stack[cut, 64:] = moved[1, 64:]
+    defects = np.zeros_like(stack)
+    defects[cut, 60:68] = 2
+    layer(tmp_path / "raw", stack[:, None])
+    layer(tmp_path / "defects", defects[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    return stack, defects, ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0",
+                            "--z_stop", str(count), "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve",
+                            "--defects", str(tmp_path / "defects")]
+
+
 def test_a_section_cut_apart_is_placed_piece_by_piece_in_chunks_as_in_process(tmp_path, monkeypatch):
     """A network that sees no motion, on a stack whose middle section a fold cuts in two, its lower piece 24 px to
     the right: the pair fields onto and from it are the pieces' placements (``alignment.pair_prealignment``), from
     the prealign marker, the same in 2 x 2 chunks as whole and as ``alignment.pair_field`` in process."""
-    monkeypatch.setattr(alignment, "chunk_field", lambda model, source, target, trunc: torch.zeros(len(source), 2,
-                                                                                                   *source.shape[2:]))
-    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
-    moved = moved_windows([(0, 0), (24, 0)], size=128)
-    stack = moved[[0, 0, 0]].copy()
-    stack[1, 64:] = moved[1, 64:]  # shows at p what the others show at p - (24, 0)
-    defects = np.zeros_like(stack)
-    defects[1, 60:68] = 2
-    layer(tmp_path / "raw", stack[:, None])
-    layer(tmp_path / "defects", defects[:, None])
-    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
-    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "3",
-              "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--defects", str(tmp_path / "defects")]
+    stack, defects, common = cut_stack(tmp_path, monkeypatch, 3)
     fields = {}
     for name, size in (("whole", "128"), ("parts", "64")):
         align.main(common + ["--dest", str(tmp_path / name), "--task_chunk", size])
@@ -470,7 +478,7 @@ def test_a_section_cut_apart_is_placed_piece_by_piece_in_chunks_as_in_process(tm
     assert np.abs(from_0[:, :48]).max() < 0.5 and np.abs(from_0[0, 84:, 32:] + 24).max() < 0.5
     beside = np.r_[0:48, 84:128]  # the ramp across the fold comes from what each chunk's window sees of its sides
     assert np.abs(fields["whole"] - fields["parts"])[..., beside, :].max() < 1e-4
-    model = tasks.model_of(job(archive=str(archive)))
+    model = tasks.model_of(job(archive=common[1]))
     in_process = alignment.pair_field(model, stack[1], stack[0], PairSettings(chunk=32, overlap=8, prealign=12),
                                       (defects[1], defects[0]))
     assert np.abs(in_process.numpy() - onto_0).max() < 1e-4
@@ -484,27 +492,15 @@ def test_a_section_placed_by_pieces_is_paired_one_neighbour_further_queued_as_in
     its pairs with both neighbours are placed by pieces, so it is also paired with sections 0 and 4 (both ways:
     ``DEST/pair_field``'s last two channel pairs), and the queued solve (one block, one chunk) is
     ``align_solved``'s bit for bit."""
-    monkeypatch.setattr(alignment, "chunk_field", lambda model, source, target, trunc: torch.zeros(len(source), 2,
-                                                                                                   *source.shape[2:]))
-    monkeypatch.setattr(tasks, "LAYER_CHUNK", 32)
-    moved = moved_windows([(0, 0), (24, 0)], size=128)
-    stack = moved[[0] * 5].copy()
-    stack[2, 64:] = moved[1, 64:]
-    defects = np.zeros_like(stack)
-    defects[2, 60:68] = 2
-    layer(tmp_path / "raw", stack[:, None])
-    layer(tmp_path / "defects", defects[:, None])
-    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
-    align.main(["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "5",
-                "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "8", "--defects",
-                str(tmp_path / "defects"), "--dest", str(tmp_path / "d"), "--task_chunk", "128"])
+    stack, defects, common = cut_stack(tmp_path, monkeypatch, 5)
+    align.main(common + ["--smooth", "8", "--dest", str(tmp_path / "d"), "--task_chunk", "128"])
     marks = align.progress_files(str(tmp_path / "d"))
     assert marks.get_json("solve/prealign/2")["targets"] == [1, 3, 0, 4]
     assert marks.get_json("solve/prealign/0")["targets"] == [None, 1, None, 2]
     assert marks.get_json("solve/prealign/1")["targets"] == [0, 2, None, None]
     pair_fields = volume.read(volume.open_volume(str(tmp_path / "d" / "pair_field")), (0, 0, 0), (128, 128, 5))
     assert pair_fields.shape[1] == 8 and np.abs(pair_fields[2, 6, 90:, :96] - 24).max() < 0.5  # 2 -> 4: its piece
-    model = tasks.model_of(job(archive=str(archive)))
+    model = tasks.model_of(job(archive=common[1]))
     _, fields, _ = alignment.align_solved(model, stack, PairSettings(chunk=32, overlap=8, prealign=12, smooth=8),
                                           SolveSettings(), defects=defects)
     read = volume.read(volume.open_volume(str(tmp_path / "d" / "field")), (0, 0, 0), (128, 128, 5))
