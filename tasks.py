@@ -38,8 +38,8 @@ block vote over fewer than K targets. With one block (``block`` = the whole rang
 serial alignment: ``C_0 = 0`` and ``compose(G, 0)`` is skipped, so ``F = G`` exactly.
 
 ``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as six phases of tasks instead (seven
-with defect maps), made of the functions it calls; the z range is cut into z blocks of ``block`` sections (none
-shared, ``solve_blocks``):
+with defect maps and ``--pieces``), made of the functions it calls; the z range is cut into z blocks of ``block``
+sections (none shared, ``solve_blocks``):
 
 1. **Scan tasks**, one per section: whether it is blank (``alignment.is_blank``, from its ``tissue_moments``
    added up over the xy chunks) and its tissue's mean and std (``alignment.section_stats``), marked in
@@ -751,8 +751,8 @@ def solve_window(job: Job, usable: list[int], first: int, last: int) -> list[int
 
 
 def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
-    """The solve's six phases (seven with defect maps; module docstring) that align ``job`` and render ``sections``;
-    each after the scan is made when it starts (from the markers of the phases before)."""
+    """The solve's six phases (seven where ``pair_offsets`` pairs further; module docstring) that align ``job`` and
+    render ``sections``; each after the scan is made when it starts (from the markers of the phases before)."""
     payload, corners, offsets = asdict(job), job.chunk_corners(), pair_offsets(job)
     near = job.solve.neighbours
     further = len(offsets) > 2 * near  # sections placed by pieces may be paired one neighbour further
