@@ -38,8 +38,8 @@ from torch.utils.data import Dataset
 
 import masks
 import misalign
-from helpers import (UserError, affine_field, compose, invert_field, normalise, rigid_matrix, slice_std, to_tensor,
-                     uniform, warp_labels, warp_tissue)
+from helpers import (UserError, affine_field, compose, gaussian_blur, invert_field, normalise, rigid_matrix, slice_std,
+                     to_tensor, uniform, warp_labels, warp_tissue)
 
 Sample = dict[str, torch.Tensor]
 SLICES = ("src", "tgt")
@@ -371,6 +371,28 @@ def brightness_gradient(sample: Sample, generator: torch.Generator, p: float,
     return out
 
 
+def blur_and_grain(sample: Sample, generator: torch.Generator, max_sigma: float, max_grain: float) -> Sample:
+    """Each slice blurred by a Gaussian of ``sigma`` px, then white Gaussian noise of ``grain`` times its tissue's
+    std added, ``sigma`` and ``grain`` drawn per slice uniform in ``[0, max_sigma]`` and ``[0, max_grain]``: real
+    sections differ from the phantom, and from each other, in focus and grain. The blur runs within the tissue
+    (normalised: missing data weighs 0); tissue stays in 1..255, missing data stays 0. Both 0: the sample as it is,
+    without a draw."""
+    if max_sigma <= 0 and max_grain <= 0:
+        return sample
+    out = dict(sample)
+    for which in SLICES:
+        image = sample[which].float()
+        tissue = image > 0
+        sigma, grain = _draw(generator, 0, max_sigma), _draw(generator, 0, max_grain)
+        if sigma > 0:
+            weight = gaussian_blur(tissue.float(), sigma)
+            image = gaussian_blur(image, sigma) / weight.clamp(min=1e-6)
+        std = image[tissue].std() if tissue.sum() > 1 else image.new_zeros(())
+        noisy = image + grain * std * torch.randn(image.shape, generator=generator)
+        out[which] = torch.where(tissue, noisy.clamp(1, 255), image.new_zeros(()))
+    return out
+
+
 def _random_box(generator: torch.Generator, h: int, w: int, max_fraction: float) -> tuple[slice, slice]:
     """A random rectangle with sides from 1 px to ``max_fraction`` of the image's, inside the image."""
     bh, bw = (max(1, round(_draw(generator, 1, max_fraction * n))) for n in (h, w))
@@ -423,7 +445,7 @@ class Augmenter:
     ``tissue_change`` of the target (``change_amplitude`` px; 0 = none), synthetic
     defects on the source (``crack``, ``fold``, sized by ``defect_params``),
     per-slice jitter, flips and transpose (the field follows every step), then
-    intensities (brightness ramps, cutouts). Shifts are in pixels of the dataset,
+    intensities (brightness ramps, cutouts, blur and grain). Shifts are in pixels of the dataset,
     angles in radians.
     """
     p_swap: float = 0.5
@@ -445,6 +467,8 @@ class Augmenter:
     p_contrast: float = 0.2
     p_missing: float = 0.1
     max_patch_fraction: float = 0.25
+    max_blur: float = 0.0
+    max_grain: float = 0.0
 
     def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
         sample = swap(sample, generator, self.p_swap)
@@ -458,6 +482,7 @@ class Augmenter:
         sample = brightness_gradient(sample, generator, self.p_gradient, self.max_gradient)
         sample = noise_patch(sample, generator, self.p_noise, self.max_patch_fraction)
         sample = contrast_patch(sample, generator, self.p_contrast, self.max_patch_fraction)
+        sample = blur_and_grain(sample, generator, self.max_blur, self.max_grain)
         return missing_patch(sample, generator, self.p_missing, self.max_patch_fraction)
 
 

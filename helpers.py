@@ -516,6 +516,16 @@ def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
     return _box_mean_1d(_box_mean_1d(x, radius, -1), radius, -2).float()
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x`` ``[..., H, W]`` (float32) blurred by a Gaussian of ``sigma`` px: separable, truncated at ``ceil(2.5
+    sigma)`` px, the borders replicated."""
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=x.device) ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).view(1, 1, 1, -1)
+    out = F.conv2d(F.pad(x.reshape(-1, 1, *x.shape[-2:]), (r, r, 0, 0), mode="replicate"), k)
+    return F.conv2d(F.pad(out, (0, 0, r, r), mode="replicate"), k.transpose(-1, -2)).reshape(x.shape)
+
+
 def smoothstep(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     """0 below ``lo``, 1 above ``hi``, a smooth cubic in between (same shape as ``x``)."""
     t = ((x - lo) / (hi - lo)).clamp(0, 1)

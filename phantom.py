@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import smoothstep
+from helpers import gaussian_blur, smoothstep
 
 CANDIDATES = 3  # neurite seeds kept per coarse pixel: enough near a junction of three
 NEIGHBOURS = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij")).reshape(3, -1).T
@@ -381,15 +381,6 @@ def _geometry(q: torch.Tensor, cells: _Grid, nuclei: _Grid, params: PhantomParam
 
 
 # ------------------------------------------------------------------------------ appearance
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[z, H, W]`` (replicated borders)."""
-    r = max(1, int(math.ceil(2.5 * sigma)))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
-    k = (k / k.sum()).view(1, 1, 1, -1)
-    x = F.conv2d(F.pad(x[:, None], (r, r, 0, 0), mode="replicate"), k)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.transpose(-1, -2))[:, 0]
-
-
 def _smooth_noise(z_n: int, height: int, width: int, size: int, gen: torch.Generator,
                   mode: str = "bicubic") -> torch.Tensor:
     """Random texture ``[z, H, W]``, std ~0.8, features ~``size`` px (an upsampled random grid)."""
@@ -463,6 +454,6 @@ def _render(geo: dict, cells: _Grid, params: PhantomParams, gen: torch.Generator
     gain = torch.exp(0.06 * torch.randn(z_n, 1, 1, generator=gen))
     light = gain * (1 + 0.08 * _smooth_noise(z_n, height, width, max(height, width) // 2, gen,
                                              "bilinear"))
-    bright = _blur(torch.exp(-density) * light, 0.6)
+    bright = gaussian_blur(torch.exp(-density) * light, 0.6)
     shot = params.noise * bright.clamp_min(0).sqrt() * torch.randn(bright.shape, generator=gen)
     return ((bright + shot) * 255).round().clamp(1, 255).to(torch.uint8)

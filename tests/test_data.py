@@ -323,6 +323,33 @@ def test_noise_and_contrast_patches_change_a_box_and_keep_tissue_values_valid():
             assert torch.all(out["src"][..., :8] == 0)
 
 
+def test_blur_and_grain_blur_within_the_tissue_add_grain_and_keep_missing_data():
+    sample = raw_pair()
+    for which in data.SLICES:
+        sample[which] = sample[which].clone()  # (views of one texture)
+        sample[which][..., :6] = 0  # missing data
+    g = torch.Generator().manual_seed(0)
+    assert data.blur_and_grain(sample, g, 0, 0) is sample  # off: the sample as it is, no number drawn
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+
+    def roughness(image):  # the mean squared step between neighbouring tissue pixels
+        return float(image[..., 6:].diff(dim=-1).pow(2).mean())
+    blurred = data.blur_and_grain(sample, torch.Generator().manual_seed(1), max_sigma=3, max_grain=0)
+    grainy = data.blur_and_grain(sample, torch.Generator().manual_seed(1), max_sigma=0, max_grain=0.5)
+    for out in (blurred, grainy):
+        assert out["field"] is sample["field"] and out["src_defects"] is sample["src_defects"]
+        for which in data.SLICES:
+            assert torch.equal(out[which] == 0, sample[which] == 0)  # missing stays missing, tissue >= 1
+            assert float(out[which].max()) <= 255
+    for which in data.SLICES:
+        assert roughness(blurred[which]) < roughness(sample[which]) < roughness(grainy[which])
+        change = (grainy[which] - sample[which])[..., 6:]
+        assert 0 < float(change.std()) < 0.55 * float(sample[which][..., 6:].std())  # grain <= 0.5 of the std
+    flat = {**sample, "src": torch.where(sample["src"] > 0, 100.0, 0.0)}  # tissue beside missing data
+    out = data.blur_and_grain(flat, torch.Generator().manual_seed(2), max_sigma=3, max_grain=0)
+    assert torch.allclose(out["src"][..., 6:], torch.tensor(100.0))  # the blur does not read the missing data
+
+
 def test_brightness_gradient_is_a_linear_gain_ramp():
     sample = raw_pair()
     sample["src"] = torch.full((1, SIZE, SIZE), 100.0)

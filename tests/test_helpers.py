@@ -297,6 +297,17 @@ def test_box_mean_keeps_constants_and_matches_a_direct_average():
     assert torch.allclose(h.box_mean(x, 20), x.mean().expand_as(x))  # a window past every edge: the whole image
 
 
+def test_gaussian_blur_keeps_constants_and_spreads_an_impulse_as_a_normalised_gaussian():
+    assert torch.allclose(h.gaussian_blur(torch.full((2, 3, 9, 13), 0.7), 1.5), torch.full((2, 3, 9, 13), 0.7))
+    x = torch.zeros(21, 21)
+    x[10, 10] = 1
+    out = h.gaussian_blur(x, 1.0)
+    assert out.shape == x.shape and float(out.sum()) == pytest.approx(1, abs=1e-5)
+    assert torch.allclose(out, out.flip(0)) and torch.allclose(out, out.T)
+    assert float(out[10, 11] / out[10, 10]) == pytest.approx(math.exp(-0.5), rel=1e-4)  # exp(-d² / 2 sigma²)
+    assert float(out[10, 13]) > 0 and float(out[10, 14]) == 0  # truncated at ceil(2.5 sigma) px
+
+
 def test_smoothstep_is_0_below_1_above_and_a_smooth_cubic_between():
     x = torch.tensor([-1.0, 0.0, 0.25, 0.5, 1.0, 2.0])
     assert torch.equal(h.smoothstep(x), torch.tensor([0.0, 0.0, 0.15625, 0.5, 1.0, 1.0]))
