@@ -64,6 +64,10 @@ def main(argv=None) -> None:
         raise UserError(f"{args.archive} holds weights but no training history")
     entries = lineage(archive)
     print("\n".join(format_entry(depth, entry) for depth, entry in enumerate(entries)))
+    if "averaged" in archive:  # train.py --average_from's pt/NAME.avg.pt
+        mean = archive["averaged"]
+        print(f"   these weights: the mean of epochs {mean['from']}..{mean['from'] + mean['epochs'] - 1}"
+              + (f", val_epe={mean['val_epe']:.4g}" if "val_epe" in mean else ""))
     if args.export:
         model, _ = load_archive(args.archive)
         keep = {k: v for k, v in archive.items() if k not in ("kind", "version", "config", "state_dict")}

@@ -8,7 +8,8 @@ One step: ``data.py`` gives a batch of (source, target) pairs with masks ->
 ``models/`` predicts the field that pulls the source onto the target -> ``loss.py``
 scores it with weights from ``masks.py``. Outputs: ``pt/EXPERIMENT.pt`` (written
 atomically after every epoch; with a held-out ``--val_dataset`` also
-``pt/EXPERIMENT.best.pt``, the epoch with the lowest held-out EPE so far),
+``pt/EXPERIMENT.best.pt``, the epoch with the lowest held-out EPE so far; with
+``--average_from E`` also ``pt/EXPERIMENT.avg.pt``, the mean of the weights of epochs E on),
 TensorBoard logs in ``runs/EXPERIMENT`` and pictures in ``out/EXPERIMENT``. A run
 that fails (or is interrupted) before it saves its first epoch removes the
 ``runs/`` and ``out/`` folders it made; nothing an earlier run left is touched.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import random
 import shlex
@@ -50,7 +52,7 @@ from data import Augmenter, StackDataset, batches, held_out_misalignment
 from helpers import (HelpFormatter, UserError, check_device, check_name, check_writable, code_version, finite_float,
                      run_main, upsample_field, vector_length)
 from models import Pyramid
-from models.archive import load_archive, load_weights, save_archive
+from models.archive import load_archive, load_weights, read_archive, save_archive
 
 KEY_PARAMS = ("lambda0", "lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
               "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "skip", "k", "corr",
@@ -113,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pairs per epoch (0 = one pass over the dataset)")
     g.add_argument("--batch_size", type=int, default=8, help="pairs per step")
     g.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, augmentation)")
+    g.add_argument("--average_from", type=int,
+                   help="from this epoch on, also keep pt/NAME.avg.pt: the mean of the network's weights at the end "
+                        "of each epoch (stochastic weight averaging: at a constant --lr the weights wander from "
+                        "epoch to epoch, and so does how well they carry to other data; their mean does not)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", action="append",
                    help="HDF5 from gen_stack.py, or a dataset NAME (data/NAME_train_mipM.h5); default: the demo "
@@ -141,6 +147,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--fold_prob", type=finite_float, default=Augmenter.p_fold,
                    help="probability that the augmentation folds each pair's source (misalign.add_folds)")
     misalign.add_fold_width_flag(g, "the augmentation's folds:")
+    g.add_argument("--blur", type=finite_float, default=0.0,
+                   help="largest Gaussian blur (sigma, px) of each section's image, drawn per section from 0 to it "
+                        "(data.blur_and_grain: focus differs from volume to volume; 0 = none)")
+    g.add_argument("--grain", type=finite_float, default=0.0,
+                   help="largest white noise added to each section's image, in units of its tissue's std, drawn per "
+                        "section from 0 to it (data.blur_and_grain; 0 = none)")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=check_device(), help="torch device")
@@ -177,6 +189,8 @@ def check_args(args) -> None:
         raise UserError(f"--trunc {args.trunc} must be >= 0 and below --size {args.size}")
     if not 0 <= args.skip < args.size:
         raise UserError(f"--skip {args.skip} must be >= 0 and below --size {args.size}")
+    if args.average_from is not None and args.average_from < 0:
+        raise UserError(f"--average_from {args.average_from} is an epoch: 0 or more")
     if args.fine_tuning and not args.state_archive:
         raise UserError("--fine_tuning needs --state_archive")
     if args.k < 1 or args.k % 2 == 0:
@@ -187,7 +201,7 @@ def check_args(args) -> None:
                         "--minutes >= 0")
     negative = [name for name in ("clip", "padding", "corr", "crop", "epoch_size", "val_pairs", "num_workers",
                                   "vis_interval", "collapse_after", "max_shift", "max_angle", "elastic",
-                                  "tissue_change", "mask_neighborhood_radius", "mask_smooth_radius")
+                                  "tissue_change", "blur", "grain", "mask_neighborhood_radius", "mask_smooth_radius")
                 if getattr(args, name) < 0]
     if negative:
         raise UserError(f"{', '.join('--' + name for name in negative)} must be >= 0")
@@ -360,6 +374,23 @@ def best_path(archive_path: Path) -> Path:
     return archive_path.with_suffix(".best.pt")
 
 
+def average_path(archive_path: Path) -> Path:
+    """Where the average of the epochs' weights is kept (``--average_from``): ``pt/NAME.avg.pt``."""
+    return archive_path.with_suffix(".avg.pt")
+
+
+def add_to_average(average: Pyramid | None, count: int, model: Pyramid) -> Pyramid:
+    """``average``, the uniform mean of ``count`` networks' weights (None when ``count`` is 0), with ``model``'s
+    added: the mean of ``count + 1`` (stochastic weight averaging; the network has no batch statistics to redo)."""
+    if average is None:
+        return copy.deepcopy(model)
+    with torch.no_grad():
+        for mean, new in zip(average.state_dict().values(), model.state_dict().values()):
+            if mean.is_floating_point():
+                mean += (new.to(mean.device) - mean) / (count + 1)
+    return average
+
+
 def resume_changes(args, stored: dict) -> dict:
     """``{flag: new value}``: the flags given again with ``--resume`` whose values differ from the archived ``stored``.
 
@@ -404,7 +435,7 @@ def prepare(args) -> tuple:
             raise UserError(f"{archive_path} already finished {archive['epoch']} epochs "
                             f"(pass a larger --epochs to train on)")
         return model, archive, archive_path
-    existing = [path for path in (archive_path, best_path(archive_path)) if path.exists()]
+    existing = [path for path in (archive_path, best_path(archive_path), average_path(archive_path)) if path.exists()]
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists: pass --resume to continue it, --overwrite to replace it, "
                         "or choose another experiment name")
@@ -441,7 +472,8 @@ def setup(args) -> tuple:
     augment = None if args.no_augment else Augmenter(p_jitter=args.p_jitter, max_shift=args.max_shift,
                                                      max_angle=args.max_angle, elastic_amplitude=args.elastic,
                                                      change_amplitude=args.tissue_change, p_fold=args.fold_prob,
-                                                     defect_params=misalign.with_fold_width(args.fold_width))
+                                                     defect_params=misalign.with_fold_width(args.fold_width),
+                                                     max_blur=args.blur, max_grain=args.grain)
     parts = [StackDataset(path, mask_radius=args.mask_neighborhood_radius, augment=augment, crop=args.crop or None)
              for path in paths]
     sizes = sorted({tuple(part.shape[2:]) for part in parts})
@@ -528,6 +560,10 @@ def train(args, device: str | None = None) -> Path:
         history: dict[str, list[float]] = archive["history"]
         iteration, start_epoch = archive["iteration"], archive["epoch"]
         optimizer, stage = None, None
+        average_file = average_path(archive_path)  # --average_from's mean, continued by a resumed run
+        average, averaged = None, 0
+        if rank0 and args.resume and args.average_from is not None and average_file.is_file():
+            average, averaged = load_archive(average_file, device)[0], read_archive(average_file)["averaged"]["epochs"]
         deadline = time.time() + 60 * args.minutes if args.minutes else math.inf
         if rank0:
             log_arguments(writer, args, iteration)
@@ -612,6 +648,15 @@ def train(args, device: str | None = None) -> Path:
                     save_archive(best_path(archive_path), model, **state)
                 elif "val_epe" not in history:  # --overwrite without held-out data: an old best is not this run's
                     best_path(archive_path).unlink(missing_ok=True)
+                if args.average_from is not None and epoch >= args.average_from:
+                    average, averaged = add_to_average(average, averaged, model), averaged + 1
+                    scores = validate(average, val_loader, args.trunc, device) if val_loader is not None else {}
+                    save_archive(average_file, average, **{**state, "optimizer": None, "averaged": {
+                        "from": args.average_from, "epochs": averaged, **{f"val_{k}": v for k, v in scores.items()}}})
+                    print(f"{average_file}: the mean of epochs {epoch + 1 - averaged}..{epoch}"
+                          + (f", val_epe {scores['epe']:.4g}" if scores else ""))
+                elif not args.resume and epoch == 0:  # --overwrite: an old mean is not this run's
+                    average_file.unlink(missing_ok=True)
             distributed.barrier()  # the other ranks wait while rank 0 validates and saves
             if out_of_time(deadline):
                 if rank0:

@@ -149,6 +149,8 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--fine_tuning_lr_factor", "-1"], "--fine_tuning_lr_factor must be positive"),
     (["--clip", "-1"], "--clip must be >= 0"),  # a negative norm would flip the gradients: ascent
     (["--epoch_size", "-1", "--num_workers", "-1"], "--epoch_size, --num_workers must be >= 0"),
+    (["--blur", "-1", "--grain", "-0.5"], "--blur, --grain must be >= 0"),
+    (["--average_from", "-1"], "--average_from -1 is an epoch: 0 or more"),
     (["--p_jitter", "2"], "--p_jitter 2.0 is a probability"),
     (["--fold_prob", "-0.5"], "--fold_prob -0.5 is a probability"),
     (["--fold_width", "30", "10"], "--fold_width 30 10: expected 0 < LO <= HI px"),
@@ -370,6 +372,24 @@ def test_the_epoch_with_the_lowest_held_out_epe_is_kept(toy, tmp_path, capsys):
         run(toy, "exp", "--epochs", "1")
     run(toy, "exp", "--epochs", "1", "--overwrite", "--val_dataset", "")
     assert not (tmp_path / "pt" / "exp.best.pt").exists()  # no held-out data: no best, and not the old one
+
+
+def test_average_from_keeps_the_mean_of_the_epochs_weights_across_a_resume(toy, capsys):
+    path = run(toy, "avg", "--epochs", "2", "--average_from", "1")
+    first = load_archive(path)[0].state_dict()  # epoch 1's weights: the mean of one epoch
+    mean, archive = load_archive(train.average_path(path))
+    assert archive["averaged"]["epochs"] == 1 and archive["averaged"]["val_epe"] > 0
+    assert all(torch.equal(mean.state_dict()[k], first[k]) for k in first)
+    run(toy, "avg", "--epochs", "3", "--resume")  # epoch 2, added to the kept mean
+    second = load_archive(path)[0].state_dict()
+    mean, archive = load_archive(train.average_path(path))
+    assert archive["averaged"]["epochs"] == 2 and "the mean of epochs 1..2" in capsys.readouterr().out
+    assert not torch.equal(first["encoder.stages.0.0.weight"], second["encoder.stages.0.0.weight"])
+    assert all(torch.allclose(mean.state_dict()[k], (first[k] + second[k]) / 2, atol=1e-7) for k in first)
+    net_hist.main([str(train.average_path(path))])
+    assert "these weights: the mean of epochs 1..2, val_epe=" in capsys.readouterr().out
+    with pytest.raises(UserError, match="exists"):  # a new run of the same name is refused, the mean kept
+        run(toy, "avg", "--epochs", "1")
 
 
 def test_a_loss_that_diverges_says_whether_an_epoch_was_kept(toy, monkeypatch):
