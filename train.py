@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--average_from", type=int,
                    help="from this epoch on, also keep pt/NAME.avg.pt: the mean of the network's weights at the end "
                         "of each epoch (stochastic weight averaging: at a constant --lr the weights wander from "
-                        "epoch to epoch, and so does how well they carry to other data; their mean does not)")
+                        "epoch to epoch, and so does how well they carry to other data; their mean swings less)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", action="append",
                    help="HDF5 from gen_stack.py, or a dataset NAME (data/NAME_train_mipM.h5); default: the demo "
