@@ -387,9 +387,10 @@ def blur_and_grain(sample: Sample, generator: torch.Generator, max_sigma: float,
         if sigma > 0:
             weight = gaussian_blur(tissue.float(), sigma)
             image = gaussian_blur(image, sigma) / weight.clamp(min=1e-6)
-        std = image[tissue].std() if tissue.sum() > 1 else image.new_zeros(())
+        image = image.masked_fill(~tissue, 0)
+        std = slice_std(image)[..., None, None]  # the tissue's (0 for a slice without any)
         noisy = image + grain * std * torch.randn(image.shape, generator=generator)
-        out[which] = torch.where(tissue, noisy.clamp(1, 255), image.new_zeros(()))
+        out[which] = torch.where(tissue, noisy.clamp(1, 255), 0.0)
     return out
 
 

@@ -52,7 +52,7 @@ from data import Augmenter, StackDataset, batches, held_out_misalignment
 from helpers import (HelpFormatter, UserError, check_device, check_name, check_writable, code_version, finite_float,
                      run_main, upsample_field, vector_length)
 from models import Pyramid
-from models.archive import load_archive, load_weights, read_archive, save_archive
+from models.archive import load_archive, load_weights, save_archive
 
 KEY_PARAMS = ("lambda0", "lambda1", "lambda2", "lambda3", "lambda4", "lambda5", "lambda6", "lambda_gt",
               "mask_neighborhood_radius", "mask_smooth_radius", "lr", "size", "trunc", "skip", "k", "corr",
@@ -563,7 +563,8 @@ def train(args, device: str | None = None) -> Path:
         average_file = average_path(archive_path)  # --average_from's mean, continued by a resumed run
         average, averaged = None, 0
         if rank0 and args.resume and args.average_from is not None and average_file.is_file():
-            average, averaged = load_archive(average_file, device)[0], read_archive(average_file)["averaged"]["epochs"]
+            average, kept = load_archive(average_file, device)
+            averaged = kept["averaged"]["epochs"]
         deadline = time.time() + 60 * args.minutes if args.minutes else math.inf
         if rank0:
             log_arguments(writer, args, iteration)
