@@ -651,10 +651,11 @@ def train(args, device: str | None = None) -> Path:
                     best_path(archive_path).unlink(missing_ok=True)
                 if args.average_from is not None and epoch >= args.average_from:
                     average, averaged = add_to_average(average, averaged, model), averaged + 1
+                    first = epoch + 1 - averaged  # the mean's first epoch (a resume may give another --average_from)
                     scores = validate(average, val_loader, args.trunc, device) if val_loader is not None else {}
                     save_archive(average_file, average, **{**state, "optimizer": None, "averaged": {
-                        "from": args.average_from, "epochs": averaged, **{f"val_{k}": v for k, v in scores.items()}}})
-                    print(f"{average_file}: the mean of epochs {epoch + 1 - averaged}..{epoch}"
+                        "from": first, "epochs": averaged, **{f"val_{k}": v for k, v in scores.items()}}})
+                    print(f"{average_file}: the mean of epochs {first}..{epoch}"
                           + (f", val_epe {scores['epe']:.4g}" if scores else ""))
                 elif not args.resume and epoch == 0:  # --overwrite: an old mean is not this run's
                     average_file.unlink(missing_ok=True)

@@ -380,7 +380,7 @@ def test_average_from_keeps_the_mean_of_the_epochs_weights_across_a_resume(toy, 
     mean, archive = load_archive(train.average_path(path))
     assert archive["averaged"]["epochs"] == 1 and archive["averaged"]["val_epe"] > 0
     assert all(torch.equal(mean.state_dict()[k], first[k]) for k in first)
-    run(toy, "avg", "--epochs", "3", "--resume")  # epoch 2, added to the kept mean
+    run(toy, "avg", "--epochs", "3", "--resume", "--average_from", "2")  # epoch 2, added to the kept mean
     second = load_archive(path)[0].state_dict()
     mean, archive = load_archive(train.average_path(path))
     assert archive["averaged"]["epochs"] == 2 and "the mean of epochs 1..2" in capsys.readouterr().out
