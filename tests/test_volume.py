@@ -95,6 +95,23 @@ def test_odd_sizes_fill_every_mip(tmp_path):
     assert np.all(volume.read(mip1, (0, 0, 0), (34, 33, 2)) == 7)  # the last row and column too
 
 
+def test_float_layers_are_written_raw_and_integer_layers_gzipped_whether_created_or_reopened(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"float32": rng.normal(0, 3, (2, 2, 32, 32)).astype(np.float32),
+              "uint8": rng.integers(1, 256, (2, 1, 32, 32), dtype=np.uint8)}
+    for dtype, array in arrays.items():
+        path = "file://" + str(tmp_path / dtype)
+        channels = array.shape[1]
+        volume.write(volume.create_volume(path, (32, 32, 2), dtype, channels, chunk=(32, 32, 1)), array[:1], (0, 0, 0))
+        volume.write(volume.open_volume(path), array[1:], (0, 0, 1))  # as a resumed run writes
+        names = sorted(p.name for p in (tmp_path / dtype / "8_8_40").iterdir())
+        suffix = "" if dtype == "float32" else ".gz"
+        assert names == [f"0-32_0-32_0-1{suffix}", f"0-32_0-32_1-2{suffix}"]
+        reopened = volume.open_volume(path)
+        assert np.array_equal(volume.read(reopened, (0, 0, 0), (32, 32, 2)), array)
+        assert volume.missing_sections(reopened, (0, 0, 0), (32, 32, 2)) == []
+
+
 def test_include_sections_grows_the_bounds_at_every_mip_and_keeps_the_chunks_written(tmp_path):
     path = "file://" + str(tmp_path / "layer")
     vol = volume.create_volume(path, (64, 64, 2), "uint8", mips=2, chunk=(32, 32, 1), offset=(0, 0, 3))
