@@ -242,6 +242,15 @@ def _get_array(marks: CloudFiles, name: str) -> np.ndarray:
     return np.load(io.BytesIO(marks.get(name)))
 
 
+def _get_jsons(files: CloudFiles, names: list[str]) -> list:
+    """The JSON files ``names`` under ``files``, decoded, in order (None where one is missing). One at a time on
+    local storage: there CloudFiles reads a list in a thread that it polls every 0.1 s, while a read takes 0.2 ms
+    (the demo's solve waited 6.6 s of its 24 s, bench/RESULTS.md). Elsewhere in CloudFiles' threads, at once."""
+    if files.protocol in ("file", "mem"):
+        return [files.get_json(name) for name in names]
+    return files.get_json(names)
+
+
 def _read(vol, z: int, box: Box) -> np.ndarray:
     """``[C, Y, X]`` of section z over ``box``."""
     x0, y0, x1, y1 = box
@@ -453,7 +462,7 @@ def pair_offsets(job: Job) -> list[int]:
 
 def _placed(job: Job, usable: list[int]) -> set[int]:
     """``alignment.placed_by_pieces`` of the ``usable`` sections, from their prealign markers."""
-    markers = _progress(job).get_json([f"solve/prealign/{z}" for z in usable])
+    markers = _get_jsons(_progress(job), [f"solve/prealign/{z}" for z in usable])
     return placed_by_pieces(usable, {(z, t): rigid for z, marker in zip(usable, markers)
                                      for t, rigid in zip(marker["targets"], marker["rigid"]) if t is not None})
 
@@ -496,7 +505,7 @@ def scan_task(job: dict, z: int) -> None:
 
 def _scans(job: Job, sections) -> list[dict | None]:
     """The scan markers of ``sections`` (None for a section not scanned yet)."""
-    return _progress(job).get_json([f"solve/scan/{z}" for z in sections])
+    return _get_jsons(_progress(job), [f"solve/scan/{z}" for z in sections])
 
 
 def _stats(scan: dict) -> tuple[float, float]:
@@ -862,7 +871,7 @@ def record_failure(queue: TaskQueue, task, err: BaseException) -> str:
 
 def _check_dead_letters(failures: CloudFiles) -> None:
     """``UserError`` with the error of a dead-lettered task, if any has a record in ``failures``."""
-    for record in failures.get_json(list(failures.list())):
+    for record in _get_jsons(failures, list(failures.list())):
         if record and record["dead"]:
             raise UserError(f"task {record['task']} failed {record['failures']} times and was dead-lettered "
                             f"(last error: {record['error']}); fix the cause and run again")

@@ -71,6 +71,21 @@ def layer(path, array):
     return vol
 
 
+@pytest.mark.parametrize("where", ["file", "mem"])
+def test_many_markers_read_one_at_a_time_locally_in_order_with_none_for_a_missing_one(tmp_path, where):
+    from cloudfiles import CloudFiles
+
+    files = CloudFiles(f"file://{tmp_path}" if where == "file" else f"mem://{tmp_path.name}")
+    files.put_json("a", {"z": 1})
+    files.put_json("c", [2])
+    expected = files.get_json(["c", "b", "a"])
+    assert expected == [[2], None, {"z": 1}]
+    asked, get_json = [], files.get_json
+    files.get_json = lambda names: asked.append(names) or get_json(names)
+    assert tasks._get_jsons(files, ["c", "b", "a"]) == expected
+    assert asked == ["c", "b", "a"]  # no list: CloudFiles would read it in a thread polled every 0.1 s
+
+
 def test_chunked_compose_and_warp_equal_whole_section(tmp_path):
     """Chunks read with a margin of the largest displacement + 1 px give the whole-section result."""
     f, g = smooth((2, 96, 96), 0, 12.0)[None], smooth((2, 96, 96), 1, 9.0)[None]
