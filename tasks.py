@@ -143,7 +143,9 @@ from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
 
 LAYER_CHUNK = 256  # xy storage chunk of the layers align.py creates; task chunks are multiples of it
-POLL_SECONDS = 1.0  # how often the driver looks at the queue
+POLL_SECONDS = 1.0  # the driver looks at the queue this often once a phase has run a while (run_queued)
+FIRST_POLL_SECONDS = 0.05  # ... and first this soon after inserting a phase, the wait doubling each time
+WORKER_BACKOFF_SECONDS = 0.25  # a worker that found the queue empty looks again within this long (work)
 MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
@@ -886,23 +888,31 @@ def _check_dead_letters(failures: CloudFiles) -> None:
 def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
     """Insert each phase into ``queue`` (``open_queue``) and wait until the workers have emptied it.
 
+    The driver looks at the queue ``FIRST_POLL_SECONDS`` after inserting a phase, then after twice as long each
+    time up to ``POLL_SECONDS``, so a short phase (a small stack) ends soon after its last task and a long one is
+    not polled more than once a second. An ``fq://`` queue's count is exact, so one look at an empty queue ends
+    the phase; an SQS queue's counts are approximate and lag, so it must also be empty ``POLL_SECONDS`` later.
+
     dest: the job's DEST (cloudpath). Its failure records are cleared first; a ``UserError`` once a task is
     dead-lettered (module docstring).
     """
     failures = _failures(dest)
     failures.delete(list(failures.list()))
+    settle = 0.0 if queue.path.protocol == "fq" else POLL_SECONDS  # how long an empty count must last
     for name, calls in all_phases:
         queue.insert(calls() if callable(calls) else calls)
         total = queue.enqueued  # this phase's tasks and any left by an interrupted run before
         with tqdm(total=total, desc=f"{name} (queued)", unit="task") as bar:
-            empty_polls = 0
-            while empty_polls < 2:  # twice in a row: a cloud queue's counts lag a little
+            wait, empty_since = FIRST_POLL_SECONDS, None
+            while True:
                 _check_dead_letters(failures)
                 left = queue.enqueued
-                empty_polls = empty_polls + 1 if left == 0 else 0
                 bar.update(max(total - left - bar.n, 0))
-                if empty_polls < 2:
-                    time.sleep(POLL_SECONDS)
+                empty_since = None if left else empty_since or time.monotonic()
+                if empty_since and time.monotonic() - empty_since >= settle:
+                    break
+                time.sleep(wait)
+                wait = min(2 * wait, POLL_SECONDS)
 
 
 def check_queue_spec(spec: str) -> None:
@@ -937,7 +947,7 @@ def work(spec: str, lease_seconds: int) -> None:
     while True:
         try:
             queue.poll(lease_seconds=lease_seconds, before_fn=announce, after_fn=lambda task: running.clear(),
-                       tally=True)
+                       tally=True, max_backoff_window=WORKER_BACKOFF_SECONDS)
             return  # interrupted
         except Exception as err:  # a failed task stays on the queue (record_failure), leased again later
             traceback.print_exc()

@@ -297,6 +297,40 @@ def test_a_queued_task_that_always_fails_is_dead_lettered_and_stops_the_driver(t
     assert tasks.open_queue(spec, create=False).enqueued == 0  # taken off the queue
 
 
+class CountingQueue:
+    """A queue whose count of tasks left is read off a script, one number per look, on ``protocol`` (fq or sqs)."""
+
+    def __init__(self, protocol: str, counts: list[int]):
+        self.path, self.counts = type("Path", (), {"protocol": protocol}), counts
+
+    def insert(self, calls) -> None:
+        list(calls)
+
+    @property
+    def enqueued(self) -> int:
+        return self.counts.pop(0)
+
+
+@pytest.mark.parametrize("protocol", ["fq", "sqs"])
+def test_the_driver_looks_soon_after_inserting_a_phase_then_ever_less_often(protocol, tmp_path, monkeypatch):
+    clock, waits = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(tasks.time, "sleep", sleep)
+    monkeypatch.setattr(tasks.time, "monotonic", lambda: clock[0])
+    # the count after inserting (the bar's total), then one per look: 7 looks at 3 tasks left, then empty
+    counts = [3] + [3] * 7 + [0] * 4
+    queue = CountingQueue(protocol, counts)
+    tasks.run_queued(queue, [("phase", [])], f"file://{tmp_path}/dest")
+    busy = [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]  # doubling from FIRST_POLL_SECONDS up to POLL_SECONDS
+    # an fq:// count is exact: the first empty look ends the phase; an SQS count must stay 0 for a second
+    assert waits == (busy if protocol == "fq" else busy + [1.0])
+    assert len(counts) == (3 if protocol == "fq" else 2)
+
+
 def solve_volume(tmp_path, tiny_volume, blank=5):
     """tiny_volume's image layer with section ``blank`` made blank; returns its path and ``[Z, Y, X]`` sections."""
     paths, arrays = tiny_volume
