@@ -296,11 +296,6 @@ def atomic_output(path: str | Path, tag: str = "partial") -> Iterator[Path]:
 
 
 # --------------------------------------------------------------------------- fields
-def identity_field(n: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The identity displacement: zeros ``[N, 2, H, W]`` (pixels)."""
-    return torch.zeros(n, 2, h, w, device=device, dtype=dtype)
-
-
 def pixel_grid(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Absolute pixel-centre coordinates ``[1, 2, H, W]``: channel 0 = x = column, 1 = y = row."""
     y, x = torch.meshgrid(torch.arange(h, device=device, dtype=dtype),

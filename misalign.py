@@ -207,14 +207,6 @@ def misalign(aligned: torch.Tensor, params: MisalignParams = MisalignParams(),
     return _from_float(image[crop], dtype), defects[crop].contiguous(), field[crop].contiguous()
 
 
-def apply_defects(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor,
-                  params: MisalignParams = MisalignParams(),
-                  generator: torch.Generator | int | None = None) -> Triple:
-    """``add_cracks`` then ``add_folds``, each section with its own probability."""
-    gen = _generator(generator)
-    return add_folds(*add_cracks(image, defects, field, params, gen), params, gen)
-
-
 def add_misalignment(image: torch.Tensor, defects: torch.Tensor, field: torch.Tensor,
                      params: MisalignParams = MisalignParams(),
                      generator: torch.Generator | int | None = None) -> Triple:
