@@ -218,8 +218,9 @@ def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[int, int, int, int]:
             max(int(columns[0]) - margin, 0), min(int(columns[-1]) + 1 + margin, w))
 
 
+@functools.lru_cache(maxsize=None)
 def _fast_length(n: int) -> int:
-    """The smallest ``2^a 3^b 5^c >= n`` (``n`` >= 1): an FFT length that is quick to transform."""
+    """The smallest ``2^a 3^b 5^c >= n`` (``n`` >= 1): an FFT length that is quick to transform (kept per ``n``)."""
     powers = range(n.bit_length() + 1)
     return min(m for m in (2 ** a * 3 ** b * 5 ** c for a in powers for b in powers for c in powers) if m >= n)
 
