@@ -200,6 +200,20 @@ def read_section(path: Path) -> np.ndarray:
     return section
 
 
+def read_registered(folder: str | Path, start: int, stop: int | None = None) -> np.ndarray:
+    """Sections ``start`` to ``stop`` - 1 (natural file order; None: to the last) of a folder of registered 8-bit
+    sections, as the benchmarks and the detector's training read them: uint8 ``[Z, H, W]``, 0 raised to 1 (0 means
+    missing data). Raises ``UserError`` for fewer than 2 sections there, and as ``check_stack`` does (mixed sizes
+    or dtypes), also for a dtype other than uint8: no stretch is guessed for a benchmark's truth."""
+    paths = [p for _, p in list_sections(Path(folder))][start:stop]
+    if len(paths) < 2:
+        raise UserError(f"{folder}: fewer than 2 sections from {start}")
+    dtype = check_stack(paths, rescale=True)[2]
+    if dtype != "uint8":
+        raise UserError(f"{folder}: the sections are {dtype}, not uint8: convert them to 8-bit images first")
+    return np.maximum(np.stack([read_section(p) for p in paths]), 1)
+
+
 def read_scaled(path: Path, stretch: tuple[float, float] | None) -> np.ndarray:
     """``read_section``, mapped onto uint8 by ``rescale`` when ``stretch`` (the stack's value range) is given."""
     section = read_section(path)

@@ -30,16 +30,9 @@ from detect_defects import ARCHIVE, DefectNet, load_detector, save_detector
 from helpers import HelpFormatter, UserError, check_writable, finite_float, folder, run_main
 
 PAD = 48  # margin generated around each canvas, as the benchmarks' stacks
+SIDE = 512  # px: the training stacks' side at most (the centre of larger sections)
 TRAIN_PARAMS = misalign.MisalignParams(crack_prob=0.5, fold_prob=0.5)
 RANGES = {"demo": (0, 70), "snemi": (0, 60), "isbi": (0, 20)}
-
-
-def real_sections(folder: str, z_range: tuple[int, int]) -> np.ndarray:
-    """Sections ``[Z, H, W]`` uint8 (natural file order, ``z_range``) of an image folder; 0 raised to 1 (tissue)."""
-    from import_stack import list_sections, read_section
-
-    paths = [p for _, p in list_sections(Path(folder))][slice(*z_range)]
-    return np.maximum(np.stack([read_section(p) for p in paths]), 1)
 
 
 def demo_sections(z_range: tuple[int, int]) -> np.ndarray:
@@ -64,12 +57,20 @@ def damaged(sections: np.ndarray, size: int, seed: int) -> tuple[torch.Tensor, t
 
 
 def pool(args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Every training stack (``damaged``): each source ``args.draws`` times, seeds 1000, 1001, ..."""
-    sources = [demo_sections(RANGES["demo"])]
-    sources += [real_sections(folder, RANGES[name]) for name, folder in (("snemi", args.snemi), ("isbi", args.isbi))
-                if folder]
+    """Every training stack (``damaged``): each source ``args.draws`` times, seeds 1000, 1001, ...; a ``UserError``
+    if a source's stacks are smaller than ``args.crop``."""
+    from import_stack import read_registered
+
+    sources = {"demo": demo_sections(RANGES["demo"])}
+    sources.update({name: read_registered(folder, *RANGES[name]) for name, folder in (("snemi", args.snemi),
+                                                                                      ("isbi", args.isbi)) if folder})
+    for name, sections in sources.items():
+        room = min(SIDE + 2 * PAD, *sections.shape[1:]) - 2 * PAD  # damaged's stacks' side
+        if room < args.crop:
+            raise UserError(f"--crop {args.crop}: the {name} sections ({sections.shape[2]} x {sections.shape[1]} px) "
+                            f"leave {max(room, 0)} px within a margin of {PAD} px on each side")
     seeds = iter(range(1000, 10 ** 6))
-    return [damaged(s, 512, next(seeds)) for s in sources for _ in range(args.draws)]
+    return [damaged(s, SIDE, next(seeds)) for s in sources.values() for _ in range(args.draws)]
 
 
 def blank_edge(pair: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -158,9 +159,6 @@ def main(argv=None) -> Path:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     stacks = pool(args)
-    side = min(min(image.shape[-2:]) for image, _, _ in stacks)
-    if args.crop > side:
-        raise UserError(f"--crop {args.crop}: larger than the smallest training section ({side} px)")
     print(f"{sum(len(s[0]) for s in stacks)} damaged sections from {len(stacks)} stacks")
     net = load_detector(args.init).train() if args.init else DefectNet()
     weights = torch.tensor(args.class_weights)

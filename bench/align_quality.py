@@ -120,15 +120,9 @@ def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,
     ``size + 2 * 48`` px of each as the canvas, cropped to ``size`` after misalignment;
     with ``reregister``, first ``import_stack.register_rigidly`` (as ``import_stack.py --reregister``).
     """
-    from import_stack import list_sections, read_section, register_rigidly
+    from import_stack import read_registered, register_rigidly
 
-    paths = [p for _, p in list_sections(Path(folder))][z_start:z_start + count]
-    if len(paths) < 2:
-        raise UserError(f"{folder}: fewer than 2 sections from {z_start}")
-    sections = [read_section(p) for p in paths]
-    if len({section.shape for section in sections}) > 1:
-        raise UserError(f"{folder}: sections of several sizes ({', '.join(sorted({str(s.shape) for s in sections}))})")
-    sections = np.maximum(np.stack(sections), 1)  # 0 means missing data
+    sections = read_registered(folder, z_start, z_start + count)
     margin = 0  # of missing data that re-registering moves in
     if reregister:
         sections, shifts = register_rigidly(sections)

@@ -70,13 +70,6 @@ def test_bad_flags_are_one_line_errors_before_the_stack_is_built(monkeypatch, fl
         align_quality.main(["--archive", "pt/demo.pt", *flags])
 
 
-def test_a_real_folder_of_sections_of_several_sizes_is_one_line(tmp_path):
-    write_sections(tmp_path, [(0, 0)] * 2)
-    Image.fromarray(np.zeros((32, 40), np.uint8)).save(tmp_path / "2.png")
-    with pytest.raises(UserError, match=r"sections of several sizes \(\(160, 160\), \(32, 40\)\)"):
-        align_quality.real_stack(str(tmp_path), 0, 3, 32)
-
-
 def test_fold_width_misaligns_real_and_phantom_stacks_with_wider_folds_and_is_refused_for_the_demo(tmp_path,
                                                                                                     monkeypatch):
     import demo

@@ -95,6 +95,31 @@ def test_uint16_rescaled_onto_1_255_keeping_missing_zero(tmp_path):
     assert volume.open_volume(str(dest)).provenance.processing[-1]["method"]["value_range"] == [100, 300]
 
 
+def test_read_registered_reads_8_bit_sections_in_order_with_0_raised_to_1(tmp_path):
+    stack = sections(4)
+    folder = save_png(tmp_path / "in", ["s10.png", "s2.png", "s3.png", "s1.png"], stack)
+    out = import_stack.read_registered(folder, 1, 3)  # s2, s3
+    assert out.dtype == np.uint8 and np.array_equal(out, np.maximum(stack[1:3], 1))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("uint16", "the sections are uint16, not uint8: convert them to 8-bit images first"),
+    ("sizes", "s1.png is 40 x 32 px but s0.png is 96 x 64 px: all sections must be one size"),
+    ("one", "fewer than 2 sections from 0")])
+def test_read_registered_refuses_what_it_cannot_read_as_a_benchmarks_truth(tmp_path, case, message):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    if case == "uint16":  # e.g. 16-bit TIFFs, which read as 8 bits would be garbage
+        for z in range(2):
+            tifffile.imwrite(folder / f"s{z}.tif", np.full((H, W), 300 + z, np.uint16))
+    else:
+        save_png(folder, ["s0.png"], sections(1))
+        if case == "sizes":
+            save_png(folder, ["s1.png"], np.ones((1, 32, 40), np.uint8))
+    with pytest.raises(UserError, match=message):
+        import_stack.read_registered(folder, 0, 2)
+
+
 def test_allow_gaps_writes_zeros_at_file_numbers(tmp_path):
     stack = sections(3)
     folder = save_png(tmp_path / "in", ["3.png", "4.png", "6.png"], stack)

@@ -1,7 +1,9 @@
 """train_detector.py: the training crops can be put over the folds, which random crops seldom show; bad flags and an
 existing --out are one-line errors before any data is built."""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import misalign
 import phantom
@@ -54,4 +56,14 @@ def test_bad_flags_are_one_line_errors_before_any_data_is_built(tmp_path, monkey
     monkeypatch.setattr(train_detector, "pool", _no_data)
     with pytest.raises(UserError):
         train_detector.main([*flags, "--out", str(tmp_path / "new.pt")])
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_real_sections_too_small_for_the_crop_are_one_line(tmp_path, monkeypatch):
+    for z in range(3):
+        Image.fromarray(np.full((64, 64), 9 + z, np.uint8)).save(tmp_path / f"{z}.png")
+    monkeypatch.setattr(train_detector, "demo_sections", lambda z_range: np.ones((2, 512, 512), np.uint8))
+    with pytest.raises(UserError, match=r"--crop 160: the snemi sections \(64 x 64 px\) leave 0 px within a margin "
+                                        r"of 48 px on each side"):
+        train_detector.main(["--snemi", str(tmp_path), "--crop", "160", "--out", str(tmp_path / "new.pt")])
     assert not (tmp_path / "new.pt").exists()
