@@ -65,8 +65,12 @@ def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
     import volume
 
     layers = demo.ensure_demo()
-    read = {name: volume.read(volume.open_volume(layers[name]), (0, 0, z_start), (size, size, count))
-            for name in ("image", "field", "defects")}
+    vols = {name: volume.open_volume(layers[name]) for name in ("image", "field", "defects")}
+    start, stop = volume.bounds(vols["image"])
+    if z_start < start[2] or z_start + count > stop[2] or size > min(stop[:2] - start[:2]):
+        raise UserError(f"--z_start {z_start} --sections {count} --size {size}: outside the demo volume (sections "
+                        f"{start[2]}..{stop[2] - 1}, {stop[0] - start[0]} x {stop[1] - start[1]} px)")
+    read = {name: volume.read(vol, (0, 0, z_start), (size, size, count)) for name, vol in vols.items()}
     return {"raw": read["image"][:, 0], "truth": read["field"], "defects": read["defects"][:, 0]}
 
 
@@ -201,6 +205,14 @@ def adapted_network(archive: str, minutes: float, raw: np.ndarray, folder: Path,
     return str(path)
 
 
+def check_stack_args(args) -> None:
+    """One-line ``UserError``s for the held-out stack's ``--sections`` and ``--size`` (``held_out_stack``)."""
+    if args.sections < 2:
+        raise UserError(f"--sections {args.sections}: a stack to align needs at least 2")
+    if args.size < 1:
+        raise UserError(f"--size {args.size}: the sections' size in px must be at least 1")
+
+
 def check_args(args) -> None:
     """One-line ``UserError``s, before the stack is built: the alignment settings (each ``--smooth``), ``--ours``,
     ``--sections``, ``--size``, and ``--methods`` / ``--settings`` names the classical aligners do not have."""
@@ -211,10 +223,7 @@ def check_args(args) -> None:
     for variant in args.ours:
         if not re.fullmatch(r"serial|raw|vote[1-9]\d*|solve([1-9]\d*)?", variant):
             raise UserError(f"--ours {variant}: expected serial, raw, voteK or solveK (K >= 1)")
-    if args.sections < 2:
-        raise UserError(f"--sections {args.sections}: a stack to align needs at least 2")
-    if args.size < 1:
-        raise UserError(f"--size {args.size}: the sections' size in px must be at least 1")
+    check_stack_args(args)
     unknown = [f"--methods {m}" for m in args.methods or [] if m not in (*BASELINES, "none")]  # none: ours only
     unknown += [f"--settings {s}" for s in args.settings or [] if not any(s in known for known in BASELINES.values())]
     if unknown:

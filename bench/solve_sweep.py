@@ -45,11 +45,13 @@ import torch
 from tqdm import tqdm
 
 import evaluate
-from bench.align_quality import DEFECT_MASKS, add_misalignment_flags, held_out_stack, registration_check
+from bench.align_quality import (DEFECT_MASKS, add_misalignment_flags, check_stack_args, held_out_stack,
+                                 registration_check)
 from alignment import (SolveSettings, add_flags, apply_field, for_inference, settings_from_args, solve_pairs,
                        solved_pairs)
 from demo import PHANTOMS
-from helpers import compose, file_sha256, folder, in_frame_of, invert_field, run_main, vector_length
+from helpers import (UserError, atomic_output, check_writable, compose, file_sha256, folder, in_frame_of,
+                     invert_field, one_line, run_main, vector_length)
 from models.archive import load_archive
 from solve import low_pass
 
@@ -106,6 +108,29 @@ def summarise(draws: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, f
     return out
 
 
+def cache_path(args, seed: int) -> Path | None:
+    """Draw ``seed``'s ``--cache`` file: ``FILE`` itself for one draw, ``FILE.seedS.pt`` for several; None without."""
+    if not args.cache:
+        return None
+    return Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")
+
+
+def read_cache(path: Path) -> dict | None:
+    """The pair fields this script kept at ``path`` (``{"key", "fields"}``), None if there is no file yet; a
+    ``UserError`` for a file it cannot have written (e.g. a network archive), which it would overwrite, or where
+    no file can be written."""
+    check_writable(path, "--cache")
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+    except Exception as err:  # truncated, not a torch file, another pickle
+        raise UserError(f"--cache {path}: not a cache of pair fields ({one_line(err)}); give another file") from None
+    if not isinstance(cached, dict) or set(cached) != {"key", "fields"}:
+        raise UserError(f"--cache {path}: not a cache of pair fields (it would be overwritten); give another file")
+    return cached
+
+
 def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[str, float]]:
     """One misalignment draw: its stack, the pair fields (cached), and the scores of every setting."""
     stack = held_out_stack(args, seed)
@@ -121,17 +146,17 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     key = [file_sha256(args.archive), args.real, args.phantom, seed, args.reregister, list(args.fold_width),
            args.z_start, args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pair.pieces, pairs,
            args.defects]
-    cache = (Path(args.cache) if len(args.seed) == 1 else Path(args.cache).with_suffix(f".seed{seed}.pt")) \
-        if args.cache else None
-    cached = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}
-    if cached.get("key") == key:
+    cache = cache_path(args, seed)
+    cached = read_cache(cache) if cache else None
+    if cached and cached["key"] == key:
         fields = cached["fields"]
     else:
         start = time.time()
         fields = torch.stack([field_of(s, t) for s, t in tqdm(pairs, desc="pairs", unit="pair")])
         print(f"{len(pairs)} pair fields in {time.time() - start:.0f} s")
         if cache:
-            torch.save({"key": key, "fields": fields}, cache)
+            with atomic_output(cache) as tmp:
+                torch.save({"key": key, "fields": fields}, tmp)
 
     defects = evaluate.defects_in_output_frame(stack["defects"], truth)
     true = true_pair_fields(truth, pairs)
@@ -184,6 +209,10 @@ def main(argv=None) -> dict:
         args.neighbours, args.smooth, args.pull, args.detail_pull, args.robust) if smooth or detail == args.detail_pull[0]]
     for n, smooth, pull, detail, robust in settings:  # each setting's least value, before any work
         settings_from_args(args, neighbours=n, smooth=smooth, pull=pull, detail_pull=detail, robust=robust)
+    check_stack_args(args)
+    for seed in args.seed:  # a file it would overwrite, before any work
+        if cache_path(args, seed):
+            read_cache(cache_path(args, seed))
     model = for_inference(load_archive(args.archive)[0])
     rows = summarise([sweep_draw(args, model, seed, settings) for seed in args.seed])
     ranked = sorted((item for item in rows.items() if item[0] != "no alignment"), key=lambda item: item[1]["far_common"])

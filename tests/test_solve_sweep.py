@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import alignment
-from bench import solve_sweep
+from bench import align_quality, solve_sweep
 from helpers import UserError
 from models import Pyramid
 from models.archive import save_archive
@@ -94,8 +94,35 @@ def test_the_cache_is_reused_for_the_same_archive_and_not_for_a_new_one_at_its_p
 
 
 @pytest.mark.parametrize("flags, message", [(["--neighbours", "0"], "--neighbours 0: must be >= 1"),
-                                            (["--pull", "0.03", "0"], "--pull 0: must be > 0")])
+                                            (["--pull", "0.03", "0"], "--pull 0: must be > 0"),
+                                            (["--sections", "1"], "--sections 1: a stack to align needs at least 2"),
+                                            (["--cache", "pt/demo.pt"], "--cache pt/demo.pt: not a cache of pair "
+                                                                        "fields \\(it would be overwritten\\)"),
+                                            (["--cache", "tests"], "--cache tests: cannot write there")])
 def test_a_swept_setting_out_of_range_is_one_line_before_the_network_is_read(flags, message, monkeypatch):
     monkeypatch.setattr(solve_sweep, "load_archive", lambda path: pytest.fail("read before the flags were checked"))
     with pytest.raises(UserError, match=message):
         solve_sweep.main(["--archive", "pt/demo.pt", *flags])
+
+
+def test_a_cache_file_it_did_not_write_is_refused_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(solve_sweep, "load_archive", lambda path: pytest.fail("read before the cache was checked"))
+    for seeds, name in ((["0"], "x.pt"), (["0", "1"], "x.seed1.pt")):  # several draws: one file per draw
+        other = tmp_path / name
+        other.write_bytes(b"a truncated network")
+        with pytest.raises(UserError, match=f"--cache {other}: not a cache of pair fields"):
+            solve_sweep.main(["--archive", "pt/demo.pt", "--seed", *seeds, "--cache", str(tmp_path / "x.pt")])
+        assert other.read_bytes() == b"a truncated network"
+        other.unlink()
+
+
+def test_a_demo_stack_outside_the_demo_volume_is_one_line(tmp_path, monkeypatch):
+    import demo
+
+    monkeypatch.setenv("SEAMLESS_DATA", str(tmp_path))
+    demo.build(shape=(4, 64, 64))
+    assert align_quality.demo_stack(1, 3, 64)["raw"].shape == (3, 64, 64)
+    for z_start, count, size in ((2, 3, 64), (0, 2, 65), (-1, 2, 32)):
+        with pytest.raises(UserError, match=rf"--z_start {z_start} --sections {count} --size {size}: outside the demo "
+                                            r"volume \(sections 0\.\.3, 64 x 64 px\)"):
+            align_quality.demo_stack(z_start, count, size)
