@@ -72,6 +72,9 @@ def _check_layout(f: h5py.File, path: Path) -> None:
     for name, want in expected.items():
         if name in f and f[name].shape != want:
             raise UserError(f"dataset {path}: '{name}' has shape {f[name].shape}, expected {want}")
+    if "masks" in f and f["masks"].dtype != np.uint8:
+        raise UserError(f"dataset {path}: 'masks' must be uint8 defect maps (0 none, 1 crack, 2 fold), got "
+                        f"{f['masks'].dtype}")
 
 
 class StackDataset(Dataset):
@@ -162,8 +165,9 @@ class StackDataset(Dataset):
         rows, cols = self._window(generator)
         images = to_tensor(self._read("images", n, s, rows, cols))
         size = images.shape[-2:]
-        defects = (torch.from_numpy(self._read("masks", n, s, rows, cols)) if self.has_masks
-                   else torch.zeros(2, *size, dtype=torch.uint8))
+        defects = (masks.check_defect_map(torch.from_numpy(self._read("masks", n, s, rows, cols)),
+                                          f"dataset {self.path}: 'masks' of stack {n}, sections {s}..{s + 1}")
+                   if self.has_masks else torch.zeros(2, *size, dtype=torch.uint8))
         if self.has_field_data:
             fields = to_tensor(self._read("fields", n, s, slice(None), rows, cols))
             if not fields.isfinite().all():  # else the supervised term and the held-out EPE turn NaN (or 0)

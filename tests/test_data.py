@@ -412,3 +412,22 @@ def test_true_fields_that_are_not_finite_are_a_user_error_naming_the_stack(tmp_p
     with pytest.raises(UserError, match=f"dataset {path}: 'fields' of stack 0, sections 0..1 hold values that are "
                                         "not finite"):
         ds[0]
+
+
+def test_masks_that_are_not_defect_maps_are_a_user_error(tmp_path):
+    path = write_stacks(tmp_path / "stacks.h5")
+    with h5py.File(path, "r+") as f:
+        f["masks"][0, 3, 5, 5] = 9  # stack 0, section 3
+    ds = data.StackDataset(path)
+    assert ds.pairs[2].tolist() == [0, 2]
+    ds[0]  # sections 0..1 read well
+    with pytest.raises(UserError, match=f"dataset {path}: 'masks' of stack 0, sections 2..3 holds the value 9; a "
+                                        "defect map holds"):
+        ds[2]
+    path = write_stacks(tmp_path / "float.h5")
+    with h5py.File(path, "r+") as f:
+        masks = f["masks"][:]
+        del f["masks"]
+        f["masks"] = masks.astype(np.float32)
+    with pytest.raises(UserError, match=f"dataset {path}: 'masks' must be uint8 defect maps .*, got float32"):
+        data.StackDataset(path)
