@@ -69,7 +69,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-import numpy as np
 from cloudfiles import CloudFiles
 
 import adapt
@@ -354,11 +353,7 @@ def check_defects(defects, source) -> None:
     """``UserError`` unless the ``--defects`` volume is a defect layer (``volume.check_kind``) over the bounds and at
     the resolution of ``source``, both at the mip aligned at."""
     volume.check_kind(defects, "defects", "--defects")
-    got, want = [tuple(map(int, np.concatenate(volume.bounds(v)))) + tuple(float(r) for r in v.resolution)
-                 for v in (defects, source)]  # plain numbers: the message shows no numpy types
-    if got != want:
-        raise UserError(f"--defects {defects.cloudpath} covers {got[:3]}..{got[3:6]} at resolution {list(got[6:])}, "
-                        f"not the source's {want[:3]}..{want[3:6]} at {list(want[6:])}")
+    volume.check_same_frame(defects, source, "--defects")
 
 
 def adapt_to_range(args, source, job: tasks.Job, out: Path) -> None:

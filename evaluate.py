@@ -321,7 +321,8 @@ def main(argv=None) -> dict:
     if args.truth:
         truth = in_frame_of(to_tensor(volume.read(inputs["truth"], corner, size)))
     if args.defects:  # chunks never written hold no defect
-        defects = volume.read(inputs["defects"], corner, size)[:, 0]
+        defects = masks.check_defect_map(volume.read(inputs["defects"], corner, size)[:, 0],
+                                         f"--defects {args.defects}")
     oracle_cpc = None
     if args.raw:
         raw = volume.read(inputs["raw"], corner, size)[:, 0]
@@ -360,7 +361,7 @@ def _matching(path: str, like, what: str, kind: str):
 
     base = volume.open_volume(path, 0)
     volume.check_kind(base, kind, f"--{what}")
-    resolution = list(like.resolution)
+    resolution = [float(r) for r in like.resolution]  # plain numbers: the message shows no numpy types
     for mip in range(len(base.info["scales"])):
         if list(base.meta.resolution(mip)) == resolution:
             return volume.open_volume(path, mip)

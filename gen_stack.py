@@ -290,10 +290,8 @@ def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = No
                               ("fields", "field", "--truth")):
         if layer in vols:
             volume.check_kind(vols[layer], kind, flag)
+            volume.check_same_frame(vols[layer], vols["images"], flag)
     bounds = volume.bounds(vols["images"])
-    for layer, vol in vols.items():
-        if not np.array_equal(volume.bounds(vol)[1], bounds[1]):
-            raise UserError(f"the {layer} volume {vol.cloudpath} has other bounds than the image volume")
     z_range = check_args(sampling, bounds)
     size = (sampling.dim, sampling.dim, sampling.stack_height)
     coords = read_coords(sampling.coords, sampling.mip, bounds, size) if sampling.coords else None

@@ -98,6 +98,16 @@ def bounds(vol, mip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(box.minpt, dtype=np.int64), np.asarray(box.maxpt, dtype=np.int64)
 
 
+def check_same_frame(vol, like, what: str, like_what: str = "the source's") -> None:
+    """A one-line ``UserError`` naming ``what`` (e.g. ``--defects``) unless ``vol`` covers the voxel bounds of ``like``
+    at the same resolution (each at the mip it was opened at): a layer sampled as if in another's frame."""
+    got, want = [tuple(map(int, np.concatenate(bounds(v)))) + tuple(float(r) for r in v.resolution)
+                 for v in (vol, like)]  # plain numbers: the message shows no numpy types
+    if got != want:
+        raise UserError(f"{what} {vol.cloudpath} covers {got[:3]}..{got[3:6]} at resolution {list(got[6:])}, "
+                        f"not {like_what} {want[:3]}..{want[3:6]} at {list(want[6:])}")
+
+
 KINDS = {"image": "an image (1 channel of uint8)", "field": "a field (2 channels of float: x, y in px)",
          "labels": "a label layer (1 channel of integers)",
          "defects": "a defect layer (1 channel of uint8: 0 none, 1 crack, 2 fold)"}

@@ -230,8 +230,14 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
     write_layer(tmp_path / "dest" / "field", truth, "field")
     short_truth = write_layer(tmp_path / "short_truth", truth, "field", [0, 1, 3])
     empty_raw = write_layer(tmp_path / "empty_raw", raw[:, None], "image", [0, 1, 2])
+    sevens = write_layer(tmp_path / "sevens", np.full((4, 1, 64, 64), 7, np.uint8), "labels")
+    coarse = "file://" + str(tmp_path / "coarse")  # a defect layer at another resolution
+    volume.create_volume(coarse, (64, 64, 4), "uint8", resolution=(16, 16, 40), chunk=(32, 32, 1))
     dest = ["--aligned", str(tmp_path / "dest"), "--z_start", "0", "--z_stop", "4"]
     for argv, says in ((["--raw", truth_path], r"--raw .*/truth is not an image \(1 channel of uint8\): it has 2 "),
+                       (["--defects", sevens], "--defects .*/sevens holds the value 7; a defect map holds"),
+                       (["--defects", coarse], r"the defects volume .*/coarse has no mip at resolution "
+                                               r"\[8.0, 8.0, 40.0\]$"),
                        (["--truth", raw_path], r"--truth .*/raw is not a field \(2 channels of float"),
                        (["--defects", truth_path], "--defects .*/truth is not a label layer"),
                        (["--truth", short_truth], "--truth .*/short_truth lacks sections 2 of 0..3"),

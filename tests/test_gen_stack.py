@@ -10,10 +10,10 @@ import weakref
 import h5py
 import numpy as np
 import pytest
-
 import torch
 
 import gen_stack
+import volume
 from data import StackDataset
 from conftest import ROOT, ended_pid, run_script
 from helpers import UserError, normalise
@@ -105,6 +105,13 @@ def test_layers_of_another_kind_and_corners_of_another_mip_are_refused(tmp_path,
         make(tmp_path, paths, "--truth", paths["image"])
     with pytest.raises(UserError, match=f"^--defects {paths['image']}, stack 0, holds the value .*; a defect map"):
         make(tmp_path, paths, "--defects", paths["image"])  # an image is no defect map: nothing is written
+    other = "file://" + str(tmp_path / "coarse")  # the same voxel bounds at another resolution
+    volume.write_pyramid(volume.create_volume(other, (64, 64, 12), "uint8", resolution=(16, 16, 40), mips=2,
+                                              chunk=(32, 32, 1)), np.zeros((12, 1, 64, 64), np.uint8), (0, 0, 0),
+                         "labels")
+    with pytest.raises(UserError, match=rf"^--defects {other} covers \(0, 0, 0\)..\(32, 32, 12\) at resolution "
+                                        r"\[32.0, 32.0, 40.0\], not the source's .* at \[16.0, 16.0, 40.0\]"):
+        make(tmp_path, paths, "--defects", other)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     first = make(tmp_path, paths)  # at mip 1
     with pytest.raises(UserError, match=f"^--coords {first} holds corners at mip 1: give --mip 1, not 0"):
