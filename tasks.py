@@ -917,7 +917,7 @@ def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
 
 def check_queue_spec(spec: str) -> None:
     """Refuse a ``--queue`` that is neither ``fq://FOLDER`` nor ``sqs://NAME`` (nothing is opened or made)."""
-    if not spec.startswith(("fq://", "sqs://")):
+    if not spec.startswith(("fq://", "sqs://")) or not spec.partition("://")[2].strip():  # e.g. fq://$UNSET
         raise UserError(f"--queue {spec}: use fq://FOLDER (a folder every worker sees) or sqs://NAME (Amazon SQS)")
 
 

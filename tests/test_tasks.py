@@ -263,6 +263,8 @@ def test_bad_queue_input_is_a_one_line_error(tmp_path, tiny_volume):
     common = ["--archive", str(tmp_path / "a.pt"), "--source", tiny_volume[0]["image"], "--dest", str(tmp_path / "d"),
               "--z_start", "0", "--z_stop", "4"]
     for extra, message in ((["--queue", "redis://q"], "fq://FOLDER"), (["--queue", str(tmp_path)], "fq://FOLDER"),
+                           (["--queue", "fq://"], "--queue fq://: use fq://FOLDER"),  # e.g. fq://$UNSET
+                           (["--queue", "sqs:// "], "--queue sqs:// : use fq://FOLDER"),
                            (["--block", "1"], "--block"), (["--task_chunk", "300"], "--task_chunk"),
                            (["--max_failures", "0"], "--max_failures")):
         with pytest.raises(UserError, match=message):
