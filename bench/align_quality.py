@@ -42,7 +42,7 @@ import misalign
 from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
                        check_fits, for_inference, settings_from_args)
 from demo import PHANTOMS
-from helpers import UserError, finite_float, folder, in_frame_of, run_main
+from helpers import UserError, check_writable, finite_float, folder, in_frame_of, run_main
 
 
 def detected_defects(stack: dict) -> np.ndarray:
@@ -277,6 +277,7 @@ def main(argv=None) -> dict:
     if min(args.adapt) < 0:
         raise UserError(f"--adapt {min(args.adapt):g}: minutes must be >= 0")
     check_args(args)
+    out = check_writable(args.out, "--out", folder=True) if args.out else None
     stack = held_out_stack(args, args.seed)
     stack["truth_rel"] = in_frame_of(torch.from_numpy(stack["truth"])).numpy()
     raw = stack["raw"]
@@ -328,8 +329,7 @@ def main(argv=None) -> dict:
     table = evaluate.print_table(rows, COLUMNS)
     for line in evaluate.warnings(rows, "no alignment", oracle):
         print(line)
-    if args.out:
-        out = Path(args.out)
+    if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "align_quality.txt").write_text(table + "\n")
         evaluate.plot_cpc(hist, out / "cpc.png")

@@ -103,6 +103,10 @@ def main() -> None:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, align_flags = p.parse_args(argv[:split]), argv[split + 1:]
+    for flag, value, least in (("--sections", args.sections, 2), ("--block", args.block, 2),
+                               ("--queue_workers", min(args.queue_workers), 1), ("--threads", args.threads or 1, 1)):
+        if value < least:
+            raise UserError(f"{flag} {value}: must be >= {least}")
     if args.threads:
         import torch
 

@@ -60,7 +60,8 @@ def test_a_real_folder_that_is_not_there_is_a_usage_error(tmp_path, capsys):
     (["--sections", "1"], "--sections 1: a stack to align needs at least 2"),
     (["--size", "0"], "--size 0: the sections' size in px must be at least 1"),
     (["--methods", "bogus"], "--methods bogus: not a classical aligner"),
-    (["--settings", "affine", "bogus"], "--settings bogus: not a classical aligner or setting")])
+    (["--settings", "affine", "bogus"], "--settings bogus: not a classical aligner or setting"),
+    (["--out", "README.md"], "--out README.md: cannot write there")])
 def test_bad_flags_are_one_line_errors_before_the_stack_is_built(monkeypatch, flags, message):
     def no_stack(*args):
         raise AssertionError("the stack was built before the flags were checked")
