@@ -513,8 +513,9 @@ def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """``x`` ``[..., H, W]`` (float32) blurred by a Gaussian of ``sigma`` px: separable, truncated at ``ceil(2.5
-    sigma)`` px, the borders replicated."""
-    r = max(1, int(math.ceil(2.5 * sigma)))
+    sigma)`` px or at the image's larger side, whichever is less (a wider one averages nothing more), the borders
+    replicated."""
+    r = max(1, min(int(math.ceil(2.5 * sigma)), max(x.shape[-2:])))
     k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=x.device) ** 2 / (2 * sigma ** 2))
     k = (k / k.sum()).view(1, 1, 1, -1)
     out = F.conv2d(F.pad(x.reshape(-1, 1, *x.shape[-2:]), (r, r, 0, 0), mode="replicate"), k)

@@ -306,6 +306,8 @@ def test_gaussian_blur_keeps_constants_and_spreads_an_impulse_as_a_normalised_ga
     assert torch.allclose(out, out.flip(0)) and torch.allclose(out, out.T)
     assert float(out[10, 11] / out[10, 10]) == pytest.approx(math.exp(-0.5), rel=1e-4)  # exp(-d² / 2 sigma²)
     assert float(out[10, 13]) > 0 and float(out[10, 14]) == 0  # truncated at ceil(2.5 sigma) px
+    wide = h.gaussian_blur(x, 1e6)  # truncated at the image's side (21 px), not at 2.5e6 px: flat, and quick
+    assert torch.allclose(wide, torch.full_like(x, 1 / 43 ** 2))  # the impulse once in each window of 43 x 43 px
 
 
 def test_smoothstep_is_0_below_1_above_and_a_smooth_cubic_between():
