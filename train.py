@@ -12,7 +12,9 @@ atomically after every epoch; with a held-out ``--val_dataset`` also
 ``--average_from E`` also ``pt/EXPERIMENT.avg.pt``, the mean of the weights of epochs E on),
 TensorBoard logs in ``runs/EXPERIMENT`` and pictures in ``out/EXPERIMENT``. A run
 that fails (or is interrupted) before it saves its first epoch removes the
-``runs/`` and ``out/`` folders it made; nothing an earlier run left is touched.
+``runs/`` and ``out/`` folders it made; nothing an earlier run left is touched,
+except that ``--overwrite``, once it has saved an epoch, deletes the logs and
+pictures of the network it replaced.
 
 Staged training (from scratch): the coarsest level trains first; every
 ``--fall_time`` epochs training moves one level finer (that level's aligner and
@@ -351,15 +353,18 @@ def log_dirs(name: str) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def removed_unless_saved(name: str) -> Iterator[None]:
-    """Run the ``with`` body; if it fails before it saves an epoch to ``archive_of(name)``, delete the
-    ``log_dirs(name)`` it created (a failed run leaves no logs of a network that does not exist). Folders that
-    existed before are kept whatever happens."""
+def logs_follow_the_network(name: str, replacing: bool = False) -> Iterator[None]:
+    """Run the ``with`` body; the ``log_dirs(name)`` follow the network ``archive_of(name)``. If the body fails
+    before it saves an epoch there, the folders it created are deleted (a failed run leaves no logs of a network
+    that does not exist). With ``replacing`` (``--overwrite``), once it has saved one, the files those folders held
+    before are deleted: the logs of the network it replaced, whose curves would mix with the new run's. Otherwise
+    what the folders held before is kept whatever happens."""
     def saved() -> tuple[int, int] | None:  # the archive's inode and modification time: a save replaces the file
         return (archive.stat().st_ino, archive.stat().st_mtime_ns) if archive.exists() else None
 
     archive = archive_of(name)
     made, before = [folder for folder in log_dirs(name) if not folder.exists()], saved()
+    old = [path for folder in log_dirs(name) if replacing and folder.is_dir() for path in folder.iterdir()]
     try:
         yield
     except BaseException:
@@ -367,6 +372,10 @@ def removed_unless_saved(name: str) -> Iterator[None]:
             for folder in made:
                 shutil.rmtree(folder, ignore_errors=True)
         raise
+    finally:
+        if saved() != before:
+            for path in old:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
 def best_path(archive_path: Path) -> Path:
@@ -555,7 +564,7 @@ def train(args, device: str | None = None) -> Path:
     objective = loss.Objective.from_args(args)
     val_loader = DataLoader(val_pairs, batch_size=args.batch_size) if rank0 and val_pairs is not None else None
     runs_dir, out_dir = log_dirs(args.name)
-    # closed however the run ends: a failed run's logs are deleted (removed_unless_saved) after its last write
+    # closed however the run ends: a failed run's logs are deleted (logs_follow_the_network) after its last write
     with SummaryWriter(str(runs_dir)) if rank0 else contextlib.nullcontext() as writer:
         history: dict[str, list[float]] = archive["history"]
         iteration, start_epoch = archive["iteration"], archive["epoch"]
@@ -679,7 +688,8 @@ def main(argv=None) -> Path:
     args.device = str(args.device)
     with distributed.process_group(args.device) as device:
         check_device(device)
-        with removed_unless_saved(args.name) if distributed.is_main() else contextlib.nullcontext():
+        with logs_follow_the_network(args.name, args.overwrite) if distributed.is_main() else \
+                contextlib.nullcontext():
             return train(args, device)
 
 

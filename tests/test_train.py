@@ -258,19 +258,39 @@ def test_a_corrupt_chunk_in_the_middle_of_the_dataset_is_one_line_and_leaves_no_
 def test_a_failed_run_removes_only_the_folders_it_made_and_only_before_it_saves(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out" / "a").mkdir(parents=True)  # an earlier run's pictures
-    with pytest.raises(KeyboardInterrupt), train.removed_unless_saved("a"):
+    with pytest.raises(KeyboardInterrupt), train.logs_follow_the_network("a"):
         (tmp_path / "runs" / "a").mkdir(parents=True)
         (tmp_path / "out" / "a" / "new.png").touch()
         raise KeyboardInterrupt
     assert not (tmp_path / "runs" / "a").exists() and (tmp_path / "out" / "a" / "new.png").exists()
     (tmp_path / "pt").mkdir()
     (tmp_path / "pt" / "b.pt").touch()
-    with pytest.raises(UserError), train.removed_unless_saved("b"):  # fails after an epoch was saved: logs kept
+    with pytest.raises(UserError), train.logs_follow_the_network("b"):  # fails after an epoch was saved: logs kept
         (tmp_path / "runs" / "b").mkdir()
         (tmp_path / "pt" / "b.pt").unlink()
         (tmp_path / "pt" / "b.pt").touch()  # a save replaces the archive
         raise UserError("diverged")
     assert (tmp_path / "runs" / "b").exists()
+
+
+def test_overwrite_deletes_the_replaced_networks_logs_once_it_saves_and_not_before(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("runs/c/old_run", "out/c"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "runs" / "c" / "events.old").touch()
+    (tmp_path / "out" / "c" / "old.png").touch()
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "c.pt").write_bytes(b"the old network")
+    with pytest.raises(UserError), train.logs_follow_the_network("c", replacing=True):
+        (tmp_path / "runs" / "c" / "events.new").touch()
+        raise UserError("diverged before its first epoch")  # the old network stays: so do its logs
+    assert sorted(p.name for p in (tmp_path / "runs" / "c").iterdir()) == ["events.new", "events.old", "old_run"]
+    with train.logs_follow_the_network("c", replacing=True):
+        (tmp_path / "runs" / "c" / "events.newer").touch()
+        (tmp_path / "pt" / "c.pt").unlink()
+        (tmp_path / "pt" / "c.pt").write_bytes(b"the new network")
+    assert [p.name for p in (tmp_path / "runs" / "c").iterdir()] == ["events.newer"]
+    assert not list((tmp_path / "out" / "c").iterdir())
 
 
 def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
