@@ -75,7 +75,7 @@ import adapt
 import demo
 import tasks
 import volume
-from alignment import add_flags, check_fits, poor_matches_reported, settings_from_args
+from alignment import SolveSettings, add_flags, check_fits, poor_matches_reported, settings_from_args
 from helpers import (HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, one_line,
                      run_main)
 from models.archive import lineage, read_archive
@@ -370,7 +370,11 @@ def adapt_to_range(args, source, job: tasks.Job, out: Path) -> None:
 
 def check_args(args) -> None:
     """One-line errors for flags that do not go together (before anything is read or written)."""
-    settings_from_args(args)  # each setting's least value (alignment.PairSettings, SolveSettings)
+    _, solve = settings_from_args(args)  # each setting's least value (alignment.PairSettings, SolveSettings)
+    unused = [f"--{name} {value}" for name, value in dataclasses.asdict(solve).items()
+              if value != getattr(SolveSettings, name)]
+    if unused and not args.solve:
+        raise UserError(f"{', '.join(unused)}: a setting of --solve, which this run does not use (add --solve)")
     if args.vote < 1:
         raise UserError(f"--vote {args.vote}: must be >= 1")
     if sum([args.raw_neighbour, args.vote > 1, args.solve]) > 1:

@@ -190,7 +190,7 @@ def test_provenance_has_one_entry_per_run_that_aligns_with_the_archive_sha256_an
     common = ["--archive", str(archive), "--source", tiny_volume[0]["image"], "--dest", str(dest), "--chunk", "32",
               "--overlap", "32", "--z_start", "2"]
     align.main(common + ["--z_stop", "4"])
-    align.main(common + ["--z_stop", "5", "--pull", "0.5"])
+    align.main(common + ["--z_stop", "5", "--max_failures", "5"])
     before = dest_files(dest)
     assert align.main(common + ["--z_stop", "5"])["sections"] == 0  # nothing to do: nothing is written
     assert dest_files(dest) == before
@@ -198,8 +198,8 @@ def test_provenance_has_one_entry_per_run_that_aligns_with_the_archive_sha256_an
     for name in ("image", "field") + align.SERIAL_LAYERS:  # no --defects: no defects layer
         provenance = volume.open_volume(str(dest / name)).provenance
         runs = provenance.processing
-        assert [(run["method"]["args"]["z_stop"], run["method"]["args"]["pull"]) for run in runs] == [(4, 0.03),
-                                                                                                       (5, 0.5)]
+        assert [(run["method"]["args"]["z_stop"], run["method"]["args"]["max_failures"]) for run in runs] == [
+            (4, 3), (5, 5)]
         for run in runs:
             assert run["method"]["run"]["archive_sha256"] == helpers.file_sha256(archive)
             assert run["method"]["archive_lineage"] == without_curves
@@ -240,6 +240,8 @@ def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_fi
     (["--z_start", "0", "--z_stop", "2", "--bbox", "0", "0", "99", "10"], "outside the volume"),
     (["--z_start", "0", "--z_stop", "2", "--prealign", "-1"], "--prealign -1: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--solve", "--detail_pull", "0"], "--detail_pull 0: must be > 0"),
+    (["--z_start", "0", "--z_stop", "2", "--neighbours", "3", "--pull", "5"], "--neighbours 3, --pull 5.0: a setting "
+                                                                              "of --solve, which this run does not use"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "-1"], "--trunc -1: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--refine", "-5"], "--refine -5: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "3"], "below the 3 levels"),
@@ -407,11 +409,11 @@ def test_a_dest_made_by_another_run_is_refused_untouched_and_overwrite_redoes_it
             align.main(["--archive", str(archive), "--z_start", "2", *common, *extra])
     assert dest_files(dest) == before
     # flags that do not change the result do not block the resume; each run that aligns is in the provenance
-    assert align.main(["--archive", str(archive), "--z_start", "2", *common, "--pull", "0.5", "--device", "cpu",
+    assert align.main(["--archive", str(archive), "--z_start", "2", *common, "--device", "cpu",
                        "--max_failures", "5"])["sections"] == 1
     runs = volume.open_volume(str(dest / "field")).provenance.processing
     assert [run["method"]["run"]["archive_sha256"] for run in runs] == [sha[archive]] * 2
-    assert all(run["date"] and run["code_version"] for run in runs) and runs[1]["method"]["args"]["pull"] == 0.5
+    assert all(run["date"] and run["code_version"] for run in runs) and runs[1]["method"]["args"]["max_failures"] == 5
     # --overwrite deletes the first run's sections: the result is the other archive's alone
     assert align.main(["--archive", str(other), "--z_start", "2", *common, "--overwrite"])["sections"] == 4
     align.main(["--archive", str(other), "--z_start", "2", *common[:3], str(tmp / "fresh"), *common[4:]])
