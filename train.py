@@ -191,8 +191,6 @@ def check_args(args) -> None:
         raise UserError(f"--trunc {args.trunc} must be >= 0 and below --size {args.size}")
     if not 0 <= args.skip < args.size:
         raise UserError(f"--skip {args.skip} must be >= 0 and below --size {args.size}")
-    if args.average_from is not None and args.average_from < 0:
-        raise UserError(f"--average_from {args.average_from} is an epoch: 0 or more")
     if args.fine_tuning and not args.state_archive:
         raise UserError("--fine_tuning needs --state_archive")
     if args.k < 1 or args.k % 2 == 0:
@@ -201,6 +199,12 @@ def check_args(args) -> None:
             or args.minutes < 0:
         raise UserError("--epochs, --batch_size, --lr and --fine_tuning_lr_factor must be positive, --fall_time and "
                         "--minutes >= 0")
+    if args.name.endswith(".pt"):
+        raise UserError(f"experiment name {args.name!r}: give it without .pt (the network is written to "
+                        f"{archive_of(args.name[:-3])})")
+    if args.average_from is not None and not 0 <= args.average_from < args.epochs:
+        raise UserError(f"--average_from {args.average_from} is an epoch: 0 or more, and below --epochs "
+                        f"{args.epochs} (epochs 0..{args.epochs - 1} run), or no mean is kept")
     negative = [name for name in ("clip", "padding", "corr", "crop", "epoch_size", "val_pairs", "num_workers",
                                   "vis_interval", "collapse_after", "max_shift", "max_angle", "elastic",
                                   "tissue_change", "blur", "grain", "mask_neighborhood_radius", "mask_smooth_radius")

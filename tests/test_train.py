@@ -151,6 +151,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--epoch_size", "-1", "--num_workers", "-1"], "--epoch_size, --num_workers must be >= 0"),
     (["--blur", "-1", "--grain", "-0.5"], "--blur, --grain must be >= 0"),
     (["--average_from", "-1"], "--average_from -1 is an epoch: 0 or more"),
+    (["--average_from", "5", "--epochs", "5"], "below --epochs 5 (epochs 0..4 run), or no mean is kept"),
     (["--p_jitter", "2"], "--p_jitter 2.0 is a probability"),
     (["--fold_prob", "-0.5"], "--fold_prob -0.5 is a probability"),
     (["--fold_width", "30", "10"], "--fold_width 30 10: expected 0 < LO <= HI px"),
@@ -163,6 +164,13 @@ def test_bad_flags_are_one_line_errors(toy, flags, message, run_command):
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error:") and message in last
     assert "Traceback" not in result.stderr and not (toy.parent / "pt" / "bad.pt").exists()
+
+
+def test_an_experiment_named_like_its_archive_is_one_line(toy, run_command):
+    result = run_command(train, "--dataset", toy, "bad.pt", cwd=toy.parent)
+    assert result.returncode == 2 and result.stderr.strip() == ("error: experiment name 'bad.pt': give it without .pt "
+                                                                "(the network is written to pt/bad.pt)")
+    assert not (toy.parent / "pt").exists()
 
 
 def test_an_experiment_whose_outputs_cannot_be_written_stops_before_training(toy):
