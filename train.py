@@ -457,7 +457,7 @@ def prepare(args) -> tuple:
     archive = {"epoch": 0, "iteration": 0, "history": {}, "lineage": [], "optimizer": None}
     if args.state_archive:
         parent_model, parent = load_archive(args.state_archive, "cpu")
-        copied = load_weights(model, parent)
+        copied = load_weights(model, parent, f"--state_archive {args.state_archive}")
         print(f"started from {args.state_archive} (levels {copied} copied)")
         archive["lineage"] = list(parent.get("lineage", [])) + [parent["summary"]] if "summary" in parent \
             else list(parent.get("lineage", []))

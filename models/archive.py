@@ -142,10 +142,11 @@ def lineage(archive: dict) -> list[dict]:
     return list(archive.get("lineage", [])) + ([archive["summary"]] if "summary" in archive else [])
 
 
-def load_weights(model: Pyramid, archive: dict | str | Path) -> list[int]:
+def load_weights(model: Pyramid, archive: dict | str | Path, where: str | None = None) -> list[int]:
     """Copy the levels of an archive's net into ``model``, which may have more levels; returns the levels copied.
 
-    archive: an archive dict (from ``read_archive`` / ``load_archive``) or its path.
+    archive: an archive dict (from ``read_archive`` / ``load_archive``) or its path; ``where``: how errors name it
+    (default: its path, or ``archive``).
     Level ``l`` of the archived net (its encoder stage and its aligner) goes to
     level ``l`` of ``model``; ``model``'s extra, coarser levels keep their
     initialisation (an untrained aligner outputs zero, so the grown net starts by
@@ -153,7 +154,7 @@ def load_weights(model: Pyramid, archive: dict | str | Path) -> list[int]:
     levels than ``model`` or differs in any other config entry than size and skip
     (kernel size, correlation radius, channel widths).
     """
-    where = str(archive) if isinstance(archive, (str, Path)) else "archive"
+    where = where or (str(archive) if isinstance(archive, (str, Path)) else "archive")
     if isinstance(archive, (str, Path)):
         archive = read_archive(archive)
     old = _build(archive, where, "cpu")

@@ -174,6 +174,8 @@ def test_growing_refuses_other_kernels_and_fewer_levels(tmp_path):
         load_weights(random_pyramid(size=4, k=5), path)
     with pytest.raises(UserError, match="old.pt: has 3 levels, more than the model's 2"):
         load_weights(random_pyramid(size=2, k=3), path)
+    with pytest.raises(UserError, match="^--state_archive X: has 3 levels"):  # named as the caller's flag
+        load_weights(random_pyramid(size=2, k=3), read_archive(path), "--state_archive X")
 
 
 @pytest.mark.parametrize("name, within", [("demo.pt", 1.5), ("real_tissue.pt", 1.5), ("static_phantom.pt", 0.5)])
