@@ -415,11 +415,8 @@ def main(argv=None) -> dict:
     args.source = demo.resolve(args.source)  # the word 'demo' is the embedded demo volume
     source = volume.open_volume(args.source, args.mip, args.bucket)
     volume.check_kind(source, "image", "--source")  # what the network aligns
-    (sx0, sy0, sz0), (sx1, sy1, sz1) = volume.bounds(source)
-    x0, y0, x1, y1 = args.bbox or (sx0, sy0, sx1, sy1)
-    if not (sx0 <= x0 < x1 <= sx1 and sy0 <= y0 < y1 <= sy1):
-        raise UserError(f"--bbox {x0} {y0} {x1} {y1} is outside the volume ({sx0} {sy0} {sx1} {sy1} at mip "
-                        f"{args.mip})")
+    x0, y0, x1, y1 = volume.check_bbox(args.bbox, source)
+    (_, _, sz0), (_, _, sz1) = volume.bounds(source)
     volume.check_z_range(args.z_start, args.z_stop, sz0, sz1)
     if x0 % (1 << args.mips) or y0 % (1 << args.mips):
         raise UserError(f"--mips {args.mips} needs the bbox corner at multiples of {1 << args.mips} px (a pixel of "

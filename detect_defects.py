@@ -125,13 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def region(args, source) -> tuple[int, int, int, int, int, int]:
     """``(x0, y0, x1, y1, z0, z1)`` in voxels of ``--mip``: the bbox and z range asked for, checked against the
     source's bounds (``UserError``)."""
-    (sx0, sy0, sz0), (sx1, sy1, sz1) = volume.bounds(source)
-    x0, y0, x1, y1 = args.bbox or (sx0, sy0, sx1, sy1)
+    x0, y0, x1, y1 = volume.check_bbox(args.bbox, source)
+    (_, _, sz0), (_, _, sz1) = volume.bounds(source)
     z0 = sz0 if args.z_start is None else args.z_start
     z1 = sz1 if args.z_stop is None else args.z_stop
-    if not (sx0 <= x0 < x1 <= sx1 and sy0 <= y0 < y1 <= sy1):
-        raise UserError(f"--bbox {x0} {y0} {x1} {y1} is outside the volume ({sx0} {sy0} {sx1} {sy1} at mip "
-                        f"{args.mip})")
     volume.check_z_range(z0, z1, sz0, sz1)
     return x0, y0, x1, y1, z0, z1
 

@@ -166,6 +166,20 @@ def check_z_range(start: int, stop: int, first: int, end: int, what: str = "z ra
         raise UserError(f"{what} {start}..{stop} is outside the volume's sections {first}..{end - 1}")
 
 
+def check_bbox(bbox, vol) -> tuple[int, int, int, int]:
+    """``bbox`` (``--bbox X0 Y0 X1 Y1``, voxels at the mip ``vol`` is open at; None: the whole section) as plain
+    ints, once it is known to be non-empty and inside ``vol``'s bounds; else a one-line ``UserError`` that says
+    which (an empty or reversed box rather than that it is outside)."""
+    (sx0, sy0, _), (sx1, sy1, _) = (map(int, corner) for corner in bounds(vol))
+    x0, y0, x1, y1 = bbox or (sx0, sy0, sx1, sy1)
+    if x1 <= x0 or y1 <= y0:
+        raise UserError(f"--bbox {x0} {y0} {x1} {y1} is empty: X1 must be above X0 and Y1 above Y0")
+    if not (sx0 <= x0 and x1 <= sx1 and sy0 <= y0 and y1 <= sy1):
+        raise UserError(f"--bbox {x0} {y0} {x1} {y1} is outside the volume ({sx0} {sy0} {sx1} {sy1} at mip "
+                        f"{vol.mip})")
+    return int(x0), int(y0), int(x1), int(y1)
+
+
 def create_volume(path: str, size, dtype: str, num_channels: int = 1,
                   resolution=(8, 8, 40), mips: int = 1, chunk=(256, 256, 1),
                   layer_type: str = "image", provenance: dict | None = None,

@@ -238,6 +238,8 @@ def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_fi
     (["--z_start", "2", "--z_stop", "0"], "z range 2..0 is empty"),
     (["--z_start", "0", "--z_stop", "2", "--mip", "5"], "no mip 5"),
     (["--z_start", "0", "--z_stop", "2", "--bbox", "0", "0", "99", "10"], "outside the volume"),
+    (["--z_start", "0", "--z_stop", "2", "--bbox", "20", "0", "10", "10"], "--bbox 20 0 10 10 is empty: X1 must be "
+                                                                           "above X0"),
     (["--z_start", "0", "--z_stop", "2", "--prealign", "-1"], "--prealign -1: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--solve", "--detail_pull", "0"], "--detail_pull 0: must be > 0"),
     (["--z_start", "0", "--z_stop", "2", "--neighbours", "3", "--pull", "5"], "--neighbours 3, --pull 5.0: a setting "
