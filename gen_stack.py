@@ -290,7 +290,8 @@ def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = No
                               ("fields", "field", "--truth")):
         if layer in vols:
             volume.check_kind(vols[layer], kind, flag)
-            volume.check_same_frame(vols[layer], vols["images"], flag)
+            if layer != "images":
+                volume.check_same_frame(vols[layer], vols["images"], flag)
     bounds = volume.bounds(vols["images"])
     z_range = check_args(sampling, bounds)
     size = (sampling.dim, sampling.dim, sampling.stack_height)

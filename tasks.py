@@ -146,6 +146,7 @@ LAYER_CHUNK = 256  # xy storage chunk of the layers align.py creates; task chunk
 POLL_SECONDS = 1.0  # the driver looks at the queue this often once a phase has run a while (run_queued)
 FIRST_POLL_SECONDS = 0.05  # ... and first this soon after inserting a phase, the wait doubling each time
 WORKER_BACKOFF_SECONDS = 0.25  # a worker that found the queue empty looks again within this long (work)
+FQ_DELAY_SECONDS = 2  # an fq:// task is leasable from the whole second this far ahead: 1-2 s after it is written
 MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
@@ -892,15 +893,19 @@ def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
     time up to ``POLL_SECONDS``, so a short phase (a small stack) ends soon after its last task and a long one is
     not polled more than once a second. An ``fq://`` queue's count is exact, so one look at an empty queue ends
     the phase; an SQS queue's counts are approximate and lag, so it must also be empty ``POLL_SECONDS`` later.
+    An ``fq://`` queue's tasks are inserted ``FQ_DELAY_SECONDS`` ahead (leasable from that whole second): its
+    insert creates each task's file, then writes it, and a worker that leased it in between would read nothing
+    and leave the task stranded until its lease ran out.
 
     dest: the job's DEST (cloudpath). Its failure records are cleared first; a ``UserError`` once a task is
     dead-lettered (module docstring).
     """
     failures = _failures(dest)
     failures.delete(list(failures.list()))
-    settle = 0.0 if queue.path.protocol == "fq" else POLL_SECONDS  # how long an empty count must last
+    files = queue.path.protocol == "fq"
+    settle = 0.0 if files else POLL_SECONDS  # how long an empty count must last
     for name, calls in all_phases:
-        queue.insert(calls() if callable(calls) else calls)
+        queue.insert(calls() if callable(calls) else calls, delay_seconds=FQ_DELAY_SECONDS if files else 0)
         total = queue.enqueued  # this phase's tasks and any left by an interrupted run before
         with tqdm(total=total, desc=f"{name} (queued)", unit="task") as bar:
             wait, empty_since = FIRST_POLL_SECONDS, None

@@ -181,6 +181,19 @@ def test_mips_need_tasks_and_a_bbox_corner_that_cover_whole_chunks_of_every_mip(
         align.main(common + ["--z_stop", "5", "--mips", "1"])
 
 
+def test_a_resume_takes_the_source_by_another_path_to_the_same_folder(setup):
+    tmp, paths, archive = setup
+    (tmp / "link").symlink_to(tmp / "vol")  # e.g. data/ a symlink, and the source named through it or not
+    common = ["--archive", str(archive), "--dest", str(tmp / "d"), "--chunk", "32", "--overlap", "32", "--z_start",
+              "2"]
+    align.main(common + ["--source", paths["image"], "--z_stop", "4"])
+    assert align.main(common + ["--source", f"file://{tmp}/link/image", "--z_stop", "5"])["sections"] == 1
+    (tmp / "other").mkdir()
+    (tmp / "other" / "image").symlink_to(tmp / "vol" / "defects")  # another folder: still refused
+    with pytest.raises(UserError, match="was aligned with source"):
+        align.main(common + ["--source", f"file://{tmp}/other/image", "--z_stop", "5"])
+
+
 def test_provenance_has_one_entry_per_run_that_aligns_with_the_archive_sha256_and_lineage(tmp_path, tiny_volume):
     parent = {"name": "parent", "date": "2024-01-02 03:04", "iterations": 50, "params": {"lr": 0.001},
               "final": {"total": 0.5}, "history": {"total": [0.9, 0.5]}, "resumes": []}

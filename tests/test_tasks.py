@@ -303,10 +303,11 @@ class CountingQueue:
     """A queue whose count of tasks left is read off a script, one number per look, on ``protocol`` (fq or sqs)."""
 
     def __init__(self, protocol: str, counts: list[int]):
-        self.path, self.counts = type("Path", (), {"protocol": protocol}), counts
+        self.path, self.counts, self.delays = type("Path", (), {"protocol": protocol}), counts, []
 
-    def insert(self, calls) -> None:
+    def insert(self, calls, delay_seconds: int) -> None:
         list(calls)
+        self.delays.append(delay_seconds)
 
     @property
     def enqueued(self) -> int:
@@ -331,6 +332,8 @@ def test_the_driver_looks_soon_after_inserting_a_phase_then_ever_less_often(prot
     # an fq:// count is exact: the first empty look ends the phase; an SQS count must stay 0 for a second
     assert waits == (busy if protocol == "fq" else busy + [1.0])
     assert len(counts) == (3 if protocol == "fq" else 2)
+    # a file queue's tasks are leasable a whole second after they are written at least: none is leased half-written
+    assert queue.delays == ([tasks.FQ_DELAY_SECONDS] if protocol == "fq" else [0]) and tasks.FQ_DELAY_SECONDS >= 2
 
 
 def solve_volume(tmp_path, tiny_volume, blank=5):
