@@ -293,7 +293,7 @@ def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
         raise UserError(f"{dest} was aligned by an older align.py that kept no run record; {redo}")
     for key in list(run) + [key for key in recorded if key not in run]:
         old, new = (record.get(key, UNRECORDED.get(key)) for record in (recorded, run))
-        if old == new:
+        if old == new or key == "source" and old and new and volume.canonical(old) == volume.canonical(new):
             continue
         if key == "archive_sha256":
             difference = (f"archive sha256 {str(old)[:12]}... ({last['method'].get('archive')}), "

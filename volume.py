@@ -98,6 +98,14 @@ def bounds(vol, mip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(box.minpt, dtype=np.int64), np.asarray(box.maxpt, dtype=np.int64)
 
 
+def canonical(cloudpath: str) -> str:
+    """``cloudpath`` with a ``file://`` path resolved (symlinks, ``..``), so that two spellings of one local folder
+    compare equal; any other protocol's as it is."""
+    if cloudpath.startswith("file://"):
+        return "file://" + os.path.realpath(cloudpath[len("file://"):])
+    return cloudpath
+
+
 def check_same_frame(vol, like, what: str, like_what: str = "the source's") -> None:
     """A one-line ``UserError`` naming ``what`` (e.g. ``--defects``) unless ``vol`` covers the voxel bounds of ``like``
     at the same resolution (each at the mip it was opened at): a layer sampled as if in another's frame."""
