@@ -177,10 +177,15 @@ def warnings(rows: dict[str, dict[str, float]], reference: str, oracle_cpc: floa
     least ``keep`` of the reference's (it removed less than a fifth of the
     misalignment); without one, its mean CPC is not above the reference's. Also
     when its mean CPC is above ``oracle_cpc`` (by over 1e-3): it warps tissue.
-    The reference itself and rows named "oracle..." are not judged.
+    The reference itself and rows named "oracle..." are not judged, but any row
+    without a CPC (no square free of missing data: a stack smaller than the CPC
+    window, or mostly empty) is named, as the comparisons that need it are not made.
     """
     base, lines = rows[reference], []
     for name, row in rows.items():
+        if np.isnan(row.get("cpc_mean", 0.0)):
+            lines.append(f"warning: {name} has no CPC: no square of the CPC window is free of missing data in two "
+                         "neighbouring sections (a smaller window: evaluate.py --cpc_window)")
         if name == reference or name.startswith("oracle"):
             continue
         if "far_median" in row and "far_median" in base:

@@ -115,6 +115,10 @@ def test_warnings_flag_an_alignment_that_is_hardly_better_than_none_and_one_abov
     assert len(lines) == 1 and lines[0].startswith("warning: same correlates no better than no alignment")
     rows = {"none": {"far_median": 10.0, "cpc_mean": 0.2}, "ok": {"far_median": 7.9, "cpc_mean": 0.3}}
     assert evaluate.warnings(rows, "none") == []
+    nan = float("nan")  # e.g. a 100 px stack with missing data at its edges: no CPC square free of it
+    lines = evaluate.warnings({"none": {"cpc_mean": nan}, "aligned": {"far_median": 1.0, "cpc_mean": nan}}, "none",
+                              oracle_cpc=nan)
+    assert [line.split(" has no CPC")[0] for line in lines] == ["warning: none", "warning: aligned"]
 
 
 def test_epe_maps_show_a_raw_panel_of_tens_of_px_beside_an_aligned_one_of_tenths_on_one_scale_in_px():
