@@ -300,7 +300,7 @@ def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
                           f"not {str(new)[:12]}... ({archive})")
         elif key == "adapted_sha256":
             difference = (f"the adapted network {ADAPTED} of sha256 {str(old)[:12]}..., not "
-                          + (f"{str(new)[:12]}..." if new else "a missing file"))
+                          + (f"{str(new)[:12]}..." if new else "a missing file (or not a file)"))
         else:
             difference = f"{key if key in ('source', 'mode') else '--' + key} {_typed(old)}, not {_typed(new)}"
         raise UserError(f"{dest} was aligned with {difference}; {redo}")

@@ -433,7 +433,8 @@ def prepare(args) -> tuple:
         check_writable(folder, f"experiment {args.name}:", folder=True)
     if args.resume:
         if not archive_path.is_file():
-            raise UserError(f"nothing to resume: {archive_path} does not exist")
+            raise UserError(f"nothing to resume: {archive_path} " + ("is a directory, not a network archive"
+                                                                     if archive_path.is_dir() else "does not exist"))
         model, archive = load_archive(archive_path, "cpu")
         stored = {k: v for k, v in archive["args"].items() if k not in ("given", "typed")}
         changes = resume_changes(args, stored)

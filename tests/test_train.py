@@ -173,6 +173,14 @@ def test_an_experiment_named_like_its_archive_is_one_line(toy, run_command):
     assert not (toy.parent / "pt").exists()
 
 
+def test_resuming_what_is_not_a_network_is_one_line(toy, run_command):
+    result = run_command(train, "--dataset", toy, "--resume", "none", cwd=toy.parent)
+    assert result.returncode == 2 and result.stderr.strip() == "error: nothing to resume: pt/none.pt does not exist"
+    (toy.parent / "pt" / "folder.pt").mkdir(parents=True)
+    result = run_command(train, "--dataset", toy, "--resume", "folder", cwd=toy.parent)
+    assert result.stderr.strip() == "error: nothing to resume: pt/folder.pt is a directory, not a network archive"
+
+
 def test_an_experiment_whose_outputs_cannot_be_written_stops_before_training(toy):
     (toy.parent / "runs").write_text("a file where the logs' folder goes")
     result = run_script(train.__file__, "--dataset", toy, "--epochs", "1", "exp", cwd=toy.parent)
