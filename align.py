@@ -75,7 +75,7 @@ import adapt
 import demo
 import tasks
 import volume
-from alignment import SolveSettings, add_flags, check_fits, poor_matches_reported, settings_from_args
+from alignment import SolveSettings, add_flags, check_fits, settings_from_args, warnings_condensed
 from helpers import (HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, one_line,
                      run_main)
 from models.archive import lineage, read_archive
@@ -345,7 +345,7 @@ def worker(argv) -> None:
     args = parse_worker_args(argv)
     if args.lease_seconds < 1:
         raise UserError("--lease_seconds must be >= 1")
-    with poor_matches_reported():
+    with warnings_condensed():
         tasks.work(args.queue, args.lease_seconds)
 
 
@@ -463,7 +463,7 @@ def main(argv=None) -> dict:
 
     width, height = x1 - x0, y1 - y0
     start = time.time()
-    with poor_matches_reported():  # one line however many pairs match poorly
+    with warnings_condensed():  # one line per kind however many pairs match poorly (or sections are all defect)
         if args.solve:
             todo = list(range(args.z_start, args.z_stop))  # one joint solve over the whole range
         all_phases = tasks.phases(job, todo)

@@ -207,26 +207,50 @@ WIDE_DEPARTURE = 12.0  # px (median over the section: beyond what the network re
 WIDE_MARGIN = 0.02  # and it matches better by this much Pearson r (shifts.match_r)
 
 
-class PoorMatchWarning(UserWarning):
+class CondensedWarning(UserWarning):
+    """A warning that may come once per section or pair: ``warnings_condensed`` shows the first of its kind in one
+    line, with how many there were (``counted``, e.g. ``"section pair{s} matched poorly"``)."""
+    counted = "time{s}"
+
+
+class PoorMatchWarning(CondensedWarning):
     """A pair's whole-section match is poor (``shifts.RigidMatch.poor``): its message is one line, why."""
+    counted = "section pair{s} matched poorly"
+
+
+class AllDefectWarning(CondensedWarning):
+    """A section's defect map marks every pixel a crack or fold: nothing of it is aligned by its own tissue."""
+    counted = "section{s} all defect"
+
+
+def check_defect_cover(maps: list, z: int) -> None:
+    """An ``AllDefectWarning`` if the defect maps ``[H, W]`` of section ``z`` (e.g. one per chunk; None: no map) mark
+    every pixel of it."""
+    if maps and all(m is not None and m.all() for m in maps):
+        warnings.warn(f"warning: --defects marks every pixel of section {z} a crack or fold: it is aligned by no "
+                      "tissue of its own (the solve gives it the pull's zero field); is it the right layer?",
+                      AllDefectWarning)
 
 
 @contextlib.contextmanager
-def poor_matches_reported(stream=None) -> Iterator[None]:
-    """Within it, every ``PoorMatchWarning`` is kept, not shown (other warnings are shown on leaving); on leaving,
-    even by an error or an interrupt, one line on ``stream`` (default stderr) gives the first's why and how many
-    pairs matched poorly, however many there were."""
+def warnings_condensed(stream=None) -> Iterator[None]:
+    """Within it, every ``CondensedWarning`` is kept, not shown (other warnings are shown on leaving); on leaving,
+    even by an error or an interrupt, one line per kind on ``stream`` (default stderr) gives the first one's message
+    and how many there were of that kind, however many."""
     caught = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PoorMatchWarning)
+            warnings.simplefilter("always", CondensedWarning)
             yield
     finally:
-        poor = [w for w in caught if issubclass(w.category, PoorMatchWarning)]
-        for other in (w for w in caught if not issubclass(w.category, PoorMatchWarning)):
-            warnings.showwarning(other.message, other.category, other.filename, other.lineno)
-        if poor:
-            print(f"{poor[0].message} [{len(poor)} section pair{'s' if len(poor) > 1 else ''} matched poorly]",
+        kinds: dict[type, list] = {}
+        for found in caught:
+            if issubclass(found.category, CondensedWarning):
+                kinds.setdefault(found.category, []).append(found)
+            else:
+                warnings.showwarning(found.message, found.category, found.filename, found.lineno)
+        for kind, found in kinds.items():
+            print(f"{found[0].message} [{len(found)} {kind.counted.format(s='s' if len(found) > 1 else '')}]",
                   file=stream or sys.stderr)
 
 

@@ -134,9 +134,10 @@ from tqdm import tqdm
 
 import volume
 import alignment
-from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, pair_context, pair_prealignment, piece_factor, placed_by_pieces, rigid_field,
-                       section_stats, solve_fields, thumbnail, thumbnail_factor, tissue_moments, with_context)
+from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, check_defect_cover,
+                       for_inference, is_blank, pair_context, pair_prealignment, piece_factor, placed_by_pieces,
+                       rigid_field, section_stats, solve_fields, thumbnail, thumbnail_factor, tissue_moments,
+                       with_context)
 from helpers import UserError, check_device, compose, downsample_field, invert_field, one_line, upsample_field
 from masks import check_defect_map
 from models.archive import load_archive
@@ -385,6 +386,11 @@ def block_task(job: dict, first: int) -> None:
     def defects(z: int):  # section z's defect map, or None without a defect layer
         return read_defects(job, z, job.bbox) if job.defects else None
 
+    def checked_defects(z: int):  # of a section this task aligns: a warning where it marks every pixel
+        marks = defects(z)
+        check_defect_cover([marks], z)
+        return marks
+
     def aligned_before(z: int) -> tuple:  # (raw, aligned, G_z, defects) of a section this block aligned before
         raw = _read(source, z, job.bbox)[0]
         g = torch.zeros(2, *raw.shape) if z == reference else _read_field(fields, z, job.bbox)
@@ -401,7 +407,7 @@ def block_task(job: dict, first: int) -> None:
             z += 1
 
     results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.pair,
-                           defects=map(defects, itertools.count(start)) if job.defects else None)
+                           defects=map(checked_defects, itertools.count(start)) if job.defects else None)
     for z, (_, g) in enumerate(results, start):
         if reference is None and not blank[z]:
             reference = z
@@ -498,15 +504,17 @@ def scan_task(job: dict, z: int) -> None:
     if marks.exists(name):
         return
     source, factor = _layer(job.source, job.mip), thumbnail_factor(_shape(job.bbox))
-    moments, thumb = 0, np.zeros((3, *(n // factor for n in _shape(job.bbox))), np.float32)
+    moments, thumb, maps = 0, np.zeros((3, *(n // factor for n in _shape(job.bbox))), np.float32), []
     for x, y in job.chunk_corners():
         box = job.chunk_box(x, y)
         raw = _read(source, z, box)[0]
         moments = moments + tissue_moments(raw)
+        maps.append(read_defects(job, z, box) if job.defects else None)
         # the chunk's corner is a multiple of the factor (a power of two) from bbox's
-        part = thumbnail(raw, factor, read_defects(job, z, box) if job.defects else None)
+        part = thumbnail(raw, factor, maps[-1])
         row, column = (y - job.bbox[1]) // factor, (x - job.bbox[0]) // factor
         thumb[:, row:row + part.shape[1], column:column + part.shape[2]] = part
+    check_defect_cover(maps, z)
     _put_array(marks, f"solve/thumbnail/{z}", thumb)
     mean, std = section_stats(moments)
     marks.put_json(name, {"blank": is_blank(moments=moments), "mean": mean, "std": std})

@@ -40,7 +40,7 @@ import torch
 import evaluate
 import misalign
 from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
-                       check_fits, for_inference, poor_matches_reported, settings_from_args)
+                       check_fits, for_inference, settings_from_args, warnings_condensed)
 from demo import PHANTOMS
 from helpers import UserError, check_writable, finite_float, folder, in_frame_of, run_main
 
@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
     rows["no alignment"] = score_row(stack, raw, zero, 0, oracle)
     rows["oracle (ground truth)"] = score_row(stack, oracle_aligned, stack["truth_rel"], 0, oracle)
     hist["no alignment"], hist["oracle"] = evaluate.cpc(raw), evaluate.cpc(oracle_aligned)
-    with tempfile.TemporaryDirectory(prefix="align-quality-") as tmp, poor_matches_reported():
+    with tempfile.TemporaryDirectory(prefix="align-quality-") as tmp, warnings_condensed():
         networks = {(archive, minutes): adapted_network(archive, minutes, raw, Path(tmp), args.seed)
                     for archive in args.archive for minutes in dict.fromkeys(args.adapt)}
         for (archive, minutes), variant, smooth, masks in itertools.product(networks, args.ours, args.smooth,

@@ -47,8 +47,8 @@ from tqdm import tqdm
 import evaluate
 from bench.align_quality import (DEFECT_MASKS, add_misalignment_flags, check_stack_args, held_out_stack,
                                  registration_check)
-from alignment import (SolveSettings, add_flags, apply_field, for_inference, poor_matches_reported,
-                       settings_from_args, solve_pairs, solved_pairs)
+from alignment import (SolveSettings, add_flags, apply_field, for_inference, settings_from_args, solve_pairs,
+                       solved_pairs, warnings_condensed)
 from demo import PHANTOMS
 from helpers import (UserError, atomic_output, check_writable, compose, file_sha256, folder, in_frame_of,
                      invert_field, one_line, run_main, vector_length)
@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
         if cache_path(args, seed):
             read_cache(cache_path(args, seed))
     model = for_inference(load_archive(args.archive)[0])
-    with poor_matches_reported():  # one line however many pairs match poorly
+    with warnings_condensed():  # one line per kind however many pairs match poorly
         rows = summarise([sweep_draw(args, model, seed, settings) for seed in args.seed])
     ranked = sorted((item for item in rows.items() if item[0] != "no alignment"), key=lambda item: item[1]["far_common"])
     rows = {"no alignment": rows["no alignment"], **dict(ranked[:args.best])}

@@ -230,3 +230,18 @@ def test_bad_defect_layers_are_one_line_before_anything_is_written(setup, run_co
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and message in last and "Traceback" not in result.stderr, result.stderr
         assert not (tmp / "out" / "image").exists()
+
+
+@pytest.mark.parametrize("mode", [[], ["--solve"]])
+def test_a_section_marked_all_defect_is_aligned_with_a_warning_in_one_line(setup, mode, capsys):
+    tmp, paths, arrays, common = setup
+    marks = arrays["defects"].copy()
+    marks[4] = 2  # section 4 one fold: nothing of it is tissue to align by (a wrong layer, most likely)
+    layer = "file://" + str(tmp / "folds")
+    volume.write_pyramid(volume.create_volume(layer, (64, 64, 12), "uint8", 1, chunk=(32, 32, 1)), marks, (0, 0, 0),
+                         "labels")
+    align.main(common + ["--z_start", "2", "--z_stop", "6", "--dest", str(tmp / "d"), "--defects", layer] + mode)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "--defects marks" in line]
+    assert lines == ["warning: --defects marks every pixel of section 4 a crack or fold: it is aligned by no tissue "
+                     "of its own (the solve gives it the pull's zero field); is it the right layer? "
+                     "[1 section all defect]"]

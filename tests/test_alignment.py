@@ -255,8 +255,8 @@ def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_fi
                                                                            "above X0"),
     (["--z_start", "0", "--z_stop", "2", "--prealign", "-1"], "--prealign -1: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--solve", "--detail_pull", "0"], "--detail_pull 0: must be > 0"),
-    (["--z_start", "0", "--z_stop", "2", "--neighbours", "3", "--pull", "5"], "--neighbours 3, --pull 5.0: a setting "
-                                                                              "of --solve, which this run does not use"),
+    (["--z_start", "0", "--z_stop", "2", "--neighbours", "3", "--pull", "5"],
+     "--neighbours 3, --pull 5.0: a setting of --solve, which this run does not use"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "-1"], "--trunc -1: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--refine", "-5"], "--refine -5: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "3"], "below the 3 levels"),
@@ -705,15 +705,24 @@ def test_a_foreign_or_mostly_blank_target_warns_in_one_line_and_keeps_todays_shi
         assert torch.equal(prealigned(monkeypatch, sections[0], mostly_blank), torch.zeros(2, 200, 200))
 
 
-def test_poor_matches_are_reported_in_one_line_however_many(capsys):
-    with pytest.warns(UserWarning, match="something else") as others, alignment.poor_matches_reported():
+def test_poor_matches_and_all_defect_sections_are_reported_in_one_line_per_kind_however_many(capsys):
+    with pytest.warns(UserWarning, match="something else") as others, alignment.warnings_condensed():
         for lead in (0.01, 0.02, 0.03):
             warnings.warn(f"warning: poor {lead}", alignment.PoorMatchWarning)
         warnings.warn("something else")  # shown as ever
     assert capsys.readouterr().err == "warning: poor 0.01 [3 section pairs matched poorly]\n" and len(others) == 1
-    with alignment.poor_matches_reported():
+    with alignment.warnings_condensed():
         pass
     assert capsys.readouterr().err == ""
+    with alignment.warnings_condensed():  # one line per kind
+        warnings.warn("warning: poor", alignment.PoorMatchWarning)
+        alignment.check_defect_cover([np.full((4, 4), 2, np.uint8), np.ones((4, 4), np.uint8)], 7)
+        alignment.check_defect_cover([np.full((4, 4), 2, np.uint8), np.zeros((4, 4), np.uint8)], 8)  # some tissue
+        alignment.check_defect_cover([None], 9)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "warning: poor [1 section pair matched poorly]" and len(lines) == 2
+    assert lines[1].startswith("warning: --defects marks every pixel of section 7 ")
+    assert lines[1].endswith("[1 section all defect]")
 
 
 def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
