@@ -167,7 +167,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
               f"(zero field {accuracy['pair_epe_zero_field']:.2f}), slope on the truth {accuracy['slope']:.2f}; "
               f"the low-pass alone costs {floor:.2f} px far on the true fields")
 
-    oracle = float(np.mean(evaluate.cpc(apply_field(raw, truth))))  # a CPC above it: warping tissue
+    oracle = evaluate.summarize(evaluate.cpc(apply_field(raw, truth)))["mean"]  # a CPC above it: warping tissue
     rows = {"no alignment": evaluate.score(raw, np.zeros(truth.shape, np.float32), truth, stack["defects"])}
     sources = [("", fields)] + ([(" on true pairs", true)] if args.true_pairs else [])
     for (n, smooth, pull, detail, robust), (which, given) in tqdm(list(itertools.product(settings, sources)),
