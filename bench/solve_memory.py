@@ -88,7 +88,8 @@ def measure(job, limit_gb: float) -> dict:
     x0, y0, x1, y1 = job.bbox
     x, y = min(corners, key=lambda c: abs(2 * c[0] + job.xy_chunk - x0 - x1) + abs(2 * c[1] + job.xy_chunk - y0 - y1))
     window = tasks.solve_window(job, tasks.usable_sections(job), first, last)
-    args = [dataclasses.asdict(job), int(first), [int(v) for v in window], [], int(x), int(y)]
+    args = [dataclasses.asdict(job), int(first), [int(v) for v in window], [], [], int(x), int(y)]  # none blank or
+    # placed by pieces (the stack has neither)
     tasks._progress(job).delete(f"solve/block/{first}/{x}_{y}")  # a task measured before (--scratch) would be skipped
     limit = int(limit_gb * 2 ** 30)
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, capture_output=True, text=True,
@@ -133,6 +134,7 @@ def main(argv=None) -> None:
     whole = -(-max(width, height) // tasks.LAYER_CHUNK) * tasks.LAYER_CHUNK
     print(f"{sections} x {height} x {width} px, --smooth {args.smooth}, limit {args.limit_gb} GB "
           f"(scratch {scratch})")
+    failed = False
     for name, block, chunk, memory in (("tasks", args.block, args.task_chunk, args.task_memory),
                                        ("whole (align_solved)", sections, whole, None)):
         result = measure(dataclasses.replace(job, block=block, xy_chunk=chunk, task_memory=memory), args.limit_gb)
@@ -140,6 +142,9 @@ def main(argv=None) -> None:
         print(f"{name:22s} --block {block} --task_chunk {chunk} --task_memory {memory}: {result['outcome']}, "
               f"peak RSS {result.get('peak_gb', float('nan')):.2f} GB, {result.get('seconds', float('nan')):.0f} s"
               f"{speed}; {result['task']}", flush=True)
+        failed |= result["outcome"].startswith("failed")
+    if failed:  # an error, not the memory limit: the figures above are not measurements
+        raise SystemExit("error: a solve task failed (above)")
 
 
 if __name__ == "__main__":
