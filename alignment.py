@@ -61,7 +61,8 @@ class PairSettings:
     chunk: int = _setting(1024, int, "chunk size in px fed to the network (a multiple of its coarsest stride, "
                                      "2^(levels-1))", least=1)
     overlap: int | None = _setting(None, int, "context in px around each chunk, cropped away (default: the "
-                                              "network's reach, Pyramid.reach: 190 px for pt/real_tissue.pt)")
+                                              "network's reach, Pyramid.reach, up to its grid: 192 px for "
+                                              "pt/real_tissue.pt)")
     prealign: int = _setting(32, int, "before the network, move each source by the whole-pixel shift (found by "
                                       "cross-correlation, up to this many px) that best matches its target, or by "
                                       "the shift and turn of a wide search (a quarter of the section, 0.06 rad) "
