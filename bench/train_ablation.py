@@ -29,6 +29,7 @@ if not __package__:  # run as a file: our modules are not importable from bench/
     raise SystemExit("run it from the repository root as: python -m bench.train_ablation [flags]")
 
 import argparse
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +50,19 @@ VARIANTS = {  # name -> train.py flags on top of the mixed baseline
 }
 
 
+def schedule(steps: int, most: int = 50) -> tuple[int, int]:
+    """``(steps per epoch, epochs)`` of about ``steps`` training steps in all: epochs of ``most`` steps (one of
+    ``steps`` when fewer), as many as come nearest."""
+    per_epoch = min(steps, most)
+    return per_epoch, max(1, round(steps / per_epoch))
+
+
 def train_flags(args, variant: str) -> list[str]:
     """train.py's command line for one variant (run from the variant's own folder)."""
-    batches_per_epoch = 50
+    per_epoch, epochs = schedule(args.steps)
     return ["--dataset", str(Path(args.dataset).resolve()), "--val_dataset", str(Path(args.val_dataset).resolve()),
             "--state_archive", str(Path(args.start).resolve()), "--crop", str(args.crop), "--batch_size", "8",
-            "--epoch_size", str(8 * batches_per_epoch), "--epochs", str(max(1, args.steps // batches_per_epoch)),
+            "--epoch_size", str(8 * per_epoch), "--epochs", str(epochs),
             "--fall_time", "0", "--lr", "0.0005", "--clip", "1", "--lambda1", "0.1", "--lambda_gt", "1",
             "--max_shift", "16", "--p_jitter", "1", "--max_angle", "0.02", "--elastic", "2.5",
             "--val_pairs", "16", "--num_workers", "0", "--vis_interval", "100000", "--seed", "0",
@@ -90,12 +98,15 @@ def main(argv=None) -> dict:
     p.add_argument("--z_start", type=int, default=60, help="first held-out section of --real")
     p.add_argument("--sections", type=int, default=30)
     p.add_argument("--size", type=int, default=384, help="section size (px) in the alignment benchmark")
-    p.add_argument("--steps", type=int, default=300, help="training steps (batches of 8) per variant")
+    p.add_argument("--steps", type=int, default=300, help="training steps (batches of 8) per variant: epochs of 50 "
+                   "(one of fewer), as many as come nearest (the table says how many ran)")
     p.add_argument("--start", default=str(ROOT / "pt" / "demo.pt"), help="archive every variant starts from")
     p.add_argument("--crop", type=int, default=128, help="training crop (px)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     p.add_argument("--out", default="out/train_ablation")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: must be >= 1")
     for path in (args.dataset, args.val_dataset):
         if not Path(path).is_file():
             raise UserError(f"{path} does not exist (make it with gen_stack.py --registered)")
@@ -115,8 +126,8 @@ def main(argv=None) -> dict:
             rows[name] = scored.get(name, {})
         for variant in archives:
             rows[variant].update(scored.get(f"ours ({slug(variant)}, solve1, smooth 96)", {}))
-    print(f"\n{args.steps} steps each from {Path(args.start).name}, {args.crop} px crops; val_epe = mean px on held-out "
-          f"pairs; alignment: --solve --smooth 96 on {args.real or '(no --real)'}")
+    print(f"\n{math.prod(schedule(args.steps))} steps each from {Path(args.start).name}, {args.crop} px crops; "
+          f"val_epe = mean px on held-out pairs; alignment: --solve --smooth 96 on {args.real or '(no --real)'}")
     evaluate.print_table(rows, ["val_epe", "val_epe_zero_field", "field_px", "far_median", "near_median",
                                 "drift_mean", "cpc_mean", "oracle_cpc", "foldovers"])
     return rows
