@@ -224,13 +224,10 @@ class AllDefectWarning(CondensedWarning):
     counted = "section{s} all defect"
 
 
-def check_defect_cover(maps: list, z: int) -> None:
-    """An ``AllDefectWarning`` if the defect maps ``[H, W]`` of section ``z`` (e.g. one per chunk; None: no map) mark
-    every pixel of it."""
-    if maps and all(m is not None and m.all() for m in maps):
-        warnings.warn(f"warning: --defects marks every pixel of section {z} a crack or fold: it is aligned by no "
-                      "tissue of its own (the solve gives it the pull's zero field); is it the right layer?",
-                      AllDefectWarning)
+def warn_all_defect(z: int) -> None:
+    """The ``AllDefectWarning`` of section ``z``, whose defect map marks every pixel."""
+    warnings.warn(f"warning: --defects marks every pixel of section {z} a crack or fold: it is aligned by no tissue "
+                  "of its own (the solve gives it the pull's zero field); is it the right layer?", AllDefectWarning)
 
 
 @contextlib.contextmanager

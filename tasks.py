@@ -134,9 +134,9 @@ from tqdm import tqdm
 
 import volume
 import alignment
-from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, check_defect_cover,
-                       for_inference, is_blank, pair_context, pair_prealignment, piece_factor, placed_by_pieces,
-                       rigid_field, section_stats, solve_fields, thumbnail, thumbnail_factor, tissue_moments,
+from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
+                       is_blank, pair_context, pair_prealignment, piece_factor, placed_by_pieces, rigid_field,
+                       section_stats, solve_fields, thumbnail, thumbnail_factor, tissue_moments, warn_all_defect,
                        with_context)
 from helpers import UserError, check_device, compose, downsample_field, invert_field, one_line, upsample_field
 from masks import check_defect_map
@@ -388,7 +388,8 @@ def block_task(job: dict, first: int) -> None:
 
     def checked_defects(z: int):  # of a section this task aligns: a warning where it marks every pixel
         marks = defects(z)
-        check_defect_cover([marks], z)
+        if marks.all():
+            warn_all_defect(z)
         return marks
 
     def aligned_before(z: int) -> tuple:  # (raw, aligned, G_z, defects) of a section this block aligned before
@@ -504,17 +505,20 @@ def scan_task(job: dict, z: int) -> None:
     if marks.exists(name):
         return
     source, factor = _layer(job.source, job.mip), thumbnail_factor(_shape(job.bbox))
-    moments, thumb, maps = 0, np.zeros((3, *(n // factor for n in _shape(job.bbox))), np.float32), []
+    moments, thumb = 0, np.zeros((3, *(n // factor for n in _shape(job.bbox))), np.float32)
+    all_defect = bool(job.defects)  # so far: every chunk's defect map marks every pixel
     for x, y in job.chunk_corners():
         box = job.chunk_box(x, y)
         raw = _read(source, z, box)[0]
         moments = moments + tissue_moments(raw)
-        maps.append(read_defects(job, z, box) if job.defects else None)
+        defects = read_defects(job, z, box) if job.defects else None
+        all_defect = all_defect and bool(defects.all())
         # the chunk's corner is a multiple of the factor (a power of two) from bbox's
-        part = thumbnail(raw, factor, maps[-1])
+        part = thumbnail(raw, factor, defects)
         row, column = (y - job.bbox[1]) // factor, (x - job.bbox[0]) // factor
         thumb[:, row:row + part.shape[1], column:column + part.shape[2]] = part
-    check_defect_cover(maps, z)
+    if all_defect:
+        warn_all_defect(z)
     _put_array(marks, f"solve/thumbnail/{z}", thumb)
     mean, std = section_stats(moments)
     marks.put_json(name, {"blank": is_blank(moments=moments), "mean": mean, "std": std})

@@ -123,7 +123,7 @@ def read_cache(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        cached = torch.load(path, weights_only=True)
+        cached = torch.load(path, weights_only=True, mmap=True)  # mapped: main's check reads no field
     except Exception as err:  # truncated, not a torch file, another pickle
         raise UserError(f"--cache {path}: not a cache of pair fields ({one_line(err)}); give another file") from None
     if not isinstance(cached, dict) or set(cached) != {"key", "fields"}:
