@@ -22,7 +22,11 @@ told by channels and dtype), is refused in one line before anything is scored.
   fields into a common frame inherit the reference's folds, the true ones too).
 * drift: per section, the length of the mean of ``field - truth``; mean and
   largest over the stack (a random walk of pairwise errors shows here).
-* far (common frame): the median EPE far from defects once the stack's mean
+* excess near / inside defects: their EPE minus the EPE far from defects in the same
+  section (a common frame): whether defects are aligned as well as the rest of their
+  section, wherever in the stack they are (the error grows with the distance from
+  the reference section, so ``near`` against ``far`` also compares sections).
+* far / near / inside (common frame): the median EPEs once the stack's mean
   error field is removed (``common_frame``). The truth is given in the frame of
   the first section, which charges that one section's error to every other
   section; a stack aligned into any common frame is equally well aligned, and
@@ -89,10 +93,15 @@ def defects_in_output_frame(defects, true_fields) -> torch.Tensor:
 
 
 def epe(field, truth, defects=None, valid=None, near: float = 20) -> dict[str, float]:
-    """End-point error (px) medians and 95th percentiles far from / near / inside defects.
+    """End-point error (px) medians and 95th percentiles far from / near / inside defects, and the excess near and
+    inside defects over the same sections' error far from them.
 
     field, truth: ``[Z, 2, H, W]``; defects: ``[Z, H, W]`` in the fields' frame (``> 0``
     defect) or None; valid: bool ``[Z, H, W]``, pixels to count (e.g. tissue), or None.
+    ``near_excess`` / ``inside_excess``: the median over the region's pixels of their error minus the median error
+    far from defects in their own section (sections with no pixel far from one left out). The error grows with
+    distance from the reference section (drift), and only the sections with a defect have pixels near one, so
+    ``near_median`` against ``far_median`` also compares sections; the excess compares within each section.
     """
     error = vector_length(to_tensor(field) - to_tensor(truth))
     valid = torch.ones_like(error, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool)
@@ -108,6 +117,12 @@ def epe(field, truth, defects=None, valid=None, near: float = 20) -> dict[str, f
         values = error[region].numpy()
         out[f"{name}_median"] = float(np.median(values)) if len(values) else float("nan")
         out[f"{name}_p95"] = float(np.percentile(values, 95)) if len(values) else float("nan")
+    if defects is not None:
+        far = torch.tensor([np.median(e[f].numpy()) if f.any() else np.nan for e, f in zip(error, regions["far"])])
+        for name in ("near", "inside"):
+            values = (error - far[:, None, None].to(error.dtype))[regions[name]].numpy()
+            values = values[np.isfinite(values)]
+            out[f"{name}_excess"] = float(np.median(values)) if len(values) else float("nan")
     return out
 
 
@@ -154,6 +169,8 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
 
     aligned: ``[Z, H, W]``; field, truth: ``[Z, 2, H, W]`` (truth already in the frame
     of the alignment, see ``helpers.in_frame_of``); defects: ``[Z, H, W]`` image frame.
+    The EPEs ``*_median`` and ``*_p95`` are in the first section's frame, ``*_common`` and ``*_excess`` in a
+    common frame (``common_frame``: no section's error charged to the others).
     """
     out = {f"cpc_{k}": v for k, v in summarize(cpc(aligned, chunk)).items()}
     if field is not None:
@@ -161,10 +178,13 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
     if field is not None and truth is not None:
         valid = to_tensor(aligned) > 0
         frame = defects_in_output_frame(defects, truth) if defects is not None else None
-        out.update(epe(field, truth, frame, valid, near))
+        first, common = (epe(f, truth, frame, valid, near) for f in (field, common_frame(field, truth, valid)))
+        out.update({key: value for key, value in first.items() if not key.endswith("_excess")})
+        out.update({f"{region}_common": common[f"{region}_median"] for region in ("far", "near", "inside")
+                    if f"{region}_median" in common})
+        out.update({key: value for key, value in common.items() if key.endswith("_excess")})
         out["foldovers_spurious"] = foldovers_spurious(field, truth)
         out.update(drift(field, truth, valid))
-        out["far_common"] = epe(common_frame(field, truth, valid), truth, frame, valid, near)["far_median"]
     return out
 
 
@@ -344,7 +364,8 @@ def main(argv=None) -> dict:
     hist["aligned"] = cpc(aligned, args.cpc_window)
     columns = ["cpc_mean", "cpc_p5", "foldovers"]
     if truth is not None:
-        columns = ["far_median", "far_common", "far_p95", "near_median", "inside_median", "drift_mean"] + columns
+        columns = ["far_median", "far_common", "far_p95", "near_median", "near_common", "near_excess",
+                   "inside_median", "inside_common", "inside_excess", "drift_mean"] + columns
     print(f"mip {mip}, sections {args.z_start}..{args.z_stop - 1}")
     print_table(rows, columns)
     for line in warnings(rows, RAW, oracle_cpc) if args.raw else []:

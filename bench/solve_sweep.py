@@ -221,8 +221,9 @@ def main(argv=None) -> dict:
     print(f"\n{len(args.seed)} draw(s) {' '.join(map(str, args.seed))}: means over the draws; *_ratio: EPE far / the "
           "identity's in the same draw (mean, and the worst draw); sorted by EPE far in a common frame")
     evaluate.print_table(rows, ["far_median", "far_common", "far_ratio", "far_ratio_max", "common_ratio",
-                                "common_ratio_max", "near_median", "inside_median", "drift_mean", "cpc_mean",
-                                "oracle_cpc", "foldovers", "foldovers_spurious"])
+                                "common_ratio_max", "near_median", "near_common", "near_excess", "inside_median",
+                                "inside_common", "inside_excess", "drift_mean", "cpc_mean", "oracle_cpc", "foldovers",
+                                "foldovers_spurious"])
     return rows
 
 

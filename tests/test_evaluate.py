@@ -80,6 +80,37 @@ def test_common_frame_removes_an_error_shared_by_every_section():
     assert scored["far_median"] == pytest.approx(5 ** 0.5) and scored["far_common"] == pytest.approx(1)
 
 
+def test_near_and_inside_defects_in_a_common_frame():
+    truth = torch.zeros(3, 2, 40, 40)
+    defects = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    defects[1, :, 20] = 1                                # a crack in column 20 of section 1 only
+    field = truth.clone()
+    field[:, 0] = 2.0                                    # every section 2 px off in x: equally well aligned
+    field[1, 1, :, 10:31] = 3.0                          # section 1 also 3 px off in y within 10 px of it ...
+    field[1, 1, :, 20] = 6.0                             # ... and 6 px on it
+    scored = evaluate.score(np.full((3, 40, 40), 128, np.uint8), field, truth, defects, near=10.5)
+    assert scored["near_median"] == pytest.approx(13 ** 0.5) and scored["inside_median"] == pytest.approx(40 ** 0.5)
+    # the mean error over the 3 sections is removed: (2, 1) px near, (2, 2) inside; section 1 keeps 2 and 4 px in y
+    assert scored["far_common"] == pytest.approx(0, abs=1e-6)
+    assert scored["near_common"] == pytest.approx(2) and scored["inside_common"] == pytest.approx(4)
+    assert scored["near_excess"] == pytest.approx(2) and scored["inside_excess"] == pytest.approx(4)
+    assert "near_common" not in evaluate.score(np.full((3, 40, 40), 128, np.uint8), field, truth)
+
+
+def test_the_excess_compares_defects_with_their_own_section():
+    truth = torch.zeros(3, 2, 40, 40)
+    defects = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    defects[2, :, 20] = 2                                # a fold in column 20 of section 2 only
+    field = truth.clone()
+    field[2, 0] = 6.0                                    # section 2 is 6 px off everywhere, beside its fold too
+    scored = evaluate.score(np.full((3, 40, 40), 128, np.uint8), field, truth, defects, near=10.5)
+    # a common frame: sections 0 and 1 are 2 px off, section 2 is 4 px off, near its fold as far from it
+    assert scored["far_common"] == pytest.approx(2) and scored["near_common"] == pytest.approx(4)
+    assert scored["near_excess"] == pytest.approx(0) and scored["inside_excess"] == pytest.approx(0)
+    section = evaluate.epe(field[2:], truth[2:], defects[2:], near=10.5)  # the excess of one section is its gap
+    assert section["near_excess"] == pytest.approx(section["near_median"] - section["far_median"]) == 0
+
+
 def test_common_frame_counts_only_valid_sections():
     truth = torch.zeros(2, 2, 4, 4)
     field = torch.zeros(2, 2, 4, 4)
