@@ -117,10 +117,11 @@ def epe(field, truth, defects=None, valid=None, near: float = 20) -> dict[str, f
         values = error[region].numpy()
         out[f"{name}_median"] = float(np.median(values)) if len(values) else float("nan")
         out[f"{name}_p95"] = float(np.percentile(values, 95)) if len(values) else float("nan")
-    if defects is not None:
-        far = torch.tensor([np.median(e[f].numpy()) if f.any() else np.nan for e, f in zip(error, regions["far"])])
+    if defects is not None:  # per section: the median error far from defects (nan: none there)
+        far = np.array([np.median(e[f].numpy()) if f.any() else np.nan for e, f in zip(error, regions["far"])])
+        excess = error.numpy() - far[:, None, None]
         for name in ("near", "inside"):
-            values = (error - far[:, None, None].to(error.dtype))[regions[name]].numpy()
+            values = excess[regions[name].numpy()]
             values = values[np.isfinite(values)]
             out[f"{name}_excess"] = float(np.median(values)) if len(values) else float("nan")
     return out
