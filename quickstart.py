@@ -49,7 +49,8 @@ def main(argv=None) -> dict:
     align.main(["--archive", args.archive, "--source", "demo", "--dest", str(dest), "--z_start", str(z_start),
                 "--z_stop", str(z_stop), "--solve", "--smooth", "96"])
 
-    print("\n== 4. before / after (EPE in px against the ground truth, in the first section's frame)")
+    print("\n== 4. before / after (EPE in px against the ground truth: in the first section's frame; *_common and "
+          "*_excess in a common frame)")
     return evaluate.main(["--aligned", str(dest), "--raw", "demo", "--truth", "demo", "--z_start", str(z_start),
                           "--z_stop", str(z_stop), "--plots", str(dest / "plots")])
 
