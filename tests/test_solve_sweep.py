@@ -70,6 +70,17 @@ def test_summarise_averages_draws_and_scores_each_against_its_own_identity():
     assert out["solve"]["far_ratio"] == pytest.approx(0.5) and out["solve"]["far_ratio_max"] == pytest.approx(0.6)
     assert out["solve"]["common_ratio"] == pytest.approx(0.375) and out["solve"]["common_ratio_max"] == pytest.approx(0.5)
     assert out["no alignment"]["far_ratio"] == pytest.approx(1.0)
+    assert "near_excess_max" not in out["solve"]  # no defects: no excess
+
+
+def test_summarise_keeps_the_worst_draws_excess_near_and_inside_defects():
+    draws = [{"no alignment": {"far_median": 10.0, "far_common": 8.0, "near_excess": 1.0, "inside_excess": 2.0},
+              "solve": {"far_median": 4.0, "far_common": 2.0, "near_excess": 0.2, "inside_excess": 1.5}},
+             {"no alignment": {"far_median": 20.0, "far_common": 4.0, "near_excess": 3.0, "inside_excess": 0.0},
+              "solve": {"far_median": 12.0, "far_common": 2.0, "near_excess": 1.2, "inside_excess": -0.5}}]
+    out = solve_sweep.summarise(draws)["solve"]
+    assert out["near_excess"] == pytest.approx(0.7) and out["near_excess_max"] == pytest.approx(1.2)
+    assert out["inside_excess"] == pytest.approx(0.5) and out["inside_excess_max"] == pytest.approx(1.5)
 
 
 def test_the_cache_is_reused_for_the_same_archive_and_not_for_a_new_one_at_its_path(tmp_path, monkeypatch):
