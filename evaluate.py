@@ -104,26 +104,43 @@ def epe(field, truth, defects=None, valid=None, near: float = 20) -> dict[str, f
     ``near_median`` against ``far_median`` also compares sections; the excess compares within each section.
     """
     error = vector_length(to_tensor(field) - to_tensor(truth))
-    valid = torch.ones_like(error, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool)
+    regions = defect_regions(defects, torch.ones_like(error, dtype=torch.bool) if valid is None else valid, near)
+    return {**_medians(error, regions), **_excess(error, regions)}
+
+
+def defect_regions(defects, valid, near: float = 20) -> dict[str, torch.Tensor]:
+    """The pixels far from defects (``"far"``) and, with ``defects``, within ``near`` px of one (``"near"``) and
+    inside one (``"inside"``): bool ``[Z, H, W]`` each. defects: ``[Z, H, W]`` (``> 0`` defect) or None; valid:
+    bool ``[Z, H, W]``, the pixels that count."""
+    valid = torch.as_tensor(valid, dtype=torch.bool)
     if defects is None:
-        regions = {"far": valid}
-    else:
-        distance = masks.distance_to_defect(to_tensor(defects)[:, None], near)[:, 0]
-        inside = distance == 0
-        regions = {"far": valid & (distance >= near), "near": valid & ~inside & (distance < near),
-                   "inside": valid & inside}
+        return {"far": valid}
+    distance = masks.distance_to_defect(to_tensor(defects)[:, None], near)[:, 0]
+    inside = distance == 0
+    return {"far": valid & (distance >= near), "near": valid & ~inside & (distance < near), "inside": valid & inside}
+
+
+def _medians(error: torch.Tensor, regions: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{region}_median`` and ``{region}_p95`` of ``error`` ``[Z, H, W]`` (px) over each of ``regions``."""
     out = {}
     for name, region in regions.items():
         values = error[region].numpy()
         out[f"{name}_median"] = float(np.median(values)) if len(values) else float("nan")
         out[f"{name}_p95"] = float(np.percentile(values, 95)) if len(values) else float("nan")
-    if defects is not None:  # per section: the median error far from defects (nan: none there)
-        far = np.array([np.median(e[f].numpy()) if f.any() else np.nan for e, f in zip(error, regions["far"])])
-        excess = error.numpy() - far[:, None, None]
-        for name in ("near", "inside"):
-            values = excess[regions[name].numpy()]
-            values = values[np.isfinite(values)]
-            out[f"{name}_excess"] = float(np.median(values)) if len(values) else float("nan")
+    return out
+
+
+def _excess(error: torch.Tensor, regions: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``near_excess`` and ``inside_excess`` of ``error`` ``[Z, H, W]`` (px; ``epe``), none without defects."""
+    if "near" not in regions:
+        return {}
+    far = np.array([np.median(e[f].numpy()) if f.any() else np.nan for e, f in zip(error, regions["far"])])
+    excess = error.numpy() - far[:, None, None]  # per section: the median error far from defects (nan: none there)
+    out = {}
+    for name in ("near", "inside"):
+        values = excess[regions[name].numpy()]
+        values = values[np.isfinite(values)]
+        out[f"{name}_excess"] = float(np.median(values)) if len(values) else float("nan")
     return out
 
 
@@ -178,12 +195,12 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
         out["foldovers"] = foldovers(field)
     if field is not None and truth is not None:
         valid = to_tensor(aligned) > 0
-        frame = defects_in_output_frame(defects, truth) if defects is not None else None
-        first, common = (epe(f, truth, frame, valid, near) for f in (field, common_frame(field, truth, valid)))
-        out.update({key: value for key, value in first.items() if not key.endswith("_excess")})
-        out.update({f"{region}_common": common[f"{region}_median"] for region in ("far", "near", "inside")
-                    if f"{region}_median" in common})
-        out.update({key: value for key, value in common.items() if key.endswith("_excess")})
+        regions = defect_regions(defects_in_output_frame(defects, truth) if defects is not None else None, valid, near)
+        out.update(_medians(vector_length(to_tensor(field) - to_tensor(truth)), regions))
+        common = vector_length(common_frame(field, truth, valid) - to_tensor(truth))
+        medians = _medians(common, regions)
+        out.update({f"{region}_common": medians[f"{region}_median"] for region in regions})
+        out.update(_excess(common, regions))
         out["foldovers_spurious"] = foldovers_spurious(field, truth)
         out.update(drift(field, truth, valid))
     return out
