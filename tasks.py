@@ -121,6 +121,7 @@ import math
 import os
 import time
 import traceback
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -130,6 +131,8 @@ import torch
 import torch.nn.functional as F
 from cloudfiles import CloudFiles
 from taskqueue import TaskQueue, queueable
+from taskqueue.file_queue_api import FileQueueAPI
+from taskqueue.lib import jsonify, toiter
 from tqdm import tqdm
 
 import volume
@@ -147,7 +150,6 @@ LAYER_CHUNK = 256  # xy storage chunk of the layers align.py creates; task chunk
 POLL_SECONDS = 1.0  # the driver looks at the queue this often once a phase has run a while (run_queued)
 FIRST_POLL_SECONDS = 0.05  # ... and first this soon after inserting a phase, the wait doubling each time
 WORKER_BACKOFF_SECONDS = 0.25  # a worker that found the queue empty looks again within this long (work)
-FQ_DELAY_SECONDS = 2  # an fq:// task is leasable from the whole second this far ahead: 1-2 s after it is written
 MAX_FAILURES = 3  # default failures of a queued task before it is dead-lettered
 SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
@@ -905,19 +907,15 @@ def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
     time up to ``POLL_SECONDS``, so a short phase (a small stack) ends soon after its last task and a long one is
     not polled more than once a second. An ``fq://`` queue's count is exact, so one look at an empty queue ends
     the phase; an SQS queue's counts are approximate and lag, so it must also be empty ``POLL_SECONDS`` later.
-    An ``fq://`` queue's tasks are inserted ``FQ_DELAY_SECONDS`` ahead (leasable from that whole second): its
-    insert creates each task's file, then writes it, and a worker that leased it in between would read nothing
-    and leave the task stranded until its lease ran out.
 
     dest: the job's DEST (cloudpath). Its failure records are cleared first; a ``UserError`` once a task is
     dead-lettered (module docstring).
     """
     failures = _failures(dest)
     failures.delete(list(failures.list()))
-    files = queue.path.protocol == "fq"
-    settle = 0.0 if files else POLL_SECONDS  # how long an empty count must last
+    settle = 0.0 if queue.path.protocol == "fq" else POLL_SECONDS  # how long an empty count must last
     for name, calls in all_phases:
-        queue.insert(calls() if callable(calls) else calls, delay_seconds=FQ_DELAY_SECONDS if files else 0)
+        queue.insert(calls() if callable(calls) else calls)
         total = queue.enqueued  # this phase's tasks and any left by an interrupted run before
         with tqdm(total=total, desc=f"{name} (queued)", unit="task") as bar:
             wait, empty_since = FIRST_POLL_SECONDS, None
@@ -932,6 +930,32 @@ def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
                 wait = min(2 * wait, POLL_SECONDS)
 
 
+class WholeFileQueue(FileQueueAPI):
+    """python-task-queue's ``fq://`` queue (``FileQueueAPI``) whose ``insert`` puts each task in the queue whole.
+
+    The stock insert creates a task's file in ``queue/``, then writes it, then writes the task's lease record in
+    ``movement/``. A worker that leased the task in between read an empty file (the task failed and stayed
+    leased), or had its lease record overwritten (the finished task's file was not deleted): either way the
+    phase waited out the lease (600 s by default) and the task ran again. Here the lease record comes first, and
+    the task's file is written in ``inserting/`` and renamed into ``queue/`` (atomic within a file system), so a
+    worker sees no task file that is not whole. Same files, names and format as the stock queue's otherwise.
+    """
+
+    def insert(self, tasks, delay_seconds: int = 0) -> int:
+        staging = Path(self.path) / "inserting"
+        staging.mkdir(exist_ok=True)
+        timestamp = int(time.time()) + delay_seconds if delay_seconds > 0 else 0  # leasable from then (0: now)
+        count = 0
+        for task in toiter(tasks):
+            task["id"] = identifier = str(uuid.uuid4())
+            name = f"{timestamp}--{identifier}.json"
+            (Path(self.movement_path) / identifier).write_text(name + "\n")
+            (staging / name).write_text(jsonify(task))
+            os.replace(staging / name, Path(self.queue_path) / name)
+            count += 1
+        return count
+
+
 def check_queue_spec(spec: str) -> None:
     """Refuse a ``--queue`` that is neither ``fq://FOLDER`` nor ``sqs://NAME`` (nothing is opened or made)."""
     if not spec.startswith(("fq://", "sqs://")) or not spec.partition("://")[2].strip():  # e.g. fq://$UNSET
@@ -939,14 +963,18 @@ def check_queue_spec(spec: str) -> None:
 
 
 def open_queue(spec: str, create: bool) -> TaskQueue:
-    """The task queue ``fq://FOLDER`` or ``sqs://NAME``; an ``fq://`` folder must exist unless ``create``."""
+    """The task queue ``fq://FOLDER`` (its inserts whole: ``WholeFileQueue``) or ``sqs://NAME``; an ``fq://``
+    folder must exist unless ``create``."""
     check_queue_spec(spec)
     if spec.startswith("fq://") and not create and not (Path(spec[len("fq://"):]).expanduser() / "queue").is_dir():
         raise UserError(f"no queue at {spec} (align.py --queue {spec} creates it)")
     try:
-        return TaskQueue(spec, progress=False)
+        queue = TaskQueue(spec, progress=False)
     except Exception as err:  # credentials, network, a path that cannot be created: one line
         raise UserError(f"cannot open queue {spec}: {type(err).__name__}: {err}") from None
+    if isinstance(queue.api, FileQueueAPI):
+        queue.api = WholeFileQueue(queue.api.path)
+    return queue
 
 
 def work(spec: str, lease_seconds: int) -> None:

@@ -1,6 +1,7 @@
 """tasks.py and align.py --block / --queue / worker: the block layout, chunked composition, a blocked run equal
 to the serial one, and a queued run (a worker and the driver killed on the way) equal to the in-process one; the
 solve's tasks: equal to align_solved with one block and one chunk, close to it with several, queued as in-process."""
+import functools
 import os
 import queue
 import signal
@@ -303,11 +304,10 @@ class CountingQueue:
     """A queue whose count of tasks left is read off a script, one number per look, on ``protocol`` (fq or sqs)."""
 
     def __init__(self, protocol: str, counts: list[int]):
-        self.path, self.counts, self.delays = type("Path", (), {"protocol": protocol}), counts, []
+        self.path, self.counts = type("Path", (), {"protocol": protocol}), counts
 
-    def insert(self, calls, delay_seconds: int) -> None:
+    def insert(self, calls) -> None:
         list(calls)
-        self.delays.append(delay_seconds)
 
     @property
     def enqueued(self) -> int:
@@ -332,8 +332,25 @@ def test_the_driver_looks_soon_after_inserting_a_phase_then_ever_less_often(prot
     # an fq:// count is exact: the first empty look ends the phase; an SQS count must stay 0 for a second
     assert waits == (busy if protocol == "fq" else busy + [1.0])
     assert len(counts) == (3 if protocol == "fq" else 2)
-    # a file queue's tasks are leasable a whole second after they are written at least: none is leased half-written
-    assert queue.delays == ([tasks.FQ_DELAY_SECONDS] if protocol == "fq" else [0]) and tasks.FQ_DELAY_SECONDS >= 2
+
+
+def test_a_file_queue_task_is_whole_when_a_worker_can_first_lease_it(tmp_path, monkeypatch):
+    queue = tasks.open_queue("fq://" + str(tmp_path / "queue"), create=True)
+    api, looks, rename = queue.api, [], os.replace
+
+    def replace(source, destination):  # a worker leasing, and the lease records, just before each task lands
+        looks.append((api.lease(60, 10), len(os.listdir(api.movement_path))))
+        rename(source, destination)
+
+    monkeypatch.setattr(tasks.os, "replace", replace)
+    queue.insert([functools.partial(tasks.scan_task, {}, z) for z in range(3)])
+    leased = [task for tasks_leased, _ in looks for task in tasks_leased] + api.lease(60, 10)
+    # each look leases the task before, whole, never the one being inserted; its lease record is there first
+    assert [[task["payload"][1][1] for task in got] for got, _ in looks] == [[], [0], [1]]
+    assert [records for _, records in looks] == [1, 2, 3] and leased[-1]["payload"][1][1] == 2
+    for task in leased:  # a finished task's file is deleted through its lease record
+        api.delete(task)
+    assert queue.enqueued == 0 and not os.listdir(api.movement_path)
 
 
 def solve_volume(tmp_path, tiny_volume, blank=5):
