@@ -255,17 +255,30 @@ def content_offsets(stack, reach: int = 32, factor: int = 2) -> np.ndarray:
     return best_shifts(stack[:-1], stack[1:], reach, factor)
 
 
-def print_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
-    """A fixed-width table of ``rows`` (name -> measures); returns it as text too."""
+def print_table(rows: dict[str, dict[str, float]], columns: list[str], width: int = 120) -> str:
+    """A fixed-width table of ``rows`` (name -> measures), printed; returns it as text too. Columns that would run
+    past ``width`` characters go on in another block below, the names repeated, so a terminal does not wrap it."""
     widths = [max(10, len(c) + 2) for c in columns]
     first = max([28, *map(len, rows)]) + 1
-    header = f"{'method':{first}s}" + "".join(f"{c:>{w}s}" for c, w in zip(columns, widths))
-    lines = [header, "-" * len(header)]
-    for name, row in rows.items():
-        lines.append(f"{name:{first}s}" + "".join(f"{row.get(c, float('nan')):{w}.4g}" for c, w in zip(columns, widths)))
-    text = "\n".join(lines)
+    blocks, used = [[]], first
+    for column, w in zip(columns, widths):
+        if blocks[-1] and used + w > width:
+            blocks.append([])
+            used = first
+        blocks[-1].append((column, w))
+        used += w
+    text = "\n\n".join(_table_block(rows, block, first) for block in blocks)
     print(text)
     return text
+
+
+def _table_block(rows: dict[str, dict[str, float]], block: list[tuple[str, int]], first: int) -> str:
+    """``print_table``'s lines for the columns ``block`` (name, width), after a name column ``first`` wide."""
+    header = f"{'method':{first}s}" + "".join(f"{c:>{w}s}" for c, w in block)
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        lines.append(f"{name:{first}s}" + "".join(f"{row.get(c, float('nan')):{w}.4g}" for c, w in block))
+    return "\n".join(lines)
 
 
 def plot_cpc(histograms: dict[str, np.ndarray], path: Path) -> Path:

@@ -296,3 +296,17 @@ def test_evaluate_refuses_a_plots_folder_it_cannot_write_before_scoring(tmp_path
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: --plots {tmp_path / 'a_file' / 'eval'}: cannot write there " \
                                     f"({tmp_path / 'a_file'} is not a directory)"
+
+
+def test_a_wide_table_goes_on_in_blocks_that_fit_the_width(capsys):
+    columns = [f"measure_{i}" for i in range(12)]
+    rows = {"raw (no alignment)": {c: float(i) for i, c in enumerate(columns)}, "aligned": {"measure_11": 0.5}}
+    text = evaluate.print_table(rows, columns, width=80)
+    assert capsys.readouterr().out == text + "\n"
+    blocks = [block.splitlines() for block in text.split("\n\n")]
+    assert len(blocks) == 3 and all(len(line) <= 80 for block in blocks for line in block)
+    headers = [block[0].split() for block in blocks]
+    assert [c for header in headers for c in header[1:]] == columns and all(h[0] == "method" for h in headers)
+    assert [[line.split("  ")[0] for line in block[2:]] for block in blocks] == [["raw (no alignment)", "aligned"]] * 3
+    assert blocks[-1][2].split()[-1] == "11" and blocks[-1][3].split()[-1] == "0.5" and "nan" in blocks[0][3]
+    assert "\n\n" not in evaluate.print_table(rows, columns[:3], width=80)  # one block where it fits
