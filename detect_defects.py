@@ -6,7 +6,9 @@ Writes ``LAYER`` in the demo's convention: uint8, 1 channel, 0 none / 1 crack / 
 images' frame, with the source's bounds, resolution and mips (mip M and every coarser mip are
 written; a coarser pixel is the worst class of the 2 x 2 pixels it covers, as ``volume.downsample``
 ``labels``). Sections are read and written in ``--chunk`` squares with the network's context
-(``DefectNet.radius`` px) read around each, so the layer does not depend on the chunk size.
+(``DefectNet.radius`` px) read around each, so the layer does not depend on the chunk size. Each finished
+section leaves a marker in ``LAYER/progress/detect/Z`` (the source, mip, bbox and the detector's sha256, and its
+counts): a run stopped part way, run again, detects only the sections that have none with its own settings.
 
 The detector (``DefectNet``, archived in ``pt/defects.pt``, recipe in ``train_detector.py``) is a
 small fully convolutional network: 3 x 3 convolutions of growing dilation over the image on its
@@ -25,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from cloudfiles import CloudFiles
 from tqdm import tqdm
 
 import demo
 import volume
-from helpers import (HelpFormatter, UserError, atomic_output, check_device, check_writable, code_version, one_line,
-                     run_main)
+from helpers import (HelpFormatter, UserError, atomic_output, check_device, check_writable, code_version,
+                     file_sha256, one_line, run_main)
 
 KIND = "seamless-defect-detector"
 VERSION = 1
@@ -109,7 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=HelpFormatter)
     p.add_argument("--source", required=True, help="image volume (any CloudVolume path, or 'demo')")
     p.add_argument("--dest", required=True, help="the defect layer to write (a folder or cloudpath); an existing "
-                                                 "one must have the source's bounds, and its sections are replaced")
+                                                 "one must have the source's bounds, and its sections are replaced "
+                                                 "but those an earlier run with the same settings finished")
     p.add_argument("--mip", type=int, default=0, help="resolution level to detect at")
     p.add_argument("--z_start", type=int, help="first section; None: the volume's first")
     p.add_argument("--z_stop", type=int, help="one past the last section; None: the volume's end")
@@ -195,11 +199,26 @@ def main(argv=None) -> dict:
     dest = open_dest(args, source)
     boxes = [(x, y, min(x + args.chunk, x1), min(y + args.chunk, y1))
              for y in range(y0, y1, args.chunk) for x in range(x0, x1, args.chunk)]
-    counts, coarsest = np.zeros(3, dtype=np.int64), len(dest.info["scales"]) - 1
-    for z, box in tqdm([(z, box) for z in range(z0, z1) for box in boxes], desc="chunks", unit="chunk"):
+    key = {"source": volume.canonical(source.cloudpath), "mip": args.mip, "bbox": [x0, y0, x1, y1],
+           "archive_sha256": file_sha256(args.archive)}  # what a section's labels depend on
+    marks = CloudFiles(f"{dest.cloudpath}/progress/detect")
+    done = {z: mark for z, mark in zip(range(z0, z1), volume.get_many(marks, [str(z) for z in range(z0, z1)]))
+            if mark and mark["key"] == key}
+    if done:
+        print(f"resuming: {len(done)} of {z1 - z0} sections were detected by an earlier run with these settings")
+    counts = np.sum([mark["counts"] for mark in done.values()], axis=0, dtype=np.int64) if done else np.zeros(3, int)
+    coarsest = min([len(dest.info["scales"]) - 1, *(mark["coarsest"] for mark in done.values())])
+    todo = [(z, box) for z in range(z0, z1) if z not in done for box in boxes]
+    section, section_coarsest = np.zeros(3, dtype=np.int64), coarsest
+    for i, (z, box) in enumerate(tqdm(todo, desc="chunks", unit="chunk")):
         labels = detect_chunk(net, source, z, box)
-        counts += np.bincount(labels.ravel(), minlength=3)[:3]
-        coarsest = min(coarsest, volume.write_pyramid(dest, labels, (box[0], box[1], z), "labels", args.mip))
+        section += np.bincount(labels.ravel(), minlength=3)[:3]
+        section_coarsest = min(section_coarsest, volume.write_pyramid(dest, labels, (box[0], box[1], z), "labels",
+                                                                      args.mip))
+        if i + 1 == len(todo) or todo[i + 1][0] != z:  # the section's last chunk: its marker
+            marks.put_json(str(z), {"key": key, "counts": section.tolist(), "coarsest": section_coarsest})
+            counts, coarsest = counts + section, min(coarsest, section_coarsest)
+            section, section_coarsest = np.zeros(3, dtype=np.int64), len(dest.info["scales"]) - 1
     print(f"detected defects in sections {z0}..{z1 - 1} ({x1 - x0} x {y1 - y0} px at mip {args.mip}): "
           f"{counts[1]} crack px, {counts[2]} fold px; written to {dest.cloudpath} at mips {args.mip}..{coarsest}")
     return {"crack_px": int(counts[1]), "fold_px": int(counts[2]), "coarsest_mip": coarsest}

@@ -248,20 +248,6 @@ def _get_array(marks: CloudFiles, name: str) -> np.ndarray:
     return np.load(io.BytesIO(marks.get(name)))
 
 
-def _get_many(files: CloudFiles, names: list[str], as_json: bool = True) -> list:
-    """The files ``names`` under ``files``, in order: decoded JSON, or bytes without ``as_json``; None where one is
-    missing. One at a time on local storage: there CloudFiles reads a list in a thread that it polls every 0.1 s,
-    while a read takes 0.2 ms (the demo's solve waited 6.6 s of its 24 s, bench/RESULTS.md). Elsewhere in
-    CloudFiles' threads, at once."""
-    get = files.get_json if as_json else files.get
-    if files.protocol in ("file", "mem"):
-        return [get(name) for name in names]
-    if as_json:
-        return get(names)
-    contents = get(names, return_dict=True)  # a list comes back in the order its threads finish
-    return [contents[name] for name in names]
-
-
 def _read(vol, z: int, box: Box) -> np.ndarray:
     """``[C, Y, X]`` of section z over ``box``."""
     x0, y0, x1, y1 = box
@@ -379,7 +365,7 @@ def block_task(job: dict, first: int) -> None:
         return
     names = list(marks.list(prefix=f"block/{first}/"))
     found = {int(name.rsplit("/", 1)[1]): content == b"blank"
-             for name, content in zip(names, _get_many(marks, names, as_json=False))}
+             for name, content in zip(names, volume.get_many(marks, names, as_json=False))}
     start = next(z for z in itertools.count(first) if z not in found)
     blank = {z: found[z] for z in range(first, start)}  # z -> blank, of the sections aligned or read so far
     reference = min((z for z in blank if not blank[z]), default=None)
@@ -480,7 +466,7 @@ def pair_offsets(job: Job) -> list[int]:
 
 def _placed(job: Job, usable: list[int]) -> set[int]:
     """``alignment.placed_by_pieces`` of the ``usable`` sections, from their prealign markers."""
-    markers = _get_many(_progress(job), [f"solve/prealign/{z}" for z in usable])
+    markers = volume.get_many(_progress(job), [f"solve/prealign/{z}" for z in usable])
     return placed_by_pieces(usable, {(z, t): rigid for z, marker in zip(usable, markers)
                                      for t, rigid in zip(marker["targets"], marker["rigid"]) if t is not None})
 
@@ -528,7 +514,7 @@ def scan_task(job: dict, z: int) -> None:
 
 def _scans(job: Job, sections) -> list[dict | None]:
     """The scan markers of ``sections`` (None for a section not scanned yet)."""
-    return _get_many(_progress(job), [f"solve/scan/{z}" for z in sections])
+    return volume.get_many(_progress(job), [f"solve/scan/{z}" for z in sections])
 
 
 def _stats(scan: dict) -> tuple[float, float]:
@@ -894,7 +880,7 @@ def record_failure(queue: TaskQueue, task, err: BaseException) -> str:
 
 def _check_dead_letters(failures: CloudFiles) -> None:
     """``UserError`` with the error of a dead-lettered task, if any has a record in ``failures``."""
-    for record in _get_many(failures, list(failures.list())):
+    for record in volume.get_many(failures, list(failures.list())):
         if record and record["dead"]:
             raise UserError(f"task {record['task']} failed {record['failures']} times and was dead-lettered "
                             f"(last error: {record['error']}); fix the cause and run again")

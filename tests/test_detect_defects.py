@@ -114,3 +114,30 @@ def test_the_benchmark_refuses_a_tolerance_that_is_not_a_reach(capsys):
     with pytest.raises(SystemExit):
         detect_quality.main(["--tolerance", "nan"])
     assert "is not a number" in capsys.readouterr().err
+
+
+def test_a_stopped_run_run_again_detects_only_the_sections_it_had_not_finished(tiny_volume, tmp_path, monkeypatch,
+                                                                             capsys):
+    paths, _ = tiny_volume
+    argv = ["--source", paths["image"], "--chunk", "32", "--z_start", "3", "--z_stop", "6"]  # 4 chunks a section
+    whole = detect_defects.main(argv + ["--dest", str(tmp_path / "whole")])
+    calls, real, dies = [], detect_defects.detect_chunk, [True]
+
+    def stopping(net, source, z, box):  # the first run dies in the middle of section 4
+        calls.append(z)
+        if len(calls) == 6 and dies and dies.pop():
+            raise MemoryError
+        return real(net, source, z, box)
+
+    monkeypatch.setattr(detect_defects, "detect_chunk", stopping)
+    with pytest.raises(MemoryError):
+        detect_defects.main(argv + ["--dest", str(tmp_path / "found")])
+    calls.clear()
+    again = detect_defects.main(argv + ["--dest", str(tmp_path / "found")])
+    assert calls == [4] * 4 + [5] * 4 and "resuming: 1 of 3 sections" in capsys.readouterr().out
+    assert again == whole  # the counts of the sections the first run finished are kept
+    layers = [volume.open_volume(str(tmp_path / name)) for name in ("whole", "found")]
+    assert np.array_equal(*(volume.read(layer, (0, 0, 3), (64, 64, 3)) for layer in layers))
+    calls.clear()
+    detect_defects.main(argv + ["--dest", str(tmp_path / "found"), "--bbox", "0", "0", "32", "64"])
+    assert calls == [3, 3, 4, 4, 5, 5]  # other settings: every section again

@@ -72,37 +72,6 @@ def layer(path, array):
     return vol
 
 
-@pytest.mark.parametrize("where", ["file", "mem"])
-def test_many_markers_read_one_at_a_time_locally_in_order_with_none_for_a_missing_one(tmp_path, where):
-    from cloudfiles import CloudFiles
-
-    files = CloudFiles(f"file://{tmp_path}" if where == "file" else f"mem://{tmp_path.name}")
-    files.put_json("a", {"z": 1})
-    files.put_json("c", [2])
-    expected = files.get_json(["c", "b", "a"])
-    assert expected == [[2], None, {"z": 1}]
-    asked, get_json = [], files.get_json
-    files.get_json = lambda names: asked.append(names) or get_json(names)
-    assert tasks._get_many(files, ["c", "b", "a"]) == expected
-    assert asked == ["c", "b", "a"]  # no list: CloudFiles would read it in a thread polled every 0.1 s
-    assert tasks._get_many(files, ["c", "b"], as_json=False) == [b"[2]", None]
-
-
-def test_many_files_read_in_threads_elsewhere_come_back_in_the_order_asked(tmp_path, monkeypatch):
-    from cloudfiles import CloudFiles
-
-    files = CloudFiles(f"file://{tmp_path}")
-    names = [f"block/{z}" for z in range(40)]
-    for z, name in enumerate(names):
-        files.put(name, b"blank" if z % 3 else b"aligned")
-    files.put_json("scan", {"mean": 1})
-    monkeypatch.setattr(CloudFiles, "protocol", "gs")  # as on a cloud: the list goes to CloudFiles' threads
-    asked = names[::-1] + ["missing"]
-    assert tasks._get_many(files, asked, as_json=False) == [b"blank" if z % 3 else b"aligned"
-                                                            for z in range(39, -1, -1)] + [None]
-    assert tasks._get_many(files, ["scan", "missing"]) == [{"mean": 1}, None]
-
-
 def test_chunked_compose_and_warp_equal_whole_section(tmp_path):
     """Chunks read with a margin of the largest displacement + 1 px give the whole-section result."""
     f, g = smooth((2, 96, 96), 0, 12.0)[None], smooth((2, 96, 96), 1, 9.0)[None]

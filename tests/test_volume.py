@@ -156,3 +156,34 @@ def test_a_cloud_that_refuses_us_is_one_line_on_create_and_on_align_dest(monkeyp
     monkeypatch.setattr(align, "CloudFiles", lambda path: type("Refusing", (), {"exists": refuse})())
     with pytest.raises(UserError, match="^cannot read --dest gs://lab/out: RuntimeError: Your default credentials"):
         align.recorded_runs("gs://lab/out")
+
+
+@pytest.mark.parametrize("where", ["file", "mem"])
+def test_many_markers_read_one_at_a_time_locally_in_order_with_none_for_a_missing_one(tmp_path, where):
+    from cloudfiles import CloudFiles
+
+    files = CloudFiles(f"file://{tmp_path}" if where == "file" else f"mem://{tmp_path.name}")
+    files.put_json("a", {"z": 1})
+    files.put_json("c", [2])
+    expected = files.get_json(["c", "b", "a"])
+    assert expected == [[2], None, {"z": 1}]
+    asked, get_json = [], files.get_json
+    files.get_json = lambda names: asked.append(names) or get_json(names)
+    assert volume.get_many(files, ["c", "b", "a"]) == expected
+    assert asked == ["c", "b", "a"]  # no list: CloudFiles would read it in a thread polled every 0.1 s
+    assert volume.get_many(files, ["c", "b"], as_json=False) == [b"[2]", None]
+
+
+def test_many_files_read_in_threads_elsewhere_come_back_in_the_order_asked(tmp_path, monkeypatch):
+    from cloudfiles import CloudFiles
+
+    files = CloudFiles(f"file://{tmp_path}")
+    names = [f"block/{z}" for z in range(40)]
+    for z, name in enumerate(names):
+        files.put(name, b"blank" if z % 3 else b"aligned")
+    files.put_json("scan", {"mean": 1})
+    monkeypatch.setattr(CloudFiles, "protocol", "gs")  # as on a cloud: the list goes to CloudFiles' threads
+    asked = names[::-1] + ["missing"]
+    assert volume.get_many(files, asked, as_json=False) == [b"blank" if z % 3 else b"aligned"
+                                                             for z in range(39, -1, -1)] + [None]
+    assert volume.get_many(files, ["scan", "missing"]) == [{"mean": 1}, None]
