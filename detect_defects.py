@@ -206,19 +206,19 @@ def main(argv=None) -> dict:
             if mark and mark["key"] == key}
     if done:
         print(f"resuming: {len(done)} of {z1 - z0} sections were detected by an earlier run with these settings")
-    counts = np.sum([mark["counts"] for mark in done.values()], axis=0, dtype=np.int64) if done else np.zeros(3, int)
-    coarsest = min([len(dest.info["scales"]) - 1, *(mark["coarsest"] for mark in done.values())])
-    todo = [(z, box) for z in range(z0, z1) if z not in done for box in boxes]
-    section, section_coarsest = np.zeros(3, dtype=np.int64), coarsest
-    for i, (z, box) in enumerate(tqdm(todo, desc="chunks", unit="chunk")):
-        labels = detect_chunk(net, source, z, box)
-        section += np.bincount(labels.ravel(), minlength=3)[:3]
-        section_coarsest = min(section_coarsest, volume.write_pyramid(dest, labels, (box[0], box[1], z), "labels",
-                                                                      args.mip))
-        if i + 1 == len(todo) or todo[i + 1][0] != z:  # the section's last chunk: its marker
-            marks.put_json(str(z), {"key": key, "counts": section.tolist(), "coarsest": section_coarsest})
-            counts, coarsest = counts + section, min(coarsest, section_coarsest)
-            section, section_coarsest = np.zeros(3, dtype=np.int64), len(dest.info["scales"]) - 1
+    todo = [z for z in range(z0, z1) if z not in done]
+    with tqdm(total=len(todo) * len(boxes), desc="chunks", unit="chunk") as bar:
+        for z in todo:
+            found, coarsest = np.zeros(3, dtype=np.int64), len(dest.info["scales"]) - 1
+            for box in boxes:
+                labels = detect_chunk(net, source, z, box)
+                found += np.bincount(labels.ravel(), minlength=3)[:3]
+                coarsest = min(coarsest, volume.write_pyramid(dest, labels, (box[0], box[1], z), "labels", args.mip))
+                bar.update()
+            done[z] = {"key": key, "counts": found.tolist(), "coarsest": coarsest}
+            marks.put_json(str(z), done[z])  # the section is whole
+    counts = np.sum([mark["counts"] for mark in done.values()], axis=0, dtype=np.int64)
+    coarsest = min(mark["coarsest"] for mark in done.values())
     print(f"detected defects in sections {z0}..{z1 - 1} ({x1 - x0} x {y1 - y0} px at mip {args.mip}): "
           f"{counts[1]} crack px, {counts[2]} fold px; written to {dest.cloudpath} at mips {args.mip}..{coarsest}")
     return {"crack_px": int(counts[1]), "fold_px": int(counts[2]), "coarsest_mip": coarsest}
