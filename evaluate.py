@@ -255,6 +255,10 @@ def content_offsets(stack, reach: int = 32, factor: int = 2) -> np.ndarray:
     return best_shifts(stack[:-1], stack[1:], reach, factor)
 
 
+EPE_COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "near_common", "near_excess", "inside_median",
+               "inside_common", "inside_excess", "drift_mean"]  # score's EPE figures, as the tables print them
+
+
 def print_table(rows: dict[str, dict[str, float]], columns: list[str], width: int = 120) -> str:
     """A fixed-width table of ``rows`` (name -> measures), printed; returns it as text too. Columns that would run
     past ``width`` characters go on in another block below, the names repeated, so a terminal does not wrap it."""
@@ -393,10 +397,7 @@ def main(argv=None) -> dict:
     field = volume.read(field_vol, corner, size)
     rows["aligned"] = score(aligned, field, truth, defects, args.near, args.cpc_window)
     hist["aligned"] = cpc(aligned, args.cpc_window)
-    columns = ["cpc_mean", "cpc_p5", "foldovers"]
-    if truth is not None:
-        columns = ["far_median", "far_common", "far_p95", "near_median", "near_common", "near_excess",
-                   "inside_median", "inside_common", "inside_excess", "drift_mean"] + columns
+    columns = (EPE_COLUMNS if truth is not None else []) + ["cpc_mean", "cpc_p5", "foldovers"]
     print(f"mip {mip}, sections {args.z_start}..{args.z_stop - 1}")
     print_table(rows, columns)
     for line in warnings(rows, RAW, oracle_cpc) if args.raw else []:

@@ -55,9 +55,7 @@ def detected_defects(stack: dict) -> np.ndarray:
 DEFECT_MASKS = {"given": lambda stack: stack["defects"],  # the true masks
                 "detected": detected_defects,  # what a user without a defect layer can have
                 "none": lambda stack: None}  # --defects WHICH: the masks our network aligns with
-COLUMNS = ["far_median", "far_common", "far_p95", "near_median", "near_common", "near_excess",
-           "inside_median", "inside_common", "inside_excess", "drift_mean", "cpc_mean",
-           "oracle_cpc", "foldovers", "foldovers_spurious", "mpx_per_s"]
+COLUMNS = evaluate.EPE_COLUMNS + ["cpc_mean", "oracle_cpc", "foldovers", "foldovers_spurious", "mpx_per_s"]
 
 
 def demo_stack(z_start: int, count: int, size: int) -> dict[str, np.ndarray]:
