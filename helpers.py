@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import glob
 import hashlib
 import math
@@ -307,8 +308,13 @@ def _normalised_grid(field: torch.Tensor) -> torch.Tensor:
     """Sampling positions ``p + field(p)`` as the ``[N, H, W, 2]`` normalised grid of grid_sample."""
     _, _, h, w = field.shape
     pos = pixel_grid(h, w, field.device, field.dtype) + field
-    size = torch.tensor([w, h], device=field.device, dtype=field.dtype).view(1, 2, 1, 1)
-    return ((2 * pos + 1) / size - 1).permute(0, 2, 3, 1)
+    return ((2 * pos + 1) / _grid_size(w, h, field.device, field.dtype) - 1).permute(0, 2, 3, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_size(w: int, h: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[1, 2, 1, 1]`` holding ``(w, h)``, kept: made anew, a tensor on a GPU is a copy that waits for the GPU."""
+    return torch.tensor([w, h], device=device, dtype=dtype).view(1, 2, 1, 1)
 
 
 def warp(image: torch.Tensor, field: torch.Tensor, mode: str = "bilinear",
@@ -402,9 +408,7 @@ def affine_field(matrix: torch.Tensor, h: int, w: int) -> torch.Tensor:
     in pixels (x, y). Returns ``[N, 2, H, W]``: ``field(p) = A (p - c) + c + t - p``.
     """
     grid = pixel_grid(h, w, matrix.device, matrix.dtype)
-    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=matrix.device,
-                          dtype=matrix.dtype).view(1, 2, 1, 1)
-    rel = grid - centre
+    rel = torch.stack([grid[:, 0] - (w - 1) / 2, grid[:, 1] - (h - 1) / 2], 1)  # p - c
     mapped = torch.einsum("nij,njhw->nihw", matrix[:, :, :2], rel.expand(len(matrix), -1, -1, -1))
     return mapped + matrix[:, :, 2, None, None] - rel
 

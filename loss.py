@@ -174,8 +174,7 @@ def rigidity(field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """
     total = 0
     for (dx, dy), (d, w) in zip(_NEIGHBOURS, _differences(field, weights, _NEIGHBOURS)):
-        spring = torch.tensor([dx, dy], dtype=field.dtype, device=field.device).view(1, 2, 1, 1)
-        length = vector_length(spring + d)[:, None]
+        length = vector_length(torch.stack([d[:, 0] + dx, d[:, 1] + dy], 1))[:, None]  # |spring + d|
         total = total + _weighted_mean((length - math.hypot(dx, dy)) ** 2, w)
     return total
 

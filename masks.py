@@ -57,9 +57,8 @@ def _squared_distance(defects: torch.Tensor, max_distance: float) -> torch.Tenso
     defect = torch.as_tensor(defects) > 0
     h, w = defect.shape[-2:]
     col = torch.arange(w, dtype=torch.float32, device=defect.device)
-    inf = torch.tensor(math.inf, device=defect.device)
-    left = torch.where(defect, col, -inf).cummax(-1).values  # nearest defect column at or left of x
-    right = torch.where(defect, col, inf).flip(-1).cummin(-1).values.flip(-1)  # at or right of x
+    left = torch.where(defect, col, -math.inf).cummax(-1).values  # nearest defect column at or left of x
+    right = torch.where(defect, col, math.inf).flip(-1).cummin(-1).values.flip(-1)  # at or right of x
     d_row = torch.minimum(col - left, right - col)
     d_row2 = d_row * d_row
     out = d_row2.clone()
@@ -95,9 +94,9 @@ def ternary_mask(defects: torch.Tensor, radius: float) -> torch.Tensor:
 
 def _class_weights(mask: torch.Tensor, normal: float, near: float, inside: float) -> torch.Tensor:
     """float32 weights of the shape of ``mask``: ``normal`` / ``near`` / ``inside`` for classes 0 / 1 / 2."""
-    mask = torch.as_tensor(mask)
-    table = torch.tensor([normal, near, inside], dtype=torch.float32, device=mask.device)
-    return table[mask.long()]
+    mask = torch.as_tensor(mask)  # Python scalars: no copy to a GPU, no wait
+    weights = torch.full(mask.shape, float(inside), dtype=torch.float32, device=mask.device)
+    return weights.masked_fill_(mask == 1, near).masked_fill_(mask == 0, normal)
 
 
 def _run_window(tissue: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
