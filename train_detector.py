@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import misalign
 from detect_defects import ARCHIVE, DefectNet, load_detector, save_detector
-from helpers import HelpFormatter, UserError, check_writable, finite_float, folder, run_main
+from helpers import HelpFormatter, UserError, check_device, check_writable, finite_float, folder, run_main
 
 PAD = 48  # margin generated around each canvas, as the benchmarks' stacks
 SIDE = 512  # px: the training stacks' side at most (the centre of larger sections)
@@ -130,6 +130,7 @@ def check_args(args) -> None:
     out = check_writable(args.out, "--out")
     if out.exists() and not args.overwrite:
         raise UserError(f"--out {out} exists (a trained detector?): pass --overwrite to replace it, or name another")
+    args.device = check_device(args.device)
     if args.init:
         load_detector(args.init)
 
@@ -154,14 +155,16 @@ def main(argv=None) -> Path:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ARCHIVE))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (e.g. the shipped detector)")
+    p.add_argument("--device", help="cpu or cuda (cuda:N); None: cuda if this machine has it (the crops are made on the "
+                                    "CPU)")
     args = p.parse_args(argv)
     check_args(args)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     stacks = pool(args)
     print(f"{sum(len(s[0]) for s in stacks)} damaged sections from {len(stacks)} stacks")
-    net = load_detector(args.init).train() if args.init else DefectNet()
-    weights = torch.tensor(args.class_weights)
+    net = (load_detector(args.init).train() if args.init else DefectNet()).to(args.device)
+    weights = torch.tensor(args.class_weights, device=args.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     recipe = " ".join(f"--{k} {v}" for k, v in vars(args).items())
     start, step, running = time.time(), 0, None
@@ -170,7 +173,7 @@ def main(argv=None) -> Path:
         for group in optimizer.param_groups:  # cosine decay over the wall-time budget
             group["lr"] = args.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - start) / (deadline - start))))
         images, labels = batch(stacks, args.crop, args.batch_size, gen, args.fold_share, args.blank_share)
-        loss = F.cross_entropy(net(images), labels, weight=weights)
+        loss = F.cross_entropy(net(images.to(args.device)), labels.to(args.device), weight=weights)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

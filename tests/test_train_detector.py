@@ -1,5 +1,5 @@
 """train_detector.py: the training crops can be put over the folds, which random crops seldom show; bad flags and an
-existing --out are one-line errors before any data is built."""
+existing --out are one-line errors before any data is built; a short run writes a detector that loads."""
 import numpy as np
 import pytest
 import torch
@@ -8,6 +8,7 @@ from PIL import Image
 import misalign
 import phantom
 import train_detector
+from detect_defects import DefectNet, load_detector
 from helpers import UserError
 
 
@@ -51,7 +52,7 @@ def test_an_existing_out_is_refused_without_overwrite_and_kept(tmp_path, monkeyp
 
 @pytest.mark.parametrize("flags", [["--crop", "0"], ["--steps", "0"], ["--minutes", "-1"], ["--lr", "-1"],
                                    ["--fold_share", "2"], ["--blank_share", "-0.5"], ["--class_weights", "0", "0", "0"],
-                                   ["--init", "no_such_detector.pt"]])
+                                   ["--init", "no_such_detector.pt"], ["--device", "tpu"]])
 def test_bad_flags_are_one_line_errors_before_any_data_is_built(tmp_path, monkeypatch, flags):
     monkeypatch.setattr(train_detector, "pool", _no_data)
     with pytest.raises(UserError):
@@ -67,3 +68,16 @@ def test_real_sections_too_small_for_the_crop_are_one_line(tmp_path, monkeypatch
                                         r"of 48 px on each side"):
         train_detector.main(["--snemi", str(tmp_path), "--crop", "160", "--out", str(tmp_path / "new.pt")])
     assert not (tmp_path / "new.pt").exists()
+
+
+def test_a_short_run_trains_and_writes_a_detector_that_loads(tmp_path, monkeypatch):
+    stack = train_detector.damaged(phantom.make_phantom((3, 160, 160), seed=5), 64, seed=1000)
+    monkeypatch.setattr(train_detector, "pool", lambda args: [stack])
+    out = train_detector.main(["--steps", "3", "--crop", "32", "--batch_size", "2", "--device", "cpu",
+                               "--out", str(tmp_path / "d.pt")])
+    archive = torch.load(out, weights_only=True)
+    assert archive["steps"] == 3 and "--device cpu" in archive["recipe"]
+    torch.manual_seed(0)  # main's --seed: the network it started from
+    trained, fresh = load_detector(out).state_dict(), DefectNet().state_dict()
+    assert trained.keys() == fresh.keys() and all(v.device.type == "cpu" for v in trained.values())
+    assert any(not torch.equal(trained[k], fresh[k]) for k in trained)
