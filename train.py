@@ -606,7 +606,7 @@ def train(args, device: str | None = None) -> Path:
             pairs = epoch_pairs(len(dataset), args.epoch_size, args.seed * 7919 + epoch, rank, world)
             loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=pairs,
                                 num_workers=args.num_workers, drop_last=len(dataset) >= args.batch_size,
-                                persistent_workers=False)
+                                persistent_workers=False, pin_memory=torch.device(device).type == "cuda")
             sums, count, started = {}, 0, time.time()
             bar = tqdm(batches(loader), total=len(loader), desc=f"epoch {epoch}", unit="step", leave=False,
                        disable=None if rank0 else True)
