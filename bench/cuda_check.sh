@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA paths, once, on a machine with a GPU: the test suite, README command (1)'s job
-# (quickstart.py) and the training and alignment speed benchmarks. Logs go to $LOGS (default logs/).
+# (quickstart.py), the pair fields against the CPU's (bench.cuda_parity) and the training and
+# alignment speed benchmarks. Logs go to $LOGS (default logs/).
 # Where .whl/ holds wheels (bench/device_wheels.sh), they are installed first into /tmp/site (on
 # PYTHONPATH). The tests run on 8 processes where pytest-xdist is installed, each test cut at 240 s
 # where pytest-timeout is (the two-process DDP tests once hung on such a machine): about 7 minutes.
@@ -29,5 +30,6 @@ step() {  # step NAME COMMAND...: run, log to $LOGS/NAME.log, print its tail and
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 step tests "$PY" -m pytest -q -p no:randomly "${PARALLEL[@]}"
 step quickstart "$PY" quickstart.py
+step cuda_parity "$PY" -m bench.cuda_parity
 step bench_train "$PY" -m bench.bench_train --device cuda
 step bench_align "$PY" -m bench.bench_align --queue_workers 1
