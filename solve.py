@@ -243,7 +243,8 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     same (the solve is the same linear map at every pixel). The detail is the pair fields' less their low-pass within the
     pair's tissue (of both sections: no jump at a defect leaks into the detail), solved with ``detail_pull``; the
     robust re-weighting compares with the whole pair field (with ``detail_pull`` inf too). Where every pair of a
-    section weighs 0 for a defect, its coarse field comes from the tissue around (``low_pass``'s ``untrusted``).
+    section weighs 0 (a defect, or no tissue: the pull alone would make it 0 there), its coarse part comes from where
+    some pair weighs (``low_pass``'s ``untrusted``), so that no zero is averaged into the tissue beside it.
     Inside its own defects each section's whole field (coarse part and detail) is then ``low_pass``'s interpolation
     from the tissue around, widened where the jump would fold the map over. A ``defects`` without any defect is
     None, bit for bit.
@@ -284,8 +285,8 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
         if defects is not None:  # F_t is smooth and filled everywhere (below): it carries the pairs' defects
             base = current = trusted * (warp_labels(marks, point[targets]) == 0)
             own = warp_labels(defects[:, None], point)[:, 0]  # each section's defects in the common frame
-            unheld = (_section_sums(count, sources, targets, trusted) > 0) & \
-                (_section_sums(count, sources, targets, base) == 0)  # every pair of the section weighs 0 there
+            held = _section_sums(count, sources, targets, base) > 0  # some pair of the section weighs there
+            unheld = (_section_sums(count, sources, targets, trusted) > 0) & ~held  # a defect zeroed them all
         if round_ > 0 and robust:
             asked = sum(observed) if defects is None else observed[0]  # the whole pair field
             residual = vector_length(point[sources] - point[targets] - asked)[:, None]
@@ -293,7 +294,7 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
         parts = [_solve_band(count, sources, targets, current, part, band_pull)
                  for part, band_pull in zip(observed, pulls)]
         if defects is not None:  # each section's coarse part: smooth across all defects, plus its own jumps
-            smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | unheld[:, 0])
+            smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | ~held[:, 0])  # not the pull's zeros
             jump = _own_jumps(count, sources, targets, current,
                               *(warp(j, point[targets], padding_mode="border") for j in jumps))
             parts[0] = smooth_part + jump
