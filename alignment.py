@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import (WHOLE, UserError, compose, finite_float, in_frame_of, normalise, number, to_tensor, warp,
-                     warp_labels, warp_tissue)
+from helpers import (WHOLE, UserError, compose, finite_float, in_frame_of, missing_data, normalise, number,
+                     to_tensor, warp, warp_labels, warp_tissue)
 from models import Pyramid
 from pieces import GRID, piece_field
 from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, pearson, rigid_search
@@ -594,7 +594,7 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
             candidates = torch.stack([pair_field(model, section, target, settings,
                                                  _pair_marks(marks, _aligned_marks(target_marks, target_field)))
                                       for _, target, target_field, target_marks in targets])
-            valid = torch.from_numpy(np.stack([aligned for _, aligned, _, _ in targets]) > 0)
+            valid = ~missing_data(np.stack([aligned for _, aligned, _, _ in targets]))
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
         aligned = apply_field(section, field)
         yield aligned, field
@@ -716,8 +716,10 @@ def solve_fields(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tens
     """The solve of ``solve_pairs`` (its arguments, ``pairs`` not empty) before the frame is chosen: ``[Z, 2, H, W]``
     (px), each section's field into the solve's own frame (zero for a section in no pair). Each pair weighs where
     its target (uint8 ``sections[t]``) shows tissue, and 0 on the defects of either section; ``tasks.solve_task``
-    runs it on a block of sections and an xy chunk, each with a margin (``around``: ``solve.solve_stack``'s)."""
-    weights = torch.from_numpy(np.asarray(sections)[[t for _, t in pairs]] > 0).float()  # the target saw tissue
+    runs it on a block of sections and an xy chunk, each with a margin (``around``: ``solve.solve_stack``'s). Tissue is
+    where a section holds no missing data (``helpers.missing_data``: a dark speck of zeros is tissue)."""
+    tissue = ~missing_data(np.asarray(sections))
+    weights = tissue[[t for _, t in pairs]].float()  # the target saw tissue
     return solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
                        smooth=smooth, detail_pull=settings.detail_pull,
                        defects=None if defects is None else torch.from_numpy(np.asarray(defects)), around=around)

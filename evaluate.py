@@ -52,8 +52,8 @@ import torch
 
 import masks
 from alignment import apply_field
-from helpers import (HelpFormatter, UserError, check_writable, finite_float, in_frame_of, jacobian_determinant,
-                     run_main, to_tensor, vector_length, warp_labels)
+from helpers import (HelpFormatter, UserError, check_writable, dilated, finite_float, in_frame_of,
+                     jacobian_determinant, missing_data, run_main, to_tensor, vector_length, warp_labels)
 from shifts import best_shifts
 from vis import plain_log_ticks, pyplot, save_figure
 
@@ -64,17 +64,21 @@ RAW = "raw (no alignment)"  # the unaligned stack's row in evaluate.py's table
 def cpc(stack, chunk: int = 64) -> np.ndarray:
     """Pearson r of every ``chunk``-square with the same square of the next section, ``[K]``.
 
-    stack: ``[Z, H, W]`` (0 = missing). Squares with a missing pixel or zero variance
-    in either section are dropped. Vectorised over all squares of all pairs.
+    stack: ``[Z, H, W]`` (0 = missing data, ``helpers.missing_data``: a speck of zeros is dark tissue). Squares with
+    missing data or zero variance in either section are dropped. Vectorised over all squares of all pairs.
     """
     a = to_tensor(stack, dtype=torch.float64)
     z, h, w = a.shape
-    a = a[:, :h - h % chunk, :w - w % chunk]
-    tiles = a.reshape(z, h // chunk, chunk, w // chunk, chunk).permute(0, 1, 3, 2, 4).flatten(1, 2).flatten(2)
+
+    def tiled(x: torch.Tensor) -> torch.Tensor:  # [Z, T, chunk^2]: the whole squares
+        x = x[:, :h - h % chunk, :w - w % chunk]
+        return x.reshape(z, h // chunk, chunk, w // chunk, chunk).permute(0, 1, 3, 2, 4).flatten(1, 2).flatten(2)
+
+    tiles, whole = tiled(a), (~tiled(missing_data(a))).all(-1)
     x, y = tiles[:-1], tiles[1:]  # [Z-1, T, chunk^2]
     xc, yc = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
     sx, sy = xc.norm(dim=-1), yc.norm(dim=-1)
-    keep = (x > 0).all(-1) & (y > 0).all(-1) & (sx > 0) & (sy > 0)
+    keep = whole[:-1] & whole[1:] & (sx > 0) & (sy > 0)
     r = (xc * yc).sum(-1) / (sx * sy).clamp_min(1e-12)
     return r[keep].numpy()
 
@@ -166,7 +170,7 @@ def foldovers_spurious(field, truth, margin: int = 5) -> float:
     """The fraction of pixels whose map folds (``foldovers``) more than ``margin`` px (a square) from every pixel
     where the true field of the same section folds. field, truth: ``[Z, 2, H, W]`` px, in one frame."""
     fold = jacobian_determinant(to_tensor(field)) <= 0
-    true_fold = masks.dilated(jacobian_determinant(to_tensor(truth)) <= 0, margin)
+    true_fold = dilated(jacobian_determinant(to_tensor(truth)) <= 0, margin)
     return float((fold & ~true_fold).float().mean())
 
 
@@ -194,7 +198,7 @@ def score(aligned, field=None, truth=None, defects=None, near: float = 20, chunk
     if field is not None:
         out["foldovers"] = foldovers(field)
     if field is not None and truth is not None:
-        valid = to_tensor(aligned) > 0
+        valid = ~missing_data(aligned)
         regions = defect_regions(defects_in_output_frame(defects, truth) if defects is not None else None, valid, near)
         out.update(_medians(vector_length(to_tensor(field) - to_tensor(truth)), regions))
         common = vector_length(common_frame(field, truth, valid) - to_tensor(truth))

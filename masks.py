@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from helpers import UserError, box_mean
+from helpers import UserError, box_mean, dilated
 
 DEFECT_LABELS = "0 (none), 1 (crack) and 2 (fold)"  # the values of a defect map
 
@@ -190,20 +190,6 @@ def fill_from_around(x: torch.Tensor, hole: torch.Tensor, radius: int = 2) -> to
 
 
 HOLE_REACH = 128  # px: how far ``interpolate_holes`` looks for the rim of a hole by default
-
-
-def dilated(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """bool ``mask`` ``[..., H, W]`` grown by ``radius`` px (a square of side ``2 radius + 1``, clipped to the image):
-    a row pass, then a column pass, each ORing shifted copies whose span doubles (O(log radius) steps)."""
-    out = mask.bool()
-    for _ in range(2):  # the rows, then (transposed) the columns
-        zeros = out.new_zeros(*out.shape[:-1], radius)
-        out, span = torch.cat([zeros, out, zeros], -1), 1  # out[..., i]: OR of the padded row over [i, i + span)
-        while span < 2 * radius + 1:
-            step = min(span, 2 * radius + 1 - span)
-            out, span = out[..., :-step] | out[..., step:], span + step
-        out = out.transpose(-1, -2)
-    return out
 
 
 def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[int, int, int, int]:

@@ -36,8 +36,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from helpers import box_mean, jacobian_determinant, to_tensor, vector_length, warp, warp_labels
-from masks import HOLE_REACH, dilated, interpolate_holes, tissue_box_mean
+from helpers import box_mean, dilated, jacobian_determinant, to_tensor, vector_length, warp, warp_labels
+from masks import HOLE_REACH, interpolate_holes, tissue_box_mean
 
 
 def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = None,

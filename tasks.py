@@ -141,7 +141,8 @@ from alignment import (PairSettings, SolveSettings, aligned_defects, align_seria
                        is_blank, pair_context, pair_prealignment, piece_factor, placed_by_pieces, rigid_field,
                        section_stats, solve_fields, thumbnail, thumbnail_factor, tissue_moments, warn_all_defect,
                        with_context)
-from helpers import UserError, check_device, compose, downsample_field, invert_field, one_line, upsample_field
+from helpers import (UserError, check_device, compose, downsample_field, invert_field, missing_data, one_line,
+                     upsample_field)
 from masks import check_defect_map
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
@@ -667,7 +668,7 @@ def _tier_inputs(job: Job, sections: range, blank: list, grown: Box, factor: int
     for z in sections:
         fields = None if z in blank else \
             downsample_field(_read_field(pair_layer, z, grown).view(-1, 2, *_shape(grown)), factor)
-        tissue = F.avg_pool2d((_read_field(source, z, grown) > 0).float(), factor, ceil_mode=True)[0]
+        tissue = F.avg_pool2d((~missing_data(_read_field(source, z, grown))).float(), factor, ceil_mode=True)[0]
         defects = None if not job.defects else F.max_pool2d(
             torch.from_numpy(read_defects(job, z, grown))[None].float(), factor, ceil_mode=True)[0].to(torch.uint8)
         inputs[z] = fields, tissue, defects

@@ -770,3 +770,14 @@ def test_chunks_get_the_networks_reach_as_context_by_default():
     whole = alignment.pair_field(net, a, b, PairSettings(chunk=1024))
     chunked, short = (alignment.pair_field(net, a, b, PairSettings(chunk=32, overlap=overlap)) for overlap in (None, 8))
     assert (whole - chunked).abs().max() < 1e-3 and (whole - short).abs().max() > 0.02
+
+
+def test_a_dark_speck_in_every_section_weighs_in_the_solve_as_tissue():
+    """Three sections 3 px apart in x, a zero pixel (dark tissue, not missing data) at the same place in each: the
+    solved field there is the tissue's around it, not the pull's zero (a spike that folds the map over)."""
+    stack = np.full((3, 24, 24), 120, np.uint8)
+    stack[:, 12, 12] = 0
+    pairs = [(0, 1), (1, 0), (1, 2), (2, 1)]
+    fields = torch.stack([torch.tensor([3.0 * (t - s), 0.0]).view(2, 1, 1).expand(2, 24, 24) for s, t in pairs])
+    solved = alignment.solve_fields(stack, pairs, fields, SolveSettings(robust=0), 0)
+    assert solved[0, 0, 12, 11] > 2.5 and torch.allclose(solved[:, :, 12, 12], solved[:, :, 12, 11])

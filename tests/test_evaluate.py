@@ -19,10 +19,12 @@ def test_cpc_of_identical_and_inverted_sections():
     assert np.allclose(np.sort(r)[:16], -1) and np.allclose(np.sort(r)[16:], 1)
 
 
-def test_cpc_drops_chunks_with_missing_data():
+def test_cpc_drops_chunks_with_missing_data_but_not_for_a_dark_speck():
     rng = np.random.default_rng(1)
     stack = rng.integers(1, 255, size=(2, 32, 32)).astype(np.uint8)
-    stack[1, 0, 0] = 0  # one missing pixel removes the top-left chunk pair
+    stack[0, 20, 5], stack[1, 8, 24:26] = 0, 0  # dark specks of tissue: every chunk pair is kept
+    assert len(evaluate.cpc(stack, chunk=16)) == 4
+    stack[1, 3:8, 2:7] = 0  # a 5 px square of missing data removes the top-left chunk pair
     assert len(evaluate.cpc(stack, chunk=16)) == 3
 
 

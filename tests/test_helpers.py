@@ -355,3 +355,27 @@ def test_a_remote_path_where_local_files_are_written_is_refused(tmp_path, monkey
     with pytest.raises(h.UserError, match="^DEST gs://bucket/x: needs a local path"):
         demo.main(["gs://bucket/x"])
     assert not list(tmp_path.iterdir())  # no folder named 'gs:' here
+
+
+def test_missing_data_is_a_zero_region_a_5_px_square_fits_in_not_a_dark_speck():
+    x = torch.full((1, 12, 16), 100, dtype=torch.uint8)
+    x[0, 2, 3] = 0  # a speck
+    x[0, 5:7, 5:9] = 0  # a 2 px line
+    x[0, :, 11:] = 0  # a 5 px band at the right edge
+    x[0, 9:, :4] = 0  # a 3 x 4 px corner: beyond the image's edges counts as missing
+    x[0, :2, :9] = 0  # a 2 px sliver along the top edge
+    x[0, 4, 0] = 0  # a speck on the left edge
+    expected = torch.zeros(1, 12, 16, dtype=torch.bool)
+    expected[0, :, 11:] = expected[0, 9:, :4] = expected[0, :2, :9] = True
+    assert torch.equal(h.missing_data(x), expected)
+    assert torch.equal(h.missing_data(x.numpy(), speck=0), x == 0)
+    image = torch.full((1, 1, 8, 8), 100.0)
+    image[0, 0, 4, 4] = 0  # a dark speck: blended as tissue, not a hole that grows
+    assert (h.warp_tissue(image, torch.full((1, 2, 8, 8), 0.5))[0, 0, :7, :7] > 0).all()
+
+
+def test_dilated_is_the_square_max_filter():
+    mask = torch.rand(2, 1, 13, 21, generator=torch.Generator().manual_seed(0)) > 0.93
+    for radius in (0, 1, 2, 5):
+        square = torch.nn.functional.max_pool2d(mask.float(), 2 * radius + 1, 1, radius) > 0
+        assert torch.equal(h.dilated(mask, radius), square)

@@ -133,13 +133,6 @@ def test_border_weights_are_zero_in_a_band_of_padding_pixels():
     assert torch.equal(masks.border_weights(4, 4, 2), torch.zeros(1, 1, 4, 4))
 
 
-def test_dilated_is_the_square_max_filter():
-    mask = torch.rand(2, 1, 13, 21, generator=torch.Generator().manual_seed(0)) > 0.93
-    for radius in (0, 1, 2, 5):
-        square = torch.nn.functional.max_pool2d(mask.float(), 2 * radius + 1, 1, radius) > 0
-        assert torch.equal(masks.dilated(mask, radius), square)
-
-
 def rim_mean_directly(x, hole, reach):
     """``interpolate_holes``' ``1 / d²`` mean of the rim (the image's edges replicated) at every pixel, straight from
     its definition on the whole image: one offset at a time. x ``[N, C, H, W]``, hole bool ``[N, 1, H, W]``."""
@@ -183,3 +176,4 @@ def test_interpolate_holes_where_computes_only_those_pixels_as_the_whole_image_w
 
 def test_the_fft_length_is_the_next_product_of_2_3_and_5():
     assert [masks._fast_length(n) for n in (1, 7, 11, 768, 601, 4097)] == [1, 8, 12, 768, 625, 4320]
+
