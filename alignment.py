@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import (WHOLE, UserError, compose, finite_float, in_frame_of, missing_data, normalise, number,
-                     to_tensor, warp, warp_labels, warp_tissue)
+from helpers import (WHOLE, UserError, box_mean, compose, finite_float, in_frame_of, missing_data, normalise,
+                     number, to_tensor, warp, warp_labels, warp_tissue)
 from models import Pyramid
 from pieces import GRID, piece_field
 from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, pearson, rigid_search
@@ -692,7 +692,7 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     pairs); ``skipped``: blank sections; ``settings.pull``, ``robust`` (0: None),
     ``detail_pull`` and ``smooth`` (px, ``PairSettings.smooth``): ``solve.solve_stack``'s
     (``settings.neighbours`` is not read: ``pairs`` are given).
-    Each pair weighs where its target shows tissue. ``defects``: the sections'
+    Each pair weighs where its target shows tissue (``solve_fields``). ``defects``: the sections'
     uint8 defect maps ``[Z, H, W]`` (0 none, 1 crack, 2 fold) or None: each pair
     weighs 0 on the defects of either section (``pair_defects``), each section's
     field is low-passed within its own tissue (it jumps at its own defects only)
@@ -714,12 +714,16 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
 def solve_fields(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor, settings: SolveSettings,
                  smooth: int, defects=None, around=None) -> torch.Tensor:
     """The solve of ``solve_pairs`` (its arguments, ``pairs`` not empty) before the frame is chosen: ``[Z, 2, H, W]``
-    (px), each section's field into the solve's own frame (zero for a section in no pair). Each pair weighs where
-    its target (uint8 ``sections[t]``) shows tissue, and 0 on the defects of either section; ``tasks.solve_task``
-    runs it on a block of sections and an xy chunk, each with a margin (``around``: ``solve.solve_stack``'s). Tissue is
-    where a section holds no missing data (``helpers.missing_data``: a dark speck of zeros is tissue)."""
+    (px), each section's field into the solve's own frame (zero for a section in no pair). Each pair weighs the
+    share of tissue of its target (uint8 ``sections[t]``; tissue: no missing data, ``helpers.missing_data``) in the
+    box that the low-pass of ``smooth`` px averages (per pixel at 0): a pair field's coarse part is that average,
+    and weights that switch from pixel to pixel would make the solved field jump (fold over) at every hole. Pairs
+    weigh 0 on the defects of either section. ``tasks.solve_task`` runs it on a block of sections and an xy chunk,
+    each with a margin (``around``: ``solve.solve_stack``'s)."""
     tissue = ~missing_data(np.asarray(sections))
-    weights = tissue[[t for _, t in pairs]].float()  # the target saw tissue
+    weights = tissue[[t for _, t in pairs]].float()
+    if smooth and not tissue.all():
+        weights = box_mean(box_mean(weights, smooth), smooth)
     return solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
                        smooth=smooth, detail_pull=settings.detail_pull,
                        defects=None if defects is None else torch.from_numpy(np.asarray(defects)), around=around)
