@@ -17,7 +17,8 @@ source checkout named by ``$SOFIMA_PATH``), each at its best of a few settings
 (best = lowest median EPE far from defects). Every method aligns serially to the
 first section; its fields are scored against the truth in that section's frame
 (``helpers.in_frame_of``). EPE is the primary figure: a CPC above the
-oracle's means the method warps tissue to look like its neighbour. ``--adapt MINUTES``
+oracle's means the method warps tissue to look like its neighbour. ``--missing frame|holes`` makes part of each
+raw section missing data (0), as a lab's own volume has it (``with_missing_data``). ``--adapt MINUTES``
 first adapts our network for that long to the misaligned raw stack alone (``adapt.py``,
 as ``align.py --adapt``); a row per value, 0 = as it is.
 """
@@ -87,31 +88,62 @@ def phantom_stack(kind: str, count: int, size: int, seed: int = 0, misalignment=
     return {"raw": arrays["image"][:, 0], "truth": arrays["field"], "defects": arrays["defects"][:, 0]}
 
 
+MISSING = ("none", "frame", "holes")  # --missing: what part of each raw section is missing data
+
+
 def add_misalignment_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that change how ``--real`` and ``--phantom`` stacks are misaligned (``held_out_stack``)."""
+    """The flags that change how the held-out stack is misaligned (``--real``, ``--phantom``) and what of it is
+    missing data (``held_out_stack``)."""
     misalign.add_fold_width_flag(p, "--real, --phantom:")
+    p.add_argument("--missing", choices=MISSING, default="none",
+                   help="make part of each raw section missing data (0): 'frame', a margin of 40-120 px on each "
+                        "side, drawn per section (tissue imaged in a window that wanders); 'holes', 30 squares of "
+                        "8-40 px (debris, saturated blobs); drawn with --seed")
+
+
+def with_missing_data(raw: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    """A copy of ``raw`` ``[Z, H, W]`` (uint8) with part of each section made missing data (0), as ``--missing``
+    says; ``none``: ``raw`` itself."""
+    if kind == "none":
+        return raw
+    out, draw = raw.copy(), np.random.default_rng(seed)
+    h, w = raw.shape[1:]
+    for section in out:
+        if kind == "frame":
+            top, bottom, left, right = draw.integers(40, 121, 4)
+            section[:top], section[h - bottom:], section[:, :left], section[:, w - right:] = 0, 0, 0, 0
+        else:
+            for _ in range(30):
+                side = int(draw.integers(8, 41))
+                y, x = draw.integers(0, h - side + 1), draw.integers(0, w - side + 1)
+                section[y:y + side, x:x + side] = 0
+    return out
 
 
 def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
     """The stack ``args`` ask for (``--real``, ``--phantom``, else the demo's test sections), draw ``seed``;
-    ``--real`` and ``--phantom`` misaligned with ``add_misalignment_flags``' settings."""
+    ``--real`` and ``--phantom`` misaligned with ``add_misalignment_flags``' settings, and any of them with part of
+    each raw section missing data (``--missing``)."""
     if args.real and args.phantom:
         raise UserError("choose --real or --phantom")
     misalignment = misalign.with_fold_width(args.fold_width)
     if args.real:
-        return real_stack(args.real, args.z_start, args.sections, args.size, seed, args.reregister, misalignment)
-    if args.phantom:
-        return phantom_stack(args.phantom, args.sections, args.size, seed, misalignment)
-    if misalignment != misalign.MisalignParams():
+        stack = real_stack(args.real, args.z_start, args.sections, args.size, seed, args.reregister, misalignment)
+    elif args.phantom:
+        stack = phantom_stack(args.phantom, args.sections, args.size, seed, misalignment)
+    elif misalignment != misalign.MisalignParams():
         raise UserError("--fold_width: the demo volume's folds are made; give --real or --phantom")
-    return demo_stack(args.z_start, args.sections, args.size)  # the demo has one draw
+    else:
+        stack = demo_stack(args.z_start, args.sections, args.size)  # the demo has one draw
+    return {**stack, "raw": with_missing_data(stack["raw"], args.missing, seed)}
 
 
 def stack_name(args, count: int) -> str:
-    """E.g. ``demo sections 70..99`` or ``phantom static (seed 7), 30 sections``."""
+    """E.g. ``demo sections 70..99`` or ``phantom static (seed 7), 30 sections, missing data: holes``."""
+    missing = "" if args.missing == "none" else f", missing data: {args.missing}"
     if args.phantom:
-        return f"phantom {args.phantom} (seed {args.seed}), {count} sections"
-    return f"{args.real or 'demo'} sections {args.z_start}..{args.z_start + count - 1}"
+        return f"phantom {args.phantom} (seed {args.seed}), {count} sections{missing}"
+    return f"{args.real or 'demo'} sections {args.z_start}..{args.z_start + count - 1}{missing}"
 
 
 def real_stack(folder: str, z_start: int, count: int, size: int, seed: int = 0,

@@ -109,3 +109,29 @@ def parse(bench, flags):
         with pytest.raises(SystemExit):
             bench.main(["--archive", "pt/demo.pt", *flags])
     return parsed["args"]
+
+
+def test_missing_data_makes_a_margin_or_holes_of_each_raw_section_zero_drawn_by_the_seed():
+    raw = np.full((3, 256, 256), 100, np.uint8)
+    assert align_quality.with_missing_data(raw, "none", 0) is raw
+    frame = align_quality.with_missing_data(raw, "frame", 0)
+    for section in frame:  # a margin of 40-120 px on each side, the rest untouched
+        rows, columns = np.nonzero(section)
+        assert 40 <= rows[0] <= 120 and 40 <= 255 - rows[-1] <= 121 and 40 <= columns[0] <= 120
+        assert (section[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1] == 100).all()
+    holes = align_quality.with_missing_data(raw, "holes", 0)
+    assert all(0.01 < (section == 0).mean() < 0.5 for section in holes) and (raw == 100).all()
+    assert np.array_equal(holes, align_quality.with_missing_data(raw, "holes", 0))
+    assert not np.array_equal(holes, align_quality.with_missing_data(raw, "holes", 1))
+
+
+def test_held_out_stacks_take_missing_data_in_both_benches(monkeypatch):
+    import demo
+
+    monkeypatch.setattr(demo, "make_arrays", lambda *args, misalignment=None, **kwargs:
+                        {layer: np.full((2, 1, 256, 256), 7) for layer in ("image", "field", "defects")})
+    for bench in (align_quality, solve_sweep):
+        args = align_quality.argparse.Namespace(**{**vars(parse(bench, ["--phantom", "default", "--missing",
+                                                                        "frame"])), "seed": 0})
+        raw = align_quality.held_out_stack(args, 0)["raw"]
+        assert raw[:, 0].max() == 0 and raw[:, 128, 128].min() == 7
