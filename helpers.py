@@ -502,7 +502,7 @@ def normalise(images, stats: tuple[float, float] | None = None) -> tuple[torch.T
     ``(float32 [..., H, W], missing bool [..., H, W])`` on the input's device.
     """
     x = to_tensor(images, dtype=torch.float64)
-    missing = x == 0  # a dark speck too (missing_data's tissue): its pixels are set to the mean, a mild change
+    missing = x == 0  # every zero, a dark speck's too (missing_data's tissue): the network sees the mean grey there
     mean, std = _tissue_stats(x) if stats is None else (torch.tensor(v, dtype=torch.float64) for v in stats)
     out = ((x - mean) / std.clamp(min=1e-6)).masked_fill_(missing, 0.0)
     return out.float(), missing
