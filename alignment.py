@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import (WHOLE, UserError, box_mean, compose, finite_float, in_frame_of, missing_data, normalise,
-                     number, to_tensor, warp, warp_labels, warp_tissue)
+from helpers import (WHOLE, UserError, compose, finite_float, in_frame_of, missing_data, normalise, number,
+                     to_tensor, warp, warp_labels, warp_tissue)
 from models import Pyramid
 from pieces import GRID, piece_field
 from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, pearson, rigid_search
@@ -283,7 +283,9 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     the section's size, with zeros); the model's device is used. ``smooth`` > 0
     low-passes the field (``solve.low_pass``): misalignment is smooth, and
     between real neighbours the network's fine detail is mostly tissue change
-    (measured in bench/RESULTS.md). ``trunc`` > 0 stops the network ``trunc`` levels
+    (measured in bench/RESULTS.md); where the target holds missing data
+    (``helpers.missing_data``) the field is left out of it, as on the target's
+    defects (below). ``trunc`` > 0 stops the network ``trunc`` levels
     short of full resolution (``chunk_field``): the finest levels cost most of
     its time and add little the low-pass and the solve keep (bench/RESULTS.md: ``--trunc``).
     ``refine`` > 0 runs the network twice: the second pass sees the source moved
@@ -327,10 +329,13 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
         field = (field + rigid)[0].cpu()
     else:  # a wide match: its field alone where the moved source shows no tissue
         field = compose(rigid, field * (seen >= WHOLE))[0].cpu()
+    untrusted = missing_data(target) if settings.smooth else None  # left out of the low-pass, as target defects are
     if not defects:
-        return low_pass(field, settings.smooth)
-    own, both = (pair_defects(field, defects[0], target) for target in (None, defects[1]))
-    return low_pass(field, settings.smooth, own, None if both is None else both > 0)
+        return low_pass(field, settings.smooth, untrusted=untrusted)
+    own, both = (pair_defects(field, defects[0], marks) for marks in (None, defects[1]))
+    if both is not None:
+        untrusted = both > 0 if untrusted is None else (both > 0) | untrusted
+    return low_pass(field, settings.smooth, own, untrusted)
 
 
 def aligned_defects(defects, field: torch.Tensor) -> np.ndarray:
@@ -714,16 +719,12 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
 def solve_fields(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor, settings: SolveSettings,
                  smooth: int, defects=None, around=None) -> torch.Tensor:
     """The solve of ``solve_pairs`` (its arguments, ``pairs`` not empty) before the frame is chosen: ``[Z, 2, H, W]``
-    (px), each section's field into the solve's own frame (zero for a section in no pair). Each pair weighs the
-    share of tissue of its target (uint8 ``sections[t]``; tissue: no missing data, ``helpers.missing_data``) in the
-    box that the low-pass of ``smooth`` px averages (per pixel at 0): a pair field's coarse part is that average,
-    and weights that switch from pixel to pixel would make the solved field jump (fold over) at every hole. Pairs
-    weigh 0 on the defects of either section. ``tasks.solve_task`` runs it on a block of sections and an xy chunk,
-    each with a margin (``around``: ``solve.solve_stack``'s)."""
-    tissue = ~missing_data(np.asarray(sections))
-    weights = tissue[[t for _, t in pairs]].float()
-    if smooth and not tissue.all():
-        weights = box_mean(box_mean(weights, smooth), smooth)
+    (px), each section's field into the solve's own frame (zero for a section in no pair). Each pair weighs where
+    its target (uint8 ``sections[t]``) shows tissue (no missing data: ``helpers.missing_data``; with ``smooth``, the
+    share of such pixels its coarse part averages, ``solve.solve_stack``), and 0 on the defects of either section;
+    ``tasks.solve_task`` runs it on a block of sections and an xy chunk, each with a margin (``around``:
+    ``solve.solve_stack``'s)."""
+    weights = (~missing_data(np.asarray(sections)[[t for _, t in pairs]])).float()
     return solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
                        smooth=smooth, detail_pull=settings.detail_pull,
                        defects=None if defects is None else torch.from_numpy(np.asarray(defects)), around=around)

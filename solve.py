@@ -229,7 +229,11 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     part is solved with ``pull``, the detail with ``detail_pull`` (module
     docstring), and the two added. ``detail_pull`` inf drops the detail (the
     pair fields are simply low-passed). ``pull`` and ``robust`` (None: off) have
-    no default here: ``alignment.SolveSettings`` holds the tuned ones.
+    no default here: ``alignment.SolveSettings`` holds the tuned ones. A pair's pixels of weight 0 (its target saw
+    no tissue there, where the network's field is garbage) are left out of that low-pass (normalised, as a target's
+    defects are: ``low_pass``'s ``untrusted``), and its weights are low-passed the same way: a coarse part weighs the
+    share of the pixels it averages that saw tissue (weights that switched per pixel would make the solved field
+    jump, and fold over, at every hole in the tissue).
 
     defects: uint8 ``[Z, H, W]`` (0 none, 1 crack, 2 fold), each section's defects in its raw grid, or None. A pair
     weighs 0 on the defects of either section (``pair_defects``, carried into the common frame with ``F_t`` each
@@ -264,29 +268,34 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     marks = None if defects is None else \
         torch.stack([pair_defects(f, defects[s], defects[t]) for (s, t), f in zip(pairs, fields)])[:, None]
     pulls = [pull] + ([detail_pull] if smooth and math.isfinite(detail_pull) else [])
-    coarse = low_pass(fields, smooth, None if marks is None else marks[:, 0])
+    lacking = None if weights is None or not smooth or bool((weights > 0).all()) else weights <= 0  # no tissue seen
+    coarse = low_pass(fields, smooth, None if marks is None else marks[:, 0], lacking)
     detail = fields - coarse if marks is None else (fields - coarse) * (marks == 0)  # none inside the pair's defects
     bands = [coarse if marks is None else fields] + ([detail] if len(pulls) > 1 else [])
     if marks is not None:  # each pair's jumps at its source's and at its target's defects: r's low-pass within
         # the one's tissue less that across every defect (0 beyond 2 smooth of them, and in a pair without a defect)
         has = (marks > 0).flatten(1).any(1)
-        garbage = marks[has, 0] > 0
+        garbage = marks[has, 0] > 0 if lacking is None else (marks[has, 0] > 0) | lacking[has]
         across = low_pass(fields[has], smooth, untrusted=garbage)
         at_source = torch.stack([pair_defects(f, defects[s], None) for (s, _), f in zip(pairs, fields)])
         jumps = [torch.zeros_like(fields) for _ in range(2)]
         for jump, at in zip(jumps, (at_source[has], defects[targets[has]])):
             jump[has] = low_pass(fields[has], smooth, at, garbage) - across
     trusted = torch.ones(edges, 1, h, w, device=fields.device) if weights is None else weights[:, None].float()
+    seen = trusted > 0  # where each pair's target saw tissue
+    if lacking is not None:  # a coarse part's weight: the share of the pixels it averages that saw tissue
+        trusted = box_mean(box_mean(trusted, smooth), smooth)
     solution = torch.zeros(count, 2, h, w, device=fields.device)
     base = current = trusted
     for round_ in range(rounds):
         point = solution if around is None else around(round_, solution)
         observed = [warp(band, point[targets], padding_mode="border") for band in bands]  # r_e(p + F_t(p))
         if defects is not None:  # F_t is smooth and filled everywhere (below): it carries the pairs' defects
-            base = current = trusted * (warp_labels(marks, point[targets]) == 0)
+            kept = warp_labels(marks, point[targets]) == 0
+            base = current = trusted * kept
             own = warp_labels(defects[:, None], point)[:, 0]  # each section's defects in the common frame
-            held = _section_sums(count, sources, targets, base) > 0  # some pair of the section weighs there
-            unheld = (_section_sums(count, sources, targets, trusted) > 0) & ~held  # a defect zeroed them all
+            held = _section_sums(count, sources, targets, (seen & kept).float()) > 0  # a pair of it saw tissue there
+            unheld = (_section_sums(count, sources, targets, seen.float()) > 0) & ~held  # a defect zeroed them all
         if round_ > 0 and robust:
             asked = sum(observed) if defects is None else observed[0]  # the whole pair field
             residual = vector_length(point[sources] - point[targets] - asked)[:, None]
