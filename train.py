@@ -128,8 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "proportion to their sizes (give one twice to weigh it double); different section sizes "
                         "need --crop")
     g.add_argument("--hm", action="store_true", help="with a dataset NAME: use its highest-mip file")
-    g.add_argument("--val_dataset", help="held-out HDF5 with ground-truth fields, scored every epoch "
-                                         "(default: the demo test set when training on the demo)")
+    g.add_argument("--val_dataset", help="held-out HDF5 with ground-truth fields, scored every epoch: a path, or a "
+                                         "NAME (its NAME_test_mip*.h5, gen_stack.py --test) (default: the demo test "
+                                         "set when training on the demo)")
     g.add_argument("--val_pairs", type=int, default=32,
                    help="held-out pairs scored per epoch (0: none, and no pt/NAME.best.pt)")
     g.add_argument("--crop", type=int, default=0, help="train on random crops of this size (0 = whole stacks)")
@@ -503,8 +504,8 @@ def setup(args) -> tuple:
                         "choose a --crop that does, or a smaller --size")
     if 2 * args.padding >= side:
         raise UserError(f"--padding {args.padding} px leaves nothing of the {side} px sections for the loss")
-    val_path = args.val_dataset or (resolve_dataset("demo", split="test") if "demo_train" in paths[0].name
-                                    else None)
+    val_path = resolve_dataset(args.val_dataset, split="test") if args.val_dataset else \
+        resolve_dataset("demo", split="test") if "demo_train" in paths[0].name else None
     args.val_dataset = str(val_path) if val_path else None
     val_pairs = None
     if val_path:

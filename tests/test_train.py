@@ -447,3 +447,24 @@ def test_a_loss_that_diverges_says_whether_an_epoch_was_kept(toy, monkeypatch):
     assert not (toy.parent / "pt" / "b.pt").exists() and not (toy.parent / "runs" / "b").exists()
     # the failed runs' log writers are closed: no thread of theirs writes into the deleted logs' folder
     assert not [t for t in threading.enumerate() if type(t).__module__.startswith("tensorboard")]
+
+
+def test_val_dataset_takes_a_name_as_dataset_does_its_test_file(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEAMLESS_DATA", str(tmp_path))
+    write_toy(tmp_path / "tiny_test_mip0.h5")
+    path = train.main(["--dataset", str(toy), "--val_dataset", "tiny", "--size", "2", "--batch_size", "2",
+                       "--fall_time", "1", "--no_augment", "--epochs", "1", "named"])
+    _, archive = load_archive(path)
+    assert archive["args"]["val_dataset"] == str(tmp_path / "tiny_test_mip0.h5")
+    with pytest.raises(UserError, match="no dataset 'nothing'"):
+        train.main(["--dataset", str(toy), "--val_dataset", "nothing", "--size", "2", "--epochs", "1", "other"])
+
+
+def test_net_hist_lists_a_folder_and_names_a_defect_detector_for_what_it_is(tmp_path):
+    from detect_defects import DefectNet, save_detector
+
+    save_detector(tmp_path / "defects.pt", DefectNet())
+    (tmp_path / "junk.pt").write_bytes(b"not torch")
+    listing = net_hist.list_archives(tmp_path).splitlines()
+    assert listing == [f"{'defects.pt':32s} (a defect detector: detect_defects.py --archive)",
+                       f"{'junk.pt':32s} (not a readable SEAMLeSS archive)"]
