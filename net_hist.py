@@ -28,6 +28,17 @@ def format_entry(depth: int, entry: dict) -> str:
             f"{'  ' * depth}   {shown}{resumes}\n{'  ' * depth}   final: {final or '-'}")
 
 
+def _other_kind(path: Path) -> str:
+    """What a ``.pt`` file that is no aligner's archive is, in a few words."""
+    from detect_defects import load_detector
+
+    try:
+        load_detector(path)
+    except UserError:
+        return "not a readable SEAMLeSS archive"
+    return "a defect detector: detect_defects.py --archive"
+
+
 def list_archives(folder: Path) -> str:
     rows = []
     for path in sorted(folder.glob("*.pt")):
@@ -35,7 +46,7 @@ def list_archives(folder: Path) -> str:
             entry = read_archive(path)["summary"]
             rows.append(f"{path.name:32s} {entry.get('date', '?'):17s} {entry.get('iterations', 0):7d} it")
         except (UserError, KeyError):
-            rows.append(f"{path.name:32s} (not a readable SEAMLeSS archive)")
+            rows.append(f"{path.name:32s} ({_other_kind(path)})")
     return "\n".join(rows) or f"no archives in {folder}"
 
 
