@@ -37,7 +37,7 @@ from helpers import (WHOLE, UserError, compose, finite_float, in_frame_of, missi
 from models import Pyramid
 from pieces import GRID, piece_field
 from shifts import MIN_TISSUE, best_shifts, match_motion, match_r, pearson, rigid_search
-from solve import low_pass, neighbour_pairs, pair_defects, solve_stack, vector_vote
+from solve import beside_missing, low_pass, neighbour_pairs, pair_defects, solve_stack, vector_vote
 
 
 def _setting(default, kind, text: str, least: float = 0, strict: bool = False):
@@ -284,8 +284,8 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     low-passes the field (``solve.low_pass``): misalignment is smooth, and
     between real neighbours the network's fine detail is mostly tissue change
     (measured in bench/RESULTS.md); where the target holds missing data
-    (``helpers.missing_data``) the field is left out of it, as on the target's
-    defects (below). ``trunc`` > 0 stops the network ``trunc`` levels
+    (``helpers.missing_data``), and beside it (``solve.beside_missing``), the
+    field is left out of it, as on the target's defects (below). ``trunc`` > 0 stops the network ``trunc`` levels
     short of full resolution (``chunk_field``): the finest levels cost most of
     its time and add little the low-pass and the solve keep (bench/RESULTS.md: ``--trunc``).
     ``refine`` > 0 runs the network twice: the second pass sees the source moved
@@ -329,7 +329,7 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
         field = (field + rigid)[0].cpu()
     else:  # a wide match: its field alone where the moved source shows no tissue
         field = compose(rigid, field * (seen >= WHOLE))[0].cpu()
-    untrusted = missing_data(target) if settings.smooth else None  # left out of the low-pass, as target defects are
+    untrusted = beside_missing(missing_data(target)) if settings.smooth else None  # as the target's defects are
     if not defects:
         return low_pass(field, settings.smooth, untrusted=untrusted)
     own, both = (pair_defects(field, defects[0], marks) for marks in (None, defects[1]))

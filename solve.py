@@ -40,6 +40,17 @@ from helpers import box_mean, dilated, jacobian_determinant, to_tensor, vector_l
 from masks import HOLE_REACH, interpolate_holes, tissue_box_mean
 
 
+BESIDE_MISSING = 32  # px: the network's field this near missing data reads its zeros (bench/RESULTS.md, 2026-12-07)
+
+
+def beside_missing(missing: torch.Tensor) -> torch.Tensor:
+    """bool ``[..., H, W]``: ``missing`` (bool, missing data) and the pixels within ``BESIDE_MISSING`` px of it, where
+    the network's field reads its zeros; an image (along the leading dims) whose every pixel lies that close keeps
+    ``missing`` alone (a small piece of tissue keeps its own field)."""
+    near = dilated(missing, BESIDE_MISSING)
+    return torch.where((~near).flatten(-2).any(-1)[..., None, None], near, missing)
+
+
 def low_pass(field: torch.Tensor, radius: int, defects: torch.Tensor | None = None,
              untrusted: torch.Tensor | None = None) -> torch.Tensor:
     """``field`` ``[..., 2, H, W]`` (px) averaged over a box of ``radius`` px twice (a triangle of half-width
@@ -230,8 +241,9 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     docstring), and the two added. ``detail_pull`` inf drops the detail (the
     pair fields are simply low-passed). ``pull`` and ``robust`` (None: off) have
     no default here: ``alignment.SolveSettings`` holds the tuned ones. A pair's pixels of weight 0 (its target saw
-    no tissue there, where the network's field is garbage) are left out of that low-pass (normalised, as a target's
-    defects are: ``low_pass``'s ``untrusted``), and its weights are low-passed the same way: a coarse part weighs the
+    no tissue there, where the network's field is garbage) and those within ``BESIDE_MISSING`` px of them
+    (``beside_missing``) are left out of that low-pass (normalised, as a target's defects are: ``low_pass``'s
+    ``untrusted``), and its weights are low-passed the same way: a coarse part weighs the
     share of the pixels it averages that saw tissue (weights that switched per pixel would make the solved field
     jump, and fold over, at every hole in the tissue).
 
@@ -268,7 +280,7 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     marks = None if defects is None else \
         torch.stack([pair_defects(f, defects[s], defects[t]) for (s, t), f in zip(pairs, fields)])[:, None]
     pulls = [pull] + ([detail_pull] if smooth and math.isfinite(detail_pull) else [])
-    lacking = None if weights is None or not smooth or bool((weights > 0).all()) else weights <= 0  # no tissue seen
+    lacking = None if weights is None or not smooth or bool((weights > 0).all()) else beside_missing(weights <= 0)
     coarse = low_pass(fields, smooth, None if marks is None else marks[:, 0], lacking)
     detail = fields - coarse if marks is None else (fields - coarse) * (marks == 0)  # none inside the pair's defects
     bands = [coarse if marks is None else fields] + ([detail] if len(pulls) > 1 else [])
