@@ -285,8 +285,8 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     between real neighbours the network's fine detail is mostly tissue change
     (measured in bench/RESULTS.md); where the target holds missing data
     (``helpers.missing_data``), and beside it (``solve.beside_missing``), the
-    field is left out of it, as on the target's defects (below). ``trunc`` > 0 stops the network ``trunc`` levels
-    short of full resolution (``chunk_field``): the finest levels cost most of
+    field is left out of it, as on the target's defects (below). ``trunc`` > 0
+    stops the network ``trunc`` levels short of full resolution (``chunk_field``): the finest levels cost most of
     its time and add little the low-pass and the solve keep (bench/RESULTS.md: ``--trunc``).
     ``refine`` > 0 runs the network twice: the second pass sees the source moved
     by the first's field low-passed at that radius (its smooth part: the rest is
@@ -724,7 +724,7 @@ def solve_fields(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tens
     share of such pixels its coarse part averages, ``solve.solve_stack``), and 0 on the defects of either section;
     ``tasks.solve_task`` runs it on a block of sections and an xy chunk, each with a margin (``around``:
     ``solve.solve_stack``'s)."""
-    weights = (~missing_data(np.asarray(sections)[[t for _, t in pairs]])).float()
+    weights = (~missing_data(np.asarray(sections)))[[t for _, t in pairs]].float()  # each section's mask once
     return solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
                        smooth=smooth, detail_pull=settings.detail_pull,
                        defects=None if defects is None else torch.from_numpy(np.asarray(defects)), around=around)
