@@ -40,14 +40,17 @@ from helpers import box_mean, dilated, jacobian_determinant, to_tensor, vector_l
 from masks import HOLE_REACH, interpolate_holes, tissue_box_mean
 
 
-BESIDE_MISSING = 32  # px: the network's field this near missing data reads its zeros (bench/RESULTS.md, 2026-12-07)
+MISSING_REACH, MISSING_SHARE = 64, 0.15  # px, fraction: where the network's field reads missing data's zeros
 
 
 def beside_missing(missing: torch.Tensor) -> torch.Tensor:
-    """bool ``[..., H, W]``: ``missing`` (bool, missing data) and the pixels within ``BESIDE_MISSING`` px of it, where
-    the network's field reads its zeros; an image (along the leading dims) whose every pixel lies that close keeps
-    ``missing`` alone (a small piece of tissue keeps its own field)."""
-    near = dilated(missing, BESIDE_MISSING)
+    """bool ``[..., H, W]``: ``missing`` (bool, missing data) and the pixels where more than ``MISSING_SHARE`` of the
+    ``(2 MISSING_REACH + 1)²`` px square around them (clipped to the image: ``helpers.box_mean``) is missing data,
+    where the network's field reads its zeros: beside a straight edge of it (a frame) the 44 px next to it, beside
+    a lone hole of 40² px none (bench/RESULTS.md, 2026-12-07: a fixed width cost dense holes what it gained at frames).
+    An image (along the leading dims) whose every pixel is marked keeps ``missing`` alone (a small piece of tissue
+    keeps its own field)."""
+    near = missing | (box_mean(missing.float(), MISSING_REACH) > MISSING_SHARE)
     return torch.where((~near).flatten(-2).any(-1)[..., None, None], near, missing)
 
 
@@ -241,8 +244,8 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     docstring), and the two added. ``detail_pull`` inf drops the detail (the
     pair fields are simply low-passed). ``pull`` and ``robust`` (None: off) have
     no default here: ``alignment.SolveSettings`` holds the tuned ones. A pair's pixels of weight 0 (its target saw
-    no tissue there, where the network's field is garbage) and those within ``BESIDE_MISSING`` px of them
-    (``beside_missing``) are left out of that low-pass (normalised, as a target's defects are: ``low_pass``'s
+    no tissue there, where the network's field is garbage) and the pixels beside them (``beside_missing``) are left
+    out of that low-pass (normalised, as a target's defects are: ``low_pass``'s
     ``untrusted``), and its weights are low-passed the same way: a coarse part weighs the
     share of the pixels it averages that saw tissue (weights that switched per pixel would make the solved field
     jump, and fold over, at every hole in the tissue).

@@ -6,7 +6,7 @@ import torch
 
 from helpers import affine_field, compose, in_frame_of, invert_field, rigid_matrix
 from masks import interpolate_holes
-from solve import (BESIDE_MISSING, _banded_cholesky_solve, _normal_matrix, _unfolded, beside_missing, low_pass,
+from solve import (_banded_cholesky_solve, _normal_matrix, _unfolded, beside_missing, low_pass,
                    neighbour_pairs, solve_stack, vector_vote)
 
 
@@ -173,28 +173,32 @@ def test_unfolded_widens_a_fold_and_equals_interpolating_its_final_holes_on_the_
 
 def test_where_a_target_saw_no_tissue_its_pair_field_stays_out_of_the_low_pass():
     """Sections 3 px apart in x; every target is missing data in its left 16 columns, where the pair fields are
-    garbage (40 px), and the network's field beside it is off by 2 px. With ``smooth`` 8 the coarse parts (the detail
-    dropped) average the tissue beyond ``BESIDE_MISSING`` px of the missing data: the solved fields in the tissue are
-    the shifts'."""
+    garbage (40 px), and the network's field beside it (``beside_missing``) is off by 2 px. With ``smooth`` 8 the
+    coarse parts (the detail dropped) average the tissue beyond: the solved fields in the tissue are the shifts'."""
     pairs, size = neighbour_pairs(3, 1), 112
     fields = torch.stack([torch.tensor([3.0 * (t - s), 0.0]).view(2, 1, 1).expand(2, size, size) for s, t in pairs])
-    fields = fields.clone()
-    fields[..., 16:16 + BESIDE_MISSING] += 2.0
-    fields[..., :16] = 40.0
     weights = torch.ones(len(pairs), size, size)
     weights[..., :16] = 0
-    solved = solve_stack(3, pairs, fields, weights, pull=0.03, robust=None, smooth=8, detail_pull=math.inf)
+    beside = beside_missing(weights[0] <= 0) & (weights[0] > 0)
+    assert beside[:, 16].all() and not beside[:, 60:].any()  # some tissue is beside, most is not
     clean = fields[..., 16:].clone()
-    clean[..., :BESIDE_MISSING] -= 2.0
+    fields = torch.where(beside, fields + 2.0, fields)
+    fields[..., :16] = 40.0
+    solved = solve_stack(3, pairs, fields, weights, pull=0.03, robust=None, smooth=8, detail_pull=math.inf)
     expected = solve_stack(3, pairs, clean, pull=0.03, robust=None, smooth=8, detail_pull=math.inf)
     assert torch.allclose(solved[..., 16:], expected, atol=0.05)
 
 
-def test_beside_missing_widens_the_missing_data_unless_it_would_leave_no_pixel():
-    missing = torch.zeros(2, 100, 100, dtype=torch.bool)
-    missing[0, :, :10] = True  # a margin: the 32 px beside it join it
-    missing[1] = True
-    missing[1, 40:60, 40:60] = False  # a 20 px piece of tissue: all of it is that close, so it keeps its own
+def test_beside_missing_follows_the_share_of_missing_data_around_each_pixel():
+    """The pixels where more than 15 % of the 129² px square around them is missing data join it: the 44 px beside
+    a frame's straight edge, none beside a lone 40² px hole; an image all of whose tissue is that close keeps its
+    own missing data."""
+    missing = torch.zeros(3, 300, 300, dtype=torch.bool)
+    missing[0, :, :100] = True  # a frame's edge: at column c the share is (164 - c) / 129
+    missing[1, 130:170, 130:170] = True  # a lone hole: at most 1600 / 129² = 0.096
+    missing[2] = True
+    missing[2, 140:160, 140:160] = False  # a 20 px piece of tissue
     out = beside_missing(missing)
-    assert out[0, :, :10 + BESIDE_MISSING].all() and not out[0, :, 10 + BESIDE_MISSING:].any()
+    assert out[0, :, :145].all() and not out[0, :, 145:].any()
     assert torch.equal(out[1], missing[1])
+    assert torch.equal(out[2], missing[2])
