@@ -9,6 +9,8 @@ prints a table. It scores only what was written: a section of the range missing
 from the aligned stack or ``--truth`` (a chunk never stored; from ``--raw``: all
 of its chunks), or a layer of the wrong kind (an image, a field, a label layer:
 told by channels and dtype), is refused in one line before anything is scored.
+Below the table it names where to look (``where_to_look``): the neighbour pairs that
+correlate least, those that correlate less aligned than raw, and the sections whose field folds over.
 
 * CPC: sections cut into ``chunk`` x ``chunk`` squares (``--cpc_window``), Pearson r of each square
   with the same square of the next section; squares with any missing (zero)
@@ -61,11 +63,12 @@ PERCENTILES = (1, 5, 95, 99)
 RAW = "raw (no alignment)"  # the unaligned stack's row in evaluate.py's table
 
 
-def cpc(stack, chunk: int = 64) -> np.ndarray:
-    """Pearson r of every ``chunk``-square with the same square of the next section, ``[K]``.
+def square_correlations(stack, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pearson r of every ``chunk``-square with the same square of the next section, float64 ``[Z-1, T]`` (T squares
+    a section), and which squares count, bool ``[Z-1, T]``.
 
     stack: ``[Z, H, W]`` (0 = missing data, ``helpers.missing_data``: a speck of zeros is dark tissue). Squares with
-    missing data or zero variance in either section are dropped. Vectorised over all squares of all pairs.
+    missing data or zero variance in either section do not count. Vectorised over all squares of all pairs.
     """
     a = to_tensor(stack, dtype=torch.float64)
     z, h, w = a.shape
@@ -79,8 +82,21 @@ def cpc(stack, chunk: int = 64) -> np.ndarray:
     xc, yc = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
     sx, sy = xc.norm(dim=-1), yc.norm(dim=-1)
     keep = whole[:-1] & whole[1:] & (sx > 0) & (sy > 0)
-    r = (xc * yc).sum(-1) / (sx * sy).clamp_min(1e-12)
+    return (xc * yc).sum(-1) / (sx * sy).clamp_min(1e-12), keep
+
+
+def cpc(stack, chunk: int = 64) -> np.ndarray:
+    """The r of every square that counts (``square_correlations``), all neighbour pairs together, ``[K]``."""
+    r, keep = square_correlations(stack, chunk)
     return r[keep].numpy()
+
+
+def pair_cpc(stack, chunk: int = 64) -> np.ndarray:
+    """Each neighbour pair's mean r over its squares that count (``square_correlations``), ``[Z-1]``; NaN where none
+    does."""
+    r, keep = square_correlations(stack, chunk)
+    count = keep.sum(-1)
+    return torch.where(count > 0, (r * keep).sum(-1) / count.clamp_min(1), torch.nan).numpy()
 
 
 def summarize(values: np.ndarray) -> dict[str, float]:
@@ -161,9 +177,47 @@ def common_frame(field, truth, valid=None) -> torch.Tensor:
     return field - (error * weight).sum(0, keepdim=True) / weight.sum(0, keepdim=True).clamp_min(1)
 
 
+def section_foldovers(field) -> np.ndarray:
+    """Per section of ``field`` ``[Z, 2, H, W]`` (px), the fraction of its pixels whose map ``p -> p + field(p)`` has
+    Jacobian determinant <= 0, ``[Z]``."""
+    return (jacobian_determinant(to_tensor(field)) <= 0).float().mean((-2, -1)).numpy()
+
+
 def foldovers(field) -> float:
-    """Fraction of pixels whose map ``p -> p + field(p)`` has Jacobian determinant <= 0."""
-    return float((jacobian_determinant(to_tensor(field)) <= 0).float().mean())
+    """Fraction of the stack's pixels whose map ``p -> p + field(p)`` has Jacobian determinant <= 0."""
+    return float(section_foldovers(field).mean())
+
+
+def where_to_look(aligned_pairs: np.ndarray, raw_pairs: np.ndarray | None, folds: np.ndarray, z_start: int,
+                  least: int = 3, fold_share: float = 1e-3) -> list[str]:
+    """Lines that point at the sections to look at in an aligned stack, with no truth needed.
+
+    aligned_pairs, raw_pairs: ``[Z-1]`` each neighbour pair's CPC (``pair_cpc``) aligned and raw (None: not read);
+    folds: ``[Z]`` each section's ``section_foldovers``; z_start: the first section's z. The ``least`` pairs that
+    correlate least aligned (their raw CPC beside); a warning for the pairs that correlate less aligned than raw (by
+    over 0.01: alignment made them worse); the sections whose field folds over on more than ``fold_share`` of
+    their pixels (a fold in the tissue folds the true field too).
+    """
+    name = [f"{z}|{z + 1}" for z in range(z_start, z_start + len(aligned_pairs))]
+    scored = [i for i in np.argsort(aligned_pairs, kind="stable") if not np.isnan(aligned_pairs[i])]
+    lines = []
+    if scored:
+        lines.append("neighbours that correlate least (CPC aligned" + (", raw" if raw_pairs is not None else "")
+                     + "): " + ", ".join(f"{name[i]} {aligned_pairs[i]:.3f}"
+                                         + (f" ({raw_pairs[i]:.3f})" if raw_pairs is not None else "")
+                                         for i in scored[:least]))
+    if raw_pairs is not None:
+        worse = [i for i in range(len(name)) if aligned_pairs[i] < raw_pairs[i] - 0.01]
+        if worse:
+            shown = ", ".join(f"{name[i]} ({aligned_pairs[i]:.3f} vs {raw_pairs[i]:.3f})" for i in worse[:5])
+            lines.append(f"warning: {len(worse)} neighbour pair(s) correlate less aligned than raw: {shown}"
+                         + (f" and {len(worse) - 5} more" if len(worse) > 5 else "") + "; look at them")
+    folded = [z for z in range(len(folds)) if folds[z] > fold_share]
+    if folded:
+        lines.append(f"sections whose field folds over on more than {fold_share:.1%} of their pixels: "
+                     + ", ".join(f"{z_start + z} ({folds[z]:.2%})" for z in folded)
+                     + " (a fold in the tissue folds the true field too)")
+    return lines
 
 
 def foldovers_spurious(field, truth, margin: int = 5) -> float:
@@ -405,6 +459,9 @@ def main(argv=None) -> dict:
     print(f"mip {mip}, sections {args.z_start}..{args.z_stop - 1}")
     print_table(rows, columns)
     for line in warnings(rows, RAW, oracle_cpc) if args.raw else []:
+        print(line)
+    raw_pairs = pair_cpc(raw, args.cpc_window) if args.raw else None
+    for line in where_to_look(pair_cpc(aligned, args.cpc_window), raw_pairs, section_foldovers(field), args.z_start):
         print(line)
     if plots:
         print(f"wrote {plot_cpc(hist, plots / 'cpc.png')}")

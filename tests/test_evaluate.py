@@ -28,6 +28,27 @@ def test_cpc_drops_chunks_with_missing_data_but_not_for_a_dark_speck():
     assert len(evaluate.cpc(stack, chunk=16)) == 3
 
 
+def test_pair_cpc_is_each_neighbour_pairs_mean_and_nan_where_no_square_counts():
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, 255, size=(64, 64)).astype(np.uint8)
+    stack = np.stack([a, a, 255 - a, np.zeros_like(a)])  # the last section: missing data
+    r = evaluate.pair_cpc(stack, chunk=16)
+    assert r.shape == (3,) and r[0] == pytest.approx(1) and r[1] == pytest.approx(-1) and np.isnan(r[2])
+
+
+def test_where_to_look_names_the_least_correlated_pairs_those_worse_than_raw_and_the_folded_sections():
+    aligned, raw = np.array([0.9, 0.2, np.nan, 0.5, 0.8]), np.array([0.3, 0.35, np.nan, 0.1, 0.795])
+    folds = np.array([0, 0, 0.004, 0, 0.0005, 0])
+    lines = evaluate.where_to_look(aligned, raw, folds, z_start=10)
+    assert lines[0] == "neighbours that correlate least (CPC aligned, raw): 11|12 0.200 (0.350), 13|14 0.500 " \
+                       "(0.100), 14|15 0.800 (0.795)"
+    assert lines[1].startswith("warning: 1 neighbour pair(s) correlate less aligned than raw: 11|12 (0.200 vs 0.350)")
+    assert lines[2].startswith("sections whose field folds over on more than 0.1% of their pixels: 12 (0.40%)")
+    assert len(lines) == 3
+    assert evaluate.where_to_look(aligned, None, np.zeros(6), 0) == \
+        ["neighbours that correlate least (CPC aligned): 1|2 0.200, 3|4 0.500, 4|5 0.800"]
+
+
 def test_summarize():
     s = evaluate.summarize(np.arange(101, dtype=float))
     assert s["mean"] == 50 and s["p5"] == 5 and s["p99"] == 99 and s["var"] == pytest.approx(850)
@@ -204,6 +225,7 @@ def test_evaluate_command_scores_a_perfect_and_a_collapsed_alignment_against_the
     assert list(rows) == [evaluate.RAW, "oracle (ground truth)", "aligned"]
     assert rows["oracle (ground truth)"]["far_median"] == 0
     assert rows[evaluate.RAW]["far_median"] == pytest.approx(np.median([np.hypot(*m) for m in MOVES]))  # all tissue
+    assert "neighbours that correlate least (CPC aligned, raw): " in out
     if perfect:
         assert rows["aligned"]["far_median"] < 1e-4 and rows["aligned"]["drift_mean"] < 1e-4
         assert rows["aligned"]["cpc_mean"] == pytest.approx(rows["oracle (ground truth)"]["cpc_mean"])
@@ -212,6 +234,18 @@ def test_evaluate_command_scores_a_perfect_and_a_collapsed_alignment_against_the
     else:
         assert rows["aligned"]["far_median"] == rows[evaluate.RAW]["far_median"]
         assert "warning: aligned is hardly better than no alignment" in out
+
+
+def test_evaluate_command_points_at_the_one_section_left_unaligned(tmp_path, misaligned, capsys):
+    raw, truth, raw_path, _ = misaligned
+    field = truth.copy()
+    field[2] = 0  # section 2 left where it was: its two pairs correlate least
+    write_layer(tmp_path / "dest" / "image", alignment.apply_field(raw, field)[:, None], "image")
+    write_layer(tmp_path / "dest" / "field", field, "field")
+    evaluate.main(["--aligned", str(tmp_path / "dest"), "--raw", raw_path, "--z_start", "0", "--z_stop", "4",
+                   "--cpc_window", "16"])
+    least = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("neighbours"))
+    assert {pair.split()[0] for pair in least.split(": ")[1].split(", ")[:2]} == {"1|2", "2|3"}
 
 
 def test_the_cpc_window_is_also_given_by_its_old_name():
