@@ -262,8 +262,11 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
     same (the solve is the same linear map at every pixel). The detail is the pair fields' less their low-pass within the
     pair's tissue (of both sections: no jump at a defect leaks into the detail), solved with ``detail_pull``; the
     robust re-weighting compares with the whole pair field (with ``detail_pull`` inf too). Where every pair of a
-    section weighs 0 (a defect, or no tissue: the pull alone would make it 0 there), its coarse part comes from where
-    some pair weighs (``low_pass``'s ``untrusted``), so that no zero is averaged into the tissue beside it.
+    section weighs 0 (a defect, or no tissue: the pull alone would make it 0 there) or lies beside missing data
+    (``beside_missing``: the network's field there reads its zeros, as in the pair fields' low-pass without defects;
+    these maps and the weights are carried into the common frame each round, as the pair fields are), its coarse
+    part comes from where some pair weighs away from it (``low_pass``'s ``untrusted``), so that neither is averaged
+    into the tissue beside it.
     Inside its own defects each section's whole field (coarse part and detail) is then ``low_pass``'s interpolation
     from the tissue around, widened where the jump would fold the map over. A ``defects`` without any defect is
     None, bit for bit.
@@ -307,10 +310,18 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
         observed = [warp(band, point[targets], padding_mode="border") for band in bands]  # r_e(p + F_t(p))
         if defects is not None:  # F_t is smooth and filled everywhere (below): it carries the pairs' defects
             kept = warp_labels(marks, point[targets]) == 0
-            base = current = trusted * kept
             own = warp_labels(defects[:, None], point)[:, 0]  # each section's defects in the common frame
-            held = _section_sums(count, sources, targets, (seen & kept).float()) > 0  # a pair of it saw tissue there
-            unheld = (_section_sums(count, sources, targets, seen.float()) > 0) & ~held  # a defect zeroed them all
+            saw, weight, clear = seen, trusted, kept
+            if lacking is not None:  # the weights, where each target saw tissue and what lies beside missing data,
+                # carried as the pair fields are (beside a section's edge the pull's zeros and garbage would weigh)
+                weight = warp(trusted, point[targets], padding_mode="border")
+                saw, beside = (warp(where.float(), point[targets], mode="nearest", padding_mode="border") > 0
+                               for where in (seen, lacking[:, None]))
+                clear = kept & ~beside
+            base = current = weight * kept
+            held = _section_sums(count, sources, targets, (saw & kept).float()) > 0  # a pair of it saw tissue there
+            unheld = (_section_sums(count, sources, targets, saw.float()) > 0) & ~held  # a defect zeroed them all
+            read = _section_sums(count, sources, targets, (saw & clear).float()) > 0  # and not beside missing data
         if round_ > 0 and robust:
             asked = sum(observed) if defects is None else observed[0]  # the whole pair field
             residual = vector_length(point[sources] - point[targets] - asked)[:, None]
@@ -318,7 +329,7 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
         parts = [_solve_band(count, sources, targets, current, part, band_pull)
                  for part, band_pull in zip(observed, pulls)]
         if defects is not None:  # each section's coarse part: smooth across all defects, plus its own jumps
-            smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | ~held[:, 0])  # not the pull's zeros
+            smooth_part = low_pass(parts[0], smooth, untrusted=(own > 0) | ~read[:, 0])  # nor the pull's zeros
             jump = _own_jumps(count, sources, targets, current,
                               *(warp(j, point[targets], padding_mode="border") for j in jumps))
             parts[0] = smooth_part + jump

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers import affine_field, compose, in_frame_of, invert_field, rigid_matrix
+from helpers import affine_field, compose, in_frame_of, invert_field, rigid_matrix, vector_length
 from masks import interpolate_holes
 from solve import (_banded_cholesky_solve, _normal_matrix, _unfolded, beside_missing, low_pass,
                    neighbour_pairs, solve_stack, vector_vote)
@@ -171,10 +171,14 @@ def test_unfolded_widens_a_fold_and_equals_interpolating_its_final_holes_on_the_
     assert torch.allclose(out, interpolate_holes(field, final), atol=1e-5)
 
 
-def test_where_a_target_saw_no_tissue_its_pair_field_stays_out_of_the_low_pass():
+@pytest.mark.parametrize("masked", [False, True])
+def test_where_a_target_saw_no_tissue_its_pair_field_stays_out_of_the_low_pass(masked):
     """Sections 3 px apart in x; every target is missing data in its left 16 columns, where the pair fields are
     garbage (40 px), and the network's field beside it (``beside_missing``) is off by 2 px. With ``smooth`` 8 the
-    coarse parts (the detail dropped) average the tissue beyond: the solved fields in the tissue are the shifts'."""
+    coarse parts (the detail dropped) average the tissue beyond: the solved fields in the tissue are the shifts'.
+    The same with defect maps (a crack far from the missing data): each section's coarse part leaves those pixels out
+    too (solved whole, with the weights carried into the common frame as the pair fields are); what remains comes
+    through the sections' coupling where a neighbour's pair lies beside missing data (before: 11 px off, 0.66 mean)."""
     pairs, size = neighbour_pairs(3, 1), 112
     fields = torch.stack([torch.tensor([3.0 * (t - s), 0.0]).view(2, 1, 1).expand(2, size, size) for s, t in pairs])
     weights = torch.ones(len(pairs), size, size)
@@ -184,9 +188,17 @@ def test_where_a_target_saw_no_tissue_its_pair_field_stays_out_of_the_low_pass()
     clean = fields[..., 16:].clone()
     fields = torch.where(beside, fields + 2.0, fields)
     fields[..., :16] = 40.0
-    solved = solve_stack(3, pairs, fields, weights, pull=0.03, robust=None, smooth=8, detail_pull=math.inf)
+    defects = torch.zeros(3, size, size, dtype=torch.uint8) if masked else None
+    if masked:
+        defects[1, 40:70, 95] = 1
+    solved = solve_stack(3, pairs, fields, weights, pull=0.03, robust=None, smooth=8, detail_pull=math.inf,
+                         defects=defects)
     expected = solve_stack(3, pairs, clean, pull=0.03, robust=None, smooth=8, detail_pull=math.inf)
-    assert torch.allclose(solved[..., 16:], expected, atol=0.05)
+    error = vector_length(solved[..., 16:] - expected)
+    if masked:
+        assert error.max() < 1 and error.mean() < 0.25
+    else:
+        assert error.max() < 0.05
 
 
 def test_beside_missing_follows_the_share_of_missing_data_around_each_pixel():
