@@ -494,19 +494,28 @@ def _require_sections(vol, corner, size, what: str, why: str = "", every_chunk: 
 
     missing = volume.missing_sections(vol, corner, size, every_chunk)
     if missing:
-        raise UserError(f"{what} {vol.cloudpath} lacks sections {spans(missing)} of "
-                        f"{corner[2]}..{corner[2] + size[2] - 1}" + (f" ({why})" if why else "") + ": nothing to score")
+        first, last = corner[2], corner[2] + size[2] - 1
+        runs = [(a, b) for a, b in _runs(z for z in range(first, last + 1) if z not in missing) if b > a]  # 2 or more
+        hint = (f": score the runs it holds one at a time ({' '.join(f'{a}..{b}' for a, b in runs)}; e.g. --z_start "
+                f"{runs[0][0]} --z_stop {runs[0][1] + 1})" if runs else ": nothing to score")
+        raise UserError(f"{what} {vol.cloudpath} lacks sections {spans(missing)} of {first}..{last}"
+                        + (f" ({why})" if why else "") + hint)
 
 
-def spans(numbers: list[int]) -> str:
-    """Sorted integers as runs, e.g. ``[1, 2, 3, 7]`` -> ``'1..3 7'``."""
+def _runs(numbers) -> list[list[int]]:
+    """Sorted integers as ``[first, last]`` runs of consecutive ones, e.g. ``[1, 2, 3, 7]`` -> ``[[1, 3], [7, 7]]``."""
     runs: list[list[int]] = []
     for n in numbers:
         if runs and n == runs[-1][1] + 1:
             runs[-1][1] = n
         else:
             runs.append([n, n])
-    return " ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs)
+    return runs
+
+
+def spans(numbers) -> str:
+    """Sorted integers as runs, e.g. ``[1, 2, 3, 7]`` -> ``'1..3 7'``."""
+    return " ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in _runs(numbers))
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def test_missing_sections_are_told_by_the_chunks_stored(tmp_path):
 
 
 @pytest.mark.parametrize("written, z_range, says", [
-    ([0], (0, 4), "lacks sections 1..3 of 0..3"),  # a run that crashed after the reference section
+    ([0], (0, 4), "lacks sections 1..3 of 0..3 (align.py never finished them): nothing to score"),  # crashed
     ([0, 1], (2, 4), "lacks sections 2..3 of 2..3"),  # a range never aligned
 ])
 def test_evaluate_refuses_sections_never_aligned_in_one_line(tmp_path, misaligned, written, z_range, says):
@@ -312,7 +312,8 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
                        (["--truth", raw_path], r"--truth .*/raw is not a field \(2 channels of float"),
                        (["--defects", truth_path], "--defects .*/truth is not a label layer"),
                        (["--truth", short_truth], "--truth .*/short_truth lacks sections 2 of 0..3"),
-                       (["--raw", empty_raw], "--raw .*/empty_raw lacks sections 3 of 0..3")):
+                       (["--raw", empty_raw], r"--raw .*/empty_raw lacks sections 3 of 0..3: score the runs it holds one at "
+                                               r"a time \(0..2; e.g. --z_start 0 --z_stop 3\)$")):
         with pytest.raises(evaluate.UserError, match=says) as err:
             evaluate.main(dest + argv)
         assert "\n" not in str(err.value)
