@@ -312,8 +312,8 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
             kept = warp_labels(marks, point[targets]) == 0
             own = warp_labels(defects[:, None], point)[:, 0]  # each section's defects in the common frame
             saw, weight, clear = seen, trusted, kept
-            if lacking is not None:  # the weights, where each target saw tissue and what lies beside missing data,
-                # carried as the pair fields are (beside a section's edge the pull's zeros and garbage would weigh)
+            if lacking is not None:  # carried as the pair fields are: the weights, where each target saw tissue and
+                # what lies beside its missing data (left in its own grid, garbage would weigh beside the moved edge)
                 weight = warp(trusted, point[targets], padding_mode="border")
                 saw, beside = (warp(where.float(), point[targets], mode="nearest", padding_mode="border") > 0
                                for where in (seen, lacking[:, None]))
