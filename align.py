@@ -474,7 +474,7 @@ def main(argv=None) -> dict:
     skipped = [z for z in tasks.blank_sections(job) if z in set(todo)]
     progress.puts([(str(z), b"done") for z in todo])
     if skipped:
-        print(f"skipped blank sections: {' '.join(map(str, skipped))}")
+        print(f"skipped blank sections (no tissue, or never written): {' '.join(map(str, skipped))}")
     seconds = time.time() - start
     mpx = len(todo) * width * height / 1e6
     print(f"aligned {len(todo)} sections of {width} x {height} px at mip {args.mip} into {args.dest} in "

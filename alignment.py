@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
 import itertools
 import math
@@ -208,10 +209,29 @@ WIDE_DEPARTURE = 12.0  # px (median over the section: beyond what the network re
 WIDE_MARGIN = 0.02  # and it matches better by this much Pearson r (shifts.match_r)
 
 
+NAMED: contextvars.ContextVar[str | None] = contextvars.ContextVar("NAMED", default=None)  # ``naming``'s
+
+
+@contextlib.contextmanager
+def naming(source: int, target: int | None = None) -> Iterator[None]:
+    """Within it, each ``CondensedWarning`` is about section ``source`` (its z) aligned onto ``target`` (or onto the
+    sections before it, for None): ``warnings_condensed`` lists them as ``S->T`` (or ``S``)."""
+    token = NAMED.set(str(source) if target is None else f"{source}->{target}")
+    try:
+        yield
+    finally:
+        NAMED.reset(token)
+
+
 class CondensedWarning(UserWarning):
     """A warning that may come once per section or pair: ``warnings_condensed`` shows the first of its kind in one
-    line, with how many there were (``counted``, e.g. ``"section pair{s} matched poorly"``)."""
+    line, with how many there were (``counted``, e.g. ``"section pair{s} matched poorly"``) and the sections they
+    were about (``where``: given, or ``naming``'s where it was raised; None: not named)."""
     counted = "time{s}"
+
+    def __init__(self, message: str, where: str | None = None):
+        super().__init__(message)
+        self.where = NAMED.get() if where is None else where
 
 
 class PoorMatchWarning(CondensedWarning):
@@ -226,15 +246,16 @@ class AllDefectWarning(CondensedWarning):
 
 def warn_all_defect(z: int) -> None:
     """The ``AllDefectWarning`` of section ``z``, whose defect map marks every pixel."""
-    warnings.warn(f"warning: --defects marks every pixel of section {z} a crack or fold: it is aligned by no tissue "
-                  "of its own (the solve gives it the pull's zero field); is it the right layer?", AllDefectWarning)
+    warnings.warn(AllDefectWarning(f"warning: --defects marks every pixel of section {z} a crack or fold: it is "
+                                   "aligned by no tissue of its own (the solve gives it the pull's zero field); is it "
+                                   "the right layer?", str(z)))
 
 
 @contextlib.contextmanager
 def warnings_condensed(stream=None) -> Iterator[None]:
     """Within it, every ``CondensedWarning`` is kept, not shown (other warnings are shown on leaving); on leaving,
     even by an error or an interrupt, one line per kind on ``stream`` (default stderr) gives the first one's message
-    and how many there were of that kind, however many."""
+    and how many there were of that kind, however many, and the sections they were about (the first 12)."""
     caught = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -248,7 +269,9 @@ def warnings_condensed(stream=None) -> Iterator[None]:
             else:
                 warnings.showwarning(found.message, found.category, found.filename, found.lineno)
         for kind, found in kinds.items():
-            print(f"{found[0].message} [{len(found)} {kind.counted.format(s='s' if len(found) > 1 else '')}]",
+            named = [w.message.where for w in found if w.message.where is not None]
+            listed = f": {' '.join(named[:12])}{' ...' if len(named) > 12 else ''}" if named else ""
+            print(f"{found[0].message} [{len(found)} {kind.counted.format(s='s' if len(found) > 1 else '')}{listed}]",
                   file=stream or sys.stderr)
 
 
@@ -564,7 +587,7 @@ def section_stats(moments: np.ndarray) -> tuple[float, float]:
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
                  vote: int = 1, settings: PairSettings = PairSettings(), softness: float = 1.0,
-                 defects=None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 defects=None, first: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
@@ -580,10 +603,11 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     ``defects``: an iterable of the sections' uint8 ``[H, W]`` defect maps (0 none,
     1 crack, 2 fold), in step with ``sections``, or None: each pair field is then
     made with the defects of its two sections (``pair_field``), the target's
-    carried into the frame it is aligned in.
+    carried into the frame it is aligned in. ``first``: the first section's z, by which warnings name the sections
+    (``naming``).
     """
     history = list(before or [])[-vote:]  # (raw, aligned, field, defects) of the last usable sections
-    for section, marks in zip(sections, itertools.repeat(None) if defects is None else defects):
+    for z, (section, marks) in enumerate(zip(sections, itertools.repeat(None) if defects is None else defects), first):
         shape = section.shape[-2:]
         if is_blank(section):
             yield np.zeros(shape, np.uint8), torch.zeros(2, *shape)
@@ -592,13 +616,15 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
             field = torch.zeros(2, *shape)
         elif to_raw_neighbour:
             previous_raw, _, previous_field, previous_marks = history[-1]
-            pair = pair_field(model, section, previous_raw, settings, _pair_marks(marks, previous_marks))
+            with naming(z):
+                pair = pair_field(model, section, previous_raw, settings, _pair_marks(marks, previous_marks))
             field = compose(pair[None], previous_field[None])[0]
         else:
             targets = history[-vote:]
-            candidates = torch.stack([pair_field(model, section, target, settings,
-                                                 _pair_marks(marks, _aligned_marks(target_marks, target_field)))
-                                      for _, target, target_field, target_marks in targets])
+            with naming(z):
+                candidates = torch.stack([pair_field(model, section, target, settings,
+                                                     _pair_marks(marks, _aligned_marks(target_marks, target_field)))
+                                          for _, target, target_field, target_marks in targets])
             valid = ~missing_data(np.stack([aligned for _, aligned, _, _ in targets]))
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
         aligned = apply_field(section, field)
@@ -661,8 +687,11 @@ def solved_pairs(model: Pyramid, sections, neighbours: int, pair: PairSettings =
     thumbs = {z: thumbnail(sections[z], factor, None if defects is None else defects[z]) for z in usable}
 
     def matched(pairs):  # each pair's pre-alignment (pair_prealignment), as the queued prealign tasks find it
-        return {(s, t): pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]), unsmoothed, factor)
-                for s, t in pairs}
+        found = {}
+        for s, t in pairs:
+            with naming(s, t):
+                found[s, t] = pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]), unsmoothed, factor)
+        return found
     pairs = neighbour_pairs(count, neighbours, set(skipped))
     matches = matched(pairs)
     further = placed_by_pieces(usable, matches)

@@ -138,7 +138,7 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, pair_context, pair_prealignment, piece_factor, placed_by_pieces, rigid_field,
+                       is_blank, naming, pair_context, pair_prealignment, piece_factor, placed_by_pieces, rigid_field,
                        section_stats, solve_fields, thumbnail, thumbnail_factor, tissue_moments, warn_all_defect,
                        with_context)
 from helpers import (UserError, check_device, compose, downsample_field, invert_field, missing_data, one_line,
@@ -397,7 +397,7 @@ def block_task(job: dict, first: int) -> None:
             z += 1
 
     results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.pair,
-                           defects=map(checked_defects, itertools.count(start)) if job.defects else None)
+                           defects=map(checked_defects, itertools.count(start)) if job.defects else None, first=start)
     for z, (_, g) in enumerate(results, start):
         if reference is None and not blank[z]:
             reference = z
@@ -540,8 +540,9 @@ def prealign_task(job: dict, z: int, targets: list) -> None:
     factor = thumbnail_factor(_shape(job.bbox))
     rigid = []
     for t in targets:
-        match = None if t is None else pair_prealignment(model_of(job), thumbs[z], thumbs[t], (stats[z], stats[t]),
-                                                         job.pair, factor)
+        with naming(z, t):
+            match = None if t is None else pair_prealignment(model_of(job), thumbs[z], thumbs[t],
+                                                             (stats[z], stats[t]), job.pair, factor)
         if match is not None and match.shape != (2, 3):
             _put_array(marks, f"solve/pieces/{z}/{t}", match)
         rigid.append(None if match is None else match.tolist() if match.shape == (2, 3) else "pieces")

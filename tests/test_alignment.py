@@ -720,7 +720,35 @@ def test_poor_matches_and_all_defect_sections_are_reported_in_one_line_per_kind_
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "warning: poor [1 section pair matched poorly]" and len(lines) == 2
     assert lines[1].startswith("warning: --defects marks every pixel of section 7 ")
-    assert lines[1].endswith("[1 section all defect]")
+    assert lines[1].endswith("[1 section all defect: 7]")
+
+
+def test_condensed_warnings_name_the_sections_they_are_about(capsys):
+    with alignment.warnings_condensed():
+        with alignment.naming(5, 4):
+            warnings.warn("warning: poor", alignment.PoorMatchWarning)
+        with alignment.naming(6):  # aligned onto the sections before it (serial)
+            warnings.warn("warning: poorer", alignment.PoorMatchWarning)
+        warnings.warn("warning: poorest", alignment.PoorMatchWarning)  # not named
+    assert capsys.readouterr().err == "warning: poor [3 section pairs matched poorly: 5->4 6]\n"
+    with alignment.warnings_condensed():
+        for z in range(20):
+            alignment.warn_all_defect(z)
+    assert capsys.readouterr().err.endswith("[20 sections all defect: 0 1 2 3 4 5 6 7 8 9 10 11 ...]\n")
+
+
+def test_serial_and_solved_alignment_name_the_pair_onto_a_foreign_section_in_their_warning(capsys):
+    """A stack whose first section is of another phantom: each mode's poor-match line names the pair aligned onto
+    it (by z in serial mode, from ``first``; as source->target in the solve)."""
+    sections, _ = turned_phantom(200, (0.0, 0.0), 0.0)
+    stack = np.stack([sections[3], sections[1], sections[1]])  # section 0 is foreign
+    model = alignment.for_inference(Pyramid(size=3))
+    with alignment.warnings_condensed():
+        list(alignment.align_serial(model, stack, first=10))
+    assert capsys.readouterr().err.strip().endswith("[1 section pair matched poorly: 11]")
+    with alignment.warnings_condensed():
+        alignment.align_solved(model, stack, solve=SolveSettings(neighbours=1))
+    assert capsys.readouterr().err.strip().endswith("[1 section pair matched poorly: 1->0]")
 
 
 def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):

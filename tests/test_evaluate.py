@@ -312,8 +312,8 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
                        (["--truth", raw_path], r"--truth .*/raw is not a field \(2 channels of float"),
                        (["--defects", truth_path], "--defects .*/truth is not a label layer"),
                        (["--truth", short_truth], "--truth .*/short_truth lacks sections 2 of 0..3"),
-                       (["--raw", empty_raw], r"--raw .*/empty_raw lacks sections 3 of 0..3: score the runs it holds one at "
-                                               r"a time \(0..2; e.g. --z_start 0 --z_stop 3\)$")):
+                       (["--raw", empty_raw], r"--raw .*/empty_raw lacks sections 3 of 0..3: score the runs it "
+                                               r"holds one at a time \(0..2; e.g. --z_start 0 --z_stop 3\)$")):
         with pytest.raises(evaluate.UserError, match=says) as err:
             evaluate.main(dest + argv)
         assert "\n" not in str(err.value)
