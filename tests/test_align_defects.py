@@ -263,4 +263,4 @@ def test_a_section_marked_all_defect_is_aligned_with_a_warning_in_one_line(setup
     lines = [line for line in capsys.readouterr().err.splitlines() if "--defects marks" in line]
     assert lines == ["warning: --defects marks every pixel of section 4 a crack or fold: it is aligned by no tissue "
                      "of its own (the solve gives it the pull's zero field); is it the right layer? "
-                     "[1 section all defect]"]
+                     "[1 section all defect: 4]"]
