@@ -121,6 +121,15 @@ def shifted(tmp_path, monkeypatch):
     return lambda dest, *extra: align.main(common + ["--dest", str(tmp_path / dest), *extra])
 
 
+def test_a_range_that_starts_blank_says_which_section_is_the_reference(shifted, capsys):
+    shifted("from2", "--z_start", "2")
+    out = capsys.readouterr().out
+    assert "skipped blank sections (no tissue, or never written): 2 4 5 6" in out
+    assert "section 3, the first with tissue, is the reference (its field is zero)" in out
+    shifted("from0")
+    assert "the reference" not in capsys.readouterr().out
+
+
 def read_dest(dest, z_start=0, z_stop=10, mip=0):
     """``(image, field)`` of the 64 x 64 sections ``z_start..z_stop-1`` of an align.py destination, at ``mip``."""
     size = (64 >> mip, 64 >> mip, z_stop - z_start)
