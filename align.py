@@ -475,7 +475,7 @@ def main(argv=None) -> dict:
     progress.puts([(str(z), b"done") for z in todo])
     if skipped:
         print(f"skipped blank sections (no tissue, or never written): {' '.join(map(str, skipped))}")
-    reference = next((z for z in todo if z not in set(skipped)), None)
+    reference = next((z for z in todo if z not in skipped), None)
     if not args.solve and todo[0] == args.z_start and reference not in (None, args.z_start):
         print(f"section {reference}, the first with tissue, is the reference (its field is zero)")
     seconds = time.time() - start

@@ -311,17 +311,17 @@ def solve_stack(count: int, pairs: list[tuple[int, int]], fields: torch.Tensor, 
         if defects is not None:  # F_t is smooth and filled everywhere (below): it carries the pairs' defects
             kept = warp_labels(marks, point[targets]) == 0
             own = warp_labels(defects[:, None], point)[:, 0]  # each section's defects in the common frame
-            saw, weight, clear = seen, trusted, kept
+            saw, weight, beside = seen, trusted, None
             if lacking is not None:  # carried as the pair fields are: the weights, where each target saw tissue and
                 # what lies beside its missing data (left in its own grid, garbage would weigh beside the moved edge)
                 weight = warp(trusted, point[targets], padding_mode="border")
                 saw, beside = (warp(where.float(), point[targets], mode="nearest", padding_mode="border") > 0
                                for where in (seen, lacking[:, None]))
-                clear = kept & ~beside
             base = current = weight * kept
             held = _section_sums(count, sources, targets, (saw & kept).float()) > 0  # a pair of it saw tissue there
             unheld = (_section_sums(count, sources, targets, saw.float()) > 0) & ~held  # a defect zeroed them all
-            read = _section_sums(count, sources, targets, (saw & clear).float()) > 0  # and not beside missing data
+            read = held if beside is None else \
+                _section_sums(count, sources, targets, (saw & kept & ~beside).float()) > 0  # not beside missing data
         if round_ > 0 and robust:
             asked = sum(observed) if defects is None else observed[0]  # the whole pair field
             residual = vector_length(point[sources] - point[targets] - asked)[:, None]
