@@ -223,6 +223,23 @@ def naming(source: int, target: int | None = None) -> Iterator[None]:
         NAMED.reset(token)
 
 
+UNMATCHED: contextvars.ContextVar[list | None] = contextvars.ContextVar("UNMATCHED", default=None)  # ``matching``'s
+
+
+@contextlib.contextmanager
+def matching() -> Iterator[list]:
+    """Within it, each pair pre-aligned (``_prealignment``) whose sections both show tissue but match nowhere (no
+    whole-section match stands out: a ``PoorMatchWarning``) appends True to the list it gives, each other pair False:
+    ``align_serial`` and ``solved_pairs`` read it to align past a section of noise, of inverted contrast or of other
+    tissue. A pair not pre-aligned (``prealign`` 0) appends nothing."""
+    found: list = []
+    token = UNMATCHED.set(found)
+    try:
+        yield found
+    finally:
+        UNMATCHED.reset(token)
+
+
 class CondensedWarning(UserWarning):
     """A warning that may come once per section or pair: ``warnings_condensed`` shows the first of its kind in one
     line, with how many there were (``counted``, e.g. ``"section pair{s} matched poorly"``) and the sections they
@@ -237,6 +254,18 @@ class CondensedWarning(UserWarning):
 class PoorMatchWarning(CondensedWarning):
     """A pair's whole-section match is poor (``shifts.RigidMatch.poor``): its message is one line, why."""
     counted = "section pair{s} matched poorly"
+
+
+class PassedOverWarning(CondensedWarning):
+    """A section matches the sections beside it nowhere (``align_serial``, ``passed_over``): moved as the one before."""
+    counted = "section{s} passed over"
+
+
+def warn_passed_over(z: int) -> None:
+    """The ``PassedOverWarning`` of section ``z``."""
+    warnings.warn(PassedOverWarning("warning: a section matches its neighbours nowhere (noise, inverted contrast, "
+                                    "other tissue?): it is moved as the section before it, and the sections beside "
+                                    f"it are aligned past it (serially, up to {PASS_OVER} in a row)", str(z)))
 
 
 class AllDefectWarning(CondensedWarning):
@@ -510,7 +539,7 @@ def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tor
     keep exactly that shift. Where neither the shift (``DOUBT_R``) nor the wide
     match (``shifts.RigidMatch.poor``: none stands out, e.g. a foreign section)
     matches, or a section shows too little tissue, a ``PoorMatchWarning`` says
-    why in one line.
+    why in one line; ``matching`` notes the first kind.
     """
     shift = _whole_shift(source, target, reach)
     if reach == 0:
@@ -518,10 +547,16 @@ def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tor
     src, tgt, fixed = source[None].cpu(), target[None].cpu(), shift.expand(1, 2, *source.shape).cpu()
     r, motion = (float(x[0]) for x in match_motion(src, tgt, fixed))
     beyond = float(shift.abs().max()) >= _shift_reach(source.shape, reach) - 1  # the shift may lie further
+    noted = UNMATCHED.get()
     if not (beyond or r < DOUBT_R or motion > DOUBT_DEPARTURE or _tissue(source, target) < MIN_TISSUE):
+        if noted is not None:
+            noted.append(False)
         return shift
     match = rigid_search(src, tgt)
-    if match.tissue[0] < MIN_TISSUE or (match.poor[0] and r < DOUBT_R):
+    unmatched = bool(match.tissue[0] >= MIN_TISSUE and match.poor[0] and r < DOUBT_R)
+    if noted is not None:
+        noted.append(unmatched)
+    if unmatched or match.tissue[0] < MIN_TISSUE:
         warnings.warn(match.warning(0), PoorMatchWarning)
     wide = match.field(*source.shape).to(source.device)
     if match.poor[0] or match.edge[0] or not (beyond or float((wide - shift).norm(dim=1).median()) > WIDE_DEPARTURE):
@@ -585,10 +620,15 @@ def section_stats(moments: np.ndarray) -> tuple[float, float]:
     return float(mean), math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0))
 
 
+PASS_OVER = 2  # align_serial aligns past at most this many sections in a row that match nowhere (noise, inverted
+# contrast, other tissue): after more, the tissue has changed, and the next section is aligned onto the last one
+
+
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
                  vote: int = 1, settings: PairSettings = PairSettings(), softness: float = 1.0,
-                 defects=None, first: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W])`` per section.
+                 defects=None, first: int = 0,
+                 passed: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor, bool]]:
+    """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W], kept)`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
     reference (field zero) unless ``before``, a list of ``(raw, aligned, field,
@@ -599,37 +639,53 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     fields combined by ``solve.vector_vote``; with ``to_raw_neighbour`` it is
     aligned to the raw section before it and the fields are chained with
     ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
-    zero field and are not aligned to. ``settings``: ``pair_field``'s.
+    zero field and are not aligned to. Without ``vote``, a section that does not
+    match its target (``matching``: a ``PoorMatchWarning``, though both show
+    tissue) is moved as the section it was pulled onto and is not aligned to, up
+    to ``PASS_OVER`` in a row: the sections after a section of noise or of
+    inverted contrast are aligned past it (the vote outvotes such a section:
+    bench/RESULTS.md; the solve does the same, ``passed_over``). ``kept``: whether later
+    sections are aligned to it (False for those two kinds); ``passed``: how many
+    sections right before the first were passed over so (when resuming).
+    ``settings``: ``pair_field``'s.
     ``defects``: an iterable of the sections' uint8 ``[H, W]`` defect maps (0 none,
     1 crack, 2 fold), in step with ``sections``, or None: each pair field is then
     made with the defects of its two sections (``pair_field``), the target's
     carried into the frame it is aligned in. ``first``: the first section's z, by which warnings name the sections
     (``naming``).
     """
-    history = list(before or [])[-vote:]  # (raw, aligned, field, defects) of the last usable sections
+    history = list(before or [])[-vote:]  # (raw, aligned, field, defects) of the last sections aligned to
     for z, (section, marks) in enumerate(zip(sections, itertools.repeat(None) if defects is None else defects), first):
         shape = section.shape[-2:]
         if is_blank(section):
-            yield np.zeros(shape, np.uint8), torch.zeros(2, *shape)
+            yield np.zeros(shape, np.uint8), torch.zeros(2, *shape), False
             continue
+        unmatched = False
         if not history:
             field = torch.zeros(2, *shape)
         elif to_raw_neighbour:
             previous_raw, _, previous_field, previous_marks = history[-1]
-            with naming(z):
+            with naming(z), matching() as poor:
                 pair = pair_field(model, section, previous_raw, settings, _pair_marks(marks, previous_marks))
-            field = compose(pair[None], previous_field[None])[0]
+            unmatched, field = any(poor), compose(pair[None], previous_field[None])[0]
         else:
             targets = history[-vote:]
-            with naming(z):
+            with naming(z), matching() as poor:
                 candidates = torch.stack([pair_field(model, section, target, settings,
                                                      _pair_marks(marks, _aligned_marks(target_marks, target_field)))
                                           for _, target, target_field, target_marks in targets])
+            unmatched = vote == 1 and any(poor)
             valid = ~missing_data(np.stack([aligned for _, aligned, _, _ in targets]))
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]
+        if unmatched:  # moved as the section before it: a field onto a section it does not match is noise
+            field = history[-1][2]
+            warn_passed_over(z)
+        kept = not unmatched or passed >= PASS_OVER
+        passed = 0 if kept else passed + 1
         aligned = apply_field(section, field)
-        yield aligned, field
-        history = (history + [(section, aligned, field, marks)])[-max(vote, 1):]
+        yield aligned, field, kept
+        if kept:
+            history = (history + [(section, aligned, field, marks)])[-max(vote, 1):]
 
 
 def _pair_marks(source_marks, target_marks) -> tuple | None:
@@ -661,64 +717,85 @@ def align_solved(model: Pyramid, sections, pair: PairSettings = PairSettings(), 
     """
     sections = np.asarray(sections)
     skipped = [z for z in range(len(sections)) if is_blank(sections[z])]
-    pairs, field_of, _ = solved_pairs(model, sections, solve.neighbours, pair, skipped, defects)
+    pairs, field_of, _, passed = solved_pairs(model, sections, solve.neighbours, pair, skipped, defects)
     pair_fields = torch.stack([field_of(s, t) for s, t in pairs]) if pairs else None
-    aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped, defects)
+    aligned, fields = solve_pairs(sections, pairs, pair_fields, solve, pair.smooth, skipped, defects, passed)
     return aligned, fields, skipped
 
 
 def solved_pairs(model: Pyramid, sections, neighbours: int, pair: PairSettings = PairSettings(), skipped=(),
-                 defects=None) -> tuple[list[tuple[int, int]], Callable[[int, int], torch.Tensor], set[int]]:
-    """The pairs ``align_solved`` solves and how to make their fields: ``(pairs, field_of, placed)``.
+                 defects=None) -> tuple[list[tuple[int, int]], Callable[[int, int], torch.Tensor], set[int], set[int]]:
+    """The pairs ``align_solved`` solves and how to make their fields: ``(pairs, field_of, placed, passed)``.
 
     sections: uint8 ``[Z, H, W]``; ``skipped``: the blank ones; ``defects``: uint8 ``[Z, H, W]`` or None. The pairs
     are each usable section's ``neighbours`` nearest usable ones on each side, both ways, and for the sections
     ``placed_by_pieces`` the one further (``solve.neighbour_pairs``); each is pre-aligned once
     (``pair_prealignment``, on thumbnails made once per section, as the queued prealign tasks do), and
     ``field_of(s, t)`` is its ``pair_field`` ``[2, H, W]`` (px, not low-passed) from that pre-alignment;
-    ``placed``: those sections.
+    ``placed``: those sections. ``passed``: the usable sections that match neither nearest neighbour
+    (``passed_over``: noise, inverted contrast, other tissue), left out of the pairs as blank sections are (their
+    neighbours paired past them) and moved as the section before them (``solve_pairs``).
     """
     count, shape = len(sections), sections.shape[-2:]
     usable = [z for z in range(count) if z not in skipped]
     if len(usable) < 2:
-        return [], None, set()
+        return [], None, set(), set()
     unsmoothed, factor = dataclasses.replace(pair, smooth=0), thumbnail_factor(shape)
     stats = {z: section_stats(tissue_moments(sections[z])) for z in usable}
     thumbs = {z: thumbnail(sections[z], factor, None if defects is None else defects[z]) for z in usable}
+    matches, unmatched = {}, set()
 
-    def matched(pairs):  # each pair's pre-alignment (pair_prealignment), as the queued prealign tasks find it
-        found = {}
-        for s, t in pairs:
-            with naming(s, t):
-                found[s, t] = pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]), unsmoothed, factor)
-        return found
-    pairs = neighbour_pairs(count, neighbours, set(skipped))
-    matches = matched(pairs)
-    further = placed_by_pieces(usable, matches)
+    def match(pairs):  # each pair's pre-alignment (pair_prealignment) not found yet, as the queued prealign tasks
+        for s, t in (p for p in pairs if p not in matches):
+            with naming(s, t), matching() as poor:
+                matches[s, t] = pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]), unsmoothed,
+                                                  factor)
+            if any(poor):
+                unmatched.add((s, t))
+    match(neighbour_pairs(count, neighbours, set(skipped)))
+    passed = passed_over(usable, unmatched)
+    for z in sorted(passed):
+        warn_passed_over(z)
+    pairs = neighbour_pairs(count, neighbours, set(skipped) | passed)
+    match(pairs)
+    further = placed_by_pieces([z for z in usable if z not in passed], matches)
     if further:
-        pairs = neighbour_pairs(count, neighbours, set(skipped), further)
-        matches.update(matched(pairs[len(matches):]))
+        pairs = neighbour_pairs(count, neighbours, set(skipped) | passed, further)
+        match(pairs)
 
     def field_of(s: int, t: int) -> torch.Tensor:
         return pair_field(model, sections[s], sections[t], unsmoothed,
                           None if defects is None else (defects[s], defects[t]), (stats[s], stats[t]),
                           rigid_field(matches[s, t], (0, 0), shape, piece_factor(shape)))
-    return pairs, field_of, further
+    return pairs, field_of, further, passed
+
+
+def on_both_sides(usable: list[int], marked: set) -> set[int]:
+    """The sections of ``usable`` (ascending) whose pairs with both nearest usable neighbours, in one direction or
+    the other, are ``marked`` (a set of pairs ``(s, t)``); none at either end of the stack, where a section's one
+    neighbour cannot tell which of the two the mark is about."""
+    return {z for before, z, after in zip(usable, usable[1:], usable[2:])
+            if all((z, n) in marked or (n, z) in marked for n in (before, after))}
 
 
 def placed_by_pieces(usable: list[int], matches: dict) -> set[int]:
-    """The sections of ``usable`` (ascending) whose pairs with both nearest usable neighbours, in one direction or
-    the other, ``pair_prealignment`` placed piece by piece (``matches``: ``{(s, t): its match}``, a field where
-    so, or "pieces" as the queued prealign markers say): a wide defect cuts them (at either end of the stack a
-    section's one neighbour cannot tell which of the two is cut: none there). ``align_solved`` pairs them one
-    neighbour further too (``solve.neighbour_pairs``'s ``further``): more views of the jump (bench/RESULTS.md)."""
-    pieced = {pair for pair, match in matches.items() if np.shape(match) != (2, 3)}
-    return {z for before, z, after in zip(usable, usable[1:], usable[2:])
-            if all((z, n) in pieced or (n, z) in pieced for n in (before, after))}
+    """The sections of ``usable`` (ascending) ``on_both_sides`` of pairs that ``pair_prealignment`` placed piece by
+    piece (``matches``: ``{(s, t): its match}``, a field where so, or "pieces" as the queued prealign markers say):
+    a wide defect cuts them. ``align_solved`` pairs them one neighbour further too (``solve.neighbour_pairs``'s
+    ``further``): more views of the jump (bench/RESULTS.md)."""
+    return on_both_sides(usable, {pair for pair, match in matches.items() if np.shape(match) != (2, 3)})
+
+
+def passed_over(usable: list[int], unmatched: set) -> set[int]:
+    """The sections of ``usable`` (ascending) ``on_both_sides`` of pairs that match nowhere (``unmatched``: the pairs
+    ``(s, t)`` whose pre-alignment ``matching`` noted): a section of noise, of inverted contrast or of other
+    tissue. The solve pairs their neighbours past them and moves each as the usable section before it
+    (``solve_pairs``), as ``align_serial`` does."""
+    return on_both_sides(usable, unmatched)
 
 
 def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor | None, settings: SolveSettings,
-                smooth: int, skipped=(), defects=None) -> tuple[np.ndarray, torch.Tensor]:
+                smooth: int, skipped=(), defects=None, passed=()) -> tuple[np.ndarray, torch.Tensor]:
     """The second half of ``align_solved``: from pair fields to the aligned stack.
 
     sections: uint8 ``[Z, H, W]``; ``pair_fields`` ``[E, 2, H, W]`` (px): field e
@@ -730,7 +807,8 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     uint8 defect maps ``[Z, H, W]`` (0 none, 1 crack, 2 fold) or None: each pair
     weighs 0 on the defects of either section (``pair_defects``), each section's
     field is low-passed within its own tissue (it jumps at its own defects only)
-    and inside them comes from the tissue around (``solve.solve_stack``). Returns ``(aligned uint8
+    and inside them comes from the tissue around (``solve.solve_stack``). ``passed``: sections in no pair that
+    are moved as the section before them (``passed_over``). Returns ``(aligned uint8
     [Z, H, W], fields [Z, 2, H, W] px)`` in the frame of the first usable section;
     skipped sections stay blank with the zero field.
     """
@@ -738,22 +816,29 @@ def solve_pairs(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tenso
     usable = [z for z in range(count) if z not in skipped]
     fields = torch.zeros(count, 2, *shape)
     if pairs:
-        fields[usable] = in_frame_of(solve_fields(sections, pairs, pair_fields, settings, smooth, defects)[usable],
-                                     reference=0)
+        solved = solve_fields(sections, pairs, pair_fields, settings, smooth, defects, passed=passed)
+        fields[usable] = in_frame_of(solved[usable], reference=0)
     aligned = np.stack([apply_field(s, f) if z in usable else np.zeros(shape, np.uint8)
                         for z, (s, f) in enumerate(zip(sections, fields))])
     return aligned, fields
 
 
 def solve_fields(sections, pairs: list[tuple[int, int]], pair_fields: torch.Tensor, settings: SolveSettings,
-                 smooth: int, defects=None, around=None) -> torch.Tensor:
+                 smooth: int, defects=None, around=None, passed=()) -> torch.Tensor:
     """The solve of ``solve_pairs`` (its arguments, ``pairs`` not empty) before the frame is chosen: ``[Z, 2, H, W]``
-    (px), each section's field into the solve's own frame (zero for a section in no pair). Each pair weighs where
+    (px), each section's field into the solve's own frame (zero for a section in no pair; a section in ``passed``
+    takes the field of the nearest section before it in a pair, where there is one). Each pair weighs where
     its target (uint8 ``sections[t]``) shows tissue (no missing data: ``helpers.missing_data``; with ``smooth``, the
     share of such pixels its coarse part averages, ``solve.solve_stack``), and 0 on the defects of either section;
     ``tasks.solve_task`` runs it on a block of sections and an xy chunk, each with a margin (``around``:
     ``solve.solve_stack``'s)."""
     weights = (~missing_data(np.asarray(sections)))[[t for _, t in pairs]].float()  # each section's mask once
-    return solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull, robust=settings.robust or None,
-                       smooth=smooth, detail_pull=settings.detail_pull,
-                       defects=None if defects is None else torch.from_numpy(np.asarray(defects)), around=around)
+    fields = solve_stack(len(sections), pairs, pair_fields, weights, pull=settings.pull,
+                         robust=settings.robust or None, smooth=smooth, detail_pull=settings.detail_pull,
+                         defects=None if defects is None else torch.from_numpy(np.asarray(defects)), around=around)
+    paired = {z for pair in pairs for z in pair}
+    for z in sorted(passed):
+        before = [n for n in paired if n < z]
+        if before:
+            fields[z] = fields[max(before)]
+    return fields

@@ -94,8 +94,7 @@ class RigidMatch:
                     "rigid match)")
         return (f"warning: no whole-section match stands out (best Pearson r {float(self.score[i]):.2f}, "
                 f"{float(self.lead[i]):.2f} above other shifts, {MIN_LEAD} expected): a blank or damaged section, or "
-                "one of other tissue? evaluate.py names the neighbours that correlate least; align.py --solve "
-                "--neighbours 2 aligns the others past one such section")
+                "one of other tissue? evaluate.py names the neighbours that correlate least")
 
 
 def rigid_search(sources, targets, reach: int | None = None, angles=None, size: int = SEARCH_SIZE) -> RigidMatch:

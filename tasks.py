@@ -17,6 +17,8 @@ block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of
    writes each ``G_z`` (z > s_b, z != r_b) to ``DEST/block_field``; the network runs on overlapping xy
    chunks whose overlap is cropped (``alignment.pair_field``). A block whose last section is blank
    carries on to the next non-blank one, so the next block's reference is always aligned by a block.
+   Sections that match nowhere (noise, inverted contrast) are aligned past (``alignment.PASS_OVER``), and
+   marked so that a resumed block does the same; not the block's first, which the block is aligned onto.
 2. **Stitch tasks**, one per xy chunk, each a short sequential chain over the block boundaries:
    ``C_0 = 0``, ``C_b = compose(G^{b-1}_{r_b}, C_{b-1})`` where ``G^{b-1}_{r_b}`` is the field block b-1
    found for ``r_b`` (zero when ``r_b = r_{b-1}``, i.e. block b-1 had only blank sections), written to
@@ -37,7 +39,7 @@ rather than onto ``s_b`` resampled into the first frame, and with ``vote`` K the
 block vote over fewer than K targets. With one block (``block`` = the whole range) the result is the
 serial alignment: ``C_0 = 0`` and ``compose(G, 0)`` is skipped, so ``F = G`` exactly.
 
-``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as six phases of tasks instead (seven
+``align.py --solve`` runs the stack-wide solve of ``alignment.align_solved`` as seven phases of tasks instead (eight
 with defect maps and ``--pieces``), made of the functions it calls; the z range is cut into z blocks of ``block``
 sections (none shared, ``solve_blocks``):
 
@@ -50,10 +52,14 @@ sections (none shared, ``solve_blocks``):
    on each side.
 2. **Prealign tasks**, one per usable section s: the pre-alignment of s onto each of its targets
    (``alignment.pair_prealignment``, on the two thumbnails: a rigid match, or where defects cut the tissue apart
-   one per piece), found once for the whole section, in ``solve/prealign/S`` (and ``solve/pieces/S/T``). With
-   defect maps and ``--pieces``, a phase more: the sections placed by pieces on both sides
-   (``alignment.placed_by_pieces``, from those markers) are also paired with the usable section one neighbour
-   further on each side, both ways, and those pairs pre-aligned (the markers' last two targets).
+   one per piece), found once for the whole section, in ``solve/prealign/S`` (and ``solve/pieces/S/T``), with
+   whether it matches nowhere (``alignment.matching``). Then the pairs past the sections that match neither
+   nearest neighbour (``alignment.passed_over``, from those markers: noise, inverted contrast) are pre-aligned,
+   added to the markers (a phase of no tasks where there are none): from here on those sections are left out of
+   the pairs as blank ones are, and moved as the section before them. With defect maps and ``--pieces``, a phase
+   more: the sections placed by pieces on both sides (``alignment.placed_by_pieces``, from those markers) are
+   also paired with the usable section one neighbour further on each side, both ways, and those pairs
+   pre-aligned.
 3. **Pair tasks**, one per usable section s and xy chunk: the pair fields of s onto its targets
    (``alignment.pair_field``, unsmoothed; on the chunk grown by ``alignment.pair_context`` px, cropped) into
    ``DEST/pair_field`` at z = s, 2 channels per neighbour offset -K..-1, +1..+K (then -(K+1), K+1 with defect
@@ -85,14 +91,14 @@ re-weighting sees at full resolution only).
 Progress markers under ``DEST/progress/`` (tasks are idempotent: they write their output chunks and
 these markers, nothing else, so a task run twice does no harm):
 
-* ``block/S/Z``: section Z of the block that starts at S is aligned (``done`` or ``blank``); an
-  interrupted block task resumes after the last marked section;
+* ``block/S/Z``: section Z of the block that starts at S is aligned (``done``, ``blank``, or ``passed``: passed
+  over, not aligned to); an interrupted block task resumes after the last marked section;
 * ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
 * ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it);
 * the solve's: ``solve/scan/Z`` (JSON ``{"blank": ..., "mean": ..., "std": ...}``, with ``solve/thumbnail/Z``),
-  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...]}``, with ``solve/pieces/Z/T``),
-  ``solve/pair/Z/X_Y`` (JSON ``{"targets": [...]}``) and ``solve/block/FIRST/X_Y`` (JSON ``{"window": [w0, w1],
-  "blank": [...], "placed": [...]}``): a task whose marker holds its
+  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...], "unmatched": [...]}``, with
+  ``solve/pieces/Z/T``), ``solve/pair/Z/X_Y`` (JSON ``{"targets": [...]}``) and ``solve/block/FIRST/X_Y`` (JSON
+  ``{"window": [w0, w1], "blank": [...], "placed": [...], "passed": [...]}``): a task whose marker holds its
   arguments is skipped, so a run that extends the range redoes only what its new sections change.
 
 Running. ``run_in_process`` runs the phases' tasks one after another in this process, in order (a phase whose
@@ -138,9 +144,9 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, naming, pair_context, pair_prealignment, piece_factor, placed_by_pieces, rigid_field,
-                       section_stats, solve_fields, thumbnail, thumbnail_factor, tissue_moments, warn_all_defect,
-                       with_context)
+                       is_blank, matching, naming, pair_context, pair_prealignment, passed_over, piece_factor,
+                       placed_by_pieces, rigid_field, section_stats, solve_fields, thumbnail, thumbnail_factor,
+                       tissue_moments, warn_all_defect, warn_passed_over, with_context)
 from helpers import (UserError, check_device, compose, downsample_field, invert_field, missing_data, one_line,
                      upsample_field)
 from masks import check_defect_map
@@ -365,11 +371,14 @@ def block_task(job: dict, first: int) -> None:
     if marks.exists(f"block/{first}-{last}"):
         return
     names = list(marks.list(prefix=f"block/{first}/"))
-    found = {int(name.rsplit("/", 1)[1]): content == b"blank"
+    found = {int(name.rsplit("/", 1)[1]): content  # b"done", b"blank" or b"passed" (not aligned to)
              for name, content in zip(names, volume.get_many(marks, names, as_json=False))}
     start = next(z for z in itertools.count(first) if z not in found)
-    blank = {z: found[z] for z in range(first, start)}  # z -> blank, of the sections aligned or read so far
+    blank = {z: found[z] == b"blank" for z in range(first, start)}  # z -> blank, of the sections aligned or read
     reference = min((z for z in blank if not blank[z]), default=None)
+    passed = 0  # sections passed over since the last one aligned to (align_serial's)
+    for z in (z for z in blank if not blank[z]):
+        passed = passed + 1 if found[z] == b"passed" else 0
     source, fields = _layer(job.source, job.mip), _dest(job, "block_field")
 
     def defects(z: int):  # section z's defect map, or None without a defect layer
@@ -386,7 +395,7 @@ def block_task(job: dict, first: int) -> None:
         g = torch.zeros(2, *raw.shape) if z == reference else _read_field(fields, z, job.bbox)
         return raw, apply_field(raw, g), g, defects(z)
 
-    before = [aligned_before(z) for z in [z for z in blank if not blank[z]][-job.vote:]]
+    before = [aligned_before(z) for z in [z for z in blank if found[z] == b"done"][-job.vote:]]
 
     def sections():  # raw sections from ``start``; past ``last`` only while the one before is blank
         z = start
@@ -397,13 +406,14 @@ def block_task(job: dict, first: int) -> None:
             z += 1
 
     results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.pair,
-                           defects=map(checked_defects, itertools.count(start)) if job.defects else None, first=start)
-    for z, (_, g) in enumerate(results, start):
+                           defects=map(checked_defects, itertools.count(start)) if job.defects else None, first=start,
+                           passed=passed)
+    for z, (_, g, kept) in enumerate(results, start):
         if reference is None and not blank[z]:
             reference = z
         if z > first and z != reference:
             _write(fields, g.numpy().astype(np.float32), z, job.bbox)
-        marks.put(f"block/{first}/{z}", b"blank" if blank[z] else b"done")
+        marks.put(f"block/{first}/{z}", b"blank" if blank[z] else b"done" if kept else b"passed")
     marks.put_json(f"block/{first}-{last}", {"reference": reference, "blank": [z for z in blank if blank[z]]})
 
 
@@ -465,11 +475,22 @@ def pair_offsets(job: Job) -> list[int]:
     return [*range(-k, 0), *range(1, k + 1), *([-k - 1, k + 1] if job.defects and job.pair.pieces else [])]
 
 
-def _placed(job: Job, usable: list[int]) -> set[int]:
-    """``alignment.placed_by_pieces`` of the ``usable`` sections, from their prealign markers."""
+def _prealigned(job: Job, usable: list[int]) -> dict:
+    """``{(z, t): (rigid, unmatched)}``: every pair of the ``usable`` sections' prealign markers."""
     markers = volume.get_many(_progress(job), [f"solve/prealign/{z}" for z in usable])
-    return placed_by_pieces(usable, {(z, t): rigid for z, marker in zip(usable, markers)
-                                     for t, rigid in zip(marker["targets"], marker["rigid"]) if t is not None})
+    return {(z, t): (rigid, unmatched) for z, marker in zip(usable, markers)
+            for t, rigid, unmatched in zip(marker["targets"], marker["rigid"], marker["unmatched"])}
+
+
+def _placed(job: Job, usable: list[int]) -> set[int]:
+    """``alignment.placed_by_pieces`` of the ``usable`` sections (those passed over left out), from their prealign
+    markers."""
+    return placed_by_pieces(usable, {pair: rigid for pair, (rigid, _) in _prealigned(job, usable).items()})
+
+
+def _passed(job: Job, usable: list[int]) -> set[int]:
+    """``alignment.passed_over`` of the ``usable`` sections, from their prealign markers."""
+    return passed_over(usable, {pair for pair, (_, unmatched) in _prealigned(job, usable).items() if unmatched})
 
 
 def solve_margin(job: Job) -> int:
@@ -526,27 +547,31 @@ def _stats(scan: dict) -> tuple[float, float]:
 @queueable
 def prealign_task(job: dict, z: int, targets: list) -> None:
     """Solve phase 2: the pre-alignment (``alignment.pair_prealignment``, on the scan's thumbnails and stats) of
-    section z onto each of ``targets`` (as ``pair_task``'s), found once for the whole section, into the marker
-    ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [matrix [2, 3], "pieces" or None, ...]}``: float64
-    survives JSON; "pieces": the field on the pieces' grid is in ``solve/pieces/Z/T``, ``.npy``); skipped if it
-    holds these targets."""
+    section z onto each of ``targets`` (as ``pair_task``'s; None: no target) that the marker ``solve/prealign/Z``
+    does not hold yet, found once for the whole section, added to it (JSON ``{"targets": [...], "rigid": [matrix
+    [2, 3], "pieces" or None, ...], "unmatched": [...]}``: float64 survives JSON; "pieces": the field on the pieces'
+    grid is in ``solve/pieces/Z/T``, ``.npy``; "unmatched": whether the pair matches nowhere, ``alignment.matching``).
+    Later phases add the pairs past sections passed over and one neighbour further: the nearest pairs stay, so the
+    sections passed over (``alignment.passed_over``) and placed by pieces read the same from the markers."""
     job = Job(**job)
     marks, name = _progress(job), f"solve/prealign/{z}"
-    if (marks.get_json(name) or {}).get("targets") == targets:
+    marker = marks.get_json(name) or {"targets": [], "rigid": [], "unmatched": []}
+    todo = [t for t in targets if t is not None and t not in marker["targets"]]
+    if not todo:
         return
-    sections = [z, *(t for t in targets if t is not None)]
+    sections = [z, *todo]
     stats = dict(zip(sections, map(_stats, _scans(job, sections))))
     thumbs = {t: _get_array(marks, f"solve/thumbnail/{t}") for t in sections}
     factor = thumbnail_factor(_shape(job.bbox))
-    rigid = []
-    for t in targets:
-        with naming(z, t):
-            match = None if t is None else pair_prealignment(model_of(job), thumbs[z], thumbs[t],
-                                                             (stats[z], stats[t]), job.pair, factor)
-        if match is not None and match.shape != (2, 3):
+    for t in todo:
+        with naming(z, t), matching() as poor:
+            match = pair_prealignment(model_of(job), thumbs[z], thumbs[t], (stats[z], stats[t]), job.pair, factor)
+        if match.shape != (2, 3):
             _put_array(marks, f"solve/pieces/{z}/{t}", match)
-        rigid.append(None if match is None else match.tolist() if match.shape == (2, 3) else "pieces")
-    marks.put_json(name, {"targets": targets, "rigid": rigid})
+        marker["targets"].append(t)
+        marker["rigid"].append(match.tolist() if match.shape == (2, 3) else "pieces")
+        marker["unmatched"].append(any(poor))
+    marks.put_json(name, marker)
 
 
 @queueable
@@ -572,12 +597,13 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
     source, unsmoothed = _layer(job.source, job.mip), dataclasses.replace(job.pair, smooth=0)
     raw, defects = {t: _read(source, t, window)[0] for t in sections}, _defect_maps(job, sections, window)
     stats = dict(zip(sections, map(_stats, _scans(job, sections))))
-    rigid = marks.get_json(f"solve/prealign/{z}")["rigid"]
+    prealigned = marks.get_json(f"solve/prealign/{z}")
+    rigid = dict(zip(prealigned["targets"], prealigned["rigid"]))
     corner = window[0] - job.bbox[0], window[1] - job.bbox[1]
     fields = np.zeros((len(targets), 2, *_shape(box)), np.float32)
     for i, t in enumerate(targets):
         if t is not None:
-            match = _get_array(marks, f"solve/pieces/{z}/{t}") if rigid[i] == "pieces" else rigid[i]
+            match = _get_array(marks, f"solve/pieces/{z}/{t}") if rigid[t] == "pieces" else rigid[t]
             field = alignment.pair_field(model_of(job), raw[z], raw[t], unsmoothed,
                                          None if defects is None else (defects[z], defects[t]), (stats[z], stats[t]),
                                          rigid_field(match, corner, _shape(window), piece_factor(_shape(job.bbox))))
@@ -587,13 +613,14 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
 
 
 @queueable
-def solve_task(job: dict, first: int, window: list, blank: list, placed: list, x: int, y: int) -> None:
+def solve_task(job: dict, first: int, window: list, blank: list, placed: list, passed: list, x: int, y: int) -> None:
     """Solve phase 4: the fields of the z block starting at ``first`` over the xy chunk at corner ``(x, y)``, in the
     solve's own frame, into ``DEST/solved``; skipped if the marker ``solve/block/FIRST/X_Y`` holds this window.
 
     ``window``: ``[w0, w1)``, the block grown by ``solve_margin`` usable sections each side (to the range's ends
     where fewer are left); ``blank``: its blank sections; ``placed``: its sections paired one neighbour further
-    (``alignment.placed_by_pieces``). Its pairs (``solve.neighbour_pairs``) are solved jointly
+    (``alignment.placed_by_pieces``); ``passed``: those passed over (``alignment.passed_over``: in no pair, moved
+    as the section before them). Its pairs (``solve.neighbour_pairs``) are solved jointly
     as ``align_solved`` does (``alignment.solve_fields``) on the chunk grown by ``2 smooth + overlap`` px (the
     low-pass's reach and the reach of the warp by the fields; clipped to the bbox), from ``DEST/pair_field``, the
     raw sections (the weights) and the defect maps; the block's own sections are kept, cropped to the chunk.
@@ -610,7 +637,7 @@ def solve_task(job: dict, first: int, window: list, blank: list, placed: list, x
     """
     job = Job(**job)
     marks, name = _progress(job), f"solve/block/{first}/{x}_{y}"
-    record = {"window": window, "blank": blank, "placed": placed}
+    record = {"window": window, "blank": blank, "placed": placed, "passed": passed}
     if marks.get_json(name) == record:
         return
     box, last = job.chunk_box(x, y), dict(job.solve_blocks())[first]
@@ -624,14 +651,14 @@ def solve_task(job: dict, first: int, window: list, blank: list, placed: list, x
         tier = range(usable[start] if start > 0 else window[0],
                      usable[stop - 1] + 1 if stop < len(usable) else window[1])
         if tier == range(*window):
-            fields = _solve_tier(job, tier, blank, placed, _tier_inputs(job, tier, blank, grown, 1), 1)
+            fields = _solve_tier(job, tier, blank, placed, passed, _tier_inputs(job, tier, blank + passed, grown, 1), 1)
         else:  # what the sections beyond the tier change, at each round and at the end, from coarse solves
             factor, (h, w) = coarse_factor(job), _shape(grown)
-            changes = _changes(job, range(*window), tier, blank, placed, grown, factor)
+            changes = _changes(job, range(*window), tier, blank, placed, passed, grown, factor)
 
             def full(change):  # at full resolution, over ``grown``
                 return upsample_field(change, factor)[..., :h, :w]
-            fields = _solve_tier(job, tier, blank, placed, _tier_inputs(job, tier, blank, grown, 1), 1,
+            fields = _solve_tier(job, tier, blank, placed, passed, _tier_inputs(job, tier, blank + passed, grown, 1), 1,
                                  lambda round_, solution: solution + full(changes[round_])) + full(changes[-1])
         solved[[usable[i] - first for i in inner]] = _crop(fields[[usable[i] - tier[0] for i in inner]], box, grown)
     _write(_dest(job, "solved"), solved.numpy(), first, box)
@@ -676,13 +703,13 @@ def _tier_inputs(job: Job, sections: range, blank: list, grown: Box, factor: int
     return inputs
 
 
-def _changes(job: Job, window: range, tier: range, blank: list, placed: list, grown: Box,
+def _changes(job: Job, window: range, tier: range, blank: list, placed: list, passed: list, grown: Box,
              factor: int) -> list[torch.Tensor]:
     """What the sections of ``window`` beyond ``tier`` change on the tier's fields: ``[len(tier), 2, h, w]`` (px of
     ``1 / factor`` the resolution) at the fields each round of the solve is linearised at (``solve.solve_stack``'s
     rounds; zero at round 0), then at the end. The solve of the whole window less that of the tier, both at that
     resolution, the tier's linearised each round at the window's fields (so that both weigh the pairs alike)."""
-    inputs = _tier_inputs(job, window, blank, grown, factor)
+    inputs = _tier_inputs(job, window, blank + passed, grown, factor)
     cut = slice(tier.start - window.start, tier.stop - window.start)
     points, own = [], []  # per round: the window's fields over the tier, and the tier's own
 
@@ -694,31 +721,31 @@ def _changes(job: Job, window: range, tier: range, blank: list, placed: list, gr
         own.append(fields)
         return points[round_]
 
-    whole = _solve_tier(job, window, blank, placed, inputs, factor, window_round)
-    short = _solve_tier(job, tier, blank, placed, inputs, factor, tier_round)
+    whole = _solve_tier(job, window, blank, placed, passed, inputs, factor, window_round)
+    short = _solve_tier(job, tier, blank, placed, passed, inputs, factor, tier_round)
     return [point - at for point, at in zip(points, own)] + [whole[cut] - short]
 
 
-def _solve_tier(job: Job, sections: range, blank: list, placed: list, inputs: dict[int, tuple], factor: int,
-                around=None) -> torch.Tensor:
+def _solve_tier(job: Job, sections: range, blank: list, placed: list, passed: list, inputs: dict[int, tuple],
+                factor: int, around=None) -> torch.Tensor:
     """``[len(sections), 2, h, w]`` (px of the inputs' resolution): ``alignment.solve_fields`` of the consecutive
-    ``sections`` (those in ``blank`` left out; each usable one paired with its K nearest usable ones on each side,
-    those in ``placed`` with the one further too)
+    ``sections`` (those in ``blank`` left out, and those in ``passed`` moved as the section before them; each other
+    one paired with its K nearest such ones on each side, those in ``placed`` with the one further too)
     from their ``_tier_inputs`` at ``1 / factor`` the resolution, with the settings in px (``smooth``, ``robust``)
     scaled to it: split at ``round(smooth / factor)`` px, the robust scale ``robust / factor`` px, so that a pair's
     residual weighs it as at full resolution (a scale left in px of the sections kept pairs the full-resolution
     solve stops: fields ~1 px p99 from the whole solve's on the demo, against 0.06). ``around``:
     ``solve.solve_stack``'s."""
-    skip = {i for i, z in enumerate(sections) if z in blank}
+    skip = {i for i, z in enumerate(sections) if z in blank or z in passed}
     further = {i for i, z in enumerate(sections) if z in placed}
     pairs, slot = neighbour_pairs(len(sections), job.solve.neighbours, skip, further), pair_offsets(job)
-    place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among usable
+    place = {i: n for n, i in enumerate(i for i in range(len(sections)) if i not in skip)}  # position among paired
     fields = [inputs[sections[s]][0][slot.index(place[t] - place[s])] for s, t in pairs]
     tissue = torch.stack([inputs[z][1] for z in sections])
     defects = torch.stack([inputs[z][2] for z in sections]) if job.defects else None
     settings = dataclasses.replace(job.solve, robust=job.solve.robust / factor)
     return solve_fields(tissue, pairs, torch.stack(fields), settings, round(job.pair.smooth / factor), defects,
-                        around)
+                        around, [i for i, z in enumerate(sections) if z in passed])
 
 
 def invert_chunk(layer, z: int, box: Box, bbox: Box) -> torch.Tensor:
@@ -780,38 +807,52 @@ def solve_window(job: Job, usable: list[int], first: int, last: int) -> list[int
 
 
 def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
-    """The solve's six phases (seven where ``pair_offsets`` pairs further; module docstring) that align ``job`` and
+    """The solve's seven phases (eight where ``pair_offsets`` pairs further; module docstring) that align ``job`` and
     render ``sections``; each after the scan is made when it starts (from the markers of the phases before)."""
     payload, corners, offsets = asdict(job), job.chunk_corners(), pair_offsets(job)
     near = job.solve.neighbours
     further = len(offsets) > 2 * near  # sections placed by pieces may be paired one neighbour further
 
-    def targets(far=frozenset()):  # (z, its targets) of every usable section, when there is a pair; one
-        # neighbour further (the last two offsets, where there are) only for a pair with a section in ``far``
-        usable = usable_sections(job)
+    def targets(far=frozenset(), passed=frozenset()):  # (z, its targets) of every usable section not ``passed``
+        # over, when there is a pair; one neighbour further (the last two offsets, where there are) only for a pair
+        # with a section in ``far``
+        usable = [z for z in usable_sections(job) if z not in passed]
         return [(z, [usable[i + d] if 0 <= i + d < len(usable) and (abs(d) <= near or {z, usable[i + d]} & far)
                      else None for d in offsets]) for i, z in enumerate(usable)] if len(usable) > 1 else []
 
     @functools.cache
-    def placed() -> frozenset:  # the sections paired one neighbour further, read once the prealign phase is over
-        return frozenset(_placed(job, usable_sections(job)) if further else ())
+    def passed() -> frozenset:  # the sections passed over, read once the prealign phase is over
+        found = _passed(job, usable_sections(job))
+        for z in sorted(found):
+            warn_passed_over(z)
+        return frozenset(found)
+
+    @functools.cache
+    def placed() -> frozenset:  # the sections paired one neighbour further, read once the pairs past are prealigned
+        return frozenset(_placed(job, [z for z in usable_sections(job) if z not in passed()]) if further else ())
 
     def prealigns():
         return [functools.partial(prealign_task, payload, z, these) for z, these in targets()]
 
+    def prealigns_past():  # the pairs past the sections passed over: of the sections whose targets they change
+        before = dict(targets()) if passed() else {}
+        return [functools.partial(prealign_task, payload, z, these) for z, these in targets(passed=passed())
+                if these != before.get(z, these)]
+
     def prealigns_further():  # the placed sections' and their partners' pairs one neighbour further
-        return [functools.partial(prealign_task, payload, z, these) for z, these in targets(placed())
+        return [functools.partial(prealign_task, payload, z, these) for z, these in targets(placed(), passed())
                 if any(these[2 * near:])]
 
     def pairs():
-        return [functools.partial(pair_task, payload, z, these, x, y) for z, these in targets(placed())
+        return [functools.partial(pair_task, payload, z, these, x, y) for z, these in targets(placed(), passed())
                 for x, y in corners]
 
     def solves():
         usable = usable_sections(job)
         windows = [(first, solve_window(job, usable, first, last)) for first, last in job.solve_blocks()]
         return [functools.partial(solve_task, payload, first, window, [z for z in range(*window) if z not in usable],
-                                  sorted(z for z in placed() if window[0] <= z < window[1]), x, y)
+                                  *(sorted(z for z in kind() if window[0] <= z < window[1])
+                                    for kind in (placed, passed)), x, y)
                 for first, window in windows for x, y in corners]
 
     def frames():
@@ -824,14 +865,15 @@ def solve_phases(job: Job, sections: list[int]) -> list[Phase]:
                 for z in sections for x, y in corners]
 
     return [("scan", [functools.partial(scan_task, payload, z) for z in range(job.z_start, job.z_stop)]),
-            ("prealign", prealigns), *([("prealign further", prealigns_further)] if further else []),
+            ("prealign", prealigns), ("prealign past", prealigns_past),
+            *([("prealign further", prealigns_further)] if further else []),
             ("pairs", pairs), ("solve", solves), ("frame", frames), ("render", renders)]
 
 
 # ------------------------------------------------------------------------------------ the driver
 def phases(job: Job, sections: list[int]) -> list[Phase]:
     """The phases' tasks (each a call with no arguments) that align ``job`` and render ``sections``: the serial
-    tasks' three, or the solve's six (``solve_phases``)."""
+    tasks' three, or the solve's seven (``solve_phases``)."""
     if job.solve:
         return solve_phases(job, sections)
     payload, corners = asdict(job), job.chunk_corners()
@@ -848,9 +890,10 @@ def blank_sections(job: Job) -> list[int]:
 
 
 def run_in_process(all_phases: list[Phase]) -> None:
-    """Run every task here, phase after phase, in order."""
+    """Run every task here, phase after phase, in order (a phase of no tasks says nothing)."""
     for name, calls in all_phases:
-        for call in tqdm(calls() if callable(calls) else calls, desc=name, unit="task"):
+        made = calls() if callable(calls) else calls
+        for call in tqdm(made, desc=name, unit="task") if made else ():
             call()
 
 
@@ -903,8 +946,11 @@ def run_queued(queue: TaskQueue, all_phases: list[Phase], dest: str) -> None:
     failures.delete(list(failures.list()))
     settle = 0.0 if queue.path.protocol == "fq" else POLL_SECONDS  # how long an empty count must last
     for name, calls in all_phases:
-        queue.insert(calls() if callable(calls) else calls)
+        made = calls() if callable(calls) else calls
+        queue.insert(made)
         total = queue.enqueued  # this phase's tasks and any left by an interrupted run before
+        if not made and not total:  # a phase of no tasks says nothing
+            continue
         with tqdm(total=total, desc=f"{name} (queued)", unit="task") as bar:
             wait, empty_since = FIRST_POLL_SECONDS, None
             while True:

@@ -217,7 +217,7 @@ def network_fields(archive: str, variant: str, pair: PairSettings, solve: SolveS
         solve = dataclasses.replace(solve, neighbours=int(number or 1))
         return lambda raw: align_solved(model, raw, pair, solve, defects=defects)[1].numpy()
     vote = int(number or 1) if kind == "vote" else 1
-    return lambda raw: np.stack([f.numpy() for _, f in align_serial(model, raw, to_raw_neighbour=kind == "raw",
+    return lambda raw: np.stack([f.numpy() for _, f, _ in align_serial(model, raw, to_raw_neighbour=kind == "raw",
                                                                    vote=vote, settings=pair, defects=defects)])
 
 

@@ -88,8 +88,8 @@ def measure(job, limit_gb: float) -> dict:
     x0, y0, x1, y1 = job.bbox
     x, y = min(corners, key=lambda c: abs(2 * c[0] + job.xy_chunk - x0 - x1) + abs(2 * c[1] + job.xy_chunk - y0 - y1))
     window = tasks.solve_window(job, tasks.usable_sections(job), first, last)
-    args = [dataclasses.asdict(job), int(first), [int(v) for v in window], [], [], int(x), int(y)]  # none blank or
-    # placed by pieces (the stack has neither)
+    args = [dataclasses.asdict(job), int(first), [int(v) for v in window], [], [], [], int(x), int(y)]  # none blank,
+    # placed by pieces or passed over (the stack has none)
     tasks._progress(job).delete(f"solve/block/{first}/{x}_{y}")  # a task measured before (--scratch) would be skipped
     limit = int(limit_gb * 2 ** 30)
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, capture_output=True, text=True,

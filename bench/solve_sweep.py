@@ -147,7 +147,8 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     swept = {name: getattr(args, name)[0] for name in SWEPT}
     pair, _ = settings_from_args(args, **{**swept, "smooth": 0})  # the pair fields: low-passed by each setting's solve
     marks = DEFECT_MASKS[args.defects](stack)  # the defect maps the alignment is given, or None
-    pairs, field_of, placed = solved_pairs(model, raw, max(args.neighbours), pair, defects=marks)
+    pairs, field_of, placed, passed = solved_pairs(model, raw, max(args.neighbours), pair, defects=marks)
+    order = {z: i for i, z in enumerate(z for z in range(len(raw)) if z not in passed)}  # as the solve pairs them
     key = [file_sha256(args.archive), args.real, args.phantom, seed, args.reregister, list(args.fold_width),
            args.z_start, args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pair.pieces, pairs,
            args.defects]
@@ -177,9 +178,11 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     sources = [("", fields)] + ([(" on true pairs", true)] if args.true_pairs else [])
     for (n, smooth, pull, detail, robust), (which, given) in tqdm(list(itertools.product(settings, sources)),
                                                                   desc="settings"):
-        keep = [i for i, (s, t) in enumerate(pairs) if abs(s - t) <= n or abs(s - t) == n + 1 and {s, t} & placed]
+        keep = [i for i, (s, t) in enumerate(pairs)
+                if abs(order[s] - order[t]) <= n or abs(order[s] - order[t]) == n + 1 and {s, t} & placed]
         solve = SolveSettings(neighbours=n, pull=pull, robust=robust, detail_pull=detail)
-        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], given[keep], solve, smooth, defects=marks)
+        aligned, solved = solve_pairs(raw, [pairs[i] for i in keep], given[keep], solve, smooth, defects=marks,
+                                      passed=passed)
         name = f"solve{n} smooth {smooth}{f' detail {detail:g}' if smooth else ''} pull {pull:g} robust {robust:g}"
         rows[name + which] = evaluate.score(aligned, solved.numpy(), truth, stack["defects"])
     for row in rows.values():

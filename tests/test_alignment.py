@@ -1,6 +1,7 @@
 """alignment.py and align.py: chunking does not change the result, serial chaining, resume, refusals."""
 import argparse
 import dataclasses
+import io
 import json
 import warnings
 from urllib.parse import unquote
@@ -70,8 +71,8 @@ def test_serial_chaining(monkeypatch):
     shift = torch.tensor([1.0, -2.0]).view(2, 1, 1) * torch.ones(2, 16, 16)
     monkeypatch.setattr(alignment, "pair_field", lambda *a, **k: shift.clone())
     stack = sections(4, 16)
-    to_aligned = [f for _, f in alignment.align_serial(None, stack)]
-    to_raw = [f for _, f in alignment.align_serial(None, stack, to_raw_neighbour=True)]
+    to_aligned = [f for _, f, _ in alignment.align_serial(None, stack)]
+    to_raw = [f for _, f, _ in alignment.align_serial(None, stack, to_raw_neighbour=True)]
     assert to_aligned[0].abs().max() == 0 and torch.allclose(to_aligned[3], shift)
     for z in range(4):
         assert torch.allclose(to_raw[z][:, 6:-6, 6:-6], z * shift[:, 6:-6, 6:-6], atol=1e-4)
@@ -478,9 +479,9 @@ def test_vote_outvotes_one_bad_target(monkeypatch):
         return good + 20 if bad else good.clone()
 
     monkeypatch.setattr(alignment, "pair_field", pair)
-    voted = [f for _, f in alignment.align_serial(None, list(stack), vote=3, softness=0.5)]
+    voted = [f for _, f, _ in alignment.align_serial(None, list(stack), vote=3, softness=0.5)]
     assert torch.allclose(voted[3], good, atol=1e-3)
-    serial = [f for _, f in alignment.align_serial(None, [stack[1], stack[3]])]
+    serial = [f for _, f, _ in alignment.align_serial(None, [stack[1], stack[3]])]
     assert (serial[1] - good).abs().max() == 0  # the monkeypatch is only bad for the voted pair (1 -> 3)
 
 
@@ -737,15 +738,82 @@ def test_condensed_warnings_name_the_sections_they_are_about(capsys):
     assert capsys.readouterr().err.endswith("[20 sections all defect: 0 1 2 3 4 5 6 7 8 9 10 11 ...]\n")
 
 
+def noisy_stack(noise=(2,), count: int = 5) -> np.ndarray:
+    """uint8 ``[count, 96, 96]``: windows of one texture moved by up to 1 px, the sections ``noise`` replaced by
+    noise (they match nowhere)."""
+    stack = moved_windows([(z % 3 - 1, 2 * z % 3 - 1) for z in range(count)], size=96)
+    rng = np.random.default_rng(1)
+    for z in noise:
+        stack[z] = rng.integers(1, 256, stack[z].shape, dtype=np.uint8)
+    return stack
+
+
+def test_matching_notes_whether_each_prealigned_pair_matches_nowhere():
+    stack, model = noisy_stack(), alignment.for_inference(random_net())
+    for source, target, settings, expected in ((1, 0, PairSettings(), [False]), (2, 1, PairSettings(), [True]),
+                                               (3, 2, PairSettings(), [True]), (2, 1, PairSettings(prealign=0), [])):
+        with warnings.catch_warnings(), alignment.matching() as poor:
+            warnings.simplefilter("ignore", alignment.PoorMatchWarning)
+            alignment.pair_field(model, stack[source], stack[target], settings)
+        assert poor == expected
+
+
+def test_serial_alignment_passes_over_a_section_that_matches_nowhere(monkeypatch, capsys):
+    """A section of noise: it is moved as the section before it (that section's field), the next is pulled onto the
+    section before it, and one line names it; with ``--vote`` the vote outvotes it instead."""
+    stack, model, targets = noisy_stack(), alignment.for_inference(random_net()), []
+    pair_field = alignment.pair_field
+    monkeypatch.setattr(alignment, "pair_field", lambda m, source, target, *a: targets.append(target) or
+                        pair_field(m, source, target, *a))
+    with alignment.warnings_condensed():
+        out = list(alignment.align_serial(model, stack, first=10))
+    assert [kept for *_, kept in out] == [True, True, False, True, True]
+    assert torch.equal(out[2][1], out[1][1]) and np.array_equal(targets[2], out[1][0])  # 13 onto 11
+    assert capsys.readouterr().err.strip().endswith("[1 section passed over: 12]")
+    with alignment.warnings_condensed():
+        assert all(kept for *_, kept in alignment.align_serial(model, stack, vote=2))
+    assert "passed over" not in capsys.readouterr().err
+
+
+def test_serial_alignment_passes_over_at_most_pass_over_sections_in_a_row():
+    """Three sections of noise after the first: the first two are passed over, the third is aligned to (after two,
+    the tissue is taken to have changed); all three are moved as the first. The next two do not match the third,
+    and are passed over in turn; the one after them is aligned to, and the last is aligned onto it."""
+    stack, model = noisy_stack(noise=(1, 2, 3), count=8), alignment.for_inference(random_net())
+    with alignment.warnings_condensed(io.StringIO()):
+        out = list(alignment.align_serial(model, stack))
+    assert alignment.PASS_OVER == 2 and [kept for *_, kept in out] == [True, False, False, True, False, False, True,
+                                                                       True]
+    assert all(out[z][1].abs().max() == 0 for z in range(7)) and out[7][1].abs().max() > 0
+
+
+def test_the_solve_pairs_past_a_section_that_matches_neither_neighbour(capsys):
+    """A section of noise is left out of the pairs (its neighbours paired with each other) and moved as the section
+    before it; one at an end of the stack is not (its one neighbour cannot tell which of the two is foreign)."""
+    stack, model = noisy_stack(), alignment.for_inference(random_net())
+    with alignment.warnings_condensed(io.StringIO()):
+        pairs, _, _, passed = alignment.solved_pairs(model, stack, 1)
+    with alignment.warnings_condensed():
+        _, fields, _ = alignment.align_solved(model, stack)
+    assert passed == {2} and pairs == [(0, 1), (1, 0), (1, 3), (3, 1), (3, 4), (4, 3)]
+    assert torch.equal(fields[2], fields[1]) and fields[3].abs().max() > 0
+    assert capsys.readouterr().err.strip().endswith("[1 section passed over: 2]")
+    with alignment.warnings_condensed(io.StringIO()):
+        assert alignment.solved_pairs(model, noisy_stack(noise=(4,)), 1)[3] == set()
+
+
 def test_serial_and_solved_alignment_name_the_pair_onto_a_foreign_section_in_their_warning(capsys):
-    """A stack whose first section is of another phantom: each mode's poor-match line names the pair aligned onto
-    it (by z in serial mode, from ``first``; as source->target in the solve)."""
+    """A stack whose first section is of another phantom: each mode's poor-match line names the pairs aligned onto
+    it (by z in serial mode, from ``first``; as source->target in the solve). Serially, the sections after it are
+    passed over (moved as it: the reference), up to ``PASS_OVER``; the solve does not pass over an end section."""
     sections, _ = turned_phantom(200, (0.0, 0.0), 0.0)
     stack = np.stack([sections[3], sections[1], sections[1]])  # section 0 is foreign
     model = alignment.for_inference(Pyramid(size=3))
     with alignment.warnings_condensed():
         list(alignment.align_serial(model, stack, first=10))
-    assert capsys.readouterr().err.strip().endswith("[1 section pair matched poorly: 11]")
+    poor, passed = capsys.readouterr().err.strip().split("\n")
+    assert poor.endswith("[2 section pairs matched poorly: 11 12]")
+    assert passed.endswith("[2 sections passed over: 11 12]")
     with alignment.warnings_condensed():
         alignment.align_solved(model, stack, solve=SolveSettings(neighbours=1))
     assert capsys.readouterr().err.strip().endswith("[1 section pair matched poorly: 1->0]")

@@ -27,7 +27,7 @@ import helpers
 import solve
 from helpers import UserError, compose
 from models.archive import save_archive
-from test_alignment import random_net
+from test_alignment import noisy_stack, random_net
 
 SHIFTS = [(0, 0), (2, -1), (3, 1), (1, 4), (-2, 3), (0, 0), (4, -2), (5, 1), (3, 3), (-1, 2)]  # px (x, y) of z
 BLANK = [2, 4, 5, 6]  # --block 3 on 0..9: blocks 0-2, 2-4, 4-6, 6-8, 8-9; block 2-4 starts blank and carries on
@@ -128,6 +128,10 @@ def test_a_range_that_starts_blank_says_which_section_is_the_reference(shifted, 
     assert "section 3, the first with tissue, is the reference (its field is zero)" in out
     shifted("from0")
     assert "the reference" not in capsys.readouterr().out
+    shifted("blank", "--z_start", "4", "--z_stop", "7")  # a range of blank sections only
+    out = capsys.readouterr().out
+    assert "warning: no section of 4..6 holds tissue: all were written blank; is the range" in out
+    assert "wrote 3 sections" in out and "aligned 3 sections" not in out
 
 
 def read_dest(dest, z_start=0, z_stop=10, mip=0):
@@ -422,7 +426,7 @@ def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, m
               "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "64", "--task_chunk", "96"]
     align.main(common + ["--dest", str(tmp_path / "whole")])
     tiers = []
-    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[5]) or solve_tier(*a, **k))  # factor
+    monkeypatch.setattr(tasks, "_solve_tier", lambda *a, **k: tiers.append(a[6]) or solve_tier(*a, **k))  # factor
     align.main(common + ["--dest", str(tmp_path / "exact"), "--block", "3"])
     assert tiers == [1] * 4  # without --task_memory the blocks are solved with their whole margins
     align.main(common + ["--dest", str(tmp_path / "parts"), "--block", "3", "--task_memory", "0.001"])
@@ -534,8 +538,8 @@ def test_a_section_cut_apart_is_placed_piece_by_piece_in_chunks_as_in_process(tm
     for name, size in (("whole", "128"), ("parts", "64")):
         align.main(common + ["--dest", str(tmp_path / name), "--task_chunk", size])
         fields[name] = volume.read(volume.open_volume(str(tmp_path / name / "pair_field")), (0, 0, 0), (128, 128, 3))
-    rigid = align.progress_files(str(tmp_path / "parts")).get_json("solve/prealign/1")["rigid"]
-    assert rigid == ["pieces"] * 2 + [None] * 2  # no section two apart
+    marker = align.progress_files(str(tmp_path / "parts")).get_json("solve/prealign/1")
+    assert marker["targets"] == [0, 2] and marker["rigid"] == ["pieces"] * 2  # no section two apart
     onto_0, from_0 = fields["whole"][1, :2], fields["whole"][0, 2:]  # 1 -> 0, and 0 -> 1
     # each piece's shift beyond the ramp across the fold (widened where it would fold over: solve.low_pass), where
     # the source shows tissue there
@@ -561,8 +565,8 @@ def test_a_section_placed_by_pieces_is_paired_one_neighbour_further_queued_as_in
     align.main(common + ["--smooth", "8", "--dest", str(tmp_path / "d"), "--task_chunk", "128"])
     marks = align.progress_files(str(tmp_path / "d"))
     assert marks.get_json("solve/prealign/2")["targets"] == [1, 3, 0, 4]
-    assert marks.get_json("solve/prealign/0")["targets"] == [None, 1, None, 2]
-    assert marks.get_json("solve/prealign/1")["targets"] == [0, 2, None, None]
+    assert marks.get_json("solve/prealign/0")["targets"] == [1, 2]
+    assert marks.get_json("solve/prealign/1")["targets"] == [0, 2]
     pair_fields = volume.read(volume.open_volume(str(tmp_path / "d" / "pair_field")), (0, 0, 0), (128, 128, 5))
     assert pair_fields.shape[1] == 8 and np.abs(pair_fields[2, 6, 90:, :96] - 24).max() < 0.5  # 2 -> 4: its piece
     model = tasks.model_of(job(archive=common[1]))
@@ -570,6 +574,33 @@ def test_a_section_placed_by_pieces_is_paired_one_neighbour_further_queued_as_in
                                           SolveSettings(), defects=defects)
     read = volume.read(volume.open_volume(str(tmp_path / "d" / "field")), (0, 0, 0), (128, 128, 5))
     assert np.array_equal(read, fields.numpy())
+
+
+def test_a_section_that_matches_nowhere_is_passed_over_queued_as_in_process(tmp_path):
+    """A section of noise in the middle of five: the queued solve (one block, one chunk) pairs its neighbours past it
+    (a phase more, prealign markers that keep the nearest pairs) and equals ``align_solved`` bit for bit; a serial
+    run marks it passed over, and one resumed after it equals one run straight."""
+    stack = noisy_stack()
+    layer(tmp_path / "raw", stack[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--chunk", "32",
+              "--overlap", "8", "--prealign", "12"]
+    align.main(common + ["--z_stop", "5", "--solve", "--smooth", "8", "--dest", str(tmp_path / "solve")])
+    marks = align.progress_files(str(tmp_path / "solve"))
+    assert marks.get_json("solve/prealign/1") == {**marks.get_json("solve/prealign/1"), "targets": [0, 2, 3],
+                                                  "unmatched": [False, True, False]}
+    assert marks.get_json("solve/block/0/0_0")["passed"] == [2]
+    model = tasks.model_of(job(archive=str(archive)))
+    _, fields, _ = alignment.align_solved(model, stack, PairSettings(chunk=32, overlap=8, prealign=12, smooth=8))
+    read = volume.read(volume.open_volume(str(tmp_path / "solve" / "field")), (0, 0, 0), (96, 96, 5))
+    assert np.array_equal(read, fields.numpy()) and np.array_equal(read[2], read[1])
+    for dest, stops in (("straight", ["5"]), ("resumed", ["3", "4", "5"])):
+        for z_stop in stops:
+            align.main(common + ["--z_stop", z_stop, "--dest", str(tmp_path / dest)])
+    assert align.progress_files(str(tmp_path / "resumed")).get("block/0/2") == b"passed"
+    straight, resumed = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 5))
+                         for d in ("straight", "resumed"))
+    assert np.array_equal(straight, resumed) and np.array_equal(straight[2], straight[1])
 
 
 def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
