@@ -478,10 +478,13 @@ def main(argv=None) -> dict:
     reference = next((z for z in todo if z not in skipped), None)
     if not args.solve and todo[0] == args.z_start and reference not in (None, args.z_start):
         print(f"section {reference}, the first with tissue, is the reference (its field is zero)")
+    if reference is None:
+        print(f"warning: no section of {todo[0]}..{todo[-1]} holds tissue: all were written blank; is the range (or "
+              "--source, --bbox) right?")
     seconds = time.time() - start
     mpx = len(todo) * width * height / 1e6
-    print(f"aligned {len(todo)} sections of {width} x {height} px at mip {args.mip} into {args.dest} in "
-          f"{seconds:.1f} s ({mpx / seconds:.2f} Mpx/s)")
+    print(f"{'aligned' if reference is not None else 'wrote'} {len(todo)} sections of {width} x {height} px at mip "
+          f"{args.mip} into {args.dest} in {seconds:.1f} s ({mpx / seconds:.2f} Mpx/s)")
     CloudFiles(job.dest).put_json(NEUROGLANCER_STATE, state)
     print(*view, sep="\n")
     return {"sections": len(todo), "seconds": seconds, "mpx_per_s": mpx / seconds}
