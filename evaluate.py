@@ -188,17 +188,18 @@ def foldovers(field) -> float:
     return float(section_foldovers(field).mean())
 
 
-def where_to_look(aligned_pairs: np.ndarray, raw_pairs: np.ndarray | None, folds: np.ndarray, z_start: int,
+def where_to_look(aligned_pairs: np.ndarray, raw_pairs: np.ndarray | None, folds: np.ndarray, zs: list[int],
                   least: int = 3, fold_share: float = 1e-3) -> list[str]:
     """Lines that point at the sections to look at in an aligned stack, with no truth needed.
 
     aligned_pairs, raw_pairs: ``[Z-1]`` each neighbour pair's CPC (``pair_cpc``) aligned and raw (None: not read);
-    folds: ``[Z]`` each section's ``section_foldovers``; z_start: the first section's z. The ``least`` pairs that
+    folds: ``[Z]`` each section's ``section_foldovers``; zs: the sections' z (a gap between two: they were scored
+    as neighbours). The ``least`` pairs that
     correlate least aligned (their raw CPC beside); a warning for the pairs that correlate less aligned than raw (by
     over 0.01: alignment made them worse); the sections whose field folds over on more than ``fold_share`` of
     their pixels (a fold in the tissue folds the true field too).
     """
-    name = [f"{z}|{z + 1}" for z in range(z_start, z_start + len(aligned_pairs))]
+    name = [f"{a}|{b}" for a, b in zip(zs, zs[1:])]
     scored = [i for i in np.argsort(aligned_pairs, kind="stable") if not np.isnan(aligned_pairs[i])]
     lines = []
     if scored:
@@ -215,7 +216,7 @@ def where_to_look(aligned_pairs: np.ndarray, raw_pairs: np.ndarray | None, folds
     folded = [z for z in range(len(folds)) if folds[z] > fold_share]
     if folded:
         lines.append(f"sections whose field folds over on more than {fold_share:.1%} of their pixels: "
-                     + ", ".join(f"{z_start + z} ({folds[z]:.2%})" for z in folded)
+                     + ", ".join(f"{zs[z]} ({folds[z]:.2%})" for z in folded)
                      + " (a fold in the tissue folds the true field too)")
     return lines
 
@@ -432,18 +433,28 @@ def main(argv=None) -> dict:
               if path}
     if "truth" in inputs:
         _require_sections(inputs["truth"], corner, size, "--truth")
+    aligned = volume.read(aligned_vol, corner, size)[:, 0]
+    zs = [z for z, section in enumerate(aligned, args.z_start) if section.any()]  # blank: no tissue, or a gap
     if "raw" in inputs:
-        _require_sections(inputs["raw"], corner, size, "--raw", every_chunk=False)
+        _require_sections(inputs["raw"], corner, size, "--raw", "the aligned stack holds tissue there",
+                          every_chunk=False, blank=set(range(args.z_start, args.z_stop)) - set(zs))
+    kept = [z - args.z_start for z in zs]  # the sections scored, as neighbours in turn
+    if len(kept) < len(aligned):
+        print(f"blank sections (no tissue, or never written) left out: "
+              f"{spans(sorted(set(range(args.z_start, args.z_stop)) - set(zs)))}; the sections beside each gap are "
+              "scored as neighbours")
+    if len(kept) < 2:
+        raise UserError(f"--z_start {args.z_start} --z_stop {args.z_stop}: fewer than 2 sections hold tissue")
     rows, hist = {}, {}
     truth = defects = None
     if args.truth:
-        truth = in_frame_of(to_tensor(volume.read(inputs["truth"], corner, size)))
+        truth = in_frame_of(to_tensor(volume.read(inputs["truth"], corner, size)[kept]))
     if args.defects:  # chunks never written hold no defect
-        defects = masks.check_defect_map(volume.read(inputs["defects"], corner, size)[:, 0],
+        defects = masks.check_defect_map(volume.read(inputs["defects"], corner, size)[kept, 0],
                                          f"--defects {args.defects}")
     oracle_cpc = None
     if args.raw:
-        raw = volume.read(inputs["raw"], corner, size)[:, 0]
+        raw = volume.read(inputs["raw"], corner, size)[kept, 0]
         rows[RAW] = score(raw, torch.zeros(len(raw), 2, *raw.shape[1:]), truth, defects, args.near, args.cpc_window)
         hist["raw"] = cpc(raw, args.cpc_window)
         if truth is not None:
@@ -451,8 +462,7 @@ def main(argv=None) -> dict:
             rows["oracle (ground truth)"] = score(oracle, truth, truth, defects, args.near, args.cpc_window)
             hist["oracle"] = cpc(oracle, args.cpc_window)
             oracle_cpc = rows["oracle (ground truth)"]["cpc_mean"]
-    aligned = volume.read(aligned_vol, corner, size)[:, 0]
-    field = volume.read(field_vol, corner, size)
+    aligned, field = aligned[kept], volume.read(field_vol, corner, size)[kept]
     rows["aligned"] = score(aligned, field, truth, defects, args.near, args.cpc_window)
     hist["aligned"] = cpc(aligned, args.cpc_window)
     columns = (EPE_COLUMNS if truth is not None else []) + ["cpc_mean", "cpc_p5", "foldovers"]
@@ -461,7 +471,7 @@ def main(argv=None) -> dict:
     for line in warnings(rows, RAW, oracle_cpc) if args.raw else []:
         print(line)
     raw_pairs = pair_cpc(raw, args.cpc_window) if args.raw else None
-    for line in where_to_look(pair_cpc(aligned, args.cpc_window), raw_pairs, section_foldovers(field), args.z_start):
+    for line in where_to_look(pair_cpc(aligned, args.cpc_window), raw_pairs, section_foldovers(field), zs):
         print(line)
     if plots:
         print(f"wrote {plot_cpc(hist, plots / 'cpc.png')}")
@@ -487,12 +497,13 @@ def _matching(path: str, like, what: str, kind: str):
     raise UserError(f"the {what} volume {path} has no mip at resolution {resolution}")
 
 
-def _require_sections(vol, corner, size, what: str, why: str = "", every_chunk: bool = True) -> None:
+def _require_sections(vol, corner, size, what: str, why: str = "", every_chunk: bool = True, blank=()) -> None:
     """``UserError`` naming ``what``, the layer and the sections of the cutout (``volume.read``'s ``corner``, ``size``)
-    that were never written (``volume.missing_sections``); ``why``: a likely cause, for the message."""
+    that were never written (``volume.missing_sections``), but for those in ``blank`` (left out of the scores);
+    ``why``: a likely cause, for the message."""
     import volume
 
-    missing = volume.missing_sections(vol, corner, size, every_chunk)
+    missing = [z for z in volume.missing_sections(vol, corner, size, every_chunk) if z not in blank]
     if missing:
         first, last = corner[2], corner[2] + size[2] - 1
         runs = [(a, b) for a, b in _runs(z for z in range(first, last + 1) if z not in missing) if b > a]  # 2 or more

@@ -39,14 +39,14 @@ def test_pair_cpc_is_each_neighbour_pairs_mean_and_nan_where_no_square_counts():
 def test_where_to_look_names_the_least_correlated_pairs_those_worse_than_raw_and_the_folded_sections():
     aligned, raw = np.array([0.9, 0.2, np.nan, 0.5, 0.8]), np.array([0.3, 0.35, np.nan, 0.1, 0.795])
     folds = np.array([0, 0, 0.004, 0, 0.0005, 0])
-    lines = evaluate.where_to_look(aligned, raw, folds, z_start=10)
+    lines = evaluate.where_to_look(aligned, raw, folds, list(range(10, 16)))
     assert lines[0] == "neighbours that correlate least (CPC aligned, raw): 11|12 0.200 (0.350), 13|14 0.500 " \
                        "(0.100), 14|15 0.800 (0.795)"
     assert lines[1].startswith("warning: 1 neighbour pair(s) correlate less aligned than raw: 11|12 (0.200 vs 0.350)")
     assert lines[2].startswith("sections whose field folds over on more than 0.1% of their pixels: 12 (0.40%)")
     assert len(lines) == 3
-    assert evaluate.where_to_look(aligned, None, np.zeros(6), 0) == \
-        ["neighbours that correlate least (CPC aligned): 1|2 0.200, 3|4 0.500, 4|5 0.800"]
+    assert evaluate.where_to_look(aligned, None, np.zeros(6), [0, 1, 2, 3, 6, 7]) == \
+        ["neighbours that correlate least (CPC aligned): 1|2 0.200, 3|6 0.500, 6|7 0.800"]  # a gap: 4..5
 
 
 def test_summarize():
@@ -312,8 +312,9 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
                        (["--truth", raw_path], r"--truth .*/raw is not a field \(2 channels of float"),
                        (["--defects", truth_path], "--defects .*/truth is not a label layer"),
                        (["--truth", short_truth], "--truth .*/short_truth lacks sections 2 of 0..3"),
-                       (["--raw", empty_raw], r"--raw .*/empty_raw lacks sections 3 of 0..3: score the runs it "
-                                               r"holds one at a time \(0..2; e.g. --z_start 0 --z_stop 3\)$")):
+                       (["--raw", empty_raw], r"--raw .*/empty_raw lacks sections 3 of 0..3 \(the aligned stack "
+                                               r"holds tissue there\): score the runs it holds one at a time \(0..2; "
+                                               r"e.g. --z_start 0 --z_stop 3\)$")):
         with pytest.raises(evaluate.UserError, match=says) as err:
             evaluate.main(dest + argv)
         assert "\n" not in str(err.value)
@@ -321,6 +322,25 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
     write_layer(tmp_path / "swapped" / "field", truth, "field")
     with pytest.raises(evaluate.UserError, match="--aligned .*/swapped/image is not an image"):
         evaluate.main(["--aligned", str(tmp_path / "swapped"), "--z_start", "0", "--z_stop", "4"])
+
+
+def test_evaluate_scores_the_sections_beside_a_gap_as_neighbours(tmp_path, misaligned, capsys):
+    """A section the source never held (align.py writes it blank): left out, with a line that says so; the sections
+    beside it are scored as neighbours, with and without a raw volume that lacks it; as a stack made without it."""
+    raw, truth, _, _ = misaligned
+    aligned = raw.copy()
+    aligned[2] = 0
+    write_layer(tmp_path / "dest" / "image", aligned[:, None], "image")
+    write_layer(tmp_path / "dest" / "field", truth, "field")
+    gap = write_layer(tmp_path / "gap", raw[:, None], "image", [0, 1, 3])
+    dest = ["--aligned", str(tmp_path / "dest"), "--z_start", "0", "--z_stop", "4"]
+    rows = evaluate.main(dest + ["--raw", gap])
+    out = capsys.readouterr().out
+    assert "blank sections (no tissue, or never written) left out: 2; the sections beside each gap" in out
+    assert "1|3" in out and "2|3" not in out
+    kept = raw[[0, 1, 3]]
+    assert rows["aligned"]["cpc_mean"] == pytest.approx(evaluate.score(kept, truth[[0, 1, 3]])["cpc_mean"])
+    assert rows[evaluate.RAW]["cpc_mean"] == pytest.approx(evaluate.score(kept)["cpc_mean"])
 
 
 def test_evaluate_refuses_a_plots_folder_it_cannot_write_before_scoring(tmp_path, misaligned):
