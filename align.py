@@ -26,8 +26,9 @@ one, a fold's field comes from the tissue around it) and writes them in the alig
 frame to ``DEST/defects`` (nearest sampling), for segmentation to mask. Every run
 that aligns something appends an entry to the layers' provenance: the date, the
 code version, the arguments, the archive's lineage and the *run record*
-(``run_record``: the archive's sha256, the source, the mode and every setting that
-changes the result); a run that finds its range aligned writes nothing. Each
+(``run_record``: the archive's sha256, the source and the sha256 of a square of its
+first section, the mode and every setting that changes the result); a run that
+finds its range aligned writes nothing. Each
 finished section is marked in ``DEST/progress/``, so a re-run
 resumes where it stopped, but only a run whose record matches DEST's: otherwise
 it stops with one line naming the first difference, before writing anything
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -223,7 +225,7 @@ def run_record(args, job: tasks.Job) -> dict:
     when > 0, ``--pieces`` only with ``--defects``), then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or
     the serial tasks' ``--vote`` (when > 1), then ``--block`` and ``--task_chunk`` (the solve's too: its result
     depends a little on them), then ``--mips`` (when > 0), then ``--adapt`` (when > 0; ``main`` adds the adapted
-    network's ``adapted_sha256``); a non-finite float is a string.
+    network's ``adapted_sha256``, and the source's ``source_sample``); a non-finite float is a string.
     Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes (``--device``,
     ``--queue``, ``--max_failures``)."""
     settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox],
@@ -242,6 +244,18 @@ def run_record(args, job: tasks.Job) -> dict:
     mode = "solve" if job.solve else "raw_neighbour" if job.raw_neighbour else "vote" if job.vote > 1 else "serial"
     record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
     return {**record, **{key: _json_value(value) for key, value in settings.items()}}
+
+
+SAMPLE = 512  # px: source_sample reads a square of section --z_start this big (or the bbox, where smaller)
+
+
+def source_sample(job: tasks.Job) -> str:
+    """The sha256 (16 hex digits) of the source's section ``job.z_start`` over the ``SAMPLE`` px square at the
+    bbox's corner: a source rewritten at the same path (another export, another stitch) most likely reads
+    differently there, and a resumed run must not mix its sections with those aligned before."""
+    x0, y0, x1, y1 = job.bbox
+    size = (min(SAMPLE, x1 - x0), min(SAMPLE, y1 - y0), 1)
+    return hashlib.sha256(volume.read(tasks._layer(job.source, job.mip), (x0, y0, job.z_start), size)).hexdigest()[:16]
 
 
 def _json_value(value):
@@ -295,6 +309,12 @@ def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
         old, new = (record.get(key, UNRECORDED.get(key)) for record in (recorded, run))
         if old == new or key == "source" and old and new and volume.canonical(old) == volume.canonical(new):
             continue
+        if key == "source_sample":
+            if old is None:  # an older align.py's record: not sampled
+                continue
+            raise UserError(f"{dest} was aligned from a source whose section {run['z_start']} read differently "
+                            f"(sha256 {old}... of its first {SAMPLE} px square, not {new}...): it was rewritten "
+                            f"at the same path; {redo}")
         if key == "archive_sha256":
             difference = (f"archive sha256 {str(old)[:12]}... ({last['method'].get('archive')}), "
                           f"not {str(new)[:12]}... ({archive})")
@@ -432,7 +452,7 @@ def main(argv=None) -> dict:
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
     check_fits(settings_from_args(args)[0], model, args.archive)
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
-    run, runs = run_record(args, job), recorded_runs(job.dest)
+    run, runs = {**run_record(args, job), "source_sample": source_sample(job)}, recorded_runs(job.dest)
     adapted = Path(args.dest) / ADAPTED if args.adapt else None
     resume = runs is not None and not args.overwrite  # None: no layer, so any progress marker left is stale
     if resume and adapted is not None and adapted.is_file():  # the network the run being resumed adapted

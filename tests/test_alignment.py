@@ -195,6 +195,24 @@ def test_a_resume_takes_the_source_by_another_path_to_the_same_folder(setup):
         align.main(common + ["--source", f"file://{tmp}/other/image", "--z_stop", "5"])
 
 
+def test_a_resume_refuses_a_source_rewritten_at_the_same_path(setup):
+    """The run record holds the sha256 of a square of the first section: a source written anew at the same path
+    (another export) is refused in one line; the same content again resumes."""
+    tmp, paths, archive = setup
+    common = ["--archive", str(archive), "--dest", str(tmp / "d"), "--chunk", "32", "--overlap", "32", "--z_start",
+              "2", "--source", paths["image"]]
+    align.main(common + ["--z_stop", "4"])
+    vol = volume.open_volume(paths["image"])
+    section = volume.read(vol, (0, 0, 2), (64, 64, 1))
+    volume.write(vol, np.roll(section, 1, axis=-1), (0, 0, 2))
+    with pytest.raises(UserError, match=r"aligned from a source whose section 2 read differently \(sha256 \w{16}"
+                                        r"\.\.\. of its first 512 px square, not \w{16}\.\.\.\): it was rewritten "
+                                        "at the same path; use --overwrite"):
+        align.main(common + ["--z_stop", "5"])
+    volume.write(vol, section, (0, 0, 2))
+    assert align.main(common + ["--z_stop", "5"])["sections"] == 1
+
+
 def test_provenance_has_one_entry_per_run_that_aligns_with_the_archive_sha256_and_lineage(tmp_path, tiny_volume):
     parent = {"name": "parent", "date": "2024-01-02 03:04", "iterations": 50, "params": {"lr": 0.001},
               "final": {"total": 0.5}, "history": {"total": [0.9, 0.5]}, "resumes": []}
