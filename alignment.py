@@ -228,10 +228,11 @@ UNMATCHED: contextvars.ContextVar[list | None] = contextvars.ContextVar("UNMATCH
 
 @contextlib.contextmanager
 def matching() -> Iterator[list]:
-    """Within it, each pair pre-aligned (``_prealignment``) whose sections both show tissue but match nowhere (no
-    whole-section match stands out: a ``PoorMatchWarning``) appends True to the list it gives, each other pair False:
-    ``align_serial`` and ``solved_pairs`` read it to align past a section of noise, of inverted contrast or of other
-    tissue. A pair not pre-aligned (``prealign`` 0) appends nothing."""
+    """Within it, each pair pre-aligned (``pair_prealignment``) whose sections both show tissue but match nowhere
+    appends True to the list it gives, each other pair False: no whole-section match stands out (a
+    ``PoorMatchWarning``), and the network's field on the two thumbnails leaves them correlating by less than
+    ``MATCHED_R``. ``align_serial`` and ``solved_pairs`` read it to align past a section of noise, of inverted
+    contrast or of other tissue. A pair not pre-aligned (``prealign`` 0) appends nothing."""
     found: list = []
     token = UNMATCHED.set(found)
     try:
@@ -437,6 +438,10 @@ def prealignment(source: np.ndarray, target: np.ndarray, stats: tuple, reach: in
     return torch.cat([slope, (factor * origin - slope.sum(1) * (factor - 1) / 2)[:, None]], 1).numpy()
 
 
+MATCHED_R = 0.1  # a pair whose rigid match stands out nowhere matches nowhere unless the network's field on its
+# thumbnails leaves it correlating by this much Pearson r (noise, inverted contrast: <= 0.02 at 128-416 px, up to
+# ~0.05 on 96 px; the true neighbour pairs so flagged in misaligned SNEMI3D and ISBI draws: >= 0.27 at 256 and 416 px,
+# 0.012-0.335 at 128 px, 7 of 272 pairs under: bench/RESULTS.md)
 PIECE_REACH = 128  # px: how far pair_prealignment seeks each piece's own shift (a fold of 120 px of tissue jumps <= 96)
 PIECE_GAIN = 0.1  # and it keeps the pieces' placement where the network's field then matches by this much more
 # Pearson r (wide folds' cut pairs: +0.08 to +0.22; every pair of the benchmark's folds on the demo, phantom, SNEMI3D
@@ -452,8 +457,13 @@ def pair_prealignment(model: Pyramid, source: np.ndarray, target: np.ndarray, st
     placed matches the target better by ``PIECE_GAIN`` in Pearson r than on the matrix's, that field float32
     ``[2, h, w]`` (px) on the pieces' grid. Either goes to ``rigid_field``. Run on the thumbnails (the sections
     themselves below ``2 THUMBNAIL`` px), so a queued pair finds it once for the whole section
-    (``tasks.prealign_task``)."""
-    matrix = prealignment(source, target, stats, settings.prealign, factor)
+    (``tasks.prealign_task``). Within ``matching``, notes whether the pair matches nowhere."""
+    with matching() as poor:  # the rigid match's verdict, confirmed by the network's
+        matrix = prealignment(source, target, stats, settings.prealign, factor)
+    noted = UNMATCHED.get()
+    if noted is not None and poor:
+        noted.append(poor[0] and _placed_r(model, source, target, stats, settings, rigid_field(
+            _on_thumbnail(matrix, factor), (0, 0), source.shape[-2:])) < MATCHED_R)
     if not settings.pieces or not (source[2].any() or target[2].any()):
         return matrix
     grid = _grid(min(source.shape[-2:]))  # thumbnail px per pixel of the pieces' grid
@@ -539,7 +549,7 @@ def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tor
     keep exactly that shift. Where neither the shift (``DOUBT_R``) nor the wide
     match (``shifts.RigidMatch.poor``: none stands out, e.g. a foreign section)
     matches, or a section shows too little tissue, a ``PoorMatchWarning`` says
-    why in one line; ``matching`` notes the first kind.
+    why in one line; the first kind is ``matching``'s first test.
     """
     shift = _whole_shift(source, target, reach)
     if reach == 0:
@@ -640,8 +650,9 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     aligned to the raw section before it and the fields are chained with
     ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
     zero field and are not aligned to. Without ``vote``, a section that does not
-    match its target (``matching``: a ``PoorMatchWarning``, though both show
-    tissue) is moved as the section it was pulled onto and is not aligned to, up
+    match its target (``matching``: no rigid match stands out and the network's
+    field leaves them uncorrelated, though both show tissue) is moved as the
+    section it was pulled onto and is not aligned to, up
     to ``PASS_OVER`` in a row: the sections after a section of noise or of
     inverted contrast are aligned past it (the vote outvotes such a section:
     bench/RESULTS.md; the solve does the same, ``passed_over``). ``kept``: whether later
