@@ -18,7 +18,8 @@ source checkout named by ``$SOFIMA_PATH``), each at its best of a few settings
 first section; its fields are scored against the truth in that section's frame
 (``helpers.in_frame_of``). EPE is the primary figure: a CPC above the
 oracle's means the method warps tissue to look like its neighbour. ``--missing frame|holes`` makes part of each
-raw section missing data (0), as a lab's own volume has it (``with_missing_data``). ``--adapt MINUTES``
+raw section missing data (0), as a lab's own volume has it (``with_missing_data``); ``--bad Z:noise|inverted``
+replaces a section by one that matches nowhere (``with_bad_sections``). ``--adapt MINUTES``
 first adapts our network for that long to the misaligned raw stack alone (``adapt.py``,
 as ``align.py --adapt``); a row per value, 0 = as it is.
 """
@@ -99,6 +100,9 @@ def add_misalignment_flags(p: argparse.ArgumentParser) -> None:
                    help="make part of each raw section missing data (0): 'frame', a margin of 40-120 px on each "
                         "side, drawn per section (tissue imaged in a window that wanders); 'holes', 30 squares of "
                         "8-40 px (debris, saturated blobs); drawn with --seed")
+    p.add_argument("--bad", nargs="+", default=[], metavar="Z:KIND",
+                   help="replace raw section Z (counted from 0 in the stack) by noise ('noise': uniform grey levels) "
+                        "or by its own inverse ('inverted': 256 - grey level): a section that matches nowhere")
 
 
 def with_missing_data(raw: np.ndarray, kind: str, seed: int) -> np.ndarray:
@@ -120,10 +124,23 @@ def with_missing_data(raw: np.ndarray, kind: str, seed: int) -> np.ndarray:
     return out
 
 
+def with_bad_sections(raw: np.ndarray, bad: list[str], seed: int) -> np.ndarray:
+    """A copy of ``raw`` ``[Z, H, W]`` (uint8) with the sections ``bad`` names (``Z:KIND``, ``--bad``) replaced by
+    noise (uniform 1..255, drawn with ``seed``) or inverted (256 - grey level where not missing); none: ``raw``."""
+    if not bad:
+        return raw
+    out, draw = raw.copy(), np.random.default_rng(seed)
+    for z, kind in (spec.split(":") for spec in bad):  # checked by check_stack_args
+        section = out[int(z)]
+        section[:] = (draw.integers(1, 256, section.shape) if kind == "noise"
+                      else np.where(section > 0, 256 - section.astype(int), 0))
+    return out
+
+
 def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
     """The stack ``args`` ask for (``--real``, ``--phantom``, else the demo's test sections), draw ``seed``;
     ``--real`` and ``--phantom`` misaligned with ``add_misalignment_flags``' settings, and any of them with part of
-    each raw section missing data (``--missing``)."""
+    each raw section missing data (``--missing``) and sections that match nowhere (``--bad``)."""
     if args.real and args.phantom:
         raise UserError("choose --real or --phantom")
     misalignment = misalign.with_fold_width(args.fold_width)
@@ -135,12 +152,13 @@ def held_out_stack(args, seed: int) -> dict[str, np.ndarray]:
         raise UserError("--fold_width: the demo volume's folds are made; give --real or --phantom")
     else:
         stack = demo_stack(args.z_start, args.sections, args.size)  # the demo has one draw
-    return {**stack, "raw": with_missing_data(stack["raw"], args.missing, seed)}
+    return {**stack, "raw": with_bad_sections(with_missing_data(stack["raw"], args.missing, seed), args.bad, seed)}
 
 
 def stack_name(args, count: int) -> str:
     """E.g. ``demo sections 70..99`` or ``phantom static (seed 7), 30 sections, missing data: holes``."""
-    missing = "" if args.missing == "none" else f", missing data: {args.missing}"
+    missing = ("" if args.missing == "none" else f", missing data: {args.missing}") + \
+        (f", matching nowhere: {' '.join(args.bad)}" if args.bad else "")
     if args.phantom:
         return f"phantom {args.phantom} (seed {args.seed}), {count} sections{missing}"
     return f"{args.real or 'demo'} sections {args.z_start}..{args.z_start + count - 1}{missing}"
@@ -242,6 +260,10 @@ def check_stack_args(args) -> None:
         raise UserError(f"--sections {args.sections}: a stack to align needs at least 2")
     if args.size < 1:
         raise UserError(f"--size {args.size}: the sections' size in px must be at least 1")
+    for spec in args.bad:
+        z, _, kind = spec.partition(":")
+        if not z.isdigit() or int(z) >= args.sections or kind not in ("noise", "inverted"):
+            raise UserError(f"--bad {spec}: expected Z:noise or Z:inverted, 0 <= Z < --sections {args.sections}")
 
 
 def check_args(args) -> None:

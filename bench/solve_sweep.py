@@ -151,7 +151,7 @@ def sweep_draw(args, model, seed: int, settings: list[tuple]) -> dict[str, dict[
     order = {z: i for i, z in enumerate(z for z in range(len(raw)) if z not in passed)}  # as the solve pairs them
     key = [file_sha256(args.archive), args.real, args.phantom, seed, args.reregister, list(args.fold_width),
            args.z_start, args.sections, args.size, pair.prealign, pair.trunc, pair.refine, pair.pieces, pairs,
-           args.defects]
+           args.defects, args.missing, args.bad]
     cache = cache_path(args, seed)
     cached = read_cache(cache) if cache else None
     if cached and cached["key"] == key:

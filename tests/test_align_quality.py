@@ -59,6 +59,8 @@ def test_a_real_folder_that_is_not_there_is_a_usage_error(tmp_path, capsys):
     (["--chunk", "0"], "--chunk 0: must be >= 1"), (["--ours", "solve0"], "--ours solve0: expected"),
     (["--sections", "1"], "--sections 1: a stack to align needs at least 2"),
     (["--size", "0"], "--size 0: the sections' size in px must be at least 1"),
+    (["--bad", "30:noise"], "--bad 30:noise: expected Z:noise or Z:inverted, 0 <= Z < --sections 30"),
+    (["--bad", "3:blur"], "--bad 3:blur: expected"),
     (["--methods", "bogus"], "--methods bogus: not a classical aligner"),
     (["--settings", "affine", "bogus"], "--settings bogus: not a classical aligner or setting"),
     (["--out", "README.md"], "--out README.md: cannot write there")])
@@ -123,6 +125,15 @@ def test_missing_data_makes_a_margin_or_holes_of_each_raw_section_zero_drawn_by_
     assert all(0.01 < (section == 0).mean() < 0.5 for section in holes) and (raw == 100).all()
     assert np.array_equal(holes, align_quality.with_missing_data(raw, "holes", 0))
     assert not np.array_equal(holes, align_quality.with_missing_data(raw, "holes", 1))
+
+
+def test_bad_sections_are_noise_or_the_inverse_of_the_section_missing_data_kept():
+    raw = np.full((3, 64, 64), 100, np.uint8)
+    raw[:, :8] = 0
+    assert align_quality.with_bad_sections(raw, [], 0) is raw
+    out = align_quality.with_bad_sections(raw, ["0:noise", "2:inverted"], 0)
+    assert out[0].min() >= 1 and out[0].std() > 50 and np.array_equal(out[1], raw[1])
+    assert (out[2, :8] == 0).all() and (out[2, 8:] == 156).all() and (raw[2, 8:] == 100).all()
 
 
 def test_held_out_stacks_take_missing_data_in_both_benches(monkeypatch):
