@@ -479,7 +479,8 @@ def _prealigned(job: Job, usable: list[int]) -> dict:
     """``{(z, t): (rigid, unmatched)}``: every pair of the ``usable`` sections' prealign markers."""
     markers = volume.get_many(_progress(job), [f"solve/prealign/{z}" for z in usable])
     return {(z, t): (rigid, unmatched) for z, marker in zip(usable, markers)
-            for t, rigid, unmatched in zip(marker["targets"], marker["rigid"], marker["unmatched"])}
+            for t, rigid, unmatched in zip(marker["targets"], marker["rigid"],
+                                           marker.get("unmatched", [False] * len(marker["targets"])))}  # or older
 
 
 def _placed(job: Job, usable: list[int]) -> set[int]:
@@ -549,13 +550,14 @@ def prealign_task(job: dict, z: int, targets: list) -> None:
     """Solve phase 2: the pre-alignment (``alignment.pair_prealignment``, on the scan's thumbnails and stats) of
     section z onto each of ``targets`` (as ``pair_task``'s; None: no target) that the marker ``solve/prealign/Z``
     does not hold yet, found once for the whole section, added to it (JSON ``{"targets": [...], "rigid": [matrix
-    [2, 3], "pieces" or None, ...], "unmatched": [...]}``: float64 survives JSON; "pieces": the field on the pieces'
-    grid is in ``solve/pieces/Z/T``, ``.npy``; "unmatched": whether the pair matches nowhere, ``alignment.matching``).
+    [2, 3] or "pieces", ...], "unmatched": [...]}``: float64 survives JSON; "pieces": the field on the pieces' grid
+    is in ``solve/pieces/Z/T``, ``.npy``; "unmatched": whether the pair matches nowhere, ``alignment.matching``).
     Later phases add the pairs past sections passed over and one neighbour further: the nearest pairs stay, so the
     sections passed over (``alignment.passed_over``) and placed by pieces read the same from the markers."""
     job = Job(**job)
     marks, name = _progress(job), f"solve/prealign/{z}"
     marker = marks.get_json(name) or {"targets": [], "rigid": [], "unmatched": []}
+    marker.setdefault("unmatched", [False] * len(marker["targets"]))  # an older run's marker
     todo = [t for t in targets if t is not None and t not in marker["targets"]]
     if not todo:
         return
