@@ -255,7 +255,8 @@ def source_sample(job: tasks.Job) -> str:
     differently there, and a resumed run must not mix its sections with those aligned before."""
     x0, y0, x1, y1 = job.bbox
     size = (min(SAMPLE, x1 - x0), min(SAMPLE, y1 - y0), 1)
-    return hashlib.sha256(volume.read(tasks._layer(job.source, job.mip), (x0, y0, job.z_start), size)).hexdigest()[:16]
+    square = volume.read(volume.open_volume(job.source, job.mip), (x0, y0, job.z_start), size)
+    return hashlib.sha256(square).hexdigest()[:16]
 
 
 def _json_value(value):

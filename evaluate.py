@@ -9,6 +9,9 @@ prints a table. It scores only what was written: a section of the range missing
 from the aligned stack or ``--truth`` (a chunk never stored; from ``--raw``: all
 of its chunks), or a layer of the wrong kind (an image, a field, a label layer:
 told by channels and dtype), is refused in one line before anything is scored.
+Blank aligned sections (no tissue, or never written in the source) are left out,
+with a line that says so, and the sections beside each gap are scored as
+neighbours (``--raw`` may lack them).
 Below the table it names where to look (``where_to_look``): the neighbour pairs that
 correlate least, those that correlate less aligned than raw, and the sections whose field folds over.
 
@@ -194,10 +197,9 @@ def where_to_look(aligned_pairs: np.ndarray, raw_pairs: np.ndarray | None, folds
 
     aligned_pairs, raw_pairs: ``[Z-1]`` each neighbour pair's CPC (``pair_cpc``) aligned and raw (None: not read);
     folds: ``[Z]`` each section's ``section_foldovers``; zs: the sections' z (a gap between two: they were scored
-    as neighbours). The ``least`` pairs that
-    correlate least aligned (their raw CPC beside); a warning for the pairs that correlate less aligned than raw (by
-    over 0.01: alignment made them worse); the sections whose field folds over on more than ``fold_share`` of
-    their pixels (a fold in the tissue folds the true field too).
+    as neighbours). The ``least`` pairs that correlate least aligned (their raw CPC beside); a warning for the pairs
+    that correlate less aligned than raw (by over 0.01: alignment made them worse); the sections whose field folds
+    over on more than ``fold_share`` of their pixels (a fold in the tissue folds the true field too).
     """
     name = [f"{a}|{b}" for a, b in zip(zs, zs[1:])]
     scored = [i for i in np.argsort(aligned_pairs, kind="stable") if not np.isnan(aligned_pairs[i])]
