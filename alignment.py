@@ -229,10 +229,11 @@ UNMATCHED: contextvars.ContextVar[list | None] = contextvars.ContextVar("UNMATCH
 @contextlib.contextmanager
 def matching() -> Iterator[list]:
     """Within it, each pair pre-aligned (``pair_prealignment``) whose sections both show tissue but match nowhere
-    appends True to the list it gives, each other pair False: no whole-section match stands out (a
-    ``PoorMatchWarning``), and the network's field on the two thumbnails leaves them correlating by less than
-    ``MATCHED_R``. ``align_serial`` and ``solved_pairs`` read it to align past a section of noise, of inverted
-    contrast or of other tissue. A pair not pre-aligned (``prealign`` 0) appends nothing."""
+    appends True to the list it gives, each other pair False: its whole-pixel shift matches weakly (Pearson r under
+    ``DOUBT_R``, ``_prealignment``), and the network's field on the two thumbnails leaves them correlating by less
+    than ``MATCHED_R``. ``align_serial`` and ``solved_pairs`` read it to align past a section of noise or of other
+    tissue (a pair that matches with the source's contrast inverted is matched so: ``pair_prealignment``). A pair
+    not pre-aligned (``prealign`` 0) appends nothing."""
     found: list = []
     token = UNMATCHED.set(found)
     try:
@@ -257,6 +258,11 @@ class PoorMatchWarning(CondensedWarning):
     counted = "section pair{s} matched poorly"
 
 
+class InvertedWarning(CondensedWarning):
+    """A pair matches only with the source's contrast inverted (``pair_prealignment``)."""
+    counted = "section pair{s} matched inverted"
+
+
 class PassedOverWarning(CondensedWarning):
     """A section matches the sections beside it nowhere (``align_serial``, ``passed_over``): moved as the one before."""
     counted = "section{s} passed over"
@@ -264,7 +270,7 @@ class PassedOverWarning(CondensedWarning):
 
 def warn_passed_over(z: int) -> None:
     """The ``PassedOverWarning`` of section ``z``."""
-    warnings.warn(PassedOverWarning("warning: a section matches its neighbours nowhere (noise, inverted contrast, "
+    warnings.warn(PassedOverWarning("warning: a section matches its neighbours nowhere (noise, a damaged section, "
                                     "other tissue?): it is moved as the section before it, and the sections beside "
                                     f"it are aligned past it (serially, up to {PASS_OVER} in a row)", str(z)))
 
@@ -366,7 +372,8 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     if rigid is None:
         factor = thumbnail_factor((h, w))
         thumbnails = (thumbnail(s, factor, d) for s, d in zip((source, target), defects or (None, None)))
-        match = pair_prealignment(model, *thumbnails, stats, settings, factor)
+        match, inverted = pair_prealignment(model, *thumbnails, stats, settings, factor)
+        stats = inverted_stats(stats) if inverted else stats
         rigid = rigid_field(match, (0, 0), (h, w), piece_factor((h, w)))
     (src, missing), (tgt, _) = (normalise(to_tensor(s), given) for s, given in zip((source, target), stats))
     rigid = rigid.to(device)
@@ -418,7 +425,7 @@ def _normalised(thumb: np.ndarray, stats: tuple[float, float]) -> torch.Tensor:
     """float32 ``[h, w]``: a section normalised by its ``stats`` (``(mean, std)``, ``helpers.normalise``) and
     averaged down, from its ``thumbnail``; with factor 1 exactly the normalised section."""
     (mean, std), (values, tissue) = stats, thumb[:2].astype(np.float64)
-    return torch.from_numpy((values - mean * tissue) / max(std, 1e-6)).float()
+    return torch.from_numpy((values - mean * tissue) / math.copysign(max(abs(std), 1e-6), std)).float()
 
 
 def prealignment(source: np.ndarray, target: np.ndarray, stats: tuple, reach: int, factor: int) -> np.ndarray:
@@ -449,23 +456,35 @@ PIECE_GAIN = 0.1  # and it keeps the pieces' placement where the network's field
 
 
 def pair_prealignment(model: Pyramid, source: np.ndarray, target: np.ndarray, stats: tuple, settings: PairSettings,
-                      factor: int) -> np.ndarray:
+                      factor: int) -> tuple[np.ndarray, bool]:
     """How ``pair_field`` places a section before the network, from the two sections' ``thumbnail`` (by ``factor``)
-    and ``stats`` (``prealignment``'s): ``prealignment``'s matrix ``[2, 3]``, or where the defects cut the tissue of
-    either section into pieces whose shifts differ by over ``settings.pieces`` px (``pieces.piece_field``, up to
-    ``PIECE_REACH`` px, on the sections averaged by ``piece_factor``), and the network's field on the source so
-    placed matches the target better by ``PIECE_GAIN`` in Pearson r than on the matrix's, that field float32
-    ``[2, h, w]`` (px) on the pieces' grid. Either goes to ``rigid_field``. Run on the thumbnails (the sections
-    themselves below ``2 THUMBNAIL`` px), so a queued pair finds it once for the whole section
-    (``tasks.prealign_task``). Within ``matching``, notes whether the pair matches nowhere."""
-    with matching() as poor:  # the rigid match's verdict, confirmed by the network's
-        matrix = prealignment(source, target, stats, settings.prealign, factor)
+    and ``stats`` (``prealignment``'s): ``(match, inverted)``. ``match``: ``prealignment``'s matrix ``[2, 3]``, or
+    where the defects cut the tissue of either section into pieces whose shifts differ by over ``settings.pieces``
+    px (``pieces.piece_field``, up to ``PIECE_REACH`` px, on the sections averaged by ``piece_factor``), and the
+    network's field on the source so placed matches the target better by ``PIECE_GAIN`` in Pearson r than on the
+    matrix's, that field float32 ``[2, h, w]`` (px) on the pieces' grid. Either goes to ``rigid_field``. Run on the
+    thumbnails (the sections themselves below ``2 THUMBNAIL`` px), so a queued pair finds it once for the whole
+    section (``tasks.prealign_task``). Within ``matching``, notes whether the pair matches nowhere.
+
+    ``inverted``: the pair matches nowhere as it is but does with the source's contrast inverted (``inverted``
+    stats: a section of inverted contrast, or one beside it), and ``match`` is found so; ``pair_field`` then
+    normalises the source inverted, and an ``InvertedWarning`` names the pair."""
+    matrix, matched, said = _checked_prealignment(model, source, target, stats, settings, factor)
+    inverted = False
+    if matched is False:  # perhaps on the source's inverse
+        again, matched_inverted, _ = _checked_prealignment(model, source, target, inverted_stats(stats), settings,
+                                                           factor)
+        if matched_inverted:
+            matrix, matched, inverted, stats, said = again, True, True, inverted_stats(stats), []
+            warnings.warn(InvertedWarning("warning: a section's contrast is inverted against its neighbour's: the "
+                                          "pair is matched with the source inverted (the image is written as it is)"))
+    for found in said:
+        warnings.warn(found.message)
     noted = UNMATCHED.get()
-    if noted is not None and poor:
-        noted.append(poor[0] and _placed_r(model, source, target, stats, settings, rigid_field(
-            _on_thumbnail(matrix, factor), (0, 0), source.shape[-2:])) < MATCHED_R)
+    if noted is not None and matched is not None:
+        noted.append(not matched)
     if not settings.pieces or not (source[2].any() or target[2].any()):
-        return matrix
+        return matrix, inverted
     grid = _grid(min(source.shape[-2:]))  # thumbnail px per pixel of the pieces' grid
     cells = [F.avg_pool2d(torch.from_numpy(thumb).double()[:, None], grid)[:, 0] for thumb in (source, target)]
     values = [F.avg_pool2d(_normalised(thumb, given)[None, None], grid)[0, 0] for thumb, given in zip((source, target),
@@ -473,11 +492,33 @@ def pair_prealignment(model: Pyramid, source: np.ndarray, target: np.ndarray, st
     cut = piece_field(*values, *((tissue >= WHOLE) & (marks == 0) for _, tissue, marks in cells),
                       -(-PIECE_REACH // (factor * grid)), settings.pieces / (factor * grid))
     if cut is None:
-        return matrix
+        return matrix, inverted
     placements = (rigid_field(_on_thumbnail(matrix, factor), (0, 0), source.shape[-2:]),
                   rigid_field(cut * grid, (0, 0), source.shape[-2:], grid))
     plain, pieced = (_placed_r(model, source, target, stats, settings, placed) for placed in placements)
-    return (cut * factor * grid).numpy() if pieced >= plain + PIECE_GAIN else matrix
+    return ((cut * factor * grid).numpy() if pieced >= plain + PIECE_GAIN else matrix), inverted
+
+
+def _checked_prealignment(model: Pyramid, source: np.ndarray, target: np.ndarray, stats: tuple,
+                          settings: PairSettings, factor: int) -> tuple[np.ndarray, bool | None, list]:
+    """``prealignment``'s matrix of two ``thumbnail``s, whether the pair matches (None: not pre-aligned), and the
+    warnings it raised, held back: it matches nowhere where no rigid match stands out (``_prealignment``) and the
+    network's field on the thumbnails leaves them correlating under ``MATCHED_R``."""
+    with warnings.catch_warnings(record=True) as said, matching() as poor:
+        warnings.simplefilter("always")
+        matrix = prealignment(source, target, stats, settings.prealign, factor)
+    if not poor:
+        return matrix, None, said
+    unmatched = poor[0] and _placed_r(model, source, target, stats, settings, rigid_field(
+        _on_thumbnail(matrix, factor), (0, 0), source.shape[-2:])) < MATCHED_R
+    return matrix, not unmatched, said
+
+
+def inverted_stats(stats: tuple) -> tuple:
+    """A pair's ``((mean, std) of the source, of the target)`` with the source's contrast inverted: its std negated
+    (``helpers.normalise`` then gives its negative)."""
+    (mean, std), target = stats
+    return (mean, -std), target
 
 
 def _grid(side: int) -> int:
@@ -504,8 +545,11 @@ def _placed_r(model: Pyramid, source: np.ndarray, target: np.ndarray, stats: tup
               placed: torch.Tensor) -> float:
     """Pearson r of the ``thumbnail`` ``source`` pulled by ``pair_field``'s field (on the thumbnails, ``settings``
     unsmoothed, the source first moved by ``placed``, ``[1, 2, ...]`` thumbnail px) with ``target``, over the
-    target's tissue off its defects where the source pulled shows tissue off its own."""
+    target's tissue off its defects where the source pulled shows tissue off its own; NaN where the field is not
+    finite (a failing network: the check of the fields written says so, ``volume.write``)."""
     field = pair_field(model, source[0], target[0], dataclasses.replace(settings, smooth=0), None, stats, placed)
+    if not torch.isfinite(field).all():
+        return math.nan
     source_whole, target_whole = (torch.from_numpy((thumb[1] >= WHOLE) & (thumb[2] == 0)) for thumb in (source, target))
     pulled, seen = warp(torch.stack([_normalised(source, stats[0]), source_whole.float()])[None], field[None])[0]
     both = (seen >= WHOLE) & target_whole
@@ -549,7 +593,8 @@ def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tor
     keep exactly that shift. Where neither the shift (``DOUBT_R``) nor the wide
     match (``shifts.RigidMatch.poor``: none stands out, e.g. a foreign section)
     matches, or a section shows too little tissue, a ``PoorMatchWarning`` says
-    why in one line; the first kind is ``matching``'s first test.
+    why in one line. Under ``matching``, notes whether the shift matches under ``DOUBT_R`` though both sections
+    show tissue (its first test).
     """
     shift = _whole_shift(source, target, reach)
     if reach == 0:
@@ -558,15 +603,12 @@ def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tor
     r, motion = (float(x[0]) for x in match_motion(src, tgt, fixed))
     beyond = float(shift.abs().max()) >= _shift_reach(source.shape, reach) - 1  # the shift may lie further
     noted = UNMATCHED.get()
+    if noted is not None:  # matching's first test: the shift matches weakly though both show tissue
+        noted.append(r < DOUBT_R and _tissue(source, target) >= MIN_TISSUE)
     if not (beyond or r < DOUBT_R or motion > DOUBT_DEPARTURE or _tissue(source, target) < MIN_TISSUE):
-        if noted is not None:
-            noted.append(False)
         return shift
     match = rigid_search(src, tgt)
-    unmatched = bool(match.tissue[0] >= MIN_TISSUE and match.poor[0] and r < DOUBT_R)
-    if noted is not None:
-        noted.append(unmatched)
-    if unmatched or match.tissue[0] < MIN_TISSUE:
+    if match.tissue[0] < MIN_TISSUE or (match.poor[0] and r < DOUBT_R):
         warnings.warn(match.warning(0), PoorMatchWarning)
     wide = match.field(*source.shape).to(source.device)
     if match.poor[0] or match.edge[0] or not (beyond or float((wide - shift).norm(dim=1).median()) > WIDE_DEPARTURE):
@@ -630,8 +672,8 @@ def section_stats(moments: np.ndarray) -> tuple[float, float]:
     return float(mean), math.sqrt(max(squares / max(count, 1) - mean * mean, 0.0))
 
 
-PASS_OVER = 2  # align_serial aligns past at most this many sections in a row that match nowhere (noise, inverted
-# contrast, other tissue): after more, the tissue has changed, and the next section is aligned onto the last one
+PASS_OVER = 2  # align_serial aligns past at most this many sections in a row that match nowhere (noise, other
+# tissue): after more, the tissue has changed, and the next section is aligned onto the last one
 
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
@@ -650,12 +692,12 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     aligned to the raw section before it and the fields are chained with
     ``helpers.compose``. Blank sections (``is_blank``) come out blank with the
     zero field and are not aligned to. Without ``vote``, a section that does not
-    match its target (``matching``: no rigid match stands out and the network's
-    field leaves them uncorrelated, though both show tissue) is moved as the
-    section it was pulled onto and is not aligned to, up
-    to ``PASS_OVER`` in a row: the sections after a section of noise or of
-    inverted contrast are aligned past it (the vote outvotes such a section:
-    bench/RESULTS.md; the solve does the same, ``passed_over``). ``kept``: whether later
+    match its target (``matching``: its shift matches weakly and the network's
+    field leaves them uncorrelated, though both show tissue, and not with its
+    contrast inverted either: ``pair_prealignment``) is moved as the section it
+    was pulled onto and is not aligned to, up to ``PASS_OVER`` in a row: the
+    sections after a section of noise are aligned past it (the vote outvotes such
+    a section: bench/RESULTS.md; the solve does the same, ``passed_over``). ``kept``: whether later
     sections are aligned to it (False for those two kinds); ``passed``: how many
     sections right before the first were passed over so (when resuming).
     ``settings``: ``pair_field``'s.
@@ -744,7 +786,7 @@ def solved_pairs(model: Pyramid, sections, neighbours: int, pair: PairSettings =
     (``pair_prealignment``, on thumbnails made once per section, as the queued prealign tasks do), and
     ``field_of(s, t)`` is its ``pair_field`` ``[2, H, W]`` (px, not low-passed) from that pre-alignment;
     ``placed``: those sections. ``passed``: the usable sections that match neither nearest neighbour
-    (``passed_over``: noise, inverted contrast, other tissue), left out of the pairs as blank sections are (their
+    (``passed_over``: noise, other tissue), left out of the pairs as blank sections are (their
     neighbours paired past them) and moved as the section before them (``solve_pairs``).
     """
     count, shape = len(sections), sections.shape[-2:]
@@ -754,15 +796,15 @@ def solved_pairs(model: Pyramid, sections, neighbours: int, pair: PairSettings =
     unsmoothed, factor = dataclasses.replace(pair, smooth=0), thumbnail_factor(shape)
     stats = {z: section_stats(tissue_moments(sections[z])) for z in usable}
     thumbs = {z: thumbnail(sections[z], factor, None if defects is None else defects[z]) for z in usable}
-    matches, unmatched = {}, set()
+    matches, unmatched, inverted = {}, set(), set()
 
     def match(pairs):  # each pair's pre-alignment (pair_prealignment) not found yet, as the queued prealign tasks
         for s, t in (p for p in pairs if p not in matches):
             with naming(s, t), matching() as poor:
-                matches[s, t] = pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]), unsmoothed,
-                                                  factor)
-            if any(poor):
-                unmatched.add((s, t))
+                matches[s, t], flip = pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]),
+                                                        unsmoothed, factor)
+            unmatched.update({(s, t)} if any(poor) else ())
+            inverted.update({(s, t)} if flip else ())
     match(neighbour_pairs(count, neighbours, set(skipped)))
     passed = passed_over(usable, unmatched)
     for z in sorted(passed):
@@ -775,8 +817,10 @@ def solved_pairs(model: Pyramid, sections, neighbours: int, pair: PairSettings =
         match(pairs)
 
     def field_of(s: int, t: int) -> torch.Tensor:
+        given = (stats[s], stats[t])
         return pair_field(model, sections[s], sections[t], unsmoothed,
-                          None if defects is None else (defects[s], defects[t]), (stats[s], stats[t]),
+                          None if defects is None else (defects[s], defects[t]),
+                          inverted_stats(given) if (s, t) in inverted else given,
                           rigid_field(matches[s, t], (0, 0), shape, piece_factor(shape)))
     return pairs, field_of, further, passed
 
@@ -799,9 +843,9 @@ def placed_by_pieces(usable: list[int], matches: dict) -> set[int]:
 
 def passed_over(usable: list[int], unmatched: set) -> set[int]:
     """The sections of ``usable`` (ascending) ``on_both_sides`` of pairs that match nowhere (``unmatched``: the pairs
-    ``(s, t)`` whose pre-alignment ``matching`` noted): a section of noise, of inverted contrast or of other
-    tissue. The solve pairs their neighbours past them and moves each as the usable section before it
-    (``solve_pairs``), as ``align_serial`` does."""
+    ``(s, t)`` whose pre-alignment ``matching`` noted): a section of noise or of other tissue (one of inverted
+    contrast matches inverted: ``pair_prealignment``). The solve pairs their neighbours past them and moves each
+    as the usable section before it (``solve_pairs``), as ``align_serial`` does."""
     return on_both_sides(usable, unmatched)
 
 

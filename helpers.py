@@ -498,13 +498,15 @@ def normalise(images, stats: tuple[float, float] | None = None) -> tuple[torch.T
     gets zero mean and unit variance over its non-missing pixels; missing pixels
     are 0.0. A constant slice becomes all zeros (never NaN). ``stats``: the
     ``(mean, std)`` (grey levels) to use instead of each slice's own, e.g. a whole
-    section's for a part of it (``alignment.section_stats``). Returns
+    section's for a part of it (``alignment.section_stats``); a negative std
+    inverts the contrast (``alignment.inverted_stats``). Returns
     ``(float32 [..., H, W], missing bool [..., H, W])`` on the input's device.
     """
     x = to_tensor(images, dtype=torch.float64)
     missing = x == 0  # every zero, a dark speck's too (missing_data's tissue): the network sees the mean grey there
     mean, std = _tissue_stats(x) if stats is None else (torch.tensor(v, dtype=torch.float64) for v in stats)
-    out = ((x - mean) / std.clamp(min=1e-6)).masked_fill_(missing, 0.0)
+    scale = std.abs().clamp(min=1e-6) * torch.where(std < 0, -1.0, 1.0).to(std.dtype)  # a negative std: inverted
+    out = ((x - mean) / scale).masked_fill_(missing, 0.0)
     return out.float(), missing
 
 

@@ -17,7 +17,7 @@ block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of
    writes each ``G_z`` (z > s_b, z != r_b) to ``DEST/block_field``; the network runs on overlapping xy
    chunks whose overlap is cropped (``alignment.pair_field``). A block whose last section is blank
    carries on to the next non-blank one, so the next block's reference is always aligned by a block.
-   Sections that match nowhere (noise, inverted contrast) are aligned past (``alignment.PASS_OVER``), and
+   Sections that match nowhere (noise, other tissue) are aligned past (``alignment.PASS_OVER``), and
    marked so that a resumed block does the same; not the block's first, which the block is aligned onto.
 2. **Stitch tasks**, one per xy chunk, each a short sequential chain over the block boundaries:
    ``C_0 = 0``, ``C_b = compose(G^{b-1}_{r_b}, C_{b-1})`` where ``G^{b-1}_{r_b}`` is the field block b-1
@@ -54,7 +54,7 @@ sections (none shared, ``solve_blocks``):
    (``alignment.pair_prealignment``, on the two thumbnails: a rigid match, or where defects cut the tissue apart
    one per piece), found once for the whole section, in ``solve/prealign/S`` (and ``solve/pieces/S/T``), with
    whether it matches nowhere (``alignment.matching``). Then the pairs past the sections that match neither
-   nearest neighbour (``alignment.passed_over``, from those markers: noise, inverted contrast) are pre-aligned,
+   nearest neighbour (``alignment.passed_over``, from those markers: noise, other tissue) are pre-aligned,
    added to the markers (a phase of no tasks where there are none): from here on those sections are left out of
    the pairs as blank ones are, and moved as the section before them. With defect maps and ``--pieces``, a phase
    more: the sections placed by pieces on both sides (``alignment.placed_by_pieces``, from those markers) are
@@ -96,7 +96,7 @@ these markers, nothing else, so a task run twice does no harm):
 * ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
 * ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it);
 * the solve's: ``solve/scan/Z`` (JSON ``{"blank": ..., "mean": ..., "std": ...}``, with ``solve/thumbnail/Z``),
-  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...], "unmatched": [...]}``, with
+  ``solve/prealign/Z`` (JSON ``{"targets": [...], "rigid": [...], "unmatched": [...], "inverted": [...]}``, with
   ``solve/pieces/Z/T``), ``solve/pair/Z/X_Y`` (JSON ``{"targets": [...]}``) and ``solve/block/FIRST/X_Y`` (JSON
   ``{"window": [w0, w1], "blank": [...], "placed": [...], "passed": [...]}``): a task whose marker holds its
   arguments is skipped, so a run that extends the range redoes only what its new sections change.
@@ -144,9 +144,9 @@ from tqdm import tqdm
 import volume
 import alignment
 from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       is_blank, matching, naming, pair_context, pair_prealignment, passed_over, piece_factor,
-                       placed_by_pieces, rigid_field, section_stats, solve_fields, thumbnail, thumbnail_factor,
-                       tissue_moments, warn_all_defect, warn_passed_over, with_context)
+                       inverted_stats, is_blank, matching, naming, pair_context, pair_prealignment, passed_over,
+                       piece_factor, placed_by_pieces, rigid_field, section_stats, solve_fields, thumbnail,
+                       thumbnail_factor, tissue_moments, warn_all_defect, warn_passed_over, with_context)
 from helpers import (UserError, check_device, compose, downsample_field, invert_field, missing_data, one_line,
                      upsample_field)
 from masks import check_defect_map
@@ -550,14 +550,17 @@ def prealign_task(job: dict, z: int, targets: list) -> None:
     """Solve phase 2: the pre-alignment (``alignment.pair_prealignment``, on the scan's thumbnails and stats) of
     section z onto each of ``targets`` (as ``pair_task``'s; None: no target) that the marker ``solve/prealign/Z``
     does not hold yet, found once for the whole section, added to it (JSON ``{"targets": [...], "rigid": [matrix
-    [2, 3] or "pieces", ...], "unmatched": [...]}``: float64 survives JSON; "pieces": the field on the pieces' grid
-    is in ``solve/pieces/Z/T``, ``.npy``; "unmatched": whether the pair matches nowhere, ``alignment.matching``).
+    [2, 3] or "pieces", ...], "unmatched": [...], "inverted": [...]}``: float64 survives JSON; "pieces": the field
+    on the pieces' grid is in ``solve/pieces/Z/T``, ``.npy``; "unmatched": whether the pair matches nowhere,
+    ``alignment.matching``; "inverted": whether it matches with the source's contrast inverted, and ``pair_task``
+    inverts it so).
     Later phases add the pairs past sections passed over and one neighbour further: the nearest pairs stay, so the
     sections passed over (``alignment.passed_over``) and placed by pieces read the same from the markers."""
     job = Job(**job)
     marks, name = _progress(job), f"solve/prealign/{z}"
-    marker = marks.get_json(name) or {"targets": [], "rigid": [], "unmatched": []}
-    marker.setdefault("unmatched", [False] * len(marker["targets"]))  # an older run's marker
+    marker = marks.get_json(name) or {"targets": [], "rigid": [], "unmatched": [], "inverted": []}
+    for key in ("unmatched", "inverted"):  # an older run's marker has neither
+        marker.setdefault(key, [False] * len(marker["targets"]))
     todo = [t for t in targets if t is not None and t not in marker["targets"]]
     if not todo:
         return
@@ -567,12 +570,14 @@ def prealign_task(job: dict, z: int, targets: list) -> None:
     factor = thumbnail_factor(_shape(job.bbox))
     for t in todo:
         with naming(z, t), matching() as poor:
-            match = pair_prealignment(model_of(job), thumbs[z], thumbs[t], (stats[z], stats[t]), job.pair, factor)
+            match, inverted = pair_prealignment(model_of(job), thumbs[z], thumbs[t], (stats[z], stats[t]), job.pair,
+                                                factor)
         if match.shape != (2, 3):
             _put_array(marks, f"solve/pieces/{z}/{t}", match)
         marker["targets"].append(t)
         marker["rigid"].append(match.tolist() if match.shape == (2, 3) else "pieces")
         marker["unmatched"].append(any(poor))
+        marker["inverted"].append(inverted)
     marks.put_json(name, marker)
 
 
@@ -601,13 +606,16 @@ def pair_task(job: dict, z: int, targets: list, x: int, y: int) -> None:
     stats = dict(zip(sections, map(_stats, _scans(job, sections))))
     prealigned = marks.get_json(f"solve/prealign/{z}")
     rigid = dict(zip(prealigned["targets"], prealigned["rigid"]))
+    inverted = dict(zip(prealigned["targets"], prealigned.get("inverted", [])))  # an older run's marker: none
     corner = window[0] - job.bbox[0], window[1] - job.bbox[1]
     fields = np.zeros((len(targets), 2, *_shape(box)), np.float32)
     for i, t in enumerate(targets):
         if t is not None:
             match = _get_array(marks, f"solve/pieces/{z}/{t}") if rigid[t] == "pieces" else rigid[t]
+            given = (stats[z], stats[t])
             field = alignment.pair_field(model_of(job), raw[z], raw[t], unsmoothed,
-                                         None if defects is None else (defects[z], defects[t]), (stats[z], stats[t]),
+                                         None if defects is None else (defects[z], defects[t]),
+                                         inverted_stats(given) if inverted.get(t) else given,
                                          rigid_field(match, corner, _shape(window), piece_factor(_shape(job.bbox))))
             fields[i] = _crop(field, box, window).numpy()
     _write(_dest(job, "pair_field"), fields.reshape(-1, *_shape(box)), z, box)

@@ -652,8 +652,9 @@ def test_without_defects_the_pre_alignment_is_the_rigid_match(monkeypatch):
     marked = [alignment.thumbnail(s, 1, band) for s in sections[:2]]
     matrix = alignment.prealignment(*plain, stats, 32, 1)
     monkeypatch.setattr(alignment, "_placed_r", None)  # the network is not run
-    assert np.array_equal(alignment.pair_prealignment(None, *plain, stats, PairSettings(), 1), matrix)
-    assert np.array_equal(alignment.pair_prealignment(None, *marked, stats, PairSettings(pieces=0), 1), matrix)
+    assert np.array_equal(alignment.pair_prealignment(None, *plain, stats, PairSettings(), 1)[0], matrix)
+    assert np.array_equal(alignment.pair_prealignment(None, *marked, stats, PairSettings(pieces=0), 1)[0],
+                          matrix)
 
 
 def test_neighbours_within_the_shifts_reach_keep_exactly_todays_whole_pixel_shift(monkeypatch):
@@ -756,14 +757,37 @@ def test_condensed_warnings_name_the_sections_they_are_about(capsys):
     assert capsys.readouterr().err.endswith("[20 sections all defect: 0 1 2 3 4 5 6 7 8 9 10 11 ...]\n")
 
 
-def noisy_stack(noise=(2,), count: int = 5) -> np.ndarray:
+def noisy_stack(noise=(2,), count: int = 5, inverted=()) -> np.ndarray:
     """uint8 ``[count, 96, 96]``: windows of one texture moved by up to 1 px, the sections ``noise`` replaced by
-    noise (they match nowhere)."""
+    noise (they match nowhere) and those ``inverted`` by their inverse (256 - grey level)."""
     stack = moved_windows([(z % 3 - 1, 2 * z % 3 - 1) for z in range(count)], size=96)
     rng = np.random.default_rng(1)
     for z in noise:
         stack[z] = rng.integers(1, 256, stack[z].shape, dtype=np.uint8)
+    for z in inverted:
+        stack[z] = 256 - stack[z].astype(int)
     return stack
+
+
+def test_a_section_of_inverted_contrast_is_matched_on_its_inverse(capsys):
+    """Section 2 inverted: each pair with it matches only with the source inverted (``pair_prealignment``), and
+    is aligned so, serially and in the solve: nothing passed over, one line names the pairs."""
+    stack, model = noisy_stack(noise=(), inverted=(2,)), alignment.for_inference(random_net())
+    stats = [alignment.section_stats(alignment.tissue_moments(section)) for section in stack]
+    thumbnails = [alignment.thumbnail(section, 1) for section in stack]
+    for s, t, expected in ((1, 0, False), (2, 1, True), (1, 2, True), (3, 2, True), (4, 3, False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", alignment.InvertedWarning)
+            _, inverted = alignment.pair_prealignment(model, thumbnails[s], thumbnails[t], (stats[s], stats[t]),
+                                                      PairSettings(), 1)
+        assert inverted == expected
+    with alignment.warnings_condensed():
+        out = list(alignment.align_serial(model, stack, first=10))
+    assert all(kept for *_, kept in out) and not torch.equal(out[2][1], out[1][1])
+    assert capsys.readouterr().err.strip().endswith("[2 section pairs matched inverted: 12 13]")
+    with alignment.warnings_condensed(io.StringIO()):
+        pairs, _, _, passed = alignment.solved_pairs(model, stack, 1)
+    assert passed == set() and len(pairs) == 8
 
 
 def test_matching_notes_whether_each_prealigned_pair_matches_nowhere():

@@ -269,6 +269,13 @@ def test_normalise_zero_mean_unit_std_over_tissue_and_missing_flagged():
     assert torch.equal(out[2], torch.zeros(2, 2)) and missing[2].all()
 
 
+def test_normalise_by_a_negative_std_inverts_the_contrast_and_keeps_missing_data_zero():
+    images = np.array([[0, 1], [3, 0]], np.uint8)
+    out, missing = h.normalise(images, (2.0, -1.0))
+    assert torch.equal(out, torch.tensor([[0.0, 1.0], [-1.0, 0.0]])) and missing.sum() == 2
+    assert torch.equal(h.normalise(images, (2.0, -1e-9))[0], -h.normalise(images, (2.0, 1e-9))[0])
+
+
 def test_normalise_per_slice_on_a_tensor_batch():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)

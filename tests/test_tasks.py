@@ -2,6 +2,7 @@
 to the serial one, and a queued run (a worker and the driver killed on the way) equal to the in-process one; the
 solve's tasks: equal to align_solved with one block and one chunk, close to it with several, queued as in-process."""
 import functools
+import io
 import os
 import queue
 import signal
@@ -601,6 +602,24 @@ def test_a_section_that_matches_nowhere_is_passed_over_queued_as_in_process(tmp_
     straight, resumed = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 5))
                          for d in ("straight", "resumed"))
     assert np.array_equal(straight, resumed) and np.array_equal(straight[2], straight[1])
+
+
+def test_a_section_of_inverted_contrast_is_matched_inverted_queued_as_in_process(tmp_path):
+    """Section 2 inverted: the prealign markers say which pairs match with the source inverted, the pair tasks
+    invert it so, and the queued solve (one block, one chunk) equals ``align_solved`` bit for bit."""
+    stack = noisy_stack(noise=(), inverted=(2,))
+    layer(tmp_path / "raw", stack[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    align.main(["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "5",
+                "--chunk", "32", "--overlap", "8", "--prealign", "12", "--solve", "--smooth", "8", "--dest",
+                str(tmp_path / "d")])
+    marker = align.progress_files(str(tmp_path / "d")).get_json("solve/prealign/2")
+    assert marker["targets"] == [1, 3] and marker["inverted"] == [True, True] and marker["unmatched"] == [False] * 2
+    model = tasks.model_of(job(archive=str(archive)))
+    with alignment.warnings_condensed(io.StringIO()):
+        _, fields, _ = alignment.align_solved(model, stack, PairSettings(chunk=32, overlap=8, prealign=12, smooth=8))
+    read = volume.read(volume.open_volume(str(tmp_path / "d" / "field")), (0, 0, 0), (96, 96, 5))
+    assert np.array_equal(read, fields.numpy())
 
 
 def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_in_process(tmp_path, tiny_volume):
