@@ -466,9 +466,9 @@ def pair_prealignment(model: Pyramid, source: np.ndarray, target: np.ndarray, st
     thumbnails (the sections themselves below ``2 THUMBNAIL`` px), so a queued pair finds it once for the whole
     section (``tasks.prealign_task``). Within ``matching``, notes whether the pair matches nowhere.
 
-    ``inverted``: the pair matches nowhere as it is but does with the source's contrast inverted (``inverted``
-    stats: a section of inverted contrast, or one beside it), and ``match`` is found so; ``pair_field`` then
-    normalises the source inverted, and an ``InvertedWarning`` names the pair."""
+    ``inverted``: the pair matches nowhere as it is but does with the source's contrast inverted
+    (``inverted_stats``: a section of inverted contrast, or one beside it), and ``match`` is found so;
+    ``pair_field`` then normalises the source inverted, and an ``InvertedWarning`` names the pair."""
     matrix, matched, said = _checked_prealignment(model, source, target, stats, settings, factor)
     inverted = False
     if matched is False:  # perhaps on the source's inverse
