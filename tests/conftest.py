@@ -106,12 +106,16 @@ def python_sigint():
 @pytest.fixture
 def tiny_volume(tmp_path):
     """A 64 x 64 x 12 image volume with 2 mips, a defect layer and a field layer, as file:// paths: each section is
-    one random image shifted by up to 2 px, a fifth of its pixels drawn afresh.
+    one random texture (a little smooth: the whole-section match runs on 2 x 2 px means) shifted by up to 2 px, a
+    fifth of its pixels drawn afresh.
 
     Returns ``(paths, arrays)``; arrays are mip-0 ``[Z, C, Y, X]``.
     """
     rng = np.random.default_rng(0)
-    base, shifts = rng.integers(1, 256, size=(64, 64), dtype=np.uint8), rng.integers(-2, 3, size=(12, 2))
+    texture = rng.random((65, 65))
+    texture = (texture[:-1, :-1] + texture[1:, :-1] + texture[:-1, 1:] + texture[1:, 1:]) / 4  # a little smooth
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    base, shifts = (texture * 254 + 1).astype(np.uint8), rng.integers(-2, 3, size=(12, 2))
     image = np.stack([np.roll(base, tuple(shift), (0, 1)) for shift in shifts])[:, None]  # neighbours match
     changed = rng.random(image.shape) < 0.2  # but are not copies
     image[changed] = rng.integers(1, 256, size=int(changed.sum()), dtype=np.uint8)

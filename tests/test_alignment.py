@@ -541,7 +541,9 @@ def test_align_vote_and_solve_run_and_resume(setup):
     out = align.main(common + ["--dest", str(tmp / "solve"), "--z_start", "2", "--z_stop", "8", "--solve",
                                "--neighbours", "2"])
     image, field = aligned_arrays(tmp / "solve")
-    assert out["sections"] == 6 and np.abs(field[0]).max() < 1e-4 and np.abs(field[1:]).max() > 0
+    # section 2 is the reference: its field is zero, but within 2 px of the missing right quarter (x >= 48), where
+    # the solve's field is inverted inexactly
+    assert out["sections"] == 6 and np.abs(field[0, ..., :44]).max() < 1e-4 and np.abs(field[1:]).max() > 0
     with pytest.raises(align.UserError, match="choose one"):
         align.main(common + ["--dest", str(tmp / "x"), "--z_start", "2", "--z_stop", "8", "--solve", "--vote", "3"])
 
