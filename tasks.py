@@ -53,7 +53,8 @@ sections (none shared, ``solve_blocks``):
 2. **Prealign tasks**, one per usable section s: the pre-alignment of s onto each of its targets
    (``alignment.pair_prealignment``, on the two thumbnails: a rigid match, or where defects cut the tissue apart
    one per piece), found once for the whole section, in ``solve/prealign/S`` (and ``solve/pieces/S/T``), with
-   whether it matches nowhere (``alignment.matching``). Then the pairs past the sections that match neither
+   whether it matches nowhere (``alignment.matching``) or only with the source's contrast inverted (then the pair
+   tasks invert it too). Then the pairs past the sections that match neither
    nearest neighbour (``alignment.passed_over``, from those markers: noise, other tissue) are pre-aligned,
    added to the markers (a phase of no tasks where there are none): from here on those sections are left out of
    the pairs as blank ones are, and moved as the section before them. With defect maps and ``--pieces``, a phase
