@@ -428,24 +428,27 @@ def _normalised(thumb: np.ndarray, stats: tuple[float, float]) -> torch.Tensor:
     return torch.from_numpy((values - mean * tissue) / math.copysign(max(abs(std), 1e-6), std)).float()
 
 
-def prealignment(source: np.ndarray, target: np.ndarray, stats: tuple, reach: int, factor: int) -> np.ndarray:
-    """float64 ``[2, 3]`` ``M``: the rigid match (``_prealignment``, up to ``reach`` px) that pulls a section onto
-    another, found on their thumbnails ``source`` and ``target`` (``thumbnail``, by ``factor``), as the affine field
-    ``u(p) = M[:, :2] p + M[:, 2]`` (px) at the section's pixel ``p = (x, y)`` from its corner (``rigid_field``).
+def prealignment(source: np.ndarray, target: np.ndarray, stats: tuple, reach: int,
+                 factor: int) -> tuple[np.ndarray, bool | None]:
+    """``(M, weak)``: float64 ``[2, 3]`` ``M``, the rigid match (``_prealignment``, up to ``reach`` px) that pulls a
+    section onto another, found on their thumbnails ``source`` and ``target`` (``thumbnail``, by ``factor``), as the
+    affine field ``u(p) = M[:, :2] p + M[:, 2]`` (px) at the section's pixel ``p = (x, y)`` from its corner
+    (``rigid_field``); ``weak``: ``_prealignment``'s.
 
     stats: ``((mean, std) of source, of target)`` (``section_stats``): each thumbnail is the section normalised by
     them (``helpers.normalise``) and averaged down; with ``factor`` 1 exactly that normalised section.
     """
     sections = [_normalised(thumb, given) for thumb, given in zip((source, target), stats)]
-    field = _prealignment(*sections, -(-reach // factor))[0].double()
+    field, weak = _prealignment(*sections, -(-reach // factor))
+    field = field[0].double()
     h, w = field.shape[-2:]
     origin = field[:, 0, 0]  # the field is affine: its value at the corner and its slopes along x and y
     slope = torch.stack([(field[:, 0, -1] - origin) / max(w - 1, 1), (field[:, -1, 0] - origin) / max(h - 1, 1)], 1)
     # thumbnail pixel q averages section pixels factor q .. factor q + factor - 1: p = factor q + (factor - 1) / 2
-    return torch.cat([slope, (factor * origin - slope.sum(1) * (factor - 1) / 2)[:, None]], 1).numpy()
+    return torch.cat([slope, (factor * origin - slope.sum(1) * (factor - 1) / 2)[:, None]], 1).numpy(), weak
 
 
-MATCHED_R = 0.1  # a pair whose rigid match stands out nowhere matches nowhere unless the network's field on its
+MATCHED_R = 0.1  # a pair whose whole-pixel shift matches weakly matches nowhere unless the network's field on its
 # thumbnails leaves it correlating by this much Pearson r (noise, inverted contrast: <= 0.02 at 128-416 px, up to
 # ~0.05 on 96 px; the true neighbour pairs so flagged in misaligned SNEMI3D and ISBI draws: >= 0.27 at 256 and 416 px,
 # 0.012-0.335 at 128 px, 7 of 272 pairs under: bench/RESULTS.md)
@@ -502,14 +505,14 @@ def pair_prealignment(model: Pyramid, source: np.ndarray, target: np.ndarray, st
 def _checked_prealignment(model: Pyramid, source: np.ndarray, target: np.ndarray, stats: tuple,
                           settings: PairSettings, factor: int) -> tuple[np.ndarray, bool | None, list]:
     """``prealignment``'s matrix of two ``thumbnail``s, whether the pair matches (None: not pre-aligned), and the
-    warnings it raised, held back: it matches nowhere where no rigid match stands out (``_prealignment``) and the
-    network's field on the thumbnails leaves them correlating under ``MATCHED_R``."""
-    with warnings.catch_warnings(record=True) as said, matching() as poor:
+    warnings it raised, held back: it matches nowhere where its whole-pixel shift matches weakly (``_prealignment``)
+    and the network's field on the thumbnails leaves them correlating under ``MATCHED_R``."""
+    with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        matrix = prealignment(source, target, stats, settings.prealign, factor)
-    if not poor:
+        matrix, weak = prealignment(source, target, stats, settings.prealign, factor)
+    if weak is None:
         return matrix, None, said
-    unmatched = poor[0] and _placed_r(model, source, target, stats, settings, rigid_field(
+    unmatched = weak and _placed_r(model, source, target, stats, settings, rigid_field(
         _on_thumbnail(matrix, factor), (0, 0), source.shape[-2:])) < MATCHED_R
     return matrix, not unmatched, said
 
@@ -575,9 +578,10 @@ def rigid_field(match, corner: tuple[int, int], shape: tuple[int, int], factor: 
     return (matrix[:, :1, None] * x + matrix[:, 1:2, None] * y + matrix[:, 2:, None]).float()[None]
 
 
-def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
-    """The rigid field that pulls normalised ``[H, W]`` source onto target (px): the shift ``[1, 2, 1, 1]``, or
-    the wide match ``[1, 2, H, W]``.
+def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tuple[torch.Tensor, bool | None]:
+    """``(field, weak)``: the rigid field that pulls normalised ``[H, W]`` source onto target (px), the shift
+    ``[1, 2, 1, 1]`` or the wide match ``[1, 2, H, W]``; ``weak``: whether the shift matches under ``DOUBT_R``
+    though both sections show tissue (``matching``'s first test; None with ``reach`` 0).
 
     The whole-pixel shift of ``_whole_shift`` (up to ``reach`` px). Only where
     it is in doubt (it lies at the edge of its reach, matches under ``DOUBT_R``
@@ -593,27 +597,24 @@ def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tor
     keep exactly that shift. Where neither the shift (``DOUBT_R``) nor the wide
     match (``shifts.RigidMatch.poor``: none stands out, e.g. a foreign section)
     matches, or a section shows too little tissue, a ``PoorMatchWarning`` says
-    why in one line. Under ``matching``, notes whether the shift matches under ``DOUBT_R`` though both sections
-    show tissue (its first test).
+    why in one line.
     """
     shift = _whole_shift(source, target, reach)
     if reach == 0:
-        return shift
+        return shift, None
     src, tgt, fixed = source[None].cpu(), target[None].cpu(), shift.expand(1, 2, *source.shape).cpu()
     r, motion = (float(x[0]) for x in match_motion(src, tgt, fixed))
     beyond = float(shift.abs().max()) >= _shift_reach(source.shape, reach) - 1  # the shift may lie further
-    noted = UNMATCHED.get()
-    if noted is not None:  # matching's first test: the shift matches weakly though both show tissue
-        noted.append(r < DOUBT_R and _tissue(source, target) >= MIN_TISSUE)
+    weak = r < DOUBT_R and _tissue(source, target) >= MIN_TISSUE
     if not (beyond or r < DOUBT_R or motion > DOUBT_DEPARTURE or _tissue(source, target) < MIN_TISSUE):
-        return shift
+        return shift, weak
     match = rigid_search(src, tgt)
     if match.tissue[0] < MIN_TISSUE or (match.poor[0] and r < DOUBT_R):
         warnings.warn(match.warning(0), PoorMatchWarning)
     wide = match.field(*source.shape).to(source.device)
     if match.poor[0] or match.edge[0] or not (beyond or float((wide - shift).norm(dim=1).median()) > WIDE_DEPARTURE):
-        return shift
-    return wide if float(match_r(src, tgt, wide.cpu())[0]) > r + WIDE_MARGIN else shift
+        return shift, weak
+    return (wide if float(match_r(src, tgt, wide.cpu())[0]) > r + WIDE_MARGIN else shift), weak
 
 
 def _whole_shift(source: torch.Tensor, target: torch.Tensor, reach: int) -> torch.Tensor:
@@ -803,8 +804,10 @@ def solved_pairs(model: Pyramid, sections, neighbours: int, pair: PairSettings =
             with naming(s, t), matching() as poor:
                 matches[s, t], flip = pair_prealignment(model, thumbs[s], thumbs[t], (stats[s], stats[t]),
                                                         unsmoothed, factor)
-            unmatched.update({(s, t)} if any(poor) else ())
-            inverted.update({(s, t)} if flip else ())
+            if any(poor):
+                unmatched.add((s, t))
+            if flip:
+                inverted.add((s, t))
     match(neighbour_pairs(count, neighbours, set(skipped)))
     passed = passed_over(usable, unmatched)
     for z in sorted(passed):

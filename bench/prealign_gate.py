@@ -58,7 +58,7 @@ def gate_counts(raw: np.ndarray, reach: int) -> dict[str, float]:
                 start = time.process_time()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", alignment.PoorMatchWarning)
-                    field = alignment._prealignment(source, target, reach)
+                    field, _ = alignment._prealignment(source, target, reach)
                 counts["seconds"] += time.process_time() - start
                 counts["pairs"] += 1
                 counts["taken"] += field.shape[-1] > 1

@@ -611,7 +611,7 @@ def test_the_pre_alignment_found_on_thumbnails_holds_on_every_part_of_the_sectio
     true = helpers.affine_field(helpers.rigid_matrix(torch.tensor([angle]), *torch.tensor(shift)), 256, 256)[0]
     stats = tuple(alignment.section_stats(alignment.tissue_moments(s)) for s in sections[:2])
     thumbnails = [alignment.thumbnail(s, 2) for s in sections[:2]]
-    matrix = alignment.prealignment(*thumbnails, stats, 32, 2)
+    matrix, _ = alignment.prealignment(*thumbnails, stats, 32, 2)
     field = alignment.rigid_field(matrix, (0, 0), (256, 256))[0]
     assert float((field - true)[:, 32:-32, 32:-32].norm(dim=0).max()) < 1.5
     assert torch.equal(prealigned(monkeypatch, sections[0], sections[1]), field)  # pair_field's own, by 2 here
@@ -652,7 +652,7 @@ def test_without_defects_the_pre_alignment_is_the_rigid_match(monkeypatch):
     plain = [alignment.thumbnail(s, 1) for s in sections[:2]]
     band = np.pad(np.ones((256, 8), np.uint8), ((0, 0), (124, 124)))  # a crack down the middle
     marked = [alignment.thumbnail(s, 1, band) for s in sections[:2]]
-    matrix = alignment.prealignment(*plain, stats, 32, 1)
+    matrix, _ = alignment.prealignment(*plain, stats, 32, 1)
     monkeypatch.setattr(alignment, "_placed_r", None)  # the network is not run
     assert np.array_equal(alignment.pair_prealignment(None, *plain, stats, PairSettings(), 1)[0], matrix)
     assert np.array_equal(alignment.pair_prealignment(None, *marked, stats, PairSettings(pieces=0), 1)[0],
