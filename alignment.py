@@ -370,9 +370,7 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     height, width = on_grid(h, model), on_grid(w, model)
     stats = stats or tuple(section_stats(tissue_moments(s)) for s in (source, target))
     if rigid is None:
-        factor = thumbnail_factor((h, w))
-        thumbnails = (thumbnail(s, factor, d) for s, d in zip((source, target), defects or (None, None)))
-        match, inverted = pair_prealignment(model, *thumbnails, stats, settings, factor)
+        match, inverted = sections_prealignment(model, source, target, stats, settings, defects)
         stats = inverted_stats(stats) if inverted else stats
         rigid = rigid_field(match, (0, 0), (h, w), piece_factor((h, w)))
     (src, missing), (tgt, _) = (normalise(to_tensor(s), given) for s, given in zip((source, target), stats))
@@ -396,6 +394,26 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     if both is not None:
         untrusted = both > 0 if untrusted is None else (both > 0) | untrusted
     return low_pass(field, settings.smooth, own, untrusted)
+
+
+def sections_prealignment(model: Pyramid, source, target, stats: tuple, settings: PairSettings,
+                          defects: tuple | None = None) -> tuple[np.ndarray, bool]:
+    """``pair_prealignment`` of two whole uint8 ``[H, W]`` sections, on their ``thumbnail`` (by ``thumbnail_factor``)
+    with their defect maps ``defects`` (``(of source, of target)``, either may be None, or None)."""
+    factor = thumbnail_factor(source.shape[-2:])
+    thumbnails = (thumbnail(s, factor, d) for s, d in zip((source, target), defects or (None, None)))
+    return pair_prealignment(model, *thumbnails, stats, settings, factor)
+
+
+def matches_nowhere(model: Pyramid, source, target, settings: PairSettings = PairSettings(),
+                    defects: tuple | None = None) -> bool:
+    """Whether ``pair_field`` finds that section ``source`` matches section ``target`` nowhere (``matching``: noise,
+    other tissue), its warnings unsaid; ``defects`` as ``pair_field``'s."""
+    stats = tuple(section_stats(tissue_moments(s)) for s in (source, target))
+    with warnings.catch_warnings(), matching() as poor:
+        warnings.simplefilter("ignore")
+        sections_prealignment(model, source, target, stats, with_context(settings, model), defects)
+    return any(poor)
 
 
 def aligned_defects(defects, field: torch.Tensor) -> np.ndarray:

@@ -7,7 +7,8 @@ The z range ``[z_start, z_stop)`` is cut into blocks of ``block`` sections that 
 section: block b holds sections ``s_b..e_b``, with ``s_0 = z_start`` and ``s_{b+1} = e_b``.
 
 Frames. A field pulls a raw section into a frame (``helpers``: ``warp(raw_z, field)`` lies in it). The
-*reference* ``r_b`` of block b is its first non-blank section (usually ``s_b``); ``r_0`` is the fixed
+*reference* ``r_b`` of block b is its first non-blank section (usually ``s_b``; ``s_b - 1`` where ``s_b`` matches
+nowhere, below); ``r_0`` is the fixed
 section of the whole range, as in a serial alignment. ``G_z`` pulls raw z into the raw frame of its
 block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of ``r_0``, and
 ``F_z = compose(G_z, C_b)`` pulls raw z into the frame of ``r_0``: the output.
@@ -18,7 +19,9 @@ block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of
    chunks whose overlap is cropped (``alignment.pair_field``). A block whose last section is blank
    carries on to the next non-blank one, so the next block's reference is always aligned by a block.
    Sections that match nowhere (noise, other tissue) are aligned past (``alignment.PASS_OVER``), and
-   marked so that a resumed block does the same; not the block's first, which the block is aligned onto.
+   marked so that a resumed block does the same. Where the block's first section matches neither neighbour, the
+   block starts at the section before it (which block b-1 aligned, and aligned past ``s_b``): ``r_b = s_b - 1``
+   (``_matches_neither_neighbour``; not where two such sections in a row span the boundary).
 2. **Stitch tasks**, one per xy chunk, each a short sequential chain over the block boundaries:
    ``C_0 = 0``, ``C_b = compose(G^{b-1}_{r_b}, C_{b-1})`` where ``G^{b-1}_{r_b}`` is the field block b-1
    found for ``r_b`` (zero when ``r_b = r_{b-1}``, i.e. block b-1 had only blank sections), written to
@@ -93,7 +96,8 @@ Progress markers under ``DEST/progress/`` (tasks are idempotent: they write thei
 these markers, nothing else, so a task run twice does no harm):
 
 * ``block/S/Z``: section Z of the block that starts at S is aligned (``done``, ``blank``, or ``passed``: passed
-  over, not aligned to); an interrupted block task resumes after the last marked section;
+  over, not aligned to; Z = S - 1 ``done``: the block starts there, its first section matching nowhere); an
+  interrupted block task resumes after the last marked section;
 * ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
 * ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it);
 * the solve's: ``solve/scan/Z`` (JSON ``{"blank": ..., "mean": ..., "std": ...}``, with ``solve/thumbnail/Z``),
@@ -374,8 +378,13 @@ def block_task(job: dict, first: int) -> None:
     names = list(marks.list(prefix=f"block/{first}/"))
     found = {int(name.rsplit("/", 1)[1]): content  # b"done", b"blank" or b"passed" (not aligned to)
              for name, content in zip(names, volume.get_many(marks, names, as_json=False))}
-    start = next(z for z in itertools.count(first) if z not in found)
-    blank = {z: found[z] == b"blank" for z in range(first, start)}  # z -> blank, of the sections aligned or read
+    model = model_of(job)
+    if not found and first > job.z_start and job.vote == 1 and _matches_neither_neighbour(job, model, first):
+        marks.put(f"block/{first}/{first - 1}", b"done")  # aligned onto the section before, as align_serial would
+        found[first - 1] = b"done"
+    origin = min(found, default=first)  # the block's first section, or the one before (above)
+    start = next(z for z in itertools.count(origin) if z not in found)
+    blank = {z: found[z] == b"blank" for z in range(origin, start)}  # z -> blank, of the sections aligned or read
     reference = min((z for z in blank if not blank[z]), default=None)
     passed = 0  # sections passed over since the last one aligned to (align_serial's)
     for z in (z for z in blank if not blank[z]):
@@ -406,7 +415,7 @@ def block_task(job: dict, first: int) -> None:
             yield raw
             z += 1
 
-    results = align_serial(model_of(job), sections(), before, job.raw_neighbour, job.vote, job.pair,
+    results = align_serial(model, sections(), before, job.raw_neighbour, job.vote, job.pair,
                            defects=map(checked_defects, itertools.count(start)) if job.defects else None, first=start,
                            passed=passed)
     for z, (_, g, kept) in enumerate(results, start):
@@ -416,6 +425,22 @@ def block_task(job: dict, first: int) -> None:
             _write(fields, g.numpy().astype(np.float32), z, job.bbox)
         marks.put(f"block/{first}/{z}", b"blank" if blank[z] else b"done" if kept else b"passed")
     marks.put_json(f"block/{first}-{last}", {"reference": reference, "blank": [z for z in blank if blank[z]]})
+
+
+def _matches_neither_neighbour(job: Job, model, z: int) -> bool:
+    """Whether raw section z matches nowhere (``alignment.matches_nowhere``) either the section before it or the one
+    after it, all three showing tissue: a section of noise or of other tissue, as ``alignment.passed_over`` finds
+    it. A block whose first section is such is aligned onto the section before it (``block_task``): the block
+    before passes over it (``align_serial``) and aligns the section before."""
+    if z + 1 >= job.z_stop:
+        return False
+    source = _layer(job.source, job.mip)
+    raw = {n: _read(source, n, job.bbox)[0] for n in (z - 1, z, z + 1)}
+    if any(is_blank(section) for section in raw.values()):
+        return False
+    marks = {n: read_defects(job, n, job.bbox) if job.defects else None for n in raw}
+    return all(alignment.matches_nowhere(model, raw[s], raw[t], job.pair, (marks[s], marks[t]))
+               for s, t in ((z, z - 1), (z + 1, z)))
 
 
 @queueable

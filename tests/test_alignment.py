@@ -800,6 +800,9 @@ def test_matching_notes_whether_each_prealigned_pair_matches_nowhere():
             warnings.simplefilter("ignore", alignment.PoorMatchWarning)
             alignment.pair_field(model, stack[source], stack[target], settings)
         assert poor == expected
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # it says nothing
+            assert alignment.matches_nowhere(model, stack[source], stack[target], settings) == any(expected)
 
 
 def test_serial_alignment_passes_over_a_section_that_matches_nowhere(monkeypatch, capsys):
