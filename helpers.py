@@ -70,6 +70,21 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
+def machine_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit where lower (a container); None
+    where neither can be read."""
+    try:
+        found = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    except (AttributeError, ValueError, OSError):
+        found = []
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            found.append(int(Path(limit).read_text()))
+        except (OSError, ValueError):  # absent, or "max"
+            pass
+    return min(found, default=None)
+
+
 # --------------------------------------------------------------------------- provenance
 def code_version() -> str:
     """``git describe --always --dirty`` of this checkout (a commit, ``-dirty`` if edited), or ``unknown``."""

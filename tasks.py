@@ -152,8 +152,8 @@ from alignment import (PairSettings, SolveSettings, aligned_defects, align_seria
                        inverted_stats, is_blank, matching, naming, pair_context, pair_prealignment, passed_over,
                        piece_factor, placed_by_pieces, rigid_field, section_stats, solve_fields, thumbnail,
                        thumbnail_factor, tissue_moments, warn_all_defect, warn_passed_over, with_context)
-from helpers import (UserError, check_device, compose, downsample_field, invert_field, missing_data, one_line,
-                     upsample_field)
+from helpers import (UserError, check_device, compose, downsample_field, invert_field, machine_memory, missing_data,
+                     one_line, upsample_field)
 from masks import check_defect_map
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
@@ -676,13 +676,14 @@ def solve_task(job: dict, first: int, window: list, blank: list, placed: list, p
     record = {"window": window, "blank": blank, "placed": placed, "passed": passed}
     if marks.get_json(name) == record:
         return
+    check_memory(job, machine_memory())
     box, last = job.chunk_box(x, y), dict(job.solve_blocks())[first]
     usable = [z for z in range(*window) if z not in blank]
     inner = [i for i, z in enumerate(usable) if first <= z <= last]  # the block's usable sections (positions)
     solved = torch.zeros(last + 1 - first, 2, *_shape(box))
     if len(usable) > 1 and inner:
         grown = _grown(box, 2 * job.pair.smooth + job.pair.overlap, job.bbox)
-        margin = detail_margin(job) if _needs_tiers(job, len(usable), grown) else len(usable)
+        margin = detail_margin(job) if _needs_tiers(job, len(usable), math.prod(_shape(grown))) else len(usable)
         start, stop = inner[0] - margin, inner[-1] + 1 + margin
         tier = range(usable[start] if start > 0 else window[0],
                      usable[stop - 1] + 1 if stop < len(usable) else window[1])
@@ -701,10 +702,42 @@ def solve_task(job: dict, first: int, window: list, blank: list, placed: list, p
     marks.put_json(name, record)
 
 
-def _needs_tiers(job: Job, sections: int, grown: Box) -> bool:
-    """Whether solving ``sections`` over ``grown`` at full resolution would hold more than ``job.task_memory`` GB
-    (``SOLVE_BYTES`` per pixel of each section)."""
-    return job.task_memory is not None and sections * math.prod(_shape(grown)) * SOLVE_BYTES > job.task_memory * 2 ** 30
+def _needs_tiers(job: Job, sections: int, pixels: int) -> bool:
+    """Whether solving ``sections`` of ``pixels`` px each at full resolution would hold more than ``job.task_memory``
+    GB (``SOLVE_BYTES`` per pixel of each section)."""
+    return job.task_memory is not None and sections * pixels * SOLVE_BYTES > job.task_memory * 2 ** 30
+
+
+def solve_task_bytes(job: Job) -> int:
+    """About the most memory a solve task of ``job`` holds, in bytes: ``SOLVE_BYTES`` per pixel of each section it
+    solves at full resolution, over the largest window (an xy chunk grown as ``solve_task`` grows it, its z block
+    grown by ``solve_margin`` sections each side, or by ``detail_margin`` where ``job.task_memory`` asks for tiers;
+    blank sections counted in)."""
+    grow, (x0, y0, x1, y1) = 2 * job.pair.smooth + job.pair.overlap, job.bbox
+    pixels = min(job.xy_chunk + 2 * grow, x1 - x0) * min(job.xy_chunk + 2 * grow, y1 - y0)
+    sections = min(job.block + 2 * solve_margin(job), job.z_stop - job.z_start)
+    if _needs_tiers(job, sections, pixels):
+        sections = min(job.block + 2 * detail_margin(job), sections)
+    return sections * pixels * SOLVE_BYTES
+
+
+def check_memory(job: Job, memory: int | None) -> None:
+    """A ``UserError`` where a solve task of ``job`` would hold more than ``memory`` bytes (``solve_task_bytes``;
+    None: not known): killed for it with no word, it would be leased again and again. The message names flags that
+    make it fit (``--block`` 8 with ``--task_memory`` at half the memory, then a smaller ``--task_chunk``)."""
+    need = solve_task_bytes(job)
+    if memory is None or need <= memory:
+        return
+    cap = max(1, int(memory / 2 ** 30 / 2))
+    hint = "--block 8 and --task_memory (GB), or a smaller --task_chunk"
+    for chunk in (job.xy_chunk, 256, 128):
+        capped = dataclasses.replace(job, block=min(job.block, 8), task_memory=cap, xy_chunk=min(job.xy_chunk, chunk))
+        if solve_task_bytes(capped) <= memory:
+            hint = f"--block {capped.block} --task_memory {cap}" + (
+                f" --task_chunk {capped.xy_chunk}" if capped.xy_chunk != job.xy_chunk else "")
+            break
+    raise UserError(f"--solve: a solve task would hold about {need / 2 ** 30:.1f} GB, more than the "
+                    f"{memory / 2 ** 30:.1f} GB this machine has; add {hint} (README: --solve as tasks)")
 
 
 def detail_margin(job: Job) -> int:

@@ -1,6 +1,7 @@
 """tasks.py and align.py --block / --queue / worker: the block layout, chunked composition, a blocked run equal
 to the serial one, and a queued run (a worker and the driver killed on the way) equal to the in-process one; the
 solve's tasks: equal to align_solved with one block and one chunk, close to it with several, queued as in-process."""
+import dataclasses
 import functools
 import io
 import os
@@ -404,6 +405,47 @@ def test_a_solve_in_chunks_and_blocks_is_close_to_the_whole_solve(tmp_path, monk
     assert np.percentile(difference, 99) < 0.1 and abs(errors[0] - errors[1]) < 0.05, (difference.max(), errors)
     windows = align.progress_files(str(tmp_path / "parts")).get_json("solve/block/0/0_0")["window"]
     assert windows == [0, 8]  # the block 0..2 and 5 sections beyond: the chain is cut
+
+
+def test_a_solve_task_holds_its_window_s_sections_and_pixels():
+    """``SOLVE_BYTES`` per pixel of each section of the largest window: the chunk grown by ``2 smooth + overlap`` px
+    (clipped to the bbox), the z block by ``solve_margin`` sections each side (clipped to the range), and by
+    ``detail_margin`` where ``task_memory`` asks for tiers."""
+    whole = job(bbox=(0, 0, 1000, 300), z_start=0, z_stop=100, block=100, xy_chunk=256,
+                pair=PairSettings(overlap=32, smooth=64), solve=SolveSettings())
+    assert tasks.solve_task_bytes(whole) == 100 * 576 * 300 * tasks.SOLVE_BYTES
+    blocks = dataclasses.replace(whole, block=8)
+    assert tasks.solve_margin(blocks) == 38 and tasks.detail_margin(blocks) == 4
+    assert tasks.solve_task_bytes(blocks) == 84 * 576 * 300 * tasks.SOLVE_BYTES
+    assert tasks.solve_task_bytes(dataclasses.replace(blocks, task_memory=0.01)) == 16 * 576 * 300 * tasks.SOLVE_BYTES
+
+
+def test_a_solve_that_would_not_fit_in_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """100 sections of 2048² px solved in one block need ~44 GB: in a process that has less, one line names flags that
+    fit (blocks of 8 with tiers, then smaller chunks), and the run stops before DEST is made; a worker with less
+    memory fails its solve task so (the work before it kept)."""
+    big = job(bbox=(0, 0, 2048, 2048), z_start=0, z_stop=100, block=100, xy_chunk=512,
+              pair=PairSettings(overlap=96, smooth=96), solve=SolveSettings())
+    for memory in (tasks.solve_task_bytes(big), None):  # it fits, or the memory cannot be read
+        tasks.check_memory(big, memory)
+    with pytest.raises(UserError, match=r"about 44\.1 GB, more than the 16\.0 GB .*; add --block 8 --task_memory 8 \("):
+        tasks.check_memory(big, 16 * 2 ** 30)
+    with pytest.raises(UserError, match=r"add --block 8 --task_memory 3 --task_chunk 256 \("):
+        tasks.check_memory(big, 6 * 2 ** 30)
+    layer(tmp_path / "raw", noisy_stack(noise=())[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "5",
+              "--solve"]
+    refused = r"more than the 0\.0 GB this machine has; add --block 8 and --task_memory \(GB\), or a smaller"
+    with monkeypatch.context() as patched:
+        patched.setattr(align, "machine_memory", lambda: 2 ** 20)
+        with pytest.raises(UserError, match=refused):
+            align.main(common + ["--dest", str(tmp_path / "d")])
+    assert not (tmp_path / "d").exists()
+    monkeypatch.setattr(tasks, "machine_memory", lambda: 2 ** 20)  # a worker with less memory than the driver's
+    with pytest.raises(UserError, match=refused):
+        align.main(common + ["--dest", str(tmp_path / "worker")])
+    assert align.progress_files(str(tmp_path / "worker")).exists("solve/prealign/4")  # the work before is kept
 
 
 def test_a_solve_task_within_task_memory_is_close_to_the_whole_solve(tmp_path, monkeypatch):
