@@ -131,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task_memory", type=float,
                    help="--solve: GB a solve task may hold; one whose block with its margins would hold more solves "
                         "only its block and 4 sections each side at full resolution, the rest at a coarser one "
-                        "(fields move ~1 px p99); None: no limit")
+                        "(fields move ~0.07 px p99 on the demo: bench/RESULTS.md); None: no limit")
     p.add_argument("--queue", help="enqueue the tasks into fq://FOLDER or sqs://NAME and wait while "
                                    "'align.py worker' processes run them; None: run them here")
     p.add_argument("--max_failures", type=int, default=tasks.MAX_FAILURES,

@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=Sampling.seed, help="random seed for the sample positions")
     p.add_argument("--read_threads", "--workers", type=int, default=Sampling.read_threads,
                    help="parallel reader threads")
-    p.add_argument("--out_dir", default=None, help="output directory (default $SEAMLESS_DATA or ./data)")
+    p.add_argument("--out_dir", default=None,
+                   help="output directory (default $SEAMLESS_DATA or the repository's data/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p.parse_args(argv)
 

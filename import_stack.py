@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=HelpFormatter)
     p.add_argument("folder", help="folder of section images (.png, .tif, .tiff), numbered in their names")
     p.add_argument("--dest", help="the image layer to write: a local folder or a cloudpath (file://, gs://, "
-                                  "s3://); default: DATA/<folder name> ($SEAMLESS_DATA or ./data)")
+                                  "s3://); default: DATA/<folder name> ($SEAMLESS_DATA or the repository's data/)")
     p.add_argument("--resolution", type=finite_float, nargs=3, required=True, metavar=("X", "Y", "Z"),
                    help="voxel size in nm")
     p.add_argument("--mips", type=int, help=f"resolution levels (default: as many as keep the smaller side "
