@@ -452,8 +452,8 @@ def main(argv=None) -> dict:
         tasks.read_defects(job, job.z_start, job.bbox)  # an image layer given as --defects: one line, nothing written
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
     check_fits(settings_from_args(args)[0], model, args.archive)
-    if job.solve and not args.queue:
-        tasks.check_memory(job, machine_memory())  # before anything is written (workers check at each solve task)
+    if not args.queue:
+        tasks.check_memory(job, machine_memory())  # before anything is written (workers check at each task)
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     run, runs = {**run_record(args, job), "source_sample": source_sample(job)}, recorded_runs(job.dest)
     adapted = Path(args.dest) / ADAPTED if args.adapt else None

@@ -167,6 +167,8 @@ SLEEP_VARIABLE = "SEAMLESS_TASK_SLEEP"
 CUT_EFFECT = 0.01  # solve tasks: the fraction of a change at a z window's edge left at the block (solve_margin)
 COARSE_SAMPLES = 32  # solve tasks: coarse pixels per smooth radius of the coarse tier (coarse_factor)
 SOLVE_BYTES = 400  # a solve task's peak memory per pixel of each section it solves (bench/solve_memory.py: ~360)
+SERIAL_BYTES = 45  # a block task's per pixel of a section (it holds whole ones; bench/RESULTS.md: 1.8 GB at 4096² px)
+VOTE_BYTES = 30  # and per pixel for each further section it votes over (--vote)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in voxels (x1, y1 exclusive)
 Phase = tuple[str, list[Callable[[], None]] | Callable[[], list]]  # a name and its tasks (or what makes them,
@@ -375,6 +377,7 @@ def block_task(job: dict, first: int) -> None:
     marks = _progress(job)
     if marks.exists(f"block/{first}-{last}"):
         return
+    check_memory(job, machine_memory())
     names = list(marks.list(prefix=f"block/{first}/"))
     found = {int(name.rsplit("/", 1)[1]): content  # b"done", b"blank" or b"passed" (not aligned to)
              for name, content in zip(names, volume.get_many(marks, names, as_json=False))}
@@ -708,11 +711,14 @@ def _needs_tiers(job: Job, sections: int, pixels: int) -> bool:
     return job.task_memory is not None and sections * pixels * SOLVE_BYTES > job.task_memory * 2 ** 30
 
 
-def solve_task_bytes(job: Job) -> int:
-    """About the most memory a solve task of ``job`` holds, in bytes: ``SOLVE_BYTES`` per pixel of each section it
-    solves at full resolution, over the largest window (an xy chunk grown as ``solve_task`` grows it, its z block
-    grown by ``solve_margin`` sections each side, or by ``detail_margin`` where ``job.task_memory`` asks for tiers;
-    blank sections counted in)."""
+def task_bytes(job: Job) -> int:
+    """About the most memory one task of ``job`` holds, in bytes. A block task: ``SERIAL_BYTES`` per pixel of a whole
+    section, and ``VOTE_BYTES`` more for each further section voted over. A solve task: ``SOLVE_BYTES`` per pixel of
+    each section it solves at full resolution, over the largest window (an xy chunk grown as ``solve_task`` grows it,
+    its z block grown by ``solve_margin`` sections each side, or by ``detail_margin`` where ``job.task_memory`` asks
+    for tiers; blank sections counted in)."""
+    if not job.solve:
+        return math.prod(_shape(job.bbox)) * (SERIAL_BYTES + VOTE_BYTES * (job.vote - 1))
     grow, (x0, y0, x1, y1) = 2 * job.pair.smooth + job.pair.overlap, job.bbox
     pixels = min(job.xy_chunk + 2 * grow, x1 - x0) * min(job.xy_chunk + 2 * grow, y1 - y0)
     sections = min(job.block + 2 * solve_margin(job), job.z_stop - job.z_start)
@@ -722,17 +728,23 @@ def solve_task_bytes(job: Job) -> int:
 
 
 def check_memory(job: Job, memory: int | None) -> None:
-    """A ``UserError`` where a solve task of ``job`` would hold more than ``memory`` bytes (``solve_task_bytes``;
-    None: not known): killed for it with no word, it would be leased again and again. The message names flags that
-    make it fit (``--block`` 8 with ``--task_memory`` at half the memory, then a smaller ``--task_chunk``)."""
-    need = solve_task_bytes(job)
+    """A ``UserError`` where a task of ``job`` would hold more than ``memory`` bytes (``task_bytes``; None: not
+    known): killed for it with no word, it would be leased again and again. The message names flags that make it
+    fit: for a solve ``--block`` 8 with ``--task_memory`` at half the memory, then a smaller ``--task_chunk``; for
+    serial alignment, whose tasks hold whole sections, ``--solve``."""
+    need = task_bytes(job)
     if memory is None or need <= memory:
         return
+    if not job.solve:
+        width, height = _shape(job.bbox)[::-1]
+        raise UserError(f"a block task would hold about {need / 2 ** 30:.1f} GB (whole sections of {width} x "
+                        f"{height} px), more than the {memory / 2 ** 30:.1f} GB this machine has; align with --solve "
+                        "(its tasks hold xy chunks of --task_chunk px), or a smaller --bbox or a coarser --mip")
     cap = max(1, int(memory / 2 ** 30 / 2))
     hint = "--block 8 and --task_memory (GB), or a smaller --task_chunk"
     for chunk in (job.xy_chunk, 256, 128):
         capped = dataclasses.replace(job, block=min(job.block, 8), task_memory=cap, xy_chunk=min(job.xy_chunk, chunk))
-        if solve_task_bytes(capped) <= memory:
+        if task_bytes(capped) <= memory:
             hint = f"--block {capped.block} --task_memory {cap}" + (
                 f" --task_chunk {capped.xy_chunk}" if capped.xy_chunk != job.xy_chunk else "")
             break

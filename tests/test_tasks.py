@@ -407,17 +407,22 @@ def test_a_solve_in_chunks_and_blocks_is_close_to_the_whole_solve(tmp_path, monk
     assert windows == [0, 8]  # the block 0..2 and 5 sections beyond: the chain is cut
 
 
-def test_a_solve_task_holds_its_window_s_sections_and_pixels():
-    """``SOLVE_BYTES`` per pixel of each section of the largest window: the chunk grown by ``2 smooth + overlap`` px
-    (clipped to the bbox), the z block by ``solve_margin`` sections each side (clipped to the range), and by
-    ``detail_margin`` where ``task_memory`` asks for tiers."""
+def test_a_task_holds_its_window_s_sections_and_pixels():
+    """A solve task: ``SOLVE_BYTES`` per pixel of each section of the largest window, the chunk grown by
+    ``2 smooth + overlap`` px (clipped to the bbox), the z block by ``solve_margin`` sections each side (clipped to
+    the range), and by ``detail_margin`` where ``task_memory`` asks for tiers. A block task: whole sections, more
+    with ``--vote``; too much for the machine, one line points to the solve."""
+    serial = job(bbox=(0, 0, 1000, 300), vote=3)
+    assert tasks.task_bytes(serial) == 1000 * 300 * (tasks.SERIAL_BYTES + 2 * tasks.VOTE_BYTES)
+    with pytest.raises(UserError, match=r"whole sections of 1000 x 300 px\), more than .*; align with --solve"):
+        tasks.check_memory(serial, tasks.task_bytes(serial) - 1)
     whole = job(bbox=(0, 0, 1000, 300), z_start=0, z_stop=100, block=100, xy_chunk=256,
                 pair=PairSettings(overlap=32, smooth=64), solve=SolveSettings())
-    assert tasks.solve_task_bytes(whole) == 100 * 576 * 300 * tasks.SOLVE_BYTES
+    assert tasks.task_bytes(whole) == 100 * 576 * 300 * tasks.SOLVE_BYTES
     blocks = dataclasses.replace(whole, block=8)
     assert tasks.solve_margin(blocks) == 38 and tasks.detail_margin(blocks) == 4
-    assert tasks.solve_task_bytes(blocks) == 84 * 576 * 300 * tasks.SOLVE_BYTES
-    assert tasks.solve_task_bytes(dataclasses.replace(blocks, task_memory=0.01)) == 16 * 576 * 300 * tasks.SOLVE_BYTES
+    assert tasks.task_bytes(blocks) == 84 * 576 * 300 * tasks.SOLVE_BYTES
+    assert tasks.task_bytes(dataclasses.replace(blocks, task_memory=0.01)) == 16 * 576 * 300 * tasks.SOLVE_BYTES
 
 
 def test_a_solve_that_would_not_fit_in_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
@@ -426,7 +431,7 @@ def test_a_solve_that_would_not_fit_in_memory_is_refused_before_anything_is_writ
     memory fails its solve task so (the work before it kept)."""
     big = job(bbox=(0, 0, 2048, 2048), z_start=0, z_stop=100, block=100, xy_chunk=512,
               pair=PairSettings(overlap=96, smooth=96), solve=SolveSettings())
-    for memory in (tasks.solve_task_bytes(big), None):  # it fits, or the memory cannot be read
+    for memory in (tasks.task_bytes(big), None):  # it fits, or the memory cannot be read
         tasks.check_memory(big, memory)
     with pytest.raises(UserError, match=r"about 44\.1 GB, more than the 16\.0 GB .*; add --block 8 --task_memory 8 \("):
         tasks.check_memory(big, 16 * 2 ** 30)
