@@ -386,3 +386,22 @@ def test_dilated_is_the_square_max_filter():
     for radius in (0, 1, 2, 5):
         square = torch.nn.functional.max_pool2d(mask.float(), 2 * radius + 1, 1, radius) > 0
         assert torch.equal(h.dilated(mask, radius), square)
+
+
+def test_machine_memory_is_the_lower_of_the_machine_s_and_its_container_s(monkeypatch):
+    limits = {"/sys/fs/cgroup/memory.max": "max\n"}  # cgroup v2 without a limit
+
+    def read_text(path, *args, **kwargs):
+        if str(path) in limits:
+            return limits[str(path)]
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(h.Path, "read_text", read_text)
+    monkeypatch.setattr(h.os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000}.__getitem__)
+    assert h.machine_memory() == 4096 * 1000
+    limits["/sys/fs/cgroup/memory.max"] = "1000000\n"
+    assert h.machine_memory() == 1000000
+    def unknown(name):
+        raise ValueError(f"unrecognized configuration name {name}")
+    monkeypatch.setattr(h.os, "sysconf", unknown)  # neither can be read
+    limits.clear()
+    assert h.machine_memory() is None
