@@ -57,7 +57,7 @@ import torch
 
 import masks
 from alignment import apply_field
-from helpers import (HelpFormatter, UserError, check_writable, dilated, finite_float, in_frame_of,
+from helpers import (HelpFormatter, UserError, check_writable, dilated, finite_float, in_frame_of, machine_memory,
                      jacobian_determinant, missing_data, run_main, to_tensor, vector_length, warp_labels)
 from shifts import best_shifts
 from vis import plain_log_ticks, pyplot, save_figure
@@ -394,6 +394,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--defects", help="defect volume of the raw sections ('demo' for the demo's)")
     p.add_argument("--z_start", type=int, required=True)
     p.add_argument("--z_stop", type=int, required=True)
+    p.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="score this region in voxels of the aligned stack (default: the whole sections): a part of a "
+                        "volume too large to score at once")
     p.add_argument("--near", type=finite_float, default=20, help="px from a defect that count as near it")
     p.add_argument("--cpc_window", "--chunk", type=int, default=64,
                    help="side in px of the squares whose correlation with the next section is the CPC")
@@ -423,11 +426,13 @@ def main(argv=None) -> dict:
     if args.z_stop - args.z_start < 2:
         raise UserError(f"--z_start {args.z_start} --z_stop {args.z_stop}: CPC and drift compare sections with their "
                         "neighbours: give at least 2")
-    if args.cpc_window > min((stop - start)[:2]):
-        raise UserError(f"--cpc_window {args.cpc_window} px: larger than the sections "
-                        f"({int((stop - start)[0])} x {int((stop - start)[1])} px at mip {aligned_vol.mip})")
     mip = aligned_vol.mip
-    corner, size = (start[0], start[1], args.z_start), (*(stop - start)[:2], args.z_stop - args.z_start)
+    x0, y0, x1, y1 = volume.check_bbox(args.bbox, aligned_vol)
+    corner, size = (x0, y0, args.z_start), (x1 - x0, y1 - y0, args.z_stop - args.z_start)
+    if args.cpc_window > min(size[:2]):
+        raise UserError(f"--cpc_window {args.cpc_window} px: larger than the sections "
+                        f"({size[0]} x {size[1]} px at mip {mip})")
+    check_memory(size, bool(args.truth), machine_memory())
     for vol in aligned_vol, field_vol:
         _require_sections(vol, corner, size, "the aligned stack", "align.py never finished them")
     inputs = {name: _matching(path, aligned_vol, name, kind) for name, path, kind in
@@ -468,7 +473,8 @@ def main(argv=None) -> dict:
     rows["aligned"] = score(aligned, field, truth, defects, args.near, args.cpc_window)
     hist["aligned"] = cpc(aligned, args.cpc_window)
     columns = (EPE_COLUMNS if truth is not None else []) + ["cpc_mean", "cpc_p5", "foldovers"]
-    print(f"mip {mip}, sections {args.z_start}..{args.z_stop - 1}")
+    print(f"mip {mip}, sections {args.z_start}..{args.z_stop - 1}"
+          + (f", region {x0} {y0} {x1} {y1}" if args.bbox else ""))
     print_table(rows, columns)
     for line in warnings(rows, RAW, oracle_cpc) if args.raw else []:
         print(line)
@@ -483,6 +489,20 @@ def main(argv=None) -> dict:
                     for name, f in (("raw", np.zeros_like(field)), ("aligned", field))}
             print(f"wrote {plot_epe_maps(maps, plots / 'epe.png')}")
     return rows
+
+
+EVALUATE_BYTES = 50  # what scoring holds per pixel of each section (the demo's 30 x 512²: 0.78 GB, 0.36 libraries)
+TRUTH_BYTES = 35  # and more with --truth (EPE, the oracle: 1.02 GB)
+
+
+def check_memory(size, truth: bool, memory: int | None) -> None:
+    """A ``UserError`` where scoring ``size`` ``(X, Y, Z)`` voxels (with a ``truth``) would hold more than ``memory``
+    bytes (None: not known): ``EVALUATE_BYTES`` (and ``TRUTH_BYTES``) per voxel. The message points to ``--bbox``."""
+    need = int(np.prod(size)) * (EVALUATE_BYTES + TRUTH_BYTES * truth)
+    if memory is not None and need > memory:
+        raise UserError(f"scoring {size[2]} sections of {size[0]} x {size[1]} px would hold about "
+                        f"{need / 2 ** 30:.1f} GB, more than the {memory / 2 ** 30:.1f} GB this machine has; score a "
+                        "part: --bbox X0 Y0 X1 Y1, or fewer sections")
 
 
 def _matching(path: str, like, what: str, kind: str):

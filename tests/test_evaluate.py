@@ -7,7 +7,7 @@ import alignment
 import evaluate
 import volume
 from conftest import moved_windows, run_script
-from helpers import warp
+from helpers import UserError, warp
 
 
 def test_cpc_of_identical_and_inverted_sections():
@@ -246,6 +246,31 @@ def test_evaluate_command_points_at_the_one_section_left_unaligned(tmp_path, mis
                    "--cpc_window", "16"])
     least = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("neighbours"))
     assert {pair.split()[0] for pair in least.split(": ")[1].split(", ")[:2]} == {"1|2", "2|3"}
+
+
+def test_evaluate_command_scores_a_region_and_refuses_what_would_not_fit_in_memory(tmp_path, misaligned, capsys,
+                                                                                 monkeypatch):
+    """Sections 1-3 aligned but for the right half of section 2 (4 px off): ``--bbox`` over the left half scores a
+    perfect alignment there; a stack whose scoring would not fit in the machine's memory is refused in one line that
+    points to ``--bbox``."""
+    raw, truth, raw_path, truth_path = misaligned
+    field = truth.copy()
+    field[2, 0, :, 32:] += 4
+    write_layer(tmp_path / "dest" / "image", alignment.apply_field(raw, field)[:, None], "image")
+    write_layer(tmp_path / "dest" / "field", field, "field")
+    common = ["--aligned", str(tmp_path / "dest"), "--raw", raw_path, "--truth", truth_path, "--z_start", "0",
+              "--z_stop", "4", "--cpc_window", "16"]
+    whole = evaluate.main(common)["aligned"]
+    left = evaluate.main(common + ["--bbox", "0", "0", "32", "64"])["aligned"]
+    assert "mip 0, sections 0..3, region 0 0 32 64" in capsys.readouterr().out
+    assert left["far_p95"] < 1e-4 < 3 < whole["far_p95"]
+    with pytest.raises(UserError, match="outside the volume"):
+        evaluate.main(common + ["--bbox", "0", "0", "32", "65"])
+    monkeypatch.setattr(evaluate, "machine_memory", lambda: 4 * 64 * 64 * 80)  # 85 B per voxel with --truth
+    with pytest.raises(UserError, match=r"scoring 4 sections of 64 x 64 px would hold about .* GB, more than the .*; "
+                                        r"score a part: --bbox X0 Y0 X1 Y1, or fewer sections"):
+        evaluate.main(common)
+    assert evaluate.main(common + ["--bbox", "0", "0", "32", "64"])["aligned"] == left
 
 
 def test_the_cpc_window_is_also_given_by_its_old_name():
