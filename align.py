@@ -453,7 +453,7 @@ def main(argv=None) -> dict:
     model = tasks.model_of(job)  # a readable archive, before anything is written or enqueued
     check_fits(settings_from_args(args)[0], model, args.archive)
     if not args.queue:
-        tasks.check_memory(job, machine_memory())  # before anything is written (workers check at each task)
+        tasks.check_task_memory(job, machine_memory())  # before anything is written (workers check at each task)
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     run, runs = {**run_record(args, job), "source_sample": source_sample(job)}, recorded_runs(job.dest)
     adapted = Path(args.dest) / ADAPTED if args.adapt else None

@@ -57,7 +57,8 @@ import torch
 
 import masks
 from alignment import apply_field
-from helpers import (HelpFormatter, UserError, check_writable, dilated, finite_float, in_frame_of, machine_memory,
+from helpers import (HelpFormatter, UserError, check_memory, check_writable, dilated, finite_float, in_frame_of,
+                     machine_memory,
                      jacobian_determinant, missing_data, run_main, to_tensor, vector_length, warp_labels)
 from shifts import best_shifts
 from vis import plain_log_ticks, pyplot, save_figure
@@ -432,7 +433,7 @@ def main(argv=None) -> dict:
     if args.cpc_window > min(size[:2]):
         raise UserError(f"--cpc_window {args.cpc_window} px: larger than the sections "
                         f"({size[0]} x {size[1]} px at mip {mip})")
-    check_memory(size, bool(args.truth), machine_memory())
+    check_scoring_memory(size, bool(args.truth), machine_memory())
     for vol in aligned_vol, field_vol:
         _require_sections(vol, corner, size, "the aligned stack", "align.py never finished them")
     inputs = {name: _matching(path, aligned_vol, name, kind) for name, path, kind in
@@ -495,14 +496,12 @@ EVALUATE_BYTES = 50  # what scoring holds per pixel of each section (the demo's 
 TRUTH_BYTES = 35  # and more with --truth (EPE, the oracle: 1.02 GB)
 
 
-def check_memory(size, truth: bool, memory: int | None) -> None:
-    """A ``UserError`` where scoring ``size`` ``(X, Y, Z)`` voxels (with a ``truth``) would hold more than ``memory``
-    bytes (None: not known): ``EVALUATE_BYTES`` (and ``TRUTH_BYTES``) per voxel. The message points to ``--bbox``."""
-    need = int(np.prod(size)) * (EVALUATE_BYTES + TRUTH_BYTES * truth)
-    if memory is not None and need > memory:
-        raise UserError(f"scoring {size[2]} sections of {size[0]} x {size[1]} px would hold about "
-                        f"{need / 2 ** 30:.1f} GB, more than the {memory / 2 ** 30:.1f} GB this machine has; score a "
-                        "part: --bbox X0 Y0 X1 Y1, or fewer sections")
+def check_scoring_memory(size, truth: bool, memory: int | None) -> None:
+    """``helpers.check_memory`` of scoring ``size`` ``(X, Y, Z)`` voxels (with a ``truth``): ``EVALUATE_BYTES`` (and
+    ``TRUTH_BYTES``) per voxel; the message points to ``--bbox``."""
+    check_memory(int(np.prod(size)) * (EVALUATE_BYTES + TRUTH_BYTES * truth), memory,
+                 f"scoring {size[2]} sections of {size[0]} x {size[1]} px", "score a part: --bbox X0 Y0 X1 Y1, or "
+                 "fewer sections")
 
 
 def _matching(path: str, like, what: str, kind: str):

@@ -85,6 +85,14 @@ def machine_memory() -> int | None:
     return min(found, default=None)
 
 
+def check_memory(need: int, memory: int | None, what: str, remedy: str) -> None:
+    """A ``UserError`` where ``what`` (e.g. "a solve task") would hold ``need`` bytes, more than ``memory`` (the
+    ``machine_memory``; None: not known): killed for it, a process says nothing. The line ends with ``remedy``."""
+    if memory is not None and need > memory:
+        raise UserError(f"{what} would hold about {need / 2 ** 30:.1f} GB, more than the {memory / 2 ** 30:.1f} GB "
+                        f"this machine has; {remedy}")
+
+
 # --------------------------------------------------------------------------- provenance
 def code_version() -> str:
     """``git describe --always --dirty`` of this checkout (a commit, ``-dirty`` if edited), or ``unknown``."""

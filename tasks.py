@@ -152,8 +152,8 @@ from alignment import (PairSettings, SolveSettings, aligned_defects, align_seria
                        inverted_stats, is_blank, matching, naming, pair_context, pair_prealignment, passed_over,
                        piece_factor, placed_by_pieces, rigid_field, section_stats, solve_fields, thumbnail,
                        thumbnail_factor, tissue_moments, warn_all_defect, warn_passed_over, with_context)
-from helpers import (UserError, check_device, compose, downsample_field, invert_field, machine_memory, missing_data,
-                     one_line, upsample_field)
+from helpers import (UserError, check_device, check_memory, compose, downsample_field, invert_field, machine_memory,
+                     missing_data, one_line, upsample_field)
 from masks import check_defect_map
 from models.archive import load_archive
 from solve import chain_decay, neighbour_pairs
@@ -377,7 +377,7 @@ def block_task(job: dict, first: int) -> None:
     marks = _progress(job)
     if marks.exists(f"block/{first}-{last}"):
         return
-    check_memory(job, machine_memory())
+    check_task_memory(job, machine_memory())
     names = list(marks.list(prefix=f"block/{first}/"))
     found = {int(name.rsplit("/", 1)[1]): content  # b"done", b"blank" or b"passed" (not aligned to)
              for name, content in zip(names, volume.get_many(marks, names, as_json=False))}
@@ -679,7 +679,7 @@ def solve_task(job: dict, first: int, window: list, blank: list, placed: list, p
     record = {"window": window, "blank": blank, "placed": placed, "passed": passed}
     if marks.get_json(name) == record:
         return
-    check_memory(job, machine_memory())
+    check_task_memory(job, machine_memory())
     box, last = job.chunk_box(x, y), dict(job.solve_blocks())[first]
     usable = [z for z in range(*window) if z not in blank]
     inner = [i for i, z in enumerate(usable) if first <= z <= last]  # the block's usable sections (positions)
@@ -727,7 +727,7 @@ def task_bytes(job: Job) -> int:
     return sections * pixels * SOLVE_BYTES
 
 
-def check_memory(job: Job, memory: int | None) -> None:
+def check_task_memory(job: Job, memory: int | None) -> None:
     """A ``UserError`` where a task of ``job`` would hold more than ``memory`` bytes (``task_bytes``; None: not
     known): killed for it with no word, it would be leased again and again. The message names flags that make it
     fit: for a solve ``--block`` 8 with ``--task_memory`` at half the memory, then a smaller ``--task_chunk``; for
@@ -737,9 +737,9 @@ def check_memory(job: Job, memory: int | None) -> None:
         return
     if not job.solve:
         width, height = _shape(job.bbox)[::-1]
-        raise UserError(f"a block task would hold about {need / 2 ** 30:.1f} GB (whole sections of {width} x "
-                        f"{height} px), more than the {memory / 2 ** 30:.1f} GB this machine has; align with --solve "
-                        "(its tasks hold xy chunks of --task_chunk px), or a smaller --bbox or a coarser --mip")
+        check_memory(need, memory, f"a block task (whole sections of {width} x {height} px)",
+                     "align with --solve (its tasks hold xy chunks of --task_chunk px), or a smaller --bbox or a "
+                     "coarser --mip")
     cap = max(1, int(memory / 2 ** 30 / 2))
     hint = "--block 8 and --task_memory (GB), or a smaller --task_chunk"
     for chunk in (job.xy_chunk, 256, 128):
@@ -748,8 +748,7 @@ def check_memory(job: Job, memory: int | None) -> None:
             hint = f"--block {capped.block} --task_memory {cap}" + (
                 f" --task_chunk {capped.xy_chunk}" if capped.xy_chunk != job.xy_chunk else "")
             break
-    raise UserError(f"--solve: a solve task would hold about {need / 2 ** 30:.1f} GB, more than the "
-                    f"{memory / 2 ** 30:.1f} GB this machine has; add {hint} (README: --solve as tasks)")
+    check_memory(need, memory, "--solve: a solve task", f"add {hint} (README: --solve as tasks)")
 
 
 def detail_margin(job: Job) -> int:

@@ -414,8 +414,9 @@ def test_a_task_holds_its_window_s_sections_and_pixels():
     with ``--vote``; too much for the machine, one line points to the solve."""
     serial = job(bbox=(0, 0, 1000, 300), vote=3)
     assert tasks.task_bytes(serial) == 1000 * 300 * (tasks.SERIAL_BYTES + 2 * tasks.VOTE_BYTES)
-    with pytest.raises(UserError, match=r"whole sections of 1000 x 300 px\), more than .*; align with --solve"):
-        tasks.check_memory(serial, tasks.task_bytes(serial) - 1)
+    with pytest.raises(UserError, match=r"a block task \(whole sections of 1000 x 300 px\) would hold about .* GB, "
+                                        r"more than .*; align with --solve"):
+        tasks.check_task_memory(serial, tasks.task_bytes(serial) - 1)
     whole = job(bbox=(0, 0, 1000, 300), z_start=0, z_stop=100, block=100, xy_chunk=256,
                 pair=PairSettings(overlap=32, smooth=64), solve=SolveSettings())
     assert tasks.task_bytes(whole) == 100 * 576 * 300 * tasks.SOLVE_BYTES
@@ -432,11 +433,11 @@ def test_a_solve_that_would_not_fit_in_memory_is_refused_before_anything_is_writ
     big = job(bbox=(0, 0, 2048, 2048), z_start=0, z_stop=100, block=100, xy_chunk=512,
               pair=PairSettings(overlap=96, smooth=96), solve=SolveSettings())
     for memory in (tasks.task_bytes(big), None):  # it fits, or the memory cannot be read
-        tasks.check_memory(big, memory)
+        tasks.check_task_memory(big, memory)
     with pytest.raises(UserError, match=r"about 44\.1 GB, more than the 16\.0 GB .*; add --block 8 --task_memory 8 \("):
-        tasks.check_memory(big, 16 * 2 ** 30)
+        tasks.check_task_memory(big, 16 * 2 ** 30)
     with pytest.raises(UserError, match=r"add --block 8 --task_memory 3 --task_chunk 256 \("):
-        tasks.check_memory(big, 6 * 2 ** 30)
+        tasks.check_task_memory(big, 6 * 2 ** 30)
     layer(tmp_path / "raw", noisy_stack(noise=())[:, None])
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
     common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "5",
