@@ -291,7 +291,9 @@ def warn_all_defect(z: int) -> None:
 def warnings_condensed(stream=None) -> Iterator[None]:
     """Within it, every ``CondensedWarning`` is kept, not shown (other warnings are shown on leaving); on leaving,
     even by an error or an interrupt, one line per kind on ``stream`` (default stderr) gives the first one's message
-    and how many there were of that kind, however many, and the sections they were about (the first 12)."""
+    and how many there were of that kind, however many, and the sections they were about (the first 12). One about
+    sections already named for its kind is a repeat (two tasks that saw one section, the pairs of one section's
+    vote), not counted again."""
     caught = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -301,7 +303,10 @@ def warnings_condensed(stream=None) -> Iterator[None]:
         kinds: dict[type, list] = {}
         for found in caught:
             if issubclass(found.category, CondensedWarning):
-                kinds.setdefault(found.category, []).append(found)
+                same = kinds.setdefault(found.category, [])
+                where = found.message.where
+                if where is None or all(where != w.message.where for w in same):
+                    same.append(found)
             else:
                 warnings.showwarning(found.message, found.category, found.filename, found.lineno)
         for kind, found in kinds.items():

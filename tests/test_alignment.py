@@ -751,6 +751,7 @@ def test_condensed_warnings_name_the_sections_they_are_about(capsys):
             warnings.warn("warning: poor", alignment.PoorMatchWarning)
         with alignment.naming(6):  # aligned onto the sections before it (serial)
             warnings.warn("warning: poorer", alignment.PoorMatchWarning)
+            warnings.warn("warning: poorer", alignment.PoorMatchWarning)  # a repeat (another target of its vote)
         warnings.warn("warning: poorest", alignment.PoorMatchWarning)  # not named
     assert capsys.readouterr().err == "warning: poor [3 section pairs matched poorly: 5->4 6]\n"
     with alignment.warnings_condensed():

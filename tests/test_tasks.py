@@ -652,7 +652,7 @@ def test_a_section_that_matches_nowhere_is_passed_over_queued_as_in_process(tmp_
     assert np.array_equal(straight, resumed) and np.array_equal(straight[2], straight[1])
 
 
-def test_a_block_whose_first_section_matches_nowhere_starts_at_the_section_before(tmp_path):
+def test_a_block_whose_first_section_matches_nowhere_starts_at_the_section_before(tmp_path, capsys):
     """Six sections moved by up to 4 px, section 2 noise, blocks of three (0-2, 2-4, 4-5): the second block starts
     at section 1 (its marker says so) and passes over section 2, so each section lands where a run in one block puts
     it, its field the move made."""
@@ -665,6 +665,7 @@ def test_a_block_whose_first_section_matches_nowhere_starts_at_the_section_befor
               "--chunk", "32", "--overlap", "8", "--prealign", "12"]
     for dest, blocks in (("one", []), ("blocks", ["--block", "3"])):
         align.main(common + ["--dest", str(tmp_path / dest)] + blocks)
+        assert "[1 section passed over: 2]" in capsys.readouterr().err  # named once, though two blocks saw it
     marks = align.progress_files(str(tmp_path / "blocks"))
     assert marks.get("block/0/2") == marks.get("block/2/2") == b"passed" and marks.get("block/2/1") == b"done"
     assert marks.get_json("block/2-4")["reference"] == 1 and marks.get_json("block/4-5")["reference"] == 4
