@@ -7,7 +7,7 @@ The z range ``[z_start, z_stop)`` is cut into blocks of ``block`` sections that 
 section: block b holds sections ``s_b..e_b``, with ``s_0 = z_start`` and ``s_{b+1} = e_b``.
 
 Frames. A field pulls a raw section into a frame (``helpers``: ``warp(raw_z, field)`` lies in it). The
-*reference* ``r_b`` of block b is its first non-blank section (usually ``s_b``; ``s_b - 1`` where ``s_b`` matches
+*reference* ``r_b`` of block b is its first non-blank section (usually ``s_b``; one before it where ``s_b`` matches
 nowhere, below); ``r_0`` is the fixed
 section of the whole range, as in a serial alignment. ``G_z`` pulls raw z into the raw frame of its
 block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of ``r_0``, and
@@ -19,9 +19,9 @@ block's reference (``G_{r_b} = 0``), ``C_b`` pulls raw ``r_b`` into the frame of
    chunks whose overlap is cropped (``alignment.pair_field``). A block whose last section is blank
    carries on to the next non-blank one, so the next block's reference is always aligned by a block.
    Sections that match nowhere (noise, other tissue) are aligned past (``alignment.PASS_OVER``), and
-   marked so that a resumed block does the same. Where the block's first section matches neither neighbour, the
-   block starts at the section before it (which block b-1 aligned, and aligned past ``s_b``): ``r_b = s_b - 1``
-   (``_matches_neither_neighbour``; not where two such sections in a row span the boundary).
+   marked so that a resumed block does the same. Where the section after the block's first matches it nowhere but
+   matches a section up to ``PASS_OVER`` before it, the block starts there (``_block_start``): block b-1 aligned that
+   section and passed over those after it, and ``r_b`` is that section.
 2. **Stitch tasks**, one per xy chunk, each a short sequential chain over the block boundaries:
    ``C_0 = 0``, ``C_b = compose(G^{b-1}_{r_b}, C_{b-1})`` where ``G^{b-1}_{r_b}`` is the field block b-1
    found for ``r_b`` (zero when ``r_b = r_{b-1}``, i.e. block b-1 had only blank sections), written to
@@ -96,7 +96,7 @@ Progress markers under ``DEST/progress/`` (tasks are idempotent: they write thei
 these markers, nothing else, so a task run twice does no harm):
 
 * ``block/S/Z``: section Z of the block that starts at S is aligned (``done``, ``blank``, or ``passed``: passed
-  over, not aligned to; Z = S - 1 ``done``: the block starts there, its first section matching nowhere); an
+  over, not aligned to; Z < S ``done``: the block starts there, its first section matching nowhere); an
   interrupted block task resumes after the last marked section;
 * ``block/S-E``: the block S..E is finished; JSON ``{"reference": r_b or null, "blank": [...]}``;
 * ``Z``: section Z is rendered (written by the driver once phase 3 is over; ``align.py`` skips it);
@@ -148,10 +148,10 @@ from tqdm import tqdm
 
 import volume
 import alignment
-from alignment import (PairSettings, SolveSettings, aligned_defects, align_serial, apply_field, for_inference,
-                       inverted_stats, is_blank, matching, naming, pair_context, pair_prealignment, passed_over,
-                       piece_factor, placed_by_pieces, rigid_field, section_stats, solve_fields, thumbnail,
-                       thumbnail_factor, tissue_moments, warn_all_defect, warn_passed_over, with_context)
+from alignment import (PASS_OVER, PairSettings, SolveSettings, aligned_defects, align_serial, apply_field,
+                       for_inference, inverted_stats, is_blank, matching, naming, pair_context, pair_prealignment,
+                       passed_over, piece_factor, placed_by_pieces, rigid_field, section_stats, solve_fields,
+                       thumbnail, thumbnail_factor, tissue_moments, warn_all_defect, warn_passed_over, with_context)
 from helpers import (UserError, check_device, check_memory, compose, downsample_field, invert_field, machine_memory,
                      missing_data, one_line, upsample_field)
 from masks import check_defect_map
@@ -382,10 +382,10 @@ def block_task(job: dict, first: int) -> None:
     found = {int(name.rsplit("/", 1)[1]): content  # b"done", b"blank" or b"passed" (not aligned to)
              for name, content in zip(names, volume.get_many(marks, names, as_json=False))}
     model = model_of(job)
-    if not found and first > job.z_start and job.vote == 1 and _matches_neither_neighbour(job, model, first):
-        marks.put(f"block/{first}/{first - 1}", b"done")  # aligned onto the section before, as align_serial would
-        found[first - 1] = b"done"
-    origin = min(found, default=first)  # the block's first section, or the one before (above)
+    if not found and (origin := _block_start(job, model, first)) < first:  # its first section matches nowhere
+        marks.put(f"block/{first}/{origin}", b"done")
+        found[origin] = b"done"
+    origin = min(found, default=first)  # the section the block starts at: its first, or one before (_block_start)
     start = next(z for z in itertools.count(origin) if z not in found)
     blank = {z: found[z] == b"blank" for z in range(origin, start)}  # z -> blank, of the sections aligned or read
     reference = min((z for z in blank if not blank[z]), default=None)
@@ -430,20 +430,29 @@ def block_task(job: dict, first: int) -> None:
     marks.put_json(f"block/{first}-{last}", {"reference": reference, "blank": [z for z in blank if blank[z]]})
 
 
-def _matches_neither_neighbour(job: Job, model, z: int) -> bool:
-    """Whether raw section z matches nowhere (``alignment.matches_nowhere``) either the section before it or the one
-    after it, all three showing tissue: a section of noise or of other tissue, as ``alignment.passed_over`` finds
-    it. A block whose first section is such is aligned onto the section before it (``block_task``): the block
-    before passes over it (``align_serial``) and aligns the section before."""
-    if z + 1 >= job.z_stop:
-        return False
+def _block_start(job: Job, model, first: int) -> int:
+    """The section the serial block that starts at ``first`` (> ``z_start``) keeps fixed: ``first``, or where the
+    section after it matches it nowhere (``alignment.matches_nowhere``: noise, other tissue), the nearest of the
+    ``PASS_OVER`` sections before it that the section after does match (within the block before, which aligned
+    it); ``align_serial`` then passes over those between, as the block before did. ``first`` where a section read is
+    blank, or with ``--vote`` (which does not pass over)."""
+    after = first + 1
+    if first == job.z_start or job.vote > 1 or after >= job.z_stop:
+        return first
     source = _layer(job.source, job.mip)
-    raw = {n: _read(source, n, job.bbox)[0] for n in (z - 1, z, z + 1)}
-    if any(is_blank(section) for section in raw.values()):
-        return False
-    marks = {n: read_defects(job, n, job.bbox) if job.defects else None for n in raw}
-    return all(alignment.matches_nowhere(model, raw[s], raw[t], job.pair, (marks[s], marks[t]))
-               for s, t in ((z, z - 1), (z + 1, z)))
+
+    def section(z: int) -> tuple:  # (raw, defect map or None)
+        return _read(source, z, job.bbox)[0], read_defects(job, z, job.bbox) if job.defects else None
+    raw, marks = section(after)
+    if is_blank(raw):
+        return first
+    for z in range(first, max(first - PASS_OVER, first - job.block + 1) - 1, -1):  # the block before's, down
+        target, target_marks = section(z)
+        if is_blank(target):
+            return first
+        if not alignment.matches_nowhere(model, raw, target, job.pair, (marks, target_marks)):
+            return z
+    return first
 
 
 @queueable

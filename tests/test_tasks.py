@@ -652,28 +652,34 @@ def test_a_section_that_matches_nowhere_is_passed_over_queued_as_in_process(tmp_
     assert np.array_equal(straight, resumed) and np.array_equal(straight[2], straight[1])
 
 
-def test_a_block_whose_first_section_matches_nowhere_starts_at_the_section_before(tmp_path, capsys):
-    """Six sections moved by up to 4 px, section 2 noise, blocks of three (0-2, 2-4, 4-5): the second block starts
-    at section 1 (its marker says so) and passes over section 2, so each section lands where a run in one block puts
-    it, its field the move made."""
-    moves = [(0, 0), (3, -2), (0, 0), (-4, 3), (2, 2), (0, -3)]
+@pytest.mark.parametrize("noise, block, reference", [((2,), 3, 1), ((2, 3), 4, 1)])
+def test_a_block_whose_first_section_matches_nowhere_starts_at_the_section_before(tmp_path, capsys, noise, block,
+                                                                                   reference):
+    """Seven sections moved by up to 4 px, one or two of noise ending at the second block's first (blocks of 3: 0-2,
+    2-4, ...; of 4: 0-3, 3-6): the second block starts at the section before the noise (its marker says so) and
+    passes over the noise, so each section lands where a run in one block puts it, its field the move made."""
+    moves = [(0, 0), (3, -2), (0, 0), (1, 1), (-4, 3), (2, 2), (0, -3)]
     stack = moved_windows(moves, size=96)
-    stack[2] = np.random.default_rng(1).integers(1, 256, stack[2].shape, dtype=np.uint8)
+    for z in noise:
+        stack[z] = np.random.default_rng(z).integers(1, 256, stack[z].shape, dtype=np.uint8)
     layer(tmp_path / "raw", stack[:, None])
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
-    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "6",
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "7",
               "--chunk", "32", "--overlap", "8", "--prealign", "12"]
-    for dest, blocks in (("one", []), ("blocks", ["--block", "3"])):
+    named = f"[{len(noise)} section{'s' * (len(noise) > 1)} passed over: {' '.join(map(str, noise))}]"
+    for dest, blocks in (("one", []), ("blocks", ["--block", str(block)])):
         align.main(common + ["--dest", str(tmp_path / dest)] + blocks)
-        assert "[1 section passed over: 2]" in capsys.readouterr().err  # named once, though two blocks saw it
-    marks = align.progress_files(str(tmp_path / "blocks"))
-    assert marks.get("block/0/2") == marks.get("block/2/2") == b"passed" and marks.get("block/2/1") == b"done"
-    assert marks.get_json("block/2-4")["reference"] == 1 and marks.get_json("block/4-5")["reference"] == 4
-    one, blocks = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 6))
+        assert named in capsys.readouterr().err  # each named once, though two blocks saw it
+    marks, second = align.progress_files(str(tmp_path / "blocks")), block - 1
+    assert {z: marks.get(f"block/{second}/{z}") for z in range(reference, second + 1)} == {
+        reference: b"done", **{z: b"passed" for z in noise}}
+    assert all(marks.get(f"block/0/{z}") == b"passed" for z in noise)
+    assert marks.get_json(f"block/{second}-{2 * second}")["reference"] == reference
+    one, blocks = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 7))
                    for d in ("one", "blocks"))
     assert np.abs(one - blocks).max() < 1
     moved = np.median(blocks, axis=(2, 3))
-    assert np.abs(np.delete(moved - np.array(moves), 2, axis=0)).max() < 1, moved
+    assert np.abs(np.delete(moved - np.array(moves), noise, axis=0)).max() < 1, moved
 
 
 def test_a_section_of_inverted_contrast_is_matched_inverted_queued_as_in_process(tmp_path):
