@@ -454,6 +454,9 @@ def main(argv=None) -> dict:
     check_fits(settings_from_args(args)[0], model, args.archive)
     if not args.queue:
         tasks.check_task_memory(job, machine_memory())  # before anything is written (workers check at each task)
+    else:
+        print(f"each {'solve' if job.solve else 'block'} task holds up to about "
+              f"{tasks.task_bytes(job) / 2 ** 30:.1f} GB: run the workers where they have that much memory")
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
     run, runs = {**run_record(args, job), "source_sample": source_sample(job)}, recorded_runs(job.dest)
     adapted = Path(args.dest) / ADAPTED if args.adapt else None

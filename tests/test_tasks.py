@@ -708,6 +708,7 @@ def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_i
               tiny_volume[0]["defects"]]
     code, out = killed_and_run_again(tmp_path, common, "scan_task", workers=2, timeout=300)
     assert code == 0 and "aligned 10 sections" in out, out
+    assert "each solve task holds up to about 0.0 GB: run the workers where they have that much memory" in out
     assert "skipped blank sections (no tissue, or never written): 5" in out, out
     for name in ("image", "field", "defects"):
         here, queued = (volume.read(volume.open_volume(str(tmp_path / dest / name)), (0, 0, 1), (64, 64, 10))
