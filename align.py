@@ -92,7 +92,7 @@ VIEW_PORT = 1337  # where cloudvolume.server.view serves a local DEST (CloudVolu
 NEUROGLANCER_STATE = "neuroglancer.json"  # in DEST, beside the layers
 ADAPTED = "adapted.pt"  # in DEST: the network --adapt made and aligned with
 # settings run_record leaves out at these values (old records)
-UNRECORDED = {"vote": 1, "mips": 0, "adapt": 0, "task_memory": None}
+UNRECORDED = {"vote": 1, "mips": 0, "adapt": 0, "task_memory": None, "bias": None}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -225,7 +225,8 @@ def run_record(args, job: tasks.Job) -> dict:
     when > 0, ``--pieces`` only with ``--defects``), then ``job.solve`` (``--detail_pull`` only with ``--smooth``) or
     the serial tasks' ``--vote`` (when > 1), then ``--block`` and ``--task_chunk`` (the solve's too: its result
     depends a little on them), then ``--mips`` (when > 0), then ``--adapt`` (when > 0; ``main`` adds the adapted
-    network's ``adapted_sha256``, and the source's ``source_sample``); a non-finite float is a string.
+    network's ``adapted_sha256``, and the source's ``source_sample``), then the serial tasks' ``bias`` (when not 0:
+    ``tasks.stack_bias``); a non-finite float is a string.
     Not ``--z_stop`` (a later run may extend the range), nor what only changes how the run goes (``--device``,
     ``--queue``, ``--max_failures``)."""
     settings = {"z_start": job.z_start, "mip": job.mip, "bbox": [int(v) for v in job.bbox],
@@ -241,6 +242,7 @@ def run_record(args, job: tasks.Job) -> dict:
     settings.update({"mips": job.mips} if job.mips else {})
     settings.update({"task_memory": job.task_memory} if job.task_memory else {})
     settings.update({"adapt": args.adapt} if args.adapt else {})
+    settings.update({"bias": list(job.bias)} if any(job.bias) else {})
     mode = "solve" if job.solve else "raw_neighbour" if job.raw_neighbour else "vote" if job.vote > 1 else "serial"
     record = {"archive_sha256": file_sha256(job.archive), "source": job.source, "mode": mode}
     return {**record, **{key: _json_value(value) for key, value in settings.items()}}
@@ -457,10 +459,18 @@ def main(argv=None) -> dict:
     else:
         print(f"each {'solve' if job.solve else 'block'} task holds up to about "
               f"{tasks.task_bytes(job) / 2 ** 30:.1f} GB: run the workers where they have that much memory")
-    queue = tasks.open_queue(args.queue, create=True) if args.queue else None
-    run, runs = {**run_record(args, job), "source_sample": source_sample(job)}, recorded_runs(job.dest)
-    adapted = Path(args.dest) / ADAPTED if args.adapt else None
+    runs = recorded_runs(job.dest)
     resume = runs is not None and not args.overwrite  # None: no layer, so any progress marker left is stale
+    if resume:  # the bias the run being resumed took off (none if it recorded none), whatever --z_stop now reads
+        job = dataclasses.replace(job, bias=(runs[-1].get("method", {}).get("run") or {}).get("bias") or (0.0, 0.0))
+    elif not args.adapt:  # (an adapted network is another network)
+        job = dataclasses.replace(job, bias=tasks.stack_bias(job, model))
+    if any(job.bias):
+        print(f"the network's bias on this stack, {job.bias[0]:.2f}, {job.bias[1]:.2f} px (x, y) per pair, is taken "
+              "off each pair field (a serial chain would add it up; alignment.network_bias)")
+    queue = tasks.open_queue(args.queue, create=True) if args.queue else None
+    run = {**run_record(args, job), "source_sample": source_sample(job)}
+    adapted = Path(args.dest) / ADAPTED if args.adapt else None
     if resume and adapted is not None and adapted.is_file():  # the network the run being resumed adapted
         run["adapted_sha256"] = file_sha256(adapted)
     if resume:

@@ -698,12 +698,38 @@ def section_stats(moments: np.ndarray) -> tuple[float, float]:
 
 PASS_OVER = 2  # align_serial aligns past at most this many sections in a row that match nowhere (noise, other
 # tissue): after more, the tissue has changed, and the next section is aligned onto the last one
+BIAS_PAIRS = 3  # network_bias's neighbour pairs, spread over the stack
+MIN_BIAS = 0.25  # px: a smaller network_bias is taken as none (mouse sections: <= 0.12; fly: 0.53-0.89; RESULTS.md)
+
+
+def network_bias(model: Pyramid, section: Callable[[int], np.ndarray], count: int,
+                 settings: PairSettings = PairSettings()) -> torch.Tensor:
+    """The network's bias on a stack of ``count`` sections, float32 ``[2]`` (px, x then y): half the mean, over
+    ``BIAS_PAIRS`` raw neighbour pairs spread over the stack (``section(i)``: section i, uint8 ``[H, W]``; a central
+    part will do, and only these pairs are read), of the loop ``compose(f_st, f_ts)`` of their two ``pair_field``s
+    over the inner two thirds of the section. An unbiased network's loop is zero; a serial chain adds the bias pair
+    after pair (on fly tissue the mouse network never saw, 0.5-0.9 px per pair), where the solve's pairs both ways
+    cancel it. Zero under ``MIN_BIAS`` px (the estimate's noise) or where no pair shows tissue."""
+    loops = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pairs' own warnings come with the alignment
+        for z in sorted({max(1, (2 * i + 1) * count // (2 * BIAS_PAIRS)) for i in range(BIAS_PAIRS)} if count > 1
+                        else ()):
+            source, target = section(z), section(z - 1)
+            if is_blank(source) or is_blank(target):
+                continue
+            there, back = pair_field(model, source, target, settings), pair_field(model, target, source, settings)
+            h, w = there.shape[-2:]
+            loop = compose(there[None], back[None])[0, :, h // 6:h - h // 6, w // 6:w - w // 6]
+            loops.append(loop.mean(dim=(1, 2)))
+    bias = torch.stack(loops).mean(0) / 2 if loops else torch.zeros(2)
+    return bias if float(bias.norm()) >= MIN_BIAS else torch.zeros(2)
 
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,
                  vote: int = 1, settings: PairSettings = PairSettings(), softness: float = 1.0,
-                 defects=None, first: int = 0,
-                 passed: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor, bool]]:
+                 defects=None, first: int = 0, passed: int = 0,
+                 bias=(0.0, 0.0)) -> Iterator[tuple[np.ndarray, torch.Tensor, bool]]:
     """Align sections one after another; yields ``(aligned uint8 [H, W], field [2, H, W], kept)`` per section.
 
     sections: an iterable of uint8 ``[H, W]``. The first section is the fixed
@@ -724,7 +750,7 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     a section: bench/RESULTS.md; the solve does the same, ``passed_over``). ``kept``: whether later
     sections are aligned to it (False for those two kinds); ``passed``: how many
     sections right before the first were passed over so (when resuming).
-    ``settings``: ``pair_field``'s.
+    ``settings``: ``pair_field``'s. ``bias``: ``(x, y)`` px taken off every pair field (``network_bias``).
     ``defects``: an iterable of the sections' uint8 ``[H, W]`` defect maps (0 none,
     1 crack, 2 fold), in step with ``sections``, or None: each pair field is then
     made with the defects of its two sections (``pair_field``), the target's
@@ -732,6 +758,7 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
     (``naming``).
     """
     history = list(before or [])[-vote:]  # (raw, aligned, field, defects) of the last sections aligned to
+    bias = torch.as_tensor(bias, dtype=torch.float32).reshape(2, 1, 1)
     for z, (section, marks) in enumerate(zip(sections, itertools.repeat(None) if defects is None else defects), first):
         shape = section.shape[-2:]
         if is_blank(section):
@@ -743,14 +770,14 @@ def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_ne
         elif to_raw_neighbour:
             previous_raw, _, previous_field, previous_marks = history[-1]
             with naming(z), matching() as poor:
-                pair = pair_field(model, section, previous_raw, settings, _pair_marks(marks, previous_marks))
+                pair = pair_field(model, section, previous_raw, settings, _pair_marks(marks, previous_marks)) - bias
             unmatched, field = any(poor), compose(pair[None], previous_field[None])[0]
         else:
             targets = history[-vote:]
             with naming(z), matching() as poor:
                 candidates = torch.stack([pair_field(model, section, target, settings,
                                                      _pair_marks(marks, _aligned_marks(target_marks, target_field)))
-                                          for _, target, target_field, target_marks in targets])
+                                          for _, target, target_field, target_marks in targets]) - bias
             unmatched = vote == 1 and any(poor)
             valid = ~missing_data(np.stack([aligned for _, aligned, _, _ in targets]))
             field = vector_vote(candidates, valid, softness) if len(targets) > 1 else candidates[0]

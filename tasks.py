@@ -197,9 +197,11 @@ class Job:
     task_memory: float | None = None  # GB a solve task may hold (solve_task); None: no limit
     mips: int = 0  # DEST/image and DEST/field also hold mips 1..mips (each write writes its chunk's, _write)
     defects: str | None = None  # defect layer (cloudpath; uint8 0 none / 1 crack / 2 fold) the fields are made with
+    bias: tuple[float, float] = (0.0, 0.0)  # px off every serial pair field (alignment.network_bias, stack_bias)
 
-    def __post_init__(self):  # a payload read back from JSON holds a list and dicts
+    def __post_init__(self):  # a payload read back from JSON holds lists and dicts
         object.__setattr__(self, "bbox", tuple(self.bbox))
+        object.__setattr__(self, "bias", tuple(self.bias))
         if isinstance(self.pair, dict):
             object.__setattr__(self, "pair", PairSettings(**self.pair))
         if isinstance(self.solve, dict):
@@ -420,7 +422,7 @@ def block_task(job: dict, first: int) -> None:
 
     results = align_serial(model, sections(), before, job.raw_neighbour, job.vote, job.pair,
                            defects=map(checked_defects, itertools.count(start)) if job.defects else None, first=start,
-                           passed=passed)
+                           passed=passed, bias=job.bias)
     for z, (_, g, kept) in enumerate(results, start):
         if reference is None and not blank[z]:
             reference = z
@@ -428,6 +430,25 @@ def block_task(job: dict, first: int) -> None:
             _write(fields, g.numpy().astype(np.float32), z, job.bbox)
         marks.put(f"block/{first}/{z}", b"blank" if blank[z] else b"done" if kept else b"passed")
     marks.put_json(f"block/{first}-{last}", {"reference": reference, "blank": [z for z in blank if blank[z]]})
+
+
+BIAS_CROP = 1024  # px: stack_bias reads the central square of each section this big (or the bbox, where smaller)
+
+
+def stack_bias(job: Job, model) -> tuple[float, float]:
+    """``alignment.network_bias`` of the serial job's range, on the central ``BIAS_CROP`` px square of its bbox: the
+    network's bias on this stack, which serial tasks take off every pair field (``(0, 0)`` for a solve: its pairs
+    both ways cancel it), rounded to 1e-3 px (the run record keeps it)."""
+    if job.solve:
+        return 0.0, 0.0
+    x0, y0, x1, y1 = job.bbox
+    w, h = min(BIAS_CROP, x1 - x0), min(BIAS_CROP, y1 - y0)
+    box = (x0 + (x1 - x0 - w) // 2, y0 + (y1 - y0 - h) // 2)
+    box = (*box, box[0] + w, box[1] + h)
+    source = _layer(job.source, job.mip)
+    bias = alignment.network_bias(model, lambda i: _read(source, job.z_start + i, box)[0], job.z_stop - job.z_start,
+                                  job.pair)
+    return tuple(round(float(b), 3) for b in bias)
 
 
 def _block_start(job: Job, model, first: int) -> int:

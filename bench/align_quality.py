@@ -42,7 +42,7 @@ import torch
 import evaluate
 import misalign
 from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
-                       check_fits, for_inference, settings_from_args, warnings_condensed)
+                       check_fits, for_inference, network_bias, settings_from_args, warnings_condensed)
 from demo import PHANTOMS
 from helpers import UserError, check_writable, finite_float, folder, in_frame_of, run_main
 
@@ -235,8 +235,12 @@ def network_fields(archive: str, variant: str, pair: PairSettings, solve: SolveS
         solve = dataclasses.replace(solve, neighbours=int(number or 1))
         return lambda raw: align_solved(model, raw, pair, solve, defects=defects)[1].numpy()
     vote = int(number or 1) if kind == "vote" else 1
-    return lambda raw: np.stack([f.numpy() for _, f, _ in align_serial(model, raw, to_raw_neighbour=kind == "raw",
-                                                                   vote=vote, settings=pair, defects=defects)])
+
+    def serial(raw):  # as align.py's serial tasks: the network's bias on the stack taken off each pair field
+        bias = network_bias(model, raw.__getitem__, len(raw), pair)
+        return np.stack([f.numpy() for _, f, _ in align_serial(model, raw, to_raw_neighbour=kind == "raw", vote=vote,
+                                                               settings=pair, defects=defects, bias=bias)])
+    return serial
 
 
 def adapted_network(archive: str, minutes: float, raw: np.ndarray, folder: Path, seed: int) -> str:

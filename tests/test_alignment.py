@@ -936,3 +936,31 @@ def test_with_smooth_the_pair_weights_are_the_share_of_tissue_the_coarse_field_s
     solved = alignment.solve_fields(stack, pairs, fields, SolveSettings(robust=0), 8)
     assert solved[0, 0, 5, 5] > 2.5 and torch.allclose(solved[:, :, 20, 20], solved[:, :, 5, 5], atol=0.05)
     assert helpers.jacobian_determinant(solved).min() > 0
+
+
+def test_the_network_s_bias_is_half_the_loop_of_a_pair_s_two_fields_and_serial_alignment_takes_it_off(monkeypatch):
+    """A network whose every field is a constant c: each pair's loop is 2c, so the bias is c (none under MIN_BIAS),
+    from BIAS_PAIRS pairs spread over the stack (blank ones left out); serial alignment with it taken off moves no
+    section, onto aligned or raw neighbours."""
+    stack, model = noisy_stack(noise=(), count=9), alignment.for_inference(random_net())
+    stack[3] = 0  # blank: the pair (4, 3) is left out
+    read = []
+
+    def constant(c):
+        def field(model, source, target, *args, **kwargs):
+            return torch.tensor(c, dtype=torch.float32).view(2, 1, 1).expand(2, *source.shape).clone()
+        return field
+
+    def section(i):
+        read.append(i)
+        return stack[i]
+    monkeypatch.setattr(alignment, "pair_field", constant((0.3, -0.4)))
+    assert alignment.network_bias(model, section, 9).tolist() == pytest.approx([0.3, -0.4])
+    assert sorted(set(read)) == [0, 1, 3, 4, 6, 7]  # pairs (1, 0), (4, 3) and (7, 6), read only there
+    assert alignment.network_bias(model, stack.__getitem__, 1).tolist() == [0, 0]  # no pair
+    monkeypatch.setattr(alignment, "pair_field", constant((0.1, -0.2)))
+    assert alignment.network_bias(model, stack.__getitem__, 9).tolist() == [0, 0]  # under MIN_BIAS
+    monkeypatch.setattr(alignment, "pair_field", constant((0.3, -0.4)))
+    for raw in (False, True):
+        fields = [f for _, f, _ in alignment.align_serial(model, stack[4:], to_raw_neighbour=raw, bias=(0.3, -0.4))]
+        assert max(float(f.abs().max()) for f in fields) < 1e-6

@@ -653,11 +653,12 @@ def test_a_section_that_matches_nowhere_is_passed_over_queued_as_in_process(tmp_
 
 
 @pytest.mark.parametrize("noise, block, reference", [((2,), 3, 1), ((2, 3), 4, 1)])
-def test_a_block_whose_first_section_matches_nowhere_starts_at_the_section_before(tmp_path, capsys, noise, block,
-                                                                                   reference):
+def test_a_block_whose_first_section_matches_nowhere_starts_at_the_section_before(tmp_path, capsys, monkeypatch,
+                                                                                   noise, block, reference):
     """Seven sections moved by up to 4 px, one or two of noise ending at the second block's first (blocks of 3: 0-2,
     2-4, ...; of 4: 0-3, 3-6): the second block starts at the section before the noise (its marker says so) and
     passes over the noise, so each section lands where a run in one block puts it, its field the move made."""
+    monkeypatch.setattr(alignment, "network_bias", lambda *args: torch.zeros(2))  # a random network's is noise
     moves = [(0, 0), (3, -2), (0, 0), (1, 1), (-4, 3), (2, 2), (0, -3)]
     stack = moved_windows(moves, size=96)
     for z in noise:
@@ -716,3 +717,31 @@ def test_a_queued_solve_survives_a_killed_worker_and_driver_and_equals_the_one_i
         assert np.array_equal(here, queued) and queued.any(), name  # bit for bit
     marks = align.progress_files(str(tmp_path / "queued"))
     assert marks.get_json("solve/block/1/0_0")["window"] == [1, 10]  # blocks cut 5 usable sections away
+
+
+def test_a_serial_run_takes_the_network_s_bias_off_each_pair_and_its_record_keeps_it(tmp_path, monkeypatch, capsys):
+    """A network biased by (0.5, -0.5) px on this stack (``alignment.network_bias``, patched): the run says so, the
+    block tasks take it off each pair field (section 1, aligned onto the fixed section 0, exactly), the run record
+    keeps it, and a resume that extends the range takes it from there, not from the pairs it would now read."""
+    layer(tmp_path / "raw", noisy_stack(noise=())[:, None])
+    archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
+    common = ["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--chunk", "32",
+              "--overlap", "8", "--prealign", "12", "--block", "3"]
+    with monkeypatch.context() as patched:
+        patched.setattr(alignment, "network_bias", lambda *args: torch.tensor([0.0, 0.0]))
+        align.main(common + ["--dest", str(tmp_path / "plain"), "--z_stop", "5"])
+    assert "bias" not in capsys.readouterr().out
+    with monkeypatch.context() as patched:
+        patched.setattr(alignment, "network_bias", lambda *args: torch.tensor([0.5, -0.5]))
+        align.main(common + ["--dest", str(tmp_path / "biased"), "--z_stop", "4"])
+    assert "the network's bias on this stack, 0.50, -0.50 px (x, y) per pair, is taken off" in capsys.readouterr().out
+    assert align.recorded_runs(str(tmp_path / "biased"))[-1]["method"]["run"]["bias"] == [0.5, -0.5]
+    with monkeypatch.context() as patched:
+        patched.setattr(alignment, "network_bias", None)  # not estimated again
+        align.main(common + ["--dest", str(tmp_path / "biased"), "--z_stop", "5"])
+    assert "0.50, -0.50 px (x, y) per pair" in capsys.readouterr().out
+    assert align.recorded_runs(str(tmp_path / "biased"))[-1]["method"]["run"]["bias"] == [0.5, -0.5]
+    plain, biased = (volume.read(volume.open_volume(str(tmp_path / d / "field")), (0, 0, 0), (96, 96, 5))
+                     for d in ("plain", "biased"))
+    assert np.abs(biased[1] - (plain[1] - np.array([0.5, -0.5], np.float32)[:, None, None])).max() < 1e-5
+    assert np.abs(biased[2:] - plain[2:]).max() > 0.1
