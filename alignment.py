@@ -628,8 +628,9 @@ def _prealignment(source: torch.Tensor, target: torch.Tensor, reach: int) -> tup
     src, tgt, fixed = source[None].cpu(), target[None].cpu(), shift.expand(1, 2, *source.shape).cpu()
     r, motion = (float(x[0]) for x in match_motion(src, tgt, fixed))
     beyond = float(shift.abs().max()) >= _shift_reach(source.shape, reach) - 1  # the shift may lie further
-    weak = r < DOUBT_R and _tissue(source, target) >= MIN_TISSUE
-    if not (beyond or r < DOUBT_R or motion > DOUBT_DEPARTURE or _tissue(source, target) < MIN_TISSUE):
+    enough = _tissue(source, target) >= MIN_TISSUE
+    weak = r < DOUBT_R and enough
+    if not (beyond or r < DOUBT_R or motion > DOUBT_DEPARTURE or not enough):
         return shift, weak
     match = rigid_search(src, tgt)
     if match.tissue[0] < MIN_TISSUE or (match.poor[0] and r < DOUBT_R):

@@ -58,8 +58,8 @@ import torch
 import masks
 from alignment import apply_field
 from helpers import (HelpFormatter, UserError, check_memory, check_writable, dilated, finite_float, in_frame_of,
-                     machine_memory,
-                     jacobian_determinant, missing_data, run_main, to_tensor, vector_length, warp_labels)
+                     jacobian_determinant, machine_memory, missing_data, run_main, to_tensor, vector_length,
+                     warp_labels)
 from shifts import best_shifts
 from vis import plain_log_ticks, pyplot, save_figure
 
@@ -443,14 +443,14 @@ def main(argv=None) -> dict:
         _require_sections(inputs["truth"], corner, size, "--truth")
     aligned = volume.read(aligned_vol, corner, size)[:, 0]
     zs = [z for z, section in enumerate(aligned, args.z_start) if section.any()]  # blank: no tissue, or a gap
+    blank = sorted(set(range(args.z_start, args.z_stop)) - set(zs))
     if "raw" in inputs:
         _require_sections(inputs["raw"], corner, size, "--raw", "the aligned stack holds tissue there",
-                          every_chunk=False, blank=set(range(args.z_start, args.z_stop)) - set(zs))
+                          every_chunk=False, blank=blank)
     kept = [z - args.z_start for z in zs]  # the sections scored, as neighbours in turn
-    if len(kept) < len(aligned):
-        print(f"blank sections (no tissue, or never written) left out: "
-              f"{spans(sorted(set(range(args.z_start, args.z_stop)) - set(zs)))}; the sections beside each gap are "
-              "scored as neighbours")
+    if blank:
+        print(f"blank sections (no tissue, or never written) left out: {spans(blank)}; the sections beside each gap "
+              "are scored as neighbours")
     if len(kept) < 2:
         raise UserError(f"--z_start {args.z_start} --z_stop {args.z_stop}: fewer than 2 sections hold tissue")
     rows, hist = {}, {}
