@@ -699,32 +699,46 @@ def section_stats(moments: np.ndarray) -> tuple[float, float]:
 
 PASS_OVER = 2  # align_serial aligns past at most this many sections in a row that match nowhere (noise, other
 # tissue): after more, the tissue has changed, and the next section is aligned onto the last one
-BIAS_PAIRS = 3  # network_bias's neighbour pairs, spread over the stack
+BIAS_PAIRS = (3, 9)  # network_bias reads 3 neighbour pairs spread over the stack, and 9 (those 3 among them) where
+# the 3 show half of MIN_BIAS or more: 3 alone were too few on fly tissue (RESULTS.md, 2026-12-07 18:00)
 MIN_BIAS = 0.25  # px: a smaller network_bias is taken as none (mouse sections: <= 0.12; fly: 0.53-0.89; RESULTS.md)
 
 
 def network_bias(model: Pyramid, section: Callable[[int], np.ndarray], count: int,
                  settings: PairSettings = PairSettings()) -> torch.Tensor:
-    """The network's bias on a stack of ``count`` sections, float32 ``[2]`` (px, x then y): half the mean, over
-    ``BIAS_PAIRS`` raw neighbour pairs spread over the stack (``section(i)``: section i, uint8 ``[H, W]``; a central
-    part will do, and only these pairs are read), of the loop ``compose(f_st, f_ts)`` of their two ``pair_field``s
-    over the inner two thirds of the section. An unbiased network's loop is zero; a serial chain adds the bias pair
-    after pair (on fly tissue the mouse network never saw, 0.5-0.9 px per pair), where the solve's pairs both ways
-    cancel it. Zero under ``MIN_BIAS`` px (the estimate's noise) or where no pair shows tissue."""
-    loops = []
+    """The network's bias on a stack of ``count`` sections, float32 ``[2]`` (px, x then y): half the mean, over raw
+    neighbour pairs spread over the stack (``section(i)``: section i, uint8 ``[H, W]``; a central part will do, and
+    only these pairs are read), of the loop ``compose(f_st, f_ts)`` of each pair's two ``pair_field``s over the inner
+    two thirds of the section. An unbiased network's loop is zero; a serial chain adds the bias pair after pair (on
+    fly tissue the mouse network never saw, 0.5-0.9 px per pair), where the solve's pairs both ways cancel it. The
+    pairs: ``BIAS_PAIRS[0]``, then ``BIAS_PAIRS[1]`` where those show a bias of half ``MIN_BIAS`` or more; a pair with
+    a blank section, or one that matches nowhere (``matching``: noise, other tissue), is left out. Zero under
+    ``MIN_BIAS`` px (the estimate's noise) or where no pair is left."""
+    loops = {}  # z: the mean loop of the pair (z, z - 1), None where it is left out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pairs' own warnings come with the alignment
-        for z in sorted({max(1, (2 * i + 1) * count // (2 * BIAS_PAIRS)) for i in range(BIAS_PAIRS)} if count > 1
-                        else ()):
-            source, target = section(z), section(z - 1)
-            if is_blank(source) or is_blank(target):
-                continue
-            there, back = pair_field(model, source, target, settings), pair_field(model, target, source, settings)
-            h, w = there.shape[-2:]
-            loop = compose(there[None], back[None])[0, :, h // 6:h - h // 6, w // 6:w - w // 6]
-            loops.append(loop.mean(dim=(1, 2)))
-    bias = torch.stack(loops).mean(0) / 2 if loops else torch.zeros(2)
+        for pairs in BIAS_PAIRS:
+            for z in sorted({max(1, (2 * i + 1) * count // (2 * pairs)) for i in range(pairs)} - loops.keys()
+                            if count > 1 else ()):
+                source, target = section(z), section(z - 1)
+                if is_blank(source) or is_blank(target):
+                    loops[z] = None
+                    continue
+                with matching() as poor:
+                    there, back = pair_field(model, source, target, settings), pair_field(model, target, source,
+                                                                                          settings)
+                loops[z] = None if any(poor) else _loop(there, back)
+            read = [loop for loop in loops.values() if loop is not None]
+            bias = torch.stack(read).mean(0) / 2 if read else torch.zeros(2)
+            if float(bias.norm()) < MIN_BIAS / 2:
+                break
     return bias if float(bias.norm()) >= MIN_BIAS else torch.zeros(2)
+
+
+def _loop(there: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    """The mean ``[2]`` px of ``compose(there, back)`` (a pair's two fields ``[2, H, W]``) over the inner two thirds."""
+    h, w = there.shape[-2:]
+    return compose(there[None], back[None])[0, :, h // 6:h - h // 6, w // 6:w - w // 6].mean(dim=(1, 2))
 
 
 def align_serial(model: Pyramid, sections, before: list | None = None, to_raw_neighbour: bool = False,

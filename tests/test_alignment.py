@@ -940,10 +940,10 @@ def test_with_smooth_the_pair_weights_are_the_share_of_tissue_the_coarse_field_s
 
 def test_the_network_s_bias_is_half_the_loop_of_a_pair_s_two_fields_and_serial_alignment_takes_it_off(monkeypatch):
     """A network whose every field is a constant c: each pair's loop is 2c, so the bias is c (none under MIN_BIAS),
-    from BIAS_PAIRS pairs spread over the stack (blank ones left out); serial alignment with it taken off moves no
-    section, onto aligned or raw neighbours."""
-    stack, model = noisy_stack(noise=(), count=9), alignment.for_inference(random_net())
-    stack[3] = 0  # blank: the pair (4, 3) is left out
+    from 3 pairs spread over the stack, or 9 (the 3 among them) where the 3 show half of MIN_BIAS or more (pairs
+    with a blank section or that match nowhere left out); serial alignment with it taken off moves no section, onto aligned or raw neighbours."""
+    stack, model = noisy_stack(noise=(), count=19), alignment.for_inference(random_net())
+    stack[9] = 0  # blank: the pair (9, 8) is left out
     read = []
 
     def constant(c):
@@ -954,12 +954,24 @@ def test_the_network_s_bias_is_half_the_loop_of_a_pair_s_two_fields_and_serial_a
     def section(i):
         read.append(i)
         return stack[i]
+    assert alignment.BIAS_PAIRS == (3, 9) and alignment.MIN_BIAS == 0.25
+    monkeypatch.setattr(alignment, "pair_field", constant((0.05, -0.1)))
+    assert alignment.network_bias(model, section, 19).tolist() == [0, 0]  # under MIN_BIAS / 2: 3 pairs read
+    assert sorted(read) == [2, 3, 8, 9, 14, 15]  # the pairs (3, 2), (9, 8), (15, 14), read only there
     monkeypatch.setattr(alignment, "pair_field", constant((0.3, -0.4)))
-    assert alignment.network_bias(model, section, 9).tolist() == pytest.approx([0.3, -0.4])
-    assert sorted(set(read)) == [0, 1, 3, 4, 6, 7]  # pairs (1, 0), (4, 3) and (7, 6), read only there
+    read.clear()
+    assert alignment.network_bias(model, section, 19).tolist() == pytest.approx([0.3, -0.4])
+    assert sorted(read) == list(range(18))  # 9 pairs: (1, 0), (3, 2) .. (17, 16), each read once
     assert alignment.network_bias(model, stack.__getitem__, 1).tolist() == [0, 0]  # no pair
     monkeypatch.setattr(alignment, "pair_field", constant((0.1, -0.2)))
-    assert alignment.network_bias(model, stack.__getitem__, 9).tolist() == [0, 0]  # under MIN_BIAS
+    assert alignment.network_bias(model, stack.__getitem__, 19).tolist() == [0, 0]  # 9 pairs, under MIN_BIAS
+
+    def noise_at_5(model, source, target, *args, **kwargs):  # the pairs of section 5 match nowhere: their loop 20 px
+        noise = any(np.shares_memory(s, stack[5]) for s in (source, target))
+        alignment.UNMATCHED.get().append(noise)
+        return constant((10.0, 10.0) if noise else (0.3, -0.4))(model, source, target)
+    monkeypatch.setattr(alignment, "pair_field", noise_at_5)
+    assert alignment.network_bias(model, stack.__getitem__, 19).tolist() == pytest.approx([0.3, -0.4])  # left out
     monkeypatch.setattr(alignment, "pair_field", constant((0.3, -0.4)))
     for raw in (False, True):
         fields = [f for _, f, _ in alignment.align_serial(model, stack[4:], to_raw_neighbour=raw, bias=(0.3, -0.4))]
