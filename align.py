@@ -410,6 +410,13 @@ def check_args(args) -> None:
         raise UserError("--mips must be >= 0")
     if args.task_memory is not None and not args.task_memory > 0:
         raise UserError("--task_memory must be > 0 GB")
+    if args.task_memory is not None and not args.solve:
+        raise UserError(f"--task_memory {args.task_memory:g}: a setting of --solve's tasks, which this run does not "
+                        "use (add --solve; a serial task holds whole sections: a smaller --bbox or a coarser --mip)")
+    if args.solve and args.neighbours > max(args.z_stop - args.z_start - 1, 1):
+        raise UserError(f"--neighbours {args.neighbours}: the range {args.z_start}..{args.z_stop - 1} has "
+                        f"{args.z_stop - args.z_start} sections, so a section has at most "
+                        f"{max(args.z_stop - args.z_start - 1, 1)} on each side")
     if args.task_chunk % (tasks.LAYER_CHUNK << args.mips):
         raise UserError(f"--mips {args.mips} needs --task_chunk a multiple of {tasks.LAYER_CHUNK << args.mips} "
                         f"(each task writes whole {tasks.LAYER_CHUNK} px chunks of every mip)")
@@ -440,7 +447,7 @@ def main(argv=None) -> dict:
     volume.check_kind(source, "image", "--source")  # what the network aligns
     x0, y0, x1, y1 = volume.check_bbox(args.bbox, source)
     (_, _, sz0), (_, _, sz1) = volume.bounds(source)
-    volume.check_z_range(args.z_start, args.z_stop, sz0, sz1)
+    volume.check_z_range(args.z_start, args.z_stop, sz0, sz1, vol=source)
     if x0 % (1 << args.mips) or y0 % (1 << args.mips):
         raise UserError(f"--mips {args.mips} needs the bbox corner at multiples of {1 << args.mips} px (a pixel of "
                         f"mip m covers 2^m px from 0), not {x0} {y0}")
@@ -457,8 +464,10 @@ def main(argv=None) -> dict:
     if not args.queue:
         tasks.check_task_memory(job, machine_memory())  # before anything is written (workers check at each task)
     else:
+        need = tasks.task_bytes(job)
         print(f"each {'solve' if job.solve else 'block'} task holds up to about "
-              f"{tasks.task_bytes(job) / 2 ** 30:.1f} GB: run the workers where they have that much memory")
+              f"{f'{need / 2 ** 30:.1f} GB' if need >= 2 ** 30 / 10 else f'{need / 2 ** 20:.0f} MB'}: run the workers "
+              "where they have that much memory")
     runs = recorded_runs(job.dest)
     resume = runs is not None and not args.overwrite  # None: no layer, so any progress marker left is stale
     if resume:  # the bias the run being resumed took off (none if it recorded none), whatever --z_stop now reads
@@ -469,6 +478,10 @@ def main(argv=None) -> dict:
         print(f"the network's bias on this stack, {job.bias[0]:.2f}, {job.bias[1]:.2f} px (x, y) per pair, is taken "
               "off each pair field (a serial chain would add it up; alignment.network_bias)")
     queue = tasks.open_queue(args.queue, create=True) if args.queue else None
+    if queue is not None and not resume and (left := queue.enqueued):  # before DEST is overwritten
+        raise UserError(f"--queue {args.queue} still holds {left} task{'s' * (left != 1)} of another run, which the "
+                        "workers would run into this one: use a new --queue (one per run), or resume that run (its "
+                        "flags, without --overwrite)")
     run = {**run_record(args, job), "source_sample": source_sample(job)}
     adapted = Path(args.dest) / ADAPTED if args.adapt else None
     if resume and adapted is not None and adapted.is_file():  # the network the run being resumed adapted
@@ -519,7 +532,7 @@ def main(argv=None) -> dict:
               "--source, --bbox) right?")
     seconds = time.time() - start
     mpx = len(todo) * width * height / 1e6
-    print(f"{'aligned' if reference is not None else 'wrote'} {len(todo)} sections of {width} x {height} px at mip "
+    print(f"{'aligned' if reference is not None else 'wrote'} {len(todo)} section{'s' * (len(todo) != 1)} of {width} x {height} px at mip "
           f"{args.mip} into {args.dest} in {seconds:.1f} s ({mpx / seconds:.2f} Mpx/s)")
     CloudFiles(job.dest).put_json(NEUROGLANCER_STATE, state)
     print(*view, sep="\n")

@@ -133,7 +133,7 @@ def region(args, source) -> tuple[int, int, int, int, int, int]:
     (_, _, sz0), (_, _, sz1) = volume.bounds(source)
     z0 = sz0 if args.z_start is None else args.z_start
     z1 = sz1 if args.z_stop is None else args.z_stop
-    volume.check_z_range(z0, z1, sz0, sz1)
+    volume.check_z_range(z0, z1, sz0, sz1, vol=source)
     return x0, y0, x1, y1, z0, z1
 
 

@@ -423,7 +423,7 @@ def main(argv=None) -> dict:
     volume.check_kind(aligned_vol, "image", "--aligned")
     volume.check_kind(field_vol, "field", "--aligned")
     start, stop = volume.bounds(aligned_vol)
-    volume.check_z_range(args.z_start, args.z_stop, int(start[2]), int(stop[2]))
+    volume.check_z_range(args.z_start, args.z_stop, int(start[2]), int(stop[2]), vol=aligned_vol)
     if args.z_stop - args.z_start < 2:
         raise UserError(f"--z_start {args.z_start} --z_stop {args.z_stop}: CPC and drift compare sections with their "
                         "neighbours: give at least 2")
@@ -439,6 +439,8 @@ def main(argv=None) -> dict:
     inputs = {name: _matching(path, aligned_vol, name, kind) for name, path, kind in
               (("truth", args.truth, "field"), ("defects", args.defects, "labels"), ("raw", args.raw, "image"))
               if path}
+    for name, vol in inputs.items():
+        _check_covers(vol, corner, size, f"--{name}")
     if "truth" in inputs:
         _require_sections(inputs["truth"], corner, size, "--truth")
     aligned = volume.read(aligned_vol, corner, size)[:, 0]
@@ -516,6 +518,20 @@ def _matching(path: str, like, what: str, kind: str):
         if list(base.meta.resolution(mip)) == resolution:
             return volume.open_volume(path, mip)
     raise UserError(f"the {what} volume {path} has no mip at resolution {resolution}")
+
+
+def _check_covers(vol, corner, size, what: str) -> None:
+    """``UserError`` naming ``what`` unless the volume ``vol`` covers the cutout (``volume.read``'s ``corner``,
+    ``size``) of the aligned stack that is scored."""
+    import volume
+
+    start, stop = volume.bounds(vol)
+    end = np.add(corner, size)
+    if (np.asarray(corner) < start).any() or (end > stop).any():
+        def extent(lo, hi):
+            return f"x {lo[0]}..{hi[0] - 1}, y {lo[1]}..{hi[1] - 1}, sections {lo[2]}..{hi[2] - 1}"
+        raise UserError(f"{what} {vol.cloudpath} covers {extent(start, stop)} at mip {vol.mip}, not all of the "
+                        f"aligned stack's {extent(corner, end)} scored")
 
 
 def _require_sections(vol, corner, size, what: str, why: str = "", every_chunk: bool = True, blank=()) -> None:

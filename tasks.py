@@ -384,9 +384,15 @@ def block_task(job: dict, first: int) -> None:
     found = {int(name.rsplit("/", 1)[1]): content  # b"done", b"blank" or b"passed" (not aligned to)
              for name, content in zip(names, volume.get_many(marks, names, as_json=False))}
     model = model_of(job)
-    if not found and (origin := _block_start(job, model, first)) < first:  # its first section matches nowhere
-        marks.put(f"block/{first}/{origin}", b"done")
-        found[origin] = b"done"
+    if not found:
+        origin = _block_start(job, model, first)
+        if origin < first:  # its first section matches nowhere: the block starts at one the block before aligned
+            marks.put(f"block/{first}/{origin}", b"done")
+            found[origin] = b"done"
+        for z in range(first, origin):  # the range's first sections match nowhere: written unmoved, passed over
+            warn_passed_over(z)
+            marks.put(f"block/{first}/{z}", b"passed")
+            found[z] = b"passed"
     origin = min(found, default=first)  # the section the block starts at: its first, or one before (_block_start)
     start = next(z for z in itertools.count(origin) if z not in found)
     blank = {z: found[z] == b"blank" for z in range(origin, start)}  # z -> blank, of the sections aligned or read
@@ -452,27 +458,35 @@ def stack_bias(job: Job, model) -> tuple[float, float]:
 
 
 def _block_start(job: Job, model, first: int) -> int:
-    """The section the serial block that starts at ``first`` (> ``z_start``) keeps fixed: ``first``, or where the
-    section after it matches it nowhere (``alignment.matches_nowhere``: noise, other tissue), the nearest of the
-    ``PASS_OVER`` sections before it that the section after does match (within the block before, which aligned
-    it); ``align_serial`` then passes over those between, as the block before did. ``first`` where a section read is
-    blank, or with ``--vote`` (which does not pass over)."""
-    after = first + 1
-    if first == job.z_start or job.vote > 1 or after >= job.z_stop:
+    """The section the serial block that starts at ``first`` keeps fixed: ``first``, or where the section after it
+    matches it nowhere (``alignment.matches_nowhere``: noise, other tissue), the nearest of the ``PASS_OVER``
+    sections before it that the section after does match (within the block before, which aligned it);
+    ``align_serial`` then passes over those between, as the block before did. The range's first block has no
+    section before: there the first of ``first`` and the ``PASS_OVER`` sections after it that the section after it
+    matches (the sections before it match nowhere, so they are noise: passed over). ``first`` where a section read
+    is blank, where none matches, or with ``--vote`` (which does not pass over)."""
+    if job.vote > 1 or first + 1 >= job.z_stop:
         return first
     source = _layer(job.source, job.mip)
 
     def section(z: int) -> tuple:  # (raw, defect map or None)
         return _read(source, z, job.bbox)[0], read_defects(job, z, job.bbox) if job.defects else None
-    raw, marks = section(after)
-    if is_blank(raw):
-        return first
-    for z in range(first, max(first - PASS_OVER, first - job.block + 1) - 1, -1):  # the block before's, down
-        target, target_marks = section(z)
-        if is_blank(target):
+
+    def matches(z: int, t: int) -> bool | None:  # whether section z matches section t; None where either is blank
+        (raw, marks), (target, target_marks) = section(z), section(t)
+        if is_blank(raw) or is_blank(target):
+            return None
+        return not alignment.matches_nowhere(model, raw, target, job.pair, (marks, target_marks))
+    if first == job.z_start:  # forward: each section onto the one before, up to the range's last but one
+        pairs = [(z + 1, z) for z in range(first, min(first + PASS_OVER, job.z_stop - 2) + 1)]
+    else:  # back: the section after onto the block before's
+        pairs = [(first + 1, z) for z in range(first, max(first - PASS_OVER, first - job.block + 1) - 1, -1)]
+    for z, t in pairs:
+        match = matches(z, t)
+        if match is None:
             return first
-        if not alignment.matches_nowhere(model, raw, target, job.pair, (marks, target_marks)):
-            return z
+        if match:
+            return t
     return first
 
 
@@ -535,9 +549,10 @@ def pair_offsets(job: Job) -> list[int]:
 
 
 def _prealigned(job: Job, usable: list[int]) -> dict:
-    """``{(z, t): (rigid, unmatched)}``: every pair of the ``usable`` sections' prealign markers."""
+    """``{(z, t): (rigid, unmatched)}``: every pair of the ``usable`` sections' prealign markers (a section with no
+    pair, the only usable one, has none)."""
     markers = volume.get_many(_progress(job), [f"solve/prealign/{z}" for z in usable])
-    return {(z, t): (rigid, unmatched) for z, marker in zip(usable, markers)
+    return {(z, t): (rigid, unmatched) for z, marker in zip(usable, markers) if marker is not None
             for t, rigid, unmatched in zip(marker["targets"], marker["rigid"],
                                            marker.get("unmatched", [False] * len(marker["targets"])))}  # or older
 

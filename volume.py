@@ -165,13 +165,15 @@ def read(vol, start, size) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(cut).transpose(2, 3, 1, 0))
 
 
-def check_z_range(start: int, stop: int, first: int, end: int, what: str = "z range") -> None:
-    """A one-line ``UserError`` naming ``what`` unless sections ``start .. stop - 1`` lie within the volume's ``first
-    .. end - 1``; an empty or reversed range says so rather than that it is outside."""
+def check_z_range(start: int, stop: int, first: int, end: int, what: str = "z range", vol=None) -> None:
+    """A one-line ``UserError`` naming ``what`` (and the volume ``vol``, where given) unless sections ``start .. stop
+    - 1`` lie within the volume's ``first .. end - 1``; an empty or reversed range says so rather than that it is
+    outside."""
     if stop <= start:
         raise UserError(f"{what} {start}..{stop} is empty: its stop must be above its start")
     if start < first or stop > end:
-        raise UserError(f"{what} {start}..{stop} is outside the volume's sections {first}..{end - 1}")
+        raise UserError(f"{what} {start}..{stop} is outside the sections {first}..{end - 1} of the volume"
+                        + (f" {vol.cloudpath}" if vol is not None else ""))
 
 
 def check_bbox(bbox, vol) -> tuple[int, int, int, int]:

@@ -266,7 +266,7 @@ def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_fi
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--z_start", "5", "--z_stop", "40"], "outside the volume"),
+    (["--z_start", "5", "--z_stop", "40"], "z range 5..40 is outside the sections 0..11 of the volume file://"),
     (["--z_start", "2", "--z_stop", "0"], "z range 2..0 is empty"),
     (["--z_start", "0", "--z_stop", "2", "--mip", "5"], "no mip 5"),
     (["--z_start", "0", "--z_stop", "2", "--bbox", "0", "0", "99", "10"], "outside the volume"),
@@ -276,6 +276,9 @@ def test_the_run_ends_with_a_neuroglancer_state_of_the_image_and_the_coloured_fi
     (["--z_start", "0", "--z_stop", "2", "--solve", "--detail_pull", "0"], "--detail_pull 0: must be > 0"),
     (["--z_start", "0", "--z_stop", "2", "--neighbours", "3", "--pull", "5"],
      "--neighbours 3, --pull 5.0: a setting of --solve, which this run does not use"),
+    (["--z_start", "0", "--z_stop", "3", "--solve", "--neighbours", "3"], "--neighbours 3: the range 0..2 has 3 "
+                                                                          "sections, so a section has at most 2"),
+    (["--z_start", "0", "--z_stop", "2", "--task_memory", "4"], "--task_memory 4: a setting of --solve's tasks"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "-1"], "--trunc -1: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--refine", "-5"], "--refine -5: must be >= 0"),
     (["--z_start", "0", "--z_stop", "2", "--trunc", "3"], "below the 3 levels"),

@@ -284,14 +284,19 @@ def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_
     raw, truth, raw_path, _ = misaligned
     write_layer(tmp_path / "dest" / "image", raw[:, None], "image")
     write_layer(tmp_path / "dest" / "field", np.zeros_like(truth), "field")
+    small = "file://" + str(tmp_path / "small")  # a raw stack of other sections
+    volume.write(volume.create_volume(small, (10, 10, 2), "uint8", chunk=(10, 10, 1)), raw[:2, None, :10, :10],
+                 (0, 0, 0))
     dest, z = ["--aligned", tmp_path / "dest", "--raw", raw_path], ["--z_start", "0", "--z_stop", "4"]
-    for argv, says in ((dest + ["--z_start", "0", "--z_stop", "9"], "outside the volume's sections 0..3"),
+    for argv, says in ((dest + ["--z_start", "0", "--z_stop", "9"], "outside the sections 0..3 of the volume file://"),
                        (dest + ["--z_start", "3", "--z_stop", "1"], "z range 3..1 is empty"),
                        (dest + z + ["--cpc_window", "0"], "--cpc_window >= 1"),
                        (dest + z + ["--cpc_window", "100000"], "--cpc_window 100000 px: larger than the sections"),
                        (dest + ["--z_start", "1", "--z_stop", "2"], "give at least 2"),
                        (["--aligned", tmp_path / "nothing"] + z, "nothing"),
-                       (dest + ["--truth", "file://" + str(tmp_path / "no_truth")] + z, "no_truth")):
+                       (dest + ["--truth", "file://" + str(tmp_path / "no_truth")] + z, "no_truth"),
+                       (["--aligned", tmp_path / "dest", "--raw", small] + z, f"--raw {small} covers x 0..9, y 0..9, "
+                        f"sections 0..1 at mip 0, not all of the aligned stack's x 0..{raw.shape[2] - 1}")):
         result = run_command(evaluate, *argv)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr

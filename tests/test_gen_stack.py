@@ -151,7 +151,7 @@ def test_interrupted_run_leaves_no_file(tmp_path, tiny_volume, monkeypatch):
     (["--count", "0"], "--count"),
     (["--mip", "3"], "no mip 3"),
     (["--dim", "64"], "larger than the volume"),
-    (["--train_range", "0", "40"], "outside the volume"),
+    (["--train_range", "0", "40"], "--train_range 0..40 is outside the sections"),
     (["--stack_height", "20"], "does not fit"),
     (["--dim", "32", "--max_missing", "0.1"], "missing data"),  # every stack is 25 % missing
     (["--max_missing", "2"], "--max_missing 2.0 is a fraction"),
