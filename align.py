@@ -532,8 +532,8 @@ def main(argv=None) -> dict:
               "--source, --bbox) right?")
     seconds = time.time() - start
     mpx = len(todo) * width * height / 1e6
-    print(f"{'aligned' if reference is not None else 'wrote'} {len(todo)} section{'s' * (len(todo) != 1)} of {width} x {height} px at mip "
-          f"{args.mip} into {args.dest} in {seconds:.1f} s ({mpx / seconds:.2f} Mpx/s)")
+    print(f"{'aligned' if reference is not None else 'wrote'} {len(todo)} section{'s' * (len(todo) != 1)} of {width} x "
+          f"{height} px at mip {args.mip} into {args.dest} in {seconds:.1f} s ({mpx / seconds:.2f} Mpx/s)")
     CloudFiles(job.dest).put_json(NEUROGLANCER_STATE, state)
     print(*view, sep="\n")
     return {"sections": len(todo), "seconds": seconds, "mpx_per_s": mpx / seconds}

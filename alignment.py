@@ -700,7 +700,7 @@ def section_stats(moments: np.ndarray) -> tuple[float, float]:
 PASS_OVER = 2  # align_serial aligns past at most this many sections in a row that match nowhere (noise, other
 # tissue): after more, the tissue has changed, and the next section is aligned onto the last one
 BIAS_PAIRS = (3, 9)  # network_bias reads 3 neighbour pairs spread over the stack, and 9 (those 3 among them) where
-# the 3 show half of MIN_BIAS or more: 3 alone were too few on fly tissue (RESULTS.md, 2026-12-07 18:00)
+# the 3 show half of MIN_BIAS or more: 3 alone were too few on fly tissue (RESULTS.md, 2026-12-07 17:40)
 MIN_BIAS = 0.25  # px: a smaller network_bias is taken as none (mouse sections: <= 0.12; fly: 0.53-0.89; RESULTS.md)
 
 

@@ -944,7 +944,8 @@ def test_with_smooth_the_pair_weights_are_the_share_of_tissue_the_coarse_field_s
 def test_the_network_s_bias_is_half_the_loop_of_a_pair_s_two_fields_and_serial_alignment_takes_it_off(monkeypatch):
     """A network whose every field is a constant c: each pair's loop is 2c, so the bias is c (none under MIN_BIAS),
     from 3 pairs spread over the stack, or 9 (the 3 among them) where the 3 show half of MIN_BIAS or more (pairs
-    with a blank section or that match nowhere left out); serial alignment with it taken off moves no section, onto aligned or raw neighbours."""
+    with a blank section or that match nowhere left out); serial alignment with it taken off moves no section, onto
+    aligned or raw neighbours."""
     stack, model = noisy_stack(noise=(), count=19), alignment.for_inference(random_net())
     stack[9] = 0  # blank: the pair (9, 8) is left out
     read = []
