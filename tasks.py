@@ -463,9 +463,10 @@ def _block_start(job: Job, model, first: int) -> int:
     sections before it that the section after does match (within the block before, which aligned it);
     ``align_serial`` then passes over those between, as the block before did. The range's first block has no
     section before: there the first of ``first`` and the ``PASS_OVER`` sections after it that the section after it
-    matches (the sections before it match nowhere, so they are noise: passed over). ``first`` where a section read
-    is blank, where none matches, or with ``--vote`` (which does not pass over)."""
-    if job.vote > 1 or first + 1 >= job.z_stop:
+    matches (the sections before it match nowhere, so they are noise: passed over, and never aligned to). ``first``
+    where a section read is blank, where none matches, or for a later block with ``--vote`` (which does not pass
+    over: the section it starts at would be voted onto)."""
+    if first + 1 >= job.z_stop or job.vote > 1 and first > job.z_start:
         return first
     source = _layer(job.source, job.mip)
 

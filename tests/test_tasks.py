@@ -707,12 +707,12 @@ def test_a_block_whose_first_section_matches_nowhere_starts_at_the_section_befor
     assert np.abs(np.delete(moved - np.array(moves), noise, axis=0)).max() < 1, moved
 
 
-@pytest.mark.parametrize("noise", [(0,), (0, 1)])
-def test_a_range_whose_first_sections_match_nowhere_starts_after_them(tmp_path, capsys, monkeypatch, noise):
+@pytest.mark.parametrize("noise, mode", [((0,), []), ((0, 1), []), ((0,), ["--vote", "2"])])
+def test_a_range_whose_first_sections_match_nowhere_starts_after_them(tmp_path, capsys, monkeypatch, noise, mode):
     """Six sections moved by up to 4 px, the first one or two of noise: they are passed over (named, marked,
-    written unmoved), and the first that the section after it matches is the reference, so each section after lands
-    where the move made puts it in the reference's frame (before, the noise was the reference and the sections after
-    it were passed over too)."""
+    written unmoved; also with --vote, which never aligns to them), and the first that the section after it matches
+    is the reference, so each section after lands where the move made puts it in the reference's frame (before, the
+    noise was the reference and the sections after it were passed over too)."""
     monkeypatch.setattr(alignment, "network_bias", lambda *args: torch.zeros(2))  # a random network's is noise
     moves = np.array([(0, 0), (0, 0), (3, -2), (1, 1), (-4, 3), (2, 2)])
     stack = moved_windows([tuple(m) for m in moves], size=96)
@@ -721,7 +721,7 @@ def test_a_range_whose_first_sections_match_nowhere_starts_after_them(tmp_path, 
     layer(tmp_path / "raw", stack[:, None])
     archive = save_archive(tmp_path / "net.pt", random_net(), summary={"name": "net"})
     align.main(["--archive", str(archive), "--source", str(tmp_path / "raw"), "--z_start", "0", "--z_stop", "6",
-                "--chunk", "32", "--overlap", "8", "--prealign", "12", "--dest", str(tmp_path / "d")])
+                "--chunk", "32", "--overlap", "8", "--prealign", "12", "--dest", str(tmp_path / "d"), *mode])
     assert f"passed over: {' '.join(map(str, noise))}]" in capsys.readouterr().err
     marks = align.progress_files(str(tmp_path / "d"))
     assert [marks.get(f"block/0/{z}") for z in range(6)] == [b"passed"] * len(noise) + [b"done"] * (6 - len(noise))
