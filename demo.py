@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import volume
-from helpers import HelpFormatter, UserError, atomic_output, check_writable, local_path, run_main
+from helpers import HelpFormatter, UserError, atomic_output, check_writable, local_path, random_seed, run_main
 
 SHAPE = (100, 512, 512)  # sections, rows, columns at mip 0
 PAD = 48  # margin generated around each section so misalignment pulls in tissue, not zeros
@@ -185,7 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=HelpFormatter)
     p.add_argument("dest", help="a local directory that does not exist yet")
     p.add_argument("--phantom", default="default", choices=PHANTOMS, help="how the tissue changes between sections")
-    p.add_argument("--seed", type=int, default=SEED, help="draws the tissue and the misalignment")
+    p.add_argument("--seed", type=random_seed, default=SEED, help="draws the tissue and the misalignment")
     p.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("Z", "H", "W"),
                    help="sections, rows, columns at mip 0")
     return p.parse_args(argv)

@@ -66,10 +66,12 @@ class DefectNet(nn.Module):
 
 
 def save_detector(path: str | Path, net: DefectNet, **state) -> Path:
-    """Write ``net`` (config and weights, on the CPU) and plain-data ``state`` to ``path`` atomically."""
+    """Write ``net`` (config and weights, on the CPU) and plain-data ``state`` to ``path`` atomically (its folder made
+    where missing, as a network archive's)."""
     archive = {"kind": KIND, "version": VERSION, "config": net.config,
                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **state}
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         torch.save(archive, tmp)
     return path

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import demo
 import volume
-from helpers import (HelpFormatter, UserError, atomic_output, check_name, finite_float, local_path, run_main,
-                     slice_std, stop_if_interrupted)
+from helpers import (HelpFormatter, UserError, atomic_output, check_name, finite_float, local_path, random_seed,
+                     run_main, slice_std, stop_if_interrupted)
 from masks import check_defect_map
 
 SEED_DEFAULTS = dict(mip=5, dim=1152, stack_height=50, train_range=(1, 800), test_range=(800, 1000))
@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="redraw a stack whose fraction of missing (zero) pixels exceeds this")
     p.add_argument("--coords", help="replay the stack corners of an earlier gen_stack HDF5, or of a text file "
                                     "with one 'x y z' line per stack (voxels at --mip)")
-    p.add_argument("--seed", type=int, default=Sampling.seed, help="random seed for the sample positions")
+    p.add_argument("--seed", type=random_seed, default=Sampling.seed, help="random seed for the sample positions")
     p.add_argument("--read_threads", "--workers", type=int, default=Sampling.read_threads,
                    help="parallel reader threads")
     p.add_argument("--out_dir", default=None,

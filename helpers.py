@@ -132,10 +132,24 @@ def number(text: str) -> float:
 
 
 def finite_float(text: str) -> float:
-    """``argparse`` type: a finite float; ``number``'s, infinities refused too."""
+    """``argparse`` type: a finite float; ``number``'s, infinities refused too, and numbers beyond float32's range
+    (every tensor's: 3.4e38)."""
     value = number(text)
     if math.isinf(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    if abs(value) > float(np.finfo(np.float32).max):
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond float32's range (3.4e38)")
+    return value
+
+
+def random_seed(text: str) -> int:
+    """``argparse`` type: a random seed, an integer 0 .. 2^63 - 1 (torch's and numpy's generators take those)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is an integer from 0 to 2^63 - 1")
     return value
 
 

@@ -52,7 +52,7 @@ import loss
 import misalign
 from data import Augmenter, StackDataset, batches, held_out_misalignment
 from helpers import (HelpFormatter, UserError, check_device, check_name, check_writable, code_version, finite_float,
-                     run_main, upsample_field, vector_length)
+                     random_seed, run_main, upsample_field, vector_length)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--epoch_size", type=int, default=0,
                    help="pairs per epoch (0 = one pass over the dataset)")
     g.add_argument("--batch_size", type=int, default=8, help="pairs per step")
-    g.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, augmentation)")
+    g.add_argument("--seed", type=random_seed, default=0, help="random seed (weights, data order, augmentation)")
     g.add_argument("--average_from", type=int,
                    help="from this epoch on, also keep pt/NAME.avg.pt: the mean of the network's weights at the end "
                         "of each epoch (stochastic weight averaging: at a constant --lr the weights wander from "
@@ -203,6 +203,13 @@ def check_args(args) -> None:
     if args.name.endswith(".pt"):
         raise UserError(f"experiment name {args.name!r}: give it without .pt (the network is written to "
                         f"{archive_of(args.name[:-3])})")
+    if args.name.endswith((".best", ".avg")):
+        raise UserError(f"experiment name {args.name!r}: a name ending .best or .avg would share its files with "
+                        f"experiment {args.name.rsplit('.', 1)[0]!r} (its {args.name.rsplit('.', 1)[1]} network, "
+                        f"{archive_of(args.name)}); choose another")
+    if 0 < args.epoch_size < args.batch_size:
+        raise UserError(f"--epoch_size {args.epoch_size} is smaller than --batch_size {args.batch_size}: an epoch "
+                        "would train no step")
     if args.average_from is not None and not 0 <= args.average_from < args.epochs:
         raise UserError(f"--average_from {args.average_from} is an epoch: 0 or more, and below --epochs "
                         f"{args.epochs} (epochs 0..{args.epochs - 1} run), or no mean is kept")
@@ -418,6 +425,10 @@ def resume_changes(args, stored: dict) -> dict:
             hm = args.hm if "hm" in args.given else stored.get("hm", False)
             paths = [str(resolve_dataset(spec, hm)) for spec in value]
             value = paths if len(paths) > 1 else paths[0]
+            recorded = stored.get(key)
+            if [Path(p).resolve() for p in paths] == [Path(p).resolve() for p in
+                                                      (recorded if isinstance(recorded, list) else [recorded or ""])]:
+                continue  # the same files, spelled otherwise
         if value == stored.get(key):
             continue
         if key in FIXED_ON_RESUME:
@@ -439,7 +450,7 @@ def prepare(args) -> tuple:
         model, archive = load_archive(archive_path, "cpu")
         stored = {k: v for k, v in archive["args"].items() if k not in ("given", "typed")}
         changes = resume_changes(args, stored)
-        args.__dict__.update({**stored, **changes, "device": args.device, "resume": True})
+        args.__dict__.update({**stored, **changes, "name": args.name, "device": args.device, "resume": True})
         if changes:
             archive["resumes"] = archive.get("resumes", []) + [{
                 "epoch": archive["epoch"], "iteration": archive["iteration"], "date": time.strftime("%Y-%m-%d %H:%M"),

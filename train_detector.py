@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import misalign
 from detect_defects import ARCHIVE, DefectNet, load_detector, save_detector
-from helpers import HelpFormatter, UserError, check_device, check_writable, finite_float, folder, run_main
+from helpers import HelpFormatter, UserError, check_device, check_writable, finite_float, folder, random_seed, run_main
 
 PAD = 48  # margin generated around each canvas, as the benchmarks' stacks
 SIDE = 512  # px: the training stacks' side at most (the centre of larger sections)
@@ -152,7 +152,7 @@ def main(argv=None) -> Path:
     p.add_argument("--blank_share", type=finite_float, default=0.25,
                    help="share of the crops with one side missing data (0), as at a volume's edges")
     p.add_argument("--init", help="start from this detector archive (a run continued); None: from scratch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--out", default=str(ARCHIVE))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (e.g. the shipped detector)")
     p.add_argument("--device", help="cpu or cuda (cuda:N); None: cuda if this machine has it (the crops are made on the "

@@ -158,6 +158,8 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
     (["--padding", "16"], "--padding 16 px leaves nothing of the 32 px sections"),  # the loss would be 0
     (["--resume", "--overwrite"], "--resume continues pt/NAME.pt and --overwrite replaces it: choose one"),
     (["--hm"], "--hm picks a dataset NAME's highest-mip file"),  # was ignored: the .h5 given was used as it is
+    (["--epoch_size", "2", "--batch_size", "8"], "--epoch_size 2 is smaller than --batch_size 8: an epoch would "
+                                                 "train no step"),  # it was saved as trained, 0 iterations
 ])
 def test_bad_flags_are_one_line_errors(toy, flags, message, run_command):
     result = run_command(train, "--dataset", toy, *flags, "bad", cwd=toy.parent)
@@ -171,6 +173,31 @@ def test_an_experiment_named_like_its_archive_is_one_line(toy, run_command):
     assert result.returncode == 2 and result.stderr.strip() == ("error: experiment name 'bad.pt': give it without .pt "
                                                                 "(the network is written to pt/bad.pt)")
     assert not (toy.parent / "pt").exists()
+
+
+def test_an_experiment_named_like_another_s_best_or_mean_network_is_refused(toy, run_command):
+    """``exp.best`` would share ``pt/exp.best.pt`` with experiment ``exp`` (whose resumed run deletes it, or which
+    ``--resume exp.best`` would write over)."""
+    for name in ("exp.best", "exp.avg"):
+        result = run_command(train, "--dataset", toy, name, cwd=toy.parent)
+        assert result.returncode == 2 and result.stderr.strip() == (
+            f"error: experiment name '{name}': a name ending .best or .avg would share its files with experiment "
+            f"'exp' (its {name[4:]} network, pt/{name}.pt); choose another")
+    assert not (toy.parent / "pt").exists()
+
+
+def test_a_copied_archive_resumes_under_its_own_name_and_the_same_data_spelled_otherwise(toy, capsys):
+    """``cp pt/exp.pt pt/copy.pt; train.py --resume copy``: the run is ``copy`` (its logs, its archive), not the
+    name stored inside; ``--dataset`` given again as another spelling of the same file is no change."""
+    path = run(toy, "exp", "--epochs", "1")
+    (path.parent / "copy.pt").write_bytes(path.read_bytes())
+    before, _ = path.read_bytes(), capsys.readouterr()
+    train.main(["--resume", "--epochs", "2", "--dataset", toy.name, "copy"])  # archived: its absolute path
+    out = capsys.readouterr().out
+    assert "resuming pt/copy.pt at epoch 1 with --epochs 1 -> 2\ntraining copy:" in out  # --dataset: no change
+    _, archive = load_archive(path.parent / "copy.pt")
+    assert archive["epoch"] == 2 and archive["summary"]["name"] == "copy" and path.read_bytes() == before
+    assert (toy.parent / "runs" / "copy").is_dir()
 
 
 def test_resuming_what_is_not_a_network_is_one_line(toy, run_command):
@@ -203,6 +230,17 @@ def test_a_float_flag_that_is_not_finite_is_refused_when_parsed(flag, capsys):
         last = capsys.readouterr().err.strip().splitlines()[-1]
         kind = "a number" if value.lower() == "nan" else "a finite number"
         assert exit_.value.code == 2 and last.endswith(f"argument {flag}: '{value}' is not {kind}")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "1e39", "'1e39' is beyond float32's range (3.4e38)"),  # was an overflow traceback
+    ("--seed", "-1", "'-1': a seed is an integer from 0 to 2^63 - 1"),
+    ("--seed", str(2 ** 64), f"'{2 ** 64}': a seed is an integer from 0 to 2^63 - 1"),  # an overflow traceback
+])
+def test_a_number_out_of_range_is_refused_when_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args([f"{flag}={value}", "x"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith(f"argument {flag}: {message}")
 
 
 def test_a_learning_rate_that_is_not_a_number_is_one_line_and_writes_nothing(toy):

@@ -74,7 +74,7 @@ def test_a_short_run_trains_and_writes_a_detector_that_loads(tmp_path, monkeypat
     stack = train_detector.damaged(phantom.make_phantom((3, 160, 160), seed=5), 64, seed=1000)
     monkeypatch.setattr(train_detector, "pool", lambda args: [stack])
     out = train_detector.main(["--steps", "3", "--crop", "32", "--batch_size", "2", "--device", "cpu",
-                               "--out", str(tmp_path / "d.pt")])
+                               "--out", str(tmp_path / "new" / "d.pt")])  # its folder made (it was a traceback)
     archive = torch.load(out, weights_only=True)
     assert archive["steps"] == 3 and "--device cpu" in archive["recipe"]
     torch.manual_seed(0)  # main's --seed: the network it started from
