@@ -267,6 +267,38 @@ def remove_stale(path: Path, tag: str) -> list[Path]:
     return removed
 
 
+@contextmanager
+def held(path: Path, what: str) -> Iterator[None]:
+    """Run the ``with`` body holding the lock file ``path`` (it names this process, ``PID@HOST``), deleted after: a
+    one-line ``UserError`` naming ``what`` where a live process holds it (or one of another machine, which cannot
+    be asked); one left by a killed process of this machine is taken over. A folder made for it goes too, if the
+    body left it empty."""
+    made = not path.parent.exists()
+    for _ in range(2):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "x") as lock:
+                lock.write(f"{os.getpid()}@{socket.gethostname()}")
+            break
+        except FileExistsError:
+            if not path.is_file():  # a file where its folder goes, or a folder at its path
+                raise UserError(f"{what}: cannot write its lock file {path}") from None
+            holder = path.read_text().strip()
+            pid, _, host = holder.partition("@")
+            if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
+                raise UserError(f"{what} is in use by process {holder or '?'} ({path}): wait for it to end, or "
+                                f"delete {path} if that process is gone") from None
+            path.unlink(missing_ok=True)  # its process was killed
+        except OSError as err:
+            raise UserError(f"{what}: cannot write its lock file {path}: {one_line(err)}") from None
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        if made and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+
+
 _SIGINTS: list[int] = []  # the Ctrl-Cs that reached the running atomic_output (see _recording_sigint)
 
 

@@ -52,7 +52,7 @@ import loss
 import misalign
 from data import Augmenter, StackDataset, batches, held_out_misalignment
 from helpers import (HelpFormatter, UserError, check_device, check_name, check_writable, code_version, finite_float,
-                     random_seed, run_main, upsample_field, vector_length)
+                     held, random_seed, run_main, upsample_field, vector_length)
 from models import Pyramid
 from models.archive import load_archive, load_weights, save_archive
 
@@ -705,8 +705,10 @@ def main(argv=None) -> Path:
     args.device = str(args.device)
     with distributed.process_group(args.device) as device:
         check_device(device)
-        with logs_follow_the_network(args.name, args.overwrite) if distributed.is_main() else \
-                contextlib.nullcontext():
+        if not distributed.is_main():
+            return train(args, device)
+        lock = archive_of(check_name(args.name, "experiment name")).with_name(f".{args.name}.lock")
+        with held(lock, f"experiment {args.name}"), logs_follow_the_network(args.name, args.overwrite):
             return train(args, device)
 
 

@@ -405,3 +405,34 @@ def test_machine_memory_is_the_lower_of_the_machine_s_and_its_container_s(monkey
     monkeypatch.setattr(h.os, "sysconf", unknown)  # neither can be read
     limits.clear()
     assert h.machine_memory() is None
+
+
+def test_a_lock_is_held_by_one_live_process_and_taken_over_from_a_killed_one(tmp_path):
+    """``held``: a second holder is refused in one line naming the first; the lock goes when the body ends (also on
+    an error); one naming a process that no longer runs on this machine is taken over; one of another machine is
+    not (it cannot be asked); a folder made for it goes with it, if left empty."""
+    lock = tmp_path / "pt" / ".exp.lock"
+    with h.held(lock, "experiment exp"):
+        pass
+    assert not lock.parent.exists()
+    lock.parent.mkdir()
+    with h.held(lock, "experiment exp"):
+        assert lock.read_text() == f"{os.getpid()}@{socket.gethostname()}"
+        with pytest.raises(h.UserError, match=rf"experiment exp is in use by process {os.getpid()}@.* \({lock}\)"):
+            with h.held(lock, "experiment exp"):
+                pass
+    assert not lock.exists()
+    with pytest.raises(ValueError), h.held(lock, "experiment exp"):
+        raise ValueError
+    assert not lock.exists()
+    lock.write_text(f"{ended_pid()}@{socket.gethostname()}")  # killed: its lock left behind
+    with h.held(lock, "experiment exp"):
+        assert lock.read_text().startswith(f"{os.getpid()}@")
+    lock.write_text("1@another-machine")
+    with pytest.raises(h.UserError, match="in use by process 1@another-machine"), h.held(lock, "experiment exp"):
+        pass
+    assert lock.read_text() == "1@another-machine"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(h.UserError, match="experiment exp: cannot write its lock file"):
+        with h.held(tmp_path / "file" / ".exp.lock", "experiment exp"):
+            pass

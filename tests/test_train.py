@@ -1,6 +1,8 @@
 """train.py end to end on a tiny HDF5: outputs, resume, refusals, lineage; net_hist.py on the result."""
 import io
 import math
+import os
+import socket
 import sys
 import threading
 
@@ -198,6 +200,22 @@ def test_a_copied_archive_resumes_under_its_own_name_and_the_same_data_spelled_o
     _, archive = load_archive(path.parent / "copy.pt")
     assert archive["epoch"] == 2 and archive["summary"]["name"] == "copy" and path.read_bytes() == before
     assert (toy.parent / "runs" / "copy").is_dir()
+
+
+def test_an_experiment_another_process_is_training_is_refused(toy, run_command):
+    """Two runs of one name at once wrote the same files: the second is refused while the first holds
+    ``pt/.NAME.lock``, which goes when a run ends."""
+    lock = toy.parent / "pt" / ".exp.lock"
+    lock.parent.mkdir()
+    lock.write_text(f"{os.getpid()}@{socket.gethostname()}")  # this test's process: alive
+    result = run_command(train, "--dataset", toy, "--size", "2", "--epochs", "1", "exp", cwd=toy.parent)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: experiment exp is in use by process {os.getpid()}@{socket.gethostname()} (pt/.exp.lock): wait for "
+        "it to end, or delete pt/.exp.lock if that process is gone")
+    assert sorted(p.name for p in lock.parent.iterdir()) == [".exp.lock"] and not (toy.parent / "runs").exists()
+    lock.unlink()
+    run(toy, "exp", "--epochs", "1")
+    assert not lock.exists()
 
 
 def test_resuming_what_is_not_a_network_is_one_line(toy, run_command):
