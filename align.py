@@ -215,7 +215,7 @@ def job_of(args, source: str, bbox: tasks.Box, defects: str | None = None) -> ta
                      z_stop=args.z_stop, block=args.block or max(args.z_stop - args.z_start, 2), pair=pair,
                      vote=args.vote, raw_neighbour=args.raw_neighbour, xy_chunk=args.task_chunk,
                      solve=solve if args.solve else None, device=args.device, max_failures=args.max_failures,
-                     mips=args.mips, defects=defects, task_memory=args.task_memory if args.solve else None)
+                     mips=args.mips, defects=defects, task_memory=args.task_memory)
 
 
 def run_record(args, job: tasks.Job) -> dict:
@@ -470,6 +470,11 @@ def main(argv=None) -> dict:
               "where they have that much memory")
     runs = recorded_runs(job.dest)
     resume = runs is not None and not args.overwrite  # None: no layer, so any progress marker left is stale
+    queue = tasks.open_queue(args.queue, create=True) if args.queue else None
+    if queue is not None and not resume and (left := queue.enqueued):  # before DEST is touched
+        raise UserError(f"--queue {args.queue} still holds {left} task{'s' * (left != 1)} of another run, which the "
+                        "workers would run into this one: use a new --queue (one per run), or resume that run (its "
+                        "flags, without --overwrite)")
     if resume:  # the bias the run being resumed took off (none if it recorded none), whatever --z_stop now reads
         job = dataclasses.replace(job, bias=(runs[-1].get("method", {}).get("run") or {}).get("bias") or (0.0, 0.0))
     elif not args.adapt:  # (an adapted network is another network)
@@ -477,11 +482,6 @@ def main(argv=None) -> dict:
     if any(job.bias):
         print(f"the network's bias on this stack, {job.bias[0]:.2f}, {job.bias[1]:.2f} px (x, y) per pair, is taken "
               "off each pair field (a serial chain would add it up; alignment.network_bias)")
-    queue = tasks.open_queue(args.queue, create=True) if args.queue else None
-    if queue is not None and not resume and (left := queue.enqueued):  # before DEST is overwritten
-        raise UserError(f"--queue {args.queue} still holds {left} task{'s' * (left != 1)} of another run, which the "
-                        "workers would run into this one: use a new --queue (one per run), or resume that run (its "
-                        "flags, without --overwrite)")
     run = {**run_record(args, job), "source_sample": source_sample(job)}
     adapted = Path(args.dest) / ADAPTED if args.adapt else None
     if resume and adapted is not None and adapted.is_file():  # the network the run being resumed adapted

@@ -241,6 +241,13 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _gone(owner: str) -> bool:
+    """Whether the process ``PID[@HOST]`` that left a file ran on this machine (or names none) and runs no more:
+    killed (``kill -9``), its leftovers can be taken over. Another machine's cannot be asked, so it is not gone."""
+    pid, _, host = owner.partition("@")
+    return host in ("", socket.gethostname()) and pid.isdigit() and int(pid) != 0 and not _running(int(pid))
+
+
 def _remove(path: Path) -> None:
     """Delete a file or a folder tree, if it is there."""
     if path.is_dir() and not path.is_symlink():
@@ -257,11 +264,9 @@ def remove_stale(path: Path, tag: str) -> list[Path]:
     live run's, or another machine's, is kept.
     """
     prefix, removed = f".{path.name}.{tag}-", []
+    mine = (str(os.getpid()), f"{os.getpid()}@{socket.gethostname()}")
     for left in path.parent.glob(glob.escape(prefix) + "*"):
-        pid, _, host = left.name[len(prefix):].partition("@")
-        if host not in ("", socket.gethostname()) or not pid.isdigit() or int(pid) == 0:
-            continue
-        if int(pid) == os.getpid() or not _running(int(pid)):
+        if left.name[len(prefix):] in mine or _gone(left.name[len(prefix):]):
             _remove(left)
             removed.append(left)
     return removed
@@ -284,8 +289,7 @@ def held(path: Path, what: str) -> Iterator[None]:
             if not path.is_file():  # a file where its folder goes, or a folder at its path
                 raise UserError(f"{what}: cannot write its lock file {path}") from None
             holder = path.read_text().strip()
-            pid, _, host = holder.partition("@")
-            if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
+            if not _gone(holder):
                 raise UserError(f"{what} is in use by process {holder or '?'} ({path}): wait for it to end, or "
                                 f"delete {path} if that process is gone") from None
             path.unlink(missing_ok=True)  # its process was killed

@@ -470,6 +470,7 @@ def _block_start(job: Job, model, first: int) -> int:
         return first
     source = _layer(job.source, job.mip)
 
+    @functools.cache  # a section is in two of the pairs tried forward
     def section(z: int) -> tuple:  # (raw, defect map or None)
         return _read(source, z, job.bbox)[0], read_defects(job, z, job.bbox) if job.defects else None
 
