@@ -53,9 +53,16 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run a script's ``main``; a ``UserError`` becomes one line on stderr and exit 2."""
+    """Run a script's ``main``; a ``UserError`` becomes one line on stderr and exit 2.
+
+    A reader that stops early (``| head``) ends the run quietly, as it would end ``cat``'s.
+    """
     try:
         main()
+        sys.stdout.flush()  # inside the try: a closed pipe is met here, not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left for Python to flush at exit
+        sys.exit(141)  # what a shell reports for a writer killed by SIGPIPE
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -614,10 +621,12 @@ def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
 
     Separable cumulative sums, O(1) per pixel whatever the radius; at the edges
     each pixel averages the part of its square that lies inside the image.
-    Returns float32 of the shape of ``x``; ``radius = 0`` returns ``x`` as float32.
+    Returns float32 of the shape of ``x``; ``radius = 0`` returns ``x`` as float32. A radius beyond the image's
+    larger side averages nothing more than that side does.
     """
     if radius <= 0:
         return x.float()
+    radius = min(radius, max(x.shape[-2:]))
     x = x.double()
     return _box_mean_1d(_box_mean_1d(x, radius, -1), radius, -2).float()
 

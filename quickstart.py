@@ -27,6 +27,8 @@ def main(argv=None) -> dict:
     p.add_argument("--archive", default="pt/demo.pt", help="network that aligns the demo test stack")
     p.add_argument("--train_epochs", type=int, default=3, help="epochs of the short training run (0 = skip)")
     args = p.parse_args(argv)
+    if args.train_epochs < 0:
+        p.error(f"--train_epochs must be >= 0 (got {args.train_epochs})")
     if args.archive == "pt/demo.pt" and not Path(args.archive).is_file():
         raise UserError(f"{args.archive} is missing: it ships with the repository (git checkout pt/demo.pt)")
     read_archive(args.archive)  # a missing or corrupt --archive says so now, not after the training

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import align_quality
+from bench.baselines import BASELINES
 from helpers import HelpFormatter, UserError, finite_float, run_main
 
 VOLUMES = {"isbi": ["--z_start", "0", "--sections", "30", "--size", "416", "--reregister"],  # ISBI 2012 (fly)
@@ -63,7 +64,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--test", type=parse_test, action="append", required=True,
                    help="NAME=FOLDER:ARCHIVE: the volume NAME (isbi, snemi) in FOLDER, aligned by ARCHIVE")
     p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2], help="one draw per seed")
-    p.add_argument("--classical", nargs="*", default=None,
+    p.add_argument("--classical", nargs="*", default=None, metavar="SETTING",
+                   choices=[setting for settings in BASELINES.values() for setting in settings],
                    help="also these settings of the classical aligners (bench.align_quality --settings)")
     p.add_argument("--adapt", type=finite_float, nargs="+", default=[0.0],
                    help="minutes each network is first adapted to the misaligned raw stack (align.py --adapt; 0 = as "

@@ -37,6 +37,11 @@ def _load_error(path: Path, err: Exception) -> UserError:
     """
     text = str(err) if isinstance(err, pickle.UnpicklingError) else ""
     refused, detail = _REFUSED.search(text), _DETAIL.search(text)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # torch writes a zip file, or (before 1.6) a pickle
+        start = f"it starts with {head!r}" if head else "it is empty"
+        return UserError(f"{path}: not a torch file ({start}: neither a zip nor a pickle)")
     if refused:
         return UserError(f"{path}: not a safe network archive: it holds the Python object {refused[1]}, which "
                          "loading would run (refused: an archive holds only tensors and plain data)")
@@ -85,6 +90,8 @@ def read_archive(path: str | Path, device: str | torch.device = "cpu") -> dict:
             archive = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # a corrupt file can fail in any of pickle's or zipfile's ways
         raise _load_error(path, err) from err
+    if isinstance(archive, dict) and isinstance(archive.get("kind"), str) and archive["kind"] != KIND:
+        raise UserError(f"{path}: a {archive['kind']} file, not an aligner's archive ('{KIND}')")
     if not isinstance(archive, dict) or archive.get("kind") != KIND:
         raise UserError(f"{path}: a torch file but not a SEAMLeSS archive (no kind '{KIND}')")
     if archive.get("version") != VERSION:

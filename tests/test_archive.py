@@ -63,19 +63,22 @@ def test_missing_corrupt_and_foreign_files_are_user_errors(tmp_path):
         load_archive(tmp_path / "nope.pt")
     with pytest.raises(UserError, match="a folder, not an archive file"):
         load_archive(tmp_path)
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"\x00not a torch file\xff" * 10)
     good = save_archive(tmp_path / "good.pt", random_pyramid())
-    cut = tmp_path / "cut.pt"
-    cut.write_bytes(good.read_bytes()[:300])
-    for bad in (junk, cut):
-        with pytest.raises(UserError, match=f"{bad.name}: not a readable torch file") as err:
-            load_archive(bad)
+    for name, content, says in (("junk.pt", b"\x00not a torch file\xff" * 10, r"it starts with b'\\x00not'"),
+                                ("notes.pt", b"some text", "it starts with b'some'"), ("empty.pt", b"", "it is empty"),
+                                ("cut.pt", good.read_bytes()[:300], None)):  # a zip cut short: torch's words
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=f"{name}: not a torch file \\({says}" if says else
+                           f"{name}: not a readable torch file") as err:
+            load_archive(tmp_path / name)
         assert "\n" not in str(err.value)
     for name, foreign in (("dict.pt", {"state_dict": {}}), ("tensor.pt", torch.zeros(3))):
         torch.save(foreign, tmp_path / name)
         with pytest.raises(UserError, match=f"{name}: a torch file but not a SEAMLeSS archive"):
             load_archive(tmp_path / name)
+    torch.save({"kind": "seamless-defect-detector", "version": 1}, tmp_path / "detector.pt")
+    with pytest.raises(UserError, match="detector.pt: a seamless-defect-detector file, not an aligner's archive"):
+        load_archive(tmp_path / "detector.pt")
 
 
 class RunsCode:

@@ -29,6 +29,12 @@ def test_a_test_is_name_folder_and_archive():
             cross_volume.parse_test(bad)
 
 
+def test_a_classical_setting_is_checked_as_its_own_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="2"):
+        cross_volume.main(["--test", f"isbi={tmp_path}:{ROOT / 'pt' / 'demo.pt'}", "--classical", "patch63"])
+    assert "argument --classical: invalid choice: 'patch63'" in capsys.readouterr().err
+
+
 def test_one_draw_end_to_end(tmp_path, capsys):
     write_sections(tmp_path, [(0, 0), (1, 0), (1, 1), (2, 1)])
     results = cross_volume.main(["--test", f"isbi={tmp_path}:{ROOT / 'pt' / 'demo.pt'}", "--seed", "0",

@@ -5,6 +5,8 @@ import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -302,6 +304,7 @@ def test_box_mean_keeps_constants_and_matches_a_direct_average():
         window = x[0, 0, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1]
         assert out[0, 0, i, j] == pytest.approx(float(window.mean()), abs=1e-6)
     assert torch.allclose(h.box_mean(x, 20), x.mean().expand_as(x))  # a window past every edge: the whole image
+    assert torch.equal(h.box_mean(x, 10 ** 30), h.box_mean(x, 20))  # train.py --mask_smooth_radius 1e30 overflowed
 
 
 def test_gaussian_blur_keeps_constants_and_spreads_an_impulse_as_a_normalised_gaussian():
@@ -436,3 +439,11 @@ def test_a_lock_is_held_by_one_live_process_and_taken_over_from_a_killed_one(tmp
     with pytest.raises(h.UserError, match="experiment exp: cannot write its lock file"):
         with h.held(tmp_path / "file" / ".exp.lock", "experiment exp"):
             pass
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly():
+    """``python net_hist.py ... | head -1``: Python's BrokenPipeError traceback is not shown."""
+    writer = subprocess.Popen([sys.executable, "-c", "import helpers; helpers.run_main(lambda: print('x' * 10 ** 6))"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(h.__file__).parent)
+    writer.stdout.close()  # the reader is gone before the writer's second pipe buffer
+    assert writer.wait(timeout=60) == 141 and writer.stderr.read() == b""

@@ -5,7 +5,7 @@ import quickstart
 from helpers import UserError
 
 
-def test_a_bad_archive_is_refused_before_any_work(tmp_path, monkeypatch):
+def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quickstart.demo, "ensure_demo", lambda: pytest.fail("built the demo before reading --archive"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
@@ -13,6 +13,9 @@ def test_a_bad_archive_is_refused_before_any_work(tmp_path, monkeypatch):
         quickstart.main(["--archive", str(junk)])
     with pytest.raises(UserError, match="missing.pt: no such archive file"):
         quickstart.main(["--archive", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error, naming quickstart's own flag
+        quickstart.main(["--train_epochs", "-1"])
+    assert "--train_epochs must be >= 0" in capsys.readouterr().err
 
 
 def test_the_short_run_is_said_to_show_that_training_runs_with_its_figures():
