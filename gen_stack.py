@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import shlex
+import shutil
 import sys
 import time
 import warnings
@@ -194,24 +196,21 @@ def sample_stacks(vols: dict, sampling: Sampling, bounds, z_range, coords=None):
         return corner, {name: volume.read(vol, corner, size) for name, vol in vols.items()}
 
     wanted = len(coords) if coords is not None else sampling.count
-    pending = list(coords) if coords is not None else [draw() for _ in range(wanted)]
-    accepted, tries = 0, 0
+    corners = iter(coords) if coords is not None else (draw() for _ in itertools.count())  # drawn as read
+    accepted, tries, batch = 0, 0, 4 * max(1, sampling.read_threads)
     with ThreadPoolExecutor(max(1, sampling.read_threads)) as pool:
         while accepted < wanted:
-            if not pending:
-                if tries > 20 * wanted:
-                    raise UserError(f"found only {accepted} of {wanted} stacks with at most "
-                                    f"{sampling.max_missing:.0%} missing data after {tries} draws "
-                                    "(raise --max_missing or choose another region)")
-                pending = [draw() for _ in range(wanted - accepted)]
-            for corner, arrays in pool.map(read, pending):
+            if coords is None and tries > 20 * wanted:
+                raise UserError(f"found only {accepted} of {wanted} stacks with at most "
+                                f"{sampling.max_missing:.0%} missing data after {tries} draws "
+                                "(raise --max_missing or choose another region)")
+            for corner, arrays in pool.map(read, itertools.islice(corners, batch)):
                 tries += 1
                 missing = float(np.mean(arrays["images"] == 0))
                 if coords is None and (missing > sampling.max_missing or accepted == wanted):
                     continue
                 accepted += 1
                 yield corner, arrays
-            pending = []
 
 
 def write_stacks(path: Path, stacks, count: int, sampling: Sampling) -> float:
@@ -257,6 +256,16 @@ def write_stacks(path: Path, stacks, count: int, sampling: Sampling) -> float:
     return path.stat().st_size
 
 
+def check_space(out_dir: Path, count: int, sampling: Sampling) -> None:
+    """A one-line ``UserError`` where ``count`` stacks would not fit in the space free at ``out_dir``: their images
+    and fields (lzf hardly compresses either; the defect maps it does), before any is drawn or read."""
+    need = count * sampling.stack_height * sampling.dim ** 2 * (1 + (8 if sampling.truth else 0))
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise UserError(f"--count {count}: the dataset would take about {need / 1e9:.3g} GB, more than the "
+                        f"{free / 1e9:.3g} GB free in {out_dir} (lower --count or --dim, or give another --out_dir)")
+
+
 def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
     """Sample ``sampling``'s stacks into ``OUT_DIR/NAME_{train|test}_mipM.h5`` (``write_stacks``); return its path.
 
@@ -298,6 +307,7 @@ def write_dataset(name: str, sampling: Sampling, out_dir: str | Path | None = No
     size = (sampling.dim, sampling.dim, sampling.stack_height)
     coords = read_coords(sampling.coords, sampling.mip, bounds, size) if sampling.coords else None
     count = len(coords) if coords is not None else sampling.count
+    check_space(out_dir, count, sampling)
 
     start = time.time()
     with closing(sample_stacks(vols, sampling, bounds, z_range, coords)) as stacks:  # stopped: no more reads queued

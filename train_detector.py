@@ -167,11 +167,10 @@ def main(argv=None) -> Path:
     weights = torch.tensor(args.class_weights, device=args.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     recipe = " ".join(f"--{k} {v}" for k, v in vars(args).items())
-    start, step, running = time.time(), 0, None
-    deadline = start + 60 * args.minutes
-    while step < args.steps and time.time() < deadline:
+    start, step, running, budget = time.time(), 0, None, 60 * args.minutes
+    while step < args.steps and (step == 0 or time.time() - start < budget):  # a saved detector trained at least once
         for group in optimizer.param_groups:  # cosine decay over the wall-time budget
-            group["lr"] = args.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - start) / (deadline - start))))
+            group["lr"] = args.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - start) / budget)))
         images, labels = batch(stacks, args.crop, args.batch_size, gen, args.fold_share, args.blank_share)
         loss = F.cross_entropy(net(images.to(args.device)), labels.to(args.device), weight=weights)
         optimizer.zero_grad()

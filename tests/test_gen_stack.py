@@ -149,6 +149,7 @@ def test_interrupted_run_leaves_no_file(tmp_path, tiny_volume, monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [
     (["--count", "0"], "--count"),
+    (["--count", str(10 ** 15)], "the dataset would take about 1.02e+09 GB, more than the"),  # before any draw
     (["--mip", "3"], "no mip 3"),
     (["--dim", "64"], "larger than the volume"),
     (["--train_range", "0", "40"], "--train_range 0..40 is outside the sections"),

@@ -81,3 +81,6 @@ def test_a_short_run_trains_and_writes_a_detector_that_loads(tmp_path, monkeypat
     trained, fresh = load_detector(out).state_dict(), DefectNet().state_dict()
     assert trained.keys() == fresh.keys() and all(v.device.type == "cpu" for v in trained.values())
     assert any(not torch.equal(trained[k], fresh[k]) for k in trained)
+    tiny = train_detector.main(["--minutes", "1e-9", "--crop", "32", "--batch_size", "2", "--device", "cpu",
+                                "--out", str(tmp_path / "tiny.pt")])
+    assert torch.load(tiny, weights_only=True)["steps"] == 1  # a budget spent before the first step still trains one
