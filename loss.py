@@ -340,8 +340,9 @@ def pair_loss(model: Callable, batch: Mapping[str, torch.Tensor], objective: Obj
     for little (bench/RESULTS.md, 2026-12-05).
     cost: scalar tensor. log: floats ``similarity``, ``smoothness``, ``consensus``,
     ``epe`` (those in use), ``total``, and the diagnostics ``identity`` (similarity
-    of the unaligned pair) and ``field_px`` (mean |field| in full-resolution
-    pixels). pictures: tensors of the first pair for visualisation, and
+    of the unaligned pair), ``field_px`` (mean |field| in full-resolution
+    pixels) and ``data_share`` (the share of pixels the similarity scores: 0 where
+    no pixel holds data in both sections, and nothing trains). pictures: tensors of the first pair for visualisation, and
     ``residuals`` (level -> residual field) for logging.
     """
     src, tgt = batch["src"], batch["tgt"]
@@ -366,6 +367,7 @@ def pair_loss(model: Callable, batch: Mapping[str, torch.Tensor], objective: Obj
         identity_w = _similarity_weights(objective, region, unaligned_missing, level)
         log["identity"] = float(similarity(src_l, tgt_l, identity_w))
         log["field_px"] = float(vector_length(field).mean()) * scale
+        log["data_share"] = float((sim_w > 0).float().mean())
     pictures = dict(source=src_l[0, 0], target=tgt_l[0, 0], warped=warped[0, 0].detach(),
                     field=field[0].detach(), weights=sim_w[0, 0],
                     residuals={level: r.detach() for level, r in out.residuals.items()})

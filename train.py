@@ -368,15 +368,17 @@ def log_dirs(name: str) -> tuple[Path, Path]:
 def logs_follow_the_network(name: str, replacing: bool = False) -> Iterator[None]:
     """Run the ``with`` body; the ``log_dirs(name)`` follow the network ``archive_of(name)``. If the body fails
     before it saves an epoch there, the folders it created are deleted (a failed run leaves no logs of a network
-    that does not exist). With ``replacing`` (``--overwrite``), once it has saved one, the files those folders held
-    before are deleted: the logs of the network it replaced, whose curves would mix with the new run's. Otherwise
-    what the folders held before is kept whatever happens."""
+    that does not exist). Once it has saved one, the files those folders held before are deleted where they were
+    no network's (no archive stood there: the logs of a run killed before it saved) or, with ``replacing``
+    (``--overwrite``), the replaced network's: their curves would mix with the new run's. Otherwise what the folders
+    held before is kept whatever happens."""
     def saved() -> tuple[int, int] | None:  # the archive's inode and modification time: a save replaces the file
         return (archive.stat().st_ino, archive.stat().st_mtime_ns) if archive.exists() else None
 
     archive = archive_of(name)
     made, before = [folder for folder in log_dirs(name) if not folder.exists()], saved()
-    old = [path for folder in log_dirs(name) if replacing and folder.is_dir() for path in folder.iterdir()]
+    old = [path for folder in log_dirs(name) if (replacing or before is None) and folder.is_dir()
+           for path in folder.iterdir()]
     try:
         yield
     except BaseException:
@@ -648,6 +650,10 @@ def train(args, device: str | None = None) -> Path:
                 kept = (f"{archive_path} keeps the last finite epoch: resume with a lower --lr or --clip"
                         if epoch > 0 else "no epoch was saved: start again with a lower --lr or --clip")
                 raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {kept}")
+            if count and means["data_share"] == 0:
+                raise UserError(f"epoch {epoch}: no pixel of its pairs held data in both sections once misaligned "
+                                f"(--max_shift {args.max_shift:g}, --max_angle {args.max_angle:g} against "
+                                f"{args.crop or 'whole'} px sections): nothing trained; lower them")
             if rank0:
                 if val_loader is not None:
                     means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, device).items()})

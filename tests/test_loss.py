@@ -217,7 +217,7 @@ def test_identical_images_and_the_zero_field_cost_nothing(level):
     model = constant(0.0, 0.0)
     cost, log, pictures = loss.pair_loss(model, pair_batch(texture(2)), objective(lambda6=1.0), level)
     assert cost == 0 and log == {"similarity": 0, "smoothness": 0, "consensus": 0, "total": 0, "identity": 0,
-                                 "field_px": 0}
+                                 "field_px": 0, "data_share": 1}
     assert model.calls == 2  # the pair, and the pair turned by 180 degrees for the consensus
     assert pictures["field"].shape == (2, 32 >> level, 32 >> level)
 
@@ -235,6 +235,9 @@ def test_identity_scores_the_unaligned_pair_where_both_sections_have_data():
     batch["src_missing"][..., :16] = True
     _, log, _ = loss.pair_loss(constant(8.0, 0.0), batch, objective(), 0)  # pulls the gap 8 px to the left
     assert log["identity"] == 0 and log["similarity"] > 0
+    assert log["data_share"] == pytest.approx(16 / 32, abs=1 / 32)  # x 8..23: the gap pulled left, none past the edge
+    batch["src_missing"][:] = True
+    assert loss.pair_loss(constant(0.0, 0.0), batch, objective(), 0)[1]["data_share"] == 0
 
 
 def test_the_lambdas_weigh_the_terms_as_stated():

@@ -365,6 +365,17 @@ def test_overwrite_deletes_the_replaced_networks_logs_once_it_saves_and_not_befo
     assert not list((tmp_path / "out" / "c").iterdir())
 
 
+def test_a_run_killed_before_it_saved_leaves_logs_the_next_run_of_its_name_replaces(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "d").mkdir(parents=True)
+    (tmp_path / "runs" / "d" / "events.killed").touch()  # no pt/d.pt: a run killed (SIGKILL) before its first save
+    with train.logs_follow_the_network("d"):
+        (tmp_path / "runs" / "d" / "events.new").touch()
+        (tmp_path / "pt").mkdir()
+        (tmp_path / "pt" / "d.pt").write_bytes(b"the network")
+    assert [p.name for p in (tmp_path / "runs" / "d").iterdir()] == ["events.new"]
+
+
 def test_fine_tuning_grows_the_net_and_records_the_lineage(toy, capsys):
     parent = run(toy, "parent", "--epochs", "2")
     child = train.main(["--dataset", str(toy), "--state_archive", str(parent), "--size", "3", "--fine_tuning",
@@ -503,6 +514,14 @@ def test_a_loss_that_diverges_says_whether_an_epoch_was_kept(toy, monkeypatch):
     assert not (toy.parent / "pt" / "b.pt").exists() and not (toy.parent / "runs" / "b").exists()
     # the failed runs' log writers are closed: no thread of theirs writes into the deleted logs' folder
     assert not [t for t in threading.enumerate() if type(t).__module__.startswith("tensorboard")]
+
+
+def test_pairs_misaligned_past_each_other_are_refused_after_an_epoch_that_trained_nothing(toy):
+    with pytest.raises(UserError, match=r"epoch 0: no pixel of its pairs held data in both sections once misaligned "
+                                        r"\(--max_shift 1e\+30"):
+        train.main(["--dataset", str(toy), "--size", "2", "--batch_size", "2", "--p_jitter", "1", "--max_shift",
+                    "1e30", "--epochs", "2", "nothing"])
+    assert not (toy.parent / "pt" / "nothing.pt").exists()
 
 
 def test_val_dataset_takes_a_name_as_dataset_does_its_test_file(toy, tmp_path, monkeypatch):
