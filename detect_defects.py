@@ -217,10 +217,13 @@ def main(argv=None) -> dict:
                 found += np.bincount(labels.ravel(), minlength=3)[:3]
                 coarsest = min(coarsest, volume.write_pyramid(dest, labels, (box[0], box[1], z), "labels", args.mip))
                 bar.update()
-            done[z] = {"key": key, "counts": found.tolist(), "coarsest": coarsest}
+            if coarsest < len(dest.info["scales"]) - 1:  # a --chunk off the coarser mips' grid: build them whole
+                d = coarsest - args.mip
+                volume.build_mips(dest, z, (x0 >> d, y0 >> d, -(-x1 >> d), -(-y1 >> d)), "labels", coarsest)
+            done[z] = {"key": key, "counts": found.tolist()}
             marks.put_json(str(z), done[z])  # the section is whole
     counts = np.sum([mark["counts"] for mark in done.values()], axis=0, dtype=np.int64)
-    coarsest = min(mark["coarsest"] for mark in done.values())
+    coarsest = len(dest.info["scales"]) - 1
     print(f"detected defects in sections {z0}..{z1 - 1} ({x1 - x0} x {y1 - y0} px at mip {args.mip}): "
           f"{counts[1]} crack px, {counts[2]} fold px; written to {dest.cloudpath} at mips {args.mip}..{coarsest}")
     return {"crack_px": int(counts[1]), "fold_px": int(counts[2]), "coarsest_mip": coarsest}

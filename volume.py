@@ -154,14 +154,18 @@ def missing_sections(vol, start, size, every_chunk: bool = True) -> list[int]:
     return [k for k, chunks in written.items() if not chunks or not complete(chunks)]
 
 
-def read(vol, start, size) -> np.ndarray:
-    """Cutout ``[Z, C, Y, X]`` from corner ``start = (x, y, z)`` of ``size = (X, Y, Z)`` voxels at ``vol.mip``."""
+def read(vol, start, size, mip: int | None = None) -> np.ndarray:
+    """Cutout ``[Z, C, Y, X]`` from corner ``start = (x, y, z)`` of ``size = (X, Y, Z)`` voxels at ``mip`` (None:
+    ``vol.mip``)."""
     (x, y, z), (sx, sy, sz) = start, size
+    previous, vol.mip = vol.mip, vol.mip if mip is None else mip
     try:
         cut = vol[x:x + sx, y:y + sy, z:z + sz]
     except Exception as err:
         raise UserError(f"cannot read {vol.cloudpath} at {tuple(start)} size {tuple(size)}: "
                         f"{type(err).__name__}: {err}") from None
+    finally:
+        vol.mip = previous
     return np.ascontiguousarray(np.asarray(cut).transpose(2, 3, 1, 0))
 
 
@@ -320,6 +324,27 @@ def write_pyramid(vol, array: np.ndarray, start, kind: str, mip: int = 0) -> int
         array = downsample(array, kind)
         write(vol, array, (x >> (level - mip), y >> (level - mip), z), level)
     return level
+
+
+def build_mips(vol, z: int, box, kind: str, mip: int, tile: int = 4096) -> None:
+    """Rewrite section z at every mip of ``vol`` above ``mip`` over ``box = (x0, y0, x1, y1)`` (voxels of ``mip``)
+    from what ``mip`` holds, a level at a time (``downsample(..., kind)``), in tiles of ``tile``² px at most.
+
+    ``write_pyramid`` stops below a mip whose grid a corner misses: after writes at such corners this makes the
+    coarser mips whole again, where they would keep an earlier write's values. A tile is grown to the even grid
+    of the coarser mip, so the pixels it adds (outside ``box``) are read from the layer, not assumed.
+    """
+    x0, y0, x1, y1 = box
+    tile += tile % 2
+    for level in range(mip + 1, len(vol.info["scales"])):
+        (bx0, by0, _), (bx1, by1, _) = map(lambda corner: corner.tolist(), bounds(vol, level - 1))
+        x0, y0 = max(x0 - x0 % 2, bx0), max(y0 - y0 % 2, by0)
+        x1, y1 = min(x1 + x1 % 2, bx1), min(y1 + y1 % 2, by1)
+        for ty in range(y0, y1, tile):
+            for tx in range(x0, x1, tile):
+                part = read(vol, (tx, ty, z), (min(tile, x1 - tx), min(tile, y1 - ty), 1), level - 1)
+                write(vol, downsample(part, kind), (tx // 2, ty // 2, z), level)
+        x0, y0, x1, y1 = x0 // 2, y0 // 2, -(-x1 // 2), -(-y1 // 2)
 
 
 def get_many(files: CloudFiles, names: list[str], as_json: bool = True) -> list:

@@ -69,6 +69,12 @@ def test_the_command_writes_the_layer_chunk_by_chunk_in_the_source_frame(tiny_vo
     layer.mip = 1
     assert np.array_equal(volume.read(layer, (0, 0, 3), (32, 32, 2)), volume.downsample(whole, "labels"))
     assert out["coarsest_mip"] == 1
+    assert whole[:, :, :, :25].any() and whole[:, :, :, 25:].any()  # defects on both sides of the first 25 px
+    detect_defects.main(["--source", paths["image"], "--dest", str(tmp_path / "odd"), "--chunk", "25",
+                         "--z_start", "3", "--z_stop", "5"])  # every corner but the first off mip 1's grid
+    odd = volume.open_volume(str(tmp_path / "odd"))
+    assert np.array_equal(volume.read(odd, (0, 0, 3), (64, 64, 2)), whole)
+    assert np.array_equal(volume.read(odd, (0, 0, 3), (32, 32, 2), mip=1), volume.downsample(whole, "labels"))
 
 
 def run_cli(argv, capsys):

@@ -31,6 +31,27 @@ def test_labels_downsample_keeps_any_defect(tiny_volume):
     assert got[5].min() == 1 and got[4].max() == 0 and got[6].max() == 0
 
 
+def test_build_mips_makes_the_coarse_mips_of_a_region_what_its_fine_mip_holds(tmp_path):
+    rng = np.random.default_rng(3)
+    vol = volume.create_volume("file://" + str(tmp_path / "l"), (50, 40, 2), "uint8", 1, mips=3, chunk=(8, 8, 1))
+    base = rng.integers(0, 3, (2, 1, 40, 50), dtype=np.uint8)
+    volume.write_pyramid(vol, base, (0, 0, 0), "labels")
+    stale = np.full((1, 1, 10, 13), 7, np.uint8)
+    volume.write(vol, stale, (0, 0, 1), 2)  # an earlier write's coarse values, over section 1's whole mip 2
+    new = rng.integers(0, 3, (1, 1, 19, 23), dtype=np.uint8)
+    volume.write(vol, new, (5, 3, 1), 0)  # a write at odd corners: write_pyramid would stop at mip 0
+    volume.build_mips(vol, 1, (5, 3, 28, 22), "labels", 0, tile=6)  # tiles smaller than the region
+    fine = volume.read(vol, (0, 0, 1), (50, 40, 1))
+    expected = [volume.downsample(fine, "labels")]
+    expected.append(volume.downsample(expected[0], "labels"))
+    for mip, want in ((1, expected[0]), (2, expected[1])):
+        got = volume.read(vol, (0, 0, 1), want.shape[:1:-1] + (1,), mip)
+        inside = (slice(None), slice(None), slice(3 >> mip, -(-22 >> mip)), slice(5 >> mip, -(-28 >> mip)))
+        assert np.array_equal(got[inside], want[inside])  # the region, grown to each mip's grid
+    assert (volume.read(vol, (0, 0, 1), (13, 10, 1), 2)[0, 0, 7:, :] == 7).all()  # beyond it: left as it was
+    assert np.array_equal(volume.read(vol, (0, 0, 0), (25, 20, 1), 1), volume.downsample(base[:1], "labels"))
+
+
 def test_missing_volume_and_mip_are_user_errors(tmp_path, tiny_volume):
     paths, _ = tiny_volume
     with pytest.raises(UserError, match="no volume"):
