@@ -15,6 +15,8 @@ All CloudVolume errors become ``helpers.UserError`` with one line.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from pathlib import Path
@@ -60,23 +62,40 @@ def chunk_compression(dtype) -> str | bool:
     return False if np.issubdtype(np.dtype(dtype), np.floating) else "gzip"
 
 
+def _cloud_volume(cloudpath: str, **kwargs):
+    """``CloudVolume(cloudpath, **kwargs)`` without the banner CloudFiles prints where it finds no credentials file
+    (a failure says what is missing in one line: ``_cloud_error``)."""
+    from cloudvolume import CloudVolume
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return CloudVolume(cloudpath, **kwargs)
+
+
+def _cloud_error(err: Exception) -> str:
+    """What went wrong opening or writing a cloud volume, in one line; missing credentials say how to give them."""
+    if type(err).__name__ == "DefaultCredentialsError":
+        return ("no Google credentials on this machine (give a service account key in GOOGLE_APPLICATION_CREDENTIALS "
+                "or ~/.cloudvolume/secrets/google-secret.json, or run `gcloud auth application-default login`; a "
+                "public bucket also reads as https://storage.googleapis.com/BUCKET/PATH)")
+    return one_line(err)
+
+
 def open_volume(path: str, mip: int = 0, bucket: str | None = None):
     """Open an existing volume at ``mip``.
 
     Missing data inside the bounds reads as zeros. Raises ``UserError`` for a path
     that is not a volume or a mip the volume lacks.
     """
-    from cloudvolume import CloudVolume
     from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 
     cloudpath = resolve_path(path, bucket)
     try:
-        vol = CloudVolume(cloudpath, mip=0, fill_missing=True, bounded=True, progress=False)
+        vol = _cloud_volume(cloudpath, mip=0, fill_missing=True, bounded=True, progress=False)
         vol.config.compress = chunk_compression(vol.dtype)
     except InfoUnavailableError:
         raise UserError(f"no volume at {cloudpath} (no readable 'info' file)") from None
     except Exception as err:  # network, credentials, malformed info: all one line
-        raise UserError(f"cannot open volume {cloudpath}: {type(err).__name__}: {err}") from None
+        raise UserError(f"cannot open volume {cloudpath}: {_cloud_error(err)}") from None
     mips = available_mips(vol)
     if mip not in mips:
         raise UserError(f"volume {cloudpath} has no mip {mip} (it has mips {mips})")
@@ -216,7 +235,7 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
     try:
         if not overwrite and _exists(cloudpath):
             raise UserError(f"a volume already exists at {cloudpath} (pass --overwrite to replace it)")
-        vol = CloudVolume(cloudpath, info=info, progress=False, non_aligned_writes=True, fill_missing=True,
+        vol = _cloud_volume(cloudpath, info=info, progress=False, non_aligned_writes=True, fill_missing=True,
                           compress=chunk_compression(dtype))
         if provenance:  # before the info, which makes the layer exist: an existing layer always has its provenance
             vol.provenance.description = provenance.get("description", "")
@@ -228,7 +247,7 @@ def create_volume(path: str, size, dtype: str, num_channels: int = 1,
     except UserError:
         raise
     except Exception as err:  # a cloud's network, credentials or permissions: one line
-        raise UserError(f"cannot write {cloudpath}: {one_line(err)}") from None
+        raise UserError(f"cannot write {cloudpath}: {_cloud_error(err)}") from None
     return vol
 
 
@@ -262,7 +281,8 @@ def _exists(cloudpath: str) -> bool:
     from cloudfiles import CloudFiles
 
     try:
-        return CloudFiles(cloudpath).exists("info")
+        with contextlib.redirect_stdout(io.StringIO()):  # CloudFiles' banner where it finds no credentials
+            return CloudFiles(cloudpath).exists("info")
     except Exception:
         return False
 

@@ -52,6 +52,30 @@ def test_build_mips_makes_the_coarse_mips_of_a_region_what_its_fine_mip_holds(tm
     assert np.array_equal(volume.read(vol, (0, 0, 0), (25, 20, 1), 1), volume.downsample(base[:1], "labels"))
 
 
+def test_missing_cloud_credentials_are_one_line_that_says_how_to_give_them(monkeypatch, capsys):
+    import cloudfiles
+    import cloudvolume
+
+    class DefaultCredentialsError(Exception):  # google.auth's, as a machine without credentials raises it
+        pass
+
+    class NoCredentials:
+        create_new_info = cloudvolume.CloudVolume.create_new_info
+
+        def __new__(cls, *args, **kwargs):
+            print("Using default Google credentials. There is no ~/.cloudvolume/secrets/google-secret.json set.")
+            raise DefaultCredentialsError("Your default credentials were not found.\nTo set up ...")
+
+    monkeypatch.setattr(cloudvolume, "CloudVolume", NoCredentials)
+    monkeypatch.setattr(cloudfiles, "CloudFiles", NoCredentials)
+    with pytest.raises(UserError, match=r"cannot open volume gs://b/img: no Google credentials on this machine "
+                                        r"\(give a service account key in GOOGLE_APPLICATION_CREDENTIALS"):
+        volume.open_volume("gs://b/img")
+    with pytest.raises(UserError, match="cannot write gs://b/new: no Google credentials"):
+        volume.create_volume("gs://b/new", (8, 8, 1), "uint8")
+    assert capsys.readouterr().out == ""  # CloudFiles' banner is not shown
+
+
 def test_missing_volume_and_mip_are_user_errors(tmp_path, tiny_volume):
     paths, _ = tiny_volume
     with pytest.raises(UserError, match="no volume"):
