@@ -87,8 +87,8 @@ def list_sections(folder: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         raise UserError(f"no folder {folder}")
     try:
-        files = [p for p in folder.iterdir()
-                 if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.is_file()]
+        files = [p for p in folder.iterdir()  # a broken link is kept: reading it says so
+                 if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and not p.is_dir()]
     except OSError as err:
         raise UserError(f"cannot list {folder}: {one_line(err)}") from None
     if not files:
@@ -128,6 +128,9 @@ def arrange(sections: list[tuple[int, Path]], allow_gaps: bool) -> tuple[int, li
                         "whose number is off")
     if not allow_gaps:
         return 0, [path for _, path in sections]
+    if numbers[-1] >= 2 ** 31:
+        raise UserError(f"--allow_gaps: {sections[-1][1].name} is section {numbers[-1]}, beyond the z a layer holds "
+                        "(2^31 - 1): rename it, or import without --allow_gaps (z then counts the files from 0)")
     by_number = dict(sections)
     return numbers[0], [by_number.get(n) for n in range(numbers[0], numbers[-1] + 1)]
 
@@ -336,8 +339,9 @@ def in_place(cloudpath: str) -> Iterator[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
-    if min(args.resolution) <= 0:
-        raise UserError(f"--resolution must be positive nm, got {args.resolution}")
+    if not all(1e-3 <= r <= 1e6 for r in args.resolution):  # the layer's bounds in nm must stay exact integers
+        raise UserError(f"--resolution {' '.join(f'{r:g}' for r in args.resolution)}: a voxel size in nm, "
+                        "from 0.001 to 1e6 (1 mm)")
     folder = Path(args.folder).expanduser()
     cloudpath = dest_cloudpath(args.dest or str(volume.data_dir() / folder.resolve().name))
     local = local_folder(cloudpath)
@@ -370,11 +374,17 @@ def main(argv=None) -> dict:
     with (in_place(cloudpath) if local is None else staged(local)) as write_path:
         vol = volume.create_volume(write_path, (width, height, len(slots)), "uint8", 1, resolution, mips, CHUNK,
                                    provenance=provenance, overwrite=args.overwrite, offset=(0, 0, z0))
+        blank = []  # sections all zero: missing data from end to end
         for i, path in enumerate(tqdm(slots, desc="sections", unit="section")):
             section = np.zeros((height, width), np.uint8) if path is None else read_scaled(path, stretch)
+            if path is not None and not section.any():
+                blank.append(z0 + i)
             volume.write_pyramid(vol, shift_section(section, shifts[i])[None, None], (0, 0, z0 + i), "image")
     seconds = time.time() - start
     gaps = f" ({len(missing)} missing, written as zeros: {_listing(missing)})" if missing else ""
+    if blank:
+        print(f"warning: {len(blank)} of {len(paths)} sections hold only zeros, which read as missing data: "
+              f"z {_listing(blank)}", file=sys.stderr)
     print(f"imported {len(paths)} sections{gaps} of {width} x {height} px ({dtype}), z {z0}..{z0 + len(slots) - 1}, "
           f"{mips} mips, into {cloudpath} in {seconds:.1f} s")
     return {"path": cloudpath, "sections": len(paths), "missing": missing, "size": (width, height, len(slots)),

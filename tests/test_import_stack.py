@@ -1,5 +1,6 @@
 """import_stack.py: a folder of PNG / TIFF sections becomes a precomputed image layer, or nothing at all."""
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -173,6 +174,9 @@ def bad_folder(case: str, root: Path) -> Path:
         Image.fromarray(np.stack([stack[2], stack[2], 255 - stack[2]], -1)).save(folder / "2.png")
     elif case == "gap":
         (folder / "1.png").rename(folder / "3.png")
+    elif case == "broken link":  # was passed over: one section fewer, silently
+        (folder / "1.png").unlink()
+        (folder / "1.png").symlink_to(folder / "gone.png")
     elif case == "uint16 without --rescale":
         for z in range(3):
             Image.fromarray(stack[z].astype(np.uint16)).save(folder / f"{z}.png")
@@ -181,7 +185,8 @@ def bad_folder(case: str, root: Path) -> Path:
 
 BAD = {"missing folder": "no folder", "no images": "no images", "corrupt header": "cannot read",
        "truncated pixels": "cannot read", "mixed sizes": "one size", "mixed dtypes": "one dtype",
-       "colour": "colour image", "gap": "section 1 missing", "uint16 without --rescale": "--rescale"}
+       "colour": "colour image", "gap": "section 1 missing", "uint16 without --rescale": "--rescale",
+       "broken link": "cannot read .*1.png: FileNotFoundError"}
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -267,3 +272,30 @@ def test_a_file_numbered_far_from_the_others_is_named_at_once():
     with pytest.raises(UserError, match="widest gap: between 1 and 20230501"):
         import_stack.arrange(sections, allow_gaps=True)
     assert import_stack.arrange(sections[:2] + [(5, Path("s5.png"))], allow_gaps=True)[1][2:5] == [None] * 3
+
+
+@pytest.mark.parametrize("resolution", [["0", "4", "50"], ["1e-30", "1e-30", "1e-30"], ["1e30", "4", "40"]])
+def test_a_resolution_beyond_any_microscope_is_one_line(tmp_path, resolution):
+    folder = tmp_path / "in"
+    save_png(folder, ["0.png", "1.png"], sections(2))
+    said = f"--resolution {' '.join(f'{float(r):g}' for r in resolution)}: a voxel size in nm, from 0.001 to 1e6"
+    with pytest.raises(UserError, match=re.escape(said)):
+        import_stack.main([str(folder), "--dest", str(tmp_path / "vol"), "--resolution", *resolution])
+    assert not (tmp_path / "vol").exists()
+
+
+def test_a_section_number_beyond_a_layers_z_is_refused_with_allow_gaps(tmp_path):
+    folder = tmp_path / "in"
+    save_png(folder, [f"{10 ** 30}.png", f"{10 ** 30 + 2}.png"], sections(2))  # numbered by a date and a time?
+    with pytest.raises(UserError, match=f"--allow_gaps: {10 ** 30 + 2}.png is section {10 ** 30 + 2}, beyond the z"):
+        import_stack.main([str(folder), "--dest", str(tmp_path / "vol"), "--resolution", "4", "4", "40",
+                           "--allow_gaps"])
+    assert not (tmp_path / "vol").exists()
+
+
+def test_sections_of_zeros_are_imported_with_a_warning_that_names_them(tmp_path, capsys):
+    stack = sections(3)
+    stack[1][:] = 0
+    save_png(tmp_path / "in", ["0.png", "1.png", "2.png"], stack)
+    import_stack.main([str(tmp_path / "in"), "--dest", str(tmp_path / "vol"), "--resolution", "4", "4", "40"])
+    assert "warning: 1 of 3 sections hold only zeros, which read as missing data: z 1" in capsys.readouterr().err
