@@ -342,8 +342,9 @@ def pair_loss(model: Callable, batch: Mapping[str, torch.Tensor], objective: Obj
     ``epe`` (those in use), ``total``, and the diagnostics ``identity`` (similarity
     of the unaligned pair), ``field_px`` (mean |field| in full-resolution
     pixels) and ``data_share`` (the share of pixels the similarity scores: 0 where
-    no pixel holds data in both sections, and nothing trains). pictures: tensors of the first pair for visualisation, and
-    ``residuals`` (level -> residual field) for logging.
+    no pixel holds data in both sections, and nothing trains). pictures: tensors
+    of the first pair for visualisation, and ``residuals`` (level -> residual
+    field) for logging.
     """
     src, tgt = batch["src"], batch["tgt"]
     out = model(src, tgt, trunc=level)

@@ -544,7 +544,7 @@ def log_step(writer, out_dir: Path, iteration: int, scalars: dict[str, float], p
         save_pair_pictures(out_dir, f"it{iteration:06d}", **pictures)
         writer.add_figure("pair/field", field_figure(pictures["field"], f"step {iteration}"), iteration)
         writer.add_image("pair/flicker_target_warped_source",
-                         torch.stack([pictures[k] for k in ("target", "warped", "source")]).clamp(-3, 3)
+                         torch.stack([pictures[k] for k in ("target", "warped", "source")]).nan_to_num(0.0).clamp(-3, 3)
                          .div(6).add(0.5), iteration, dataformats="CHW")
 
 

@@ -31,13 +31,15 @@ TERMS = {"similarity": ("similarity penalty", "cost"), "smoothness": ("smoothnes
 
 # ----------------------------------------------------------------- files and figures
 def to_uint8(image) -> np.ndarray:
-    """Stretch a float image (any shape) to ``uint8`` by its min and max; ``uint8`` passes through."""
+    """Stretch a float image (any shape) to ``uint8`` by the min and max of its finite values (others: 0); ``uint8``
+    passes through."""
     a = to_numpy(image)
     if a.dtype == np.uint8:
         return a
     a = a.astype(np.float32)
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-    return np.clip((a - lo) / max(hi - lo, 1e-8) * 255, 0, 255).astype(np.uint8)
+    finite = np.isfinite(a)
+    lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0.0, 0.0)
+    return np.where(finite, np.clip((a - lo) / max(hi - lo, 1e-8) * 255, 0, 255), 0).astype(np.uint8)
 
 
 def save_chunk(chunk, path: str | Path, frame_ms: int = 400) -> Path:

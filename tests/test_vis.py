@@ -99,3 +99,10 @@ def test_a_vector_that_is_not_finite_is_drawn_as_zero():
     picture = vis.field_to_rgb(field)
     assert (picture[1, 2] == 255).all() and (picture[3, 3] == 255).all()  # white: the zero vector
     assert np.array_equal(picture[0, 0], vis.field_to_rgb(torch.ones(2, 4, 4))[0, 0])
+
+
+def test_an_image_that_is_not_finite_is_stretched_by_its_finite_values_and_draws_the_others_black(recwarn):
+    image = np.array([[0.5, 1.0], [np.nan, np.inf]], np.float32)
+    assert np.array_equal(vis.to_uint8(image), [[0, 255], [0, 0]])
+    assert np.array_equal(vis.to_uint8(np.full((2, 2), np.nan, np.float32)), np.zeros((2, 2), np.uint8))
+    assert not recwarn.list  # numpy's all-NaN and invalid-cast warnings were printed in a diverged run
