@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -248,19 +247,6 @@ def run_record(args, job: tasks.Job) -> dict:
     return {**record, **{key: _json_value(value) for key, value in settings.items()}}
 
 
-SAMPLE = 512  # px: source_sample reads a square of section --z_start this big (or the bbox, where smaller)
-
-
-def source_sample(job: tasks.Job) -> str:
-    """The sha256 (16 hex digits) of the source's section ``job.z_start`` over the ``SAMPLE`` px square at the
-    bbox's corner: a source rewritten at the same path (another export, another stitch) most likely reads
-    differently there, and a resumed run must not mix its sections with those aligned before."""
-    x0, y0, x1, y1 = job.bbox
-    size = (min(SAMPLE, x1 - x0), min(SAMPLE, y1 - y0), 1)
-    square = volume.read(volume.open_volume(job.source, job.mip), (x0, y0, job.z_start), size)
-    return hashlib.sha256(square).hexdigest()[:16]
-
-
 def _json_value(value):
     """``value`` as provenance JSON keeps it: a non-finite float as a string (JSON has no inf)."""
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
@@ -316,7 +302,7 @@ def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
             if old is None:  # an older align.py's record: not sampled
                 continue
             raise UserError(f"{dest} was aligned from a source whose section {run['z_start']} read differently "
-                            f"(sha256 {old}... of its first {SAMPLE} px square, not {new}...): it was rewritten "
+                            f"(sha256 {old}... of its first {volume.SAMPLE} px square, not {new}...): it was rewritten "
                             f"at the same path; {redo}")
         if key == "archive_sha256":
             difference = (f"archive sha256 {str(old)[:12]}... ({last['method'].get('archive')}), "
@@ -482,7 +468,8 @@ def main(argv=None) -> dict:
     if any(job.bias):
         print(f"the network's bias on this stack, {job.bias[0]:.2f}, {job.bias[1]:.2f} px (x, y) per pair, is taken "
               "off each pair field (a serial chain would add it up; alignment.network_bias)")
-    run = {**run_record(args, job), "source_sample": source_sample(job)}
+    run = {**run_record(args, job), "source_sample": volume.sample_sha(volume.open_volume(job.source, job.mip),
+                                                                     job.z_start, job.bbox)}
     adapted = Path(args.dest) / ADAPTED if args.adapt else None
     if resume and adapted is not None and adapted.is_file():  # the network the run being resumed adapted
         run["adapted_sha256"] = file_sha256(adapted)

@@ -202,7 +202,8 @@ def main(argv=None) -> dict:
     boxes = [(x, y, min(x + args.chunk, x1), min(y + args.chunk, y1))
              for y in range(y0, y1, args.chunk) for x in range(x0, x1, args.chunk)]
     key = {"source": volume.canonical(source.cloudpath), "mip": args.mip, "bbox": [x0, y0, x1, y1],
-           "archive_sha256": file_sha256(args.archive)}  # what a section's labels depend on
+           "archive_sha256": file_sha256(args.archive),  # what a section's labels depend on, and the source's
+           "source_sample": volume.sample_sha(source, z0, (x0, y0, x1, y1))}  # content: not rewritten since
     marks = CloudFiles(f"{dest.cloudpath}/progress/detect")
     done = {z: mark for z, mark in zip(range(z0, z1), volume.get_many(marks, [str(z) for z in range(z0, z1)]))
             if mark and mark["key"] == key}

@@ -16,6 +16,7 @@ All CloudVolume errors become ``helpers.UserError`` with one line.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -186,6 +187,18 @@ def read(vol, start, size, mip: int | None = None) -> np.ndarray:
     finally:
         vol.mip = previous
     return np.ascontiguousarray(np.asarray(cut).transpose(2, 3, 1, 0))
+
+
+SAMPLE = 512  # px: sample_sha reads a square of one section this big (or the bbox, where smaller)
+
+
+def sample_sha(vol, z: int, bbox) -> str:
+    """The sha256 (16 hex digits) of section z of ``vol`` over the ``SAMPLE`` px square at the corner of ``bbox = (x0,
+    y0, x1, y1)`` (voxels of ``vol.mip``): a volume rewritten at the same path (another export, another stitch) most
+    likely reads differently there, and a resumed run must not mix its sections with those made before."""
+    x0, y0, x1, y1 = bbox
+    square = read(vol, (x0, y0, z), (min(SAMPLE, x1 - x0), min(SAMPLE, y1 - y0), 1))
+    return hashlib.sha256(square).hexdigest()[:16]
 
 
 def check_z_range(start: int, stop: int, first: int, end: int, what: str = "z range", vol=None) -> None:

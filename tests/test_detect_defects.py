@@ -147,3 +147,8 @@ def test_a_stopped_run_run_again_detects_only_the_sections_it_had_not_finished(t
     calls.clear()
     detect_defects.main(argv + ["--dest", str(tmp_path / "found"), "--bbox", "0", "0", "32", "64"])
     assert calls == [3, 3, 4, 4, 5, 5]  # other settings: every section again
+    calls.clear()
+    source = volume.open_volume(paths["image"])
+    volume.write(source, 255 - volume.read(source, (0, 0, 3), (64, 64, 1)), (0, 0, 3))  # re-imported in place
+    detect_defects.main(argv + ["--dest", str(tmp_path / "found"), "--bbox", "0", "0", "32", "64"])
+    assert calls == [3, 3, 4, 4, 5, 5]  # a source rewritten since: every section again, not the old labels kept
