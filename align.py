@@ -360,9 +360,10 @@ def worker(argv) -> None:
 
 def check_defects(defects, source) -> None:
     """``UserError`` unless the ``--defects`` volume is a defect layer (``volume.check_kind``) over the bounds and at
-    the resolution of ``source``, both at the mip aligned at."""
+    the resolution of ``source``, both at the mip aligned at, with data there (``volume.check_written``)."""
     volume.check_kind(defects, "defects", "--defects")
     volume.check_same_frame(defects, source, "--defects")
+    volume.check_written(defects, "--defects")
 
 
 def adapt_to_range(args, source, job: tasks.Job, out: Path) -> None:

@@ -516,7 +516,9 @@ def _matching(path: str, like, what: str, kind: str):
     resolution = [float(r) for r in like.resolution]  # plain numbers: the message shows no numpy types
     for mip in range(len(base.info["scales"])):
         if list(base.meta.resolution(mip)) == resolution:
-            return volume.open_volume(path, mip)
+            vol = volume.open_volume(path, mip)
+            volume.check_written(vol, f"--{what}")
+            return vol
     raise UserError(f"the {what} volume {path} has no mip at resolution {resolution}")
 
 

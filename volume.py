@@ -151,6 +151,25 @@ def check_kind(vol, kind: str, what: str) -> None:
         raise UserError(f"{what} {vol.cloudpath} is not {KINDS[kind]}: it has {channels} channels of {dtype}")
 
 
+def _written(vol, mip: int) -> bool:
+    """Whether ``vol`` holds any chunk at ``mip`` (one listing call: the first name found ends it)."""
+    from cloudfiles import CloudFiles
+
+    try:
+        return next(iter(CloudFiles(vol.cloudpath).list(prefix=vol.info["scales"][mip]["key"] + "/")), None) is not None
+    except Exception as err:
+        raise UserError(f"cannot list the chunks of {vol.cloudpath}: {one_line(err)}") from None
+
+
+def check_written(vol, what: str) -> None:
+    """A one-line ``UserError`` naming ``what`` (e.g. ``--defects``) where ``vol`` holds no chunk at ``vol.mip``: a
+    layer written at other mips only reads as zeros there (a defect layer as no defect anywhere)."""
+    if not _written(vol, vol.mip):
+        others = [mip for mip in available_mips(vol) if mip != vol.mip and _written(vol, mip)]
+        held = f"it holds mips {', '.join(map(str, others))}" if others else "it holds no data at any mip"
+        raise UserError(f"{what} {vol.cloudpath} holds no data at mip {vol.mip} ({held})")
+
+
 def missing_sections(vol, start, size, every_chunk: bool = True) -> list[int]:
     """The sections z of the cutout ``start``, ``size`` (as ``read``'s) at ``vol.mip`` that were never written.
 

@@ -239,10 +239,14 @@ def test_bad_defect_layers_are_one_line_before_anything_is_written(setup, run_co
     tmp, paths, _, common = setup
     small = volume.create_volume("file://" + str(tmp / "small"), (32, 64, 12), "uint8", 1, mips=1,
                                  chunk=(32, 32, 1), provenance={"description": "test"})
+    coarse = volume.create_volume("file://" + str(tmp / "coarse"), (64, 64, 12), "uint8", 1, mips=2,
+                                  chunk=(32, 32, 1))  # detect_defects.py --mip 1 wrote mip 1 alone
+    volume.write(coarse, np.ones((12, 1, 32, 32), np.uint8), (0, 0, 0), 1)
     for layer, message in ((paths["field"], "is not a defect layer (1 channel of uint8"),
                            (small.cloudpath, "covers (0, 0, 0)..(32, 64, 12) at resolution [8.0, 8.0, 40.0], not "
                                              "the source's (0, 0, 0)..(64, 64, 12) at [8.0, 8.0, 40.0]"),
                            (str(tmp / "nothing"), "no volume at"),
+                           (coarse.cloudpath, "holds no data at mip 0 (it holds mips 1)"),  # read as no defect
                            (paths["image"], "section 0, holds the value")):  # an image is no defect layer
         result = run_command(align, *common, "--dest", tmp / "out", "--z_start", "0", "--z_stop", "3",
                              "--defects", layer)

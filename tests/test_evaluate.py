@@ -334,8 +334,12 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
     sevens = write_layer(tmp_path / "sevens", np.full((4, 1, 64, 64), 7, np.uint8), "labels")
     coarse = "file://" + str(tmp_path / "coarse")  # a defect layer at another resolution
     volume.create_volume(coarse, (64, 64, 4), "uint8", resolution=(16, 16, 40), chunk=(32, 32, 1))
+    unwritten = "file://" + str(tmp_path / "unwritten")  # made, never written: every pixel would read as no defect
+    volume.create_volume(unwritten, (64, 64, 4), "uint8", chunk=(32, 32, 1))
     dest = ["--aligned", str(tmp_path / "dest"), "--z_start", "0", "--z_stop", "4"]
     for argv, says in ((["--raw", truth_path], r"--raw .*/truth is not an image \(1 channel of uint8\): it has 2 "),
+                       (["--defects", unwritten], r"--defects .*/unwritten holds no data at mip 0 \(it holds no data "
+                                                  r"at any mip\)$"),
                        (["--defects", sevens], "--defects .*/sevens holds the value 7; a defect map holds"),
                        (["--defects", coarse], r"the defects volume .*/coarse has no mip at resolution "
                                                r"\[8.0, 8.0, 40.0\]$"),
