@@ -161,6 +161,11 @@ def build(shape=SHAPE, seed=SEED, kind: str = "default", path: Path | None = Non
     """
     start, path = time.time(), Path(path or demo_dir())
     is_demo = path == demo_dir()
+    foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in LAYERS) if path.is_dir() else []
+    if foreign:  # the rebuild replaces the folder whole
+        raise UserError(f"{path} is to be rebuilt (a layer of it is missing or unreadable), but it also holds "
+                        f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which is not the volume's: "
+                        "move that elsewhere, then run again")
     what = "the demo volume" if is_demo else f"a {kind} phantom volume (seed {seed})"
     print(f"building {what} in {path} ({describe(shape)})" + ("; this happens once" if is_demo else ""))
     provenance = {"description": f"SEAMLeSS {kind} phantom volume: synthetic neuropil, misaligned, with cracks "

@@ -30,6 +30,11 @@ def test_tiny_demo_volume_round_trip(tmp_path, monkeypatch):
     mip1 = volume.open_volume(layers["field"], mip=1)
     assert np.allclose(volume.read(mip1, (0, 0, 0), (48, 48, 4)),
                        read["field"].reshape(4, 2, 48, 2, 48, 2).mean((3, 5)) / 2, atol=1e-4)
+    (demo.demo_dir() / "my_run").mkdir()  # a user's files kept in the demo's folder
+    (demo.demo_dir() / "aligned" / "info").rename(demo.demo_dir() / "aligned" / "info.bak")
+    with pytest.raises(demo.UserError, match=r"demo is to be rebuilt .* but it also holds my_run, which is not the "):
+        demo.ensure_demo()
+    assert (demo.demo_dir() / "my_run").is_dir()  # the rebuild would have deleted it
 
 
 def test_demo_py_builds_a_static_phantom_volume_elsewhere_and_never_overwrites_one(tmp_path):
