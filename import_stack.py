@@ -39,9 +39,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import volume
-from helpers import HelpFormatter, UserError, atomic_output, finite_float, one_line, run_main
+from helpers import (HelpFormatter, UserError, atomic_output, check_memory, finite_float, machine_memory, one_line,
+                     run_main)
 
 SUFFIXES = (".png", ".tif", ".tiff")
+SECTION_BYTES = 16  # peak bytes per pixel of a section while it is read, scaled and written with its mips (13 measured)
 CHUNK = (256, 256, 1)
 MIN_SIDE, MAX_MIPS = 64, 6  # default mips: as many as keep the smaller side >= MIN_SIDE px
 Image.MAX_IMAGE_PIXELS = None  # EM sections are often larger than Pillow's decompression-bomb limit
@@ -246,12 +248,14 @@ def content_shifts(sections: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def shift_section(section: np.ndarray, shift) -> np.ndarray:
-    """uint8 ``section`` ``[H, W]`` pulled by the constant field ``shift`` (x, y px): ``out(p) = section(p + shift)``,
-    0 (missing data) where that falls outside (``alignment.apply_field``)."""
-    import torch
-    from alignment import apply_field
-
-    return apply_field(section, torch.tensor(shift, dtype=torch.float32).view(2, 1, 1).expand(2, *section.shape))
+    """``section`` ``[H, W]`` pulled by the whole-pixel shift ``shift`` (x, y px): ``out(p) = section(p + shift)``, 0
+    (missing data) where that falls outside. A copy of the overlap: no more memory than the section's own."""
+    (dx, dy), (h, w) = (int(v) for v in shift), section.shape
+    out = np.zeros_like(section)
+    if abs(dx) < w and abs(dy) < h:
+        out[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = \
+            section[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
+    return out
 
 
 def register_rigidly(sections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -353,6 +357,8 @@ def main(argv=None) -> dict:
     paths = [path for path in slots if path is not None]
     missing = [z0 + i for i, path in enumerate(slots) if path is None]
     height, width, dtype = check_stack(paths, args.rescale)
+    check_memory(height * width * SECTION_BYTES, machine_memory(), f"a section of {width} x {height} px",
+                 "cut the sections into smaller tiles first (a volume is written a section at a time)")
     mips = default_mips(height, width) if args.mips is None else args.mips
     if mips < 1 or min(height, width) >> (mips - 1) < 1:
         raise UserError(f"--mips {mips} does not fit {width} x {height} px sections "

@@ -299,3 +299,11 @@ def test_sections_of_zeros_are_imported_with_a_warning_that_names_them(tmp_path,
     save_png(tmp_path / "in", ["0.png", "1.png", "2.png"], stack)
     import_stack.main([str(tmp_path / "in"), "--dest", str(tmp_path / "vol"), "--resolution", "4", "4", "40"])
     assert "warning: 1 of 3 sections hold only zeros, which read as missing data: z 1" in capsys.readouterr().err
+
+
+def test_sections_too_large_for_the_machine_are_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    save_png(tmp_path / "in", ["0.png", "1.png"], sections(2))
+    monkeypatch.setattr(import_stack, "machine_memory", lambda: H * W * import_stack.SECTION_BYTES - 1)
+    with pytest.raises(UserError, match=f"a section of {W} x {H} px would hold about .* GB, more than the"):
+        import_stack.main([str(tmp_path / "in"), "--dest", str(tmp_path / "vol"), "--resolution", "4", "4", "40"])
+    assert not (tmp_path / "vol").exists()
