@@ -21,7 +21,9 @@ if not __package__:  # run as a file: our modules are not importable from bench/
 import argparse
 import dataclasses
 import json
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from helpers import finite_float, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
@@ -95,7 +99,8 @@ def measure(job, limit_gb: float) -> dict:
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, capture_output=True, text=True,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     lines = done.stdout.strip().splitlines()
-    result = json.loads(lines[-1]) if lines else {"outcome": f"failed: {done.stderr.strip().splitlines()[-1]}"}
+    said = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", done.stderr).splitlines() if line.strip()]  # no colours
+    result = json.loads(lines[-1]) if lines else {"outcome": f"failed: {said[-1] if said else 'no output'}"}
     box = job.chunk_box(x, y)
     result["task"] = f"sections {first}..{last} (window {window[0]}..{window[1] - 1}), chunk {box}"
     result["mpx"] = (last + 1 - first) * (box[2] - box[0]) * (box[3] - box[1]) / 1e6
@@ -108,19 +113,38 @@ def main(argv=None) -> None:
     p.add_argument("--smooth", type=int, default=96)
     p.add_argument("--block", type=int, default=8)
     p.add_argument("--task_chunk", type=int, default=512)
-    p.add_argument("--task_memory", type=float, default=8.0, help="the tasks' --task_memory (GB)")
-    p.add_argument("--limit_gb", type=float, default=12.0, help="the address space each task may use (GB)")
-    p.add_argument("--scratch", help="where the stack and its DEST go (default: a temporary folder; one the script "
-                   "filled before is used again)")
+    p.add_argument("--task_memory", type=finite_float, default=8.0, help="the tasks' --task_memory (GB)")
+    p.add_argument("--limit_gb", type=finite_float, default=12.0, help="the address space each task may use (GB)")
+    p.add_argument("--scratch", help="where the stack and its DEST go (default: a temporary folder, deleted at the "
+                   "end; one given is kept, and the stack the script filled before is used again)")
     args = p.parse_args(argv)
+    import tasks
+
     if args.shape[0] < 2 or min(args.shape[1:]) < args.task_chunk or args.block < 2:
         p.error("--shape needs 2 sections or more and sides of --task_chunk px or more; --block >= 2")
+    if args.task_chunk < 1 or args.task_chunk % tasks.LAYER_CHUNK or args.smooth < 0:
+        p.error(f"--task_chunk must be a positive multiple of {tasks.LAYER_CHUNK} px, --smooth >= 0")
+    if min(args.task_memory, args.limit_gb) <= 0:
+        p.error("--task_memory and --limit_gb are GB: above 0")
+    if args.scratch and Path(args.scratch).exists() and not Path(args.scratch).is_dir():
+        p.error(f"--scratch {args.scratch} is not a folder")
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="solve_memory-"))
+    try:
+        measure_all(args, scratch)
+    finally:
+        if not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure_all(args, scratch: Path) -> None:
+    """Write the stack into ``scratch`` (unless a run before did), then measure a task of ``--task_memory`` and the
+    whole solve at once."""
 
     import tasks
     import volume
     from alignment import PairSettings, SolveSettings
 
-    (sections, height, width), scratch = args.shape, Path(args.scratch or tempfile.mkdtemp(prefix="solve_memory-"))
+    sections, height, width = args.shape
     job = tasks.Job(archive=str(ROOT / "pt" / "demo.pt"), source=volume.resolve_path(str(scratch / "image")),
                     dest=volume.resolve_path(str(scratch / "dest")), mip=0, bbox=(0, 0, width, height), z_start=0,
                     z_stop=sections, block=args.block, pair=PairSettings(smooth=args.smooth), vote=1,
@@ -148,4 +172,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
