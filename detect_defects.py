@@ -201,6 +201,12 @@ def main(argv=None) -> dict:
     dest = open_dest(args, source)
     boxes = [(x, y, min(x + args.chunk, x1), min(y + args.chunk, y1))
              for y in range(y0, y1, args.chunk) for x in range(x0, x1, args.chunk)]
+    r, area = net.radius, (x1 - x0) * (y1 - y0)  # each chunk is detected with the detector's reach around it
+    read = sum((min(bx1 + r, x1) - max(bx0 - r, x0)) * (min(by1 + r, y1) - max(by0 - r, y0))
+               for bx0, by0, bx1, by1 in boxes)
+    if read > 4 * area:
+        print(f"warning: --chunk {args.chunk} against the detector's reach of {r} px: each section is read "
+              f"{read / area:.0f} times over (a larger --chunk does the same work once)", file=sys.stderr)
     key = {"source": volume.canonical(source.cloudpath), "mip": args.mip, "bbox": [x0, y0, x1, y1],
            "archive_sha256": file_sha256(args.archive),  # what a section's labels depend on, and the source's
            "source_sample": volume.sample_sha(source, z0, (x0, y0, x1, y1))}  # content: not rewritten since

@@ -55,7 +55,7 @@ def test_missing_data_is_never_a_defect(net, damaged_section):
     assert (detect_defects.detect(net, blanked)[..., :, :96] == 0).all()
 
 
-def test_the_command_writes_the_layer_chunk_by_chunk_in_the_source_frame(tiny_volume, tmp_path, net):
+def test_the_command_writes_the_layer_chunk_by_chunk_in_the_source_frame(tiny_volume, tmp_path, net, capsys):
     paths, arrays = tiny_volume
     dest = tmp_path / "found"
     out = detect_defects.main(["--source", paths["image"], "--dest", str(dest), "--chunk", "32",
@@ -72,6 +72,8 @@ def test_the_command_writes_the_layer_chunk_by_chunk_in_the_source_frame(tiny_vo
     assert whole[:, :, :, :25].any() and whole[:, :, :, 25:].any()  # defects on both sides of the first 25 px
     detect_defects.main(["--source", paths["image"], "--dest", str(tmp_path / "odd"), "--chunk", "25",
                          "--z_start", "3", "--z_stop", "5"])  # every corner but the first off mip 1's grid
+    assert "warning: --chunk 25 against the detector's reach of 64 px: each section is read 9 times over" in \
+        capsys.readouterr().err  # nine 25 px chunks of a 64 px square, each read with 64 px around it
     odd = volume.open_volume(str(tmp_path / "odd"))
     assert np.array_equal(volume.read(odd, (0, 0, 3), (64, 64, 2)), whole)
     assert np.array_equal(volume.read(odd, (0, 0, 3), (32, 32, 2), mip=1), volume.downsample(whole, "labels"))
