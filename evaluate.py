@@ -285,7 +285,7 @@ def warnings(rows: dict[str, dict[str, float]], reference: str, oracle_cpc: floa
     for name, row in rows.items():
         if np.isnan(row.get("cpc_mean", 0.0)):
             lines.append(f"warning: {name} has no CPC: no square of the CPC window is free of missing data in two "
-                         "neighbouring sections (a smaller window: evaluate.py --cpc_window)")
+                         "neighbouring sections (sections smaller than the window, or mostly without data)")
         if name == reference or name.startswith("oracle"):
             continue
         if "far_median" in row and "far_median" in base:
@@ -415,9 +415,12 @@ def main(argv=None) -> dict:
     args.raw, args.truth, args.defects = (demo.resolve(path, layer) for path, layer in
                                           ((args.raw, "image"), (args.truth, "field"), (args.defects, "defects")))
 
-    if args.near < 0 or args.cpc_window < 1:
-        raise UserError("--near must be >= 0 px and --cpc_window >= 1 px")
+    if args.near < 0 or args.cpc_window < 8:
+        raise UserError("--near must be >= 0 px and --cpc_window >= 8 px (a correlation over fewer pixels says little; "
+                        "over 1 none is defined)")
     plots = check_writable(args.plots, "--plots", folder=True) if args.plots else None
+    for name in ("cpc.png", "epe.png") if plots else ():  # before the scoring, not after it
+        check_writable(plots / name, "--plots")
     aligned_vol = volume.open_volume(args.aligned.rstrip("/") + "/image")
     field_vol = volume.open_volume(args.aligned.rstrip("/") + "/field")
     volume.check_kind(aligned_vol, "image", "--aligned")
@@ -433,6 +436,9 @@ def main(argv=None) -> dict:
     if args.cpc_window > min(size[:2]):
         raise UserError(f"--cpc_window {args.cpc_window} px: larger than the sections "
                         f"({size[0]} x {size[1]} px at mip {mip})")
+    if args.near >= max(size[:2]):
+        raise UserError(f"--near {args.near:g} px: every pixel of the {size[0]} x {size[1]} px sections would be near "
+                        "a defect of theirs (far would score only the sections without one)")
     check_scoring_memory(size, bool(args.truth), machine_memory())
     for vol in aligned_vol, field_vol:
         _require_sections(vol, corner, size, "the aligned stack", "align.py never finished them")

@@ -287,11 +287,15 @@ def test_evaluate_command_refuses_a_bad_z_range_a_missing_stack_or_truth_in_one_
     small = "file://" + str(tmp_path / "small")  # a raw stack of other sections
     volume.write(volume.create_volume(small, (10, 10, 2), "uint8", chunk=(10, 10, 1)), raw[:2, None, :10, :10],
                  (0, 0, 0))
+    (tmp_path / "cpc.png").mkdir()
     dest, z = ["--aligned", tmp_path / "dest", "--raw", raw_path], ["--z_start", "0", "--z_stop", "4"]
     for argv, says in ((dest + ["--z_start", "0", "--z_stop", "9"], "outside the sections 0..3 of the volume file://"),
                        (dest + ["--z_start", "3", "--z_stop", "1"], "z range 3..1 is empty"),
-                       (dest + z + ["--cpc_window", "0"], "--cpc_window >= 1"),
+                       (dest + z + ["--cpc_window", "1"], "--cpc_window >= 8 px"),
                        (dest + z + ["--cpc_window", "100000"], "--cpc_window 100000 px: larger than the sections"),
+                       (dest + z + ["--near", "600"], "--near 600 px: every pixel of the 64 x 64 px sections"),
+                       (dest + z + ["--plots", tmp_path], "--plots " + str(tmp_path / "cpc.png") + ": cannot write "
+                        "there (Is a directory)"),  # was a traceback after the whole scoring
                        (dest + ["--z_start", "1", "--z_stop", "2"], "give at least 2"),
                        (["--aligned", tmp_path / "nothing"] + z, "nothing"),
                        (dest + ["--truth", "file://" + str(tmp_path / "no_truth")] + z, "no_truth"),
