@@ -44,7 +44,7 @@ import misalign
 from alignment import (PairSettings, SolveSettings, add_flags, align_serial, align_solved, apply_field,
                        check_fits, for_inference, network_bias, settings_from_args, warnings_condensed)
 from demo import PHANTOMS
-from helpers import UserError, check_writable, finite_float, folder, in_frame_of, run_main
+from helpers import UserError, check_writable, finite_float, folder, in_frame_of, random_seed, run_main
 
 
 def detected_defects(stack: dict) -> np.ndarray:
@@ -264,6 +264,12 @@ def check_stack_args(args) -> None:
         raise UserError(f"--sections {args.sections}: a stack to align needs at least 2")
     if args.size < 1:
         raise UserError(f"--size {args.size}: the sections' size in px must be at least 1")
+    if getattr(args, "reregister", False) and not getattr(args, "real", None):
+        raise UserError("--reregister re-registers --real sections (the demo's and the phantoms' need none)")
+    least = {"frame": 2 * 120 + 64, "holes": 40}.get(args.missing, 0)  # margins of up to 120 px; holes of 40 px
+    if args.size < least:
+        raise UserError(f"--missing {args.missing} needs --size {least} px or more (got {args.size}): it would leave "
+                        "no tissue to score")
     for spec in args.bad:
         z, _, kind = spec.partition(":")
         if not z.isdigit() or int(z) >= args.sections or kind not in ("noise", "inverted"):
@@ -304,7 +310,7 @@ def main(argv=None) -> dict:
                                                "demo is, instead of the demo volume; --z_start counts files from 0")
     p.add_argument("--phantom", choices=PHANTOMS,
                    help="a fresh phantom stack instead of the demo volume (module docstring)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=random_seed, default=0,
                    help="--real, --phantom: the seed of the known misalignment, cracks and folds (one stack per seed)")
     add_misalignment_flags(p)
     p.add_argument("--reregister", action="store_true",

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 import demo
 import gen_stack
 from data import Augmenter, StackDataset
+from helpers import run_main
 
 
 def main() -> None:
@@ -29,6 +30,8 @@ def main() -> None:
     p.add_argument("--stack_height", type=int, default=10)
     p.add_argument("--batches", type=int, default=20)
     args = p.parse_args()
+    if min(args.count, args.dim, args.batches) < 1:
+        p.error("--count, --dim and --batches must be at least 1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     start = time.time()
@@ -60,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

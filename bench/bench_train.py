@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--ddp", type=int, default=1, help="also time N DDP processes (torchrun) per configuration")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.steps < 1 or args.ddp < 1:
+        p.error("--steps and --ddp must be at least 1")
     import distributed
     device = check_device(args.device)
     if args.one:

@@ -26,7 +26,7 @@ import numpy as np
 
 from bench import align_quality
 from bench.baselines import BASELINES
-from helpers import HelpFormatter, UserError, finite_float, run_main
+from helpers import HelpFormatter, UserError, finite_float, random_seed, run_main
 
 VOLUMES = {"isbi": ["--z_start", "0", "--sections", "30", "--size", "416", "--reregister"],  # ISBI 2012 (fly)
            "snemi": ["--z_start", "60", "--sections", "40"]}  # SNEMI3D's last 40 sections (mouse)
@@ -63,7 +63,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--test", type=parse_test, action="append", required=True,
                    help="NAME=FOLDER:ARCHIVE: the volume NAME (isbi, snemi) in FOLDER, aligned by ARCHIVE")
-    p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2], help="one draw per seed")
+    p.add_argument("--seed", type=random_seed, nargs="+", default=[0, 1, 2], help="one draw per seed")
     p.add_argument("--classical", nargs="*", default=None, metavar="SETTING",
                    choices=[setting for settings in BASELINES.values() for setting in settings],
                    help="also these settings of the classical aligners (bench.align_quality --settings)")

@@ -28,7 +28,7 @@ import evaluate
 from alignment import add_flags, settings_from_args
 from bench.align_quality import network_fields, run_method
 from demo import PHANTOMS, make_arrays
-from helpers import HelpFormatter, in_frame_of, run_main
+from helpers import HelpFormatter, finite_float, in_frame_of, random_seed, run_main
 from misalign import MisalignParams
 
 FIGURES = ["far_median", "far_common", "drift_mean"]
@@ -47,15 +47,17 @@ def misaligned_stack(kind: str, count: int, size: int, seed: int, max_shift: flo
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--archive", default="pt/demo.pt", help="our network")
-    p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2], help="one draw (stack) per seed")
+    p.add_argument("--seed", type=random_seed, nargs="+", default=[0, 1, 2], help="one draw (stack) per seed")
     p.add_argument("--phantom", choices=PHANTOMS, default="default", help="how the tissue changes (demo.py's)")
     p.add_argument("--sections", type=int, default=30)
     p.add_argument("--size", type=int, default=512, help="section size in px")
-    p.add_argument("--max_shift", type=float, default=40.0, help="px, per section and axis")
-    p.add_argument("--max_rotation", type=float, default=0.03, help="rad, per section")
+    p.add_argument("--max_shift", type=finite_float, default=40.0, help="px, per section and axis")
+    p.add_argument("--max_rotation", type=finite_float, default=0.03, help="rad, per section")
     p.add_argument("--ours", default="serial", help="serial, raw, voteK or solveK (bench.align_quality's)")
     add_flags(p, without=["neighbours"])  # align.py's settings and defaults (solveK sets the neighbours)
     args = p.parse_args(argv)
+    if args.sections < 2 or args.size < 128:
+        p.error("--sections must be 2 or more and --size 128 px or more (the pyramid and the CPC window need it)")
     fields_fn = network_fields(args.archive, args.ours, *settings_from_args(args))
     rows = []
     for seed in args.seed:

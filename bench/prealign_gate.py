@@ -31,7 +31,7 @@ import torch
 import alignment
 from bench.align_quality import demo_stack, real_stack
 from bench.large_misalignment import misaligned_stack
-from helpers import HelpFormatter, folder, normalise, run_main, to_tensor
+from helpers import HelpFormatter, folder, normalise, random_seed, run_main, to_tensor
 
 
 def stacks(args):
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--isbi", type=folder, help="folder of ISBI 2012's training sections (skipped if not given)")
     p.add_argument("--snemi", type=folder, help="folder of SNEMI3D's training sections (skipped if not given)")
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one draw of the misalignment per seed")
+    p.add_argument("--seed", type=random_seed, nargs="+", default=[0], help="one draw of the misalignment per seed")
     p.add_argument("--prealign", type=int, default=alignment.PairSettings().prealign, help="align.py's")
     p.add_argument("--archive", default="pt/demo.pt", help="the network pair_field is timed with")
     p.add_argument("--repeats", type=int, default=5, help="pair_field runs timed (0: none)")

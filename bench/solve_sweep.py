@@ -52,7 +52,7 @@ from alignment import (SolveSettings, add_flags, apply_field, for_inference, set
                        solved_pairs, warnings_condensed)
 from demo import PHANTOMS
 from helpers import (UserError, atomic_output, check_writable, compose, file_sha256, folder, in_frame_of,
-                     invert_field, one_line, run_main, vector_length)
+                     invert_field, one_line, random_seed, run_main, vector_length)
 from models.archive import load_archive
 from solve import low_pass
 
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
     p.add_argument("--archive", required=True, help="our network")
     p.add_argument("--real", type=folder, help="a folder of registered real sections (as in align_quality.py)")
     p.add_argument("--phantom", choices=PHANTOMS, help="a fresh phantom stack (as in align_quality.py)")
-    p.add_argument("--seed", type=int, nargs="+", default=[0],
+    p.add_argument("--seed", type=random_seed, nargs="+", default=[0],
                    help="misalignment draws (as in align_quality.py); several: figures averaged over them")
     p.add_argument("--reregister", action="store_true", help="as in align_quality.py")
     add_misalignment_flags(p)

@@ -63,7 +63,10 @@ def test_a_real_folder_that_is_not_there_is_a_usage_error(tmp_path, capsys):
     (["--bad", "3:blur"], "--bad 3:blur: expected"),
     (["--methods", "bogus"], "--methods bogus: not a classical aligner"),
     (["--settings", "affine", "bogus"], "--settings bogus: not a classical aligner or setting"),
-    (["--out", "README.md"], "--out README.md: cannot write there")])
+    (["--out", "README.md"], "--out README.md: cannot write there"),
+    (["--missing", "holes", "--size", "16"], "--missing holes needs --size 40 px or more"),  # was a traceback
+    (["--missing", "frame", "--size", "100"], "--missing frame needs --size 304 px"),  # was a table of NaN
+    (["--reregister"], "--reregister re-registers --real sections")])  # was ignored on the demo
 def test_bad_flags_are_one_line_errors_before_the_stack_is_built(monkeypatch, flags, message):
     def no_stack(*args):
         raise AssertionError("the stack was built before the flags were checked")
