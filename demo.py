@@ -206,7 +206,13 @@ def main(argv=None) -> Path:
     if z < 1 or min(h, w) < step or h % step or w % step:
         raise UserError(f"--shape {z} {h} {w}: needs at least one section, H and W multiples of {step} (mips "
                         f"0-{MIPS - 1})")
-    build(tuple(args.shape), args.seed, args.phantom, check_writable(dest, "DEST", folder=True))
+    try:
+        build(tuple(args.shape), args.seed, args.phantom, check_writable(dest, "DEST", folder=True))
+    except (MemoryError, RuntimeError) as err:  # torch's allocator raises a RuntimeError
+        if not isinstance(err, MemoryError) and "alloc" not in str(err):
+            raise
+        raise UserError(f"--shape {z} {h} {w}: not enough memory for its sections (the phantom is drawn on a square "
+                        f"of the longer side, {max(h, w)} px): build smaller or squarer sections") from None
     return dest
 
 

@@ -193,6 +193,9 @@ def main(argv=None) -> dict:
     if not volume.is_cloudpath(args.dest):  # a folder here, even before it exists
         args.dest = str(Path(args.dest).expanduser().resolve())
         check_writable(args.dest, "--dest", folder=True)
+        if Path(args.dest).is_dir() and any(Path(args.dest).iterdir()) and not (Path(args.dest) / "info").exists():
+            raise UserError(f"--dest {args.dest} is a folder of other files, not a layer (an align.py DEST? its "
+                            "layers are folders in it): give a new folder")
     source = volume.open_volume(demo.resolve(args.source), args.mip, args.bucket)
     volume.check_kind(source, "image", "--source")
     x0, y0, x1, y1, z0, z1 = region(args, source)

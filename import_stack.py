@@ -43,6 +43,7 @@ from helpers import (HelpFormatter, UserError, atomic_output, check_memory, fini
                      run_main)
 
 SUFFIXES = (".png", ".tif", ".tiff")
+REREGISTER_SIDE = 128  # px: the least side content_shifts matches sections on (shifts.best_shifts' reach is 32 px)
 SECTION_BYTES = 16  # peak bytes per pixel of a section while it is read, scaled and written with its mips (13 measured)
 CHUNK = (256, 256, 1)
 MIN_SIDE, MAX_MIPS = 64, 6  # default mips: as many as keep the smaller side >= MIN_SIDE px
@@ -366,6 +367,9 @@ def main(argv=None) -> dict:
     stretch = value_range(paths) if dtype != "uint8" else None
     shifts = np.zeros((len(slots), 2), np.int64)
     if args.reregister:
+        if min(height, width) < REREGISTER_SIDE:
+            raise UserError(f"--reregister matches sections over their centre, shifted up to 32 px: it needs sections "
+                            f"of {REREGISTER_SIDE} px or more (these are {width} x {height} px)")
         if missing:
             raise UserError(f"--reregister needs a stack without gaps ({len(missing)} missing: {_listing(missing)})")
         shifts = content_shifts(read_scaled(path, stretch) for path in tqdm(paths, desc="matching", unit="section"))

@@ -77,3 +77,13 @@ def test_a_phantom_built_in_slabs_of_two_sections_is_the_one_built_whole(tmp_pat
     assert [demo._slab_stops(5, 2), demo._slab_stops(6, 2), demo._slab_stops(1, 2)] == [[2, 5], [2, 4, 6], [1]]
     with pytest.raises(ValueError, match="at least 2"):  # a one-section slab is not misaligned as in a stack
         demo._slab_stops(5, 1)
+
+
+def test_sections_too_large_to_draw_are_one_line(tmp_path, monkeypatch):
+    def no_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 150288138240 bytes.")
+
+    monkeypatch.setattr(demo, "build", no_memory)
+    with pytest.raises(demo.UserError, match=r"--shape 2 100000 8: not enough memory .* a square of the longer side, "
+                                             r"100000 px"):
+        demo.main(["--shape", "2", "100000", "8", str(tmp_path / "big")])

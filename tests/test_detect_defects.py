@@ -90,6 +90,7 @@ def run_cli(argv, capsys):
     ("missing", "no volume at"), ("field", "is not an image"), ("unwritable", "cannot write there"),
     ("other_shape", "exists with another shape"), ("source", "is the source: refusing to overwrite it"),
     ("not_ours", "a layer that detect_defects.py did not write: refusing"),
+    ("folder_of_layers", "is a folder of other files, not a layer"),  # it wrote a layer there, beside them
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_volume, tmp_path, capsys, case, message):
     paths, arrays = tiny_volume
@@ -97,7 +98,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_volume, tmp_path, capsys, case, m
     other = volume.create_volume("file://" + str(tmp_path / "other"), (32, 32, 12), "uint8")
     source = {"missing": str(tmp_path / "nothing"), "field": paths["field"]}.get(case, paths["image"])
     dest = {"unwritable": tmp_path / "a_file" / "defects", "other_shape": other.cloudpath.removeprefix("file://"),
-            "source": paths["image"], "not_ours": paths["defects"]}  # the last: the source's shape, of another tool
+            "source": paths["image"], "not_ours": paths["defects"],  # the source's shape, of another tool
+            "folder_of_layers": tmp_path / "vol"}  # the folder of the volume's layers
     code, err = run_cli(["--source", source, "--dest", str(dest.get(case, tmp_path / "d"))], capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "d").exists()

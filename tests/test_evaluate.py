@@ -336,6 +336,7 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
     short_truth = write_layer(tmp_path / "short_truth", truth, "field", [0, 1, 3])
     empty_raw = write_layer(tmp_path / "empty_raw", raw[:, None], "image", [0, 1, 2])
     sevens = write_layer(tmp_path / "sevens", np.full((4, 1, 64, 64), 7, np.uint8), "labels")
+    marks = write_layer(tmp_path / "marks", np.eye(64, dtype=np.uint8)[None, None].repeat(4, 0), "labels")
     coarse = "file://" + str(tmp_path / "coarse")  # a defect layer at another resolution
     volume.create_volume(coarse, (64, 64, 4), "uint8", resolution=(16, 16, 40), chunk=(32, 32, 1))
     unwritten = "file://" + str(tmp_path / "unwritten")  # made, never written: every pixel would read as no defect
@@ -345,6 +346,8 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
                        (["--defects", unwritten], r"--defects .*/unwritten holds no data at mip 0 \(it holds no data "
                                                   r"at any mip\)$"),
                        (["--defects", sevens], "--defects .*/sevens holds the value 7; a defect map holds"),
+                       (["--raw", marks], "--raw .*/marks holds only the values 0..2 over the stack scored: a defect "
+                                          "layer, not the raw images"),
                        (["--defects", coarse], r"the defects volume .*/coarse has no mip at resolution "
                                                r"\[8.0, 8.0, 40.0\]$"),
                        (["--truth", raw_path], r"--truth .*/raw is not a field \(2 channels of float"),

@@ -252,6 +252,9 @@ def test_import_reregister_writes_matching_sections_and_records_the_shifts(tmp_p
     with pytest.raises(UserError, match="without gaps"):
         import_stack.main([str(folder), "--dest", str(tmp_path / "v2"), "--resolution", "4", "4", "50",
                            "--reregister", "--allow_gaps"])
+    small = save_png(tmp_path / "small", ["0.png", "1.png"], [s[:1, :1] for s in sections(2)])  # was a traceback
+    with pytest.raises(UserError, match=r"--reregister .* it needs sections of 128 px or more \(these are 1 x 1 px\)"):
+        import_stack.main([str(small), "--dest", str(tmp_path / "v3"), "--resolution", "4", "4", "50", "--reregister"])
 
 
 def test_left_overs_of_killed_imports_are_removed_but_not_a_live_imports(tmp_path):
