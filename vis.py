@@ -26,7 +26,8 @@ BASELINES = {"val_epe": ("val_epe_zero_field", "zero field"), "similarity": ("id
 TERMS = {"similarity": ("similarity penalty", "cost"), "smoothness": ("smoothness penalty", "cost"),
          "consensus": ("consensus penalty", "px²"), "total": ("total cost", "cost"),
          "epe": ("end-point error against the known field", "px (at the loss level)"),
-         "field_px": ("mean field length", "px"), "val_epe": ("held-out end-point error", "px")}
+         "field_px": ("mean field length", "px"), "val_epe": ("held-out end-point error", "px"),
+         "data_share": ("share of pixels the similarity scores", "fraction")}
 
 
 # ----------------------------------------------------------------- files and figures
