@@ -55,8 +55,11 @@ class UserError(Exception):
 def run_main(main: Callable[[], object]) -> None:
     """Run a script's ``main``; a ``UserError`` becomes one line on stderr and exit 2.
 
-    A reader that stops early (``| head``) ends the run quietly, as it would end ``cat``'s.
+    A reader that stops early (``| head``) ends the run quietly, as it would end ``cat``'s. A SIGTERM (a batch
+    scheduler's stop, ``kill``) ends it as Ctrl-C does: what it was writing is discarded and its temporary files
+    deleted, then exit 143.
     """
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
         sys.stdout.flush()  # inside the try: a closed pipe is met here, not at exit
@@ -69,6 +72,13 @@ def run_main(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         tqdm.write("interrupted", file=sys.stderr)  # on a line of its own, below any progress bar still drawn
         sys.exit(130)
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM's handler in ``run_main``: a ``SystemExit`` raised where the main thread is, so every ``finally`` and
+    ``with`` on the way out runs (``atomic_output`` discards its partial output)."""
+    tqdm.write("terminated", file=sys.stderr)
+    sys.exit(143)
 
 
 def one_line(err: BaseException) -> str:

@@ -447,3 +447,20 @@ def test_a_reader_that_stops_early_ends_the_run_quietly():
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(h.__file__).parent)
     writer.stdout.close()  # the reader is gone before the writer's second pipe buffer
     assert writer.wait(timeout=60) == 141 and writer.stderr.read() == b""
+
+
+def test_a_sigterm_ends_a_run_as_ctrl_c_does_its_partial_output_discarded(tmp_path):
+    script = ("import pathlib, sys, time, helpers\n"
+              "def main():\n"
+              "    with helpers.atomic_output(sys.argv[1]) as tmp:\n"
+              "        tmp.mkdir()\n"
+              "        (tmp / 'part').write_text('half')\n"
+              "        print('writing', flush=True)\n"
+              "        time.sleep(60)\n"
+              "helpers.run_main(main)\n")
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=Path(h.__file__).parent)
+    assert run.stdout.readline() == "writing\n"
+    run.send_signal(signal.SIGTERM)  # a batch scheduler's stop
+    assert run.wait(timeout=60) == 143
+    assert run.stderr.read().strip() == "terminated" and list(tmp_path.iterdir()) == []  # no half output left
