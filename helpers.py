@@ -59,7 +59,7 @@ def run_main(main: Callable[[], object]) -> None:
     scheduler's stop, ``kill``) ends it as Ctrl-C does: what it was writing is discarded and its temporary files
     deleted, then exit 143.
     """
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, functools.partial(_terminated, os.getpid()))
     try:
         main()
         sys.stdout.flush()  # inside the try: a closed pipe is met here, not at exit
@@ -74,9 +74,14 @@ def run_main(main: Callable[[], object]) -> None:
         sys.exit(130)
 
 
-def _terminated(signum, frame) -> None:
-    """SIGTERM's handler in ``run_main``: a ``SystemExit`` raised where the main thread is, so every ``finally`` and
-    ``with`` on the way out runs (``atomic_output`` discards its partial output)."""
+def _terminated(main_pid: int, signum, frame) -> None:
+    """SIGTERM's handler in ``run_main``'s process ``main_pid``: a ``SystemExit`` raised where the main thread is, so
+    every ``finally`` and ``with`` on the way out runs (``atomic_output`` discards its partial output). A process
+    forked from it (a DataLoader worker) dies of the signal as it would have."""
+    if os.getpid() != main_pid:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     tqdm.write("terminated", file=sys.stderr)
     sys.exit(143)
 

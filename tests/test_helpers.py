@@ -464,3 +464,20 @@ def test_a_sigterm_ends_a_run_as_ctrl_c_does_its_partial_output_discarded(tmp_pa
     run.send_signal(signal.SIGTERM)  # a batch scheduler's stop
     assert run.wait(timeout=60) == 143
     assert run.stderr.read().strip() == "terminated" and list(tmp_path.iterdir()) == []  # no half output left
+
+
+def test_a_process_forked_from_a_run_dies_of_sigterm_as_it_would_have():
+    """A DataLoader worker forked from a run: SIGTERM kills it (its parent sees the signal); it prints nothing."""
+    script = ("import os, signal, sys, time, helpers\n"
+              "def main():\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n"
+              "        time.sleep(60)\n"
+              "        os._exit(0)\n"
+              "    time.sleep(0.5)\n"
+              "    os.kill(child, signal.SIGTERM)\n"
+              "    print(os.waitpid(child, 0)[1] & 0x7f)\n"
+              "helpers.run_main(main)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=Path(h.__file__).parent)
+    assert run.returncode == 0 and run.stdout.strip() == str(int(signal.SIGTERM)) and run.stderr == ""
