@@ -69,21 +69,26 @@ def run_main(main: Callable[[], object]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        tqdm.write("interrupted", file=sys.stderr)  # on a line of its own, below any progress bar still drawn
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # on a line of its own, below any progress bar still drawn
+        tqdm.write("terminated" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, in a process ``run_main`` runs: handled as Ctrl-C is (``stop_if_interrupted`` too), exit 143."""
 
 
 def _terminated(main_pid: int, signum, frame) -> None:
-    """SIGTERM's handler in ``run_main``'s process ``main_pid``: a ``SystemExit`` raised where the main thread is, so
-    every ``finally`` and ``with`` on the way out runs (``atomic_output`` discards its partial output). A process
-    forked from it (a DataLoader worker) dies of the signal as it would have."""
+    """SIGTERM's handler in ``run_main``'s process ``main_pid``: ``Terminated`` raised where the main thread is, so
+    every ``finally`` and ``with`` on the way out runs (``atomic_output`` discards its partial output), and recorded
+    for ``stop_if_interrupted`` where Python drops it (in a callback). A process forked from it (a DataLoader worker)
+    dies of the signal as it would have."""
     if os.getpid() != main_pid:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
-    tqdm.write("terminated", file=sys.stderr)
-    sys.exit(143)
+    _SIGINTS.append(signum)
+    raise Terminated
 
 
 def one_line(err: BaseException) -> str:
@@ -325,7 +330,7 @@ def held(path: Path, what: str) -> Iterator[None]:
             path.parent.rmdir()
 
 
-_SIGINTS: list[int] = []  # the Ctrl-Cs that reached the running atomic_output (see _recording_sigint)
+_SIGINTS: list[int] = []  # the Ctrl-Cs (and SIGTERMs) that reached the running atomic_output (_recording_sigint)
 
 
 @contextmanager
@@ -355,12 +360,13 @@ def _recording_sigint() -> Iterator[None]:
 
 
 def stop_if_interrupted() -> None:
-    """Raise ``KeyboardInterrupt`` if a Ctrl-C reached the running ``atomic_output`` but was dropped on its way.
+    """Raise ``KeyboardInterrupt`` if a Ctrl-C reached the running ``atomic_output`` but was dropped on its way
+    (``Terminated`` for a SIGTERM).
 
     Call it between the steps of a long write, so that such a Ctrl-C stops it at once, not at its end.
     """
     if _SIGINTS:
-        raise KeyboardInterrupt
+        raise Terminated if signal.SIGTERM in _SIGINTS else KeyboardInterrupt
 
 
 @contextmanager

@@ -583,8 +583,10 @@ def train(args, device: str | None = None) -> Path:
     objective = loss.Objective.from_args(args)
     val_loader = DataLoader(val_pairs, batch_size=args.batch_size) if rank0 and val_pairs is not None else None
     runs_dir, out_dir = log_dirs(args.name)
-    # closed however the run ends: a failed run's logs are deleted (logs_follow_the_network) after its last write
-    with SummaryWriter(str(runs_dir)) if rank0 else contextlib.nullcontext() as writer:
+    # closed however the run ends: a failed run's logs are deleted (logs_follow_the_network) after its last write;
+    # a resumed run's purge_step hides what the interrupted run logged past its last save from TensorBoard
+    purge = archive["iteration"] if args.resume else None
+    with SummaryWriter(str(runs_dir), purge_step=purge) if rank0 else contextlib.nullcontext() as writer:
         history: dict[str, list[float]] = archive["history"]
         iteration, start_epoch = archive["iteration"], archive["epoch"]
         optimizer, stage = None, None

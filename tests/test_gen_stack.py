@@ -1,4 +1,5 @@
 """gen_stack.py: a file:// CloudVolume into HDF5, and its refusals."""
+import functools
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import gen_stack
+import helpers
 import volume
 from data import StackDataset
 from conftest import ROOT, ended_pid, run_script
@@ -230,6 +232,31 @@ def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_write(tmp_path, python_s
     sampling = gen_stack.Sampling(source="x", mip=1, dim=16, stack_height=4, train_range=(0, 8))
     with pytest.raises(KeyboardInterrupt):
         gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, sampling)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Terminated
+def test_a_sigterm_dropped_in_a_callback_still_stops_the_write(tmp_path):
+    """As a Ctrl-C: a SIGTERM (run_main's handler) that lands in a weakref callback once let the run end 0."""
+
+    class Thing:
+        pass
+
+    def stacks():
+        for _ in range(3):
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: (signal.raise_signal(signal.SIGTERM), sum(range(10))))
+            del thing
+            assert ref() is None
+            yield np.zeros(3), {"images": np.full((4, 1, 16, 16), 7, np.uint8)}
+
+    sampling = gen_stack.Sampling(source="x", mip=1, dim=16, stack_height=4, train_range=(0, 8))
+    previous = signal.signal(signal.SIGTERM, functools.partial(helpers._terminated, os.getpid()))
+    try:
+        with pytest.raises(helpers.Terminated):
+            gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, sampling)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -92,11 +92,18 @@ def test_an_epoch_draws_a_progress_bar_on_a_terminal_only_and_clears_it(toy, mon
 def test_resume_gives_the_same_network_as_an_uninterrupted_run(toy):
     # on the CPU: CUDA's grid_sample backward adds in a varying order, so on a GPU the two differ by rounding
     straight, _ = load_archive(run(toy, "straight", "--epochs", "3", "--device", "cpu"))
-    run(toy, "interrupted", "--epochs", "2", "--device", "cpu")
+    saved = load_archive(run(toy, "interrupted", "--epochs", "2", "--device", "cpu"))[1]["iteration"]
     resumed, archive = load_archive(train.main(["--resume", "--epochs", "3", "--device", "cpu", "interrupted"]))
     assert archive["epoch"] == 3
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    starts = [event.step for path in sorted((toy.parent / "runs" / "interrupted").glob("events.*"))
+              for event in EventFileLoader(str(path)).Load()
+              if event.HasField("session_log") and event.session_log.status == SessionLog.START]
+    assert starts == [saved]  # the resume hides from TensorBoard what an interrupted run logged past its last save
 
 
 def test_resume_applies_the_flags_given_again_and_records_them_in_the_lineage(toy, capsys):
