@@ -33,7 +33,9 @@ finished section is marked in ``DEST/progress/``, so a re-run
 resumes where it stopped, but only a run whose record matches DEST's: otherwise
 it stops with one line naming the first difference, before writing anything
 (a later run may extend ``--z_stop``; ``--device``, ``--queue`` and the workers,
-which do not change the result, may differ). ``--overwrite`` deletes
+which do not change the result, may differ). A run holds a local DEST
+(``DEST/.align.lock``): a second run into it is refused while the first lives
+(workers take no lock; a cloud DEST has none). ``--overwrite`` deletes
 what align.py wrote in DEST (``DEST_LAYERS`` and ``progress/``, every section,
 not only the range) and aligns the range afresh; it never deletes a layer that
 align.py did not write.
@@ -77,14 +79,15 @@ import demo
 import tasks
 import volume
 from alignment import SolveSettings, add_flags, check_fits, settings_from_args, warnings_condensed
-from helpers import (HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, machine_memory,
-                     one_line, run_main)
+from helpers import (HelpFormatter, UserError, check_writable, code_version, file_sha256, finite_float, held,
+                     machine_memory, one_line, run_main)
 from models.archive import lineage, read_archive
 from vis import neuroglancer_state
 
 SERIAL_LAYERS = ("block_field", "block_frame")  # tasks.py's intermediate layers, beside image and field
 SOLVE_LAYERS = ("pair_field", "solved", "solved_frame")  # those of the solve's tasks
 DEST_LAYERS = ("image", "field", "defects") + SERIAL_LAYERS + SOLVE_LAYERS  # every layer align.py writes in DEST
+LOCK = ".align.lock"  # in a local DEST while a run (not a worker) writes it: helpers.held
 ALIGNED_BY = "aligned by SEAMLeSS align.py"  # the description of align.py's provenance entries
 VIEWER = "https://neuroglancer-demo.appspot.com/#!"  # a public Neuroglancer; the state follows the #!
 VIEW_PORT = 1337  # where cloudvolume.server.view serves a local DEST (CloudVolume.viewer's port)
@@ -425,10 +428,18 @@ def main(argv=None) -> dict:
     if not volume.is_cloudpath(args.dest):  # a folder here, even before it exists
         args.dest = str(Path(args.dest).expanduser().resolve())
     if volume.resolve_path(args.dest).startswith("file://"):  # a folder here: writable before anything is read
-        check_writable(volume.resolve_path(args.dest).removeprefix("file://"), "--dest", folder=True)
-    elif args.adapt:
+        local = check_writable(volume.resolve_path(args.dest).removeprefix("file://"), "--dest", folder=True)
+        with held(local / LOCK, f"--dest {args.dest}"):  # two runs into one DEST mixed their sections
+            return align(args)
+    if args.adapt:
         raise UserError(f"--adapt writes DEST/{ADAPTED} beside the layers: it needs a local --dest folder, "
                         f"not {args.dest}")
+    return align(args)
+
+
+def align(args) -> dict:
+    """The run ``args`` ask for (checked by ``check_args``; DEST held where it is a local folder): read, resume or
+    start, align, write; returns ``{"sections", "seconds", "mpx_per_s"}``."""
     args.source = demo.resolve(args.source)  # the word 'demo' is the embedded demo volume
     source = volume.open_volume(args.source, args.mip, args.bucket)
     volume.check_kind(source, "image", "--source")  # what the network aligns

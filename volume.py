@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import UserError, atomic_output, one_line
+from helpers import UserError, atomic_output, one_line, stop_if_interrupted
 
 DEFAULT_BUCKET = "gs://neuroglancer/"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a URL scheme (RFC 3986), e.g. middleauth+https://
@@ -65,11 +65,15 @@ def chunk_compression(dtype) -> str | bool:
 
 def _cloud_volume(cloudpath: str, **kwargs):
     """``CloudVolume(cloudpath, **kwargs)`` without the banner CloudFiles prints where it finds no credentials file
-    (a failure says what is missing in one line: ``_cloud_error``)."""
+    (a failure says what is missing in one line: ``_cloud_error``). A SIGTERM that CloudVolume's bare ``except``
+    turned into another error (a volume that does not exist yet) stops the run all the same."""
     from cloudvolume import CloudVolume
 
     with contextlib.redirect_stdout(io.StringIO()):
-        return CloudVolume(cloudpath, **kwargs)
+        try:
+            return CloudVolume(cloudpath, **kwargs)
+        finally:
+            stop_if_interrupted()
 
 
 def _cloud_error(err: Exception) -> str:

@@ -3,6 +3,8 @@ import argparse
 import dataclasses
 import io
 import json
+import os
+import socket
 import warnings
 from urllib.parse import unquote
 
@@ -165,6 +167,19 @@ def test_mips_of_the_image_are_2x2_means_and_of_the_field_halved_vectors(setup, 
         assert np.allclose(field, two_by_two_mean(finer_field) / 2, atol=1e-5)  # px of the coarser mip
         assert np.abs(field).max() > 0.01
         finer_image, finer_field = image, field
+
+
+def test_a_dest_another_run_is_writing_is_refused_and_the_lock_goes_with_the_run(setup):
+    tmp, paths, archive = setup
+    argv = ["--archive", str(archive), "--source", paths["image"], "--dest", str(tmp / "d"), "--chunk", "32",
+            "--overlap", "32", "--z_start", "2", "--z_stop", "4"]
+    (tmp / "d").mkdir()
+    (tmp / "d" / align.LOCK).write_text(f"{os.getpid()}@{socket.gethostname()}")  # a run of this machine, alive
+    with pytest.raises(UserError, match=f"--dest {tmp / 'd'} is in use by process {os.getpid()}@"):
+        align.main(argv)  # two at once mixed their sections' fields (up to 47 px apart)
+    (tmp / "d" / align.LOCK).unlink()
+    align.main(argv)
+    assert not (tmp / "d" / align.LOCK).exists() and (tmp / "d" / "image").is_dir()
 
 
 def test_mips_need_tasks_and_a_bbox_corner_that_cover_whole_chunks_of_every_mip(setup):

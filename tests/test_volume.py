@@ -76,6 +76,27 @@ def test_missing_cloud_credentials_are_one_line_that_says_how_to_give_them(monke
     assert capsys.readouterr().out == ""  # CloudFiles' banner is not shown
 
 
+def test_a_sigterm_that_cloudvolume_turned_into_another_error_still_stops_the_run(monkeypatch):
+    import signal
+
+    import cloudvolume
+    from cloudvolume.exceptions import InfoUnavailableError
+
+    import helpers
+
+    class Swallowing:  # CloudVolume's zarr fallback: `except: raise err`, whatever interrupted it
+        def __new__(cls, *args, **kwargs):
+            helpers._SIGINTS.append(signal.SIGTERM)  # what run_main's handler records before it raises
+            raise InfoUnavailableError("no info")
+
+    monkeypatch.setattr(cloudvolume, "CloudVolume", Swallowing)
+    try:
+        with pytest.raises(helpers.Terminated):  # not "no volume at ...", after which align.py made DEST
+            volume.open_volume("file:///nowhere/new")
+    finally:
+        helpers._SIGINTS.clear()
+
+
 def test_missing_volume_and_mip_are_user_errors(tmp_path, tiny_volume):
     paths, _ = tiny_volume
     with pytest.raises(UserError, match="no volume"):
