@@ -214,9 +214,11 @@ def test_left_overs_of_killed_runs_are_removed_but_not_a_live_runs(tmp_path, tin
     assert sorted(p.name for p in out.iterdir()) == sorted([live.name, "toy_train_mip1.h5"])
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped KeyboardInterrupt
-def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_write(tmp_path, python_sigint):
-    """A KeyboardInterrupt raised in a weakref callback is printed and dropped by Python: the run once ended 0."""
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception
+@pytest.mark.parametrize("signum, stops", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, helpers.Terminated)])
+def test_a_signal_dropped_in_a_callback_still_stops_the_write(tmp_path, python_sigint, signum, stops):
+    """A Ctrl-C (or a SIGTERM, run_main's handler) raised in a weakref callback is printed and dropped by Python: the
+    run once ended 0."""
 
     class Thing:
         pass
@@ -224,40 +226,19 @@ def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_write(tmp_path, python_s
     def stacks():
         for _ in range(3):
             thing = Thing()
-            ref = weakref.ref(thing, lambda _: (signal.raise_signal(signal.SIGINT), sum(range(10))))
-            del thing  # Ctrl-C lands in the callback
-            assert ref() is None
-            yield np.zeros(3), {"images": np.full((4, 1, 16, 16), 7, np.uint8)}
-
-    sampling = gen_stack.Sampling(source="x", mip=1, dim=16, stack_height=4, train_range=(0, 8))
-    with pytest.raises(KeyboardInterrupt):
-        gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, sampling)
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Terminated
-def test_a_sigterm_dropped_in_a_callback_still_stops_the_write(tmp_path):
-    """As a Ctrl-C: a SIGTERM (run_main's handler) that lands in a weakref callback once let the run end 0."""
-
-    class Thing:
-        pass
-
-    def stacks():
-        for _ in range(3):
-            thing = Thing()
-            ref = weakref.ref(thing, lambda _: (signal.raise_signal(signal.SIGTERM), sum(range(10))))
-            del thing
+            ref = weakref.ref(thing, lambda _: (signal.raise_signal(signum), sum(range(10))))
+            del thing  # the signal lands in the callback
             assert ref() is None
             yield np.zeros(3), {"images": np.full((4, 1, 16, 16), 7, np.uint8)}
 
     sampling = gen_stack.Sampling(source="x", mip=1, dim=16, stack_height=4, train_range=(0, 8))
     previous = signal.signal(signal.SIGTERM, functools.partial(helpers._terminated, os.getpid()))
     try:
-        with pytest.raises(helpers.Terminated):
+        with pytest.raises(stops):
             gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, sampling)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        helpers._SIGINTS.clear()  # the record a run's process keeps
+        helpers._SIGINTS.clear()  # the record a run's process keeps of a SIGTERM
     assert list(tmp_path.iterdir()) == []
 
 
