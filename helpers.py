@@ -258,14 +258,18 @@ def temp_sibling(path: Path, tag: str) -> Path:
 
 
 def _running(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (another user's counts)."""
+    """Whether process ``pid`` runs on this machine (another user's counts; a zombie, killed but not yet reaped by
+    its parent, does not)."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): os.kill's answer
+        return True
 
 
 def _gone(owner: str) -> bool:

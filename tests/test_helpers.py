@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -431,6 +432,15 @@ def test_a_lock_is_held_by_one_live_process_and_taken_over_from_a_killed_one(tmp
     lock.write_text(f"{ended_pid()}@{socket.gethostname()}")  # killed: its lock left behind
     with h.held(lock, "experiment exp"):
         assert lock.read_text().startswith(f"{os.getpid()}@")
+    zombie = subprocess.Popen(["sleep", "60"])
+    zombie.kill()  # killed, and not yet reaped by its parent (a driver killed in a test, a supervisor that lags)
+    wait_until = time.time() + 10
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.time() < wait_until:
+        time.sleep(0.01)
+    lock.write_text(f"{zombie.pid}@{socket.gethostname()}")
+    with h.held(lock, "experiment exp"):  # its lock is taken over
+        assert lock.read_text().startswith(f"{os.getpid()}@")
+    zombie.wait()
     lock.write_text("1@another-machine")
     with pytest.raises(h.UserError, match="in use by process 1@another-machine"), h.held(lock, "experiment exp"):
         pass
