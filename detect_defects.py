@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import demo
 import volume
+from masks import check_image
 from helpers import (HelpFormatter, UserError, atomic_output, check_device, check_writable, code_version,
                      file_sha256, one_line, run_main)
 
@@ -181,10 +182,8 @@ def detect_chunk(net: DefectNet, source, z: int, box: tuple[int, int, int, int])
     x0, y0, x1, y1 = box
     r = net.radius
     rx0, ry0, rx1, ry1 = max(x0 - r, sx0), max(y0 - r, sy0), min(x1 + r, sx1), min(y1 + r, sy1)
-    image = volume.read(source, (rx0, ry0, z), (rx1 - rx0, ry1 - ry0, 1))
-    if image.max() <= 2 and np.count_nonzero(image) > image.size // 100:  # grey levels 0..2 only: no tissue image
-        raise UserError(f"--source {source.cloudpath} holds only the values 0..2 in section {z} at {box}: a defect "
-                        "layer, not images")
+    image = check_image(volume.read(source, (rx0, ry0, z), (rx1 - rx0, ry1 - ry0, 1)),
+                        f"--source {source.cloudpath}, section {z} at {box},")
     found = detect(net, torch.from_numpy(image)).numpy()
     return found[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
 

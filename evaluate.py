@@ -470,10 +470,7 @@ def main(argv=None) -> dict:
                                          f"--defects {args.defects}")
     oracle_cpc = None
     if args.raw:
-        raw = volume.read(inputs["raw"], corner, size)[kept, 0]
-        if 0 < raw.max() <= 2:  # an image holds grey levels; a defect map 0, 1 and 2
-            raise UserError(f"--raw {args.raw} holds only the values 0..2 over the stack scored: a defect layer, not "
-                            "the raw images")
+        raw = masks.check_image(volume.read(inputs["raw"], corner, size)[kept, 0], f"--raw {args.raw}")
         rows[RAW] = score(raw, torch.zeros(len(raw), 2, *raw.shape[1:]), truth, defects, args.near, args.cpc_window)
         hist["raw"] = cpc(raw, args.cpc_window)
         if truth is not None:

@@ -46,6 +46,15 @@ def check_defect_map(defects, what: str):
     return defects
 
 
+def check_image(image, what: str):
+    """``image`` (an array of uint8 grey levels, any shape) as it is; a one-line ``UserError`` naming ``what`` where
+    it holds only a defect map's values, 0 to 2, with more than 1 % of its pixels not 0 (a defect layer given as
+    images): tissue never does, and a few dim pixels at the edge of missing data are let pass."""
+    if image.max() <= 2 and (image > 0).sum() > image.size // 100:
+        raise UserError(f"{what} holds only the values {DEFECT_LABELS}: a defect layer, not images")
+    return image
+
+
 def _squared_distance(defects: torch.Tensor, max_distance: float) -> torch.Tensor:
     """Exact squared Euclidean distance (px², float32) to the nearest defect, ``inf`` beyond ``max_distance``.
 

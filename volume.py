@@ -197,18 +197,27 @@ def missing_sections(vol, start, size, every_chunk: bool = True) -> list[int]:
     return [k for k, chunks in written.items() if not chunks or not complete(chunks)]
 
 
+@contextlib.contextmanager
+def _at_mip(vol, mip: int | None):
+    """``vol`` at ``mip`` (None: as it is) within the ``with``, then back at its own mip."""
+    previous = vol.mip
+    vol.mip = previous if mip is None else mip
+    try:
+        yield
+    finally:
+        vol.mip = previous
+
+
 def read(vol, start, size, mip: int | None = None) -> np.ndarray:
     """Cutout ``[Z, C, Y, X]`` from corner ``start = (x, y, z)`` of ``size = (X, Y, Z)`` voxels at ``mip`` (None:
     ``vol.mip``)."""
     (x, y, z), (sx, sy, sz) = start, size
-    previous, vol.mip = vol.mip, vol.mip if mip is None else mip
     try:
-        cut = vol[x:x + sx, y:y + sy, z:z + sz]
+        with _at_mip(vol, mip):
+            cut = vol[x:x + sx, y:y + sy, z:z + sz]
     except Exception as err:
         raise UserError(f"cannot read {vol.cloudpath} at {tuple(start)} size {tuple(size)}: "
                         f"{type(err).__name__}: {err}") from None
-    finally:
-        vol.mip = previous
     return np.ascontiguousarray(np.asarray(cut).transpose(2, 3, 1, 0))
 
 
@@ -338,14 +347,12 @@ def write(vol, array: np.ndarray, start, mip: int = 0) -> None:
         if not finite.all():
             raise UserError(f"section {z + int(np.argmin(finite))}: its field for {vol.cloudpath} is not finite "
                             "(NaN or Inf): the network or a stage after it failed; nothing of the section is written")
-    previous, vol.mip = vol.mip, mip
     _, _, sy, sx = array.shape
     try:
-        vol[x:x + sx, y:y + sy, z:z + array.shape[0]] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+        with _at_mip(vol, mip):
+            vol[x:x + sx, y:y + sy, z:z + array.shape[0]] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
     except OSError as err:
         raise UserError(f"cannot write {vol.cloudpath} at {tuple(start)} mip {mip}: {err.strerror or err}") from None
-    finally:
-        vol.mip = previous
 
 
 def downsample(array: np.ndarray, kind: str) -> np.ndarray:

@@ -91,7 +91,8 @@ def run_cli(argv, capsys):
     ("other_shape", "exists with another shape"), ("source", "is the source: refusing to overwrite it"),
     ("not_ours", "a layer that detect_defects.py did not write: refusing"),
     ("folder_of_layers", "is a folder of other files, not a layer"),  # it wrote a layer there, beside them
-    ("defect_layer", "holds only the values 0..2 in section 3 at (0, 0, 64, 64): a defect layer, not images"),
+    ("defect_layer", "section 3 at (0, 0, 64, 64), holds only the values 0 (none), 1 (crack) and 2 (fold): a defect "
+                     "layer, not images"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_volume, tmp_path, capsys, case, message):
     paths, arrays = tiny_volume

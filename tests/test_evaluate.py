@@ -346,8 +346,8 @@ def test_evaluate_refuses_inputs_of_the_wrong_kind_or_with_sections_missing(tmp_
                        (["--defects", unwritten], r"--defects .*/unwritten holds no data at mip 0 \(it holds no data "
                                                   r"at any mip\)$"),
                        (["--defects", sevens], "--defects .*/sevens holds the value 7; a defect map holds"),
-                       (["--raw", marks], "--raw .*/marks holds only the values 0..2 over the stack scored: a defect "
-                                          "layer, not the raw images"),
+                       (["--raw", marks], r"--raw .*/marks holds only the values 0 \(none\), 1 \(crack\) and 2 "
+                                          r"\(fold\): a defect layer, not images"),
                        (["--defects", coarse], r"the defects volume .*/coarse has no mip at resolution "
                                                r"\[8.0, 8.0, 40.0\]$"),
                        (["--truth", raw_path], r"--truth .*/raw is not a field \(2 channels of float"),

@@ -1,10 +1,12 @@
 """Ternary masks and weights: exact distances, classes and weights on small hand-built maps."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import masks
+from helpers import UserError
 
 
 def one_defect(size=7, at=(3, 3), value=1):
@@ -177,3 +179,13 @@ def test_interpolate_holes_where_computes_only_those_pixels_as_the_whole_image_w
 def test_the_fft_length_is_the_next_product_of_2_3_and_5():
     assert [masks._fast_length(n) for n in (1, 7, 11, 768, 601, 4097)] == [1, 8, 12, 768, 625, 4320]
 
+
+
+def test_an_image_holding_only_a_defect_maps_values_is_refused_a_few_dim_pixels_are_not():
+    marks = np.zeros((10, 10), np.uint8)
+    marks[3] = 2  # a fold across 10 % of the pixels: a defect map
+    with pytest.raises(UserError, match="--raw X holds only the values 0 \\(none\\), 1 \\(crack\\) and 2 \\(fold\\)"):
+        masks.check_image(marks, "--raw X")
+    dim = np.zeros((10, 10), np.uint8)
+    dim[0, 0] = 1  # 1 % of the pixels, at the edge of missing data
+    assert masks.check_image(dim, "--raw X") is dim and masks.check_image(marks * 50, "--raw X") is not None
