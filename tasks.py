@@ -141,7 +141,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from cloudfiles import CloudFiles
-from taskqueue import TaskQueue, queueable
+from taskqueue import QueueEmptyError, TaskQueue, queueable
 from taskqueue.file_queue_api import FileQueueAPI
 from taskqueue.lib import jsonify, toiter
 from tqdm import tqdm
@@ -1139,23 +1139,32 @@ def open_queue(spec: str, create: bool) -> TaskQueue:
 
 
 def work(spec: str, lease_seconds: int) -> None:
-    """A worker: lease tasks from the queue ``spec`` and run them until interrupted (Ctrl-C)."""
+    """A worker: lease tasks from the queue ``spec`` and run them until interrupted (Ctrl-C or SIGTERM, raised as
+    ``KeyboardInterrupt``: the task it holds returns to the queue when its lease ends).
+
+    Its own loop, not ``TaskQueue.poll``: that one takes Ctrl-C over, and an idle worker stopped by it ended with
+    exit 0, as if it had finished.
+    """
     queue = open_queue(spec, create=False)
     pause = float(os.environ.get(SLEEP_VARIABLE, 0))
-    running = []  # the task leased and not finished
-
-    def announce(task) -> None:
-        running[:] = [task]
-        print(f"running {_task_name(task)}", flush=True)
-        time.sleep(pause)
-
     print(f"worker {os.getpid()} polling {spec}", flush=True)
     while True:
         try:
-            queue.poll(lease_seconds=lease_seconds, before_fn=announce, after_fn=lambda task: running.clear(),
-                       tally=True, max_backoff_window=WORKER_BACKOFF_SECONDS)
-            return  # interrupted
+            task = queue.lease(seconds=lease_seconds)
+        except QueueEmptyError:
+            time.sleep(WORKER_BACKOFF_SECONDS)
+            continue
+        except Exception:  # the queue itself (a file half-written, the network): look again
+            traceback.print_exc()
+            print("polling the queue failed", flush=True)
+            time.sleep(WORKER_BACKOFF_SECONDS)
+            continue
+        print(f"running {_task_name(task)}", flush=True)
+        time.sleep(pause)
+        try:
+            task.execute()
         except Exception as err:  # a failed task stays on the queue (record_failure), leased again later
             traceback.print_exc()
-            print(record_failure(queue, running.pop(), err) if running else "polling the queue failed",
-                  flush=True)
+            print(record_failure(queue, task, err), flush=True)
+            continue
+        queue.delete(task, tally=True)

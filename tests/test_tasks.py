@@ -308,6 +308,24 @@ def test_a_queued_task_that_always_fails_is_dead_lettered_and_stops_the_driver(t
     assert tasks.open_queue(spec, create=False).enqueued == 0  # taken off the queue
 
 
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_an_idle_worker_stopped_says_so_and_fails(signum, code, word, tmp_path):
+    spec = "fq://" + str(tmp_path / "queue")
+    tasks.open_queue(spec, create=True)
+    worker = start("worker", "--queue", spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_line(worker, "worker", 60)
+        time.sleep(0.5)  # polling the empty queue
+        worker.send_signal(signum)
+        worker.wait(timeout=30)
+    finally:
+        worker.kill()
+        worker.wait()
+    err = worker.stderr.read()
+    assert worker.returncode == code and err.strip() == word, err  # not exit 0, as if the work were done
+
+
 class CountingQueue:
     """A queue whose count of tasks left is read off a script, one number per look, on ``protocol`` (fq or sqs)."""
 
