@@ -72,10 +72,18 @@ def run_main(main: Callable[[], object]) -> None:
     except KeyboardInterrupt as err:  # on a line of its own, below any progress bar still drawn
         tqdm.write("terminated" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
         sys.exit(143 if isinstance(err, Terminated) else 130)
+    except Exception:  # after a SIGTERM, an error it caused where Python turned it into another (an import)
+        if not _TERMINATION.is_set():
+            raise
+        tqdm.write("terminated", file=sys.stderr)
+        sys.exit(143)
 
 
 class Terminated(KeyboardInterrupt):
     """A SIGTERM, in a process ``run_main`` runs: handled as Ctrl-C is (``stop_if_interrupted`` too), exit 143."""
+
+
+_TERMINATION = threading.Event()  # set once a SIGTERM reached run_main's process (_terminated)
 
 
 def _terminated(main_pid: int, signum, frame) -> None:
@@ -88,6 +96,7 @@ def _terminated(main_pid: int, signum, frame) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         return
     _SIGINTS.append(signum)
+    _TERMINATION.set()
     raise Terminated
 
 
