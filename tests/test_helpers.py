@@ -476,35 +476,36 @@ def test_a_sigterm_ends_a_run_as_ctrl_c_does_its_partial_output_discarded(tmp_pa
     assert run.stderr.read().strip() == "terminated" and list(tmp_path.iterdir()) == []  # no half output left
 
 
+def run_python(script: str) -> subprocess.CompletedProcess:
+    """``python -c script`` beside helpers.py, its output captured as text."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(h.__file__).parent)
+
+
 def test_a_sigterm_that_python_turned_into_another_error_still_ends_the_run_as_terminated():
     """A SIGTERM inside an import: importlib's clean-up turns it into a ``KeyError``, not a traceback for it."""
-    script = ("import os, signal, helpers\n"
-              "def main():\n"
-              "    try:\n"
-              "        os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    except helpers.Terminated:\n"
-              "        raise KeyError('numpy')\n"
-              "helpers.run_main(main)\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                         cwd=Path(h.__file__).parent)
+    run = run_python("import os, signal, helpers\n"
+                     "def main():\n"
+                     "    try:\n"
+                     "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                     "    except helpers.Terminated:\n"
+                     "        raise KeyError('numpy')\n"
+                     "helpers.run_main(main)\n")
     assert run.returncode == 143 and run.stderr.strip() == "terminated"
-    plain = subprocess.run([sys.executable, "-c", "import helpers; helpers.run_main(lambda: {}['x'])"],
-                           capture_output=True, text=True, timeout=60, cwd=Path(h.__file__).parent)
+    plain = run_python("import helpers; helpers.run_main(lambda: {}['x'])")
     assert plain.returncode == 1 and "KeyError" in plain.stderr  # with no SIGTERM, an error is still a bug's
 
 
 def test_a_process_forked_from_a_run_dies_of_sigterm_as_it_would_have():
     """A DataLoader worker forked from a run: SIGTERM kills it (its parent sees the signal); it prints nothing."""
-    script = ("import os, signal, sys, time, helpers\n"
-              "def main():\n"
-              "    child = os.fork()\n"
-              "    if child == 0:\n"
-              "        time.sleep(60)\n"
-              "        os._exit(0)\n"
-              "    time.sleep(0.5)\n"
-              "    os.kill(child, signal.SIGTERM)\n"
-              "    print(os.waitpid(child, 0)[1] & 0x7f)\n"
-              "helpers.run_main(main)\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                         cwd=Path(h.__file__).parent)
+    run = run_python("import os, signal, sys, time, helpers\n"
+                     "def main():\n"
+                     "    child = os.fork()\n"
+                     "    if child == 0:\n"
+                     "        time.sleep(60)\n"
+                     "        os._exit(0)\n"
+                     "    time.sleep(0.5)\n"
+                     "    os.kill(child, signal.SIGTERM)\n"
+                     "    print(os.waitpid(child, 0)[1] & 0x7f)\n"
+                     "helpers.run_main(main)\n")
     assert run.returncode == 0 and run.stdout.strip() == str(int(signal.SIGTERM)) and run.stderr == ""
