@@ -130,6 +130,7 @@ import io
 import itertools
 import math
 import os
+import random
 import time
 import traceback
 import uuid
@@ -1152,12 +1153,12 @@ def work(spec: str, lease_seconds: int) -> None:
         try:
             task = queue.lease(seconds=lease_seconds)
         except QueueEmptyError:
-            time.sleep(WORKER_BACKOFF_SECONDS)
+            time.sleep(random.uniform(0, WORKER_BACKOFF_SECONDS))  # workers started together look apart
             continue
         except Exception:  # the queue itself (a file half-written, the network): look again
             traceback.print_exc()
             print("polling the queue failed", flush=True)
-            time.sleep(WORKER_BACKOFF_SECONDS)
+            time.sleep(random.uniform(0, WORKER_BACKOFF_SECONDS))
             continue
         print(f"running {_task_name(task)}", flush=True)
         time.sleep(pause)
@@ -1167,4 +1168,8 @@ def work(spec: str, lease_seconds: int) -> None:
             traceback.print_exc()
             print(record_failure(queue, task, err), flush=True)
             continue
-        queue.delete(task, tally=True)
+        try:
+            queue.delete(task, tally=True)
+        except Exception:  # done, but still on the queue: run again when its lease ends, to the same result
+            traceback.print_exc()
+            print(f"{_task_name(task)} is done but could not be taken off the queue", flush=True)
