@@ -57,12 +57,14 @@ def run_main(main: Callable[[], object]) -> None:
 
     A reader that stops early (``| head``) ends the run quietly, as it would end ``cat``'s. A SIGTERM (a batch
     scheduler's stop, ``kill``) ends it as Ctrl-C does: what it was writing is discarded and its temporary files
-    deleted, then exit 143.
+    deleted, then exit 143; so does one that Python dropped, or turned into another error, on its way.
     """
     signal.signal(signal.SIGTERM, functools.partial(_terminated, os.getpid()))
     try:
         main()
         sys.stdout.flush()  # inside the try: a closed pipe is met here, not at exit
+        if _TERMINATION.is_set():  # a SIGTERM Python dropped on its way (printed as "Exception ignored")
+            raise Terminated
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left for Python to flush at exit
         sys.exit(141)  # what a shell reports for a writer killed by SIGPIPE

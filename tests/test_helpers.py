@@ -482,8 +482,9 @@ def run_python(script: str) -> subprocess.CompletedProcess:
                           cwd=Path(h.__file__).parent)
 
 
-def test_a_sigterm_that_python_turned_into_another_error_still_ends_the_run_as_terminated():
-    """A SIGTERM inside an import: importlib's clean-up turns it into a ``KeyError``, not a traceback for it."""
+def test_a_sigterm_that_python_turned_into_another_error_or_dropped_still_ends_the_run_as_terminated():
+    """A SIGTERM inside an import: importlib's clean-up turns it into a ``KeyError``, or drops it; either way the
+    run ends as terminated, not with a traceback or exit 0."""
     run = run_python("import os, signal, helpers\n"
                      "def main():\n"
                      "    try:\n"
@@ -492,6 +493,14 @@ def test_a_sigterm_that_python_turned_into_another_error_still_ends_the_run_as_t
                      "        raise KeyError('numpy')\n"
                      "helpers.run_main(main)\n")
     assert run.returncode == 143 and run.stderr.strip() == "terminated"
+    dropped = run_python("import os, signal, helpers\n"
+                         "def main():\n"
+                         "    try:\n"
+                         "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                         "    except helpers.Terminated:\n"
+                         "        pass  # as Python drops it in a callback\n"
+                         "helpers.run_main(main)\n")
+    assert dropped.returncode == 143 and dropped.stderr.strip() == "terminated"  # not 0, as if never stopped
     plain = run_python("import helpers; helpers.run_main(lambda: {}['x'])")
     assert plain.returncode == 1 and "KeyError" in plain.stderr  # with no SIGTERM, an error is still a bug's
 
