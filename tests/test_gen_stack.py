@@ -238,7 +238,8 @@ def test_a_signal_dropped_in_a_callback_still_stops_the_write(tmp_path, python_s
             gen_stack.write_stacks(tmp_path / "toy.h5", stacks(), 3, sampling)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        helpers._SIGINTS.clear()  # the record a run's process keeps of a SIGTERM
+        helpers._SIGINTS.clear()  # the records a run's process keeps of a SIGTERM
+        helpers._TERMINATION.clear()
     assert list(tmp_path.iterdir()) == []
 
 
