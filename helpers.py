@@ -71,14 +71,12 @@ def run_main(main: Callable[[], object]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as err:  # on a line of its own, below any progress bar still drawn
-        tqdm.write("terminated" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
-        sys.exit(143 if isinstance(err, Terminated) else 130)
-    except Exception:  # after a SIGTERM, an error it caused where Python turned it into another (an import)
-        if not _TERMINATION.is_set():
+    except (KeyboardInterrupt, Exception) as err:  # after a SIGTERM, any error is its (Python may turn it into
+        terminated = isinstance(err, Terminated) or _TERMINATION.is_set()  # another: a KeyError inside an import)
+        if not (terminated or isinstance(err, KeyboardInterrupt)):
             raise
-        tqdm.write("terminated", file=sys.stderr)
-        sys.exit(143)
+        tqdm.write("terminated" if terminated else "interrupted", file=sys.stderr)  # below any progress bar
+        sys.exit(143 if terminated else 130)
 
 
 class Terminated(KeyboardInterrupt):
