@@ -345,7 +345,9 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     fits in one chunk is one pass of the network over exactly its own pixels.
     ``chunk`` and ``overlap`` are rounded up to multiples of ``stride(model)`` (and
     the section's size, with zeros); the model's device is used. ``smooth`` > 0
-    low-passes the field (``solve.low_pass``): misalignment is smooth, and
+    low-passes the field (``solve.low_pass``; without ``defects`` only the part
+    added to a wide match, whose shift and turn a low-pass would bend toward the
+    section's edges: they are exact), as misalignment is smooth, and
     between real neighbours the network's fine detail is mostly tissue change
     (measured in bench/RESULTS.md); where the target holds missing data
     (``helpers.missing_data``), and beside it (``solve.beside_missing``), the
@@ -393,8 +395,9 @@ def pair_field(model: Pyramid, source, target, settings: PairSettings = PairSett
     else:  # a wide match: its field alone where the moved source shows no tissue
         field = compose(rigid, field * (seen >= WHOLE))[0].cpu()
     untrusted = beside_missing(missing_data(target)) if settings.smooth else None  # as the target's defects are
-    if not defects:
-        return low_pass(field, settings.smooth, untrusted=untrusted)
+    if not defects:  # a wide match's shift and turn are exact: only the network's part is low-passed
+        kept = rigid[0].cpu() if rigid.shape[-1] > 1 else 0
+        return kept + low_pass(field - kept, settings.smooth, untrusted=untrusted)
     own, both = (pair_defects(field, defects[0], marks) for marks in (None, defects[1]))
     if both is not None:
         untrusted = both > 0 if untrusted is None else (both > 0) | untrusted
