@@ -71,7 +71,9 @@ class PairSettings:
     # measured in bench/RESULTS.md, as detail_pull's
     trunc: int = _setting(2, int, "stop the network this many levels short of full resolution and upsample its field "
                                   "(fewer levels run: faster)")
-    smooth: int = _setting(0, int, "low-pass every pair field with a box of this radius in px, twice (0 = off)")
+    smooth: int = _setting(96, int, "low-pass every pair field with a box of this radius in px, twice (0 = off: only "
+                                    "for sections that hardly change, as the network follows every change between "
+                                    "neighbours)")
     refine: int = _setting(0, int, "a second network pass: the source moved by the first pass's field, low-passed "
                                    "with a box of this radius in px (twice), and the network's field on what remains "
                                    "added (0 = one pass)")

@@ -61,11 +61,11 @@ def test_for_inference_keeps_the_field():
 def test_trunc_stops_the_network_short_and_upsamples_its_field():
     net = random_net()
     a, b = sections(2)
-    coarse = alignment.pair_field(net, a, b, PairSettings(prealign=0, trunc=1))
+    coarse = alignment.pair_field(net, a, b, PairSettings(prealign=0, trunc=1, smooth=0))
     src, tgt = (data.normalise(torch.from_numpy(x))[0].view(1, 1, 128, 128) for x in (a, b))
     expected = helpers.upsample_field(net(src, tgt, trunc=1).field, 2)[0]
     assert torch.allclose(coarse, expected, atol=1e-5)
-    finest = alignment.pair_field(net, a, b, PairSettings(prealign=0))
+    finest = alignment.pair_field(net, a, b, PairSettings(prealign=0, smooth=0))
     assert (coarse - finest).abs().max() > 0.05  # level 0 adds detail
 
 
@@ -387,9 +387,10 @@ def test_add_flags_shows_each_default_once_and_takes_several_values_where_asked(
     ([], "serial", {"block": None, "task_chunk": 512}),
     (["--mips", "1"], "serial", {"block": None, "task_chunk": 512, "mips": 1}),
     (["--vote", "2", "--block", "3"], "vote", {"vote": 2, "block": 3, "task_chunk": 512}),
-    (["--solve"], "solve", {"neighbours": 1, "pull": 0.03, "robust": 4.0, "block": None, "task_chunk": 512}),
+    (["--solve"], "solve", {"neighbours": 1, "pull": 0.03, "robust": 4.0, "detail_pull": 5.0, "block": None,
+                            "task_chunk": 512}),
     (["--solve", "--refine", "192"], "solve", {"refine": 192, "neighbours": 1, "pull": 0.03, "robust": 4.0,
-                                              "block": None, "task_chunk": 512}),
+                                              "detail_pull": 5.0, "block": None, "task_chunk": 512}),
     (["--solve", "--smooth", "8", "--detail_pull", "inf", "--block", "4"], "solve",
      {"smooth": 8, "neighbours": 1, "pull": 0.03, "robust": 4.0, "detail_pull": "inf", "block": 4,
       "task_chunk": 512}),
@@ -401,7 +402,7 @@ def test_the_run_record_holds_the_settings_its_mode_reads_by_their_flags_names(t
     record = align.run_record(args, align.job_of(args, "file:///s", (0, 0, 64, 32)))
     expected = {"archive_sha256": helpers.file_sha256(tmp_path / "a.pt"), "source": "file:///s", "mode": name,
                 "z_start": 0, "mip": 0, "bbox": [0, 0, 64, 32], "chunk": 1024, "overlap": 96, "prealign": 32,
-                "trunc": 2, "smooth": 0, **own}
+                "trunc": 2, "smooth": 96, **own}
     assert record == expected and list(record) == list(expected)
 
 
@@ -598,12 +599,12 @@ def test_where_the_source_moved_by_a_wide_match_shows_no_tissue_the_pair_field_i
     source[:, :8] = 0  # its first 8 columns are missing data
     wide = helpers.affine_field(helpers.rigid_matrix(torch.tensor([0.01]), torch.tensor([-20.0]), torch.tensor([0.0])),
                                 64, 64)  # pixel x reads the source's column x - 20 (+-0.3)
-    field = alignment.pair_field(random_net(), source, target, PairSettings(), rigid=wide)
+    field = alignment.pair_field(random_net(), source, target, PairSettings(smooth=0), rigid=wide)
     assert torch.allclose(field[:, :, :27], wide[0, :, :, :27], atol=1e-4)  # source columns < 7: none there
     inside = (slice(None), slice(1, -1), slice(29, None))  # the turn reads above the first row, below the last
     assert torch.allclose(field[inside], (wide + network)[0][inside], atol=0.05)  # turned by 0.01 rad
     shift = torch.tensor([-20.0, 0.0]).view(1, 2, 1, 1)
-    field = alignment.pair_field(random_net(), source, target, PairSettings(), rigid=shift)
+    field = alignment.pair_field(random_net(), source, target, PairSettings(smooth=0), rigid=shift)
     assert torch.equal(field, (shift + network)[0].expand(2, 64, 64))
 
 
@@ -893,7 +894,7 @@ def test_smooth_removes_pixel_detail_and_keeps_a_smooth_field(monkeypatch):
     monkeypatch.setattr(alignment, "chunk_field", network)
     model = random_net()
     a, b = sections(2, 64)
-    raw = alignment.pair_field(model, a, b, PairSettings(chunk=64, overlap=0, prealign=0))
+    raw = alignment.pair_field(model, a, b, PairSettings(chunk=64, overlap=0, prealign=0, smooth=0))
     smoothed = alignment.pair_field(model, a, b, PairSettings(chunk=64, overlap=0, smooth=3, prealign=0))
     assert (raw - shift[0]).abs().max() == pytest.approx(3.0)
     assert (smoothed - shift[0])[:, 8:-8].abs().max() < 0.1  # the box is clipped at the edges
@@ -927,8 +928,9 @@ def test_chunks_get_the_networks_reach_as_context_by_default():
     assert net.reach() == 30 and alignment.with_context(PairSettings(), net).overlap == 32  # up to its stride, 4
     assert alignment.with_context(PairSettings(overlap=8), net).overlap == 8
     a, b = sections(2)
-    whole = alignment.pair_field(net, a, b, PairSettings(chunk=1024))
-    chunked, short = (alignment.pair_field(net, a, b, PairSettings(chunk=32, overlap=overlap)) for overlap in (None, 8))
+    whole = alignment.pair_field(net, a, b, PairSettings(chunk=1024, smooth=0))
+    chunked, short = (alignment.pair_field(net, a, b, PairSettings(chunk=32, overlap=overlap, smooth=0))
+                      for overlap in (None, 8))
     assert (whole - chunked).abs().max() < 1e-3 and (whole - short).abs().max() > 0.02
 
 

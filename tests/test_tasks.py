@@ -639,10 +639,10 @@ def test_a_section_cut_apart_is_placed_piece_by_piece_in_chunks_as_in_process(tm
     beside = np.r_[0:48, 84:128]  # the ramp across the fold comes from what each chunk's window sees of its sides
     assert np.abs(fields["whole"] - fields["parts"])[..., beside, :].max() < 1e-4
     model = tasks.model_of(job(archive=common[1]))
-    in_process = alignment.pair_field(model, stack[1], stack[0], PairSettings(chunk=32, overlap=8, prealign=12),
-                                      (defects[1], defects[0]))
+    unsmoothed = PairSettings(chunk=32, overlap=8, prealign=12, smooth=0)  # as the pair tasks write them
+    in_process = alignment.pair_field(model, stack[1], stack[0], unsmoothed, (defects[1], defects[0]))
     assert np.abs(in_process.numpy() - onto_0).max() < 1e-4
-    plain = alignment.pair_field(model, stack[1], stack[0], PairSettings(chunk=32, overlap=8, prealign=12, pieces=0),
+    plain = alignment.pair_field(model, stack[1], stack[0], dataclasses.replace(unsmoothed, pieces=0),
                                  (defects[1], defects[0]))
     assert np.abs(plain.numpy()[0, 72:] - 24).max() > 10  # without the pieces: one shift for both
 
