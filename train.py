@@ -81,8 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="relative similarity (and supervised) weight inside defects")
     g.add_argument("--lambda6", type=finite_float, default=0.0,
                    help="weight of the consensus penalty (the pair rotated by 180 degrees must agree)")
-    g.add_argument("--lambda_gt", type=finite_float, default=0.0,
-                   help="weight of the supervised end-point error against a known field (0 = self-supervised)")
+    g.add_argument("--lambda_gt", type=finite_float, default=None,
+                   help="weight of the supervised end-point error against a known field (0 = self-supervised; "
+                        "default: 1 where the training data has true fields, the demo's or --registered sections', "
+                        "else 0: the image penalties alone reward following tissue change, docs/design.md)")
     g.add_argument("--mask_neighborhood_radius", type=finite_float, default=20,
                    help="radius in pixels (at the dataset's mip) of the 'near a defect' region")
     g.add_argument("--mask_smooth_radius", type=finite_float, default=10,
@@ -182,7 +184,7 @@ def check_args(args) -> None:
     for i in range(7):
         if getattr(args, f"lambda{i}") < 0:
             raise UserError(f"--lambda{i} must be >= 0 (got {getattr(args, f'lambda{i}')})")
-    if args.lambda_gt < 0:
+    if args.lambda_gt is not None and args.lambda_gt < 0:
         raise UserError("--lambda_gt must be >= 0")
     if args.lambda0 == 0 and args.lambda_gt == 0:
         raise UserError("--lambda0 0 (no similarity penalty) needs --lambda_gt > 0: nothing else teaches the net")
@@ -508,8 +510,14 @@ def setup(args) -> tuple:
     if len(sizes) > 1 and not args.crop:
         raise UserError(f"--dataset: sections of different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}) "
                         "can only be mixed with --crop")
-    if args.lambda_gt > 0 and not any(part.has_fields for part in parts):
+    has_fields = any(part.has_fields for part in parts)
+    if args.lambda_gt is None:  # the supervised term wherever the data has true fields
+        args.lambda_gt = 1.0 if has_fields else 0.0
+    if args.lambda_gt > 0 and not has_fields:
         raise UserError(f"--lambda_gt {args.lambda_gt} needs true fields: no --dataset has them (nor is --registered)")
+    if args.lambda0 == 0 and args.lambda_gt == 0:
+        raise UserError("--lambda0 0 (no similarity penalty) needs true fields for --lambda_gt: no --dataset has them "
+                        "(nor is --registered)")
     dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     side = args.crop or min(sizes[0])
     if side % 2 ** (args.size - 1):
@@ -648,14 +656,14 @@ def train(args, device: str | None = None) -> Path:
                 if out_of_time(deadline):
                     break
             means = {k: v / max(count, 1) for k, v in sums.items()}
+            if count and means["data_share"] == 0:  # the cause, before what it does to the loss (the true fields')
+                raise UserError(f"epoch {epoch}: no pixel of its pairs held data in both sections once misaligned "
+                                f"(--max_shift {args.max_shift:g}, --max_angle {args.max_angle:g} against "
+                                f"{args.crop or 'whole'} px sections): nothing trained; lower them")
             if not all(math.isfinite(v) for v in means.values()):  # the same on every rank: all stop
                 kept = (f"{archive_path} keeps the last finite epoch: resume with a lower --lr or --clip"
                         if epoch > 0 else "no epoch was saved: start again with a lower --lr or --clip")
                 raise UserError(f"epoch {epoch}: the loss is not finite (diverged); {kept}")
-            if count and means["data_share"] == 0:
-                raise UserError(f"epoch {epoch}: no pixel of its pairs held data in both sections once misaligned "
-                                f"(--max_shift {args.max_shift:g}, --max_angle {args.max_angle:g} against "
-                                f"{args.crop or 'whole'} px sections): nothing trained; lower them")
             if rank0:
                 if val_loader is not None:
                     means.update({f"val_{k}": v for k, v in validate(model, val_loader, args.trunc, device).items()})

@@ -149,7 +149,7 @@ def test_reusing_a_name_is_refused_and_loses_nothing(toy):
 @pytest.mark.parametrize("flags, message", [
     (["--size", "2", "--trunc", "2"], "--trunc"),
     (["--lambda1", "-1"], "--lambda1"),
-    (["--lambda0", "0"], "--lambda_gt"),  # supervised only, with no supervision
+    (["--lambda0", "0", "--lambda_gt", "0"], "--lambda_gt"),  # supervised only, with no supervision
     (["--lambda0", "-1"], "--lambda0"),
     (["--fine_tuning"], "--state_archive"),
     (["--state_archive", "missing.pt"], "missing.pt"),
@@ -294,6 +294,18 @@ def test_true_fields_asked_of_a_dataset_without_them_is_a_one_line_error(toy):
             "error: " + message + ("" if "lambda_gt" in message else
                                    " (nor is it --registered): held-out pairs are scored against them")]
     assert not (toy.parent / "pt" / "bad.pt").exists()
+
+
+def test_the_supervised_term_is_on_by_default_where_the_data_has_true_fields(toy):
+    """``--lambda_gt`` not given: 1 on a dataset with true fields, 0 (self-supervised) on one without."""
+    bare = toy.parent / "bare.h5"
+    with h5py.File(toy) as f, h5py.File(bare, "w") as g:
+        g["images"] = f["images"][:]
+    supervised = load_archive(run(toy, "with", "--epochs", "1"))[1]
+    alone = load_archive(train.main(["--dataset", str(bare), "--size", "2", "--batch_size", "2", "--fall_time", "1",
+                                     "--vis_interval", "0", "--no_augment", "--epochs", "1", "without"]))[1]
+    assert supervised["args"]["lambda_gt"] == 1.0 and alone["args"]["lambda_gt"] == 0.0
+    assert supervised["history"]["epe"][0] > 0 and "epe" not in alone["history"]
 
 
 def test_a_folder_as_dataset_is_a_one_line_error(tmp_path):
