@@ -16,10 +16,10 @@ that fails (or is interrupted) before it saves its first epoch removes the
 except that ``--overwrite``, once it has saved an epoch, deletes the logs and
 pictures of the network it replaced.
 
-Staged training (from scratch): the coarsest level trains first; every
-``--fall_time`` epochs training moves one level finer (that level's aligner and
-the shared encoder train, the coarser aligners are frozen); after the finest
-level all levels train together. ``--fine_tuning`` trains all levels at once
+Staged training (``--fall_time N``; the default without the supervised term):
+the coarsest level trains first; every N epochs training moves one level finer
+(that level's aligner and the shared encoder train, the coarser aligners are
+frozen); after the finest level all levels train together. ``--fine_tuning`` trains all levels at once
 from ``--state_archive`` at a reduced learning rate.
 
 Under ``torchrun`` (``distributed.py``) N processes train one model with
@@ -113,8 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--minutes", type=finite_float, default=0,
                    help="stop after this many minutes of training, mid-epoch, and save the network there as that "
                         "epoch (0 = no limit; --epochs still stops it first)")
-    g.add_argument("--fall_time", type=int, default=2,
-                   help="epochs per level in staged training (0 = all levels together from the start)")
+    g.add_argument("--fall_time", type=int, default=None,
+                   help="epochs per level in staged training (0 = all levels together from the start; default: 0 "
+                        "with the supervised term, which learned faster so, else 2, the seed's staged way)")
     g.add_argument("--epoch_size", type=int, default=0,
                    help="pairs per epoch (0 = one pass over the dataset)")
     g.add_argument("--batch_size", type=int, default=8, help="pairs per step")
@@ -140,8 +141,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max_shift", type=finite_float, default=16,
                    help="largest per-section jitter (px at the dataset's mip) the augmentation adds")
     g.add_argument("--max_angle", type=finite_float, default=0.01, help="largest per-section jitter rotation (radians)")
-    g.add_argument("--p_jitter", type=finite_float, default=0.5,
-                   help="probability that each section of a pair is jittered (1: no pair keeps its true field)")
+    g.add_argument("--p_jitter", type=finite_float, default=None,
+                   help="probability that each section of a pair is jittered (1: no pair keeps its true field; "
+                        "default: 1 with a --registered dataset, whose pairs left alone have a true field of zero, "
+                        "else 0.5)")
     g.add_argument("--elastic", type=finite_float, default=0.0,
                    help="RMS length (px) of a smooth elastic field (feature size 200 px) added to each jitter, "
                         "as misalign.py misaligns the demo; for --registered datasets")
@@ -198,8 +201,8 @@ def check_args(args) -> None:
         raise UserError("--fine_tuning needs --state_archive")
     if args.k < 1 or args.k % 2 == 0:
         raise UserError(f"--k must be odd (got {args.k})")
-    if min(args.epochs, args.batch_size) < 1 or args.fall_time < 0 or min(args.lr, args.fine_tuning_lr_factor) <= 0 \
-            or args.minutes < 0:
+    if min(args.epochs, args.batch_size) < 1 or (args.fall_time or 0) < 0 \
+            or min(args.lr, args.fine_tuning_lr_factor) <= 0 or args.minutes < 0:
         raise UserError("--epochs, --batch_size, --lr and --fine_tuning_lr_factor must be positive, --fall_time and "
                         "--minutes >= 0")
     if args.name.endswith(".pt"):
@@ -222,7 +225,7 @@ def check_args(args) -> None:
     if negative:
         raise UserError(f"{', '.join('--' + name for name in negative)} must be >= 0")
     for name in ("p_jitter", "fold_prob"):
-        if not 0 <= getattr(args, name) <= 1:
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name} {getattr(args, name)} is a probability: between 0 and 1")
     misalign.with_fold_width(args.fold_width)
     if args.crop and args.crop % 2 ** (args.size - 1):
@@ -416,6 +419,27 @@ def add_to_average(average: Pyramid | None, count: int, model: Pyramid) -> Pyram
     return average
 
 
+def with_data_defaults(args, parts: list[StackDataset]) -> None:
+    """The flags left at None whose defaults depend on the training data ``parts``, set in ``args`` (the archive
+    records them): ``--lambda_gt`` 1 where some part has true fields (the image penalties alone reward following
+    tissue change: docs/design.md), else 0; ``--p_jitter`` 1 where a part is ``--registered`` (a pair left alone has
+    a true field of zero, and a network that sees many learns to under-reach), else 0.5; ``--fall_time`` 0 with the
+    supervised term (all levels together learned faster), else 2 (the seed's staged training). A ``UserError`` for
+    a supervised term without true fields."""
+    has_fields = any(part.has_fields for part in parts)
+    if args.lambda_gt is None:
+        args.lambda_gt = 1.0 if has_fields else 0.0
+    if args.p_jitter is None:
+        args.p_jitter = 1.0 if any(part.has_fields and not part.has_field_data for part in parts) else 0.5
+    if args.fall_time is None:
+        args.fall_time = 0 if args.lambda_gt > 0 else 2
+    if args.lambda_gt > 0 and not has_fields:
+        raise UserError(f"--lambda_gt {args.lambda_gt} needs true fields: no --dataset has them (nor is --registered)")
+    if args.lambda0 == 0 and args.lambda_gt == 0:
+        raise UserError("--lambda0 0 (no similarity penalty) needs true fields for --lambda_gt: no --dataset has them "
+                        "(nor is --registered)")
+
+
 def resume_changes(args, stored: dict) -> dict:
     """``{flag: new value}``: the flags given again with ``--resume`` whose values differ from the archived ``stored``.
 
@@ -499,25 +523,19 @@ def setup(args) -> tuple:
     paths = [resolve_dataset(spec, args.hm) for spec in specs]
     args.dataset = [str(path) for path in paths] if len(paths) > 1 else str(paths[0])
     check_args(args)
+    parts = [StackDataset(path, mask_radius=args.mask_neighborhood_radius, crop=args.crop or None) for path in paths]
+    sizes = sorted({tuple(part.shape[2:]) for part in parts})
+    if len(sizes) > 1 and not args.crop:
+        raise UserError(f"--dataset: sections of different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}) "
+                        "can only be mixed with --crop")
+    with_data_defaults(args, parts)
     augment = None if args.no_augment else Augmenter(p_jitter=args.p_jitter, max_shift=args.max_shift,
                                                      max_angle=args.max_angle, elastic_amplitude=args.elastic,
                                                      change_amplitude=args.tissue_change, p_fold=args.fold_prob,
                                                      defect_params=misalign.with_fold_width(args.fold_width),
                                                      max_blur=args.blur, max_grain=args.grain)
-    parts = [StackDataset(path, mask_radius=args.mask_neighborhood_radius, augment=augment, crop=args.crop or None)
-             for path in paths]
-    sizes = sorted({tuple(part.shape[2:]) for part in parts})
-    if len(sizes) > 1 and not args.crop:
-        raise UserError(f"--dataset: sections of different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}) "
-                        "can only be mixed with --crop")
-    has_fields = any(part.has_fields for part in parts)
-    if args.lambda_gt is None:  # the supervised term wherever the data has true fields
-        args.lambda_gt = 1.0 if has_fields else 0.0
-    if args.lambda_gt > 0 and not has_fields:
-        raise UserError(f"--lambda_gt {args.lambda_gt} needs true fields: no --dataset has them (nor is --registered)")
-    if args.lambda0 == 0 and args.lambda_gt == 0:
-        raise UserError("--lambda0 0 (no similarity penalty) needs true fields for --lambda_gt: no --dataset has them "
-                        "(nor is --registered)")
+    for part in parts:
+        part.augment = augment
     dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     side = args.crop or min(sizes[0])
     if side % 2 ** (args.size - 1):

@@ -296,16 +296,25 @@ def test_true_fields_asked_of_a_dataset_without_them_is_a_one_line_error(toy):
     assert not (toy.parent / "pt" / "bad.pt").exists()
 
 
-def test_the_supervised_term_is_on_by_default_where_the_data_has_true_fields(toy):
-    """``--lambda_gt`` not given: 1 on a dataset with true fields, 0 (self-supervised) on one without."""
-    bare = toy.parent / "bare.h5"
-    with h5py.File(toy) as f, h5py.File(bare, "w") as g:
-        g["images"] = f["images"][:]
-    supervised = load_archive(run(toy, "with", "--epochs", "1"))[1]
-    alone = load_archive(train.main(["--dataset", str(bare), "--size", "2", "--batch_size", "2", "--fall_time", "1",
-                                     "--vis_interval", "0", "--no_augment", "--epochs", "1", "without"]))[1]
-    assert supervised["args"]["lambda_gt"] == 1.0 and alone["args"]["lambda_gt"] == 0.0
-    assert supervised["history"]["epe"][0] > 0 and "epe" not in alone["history"]
+def test_the_defaults_that_depend_on_the_data_follow_it(toy):
+    """Not given: ``--lambda_gt`` 1 on a dataset with true fields, 0 (self-supervised) on one without; ``--fall_time``
+    0 (all levels at once) with the supervised term, 2 (staged) without; ``--p_jitter`` 1 on a --registered
+    dataset (a pair left alone has a true field of zero), else 0.5. The archive records what was used."""
+    bare, registered = toy.parent / "bare.h5", toy.parent / "registered.h5"
+    with h5py.File(toy) as f, h5py.File(bare, "w") as g, h5py.File(registered, "w") as r:
+        g["images"] = r["images"] = f["images"][:]
+        r.attrs["registered"] = True
+
+    def args_of(dataset, name):
+        return load_archive(train.main(["--dataset", str(dataset), "--size", "2", "--batch_size", "2",
+                                        "--vis_interval", "0", "--epochs", "1", name]))[1]["args"]
+
+    chosen = {name: {key: args[key] for key in ("lambda_gt", "fall_time", "p_jitter")}
+              for name, args in (("fields", args_of(toy, "a")), ("bare", args_of(bare, "b")),
+                                 ("registered", args_of(registered, "c")))}
+    assert chosen == {"fields": {"lambda_gt": 1.0, "fall_time": 0, "p_jitter": 0.5},
+                      "bare": {"lambda_gt": 0.0, "fall_time": 2, "p_jitter": 0.5},
+                      "registered": {"lambda_gt": 1.0, "fall_time": 0, "p_jitter": 1.0}}
 
 
 def test_a_folder_as_dataset_is_a_one_line_error(tmp_path):
