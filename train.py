@@ -19,8 +19,8 @@ pictures of the network it replaced.
 Staged training (``--fall_time N``; the default without the supervised term):
 the coarsest level trains first; every N epochs training moves one level finer
 (that level's aligner and the shared encoder train, the coarser aligners are
-frozen); after the finest level all levels train together. ``--fine_tuning`` trains all levels at once
-from ``--state_archive`` at a reduced learning rate.
+frozen); after the finest level all levels train together. ``--fine_tuning``
+trains all levels at once from ``--state_archive`` at a reduced learning rate.
 
 Under ``torchrun`` (``distributed.py``) N processes train one model with
 ``DistributedDataParallel``: ``--batch_size`` is the global batch, each process
@@ -189,8 +189,6 @@ def check_args(args) -> None:
             raise UserError(f"--lambda{i} must be >= 0 (got {getattr(args, f'lambda{i}')})")
     if args.lambda_gt is not None and args.lambda_gt < 0:
         raise UserError("--lambda_gt must be >= 0")
-    if args.lambda0 == 0 and args.lambda_gt == 0:
-        raise UserError("--lambda0 0 (no similarity penalty) needs --lambda_gt > 0: nothing else teaches the net")
     if args.size < 1:
         raise UserError("--size must be at least 1")
     if not 0 <= args.trunc < args.size:
@@ -425,7 +423,7 @@ def with_data_defaults(args, parts: list[StackDataset]) -> None:
     tissue change: docs/design.md), else 0; ``--p_jitter`` 1 where a part is ``--registered`` (a pair left alone has
     a true field of zero, and a network that sees many learns to under-reach), else 0.5; ``--fall_time`` 0 with the
     supervised term (all levels together learned faster), else 2 (the seed's staged training). A ``UserError`` for
-    a supervised term without true fields."""
+    a supervised term without true fields, and for neither it nor the similarity penalty."""
     has_fields = any(part.has_fields for part in parts)
     if args.lambda_gt is None:
         args.lambda_gt = 1.0 if has_fields else 0.0
@@ -436,8 +434,8 @@ def with_data_defaults(args, parts: list[StackDataset]) -> None:
     if args.lambda_gt > 0 and not has_fields:
         raise UserError(f"--lambda_gt {args.lambda_gt} needs true fields: no --dataset has them (nor is --registered)")
     if args.lambda0 == 0 and args.lambda_gt == 0:
-        raise UserError("--lambda0 0 (no similarity penalty) needs true fields for --lambda_gt: no --dataset has them "
-                        "(nor is --registered)")
+        raise UserError("--lambda0 0 (no similarity penalty) needs --lambda_gt > 0: nothing else teaches the net"
+                        + ("" if has_fields else " (and true fields: no --dataset has them, nor is --registered)"))
 
 
 def resume_changes(args, stored: dict) -> dict:
