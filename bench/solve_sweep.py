@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sections", type=int, default=30)
     p.add_argument("--size", type=int, default=512)
     add_flags(p, several=SWEPT, without=["chunk", "overlap"])
-    p.set_defaults(smooth=[0, 96])  # the sweep's: without and with the demo's low-pass
+    p.set_defaults(smooth=[0, 96, 192])  # the sweep's: without a low-pass, align.py's default and real tissue's
     p.add_argument("--defects", choices=list(DEFECT_MASKS), default="none",
                    help="the defect masks the alignment is given (align.py --defects): the stack's true ones or none")
     p.add_argument("--true_pairs", action="store_true",
