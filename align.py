@@ -314,7 +314,10 @@ def check_same_run(dest: str, last: dict, run: dict, archive: str) -> None:
             difference = (f"the adapted network {ADAPTED} of sha256 {str(old)[:12]}..., not "
                           + (f"{str(new)[:12]}..." if new else "a missing file (or not a file)"))
         else:
-            difference = f"{key if key in ('source', 'mode') else '--' + key} {_typed(old)}, not {_typed(new)}"
+            name = key if key in ("source", "mode") else "--" + key
+            difference = f"{name} {_typed(old)}, not {_typed(new)}"
+            if name.startswith("--") and old is not None:  # the flag's old value goes on (e.g. after a default changed)
+                redo = f"give {name} {_typed(old)} to go on with it, or {redo}"
         raise UserError(f"{dest} was aligned with {difference}; {redo}")
 
 

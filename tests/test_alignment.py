@@ -206,7 +206,8 @@ def test_mips_need_tasks_and_a_bbox_corner_that_cover_whole_chunks_of_every_mip(
         with pytest.raises(UserError, match=message):
             align.main(common + extra)
     align.main(common)
-    with pytest.raises(UserError, match="was aligned with --mips 0, not 1; use --overwrite"):
+    with pytest.raises(UserError, match="was aligned with --mips 0, not 1; give --mips 0 to go on with it, or use "
+                                        "--overwrite"):
         align.main(common + ["--z_stop", "5", "--mips", "1"])
 
 
@@ -468,10 +469,11 @@ def test_a_dest_made_by_another_run_is_refused_untouched_and_overwrite_redoes_it
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: {dest} was aligned with archive sha256 {sha[archive][:12]}... ({archive}), not "
         f"{sha[other][:12]}... ({other}); use --overwrite to redo it (deletes DEST's layers and progress)")
-    for extra, difference in ((["--z_start", "3"], "--z_start 2, not 3"), (["--solve"], "mode serial, not solve"),
-                              (["--vote", "2"], "mode serial, not vote"), (["--block", "3"], "--block None, not 3"),
-                              (["--trunc", "1"], "--trunc 2, not 1")):
-        with pytest.raises(align.UserError, match=f"was aligned with {difference}; use --overwrite"):
+    for extra, difference in ((["--z_start", "3"], "--z_start 2, not 3; give --z_start 2 to go on with it, or"),
+                              (["--solve"], "mode serial, not solve;"), (["--vote", "2"], "mode serial, not vote;"),
+                              (["--block", "3"], "--block None, not 3;"),
+                              (["--trunc", "1"], "--trunc 2, not 1; give --trunc 2 to go on with it, or")):
+        with pytest.raises(align.UserError, match=f"was aligned with {difference} use --overwrite"):
             align.main(["--archive", str(archive), "--z_start", "2", *common, *extra])
     assert dest_files(dest) == before
     # flags that do not change the result do not block the resume; each run that aligns is in the provenance
